@@ -1,0 +1,333 @@
+"""The Argonne decoder-only transformer: one config-driven model for Argonne 1.0, 1.5, 2.0 and the small presets.
+
+Read top to bottom: norms, MLPs, rotary embedding, attention, the block, the decoder, and the causal-LM head.
+Architecture variants are small classes chosen by name from the config. Parameter names follow transformers' Llama
+(`model.layers.N.self_attn.q_proj`, ...) so weights map one to one.
+
+Single-device code only: no torch.distributed here. Tensor parallelism and FSDP are applied from outside; the
+model only tolerates sharding (shapes are read as `view(B, T, -1, head_dim)`, never from a global head count).
+
+This file and `configuration_argonne.py` import nothing else from the `argonne` package; both are written beside
+saved weights for `trust_remote_code=True` loading.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_argonne import ArgonneConfig
+
+# transformers 5.x renamed the model output's `past_key_values` to `cache`; write whichever the installed version has.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in float32 and cast back before the weight (as transformers' Llama does)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def build_norm(config: ArgonneConfig) -> nn.Module:
+    if config.norm_type == "rmsnorm":
+        return RMSNorm(config.hidden_size, config.norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=True)
+
+
+class SwiGLUMLP(nn.Module):
+    def __init__(self, config: ArgonneConfig):
+        super().__init__()
+        d, h, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, h, bias=bias)
+        self.up_proj = nn.Linear(d, h, bias=bias)
+        self.down_proj = nn.Linear(h, d, bias=bias)
+        self.down_proj.writes_residual = True  # see init_module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's MLP with the exact (erf) GELU."""
+
+    def __init__(self, config: ArgonneConfig):
+        super().__init__()
+        d, h, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.up_proj = nn.Linear(d, h, bias=bias)
+        self.down_proj = nn.Linear(h, d, bias=bias)
+        self.down_proj.writes_residual = True  # see init_module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+MLP_CLASSES = {"swiglu": SwiGLUMLP, "gelu": GeluMLP}
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape (B, 1, T, head_dim) for `position_ids` (B, T).
+
+    Computed per forward from the positions (a few kFLOPs) rather than kept in a buffer, so a model built on the meta
+    device needs no buffer re-initialisation. Angles are computed in float32 before casting.
+    """
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    )
+    angles = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, heads, T, hd) by RoPE in the half-split layout transformers' Llama uses."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads through scaled_dot_product_attention.
+
+    K/V heads are not repeated in memory: SDPA's `enable_gqa` broadcasts them over the query groups.
+    """
+
+    def __init__(self, config: ArgonneConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.use_rope = config.position_embedding == "rope"
+        d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(d, config.num_attention_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=bias)
+        self.o_proj.writes_residual = True  # see init_module
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        attn_mask: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        if self.use_rope:
+            cos, sin = rope
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv, S, hd), S = past + T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=q.shape[1] != k.shape[1]
+        )  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ArgonneConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = build_norm(config)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = build_norm(config)
+        self.mlp = MLP_CLASSES[config.mlp_type](config)
+
+    def forward(self, x, rope=None, attn_mask=None, cache=None):
+        h = x + self.self_attn(self.input_layernorm(x), rope, attn_mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, query_len: int, past_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask (B or 1, 1, T, S) for SDPA, True where a query may attend; None means plain causal attention.
+
+    `attention_mask` (B, S) is the usual 1-for-token / 0-for-padding mask over past and current positions.
+    A query that is itself padding would see no key at all and SDPA would return NaN there, which then leaks into
+    later layers through 0 * NaN; every query may therefore always see itself. Real tokens are unaffected.
+    """
+    if attention_mask is None and past_len == 0:
+        return None
+    key_len = past_len + query_len
+    query_pos = torch.arange(past_len, key_len, device=device)[:, None]
+    key_pos = torch.arange(key_len, device=device)[None, :]
+    mask = (key_pos <= query_pos)[None, None]  # (1, 1, T, S)
+    if attention_mask is not None:
+        keep = attention_mask[:, None, None, -key_len:].bool()  # (B, 1, 1, S)
+        mask = (mask & keep) | (key_pos == query_pos)[None, None]
+    return mask
+
+
+class ArgonnePreTrainedModel(PreTrainedModel):
+    config_class = ArgonneConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Called by transformers for freshly built (not loaded) modules; `reset_parameters` is the explicit version.
+        init_module(module, self.config)
+
+
+def init_module(module: nn.Module, config: ArgonneConfig) -> None:
+    """The documented initialisation, applied to one module (not its children).
+
+    Linear and embedding weights ~ N(0, initializer_range); residual-stream output projections (attention o_proj
+    and MLP down_proj) use initializer_range / sqrt(2 * num_hidden_layers) so the residual variance does not grow
+    with depth (GPT-2). Biases are zero, norm weights one.
+    """
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        std = config.initializer_range
+        if getattr(module, "writes_residual", False):
+            std /= math.sqrt(2 * config.num_hidden_layers)
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (RMSNorm, nn.LayerNorm)):
+        nn.init.ones_(module.weight)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+
+
+class ArgonneModel(nn.Module):
+    """Embeddings, the stack of blocks and the final norm; returns hidden states."""
+
+    def __init__(self, config: ArgonneConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_embedding == "learned":
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = build_norm(config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids (B, T) or inputs_embeds (B, T, D) -> hidden states (B, T, D)."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        past_len = cache.get_seq_length() if cache is not None else 0
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, T, past_len, x.device)
+        rope = None
+        if self.config.position_embedding == "rope":
+            rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
+        else:
+            x = x + self.embed_positions(position_ids)
+        attn_mask = build_attention_mask(attention_mask, T, past_len, x.device)
+        for block in self.layers:
+            x = block(x, rope, attn_mask, cache)
+        return self.norm(x)
+
+
+def positions_from_mask(
+    attention_mask: torch.Tensor | None, query_len: int, past_len: int, device: torch.device
+) -> torch.Tensor:
+    """Positions (B or 1, T) of the current tokens; with a padding mask, counting only real tokens (left padding)."""
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + query_len, device=device)[None]
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -query_len:]
+
+
+class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
+    """The Argonne language model. With tied embeddings the head reuses `model.embed_tokens.weight` and there is no
+    separate `lm_head` parameter; untied presets (Argonne 1.x) have `lm_head`."""
+
+    def __init__(self, config: ArgonneConfig):
+        super().__init__(config)
+        self.model = ArgonneModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """The (vocab, hidden) matrix that maps hidden states to logits."""
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return None if self.config.tie_word_embeddings else self.lm_head
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every parameter from scratch (e.g. after building on the meta device and `to_empty`)."""
+        for module in self.modules():
+            init_module(module, self.config)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: Cache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Logits (B, T, V) and, with `labels` (B, T), the next-token cross-entropy: position t predicts labels[t+1],
+        positions labelled -100 are ignored. A non-finite loss is returned as it is.
+
+        `cache` (`past_key_values` before transformers 5) is a transformers `Cache`; with `use_cache` and none
+        given, a `DynamicCache` is created. `logits_to_keep=k` computes logits for the last k positions only.
+        """
+        for unsupported in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(unsupported):
+                raise NotImplementedError(f"ArgonneForCausalLM does not support {unsupported}=True")
+        cache = cache if cache is not None else past_key_values
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None and labels is None:
+            cache = _new_dynamic_cache(self.config)
+        if not use_cache:
+            cache = None
+        hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = F.linear(hidden, self.output_weight)  # (B, T, V)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+
+
+def _new_dynamic_cache(config: ArgonneConfig) -> DynamicCache:
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # transformers < 4.56 takes no config
+        return DynamicCache()

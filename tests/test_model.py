@@ -1,0 +1,279 @@
+"""The model against transformers' Llama and GPT-2, its cache, masks, loss and save/load."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+
+from .conftest import SAMPLE_TOKENIZER
+
+# Small shapes that still exercise every option: head_dim independent of hidden / heads, grouped-query attention.
+LLAMA_STYLE = dict(
+    vocab_size=320, hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=40, intermediate_size=160, max_position_embeddings=128,
+)
+GPT2_STYLE = dict(
+    vocab_size=320, hidden_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+    head_dim=24, intermediate_size=384, max_position_embeddings=128,
+)
+
+
+def make_model(preset="tiny", seed=0, **overrides) -> ArgonneForCausalLM:
+    torch.manual_seed(seed)
+    # A wide initialisation makes greedy decoding pick varied tokens, so token-for-token comparisons mean something.
+    overrides.setdefault("initializer_range", 0.2)
+    return ArgonneForCausalLM(ArgonneConfig.from_preset(preset, **overrides)).eval()
+
+
+def to_llama(model: ArgonneForCausalLM) -> LlamaForCausalLM:
+    c = model.config
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        intermediate_size=c.intermediate_size, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, attention_bias=c.attention_bias, mlp_bias=c.mlp_bias,
+        tie_word_embeddings=c.tie_word_embeddings,
+    )).eval()
+    # Parameter names are Llama's, so the state dict maps one to one (a tied head has no lm_head entry).
+    missing, unexpected = llama.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected
+    assert missing == (["lm_head.weight"] if c.tie_word_embeddings else [])
+    return llama
+
+
+def to_gpt2(model: ArgonneForCausalLM) -> GPT2LMHeadModel:
+    c = model.config
+    gpt2 = GPT2LMHeadModel(GPT2Config(
+        vocab_size=c.vocab_size, n_positions=c.max_position_embeddings, n_embd=c.hidden_size,
+        n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_inner=c.intermediate_size,
+        activation_function="gelu", layer_norm_epsilon=c.norm_eps, tie_word_embeddings=False,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+    )).eval()
+    src = model.state_dict()
+    dst = {
+        "transformer.wte.weight": src["model.embed_tokens.weight"],
+        "transformer.wpe.weight": src["model.embed_positions.weight"],
+        "transformer.ln_f.weight": src["model.norm.weight"],
+        "transformer.ln_f.bias": src["model.norm.bias"],
+        "lm_head.weight": src["lm_head.weight"],
+    }
+    for i in range(c.num_hidden_layers):
+        a, g = f"model.layers.{i}.", f"transformer.h.{i}."
+        for kind in ("weight", "bias"):
+            dst[g + f"ln_1.{kind}"] = src[a + f"input_layernorm.{kind}"]
+            dst[g + f"ln_2.{kind}"] = src[a + f"post_attention_layernorm.{kind}"]
+        # GPT-2's Conv1D stores (in, out): transpose; its c_attn is q, k and v stacked.
+        dst[g + "attn.c_attn.weight"] = torch.cat([src[a + f"self_attn.{n}_proj.weight"] for n in "qkv"]).t()
+        dst[g + "attn.c_attn.bias"] = torch.cat([src[a + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+        for ours, theirs in (("self_attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"),
+                             ("mlp.down_proj", "mlp.c_proj")):
+            dst[g + f"{theirs}.weight"] = src[a + f"{ours}.weight"].t()
+            dst[g + f"{theirs}.bias"] = src[a + f"{ours}.bias"]
+    gpt2.load_state_dict(dst, strict=True)
+    return gpt2
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"tie_word_embeddings": False},
+        {"attention_bias": True, "mlp_bias": True},
+        {"num_key_value_heads": 4},
+        {"num_key_value_heads": 1, "rope_theta": 1e6},
+    ],
+    ids=["tied-gqa", "untied", "biases", "mha", "mqa-theta1e6"],
+)
+def test_logits_equal_llama(overrides):
+    model = make_model(**{**LLAMA_STYLE, **overrides})
+    llama = to_llama(model)
+    tokens = torch.randint(0, 320, (3, 37))
+    with torch.no_grad():
+        ours, theirs = model(tokens).logits, llama(tokens).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("preset", ["argonne-1.0", "argonne-1.5"])
+def test_logits_equal_gpt2(preset):
+    model = make_model(preset, **GPT2_STYLE)
+    gpt2 = to_gpt2(model)
+    tokens = torch.randint(0, 320, (2, 45))
+    with torch.no_grad():
+        ours, theirs = model(tokens).logits, gpt2(tokens).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("preset,shape", [("tiny", LLAMA_STYLE), ("argonne-1.0", GPT2_STYLE)])
+def test_greedy_with_cache_equals_without(preset, shape):
+    model = make_model(preset, **shape)
+    prompt = torch.randint(3, 320, (1, 7))
+    kwargs = dict(max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert cached.shape == (1, 31)
+    assert torch.equal(cached, uncached)
+    assert len(set(cached[0, 7:].tolist())) >= 4, "degenerate output would make this comparison vacuous"
+
+
+def test_greedy_equals_llama_generate():
+    model = make_model(**LLAMA_STYLE)
+    llama = to_llama(model)
+    prompt = torch.randint(3, 320, (2, 9))
+    kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(model.generate(prompt, **kwargs), llama.generate(prompt, **kwargs))
+
+
+@pytest.mark.parametrize("preset,shape", [("tiny", LLAMA_STYLE), ("argonne-1.0", GPT2_STYLE)])
+def test_left_padded_batch_equals_each_prompt_alone(preset, shape):
+    model = make_model(preset, **shape)
+    prompts = [torch.randint(3, 320, (n,)) for n in (11, 4, 8)]
+    width = max(len(p) for p in prompts)
+    pad = 0
+    input_ids = torch.full((len(prompts), width), pad)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p):] = p
+        attention_mask[row, width - len(p):] = 1
+    kwargs = dict(max_new_tokens=16, do_sample=False, pad_token_id=pad, eos_token_id=None)
+    batched = model.generate(input_ids, attention_mask=attention_mask, **kwargs)
+    with torch.no_grad():
+        batched_logits = model(input_ids, attention_mask=attention_mask).logits
+    for row, p in enumerate(prompts):
+        alone = model.generate(p[None], **kwargs)
+        assert torch.equal(batched[row, width:], alone[0, len(p):])
+        with torch.no_grad():
+            alone_logits = model(p[None]).logits[0]
+        # Masked and unmasked attention sum in different orders: float32 rounding only.
+        torch.testing.assert_close(batched_logits[row, width - len(p):], alone_logits, rtol=1e-5, atol=5e-5)
+
+
+def test_loss_is_shifted_cross_entropy_ignoring_minus_100():
+    model = make_model(**LLAMA_STYLE)
+    tokens = torch.randint(0, 320, (2, 12))
+    labels = tokens.clone()
+    labels[0, :5] = -100
+    output = model(tokens, labels=labels)
+    logits = output.logits[:, :-1].reshape(-1, 320)
+    targets = labels[:, 1:].reshape(-1)
+    keep = targets != -100
+    expected = torch.nn.functional.cross_entropy(logits[keep], targets[keep])
+    assert torch.allclose(output.loss, expected, atol=1e-6)
+
+
+def test_non_finite_loss_stays_non_finite():
+    model = make_model(**LLAMA_STYLE)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    tokens = torch.randint(0, 320, (1, 8))
+    assert torch.isnan(model(tokens, labels=tokens).loss)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "argonne-1.0"])
+def test_forward_backward_on_cpu(preset):
+    overrides = {} if preset == "tiny" else dict(GPT2_STYLE)
+    torch.manual_seed(0)
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset(preset, **overrides)).train()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 64))
+    loss = model(tokens, labels=tokens).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, f"{name} got no gradient"
+    # Fresh initialisation: the loss starts near ln(vocab) (uniform predictions).
+    assert abs(loss.item() - torch.log(torch.tensor(float(model.config.vocab_size))).item()) < 0.5
+
+
+def test_initialisation_follows_the_documented_scheme():
+    torch.manual_seed(0)
+    config = ArgonneConfig.from_preset("tiny", hidden_size=512, intermediate_size=1024, num_hidden_layers=8)
+    model = ArgonneForCausalLM(config)
+    block = model.model.layers[0]
+    residual_std = 0.02 / (2 * 8) ** 0.5
+    assert abs(block.self_attn.q_proj.weight.std().item() - 0.02) < 1e-3
+    assert abs(block.self_attn.o_proj.weight.std().item() - residual_std) < 5e-4
+    assert abs(block.mlp.down_proj.weight.std().item() - residual_std) < 5e-4
+    assert torch.equal(block.input_layernorm.weight, torch.ones(512))
+    # reset_parameters re-draws everything after meta-device construction + to_empty.
+    with torch.device("meta"):
+        meta_model = ArgonneForCausalLM(config)
+    meta_model.to_empty(device="cpu")
+    meta_model.reset_parameters()
+    assert abs(meta_model.model.layers[3].mlp.down_proj.weight.std().item() - residual_std) < 5e-4
+    assert torch.equal(meta_model.model.norm.weight, torch.ones(512))
+
+
+def test_state_dict_keys_are_stable():
+    """A contract: checkpoints, export and import rely on these names."""
+    keys = set(make_model(**{**LLAMA_STYLE, "num_hidden_layers": 1}).state_dict())
+    assert keys == {
+        "model.embed_tokens.weight", "model.norm.weight",
+        "model.layers.0.input_layernorm.weight", "model.layers.0.post_attention_layernorm.weight",
+        "model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+    }
+    gpt2_keys = set(make_model("argonne-1.0", **{**GPT2_STYLE, "num_hidden_layers": 1}).state_dict())
+    assert {"model.embed_positions.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.bias"} <= gpt2_keys
+    assert not any("gate_proj" in k for k in gpt2_keys)
+
+
+def test_auto_classes_resolve_after_import(tmp_path):
+    model = make_model(**LLAMA_STYLE)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is ArgonneForCausalLM
+
+
+@pytest.mark.parametrize("preset,shape", [("tiny", LLAMA_STYLE), ("argonne-1.5", GPT2_STYLE)])
+def test_save_load_round_trip_is_bit_exact(tmp_path, preset, shape):
+    model = make_model(preset, **shape)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = ArgonneForCausalLM.from_pretrained(tmp_path)
+    original, again = model.state_dict(), loaded.state_dict()
+    assert original.keys() == again.keys()
+    for key in original:
+        assert torch.equal(original[key], again[key]), key
+    assert loaded.config.to_diff_dict() == model.config.to_diff_dict()
+
+
+def test_fresh_process_loads_with_trust_remote_code(tmp_path):
+    model = make_model(vocab_size=8192, num_hidden_layers=2)
+    model.save_pretrained(tmp_path)
+    load_tokenizer(SAMPLE_TOKENIZER).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_argonne.ArgonneConfig",
+        "AutoModelForCausalLM": "modeling_argonne.ArgonneForCausalLM",
+    }
+    tokens = torch.randint(3, 8192, (1, 16))
+    with torch.no_grad():
+        expected = model(tokens).logits
+    torch.save({"tokens": tokens, "logits": expected}, tmp_path / "expected.pt")
+    script = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+folder = {str(tmp_path)!r}
+model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+assert "argonne" not in sys.modules, "the fresh process must not import the installed package"
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+data = torch.load(folder + "/expected.pt")
+with torch.no_grad():
+    assert torch.equal(model(data["tokens"]).logits, data["logits"])
+ids = tokenizer("The database", return_tensors="pt").input_ids
+out = model.generate(ids, max_new_tokens=5, do_sample=False)
+print("ok", tokenizer.decode(out[0]))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("ok The database"), result.stdout
