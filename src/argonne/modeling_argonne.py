@@ -292,13 +292,15 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
+        targets: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (B, T, V) and, with `labels` (B, T), the next-token cross-entropy: position t predicts labels[t+1],
-        positions labelled -100 are ignored. A non-finite loss is returned as it is.
+        positions labelled -100 are ignored. `targets` (B, T) are labels already shifted (position t predicts
+        targets[t]), as training windows of T + 1 tokens give them. A non-finite loss is returned as it is.
 
         `cache` (`past_key_values` before transformers 5) is a transformers `Cache`; with `use_cache` and none
         given, a `DynamicCache` is created. `logits_to_keep=k` computes logits for the last k positions only.
@@ -308,7 +310,11 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
                 raise NotImplementedError(f"ArgonneForCausalLM does not support {unsupported}=True")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and cache is None and labels is None:
+        if labels is not None and targets is not None:
+            raise ValueError("pass labels (shifted inside) or targets (already shifted), not both")
+        if labels is not None:
+            targets = labels[:, 1:]
+        if use_cache and cache is None and targets is None:
             cache = _new_dynamic_cache(self.config)
         if not use_cache:
             cache = None
@@ -317,11 +323,10 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         logits = F.linear(hidden, self.output_weight)  # (B, T, V)
         loss = None
-        if labels is not None:
+        if targets is not None:
+            predicting = logits[:, : targets.shape[1]]  # with labels, the last position predicts nothing
             loss = F.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100,
+                predicting.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device), ignore_index=-100
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 

@@ -1,0 +1,101 @@
+"""The single-process trainer on tiny data: config handling, schedule, and that the loss falls."""
+
+import json
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from argonne.config import ConfigError, OptimConfig, load_run_config
+from argonne.train import WindowOrder, build_optimizer, lr_at, train
+
+from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER
+
+
+def tiny_run_args(tmp_path, *extra):
+    return [
+        f"--data.inputs=[{str(SAMPLE_SHARD)!r}]",
+        f"--data.tokenizer={str(SAMPLE_TOKENIZER)!r}",
+        f"--train.run_dir={str(tmp_path / 'run')!r}",
+        "--model.overrides={num_hidden_layers = 2, hidden_size = 128, intermediate_size = 344}",
+        "--data.seq_len=64",
+        "--train.micro_batch_size=8",
+        *extra,
+    ]
+
+
+def test_shipped_quickstart_config_loads():
+    config = load_run_config(REPO / "configs" / "tiny.toml")
+    assert config.model.preset == "tiny" and config.data.tokenizer.endswith("sample-bpe-8k")
+
+
+def test_overrides_are_typed_and_checked(tmp_path):
+    config = load_run_config(None, ["--optim.lr=1e-2", "--train.steps=7", "--data.inputs=['a.parquet']"])
+    assert (config.optim.lr, config.train.steps, config.data.inputs) == (1e-2, 7, ["a.parquet"])
+    with pytest.raises(ConfigError, match=r"\[optim\] has unknown field\(s\) \['learning_rate'\]"):
+        load_run_config(None, ["--optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="train.steps must be > 0"):
+        load_run_config(None, ["--train.steps=0"])
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_run_config(tmp_path / "missing.toml")
+
+
+def test_lr_schedule_warms_up_then_decays_to_min():
+    optim = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert lr_at(0, optim, 100) == pytest.approx(0.1)
+    assert lr_at(9, optim, 100) == pytest.approx(1.0)
+    assert lr_at(55, optim, 100) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(100, optim, 100) == pytest.approx(0.1)
+    values = [lr_at(s, optim, 100) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    from argonne import ArgonneConfig, ArgonneForCausalLM
+
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset("argonne-1.0", hidden_size=32, head_dim=8,
+                                                         num_attention_heads=4, num_key_value_heads=4,
+                                                         num_hidden_layers=1, intermediate_size=64))
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1), torch.device("cpu"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in optimizer.param_groups[0]["params"]}
+    assert decayed == {n for n, p in model.named_parameters()
+                       if p.ndim == 2 and "embed_" not in n}
+    assert "lm_head.weight" in decayed and "model.embed_tokens.weight" not in decayed
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_window_order_is_a_seeded_permutation_per_epoch():
+    order = WindowOrder(10, seed=3, shuffle=True)
+    first, second = [order[i] for i in range(10)], [order[i] for i in range(10, 20)]
+    assert sorted(first) == sorted(second) == list(range(10))
+    assert first != second
+    assert [WindowOrder(10, seed=3, shuffle=True)[i] for i in range(10)] == first
+
+
+def test_tiny_training_run_lowers_the_loss_and_saves_a_model(tmp_path):
+    config = load_run_config(None, tiny_run_args(tmp_path, "--train.steps=30", "--train.log_every=5",
+                                                 "--optim.warmup_steps=5", "--data.val_windows=8"))
+    summary = train(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    assert records[0]["loss"] > records[-1]["loss"] + 1.0, records
+    assert math.isfinite(summary["val_loss"]) and summary["val_loss"] < math.log(8192)
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "model" / "tokenizer.json").is_file()
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_an_error(tmp_path):
+    config = load_run_config(None, tiny_run_args(tmp_path, "--model.overrides={vocab_size = 1000}"))
+    with pytest.raises(ConfigError, match="8192 tokens but model preset 'tiny' has vocab_size 1000"):
+        train(config)
+
+
+def test_bad_text_column_names_the_file(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    pq.write_table(pa.table({"content": ["hello"]}), bad)
+    config = load_run_config(None, tiny_run_args(tmp_path, f"--data.inputs=[{str(bad)!r}]"))
+    with pytest.raises(ValueError, match=r"bad.parquet: no column 'text'"):
+        train(config)
