@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from argonne.config import ConfigError, OptimConfig, load_run_config
-from argonne.train import WindowOrder, build_optimizer, lr_at, train
+from argonne.train import build_optimizer, lr_at, train
 
 from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER
 
@@ -21,6 +21,7 @@ def tiny_run_args(tmp_path, *extra):
         f"--train.run_dir={str(tmp_path / 'run')!r}",
         "--model.overrides={num_hidden_layers = 2, hidden_size = 128, intermediate_size = 344}",
         "--data.seq_len=64",
+        "--data.val_fraction=0.02",
         "--train.micro_batch_size=8",
         *extra,
     ]
@@ -33,6 +34,8 @@ def test_shipped_quickstart_config_loads():
 
 def test_overrides_are_typed_and_checked(tmp_path):
     config = load_run_config(None, ["--optim.lr=1e-2", "--train.steps=7", "--data.inputs=['a.parquet']"])
+    with pytest.raises(ConfigError, match="exactly one of data.inputs"):
+        load_run_config(None, ["--data.inputs=['a.parquet']", "--data.prepared=out"])
     assert (config.optim.lr, config.train.steps, config.data.inputs) == (1e-2, 7, ["a.parquet"])
     with pytest.raises(ConfigError, match=r"\[optim\] has unknown field\(s\) \['learning_rate'\]"):
         load_run_config(None, ["--optim.learning_rate=1"])
@@ -65,14 +68,6 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
                        if p.ndim == 2 and "embed_" not in n}
     assert "lm_head.weight" in decayed and "model.embed_tokens.weight" not in decayed
     assert optimizer.param_groups[1]["weight_decay"] == 0.0
-
-
-def test_window_order_is_a_seeded_permutation_per_epoch():
-    order = WindowOrder(10, seed=3, shuffle=True)
-    first, second = [order[i] for i in range(10)], [order[i] for i in range(10, 20)]
-    assert sorted(first) == sorted(second) == list(range(10))
-    assert first != second
-    assert [WindowOrder(10, seed=3, shuffle=True)[i] for i in range(10)] == first
 
 
 def test_tiny_training_run_lowers_the_loss_and_saves_a_model(tmp_path):

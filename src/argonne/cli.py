@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -102,11 +103,137 @@ def _add_generate(sub) -> None:
     parser.set_defaults(func=cmd_generate)
 
 
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    """Filter and tokenize parquet shards into packed uint32 token shards plus a manifest (resumable)."""
+    from .data import FilterConfig, PrepareSettings, TokenizeSettings, prepare_dataset
+    from .tokenizer import load_tokenizer
+
+    _configure_logging()
+    settings = PrepareSettings(
+        seq_len=args.seq_len,
+        workers=args.workers,
+        tokenize=TokenizeSettings(
+            text_column=args.text_column,
+            id_column=args.id_column,
+            val_fraction=args.val_fraction,
+            on_error=args.on_error,
+            filters=FilterConfig(
+                max_digit_fraction=args.max_digit_fraction,
+                min_letter_space_fraction=args.min_letter_space_fraction,
+                min_tokens=args.min_tokens,
+            ),
+        ),
+    )
+    manifest = prepare_dataset(args.inputs, load_tokenizer(args.tokenizer), args.output, settings)
+    print(
+        f"{manifest['train_tokens']:,} training and {manifest['val_tokens']:,} validation tokens from "
+        f"{len(manifest['shards'])} shard(s) in {args.output}"
+    )
+    _print_stats(manifest)
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    """Print a prepared dataset's manifest and filter stats, and decode one sample window."""
+    from .data import load_manifest
+    from .loader import PreparedTokens, num_windows, read_window
+    from .tokenizer import load_tokenizer
+
+    manifest = load_manifest(args.directory)
+    tokenizer_info = manifest["tokenizer"]
+    print(f"dataset      {args.directory} ({manifest['format']}, {manifest['dtype']})")
+    print(f"tokenizer    {tokenizer_info['name']} ({tokenizer_info['vocab_size']:,} tokens, "
+          f"vocab sha256 {tokenizer_info['vocab_sha256'][:16]}…), boundary id {manifest['boundary_token_id']}")
+    print(f"tokens       {manifest['train_tokens']:,} training, {manifest['val_tokens']:,} validation")
+    for source in manifest["sources"]:
+        print(f"source       {source['path']} ({source['bytes']:,} bytes, sha256 {str(source['sha256'])[:16]}…)")
+    for skipped in manifest["skipped_files"]:
+        print(f"skipped      {skipped['path']}: {skipped['reason']}")
+    _print_stats(manifest)
+    tokens = PreparedTokens(args.directory)
+    seq_len = args.seq_len or manifest["seq_len"]
+    windows = num_windows(len(tokens), seq_len)
+    print(f"windows      {windows:,} of {seq_len + 1} tokens (seq_len {seq_len})")
+    if windows:
+        index = min(args.window, windows - 1)
+        window = read_window(tokens, index, seq_len)
+        tokenizer = load_tokenizer(args.tokenizer or tokenizer_info["name"])
+        print(f"--- window {index}, first {args.show_tokens} tokens ---")
+        print(tokenizer.decode(window[: args.show_tokens].tolist()))
+    return 0
+
+
+def _print_stats(manifest: dict) -> None:
+    print(f"{'documents':<18}{'count':>12}{'tokens':>16}")
+    for reason, counts in manifest["stats"].items():
+        if counts["documents"] or reason in ("kept", "validation"):
+            print(f"  {reason:<16}{counts['documents']:>12,}{counts['tokens']:>16,}")
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    """Train a byte-level BPE tokenizer on parquet text and save it in Hugging Face format."""
+    from .data import iter_texts, resolve_parquet_files
+    from .tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(
+        iter_texts(resolve_parquet_files(args.inputs), args.text_column), args.vocab_size, args.output
+    )
+    print(f"{len(tokenizer):,}-token BPE saved to {args.output}")
+    return 0
+
+
+def _configure_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _add_data(sub) -> None:
+    data = sub.add_parser("data", help="prepare and inspect training data", description="Training data tools.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    prepare = data_sub.add_parser("prepare", help=cmd_data_prepare.__doc__, description=cmd_data_prepare.__doc__)
+    prepare.add_argument("inputs", nargs="+", help="parquet files, folders, globs or hf://datasets/... paths")
+    prepare.add_argument("--tokenizer", required=True, help="tokenizer folder or hub name")
+    prepare.add_argument("--output", required=True, help="output folder (rerun to resume)")
+    prepare.add_argument("--seq-len", type=int, default=4096, help="default window length for the loader")
+    prepare.add_argument("--text-column", default="text")
+    prepare.add_argument("--id-column", default="id", help="column hashed for the validation split")
+    prepare.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                         help="tokenizer worker processes (0: in this process)")
+    prepare.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents held out")
+    prepare.add_argument("--on-error", choices=("fail", "skip"), default="fail",
+                         help="bad files and rows: stop with an error, or log, count and skip them")
+    prepare.add_argument("--max-digit-fraction", type=float, default=0.5)
+    prepare.add_argument("--min-letter-space-fraction", type=float, default=0.3)
+    prepare.add_argument("--min-tokens", type=int, default=10)
+    prepare.set_defaults(func=cmd_data_prepare)
+    inspect = data_sub.add_parser("inspect", help=cmd_data_inspect.__doc__, description=cmd_data_inspect.__doc__)
+    inspect.add_argument("directory")
+    inspect.add_argument("--window", type=int, default=0, help="which window to decode")
+    inspect.add_argument("--seq-len", type=int, default=None, help="default: the manifest's")
+    inspect.add_argument("--show-tokens", type=int, default=200)
+    inspect.add_argument("--tokenizer", default=None, help="default: the one named in the manifest")
+    inspect.set_defaults(func=cmd_data_inspect)
+
+
+def _add_tokenizer(sub) -> None:
+    tokenizer = sub.add_parser("tokenizer", help="train tokenizers", description="Tokenizer tools.")
+    tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", metavar="TOKENIZER_COMMAND", required=True)
+    train = tokenizer_sub.add_parser("train", help=cmd_tokenizer_train.__doc__, description=cmd_tokenizer_train.__doc__)
+    train.add_argument("inputs", nargs="+", help="parquet files, folders or globs")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--output", required=True)
+    train.add_argument("--text-column", default="text")
+    train.set_defaults(func=cmd_tokenizer_train)
+
+
 # name -> function adding the subcommand's parser.
 COMMANDS: dict[str, Callable] = {
     "info": _add_info,
     "train": _add_train,
     "generate": _add_generate,
+    "data": _add_data,
+    "tokenizer": _add_tokenizer,
 }
 
 

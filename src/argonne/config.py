@@ -37,18 +37,26 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    inputs: list[str] = field(default_factory=lambda: ["data/sample"])
-    """Parquet files, folders or globs."""
+    inputs: list[str] = field(default_factory=list)
+    """Parquet files, folders, globs or hf:// paths to stream from (tokenized on the fly); or use `prepared`."""
+    prepared: str = ""
+    """Folder written by `argonne data prepare` (memory-mapped token shards); or use `inputs`."""
     tokenizer: str = "data/tokenizers/sample-bpe-8k"
-    """Tokenizer folder or hub name; its vocabulary must fit the model's."""
+    """Tokenizer folder or hub name; it must be the one the data was prepared with."""
     text_column: str = "text"
-    """Parquet column holding the document text."""
+    """Parquet column holding the document text (streaming)."""
     seq_len: int = 256
     """Tokens per training sequence (windows hold seq_len + 1 tokens)."""
-    val_windows: int = 16
-    """Windows held out from the end of the stream for the validation loss (0: none)."""
     shuffle: bool = True
-    """Visit training windows in a seeded random order."""
+    """Visit prepared windows in a seeded random order (a stream is read in order)."""
+    val_fraction: float = 0.0
+    """Streaming: fraction of documents held out for validation, chosen by id hash as in prepare."""
+    val_windows: int = 32
+    """Held-out windows evaluated for the validation loss (0: none)."""
+    workers: int = 1
+    """Background processes: DataLoader workers (prepared) or tokenizer workers (streaming)."""
+    on_error: str = "fail"
+    """Streaming: "fail" on bad input, or "skip" it with a logged count."""
 
 
 @dataclass
@@ -173,5 +181,9 @@ def validate(config: RunConfig) -> None:
         problems.append(f"train.dtype must be auto, bfloat16 or float32, got {config.train.dtype!r}")
     if isinstance(config.data.inputs, str):
         config.data.inputs = [config.data.inputs]
+    if bool(config.data.inputs) == bool(config.data.prepared):
+        problems.append("set exactly one of data.inputs (stream from parquet) and data.prepared (prepared folder)")
+    if config.data.on_error not in ("fail", "skip"):
+        problems.append(f"data.on_error must be fail or skip, got {config.data.on_error!r}")
     if problems:
         raise ConfigError("invalid run config: " + "; ".join(problems))

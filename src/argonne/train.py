@@ -1,7 +1,7 @@
 """`argonne train CONFIG.toml`: pretrain an Argonne model.
 
 Set up (config, device, tokenizer) -> build (model, data, optimizer) -> run (the loop). This version trains in one
-process on CPU or one GPU from parquet text tokenized in memory; the result is a Hugging Face folder
+process on CPU or one GPU, from prepared token shards or straight from parquet; the result is a Hugging Face folder
 (`RUN_DIR/model`) with the tokenizer beside it, ready for `argonne generate`.
 """
 
@@ -13,11 +13,13 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ConfigError, OptimConfig, RunConfig
 from .configuration_argonne import ArgonneConfig
-from .data import TokenWindows, iter_texts, resolve_parquet_files, tokenize_to_stream
+from .data import StreamingTokens, TokenizeSettings, held_out_tokens
+from .loader import PreparedBatches, PreparedTokens, StreamingBatches, num_windows, read_window
 from .metrics import count_parameters, training_flops_per_token
 from .modeling_argonne import ArgonneForCausalLM
 from .tokenizer import document_boundary_id, load_tokenizer
@@ -52,20 +54,24 @@ def build_model(config: RunConfig, tokenizer) -> ArgonneForCausalLM:
     return ArgonneForCausalLM(model_config)
 
 
-def build_data(config: RunConfig, tokenizer) -> tuple[TokenWindows, TokenWindows | None]:
-    """Training windows and the held-out validation windows (the last `val_windows` of the token stream)."""
-    files = resolve_parquet_files(config.data.inputs)
-    tokens = tokenize_to_stream(
-        iter_texts(files, config.data.text_column), tokenizer, document_boundary_id(tokenizer)
-    )
-    seq_len, n_val = config.data.seq_len, config.data.val_windows
-    total = TokenWindows(tokens, seq_len)
-    if n_val == 0:
-        return total, None
-    if len(total) <= n_val:
-        raise ConfigError(f"data has {len(total)} windows of {seq_len} tokens; cannot hold out {n_val}")
-    split = (len(total) - n_val) * seq_len
-    return TokenWindows(tokens[: split + 1], seq_len), TokenWindows(tokens[split:], seq_len)
+def build_data(config: RunConfig, tokenizer, rank: int = 0, world: int = 1, pin_memory: bool = False):
+    """This rank's training batches and the validation windows (None without held-out data)."""
+    data, tc = config.data, config.train
+    if data.prepared:
+        batches = PreparedBatches(
+            PreparedTokens(data.prepared, "train", tokenizer), data.seq_len, tc.micro_batch_size, rank, world,
+            seed=tc.seed, shuffle=data.shuffle, workers=data.workers, pin_memory=pin_memory,
+        )
+        val_tokens = PreparedTokens(data.prepared, "val", tokenizer)
+    else:
+        settings = TokenizeSettings(text_column=data.text_column, val_fraction=data.val_fraction,
+                                    on_error=data.on_error)
+        stream = StreamingTokens(data.inputs, tokenizer, settings, workers=data.workers)
+        batches = StreamingBatches(stream, data.seq_len, tc.micro_batch_size, rank, world, pin_memory=pin_memory)
+        val_tokens = held_out_tokens(stream, (data.seq_len * data.val_windows + 1)) if data.val_fraction else None
+    if not data.val_windows or val_tokens is None or num_windows(len(val_tokens), data.seq_len) == 0:
+        return batches, None
+    return batches, (val_tokens, min(data.val_windows, num_windows(len(val_tokens), data.seq_len)))
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -96,33 +102,15 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
     return optim.min_lr + (optim.lr - optim.min_lr) * cosine
 
 
-class WindowOrder:
-    """Global sample index -> window index: a fresh seeded permutation per epoch (or identity without shuffle)."""
-
-    def __init__(self, num_windows: int, seed: int, shuffle: bool):
-        self.num_windows, self.seed, self.shuffle = num_windows, seed, shuffle
-        self._epoch, self._perm = -1, None
-
-    def __getitem__(self, sample: int) -> int:
-        epoch, offset = divmod(sample, self.num_windows)
-        if not self.shuffle:
-            return offset
-        if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm, self._epoch = torch.randperm(self.num_windows, generator=generator), epoch
-        return int(self._perm[offset])
-
-
-def batch_at(windows: TokenWindows, order: WindowOrder, first_sample: int, size: int) -> torch.Tensor:
-    return torch.stack([windows[order[first_sample + i]] for i in range(size)])  # (B, seq_len + 1)
-
-
 @torch.no_grad()
-def evaluate(model, windows: TokenWindows, batch_size: int, device, amp_dtype) -> float:
+def evaluate(model, validation, batch_size: int, seq_len: int, device, amp_dtype) -> float:
+    """Mean loss over the first `count` windows of the held-out tokens."""
+    tokens, count = validation
     model.eval()
     losses = []
-    for start in range(0, len(windows), batch_size):
-        batch = torch.stack([windows[i] for i in range(start, min(start + batch_size, len(windows)))]).to(device)
+    for start in range(0, count, batch_size):
+        windows = [read_window(tokens, i, seq_len) for i in range(start, min(start + batch_size, count))]
+        batch = torch.from_numpy(np.stack(windows).astype(np.int64)).to(device)
         with _autocast(device, amp_dtype):
             losses.append(model(batch[:, :-1], targets=batch[:, 1:], use_cache=False).loss)
     model.train()
@@ -147,7 +135,7 @@ def train(config: RunConfig) -> dict:
 
     tokenizer = load_tokenizer(config.data.tokenizer)
     model = build_model(config, tokenizer).to(device)
-    train_windows, val_windows = build_data(config, tokenizer)
+    batches, validation = build_data(config, tokenizer, pin_memory=device.type == "cuda")
     optimizer = build_optimizer(model, config.optim, device)
 
     tc = config.train
@@ -155,12 +143,12 @@ def train(config: RunConfig) -> dict:
     flops_per_token = training_flops_per_token(model.config, config.data.seq_len)
     print(
         f"model {config.model.preset}: {count_parameters(model.config):,} parameters, "
-        f"{flops_per_token / 1e6:,.1f} MFLOPs/token | data: {len(train_windows):,} training windows of "
-        f"{config.data.seq_len} tokens | {tokens_per_step:,} tokens/step x {tc.steps} steps | device {device}"
+        f"{flops_per_token / 1e6:,.1f} MFLOPs/token | {tokens_per_step:,} tokens/step x {tc.steps} steps | "
+        f"device {device}"
     )
-    order = WindowOrder(len(train_windows), tc.seed, config.data.shuffle)
+    batch_iter = iter(batches)
     metrics_file = open(run_dir / "metrics.jsonl", "w")
-    nonfinite_in_a_row, skipped_steps, sample = 0, 0, 0
+    nonfinite_in_a_row, skipped_steps = 0, 0
     started = last_log = time.perf_counter()
     losses_since_log: list[torch.Tensor] = []
     summary: dict = {}
@@ -171,8 +159,7 @@ def train(config: RunConfig) -> dict:
             group["lr"] = lr
         step_loss = torch.zeros((), device=device)
         for _ in range(tc.grad_accum):
-            batch = batch_at(train_windows, order, sample, tc.micro_batch_size).to(device, non_blocking=True)
-            sample += tc.micro_batch_size
+            batch = next(batch_iter).to(device, non_blocking=True)
             with _autocast(device, amp_dtype):
                 loss = model(batch[:, :-1], targets=batch[:, 1:], use_cache=False).loss
             (loss / tc.grad_accum).backward()
@@ -207,8 +194,10 @@ def train(config: RunConfig) -> dict:
                 "tokens_per_s": steps_logged * tokens_per_step / (now - last_log),
                 "skipped_steps": skipped_steps,
             }
-            if val_windows is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0) or done):
-                record["val_loss"] = evaluate(model, val_windows, tc.micro_batch_size, device, amp_dtype)
+            if validation is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0) or done):
+                record["val_loss"] = evaluate(
+                    model, validation, tc.micro_batch_size, config.data.seq_len, device, amp_dtype
+                )
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             print(_format_record(record))

@@ -1,0 +1,320 @@
+"""Data preparation: filters, accounting, bad input, worker independence, resume, streaming, hub paths."""
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from argonne import load_tokenizer
+from argonne.cli import main
+from argonne.data import (
+    DataError,
+    FilterConfig,
+    PrepareSettings,
+    StreamingTokens,
+    StreamPosition,
+    TokenizeSettings,
+    _init_worker,
+    _encode,
+    char_filter_reasons,
+    is_held_out,
+    load_manifest,
+    prepare_dataset,
+    resolve_parquet_files,
+)
+from argonne.loader import PreparedTokens, iter_stream_windows, read_window
+
+from .conftest import SAMPLE_SHARD, SAMPLE_TOKENIZER
+
+GOOD = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest again."
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(SAMPLE_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def sample_texts():
+    table = pq.read_table(SAMPLE_SHARD, columns=["text", "id"])
+    return table.column("text").to_pylist()[:60], table.column("id").to_pylist()[:60]
+
+
+def write_parquet(path, texts, ids=None, row_group_size=8, **columns):
+    data = {"text": texts, **columns}
+    if ids is not None:
+        data["id"] = ids
+    pq.write_table(pa.table(data), path, row_group_size=row_group_size)
+    return str(path)
+
+
+@pytest.fixture
+def three_shards(tmp_path, sample_texts):
+    texts, ids = sample_texts
+    folder = tmp_path / "in"
+    folder.mkdir()
+    return [write_parquet(folder / f"part-{i}.parquet", texts[i * 20:(i + 1) * 20], ids[i * 20:(i + 1) * 20])
+            for i in range(3)]
+
+
+def settings(workers=0, **tokenize):
+    return PrepareSettings(seq_len=64, workers=workers, tokenize=TokenizeSettings(**tokenize))
+
+
+# ------------------------------------------------------------------------------------------- sources and filters
+
+
+def test_inputs_resolve_in_natural_order(tmp_path):
+    for name in ("shard-10.parquet", "shard-2.parquet", "shard-1.parquet"):
+        write_parquet(tmp_path / name, [GOOD])
+    names = [p.rsplit("/", 1)[1] for p in resolve_parquet_files([tmp_path])]
+    assert names == ["shard-1.parquet", "shard-2.parquet", "shard-10.parquet"]
+    assert resolve_parquet_files([str(tmp_path / "shard-1*.parquet")])[-1].endswith("shard-10.parquet")
+    with pytest.raises(DataError, match="nothing.parquet: no such file"):
+        resolve_parquet_files([tmp_path / "nothing.parquet"])
+
+
+@pytest.mark.parametrize(
+    "text,reason",
+    [
+        ("1234567890" * 5 + "abcdefghij" * 1, "too_many_digits"),   # 50 digits of 60 characters
+        ("12345" * 10, None),                                       # 50 characters: the ratio rules do not apply
+        ("12345" * 10 + "6", "too_many_digits"),                    # 51 characters, all digits
+        ("1234567890" * 5 + "abcdefghij" * 5, None),                # exactly 0.5 digits is allowed
+        ("!@#$%^&*()" * 8 + "abcdefghij" * 2, "too_few_letters"),   # 0.2 letters
+        ("!@#$%^&*()" * 7 + "abcde fghi" * 3, None),                # exactly 0.3 letters and spaces
+        ("٣٤٥٦٧٨٩٠١٢" * 6, "too_many_digits"),                      # Unicode digits count as digits
+        ("Ünïcödé letters count as letters too, très bien! " * 2, None),
+    ],
+)
+def test_character_rules(text, reason):
+    assert char_filter_reasons(pa.array([text]), FilterConfig()) == [reason]
+
+
+def test_every_document_is_accounted_for(tmp_path, tokenizer):
+    texts = [GOOD, "9" * 80, "#" * 80, "Too short.", "", None, GOOD + " Again."]
+    path = write_parquet(tmp_path / "mixed.parquet", texts)
+    manifest = prepare_dataset([path], tokenizer, tmp_path / "out", settings(on_error="skip"), progress=False)
+    docs = manifest["documents"]
+    assert docs == {"kept": 2, "validation": 0, "too_many_digits": 1, "too_few_letters": 1, "too_few_tokens": 1,
+                    "null_text": 1, "invalid_utf8": 0, "empty_text": 1}
+    assert sum(docs.values()) == len(texts)
+    # Tokens: exactly the kept documents' tokens plus one boundary each.
+    expected = sum(len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in (GOOD, GOOD + " Again."))
+    assert manifest["train_tokens"] == manifest["stats"]["kept"]["tokens"] == expected
+    assert manifest["stats"]["too_few_tokens"]["tokens"] == len(tokenizer("Too short.").input_ids)
+    stream = PreparedTokens(tmp_path / "out").read(0, expected)
+    assert stream[-1] == 0 and (stream == 0).sum() == 2  # <|endoftext|> after each document
+
+
+def test_filter_thresholds_are_configurable(tmp_path, tokenizer):
+    path = write_parquet(tmp_path / "a.parquet", [GOOD, "Short one here."])
+    strict = settings(filters=FilterConfig(min_tokens=100), on_error="skip")
+    with pytest.raises(DataError, match="no document left after filtering"):
+        prepare_dataset([path], tokenizer, tmp_path / "strict", settings(filters=FilterConfig(min_tokens=100)),
+                        progress=False)
+    manifest = prepare_dataset([path, write_parquet(tmp_path / "b.parquet", [GOOD * 30])], tokenizer,
+                               tmp_path / "skip", strict, progress=False)
+    assert manifest["documents"]["too_few_tokens"] == 2 and manifest["documents"]["kept"] == 1
+    assert manifest["skipped_files"][0]["path"].endswith("a.parquet")
+
+
+def test_worker_tokenization_equals_the_transformers_tokenizer(sample_texts, qwen_tokenizer_dir):
+    texts = sample_texts[0][:10]
+    for folder in (SAMPLE_TOKENIZER, qwen_tokenizer_dir):
+        tok = load_tokenizer(folder)
+        _init_worker(tok.backend_tokenizer.to_str(), 0)
+        assert _encode(texts) == tok(texts, add_special_tokens=False).input_ids
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def bad_inputs(tmp_path):
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    invalid = pa.array([GOOD.encode(), b"bad \xff\xfe bytes"], type=pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": invalid}), tmp_path / "utf8.parquet")
+    return {
+        "corrupt": (str(corrupt), r"corrupt.parquet: not a readable parquet file"),
+        "missing column": (write_parquet(tmp_path / "nocol.parquet", [GOOD], content=[GOOD]).replace(
+            "nocol", "nocol"), None),
+        "null": (write_parquet(tmp_path / "null.parquet", [GOOD, None]), r"null.parquet: row 1: 'text' is null"),
+        "non-string": (None, None),
+        "empty": (write_parquet(tmp_path / "empty.parquet", pa.array([], type=pa.string())),
+                  r"empty.parquet: the file has no rows"),
+        "all filtered": (write_parquet(tmp_path / "filtered.parquet", ["1" * 100, "2" * 100]),
+                         r"filtered.parquet: no document left after filtering \(too_many_digits: 2\)"),
+        "utf8": (str(tmp_path / "utf8.parquet"), r"utf8.parquet: row 1: 'text' is not valid UTF-8"),
+    }
+
+
+@pytest.mark.parametrize("case", ["corrupt", "missing column", "null", "non-string", "empty", "all filtered", "utf8"])
+def test_bad_input_fails_naming_the_file_or_skips_and_counts(tmp_path, tokenizer, case):
+    cases = bad_inputs(tmp_path)
+    if case == "missing column":
+        path = str(tmp_path / "nocol.parquet")
+        pq.write_table(pa.table({"content": [GOOD]}), path)
+        message = r"nocol.parquet: no column 'text'; columns are \['content'\]"
+    elif case == "non-string":
+        path = str(tmp_path / "ints.parquet")
+        pq.write_table(pa.table({"text": [1, 2]}), path)
+        message = r"ints.parquet: column 'text' holds int64, not text"
+    else:
+        path, message = cases[case]
+    good = write_parquet(tmp_path / "good.parquet", [GOOD, GOOD + " Two."])
+    with pytest.raises(DataError, match=message):
+        prepare_dataset([good, path], tokenizer, tmp_path / "fail", settings(), progress=False)
+    manifest = prepare_dataset([good, path], tokenizer, tmp_path / "skip", settings(on_error="skip"), progress=False)
+    assert manifest["documents"]["kept"] >= 2
+    row_level = {"null": "null_text", "utf8": "invalid_utf8"}
+    if case in row_level:
+        assert manifest["documents"][row_level[case]] == 1
+    else:
+        assert [s["path"] for s in manifest["skipped_files"]] == [path]
+    # Streaming reports the same problems.
+    stream = StreamingTokens([good, path], tokenizer, TokenizeSettings())
+    with pytest.raises(DataError, match=message):
+        list(stream.read_from(StreamPosition()))
+
+
+# ------------------------------------------------------------------------------------------- prepare
+
+
+def test_output_is_byte_identical_whatever_the_worker_count(three_shards, tokenizer, tmp_path):
+    outputs = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        prepare_dataset(three_shards, tokenizer, out, settings(workers, val_fraction=0.2), progress=False)
+        outputs.append(out)
+    files = sorted(p.relative_to(outputs[0]) for p in outputs[0].rglob("*") if p.is_file())
+    assert len(files) == 1 + 3 * 3
+    for rel in files:
+        assert (outputs[0] / rel).read_bytes() == (outputs[1] / rel).read_bytes(), rel
+
+
+def test_interrupted_prepare_resumes_without_redoing_finished_shards(three_shards, tokenizer, tmp_path,
+                                                                     monkeypatch):
+    import argonne.data as data
+
+    clean = prepare_dataset(three_shards, tokenizer, tmp_path / "clean", settings(), progress=False)
+    real_prepare_shard, calls = data._prepare_shard, []
+
+    def interrupted(path, *args):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the user pressed Ctrl-C during the third shard
+        return real_prepare_shard(path, *args)
+
+    monkeypatch.setattr(data, "_prepare_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(three_shards, tokenizer, tmp_path / "out", settings(), progress=False)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    calls.clear()
+    monkeypatch.setattr(data, "_prepare_shard", lambda path, *a: calls.append(path) or real_prepare_shard(path, *a))
+    resumed = prepare_dataset(three_shards, tokenizer, tmp_path / "out", settings(), progress=False)
+    assert calls == [three_shards[2]]
+    assert resumed == clean | {}
+    for shard in clean["shards"]:
+        assert (tmp_path / "out" / shard["train_file"]).read_bytes() == \
+            (tmp_path / "clean" / shard["train_file"]).read_bytes()
+
+
+def test_manifest_records_tokenizer_sources_and_counts(three_shards, tokenizer, tmp_path):
+    manifest = prepare_dataset(three_shards, tokenizer, tmp_path / "out", settings(val_fraction=0.25),
+                               progress=False)
+    assert manifest == load_manifest(tmp_path / "out")
+    assert manifest["tokenizer"]["vocab_size"] == 8192 and len(manifest["tokenizer"]["vocab_sha256"]) == 64
+    assert [s["path"] for s in manifest["sources"]] == three_shards
+    assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in manifest["sources"])
+    assert manifest["documents"]["kept"] + manifest["documents"]["validation"] == 60
+    assert manifest["train_tokens"] == sum(s["train_tokens"] for s in manifest["shards"])
+
+
+def test_validation_split_is_by_document_id_hash(sample_texts):
+    _, ids = sample_texts
+    held = [i for i in ids if is_held_out(i, 0.3)]
+    assert 5 < len(held) < 35
+    assert held == [i for i in ids if is_held_out(i, 0.3)]  # deterministic
+    assert set(i for i in ids if is_held_out(i, 0.1)) <= set(held)  # nested fractions
+    assert not any(is_held_out(i, 0.0) for i in ids)
+
+
+def test_inspect_prints_manifest_and_decodes_a_window(three_shards, tokenizer, tmp_path, capsys):
+    prepare_dataset(three_shards, tokenizer, tmp_path / "out", settings(), progress=False)
+    assert main(["data", "inspect", str(tmp_path / "out"), "--show-tokens", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "8,192 tokens" in out and "kept" in out and "--- window 0" in out and "part-0.parquet" in out
+
+
+def test_prepare_command_line(three_shards, tmp_path, capsys):
+    code = main(["data", "prepare", *three_shards, "--tokenizer", str(SAMPLE_TOKENIZER), "--output",
+                 str(tmp_path / "cli"), "--workers", "0", "--val-fraction", "0.1", "--seq-len", "128"])
+    assert code == 0
+    assert load_manifest(tmp_path / "cli")["seq_len"] == 128
+    assert main(["data", "prepare", str(tmp_path / "missing.parquet"), "--tokenizer", str(SAMPLE_TOKENIZER),
+                 "--output", str(tmp_path / "x")]) == 2
+    assert "missing.parquet: no such file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- streaming and hub
+
+
+def test_streaming_yields_the_prepared_token_stream(three_shards, tokenizer, tmp_path):
+    prepare_dataset(three_shards, tokenizer, tmp_path / "out", settings(val_fraction=0.2), progress=False)
+    prepared = PreparedTokens(tmp_path / "out", tokenizer=tokenizer)
+    stream = StreamingTokens(three_shards, tokenizer, TokenizeSettings(val_fraction=0.2))
+    windows = list(iter_stream_windows(stream, StreamPosition(), 64))
+    assert len(windows) == (len(prepared) - 1) // 64
+    for k, (window, _) in enumerate(windows):
+        assert np.array_equal(window, read_window(prepared, k, 64)), k
+    # Resuming from any window's recorded position continues with exactly that window.
+    for k in (1, 17, len(windows) // 2, len(windows) - 1):
+        resumed = iter_stream_windows(stream, windows[k][1], 64)
+        assert all(np.array_equal(next(resumed)[0], windows[j][0]) for j in range(k, min(k + 3, len(windows))))
+
+
+def test_hub_paths_go_through_the_hub_filesystem(tmp_path, tokenizer, monkeypatch, three_shards):
+    import fsspec
+
+    import argonne.data as data
+
+    class FakeHub:
+        """Maps hf://datasets/org/name/... onto the local input folder, as HfFileSystem would the hub."""
+
+        def __init__(self):
+            self.local = fsspec.filesystem("file")
+            self.root = str(tmp_path / "in")
+
+        def _map(self, path):
+            return path.replace("datasets/org/name", self.root)
+
+        def glob(self, path):
+            return [p.replace(self.root, "datasets/org/name") for p in self.local.glob(self._map(path))]
+
+        def isdir(self, path):
+            return self.local.isdir(self._map(path))
+
+        def open(self, path, mode):
+            return self.local.open(self._map(path), mode)
+
+        def info(self, path):
+            return {"size": self.local.info(self._map(path))["size"], "lfs": {"sha256": "f" * 64}}
+
+    monkeypatch.setattr(data, "_hub_filesystem", FakeHub)
+    files = resolve_parquet_files(["hf://datasets/org/name/*.parquet"])
+    assert files == [f"hf://datasets/org/name/part-{i}.parquet" for i in range(3)]
+    manifest = prepare_dataset(["hf://datasets/org/name"], tokenizer, tmp_path / "out", settings(), progress=False)
+    local = prepare_dataset(three_shards, tokenizer, tmp_path / "local", settings(), progress=False)
+    assert manifest["train_tokens"] == local["train_tokens"]
+    assert manifest["sources"][0]["sha256"] == "f" * 64
+
+
+def test_tokenizer_train_command(tmp_path, three_shards):
+    assert main(["tokenizer", "train", *three_shards, "--vocab-size", "600", "--output", str(tmp_path / "bpe")]) == 0
+    tok = load_tokenizer(tmp_path / "bpe")
+    assert len(tok) == 600 and tok.convert_ids_to_tokens(0) == "<|endoftext|>"
+    assert tok.decode(tok("naïve café 123").input_ids) == "naïve café 123"
