@@ -91,7 +91,8 @@ def test_inputs_resolve_in_natural_order(tmp_path):
     ],
 )
 def test_character_rules(text, reason):
-    assert char_filter_reasons(pa.array([text]), FilterConfig()) == [reason]
+    assert char_filter_reasons([text], FilterConfig()) == [reason]
+    assert char_filter_reasons([GOOD, text, ""], FilterConfig()) == [None, reason, None]
 
 
 def test_every_document_is_accounted_for(tmp_path, tokenizer):
@@ -201,26 +202,29 @@ def test_interrupted_prepare_resumes_without_redoing_finished_shards(three_shard
     import argonne.data as data
 
     clean = prepare_dataset(three_shards, tokenizer, tmp_path / "clean", settings(), progress=False)
-    real_prepare_shard, calls = data._prepare_shard, []
+    real_tokenize, calls = data.tokenize_row_group, []
 
-    def interrupted(path, *args):
+    def interrupted(path, group, tokenize_settings):
         calls.append(path)
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # the user pressed Ctrl-C during the third shard
-        return real_prepare_shard(path, *args)
+        if path == three_shards[2] and group == 1:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the third shard, after part of it was written
+        return real_tokenize(path, group, tokenize_settings)
 
-    monkeypatch.setattr(data, "_prepare_shard", interrupted)
+    monkeypatch.setattr(data, "tokenize_row_group", interrupted)
     with pytest.raises(KeyboardInterrupt):
         prepare_dataset(three_shards, tokenizer, tmp_path / "out", settings(), progress=False)
-    assert not (tmp_path / "out" / "manifest.json").exists()
+    out = tmp_path / "out"
+    assert not (out / "manifest.json").exists() and not (out / "shards" / "00002.json").exists()
+    assert (out / "shards" / "00002.train.bin.tmp").stat().st_size > 0  # a partial shard, never taken as done
+    finished = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("0000[01].*")}
     calls.clear()
-    monkeypatch.setattr(data, "_prepare_shard", lambda path, *a: calls.append(path) or real_prepare_shard(path, *a))
-    resumed = prepare_dataset(three_shards, tokenizer, tmp_path / "out", settings(), progress=False)
-    assert calls == [three_shards[2]]
-    assert resumed == clean | {}
-    for shard in clean["shards"]:
-        assert (tmp_path / "out" / shard["train_file"]).read_bytes() == \
-            (tmp_path / "clean" / shard["train_file"]).read_bytes()
+    monkeypatch.setattr(data, "tokenize_row_group", lambda path, *rest: calls.append(path) or real_tokenize(path, *rest))
+    resumed = prepare_dataset(three_shards, tokenizer, out, settings(), progress=False)
+    assert set(calls) == {three_shards[2]}  # only the unfinished shard is tokenized again
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("0000[01].*")} == finished
+    assert resumed == clean
+    for path in (tmp_path / "clean").rglob("*.bin"):
+        assert (out / path.relative_to(tmp_path / "clean")).read_bytes() == path.read_bytes()
 
 
 def test_manifest_records_tokenizer_sources_and_counts(three_shards, tokenizer, tmp_path):

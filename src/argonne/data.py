@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 log = logging.getLogger("argonne.data")
@@ -137,23 +136,46 @@ HELD_OUT = "validation"
 DROP_REASONS = ("too_many_digits", "too_few_letters", "too_few_tokens", "null_text", "invalid_utf8", "empty_text")
 
 
-def char_filter_reasons(texts: pa.Array, filters: FilterConfig) -> list[str | None]:
-    """Per text: the first character rule it fails, or None. Counting runs vectorised in Arrow (RE2 regexes)."""
-    chars = pc.utf8_length(texts)
-    digits = pc.count_substring_regex(texts, r"\p{Nd}")
-    letters_spaces = pc.count_substring_regex(texts, r"[\p{L}\s]")
-    long_enough = pc.greater(chars, filters.ratio_rules_min_chars)
-    too_many_digits = pc.and_(
-        long_enough, pc.greater(pc.divide(pc.cast(digits, pa.float64()), chars), filters.max_digit_fraction)
-    )
-    too_few_letters = pc.and_(
-        long_enough,
-        pc.less(pc.divide(pc.cast(letters_spaces, pa.float64()), chars), filters.min_letter_space_fraction),
-    )
-    reasons: list[str | None] = []
-    for digits_bad, letters_bad in zip(too_many_digits.to_pylist(), too_few_letters.to_pylist()):
-        reasons.append("too_many_digits" if digits_bad else "too_few_letters" if letters_bad else None)
-    return reasons
+_CHAR_CLASSES: np.ndarray | None = None  # code point -> 1 digit, 2 letter or whitespace, 0 other
+
+
+def _char_classes() -> np.ndarray:
+    """A lookup table over all Unicode code points, built once per process (~0.3 s): str.isdigit() -> 1,
+    str.isalpha() or str.isspace() -> 2. Python's own character classes, as the original filters used."""
+    global _CHAR_CLASSES
+    if _CHAR_CLASSES is None:
+        table = np.zeros(0x110000, dtype=np.uint8)
+        for code in range(0x110000):
+            char = chr(code)
+            if char.isdigit():
+                table[code] = 1
+            elif char.isalpha() or char.isspace():
+                table[code] = 2
+        _CHAR_CLASSES = table
+    return _CHAR_CLASSES
+
+
+def char_filter_reasons(texts: list[str], filters: FilterConfig) -> list[str | None]:
+    """Per text: the first character rule it fails, or None. All texts are classified at once through a code point
+    table (UTF-32 + numpy), which costs a few percent of tokenization instead of a Python loop per character."""
+    if not texts:
+        return []
+    lengths = np.fromiter(map(len, texts), dtype=np.int64, count=len(texts))
+    classes = _char_classes()[np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)]
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    nonempty = lengths > 0
+    digits = np.zeros(len(texts), dtype=np.int64)
+    letters = np.zeros(len(texts), dtype=np.int64)
+    digits[nonempty] = np.add.reduceat(classes == 1, starts[nonempty])
+    letters[nonempty] = np.add.reduceat(classes == 2, starts[nonempty])
+    long_enough = lengths > filters.ratio_rules_min_chars
+    safe = np.maximum(lengths, 1)
+    too_many_digits = long_enough & (digits / safe > filters.max_digit_fraction)
+    too_few_letters = long_enough & (letters / safe < filters.min_letter_space_fraction)
+    return [
+        "too_many_digits" if d else "too_few_letters" if f else None
+        for d, f in zip(too_many_digits.tolist(), too_few_letters.tolist())
+    ]
 
 
 def is_held_out(document_id: str, val_fraction: float) -> bool:
@@ -288,7 +310,7 @@ def tokenize_row_group(path: str, row_group: int, settings: TokenizeSettings) ->
             rows.append(row)
             strings.append(value)
 
-    reasons = char_filter_reasons(pa.array(strings, type=pa.string()), settings.filters) if strings else []
+    reasons = char_filter_reasons(strings, settings.filters)
     encoded = _encode(strings) if strings else []
     kept, kept_rows, held_out = [], [], []
     for row, text, ids_, reason in zip(rows, strings, encoded, reasons):
