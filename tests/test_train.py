@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +15,19 @@ from argonne.train import build_optimizer, lr_at, train
 from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER
 
 
-def tiny_run_args(tmp_path, *extra):
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from argonne import load_tokenizer
+    from argonne.data import PrepareSettings, TokenizeSettings, prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_dataset([SAMPLE_SHARD], load_tokenizer(SAMPLE_TOKENIZER), out,
+                    PrepareSettings(seq_len=64, workers=0, tokenize=TokenizeSettings(val_fraction=0.02)),
+                    progress=False)
+    return out
+
+
+def streaming_run_args(tmp_path, *extra):
     return [
         f"--data.inputs=[{str(SAMPLE_SHARD)!r}]",
         f"--data.tokenizer={str(SAMPLE_TOKENIZER)!r}",
@@ -23,8 +36,20 @@ def tiny_run_args(tmp_path, *extra):
         "--data.seq_len=64",
         "--data.val_fraction=0.02",
         "--train.micro_batch_size=8",
+        "--train.peak_tflops=1",
         *extra,
     ]
+
+
+@pytest.fixture
+def tiny_run_args(prepared):
+    """Arguments for a quick run on prepared data (streaming costs a tokenization pass per run)."""
+
+    def args(tmp_path, *extra):
+        return [a for a in streaming_run_args(tmp_path) if not a.startswith(("--data.inputs", "--data.val_fraction"))] + [
+            "--data.inputs=[]", f"--data.prepared={str(prepared)!r}", "--data.workers=0", *extra]
+
+    return args
 
 
 def test_shipped_quickstart_config_loads():
@@ -71,7 +96,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
 
 
 def test_tiny_training_run_lowers_the_loss_and_saves_a_model(tmp_path):
-    config = load_run_config(None, tiny_run_args(tmp_path, "--train.steps=30", "--train.log_every=5",
+    config = load_run_config(None, streaming_run_args(tmp_path, "--train.steps=30", "--train.log_every=5",
                                                  "--optim.warmup_steps=5", "--data.val_windows=8"))
     summary = train(config)
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -82,15 +107,96 @@ def test_tiny_training_run_lowers_the_loss_and_saves_a_model(tmp_path):
     assert (tmp_path / "run" / "model" / "tokenizer.json").is_file()
 
 
-def test_tokenizer_larger_than_the_vocabulary_is_an_error(tmp_path):
+def test_tokenizer_larger_than_the_vocabulary_is_an_error(tmp_path, tiny_run_args):
     config = load_run_config(None, tiny_run_args(tmp_path, "--model.overrides={vocab_size = 1000}"))
     with pytest.raises(ConfigError, match="8192 tokens but model preset 'tiny' has vocab_size 1000"):
         train(config)
 
 
-def test_bad_text_column_names_the_file(tmp_path):
+def test_bad_text_column_names_the_file(tmp_path, tiny_run_args):
     bad = tmp_path / "bad.parquet"
     pq.write_table(pa.table({"content": ["hello"]}), bad)
-    config = load_run_config(None, tiny_run_args(tmp_path, f"--data.inputs=[{str(bad)!r}]"))
+    config = load_run_config(None, streaming_run_args(tmp_path, f"--data.inputs=[{str(bad)!r}]"))
     with pytest.raises(ValueError, match=r"bad.parquet: no column 'text'"):
         train(config)
+
+
+def test_quickstart_run_writes_plot_checkpoint_and_tensorboard(tmp_path, tiny_run_args):
+    config = load_run_config(None, tiny_run_args(tmp_path, "--train.steps=4", "--train.log_every=2"))
+    train(config)
+    run = tmp_path / "run"
+    assert (run / "loss.png").stat().st_size > 10_000
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    checkpoint = run / "checkpoints" / "step-00000004"
+    assert (checkpoint / "COMPLETE").is_file() and (checkpoint / "config.json").is_file()
+    assert (checkpoint / "tokenizer.json").is_file() and (checkpoint / "run_config.json").is_file()
+
+
+def test_plot_command(tmp_path, capsys):
+    from argonne.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": s, "tokens": 100 * s, "loss": 5.0 / s} for s in range(1, 6)]
+    records[-1]["val_loss"] = 1.5
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert main(["plot", str(run)]) == 0
+    assert (run / "loss.png").is_file()
+    assert main(["plot", str(tmp_path / "nothing")]) == 2
+
+
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_run_args, monkeypatch):
+    from argonne.modeling_argonne import ArgonneForCausalLM
+    from argonne.train import TrainingStopped
+
+    real_forward, calls = ArgonneForCausalLM.forward, []
+    poisoned = {3}
+
+    def forward(self, *args, **kwargs):
+        output = real_forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) in poisoned:
+            output.loss = output.loss * float("nan")
+        return output
+
+    monkeypatch.setattr(ArgonneForCausalLM, "forward", forward)
+    config = load_run_config(None, tiny_run_args(tmp_path, "--train.steps=6", "--train.log_every=1",
+                                                 "--train.tensorboard=false"))
+    train(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
+    assert math.isnan(records[2]["loss"]) and all(math.isfinite(r["loss"]) for r in records[3:])
+
+    calls.clear()
+    poisoned.update(range(1, 100))
+    config = load_run_config(None, tiny_run_args(tmp_path / "again", "--train.steps=6",
+                                                 "--train.max_nonfinite_in_a_row=2"))
+    with pytest.raises(TrainingStopped, match="2 steps in a row had a non-finite loss"):
+        train(config)
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, tiny_run_args, monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    from argonne.checkpoint import latest_checkpoint
+
+    real_save, saves = dcp.save, []
+
+    def dying_save(state, checkpoint_id):
+        saves.append(checkpoint_id)
+        if len(saves) == 2:
+            Path(checkpoint_id, "__0_0.distcp").write_bytes(b"half a shard")
+            raise KeyboardInterrupt("killed while saving")
+        return real_save(state, checkpoint_id=checkpoint_id)
+
+    monkeypatch.setattr(dcp, "save", dying_save)
+    args = tiny_run_args(tmp_path, "--train.steps=6", "--checkpoint.every=2",                          "--train.tensorboard=false")
+    with pytest.raises(KeyboardInterrupt):
+        train(load_run_config(None, args))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "step-00000004.tmp").is_dir()
+    assert latest_checkpoint(checkpoints).name == "step-00000002"
+    monkeypatch.setattr(dcp, "save", real_save)
+    summary = train(load_run_config(None, args), resume="auto")
+    assert summary["step"] == 6
+    assert latest_checkpoint(checkpoints).name == "step-00000006"

@@ -51,14 +51,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .config import load_run_config
     from .train import train
 
-    train(load_run_config(args.config, args.overrides))
+    from .train import TrainingStopped
+
+    try:
+        train(load_run_config(args.config, args.overrides), resume=args.resume)
+    except TrainingStopped as error:
+        print(f"argonne train: stopped: {error}", file=sys.stderr)
+        return 3
     return 0
 
 
 def _add_train(sub) -> None:
     parser = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     parser.add_argument("config", help="TOML run config, e.g. configs/tiny.toml")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="continue from the latest complete checkpoint of the run (auto) or from PATH")
     parser.set_defaults(func=cmd_train, accepts_overrides=True)
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Plot training and validation loss against tokens seen (RUN_DIR/loss.png)."""
+    from .plot import plot_run
+
+    print(plot_run(args.run_dir, args.output))
+    return 0
+
+
+def _add_plot(sub) -> None:
+    parser = sub.add_parser("plot", help=cmd_plot.__doc__, description=cmd_plot.__doc__)
+    parser.add_argument("run_dir")
+    parser.add_argument("--output", default=None, help="default: RUN_DIR/loss.png")
+    parser.set_defaults(func=cmd_plot)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -231,6 +254,7 @@ def _add_tokenizer(sub) -> None:
 COMMANDS: dict[str, Callable] = {
     "info": _add_info,
     "train": _add_train,
+    "plot": _add_plot,
     "generate": _add_generate,
     "data": _add_data,
     "tokenizer": _add_tokenizer,

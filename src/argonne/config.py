@@ -3,6 +3,8 @@
     [model]            preset and field overrides
     [data]             where the tokens come from
     [optim]            AdamW and the learning-rate schedule
+    [parallel]         tensor parallel degree, activation checkpointing, compile
+    [checkpoint]       how often to save and how many to keep
     [train]            the loop: steps, batch, device, logging, output
 
 Every field can be overridden on the command line as `--section.field=value` (the value is read as TOML, so
@@ -77,9 +79,27 @@ class OptimConfig:
 
 
 @dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    """Tensor-parallel degree (within a node); the rest of the world is data parallel (FSDP2)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    keep: int = 3
+    """Complete checkpoints kept; older ones are deleted after each good save (0 keeps all)."""
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/tiny"
-    """Output folder: metrics.jsonl and the final model."""
+    """Output folder: checkpoints/, metrics.jsonl, TensorBoard events, loss.png and the final model/."""
     steps: int = 200
     """Optimizer steps."""
     micro_batch_size: int = 16
@@ -97,6 +117,14 @@ class TrainConfig:
     """Steps between validation losses (0: only at the end)."""
     max_nonfinite_in_a_row: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient norm (each one is skipped)."""
+    peak_tflops: float = 0.0
+    """Peak matmul TFLOP/s of one device for MFU; 0 measures it at start."""
+    tensorboard: bool = True
+    """Write TensorBoard events to run_dir/tensorboard."""
+    sample_every: int = 0
+    """Steps between greedy sample generations from sample_prompt (0: never)."""
+    sample_prompt: str = "The"
+    sample_tokens: int = 32
 
 
 @dataclass
@@ -104,6 +132,8 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -123,7 +153,8 @@ def build_run_config(values: dict) -> RunConfig:
     unknown = sorted(set(values) - set(sections))
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; known: {sorted(sections)}")
-    classes = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+    classes = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig,
+               "checkpoint": CheckpointConfig, "train": TrainConfig}
     config = RunConfig(**{name: _build_section(classes[name], values.get(name, {}), name) for name in classes})
     validate(config)
     return config
@@ -171,6 +202,7 @@ def validate(config: RunConfig) -> None:
         "train.grad_accum": config.train.grad_accum,
         "train.log_every": config.train.log_every,
         "optim.lr": config.optim.lr,
+        "parallel.tensor_parallel": config.parallel.tensor_parallel,
     }
     problems += [f"{name} must be > 0, got {value}" for name, value in positive.items() if value <= 0]
     if config.optim.min_lr > config.optim.lr:

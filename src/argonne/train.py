@@ -1,48 +1,74 @@
-"""`argonne train CONFIG.toml`: pretrain an Argonne model.
+"""`argonne train CONFIG.toml`: pretrain an Argonne model on CPU, one GPU, or many under torchrun.
 
-Set up (config, device, tokenizer) -> build (model, data, optimizer) -> run (the loop). This version trains in one
-process on CPU or one GPU, from prepared token shards or straight from parquet; the result is a Hugging Face folder
-(`RUN_DIR/model`) with the tokenizer beside it, ready for `argonne generate`.
+Set up (config, processes, device, tokenizer) -> build (model, parallelism, optimizer, data) -> run (the loop).
+The same code runs in one process and under `torchrun` on one or many nodes: the ("dp", "tp") device mesh decides
+what is sharded (see parallel.py). Checkpoints are sharded DCP folders (checkpoint.py); `--resume auto` continues
+from the latest complete one, with any number of processes or parallel layout.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import ConfigError, OptimConfig, RunConfig
 from .configuration_argonne import ArgonneConfig
 from .data import StreamingTokens, TokenizeSettings, held_out_tokens
 from .loader import PreparedBatches, PreparedTokens, StreamingBatches, num_windows, read_window
 from .metrics import count_parameters, training_flops_per_token
 from .modeling_argonne import ArgonneForCausalLM
+from .parallel import Topology, clip_grad_norm, init_distributed, parallelize
 from .tokenizer import document_boundary_id, load_tokenizer
+
+# Above this size the model is built on the meta device and initialised after sharding, so no process ever holds
+# it whole; below it every process builds the full model from the seed, so any layout starts from identical weights.
+META_INIT_PARAMETERS = 1_000_000_000
 
 
 class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. too many non-finite steps in a row)."""
+    """The run cannot go on (too many non-finite steps in a row, out of memory)."""
 
 
-def resolve_device(name: str) -> torch.device:
+# ------------------------------------------------------------------------------------------------------- set up
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
     return torch.device(name)
 
 
-def autocast_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain float32."""
+def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 for mixed precision, or None for plain float32."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return torch.bfloat16 if name == "bfloat16" else None
 
 
-def build_model(config: RunConfig, tokenizer) -> ArgonneForCausalLM:
+def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Linear warmup from 0 to lr over warmup_steps, then cosine decay to min_lr at total_steps."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return optim.min_lr + (optim.lr - optim.min_lr) * cosine
+
+
+# ------------------------------------------------------------------------------------------------------- build
+
+
+def build_model_config(config: RunConfig, tokenizer) -> ArgonneConfig:
     model_config = ArgonneConfig.from_preset(config.model.preset, **config.model.overrides)
     if len(tokenizer) > model_config.vocab_size:
         raise ConfigError(
@@ -51,11 +77,42 @@ def build_model(config: RunConfig, tokenizer) -> ArgonneForCausalLM:
         )
     model_config.eos_token_id = document_boundary_id(tokenizer)
     model_config.pad_token_id = tokenizer.pad_token_id
-    return ArgonneForCausalLM(model_config)
+    return model_config
+
+
+def build_model(model_config: ArgonneConfig, config: RunConfig, topology: Topology, device, dtype):
+    """The model, parallelized, on `device`, initialised from train.seed."""
+    on_meta = count_parameters(model_config) > META_INIT_PARAMETERS
+    torch.manual_seed(config.train.seed)
+    with torch.device("meta") if on_meta else nullcontext():
+        model = ArgonneForCausalLM(model_config)
+    if not on_meta:
+        model.to(device)
+    parallelize(model, topology, config.parallel.activation_checkpointing, config.parallel.compile, dtype)
+    if on_meta:
+        model.to_empty(device=device)
+        torch.manual_seed(config.train.seed)
+        model.reset_parameters()
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: norms, biases and embeddings are not decayed."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        is_embedding = "embed_" in name
+        (decay if param.ndim >= 2 and not is_embedding else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=device.type == "cuda"
+    )
 
 
 def build_data(config: RunConfig, tokenizer, rank: int = 0, world: int = 1, pin_memory: bool = False):
-    """This rank's training batches and the validation windows (None without held-out data)."""
+    """This data-parallel rank's training batches and the validation windows (None without held-out data)."""
     data, tc = config.data, config.train
     if data.prepared:
         batches = PreparedBatches(
@@ -74,151 +131,354 @@ def build_data(config: RunConfig, tokenizer, rank: int = 0, world: int = 1, pin_
     return batches, (val_tokens, min(data.val_windows, num_windows(len(val_tokens), data.seq_len)))
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: norms, biases and embeddings are not decayed."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        is_embedding = "embed_" in name
-        (decay if param.ndim >= 2 and not is_embedding else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(
-        groups,
-        lr=optim.lr,
-        betas=(optim.beta1, optim.beta2),
-        eps=optim.eps,
-        fused=device.type == "cuda",
-    )
+# ------------------------------------------------------------------------------------------------------- pieces
 
 
-def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
-    """Linear warmup from 0 to lr over warmup_steps, then cosine decay to min_lr at total_steps."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return optim.min_lr + (optim.lr - optim.min_lr) * cosine
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype | None) -> float:
+    """Dense matmul TFLOP/s of this device in the compute dtype, measured (the MFU denominator)."""
+    n = 4096 if device.type == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+    for _ in range(3):
+        a @ b
+    _synchronize(device)
+    repeats = 20 if device.type == "cuda" else 5
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    _synchronize(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _mean_over_ranks(value: torch.Tensor, topology: Topology) -> torch.Tensor:
+    if topology.mesh is None:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, group=topology.mesh["dp"].get_group())
+    return total / topology.dp
+
+
+def _any_rank(flag: bool, topology: Topology, device) -> bool:
+    if topology.mesh is None:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
 
 
 @torch.no_grad()
-def evaluate(model, validation, batch_size: int, seq_len: int, device, amp_dtype) -> float:
-    """Mean loss over the first `count` windows of the held-out tokens."""
+def evaluate(model, validation, batch_size: int, seq_len: int, device, amp) -> float:
+    """Mean loss over the first `count` held-out windows (every rank evaluates the same windows)."""
     tokens, count = validation
     model.eval()
     losses = []
     for start in range(0, count, batch_size):
         windows = [read_window(tokens, i, seq_len) for i in range(start, min(start + batch_size, count))]
         batch = torch.from_numpy(np.stack(windows).astype(np.int64)).to(device)
-        with _autocast(device, amp_dtype):
-            losses.append(model(batch[:, :-1], targets=batch[:, 1:], use_cache=False).loss)
+        with amp():
+            losses.append(model(batch[:, :-1], targets=batch[:, 1:], use_cache=False).loss.float())
     model.train()
     return torch.stack(losses).mean().item()
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-
-
-def train(config: RunConfig) -> dict:
-    """Run the training loop; returns a summary (final losses, tokens, time)."""
-    run_dir = Path(config.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-    torch.manual_seed(config.train.seed)
-    device = resolve_device(config.train.device)
-    amp_dtype = autocast_dtype(config.train.dtype, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-    tokenizer = load_tokenizer(config.data.tokenizer)
-    model = build_model(config, tokenizer).to(device)
-    batches, validation = build_data(config, tokenizer, pin_memory=device.type == "cuda")
-    optimizer = build_optimizer(model, config.optim, device)
-
-    tc = config.train
-    tokens_per_step = tc.micro_batch_size * tc.grad_accum * config.data.seq_len
-    flops_per_token = training_flops_per_token(model.config, config.data.seq_len)
-    print(
-        f"model {config.model.preset}: {count_parameters(model.config):,} parameters, "
-        f"{flops_per_token / 1e6:,.1f} MFLOPs/token | {tokens_per_step:,} tokens/step x {tc.steps} steps | "
-        f"device {device}"
-    )
-    batch_iter = iter(batches)
-    metrics_file = open(run_dir / "metrics.jsonl", "w")
-    nonfinite_in_a_row, skipped_steps = 0, 0
-    started = last_log = time.perf_counter()
-    losses_since_log: list[torch.Tensor] = []
-    summary: dict = {}
+@torch.no_grad()
+def sample_text(model, tokenizer, prompt: str, tokens: int, device, amp) -> str:
+    """Greedy continuation, run in lockstep by every rank (sharded models need all of them)."""
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    for _ in range(tokens):
+        with amp():
+            logits = model(ids, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     model.train()
-    for step in range(tc.steps):
-        lr = lr_at(step, config.optim, tc.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for _ in range(tc.grad_accum):
-            batch = next(batch_iter).to(device, non_blocking=True)
-            with _autocast(device, amp_dtype):
-                loss = model(batch[:, :-1], targets=batch[:, 1:], use_cache=False).loss
-            (loss / tc.grad_accum).backward()
-            step_loss += loss.detach() / tc.grad_accum
-        clip = config.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
-            optimizer.step()
-            nonfinite_in_a_row = 0
-        else:
-            skipped_steps += 1
-            nonfinite_in_a_row += 1
-            print(f"step {step + 1}: non-finite loss ({step_loss.item()}) or grad norm ({grad_norm.item()}); skipped")
-            if nonfinite_in_a_row >= tc.max_nonfinite_in_a_row:
-                raise TrainingStopped(
-                    f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm (step {step + 1}); "
-                    "lower optim.lr, check the data, or raise train.max_nonfinite_in_a_row"
-                )
-        optimizer.zero_grad(set_to_none=True)
-        losses_since_log.append(step_loss)
-
-        done = step + 1 == tc.steps
-        if (step + 1) % tc.log_every == 0 or done:
-            now = time.perf_counter()
-            steps_logged = len(losses_since_log)
-            record = {
-                "step": step + 1,
-                "tokens": (step + 1) * tokens_per_step,
-                "loss": torch.stack(losses_since_log).mean().item(),
-                "lr": lr,
-                "grad_norm": grad_norm.item(),
-                "tokens_per_s": steps_logged * tokens_per_step / (now - last_log),
-                "skipped_steps": skipped_steps,
-            }
-            if validation is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0) or done):
-                record["val_loss"] = evaluate(
-                    model, validation, tc.micro_batch_size, config.data.seq_len, device, amp_dtype
-                )
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            print(_format_record(record))
-            losses_since_log.clear()
-            last_log = time.perf_counter()
-            summary.update(record)
-    metrics_file.close()
-
-    model_dir = run_dir / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    summary["elapsed_s"] = time.perf_counter() - started
-    print(f"done in {summary['elapsed_s']:.0f}s; model saved to {model_dir}")
-    return summary
+    return tokenizer.decode(ids[0])
 
 
-def _format_record(record: dict) -> str:
+class PreemptionFlag:
+    """Set by SIGTERM / SIGINT (SLURM and PBS send SIGTERM before killing a job); the loop then finishes the step,
+    saves a checkpoint and exits 0. A second signal while saving falls back to the default action."""
+
+    def __init__(self):
+        self.raised = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class MetricsSink:
+    """JSONL, TensorBoard and the console progress bar, on the main process only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, first_step: int,
+                 resumed_step: int):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writer = self.bar = None
+        if not enabled:
+            return
+        self._truncate_after(resumed_step)
+        self.file = open(self.path, "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resumed_step + 1)
+        from tqdm.auto import tqdm
+
+        # disable=None: a bar on a terminal, plain lines in log files (SLURM, PBS, CI).
+        self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True, disable=None)
+
+    def _truncate_after(self, step: int) -> None:
+        """A resumed run replays the steps after its checkpoint: drop their records from the interrupted run."""
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def step_done(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+            self.writer.flush()
+        self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        self.bar.write(format_record(record))
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+            self.bar.close()
+
+
+def format_record(record: dict) -> str:
     text = (
         f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-        f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s"
+        f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.3f} | "
+        f"mem {record['peak_memory_gib']:.2f} GiB"
     )
     if "val_loss" in record:
         text += f" | val loss {record['val_loss']:.4f}"
     return text
+
+
+def oom_message(error: Exception, device: torch.device, config: RunConfig) -> str:
+    figures = ""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        figures = (
+            f" {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB peak allocated, "
+            f"{(total - free) / 2**30:.1f} of {total / 2**30:.1f} GiB in use on {device}."
+        )
+    return (
+        f"out of memory at micro_batch_size {config.train.micro_batch_size} x seq_len {config.data.seq_len}."
+        f"{figures} Lower train.micro_batch_size (raise train.grad_accum to keep the global batch), turn on "
+        f"parallel.activation_checkpointing, or use more GPUs / tensor parallelism. ({error})"
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- run
+
+
+def train(config: RunConfig, resume: str | None = None) -> dict:
+    """Run training; returns a summary (last metrics, elapsed time). `resume` is None, "auto" or a checkpoint."""
+    run_dir = Path(config.train.run_dir)
+    checkpoints = run_dir / "checkpoints"
+    device = resolve_device(config.train.device)
+    topology = init_distributed(config.parallel.tensor_parallel, device)
+    device = resolve_device(config.train.device, topology.local_rank)
+    dtype = compute_dtype(config.train.dtype, device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if topology.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    model_config = build_model_config(config, tokenizer)
+    model = build_model(model_config, config, topology, device, dtype)
+    fsdp_mixed_precision = topology.dp > 1 and dtype is not None
+    # FSDP2 casts parameters itself; otherwise autocast does the mixed precision.
+    amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype and not fsdp_mixed_precision else nullcontext
+    optimizer = build_optimizer(model, config.optim, device)
+    batches, validation = build_data(config, tokenizer, topology.dp_rank, topology.dp, device.type == "cuda")
+
+    tc = config.train
+    tokens_per_step = tc.micro_batch_size * tc.grad_accum * topology.dp * config.data.seq_len
+    start_step = 0
+    resume_from = _resume_path(resume, checkpoints)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, _train_state(0, batches))
+        batches.load_state_dict(json.loads(state["data"]))
+        torch.set_rng_state(state["rng"])
+        start_step = int(state["step"])
+    flops_per_token = training_flops_per_token(model_config, config.data.seq_len)
+    peak_tflops = tc.peak_tflops or measure_peak_tflops(device, dtype)
+    sink = MetricsSink(run_dir, topology.is_main, tc.tensorboard, tc.steps, start_step, start_step)
+    sink.note(
+        f"model {config.model.preset}: {count_parameters(model_config):,} parameters, "
+        f"{flops_per_token / 1e9:,.3f} GFLOPs/token | {topology.world} process(es): dp {topology.dp} x "
+        f"tp {topology.tp} | {tokens_per_step:,} tokens/step x {tc.steps} steps | device {device}, "
+        f"peak {peak_tflops:,.1f} TFLOP/s | "
+        + (f"resumed from {resume_from} at step {start_step}" if resume_from else "from scratch")
+    )
+
+    def save(step: int) -> Path:
+        return save_checkpoint(
+            checkpoints, step, model, optimizer, _train_state(step, batches), topology.is_main,
+            extra_files={"run_config.json": json.dumps(config.to_dict(), indent=2)}, tokenizer=tokenizer,
+            keep=config.checkpoint.keep,
+        )
+
+    batch_iter = iter(batches)
+    nonfinite_in_a_row = skipped_steps = 0
+    started = last_log = time.perf_counter()
+    losses_since_log: list[torch.Tensor] = []
+    summary: dict = {"step": start_step}
+    preempted = False
+    model.train()
+    with PreemptionFlag() as preemption:
+        for step in range(start_step, tc.steps):
+            lr = lr_at(step, config.optim, tc.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            try:
+                step_loss = torch.zeros((), device=device)
+                for _ in range(tc.grad_accum):
+                    batch = next(batch_iter).to(device, non_blocking=True)
+                    with amp():
+                        loss = model(batch[:, :-1], targets=batch[:, 1:], use_cache=False).loss
+                    (loss / tc.grad_accum).backward()
+                    step_loss += loss.detach().float() / tc.grad_accum
+                grad_norm = clip_grad_norm(model.parameters(), config.optim.grad_clip)
+            except torch.OutOfMemoryError as error:
+                raise TrainingStopped(oom_message(error, device, config)) from error
+            step_loss = _mean_over_ranks(step_loss, topology)
+            if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
+                optimizer.step()
+                nonfinite_in_a_row = 0
+            else:
+                skipped_steps += 1
+                nonfinite_in_a_row += 1
+                sink.note(f"step {step + 1}: non-finite loss ({step_loss.item()}) or gradient norm "
+                          f"({grad_norm.item()}); update skipped ({skipped_steps} so far)")
+                if nonfinite_in_a_row >= tc.max_nonfinite_in_a_row:
+                    raise TrainingStopped(
+                        f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm (last: step "
+                        f"{step + 1}); lower optim.lr, check the data, or raise train.max_nonfinite_in_a_row"
+                    )
+            optimizer.zero_grad(set_to_none=True)
+            losses_since_log.append(step_loss)
+            sink.step_done()
+            done = step + 1 == tc.steps
+
+            if (step + 1) % tc.log_every == 0 or done:
+                _synchronize(device)
+                now = time.perf_counter()
+                tokens_per_s = len(losses_since_log) * tokens_per_step / (now - last_log)
+                record = {
+                    "step": step + 1,
+                    "tokens": (step + 1) * tokens_per_step,
+                    "loss": torch.stack(losses_since_log).mean().item(),
+                    "lr": lr,
+                    "grad_norm": grad_norm.item(),
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": flops_per_token * tokens_per_s / (peak_tflops * 1e12 * topology.world),
+                    "peak_memory_gib": peak_memory_gib(device),
+                    "skipped_steps": skipped_steps,
+                }
+                if validation is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0) or done):
+                    record["val_loss"] = evaluate(
+                        model, validation, tc.micro_batch_size, config.data.seq_len, device, amp
+                    )
+                sink.log(record)
+                summary.update(record)
+                losses_since_log.clear()
+                last_log = time.perf_counter()
+            if tc.sample_every and (step + 1) % tc.sample_every == 0:
+                sink.note("sample: " + sample_text(model, tokenizer, tc.sample_prompt, tc.sample_tokens, device, amp))
+            preempted = _any_rank(preemption.raised, topology, device)
+            every = config.checkpoint.every
+            if preempted or done or (every and (step + 1) % every == 0):
+                path = save(step + 1)
+                sink.note(f"checkpoint saved: {path}")
+            if preempted:
+                sink.note(f"stopped by a signal after step {step + 1}; resume with --resume auto")
+                break
+    sink.close()
+    summary["elapsed_s"] = time.perf_counter() - started
+    summary["preempted"] = preempted
+    if not preempted and summary["step"] == tc.steps:
+        export_final_model(model, model_config, tokenizer, run_dir / "model", topology)
+        if topology.is_main:
+            from .plot import plot_run
+
+            plot_run(run_dir)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _train_state(step: int, batches) -> dict:
+    return {"step": step, "data": json.dumps(batches.state_dict()), "rng": torch.get_rng_state()}
+
+
+def _resume_path(resume: str | None, checkpoints: Path) -> Path | None:
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(checkpoints)  # None: nothing to resume, start from scratch
+    path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+    return path
+
+
+def export_final_model(model, model_config: ArgonneConfig, tokenizer, output: Path, topology: Topology) -> None:
+    """Gather the full weights and write a Hugging Face folder (safetensors + config + code + tokenizer)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sharded = topology.mesh is not None
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=sharded, cpu_offload=sharded))
+    if topology.is_main:
+        plain = ArgonneForCausalLM(model_config)
+        plain.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
+        plain.save_pretrained(output)
+        tokenizer.save_pretrained(output)

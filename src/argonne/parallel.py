@@ -1,0 +1,161 @@
+"""Parallelism applied to a built model from outside, in torchtitan's fixed order:
+tensor parallel -> activation checkpointing -> torch.compile -> FSDP2.
+
+The device mesh has two dimensions, ("dp", "tp"). Tensor parallelism shards each block as the original Argonne code
+did — q/k/v and gate/up column-wise, o and down row-wise — through DTensor's `parallelize_module`; embeddings, norms
+and the output head stay replicated over "tp" (they see identical activations on every tensor-parallel rank, so
+their gradients are identical there). FSDP2 (`fully_shard`) shards every parameter over "dp", per block and then the
+root, with bf16 compute and fp32 gradient reduction on GPUs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+from .modeling_argonne import ArgonneForCausalLM, GeluMLP, SwiGLUMLP
+
+
+@dataclass
+class Topology:
+    """Where this process sits: global rank and world, the local GPU index, and the mesh (None in one process)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    mesh: DeviceMesh | None = None
+    dp: int = 1
+    tp: int = 1
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(tensor_parallel: int, device: torch.device) -> Topology:
+    """Join the process group that torchrun set up (or stay single-process) and build the ("dp", "tp") mesh.
+
+    The GPU is chosen by LOCAL_RANK, never by the global rank (which exceeds the GPU count on a second node).
+    """
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        if tensor_parallel != 1:
+            raise ValueError(f"parallel.tensor_parallel={tensor_parallel} needs that many processes (use torchrun)")
+        return Topology()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if world % tensor_parallel:
+        raise ValueError(f"parallel.tensor_parallel ({tensor_parallel}) must divide the world size ({world})")
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    dp = world // tensor_parallel
+    mesh = init_device_mesh(device.type, (dp, tensor_parallel), mesh_dim_names=("dp", "tp"))
+    return Topology(rank, world, local_rank, mesh, dp, tensor_parallel)
+
+
+def check_tensor_parallel(model: ArgonneForCausalLM, tp: int) -> None:
+    config, problems = model.config, []
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if getattr(config, name) % tp:
+            problems.append(f"tensor_parallel ({tp}) must divide {name} ({getattr(config, name)})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def apply_tensor_parallel(model: ArgonneForCausalLM, tp_mesh: DeviceMesh) -> None:
+    check_tensor_parallel(model, tp_mesh.size())
+    for block in model.model.layers:
+        plan = {
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
+        }
+        if isinstance(block.mlp, SwiGLUMLP):
+            plan["mlp.gate_proj"] = ColwiseParallel()
+        else:
+            assert isinstance(block.mlp, GeluMLP)
+        parallelize_module(block, tp_mesh, plan)
+
+
+def apply_activation_checkpointing(model: ArgonneForCausalLM) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.model.layers
+    for index, block in enumerate(layers):
+        layers[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_compile(model: ArgonneForCausalLM) -> None:
+    """torch.compile each block (all blocks share one compiled graph); the head and loss stay eager."""
+    for block in model.model.layers:
+        block.compile(fullgraph=True)
+
+
+def apply_fsdp(model: ArgonneForCausalLM, dp_mesh: DeviceMesh, param_dtype: torch.dtype | None) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    layers = model.model.layers
+    for index, block in enumerate(layers):
+        # The last block's parameters are needed again right away by the backward: keep them gathered.
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=index < len(layers) - 1)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+
+
+def parallelize(
+    model: ArgonneForCausalLM,
+    topology: Topology,
+    activation_checkpointing: bool,
+    compile: bool,
+    param_dtype: torch.dtype | None,
+) -> ArgonneForCausalLM:
+    if topology.tp > 1:
+        apply_tensor_parallel(model, topology.mesh["tp"])
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
+    if topology.mesh is not None and topology.dp > 1:
+        apply_fsdp(model, topology.mesh["dp"], param_dtype)
+    return model
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Global gradient norm over every shard (DTensor-sharded, FSDP-sharded or replicated), clipped to max_norm.
+
+    Gradients are grouped by device mesh, since a norm over DTensors of different meshes (and plain tensors) cannot
+    be taken in one call; each group's norm is made whole (`full_tensor`) and the groups are combined.
+    """
+    groups: dict = {}
+    for p in parameters:
+        if p.grad is not None:
+            groups.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    norms = []
+    for grads in groups.values():
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+        norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for grads in groups.values():
+            local = [g.to_local() if isinstance(g, DTensor) else g for g in grads]
+            torch._foreach_mul_(local, scale.to(local[0].device))
+    return total

@@ -1,0 +1,42 @@
+"""`argonne plot RUN_DIR`: training and validation loss against tokens seen, as RUN_DIR/loss.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a training run folder?)")
+    by_step = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        by_step[record["step"]] = record  # a resumed run's record replaces the interrupted one's
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    output = Path(output) if output else run_dir / "loss.png"
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot([r["tokens"] for r in records], [r["loss"] for r in records], label="training loss")
+    validation = [r for r in records if "val_loss" in r]
+    if validation:
+        ax.plot([r["tokens"] for r in validation], [r["val_loss"] for r in validation], "o-", label="validation loss")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"{run_dir.name}: loss vs tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    plt.close(fig)
+    return output

@@ -1,0 +1,170 @@
+"""The trainer across layouts and faults, on CPU with gloo: every run is a real `argonne train` process
+(under torchrun where it has several), compared step by step through metrics.jsonl."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from argonne import load_tokenizer
+from argonne.checkpoint import latest_checkpoint
+from argonne.data import PrepareSettings, prepare_dataset
+
+from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER
+
+MODEL = ("{hidden_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, "
+         "head_dim = 16, intermediate_size = 128}")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_dataset([SAMPLE_SHARD], load_tokenizer(SAMPLE_TOKENIZER), out,
+                    PrepareSettings(seq_len=32, workers=0), progress=False)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(prepared, run_dir, steps=10, nproc=1, micro=8, extra=(), launcher=None):
+    args = [
+        "train", str(REPO / "configs" / "tiny.toml"),
+        f"--data.prepared={str(prepared)!r}", "--data.inputs=[]", f"--data.tokenizer={str(SAMPLE_TOKENIZER)!r}",
+        f"--model.overrides={MODEL}", "--data.seq_len=32", f"--train.steps={steps}", "--train.log_every=1",
+        "--optim.warmup_steps=2", "--data.val_windows=0", "--data.workers=0", "--train.peak_tflops=1",
+        "--train.tensorboard=false", f"--train.micro_batch_size={micro}", f"--train.run_dir={str(run_dir)!r}",
+        *extra,
+    ]
+    if launcher is not None:
+        return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "argonne.cli", *args]
+    if nproc == 1:
+        return [sys.executable, "-m", "argonne.cli", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(free_port()), "-m", "argonne.cli", *args]
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def train(prepared, run_dir, **kwargs):
+    result = subprocess.run(command(prepared, run_dir, **kwargs), env=env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return losses(run_dir)
+
+
+def losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+def assert_same_losses(a: dict, b: dict, rel=1e-4):
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(a[step]), (step, a[step], b[step])
+
+
+@pytest.fixture(scope="module")
+def one_process(prepared, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one")
+    return train(prepared, run_dir, steps=10, extra=["--checkpoint.every=5", "--checkpoint.keep=0"]), run_dir
+
+
+@pytest.mark.parametrize("layout", ["fsdp2", "tp2"])
+def test_parallel_layouts_match_one_process(prepared, one_process, tmp_path, layout):
+    extra = ["--parallel.tensor_parallel=2"] if layout == "tp2" else []
+    micro = 8 if layout == "tp2" else 4  # the same global batch of 8 sequences
+    parallel = train(prepared, tmp_path, steps=10, nproc=2, micro=micro, extra=extra)
+    assert_same_losses(one_process[0], parallel)
+    assert len(parallel) == 10 and parallel[10] < parallel[1]
+    assert (tmp_path / "model" / "model.safetensors").is_file()  # gathered from the shards
+
+
+def test_tensor_parallel_replicated_gradients_are_identical():
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+         str(REPO / "tests" / "distributed_grads.py")], env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "identical gradients on both ranks" in result.stdout
+
+
+def test_two_node_launch_matches_one_node(prepared, one_process, tmp_path):
+    port = free_port()
+    nodes = [
+        subprocess.Popen(
+            command(prepared, tmp_path, steps=10, micro=4, launcher=[
+                "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
+                "--master-addr", "127.0.0.1", "--master-port", str(port)]),
+            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-4000:]
+    assert_same_losses(one_process[0], losses(tmp_path))
+
+
+def wait_for_step(run_dir: Path, step: int, process, timeout=120):
+    deadline = time.time() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") >= step:
+            return
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise TimeoutError(f"step {step} not reached")
+
+
+def test_kill_9_then_resume_auto_equals_the_uninterrupted_run(prepared, tmp_path):
+    straight = train(prepared, tmp_path / "straight", steps=16)
+    run_dir = tmp_path / "killed"
+    extra = ["--checkpoint.every=4"]
+    process = subprocess.Popen(command(prepared, run_dir, steps=16, extra=extra + ["--train.sample_every=0"]),
+                               env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for_step(run_dir, 10, process)
+    process.kill()  # SIGKILL: no handler runs
+    process.wait()
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    assert checkpoint is not None and checkpoint.name in ("step-00000008", "step-00000012")
+    resumed = train(prepared, run_dir, steps=16, extra=extra + ["--resume", "auto"])
+    assert resumed == straight  # exactly: same process count, same arithmetic
+
+
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
+def test_resume_with_another_process_count(prepared, one_process, tmp_path, before, after):
+    straight, straight_dir = one_process
+    if before == 1:
+        first_dir = straight_dir
+    else:
+        first_dir = tmp_path / "first"
+        train(prepared, first_dir, steps=10, nproc=2, micro=4, extra=["--checkpoint.every=5", "--checkpoint.keep=0"])
+    run_dir = tmp_path / "resumed"
+    checkpoint = first_dir / "checkpoints" / "step-00000005"
+    resumed = train(prepared, run_dir, steps=10, nproc=after, micro=8 // after,
+                    extra=["--resume", str(checkpoint)])
+    assert sorted(resumed) == list(range(6, 11))
+    assert_same_losses({s: straight[s] for s in resumed}, resumed)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared, tmp_path):
+    process = subprocess.Popen(command(prepared, tmp_path, steps=100000), env=env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(tmp_path, 3, process)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err[-3000:]
+    last_step = max(losses(tmp_path))
+    assert latest_checkpoint(tmp_path / "checkpoints").name == f"step-{last_step:08d}"
+    assert "resume with --resume auto" in out + err
