@@ -142,14 +142,16 @@ def test_kill_9_then_resume_auto_equals_the_uninterrupted_run(prepared, tmp_path
     assert resumed == straight  # exactly: same process count, same arithmetic
 
 
-@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)], ids=["2-to-1", "1-to-2"])
+@pytest.mark.parametrize("before,after", [("fsdp2", 1), ("tp2", 1), (1, 2)], ids=["fsdp2-to-1", "tp2-to-1", "1-to-2"])
 def test_resume_with_another_process_count(prepared, one_process, tmp_path, before, after):
     straight, straight_dir = one_process
     if before == 1:
         first_dir = straight_dir
     else:
         first_dir = tmp_path / "first"
-        train(prepared, first_dir, steps=10, nproc=2, micro=4, extra=["--checkpoint.every=5", "--checkpoint.keep=0"])
+        tp = ["--parallel.tensor_parallel=2"] if before == "tp2" else []
+        train(prepared, first_dir, steps=10, nproc=2, micro=8 if tp else 4,
+              extra=["--checkpoint.every=5", "--checkpoint.keep=0", *tp])
     run_dir = tmp_path / "resumed"
     checkpoint = first_dir / "checkpoints" / "step-00000005"
     resumed = train(prepared, run_dir, steps=10, nproc=after, micro=8 // after,

@@ -200,3 +200,41 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, tiny_run_
     summary = train(load_run_config(None, args), resume="auto")
     assert summary["step"] == 6
     assert latest_checkpoint(checkpoints).name == "step-00000006"
+
+
+@pytest.mark.parametrize("option", ["parallel.activation_checkpointing", "parallel.compile"])
+def test_checkpointing_and_compile_keep_the_losses(tmp_path, tiny_run_args, option):
+    def run(name, *extra):
+        args = tiny_run_args(tmp_path / name, "--train.steps=3", "--train.log_every=1", "--train.tensorboard=false",
+                             "--data.val_windows=0", *extra)
+        train(load_run_config(None, args))
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "run" / "metrics.jsonl").open()]
+
+    eager, changed = run("eager"), run("changed", f"--{option}=true")
+    assert changed == pytest.approx(eager, rel=1e-4)
+
+
+def test_out_of_memory_is_explained(tmp_path, tiny_run_args, monkeypatch):
+    from argonne.modeling_argonne import ArgonneForCausalLM
+    from argonne.train import TrainingStopped
+
+    def exhausted(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ArgonneForCausalLM, "forward", exhausted)
+    with pytest.raises(TrainingStopped, match=r"out of memory at micro_batch_size 8 x seq_len 64.*train.grad_accum"):
+        train(load_run_config(None, tiny_run_args(tmp_path, "--train.steps=2")))
+
+
+def test_shipped_configs_load_and_fit_their_presets():
+    from argonne import ArgonneConfig
+
+    for name in ("tiny", "small", "argonne-2.0"):
+        config = load_run_config(REPO / "configs" / f"{name}.toml")
+        model = ArgonneConfig.from_preset(config.model.preset, **config.model.overrides)
+        tp = config.parallel.tensor_parallel
+        assert model.num_key_value_heads % tp == 0 and model.intermediate_size % tp == 0
+    original = load_run_config(REPO / "configs" / "argonne-2.0.toml")
+    assert (original.parallel.tensor_parallel, original.train.grad_accum, original.data.seq_len) == (8, 4, 4096)
+    assert (original.optim.lr, original.optim.min_lr, original.optim.warmup_steps) == (1e-4, 1e-5, 2000)
+    assert (original.optim.weight_decay, original.optim.grad_clip) == (0.1, 1.0)

@@ -136,7 +136,7 @@ def build_data(config: RunConfig, tokenizer, rank: int = 0, world: int = 1, pin_
 
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype | None) -> float:
     """Dense matmul TFLOP/s of this device in the compute dtype, measured (the MFU denominator)."""
-    n = 4096 if device.type == "cuda" else 512
+    n = 4096 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
     b = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
     for _ in range(3):
