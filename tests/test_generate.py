@@ -1,11 +1,137 @@
+"""Generation: the static-cache decoder against transformers and full recomputation, sampling filters, stops."""
+
 import pytest
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.cli import main
-from argonne.generate import generate, load_model, read_prompts
+from argonne.generate import (
+    Generator,
+    SamplingParams,
+    apply_repetition_penalty,
+    filter_logits,
+    load_model,
+    read_prompts,
+    sample_next,
+)
 
 from .conftest import SAMPLE_TOKENIZER
+from .test_model import GPT2_STYLE, LLAMA_STYLE, make_model
+
+GREEDY = dict(temperature=0.0)
+
+
+class IdTokenizer:
+    """Token ids as text ("5 17 3"), so tests can drive the generator with exact ids."""
+
+    eos_token_id = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return type("Encoding", (), {"input_ids": [int(t) for t in text.split()]})
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f" {i}" for i in ids)
+
+
+@pytest.fixture(params=[("tiny", LLAMA_STYLE), ("argonne-1.0", GPT2_STYLE)], ids=["llama-style", "gpt2-style"])
+def model(request):
+    preset, shape = request.param
+    return make_model(preset, **{**shape, "max_position_embeddings": 96})
+
+
+def prompts_of(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 320, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_greedy_equals_transformers_generate(model):
+    generator = Generator(model, IdTokenizer())
+    for prompt in prompts_of([5, 9, 1]):
+        ours = generator.generate_ids([prompt], SamplingParams(max_new_tokens=20, **GREEDY))[0]
+        theirs = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0,
+                                eos_token_id=None)[0, len(prompt):].tolist()
+        assert ours == theirs
+
+
+def test_cached_decoding_equals_full_recomputation(model):
+    prompt = prompts_of([6])[0]
+    ours = Generator(model, IdTokenizer()).generate_ids([prompt], SamplingParams(max_new_tokens=25, **GREEDY))[0]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(25):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert ours == ids[len(prompt):]
+    assert len(set(ours)) > 3
+
+
+def test_batched_prompts_of_different_lengths_equal_each_alone(model):
+    generator = Generator(model, IdTokenizer())
+    prompts = prompts_of([3, 11, 7, 1])
+    params = SamplingParams(max_new_tokens=15, **GREEDY)
+    batched = generator.generate_ids(prompts, params)
+    assert batched == [generator.generate_ids([p], params)[0] for p in prompts]
+
+
+def test_generation_stops_at_eos(model):
+    prompt = prompts_of([4])[0]
+    free = Generator(model, IdTokenizer()).generate_ids([prompt], SamplingParams(max_new_tokens=12, **GREEDY))[0]
+    model.config.eos_token_id = free[5]
+    stopped = Generator(model, IdTokenizer()).generate_ids([prompt], SamplingParams(max_new_tokens=12, **GREEDY))[0]
+    assert stopped == free[: free.index(free[5])]
+
+
+def test_stop_strings_cut_the_text_and_streaming_matches(model):
+    generator = Generator(model, IdTokenizer())
+    prompt = " ".join(map(str, prompts_of([4])[0]))
+    params = SamplingParams(max_new_tokens=12, **GREEDY)
+    full = generator.generate([prompt], params)[0]
+    stop = full.split()[6]
+    cut = generator.generate([prompt], SamplingParams(max_new_tokens=12, stop=[f" {stop}"], **GREEDY))[0]
+    assert cut == full[: full.index(f" {stop}")]
+    pieces = []
+    assert generator.stream(prompt, SamplingParams(max_new_tokens=12, stop=[f" {stop}"], **GREEDY),
+                            pieces.append) == cut
+    assert "".join(pieces) == cut and len(pieces) > 1
+
+
+def test_top_k_and_top_p_never_leave_the_allowed_set():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, 3.0]])
+    probs = logits.softmax(-1)[0]
+    generator = torch.Generator().manual_seed(0)
+    top_k = {int(i) for i in logits[0].topk(3).indices}
+    draws = {int(sample_next(logits, SamplingParams(top_k=3, top_p=1.0, temperature=1.0), generator))
+             for _ in range(500)}
+    assert draws == top_k
+    order = probs.argsort(descending=True)
+    nucleus = {int(order[0]), int(order[1])}  # 0.60 + 0.22 >= 0.8: the first two tokens reach top_p
+    assert probs[order[0]] < 0.8 <= probs[order[0]] + probs[order[1]]
+    draws = {int(sample_next(logits, SamplingParams(top_k=0, top_p=0.8, temperature=1.0), generator))
+             for _ in range(500)}
+    assert draws == nucleus
+    only_best = filter_logits(logits, top_k=0, top_p=1e-6)
+    assert torch.isfinite(only_best).sum() == 1 and only_best.argmax() == 5
+
+
+def test_repetition_penalty_makes_seen_tokens_less_likely():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert apply_repetition_penalty(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_bad_parameters_and_too_long_prompts_are_errors(model):
+    generator = Generator(model, IdTokenizer())
+    with pytest.raises(ValueError, match="top_p must be in"):
+        generator.generate_ids([[1, 2]], SamplingParams(top_p=0))
+    with pytest.raises(ValueError, match=r"exceeds the context window \(96 tokens\)"):
+        generator.generate_ids([list(range(3, 90))], SamplingParams(max_new_tokens=10))
+
+
+def test_compiled_decode_step_matches_eager():
+    model = make_model(**{**LLAMA_STYLE, "max_position_embeddings": 64})
+    prompts = prompts_of([5, 3])
+    params = SamplingParams(max_new_tokens=8, **GREEDY)
+    eager = Generator(model, IdTokenizer(), compile=False).generate_ids(prompts, params)
+    assert Generator(model, IdTokenizer(), compile=True).generate_ids(prompts, params) == eager
 
 
 @pytest.fixture
@@ -17,13 +143,25 @@ def model_dir(tmp_path):
     return tmp_path
 
 
-def test_seeded_sampling_is_reproducible_and_greedy_is_deterministic(model_dir):
+def test_seeded_sampling_is_reproducible(model_dir):
     model, tokenizer = load_model(model_dir, "cpu")
-    a = generate(model, tokenizer, "The table", max_new_tokens=12, seed=7)
-    b = generate(model, tokenizer, "The table", max_new_tokens=12, seed=7)
-    assert a == b and len(tokenizer(a).input_ids) > 0
-    greedy = [generate(model, tokenizer, "The table", max_new_tokens=12, temperature=0, seed=s) for s in (1, 2)]
-    assert greedy[0] == greedy[1]
+    generator = Generator(model, tokenizer)
+    a, b = (generator.generate(["The table"], SamplingParams(max_new_tokens=12, seed=7))[0] for _ in range(2))
+    assert a == b and a
+    c = generator.generate(["The table"], SamplingParams(max_new_tokens=12, seed=8))[0]
+    assert c != a
+
+
+def test_a_training_checkpoint_loads_directly(model_dir, tmp_path):
+    from argonne.checkpoint import save_checkpoint
+
+    model, tokenizer = load_model(model_dir, "cpu")
+    optimizer = torch.optim.AdamW(model.parameters())
+    path = save_checkpoint(tmp_path / "ckpt", 7, model, optimizer, {"step": 7}, is_main=True, tokenizer=tokenizer)
+    loaded, _ = load_model(path, "cpu")
+    tokens = torch.randint(3, 8192, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
 
 
 def test_cli_streams_the_continuation(model_dir, capsys):
@@ -33,7 +171,7 @@ def test_cli_streams_the_continuation(model_dir, capsys):
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
-    assert "not a model folder" in capsys.readouterr().err
+    assert "no config.json" in capsys.readouterr().err
 
 
 def test_prompts_from_a_file_one_per_line(tmp_path):

@@ -85,44 +85,29 @@ def _add_plot(sub) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate text from a saved model folder, streaming tokens as they are made."""
+    """Generate text from a model folder or training checkpoint, streaming tokens as they are made."""
     from transformers.utils import logging as hf_logging
 
-    from .generate import generate, load_model, read_prompts
+    from .generate import Generator, load_model, read_prompts
 
     hf_logging.disable_progress_bar()  # keep the terminal for the generated text
     model, tokenizer = load_model(args.model, args.device)
+    generator = Generator(model, tokenizer, compile=args.compile)
+    params = _sampling_params(args)
     for prompt in read_prompts(args.prompt, args.prompt_file):
         print(prompt, end="", flush=True)
-        generate(
-            model,
-            tokenizer,
-            prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-            seed=args.seed,
-            stream=True,
-        )
+        generator.stream(prompt, params, lambda text: print(text, end="", flush=True))
         print()
     return 0
 
 
 def _add_generate(sub) -> None:
     parser = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
-    parser.add_argument("model", help="model folder (e.g. runs/tiny/model)")
+    parser.add_argument("model", help="model folder (e.g. runs/tiny/model) or checkpoint folder")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="prompt text")
     source.add_argument("--prompt-file", help="file with one prompt per line (default: read stdin)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    _sampling_options(parser)
     parser.set_defaults(func=cmd_generate)
 
 
@@ -250,12 +235,88 @@ def _add_tokenizer(sub) -> None:
     train.set_defaults(func=cmd_tokenizer_train)
 
 
+def _sampling_options(parser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="compile the decode step (default: on CUDA only)")
+
+
+def _sampling_params(args):
+    from .generate import SamplingParams
+
+    return SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+    )
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with an instruction-tuned model through its chat template; history is kept within the context."""
+    from transformers.utils import logging as hf_logging
+
+    from .chat import run_chat
+    from .generate import Generator, load_model
+
+    hf_logging.disable_progress_bar()
+    model, tokenizer = load_model(args.model, args.device)
+    run_chat(Generator(model, tokenizer, compile=args.compile), _sampling_params(args), args.system)
+    return 0
+
+
+def _add_chat(sub) -> None:
+    parser = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
+    parser.add_argument("model", help="model folder or checkpoint folder")
+    parser.add_argument("--system", default=None, help="system message")
+    _sampling_options(parser)
+    parser.set_defaults(func=cmd_chat)
+
+
+def cmd_eval_perplexity(args: argparse.Namespace) -> int:
+    """Perplexity of a model over parquet or text files, with a sliding window of configurable stride."""
+    from transformers.utils import logging as hf_logging
+
+    from .evaluate import iter_documents, perplexity
+    from .generate import load_model
+
+    hf_logging.disable_progress_bar()
+    model, tokenizer = load_model(args.model, args.device)
+    result = perplexity(model, tokenizer, iter_documents(args.data, args.text_column), args.window, args.stride,
+                        args.max_documents)
+    print(f"perplexity {result.value:.4f} over {result.tokens:,} tokens in {result.documents:,} documents "
+          f"(mean NLL {result.nll / result.tokens:.4f} nats/token)")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    evaluate = sub.add_parser("eval", help="evaluate a model", description="Model evaluation.")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
+    parser = eval_sub.add_parser("perplexity", help=cmd_eval_perplexity.__doc__,
+                                 description=cmd_eval_perplexity.__doc__)
+    parser.add_argument("model", help="model folder or checkpoint folder")
+    parser.add_argument("--data", nargs="+", required=True, help="parquet files/folders/globs or text files")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--window", type=int, default=None, help="tokens per window (default: the context)")
+    parser.add_argument("--stride", type=int, default=None, help="tokens between windows (default: the window)")
+    parser.add_argument("--max-documents", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    parser.set_defaults(func=cmd_eval_perplexity)
+
+
 # name -> function adding the subcommand's parser.
 COMMANDS: dict[str, Callable] = {
     "info": _add_info,
     "train": _add_train,
     "plot": _add_plot,
     "generate": _add_generate,
+    "chat": _add_chat,
+    "eval": _add_eval,
     "data": _add_data,
     "tokenizer": _add_tokenizer,
 }

@@ -1,62 +1,321 @@
-"""`argonne generate MODEL`: sample text from a saved model, streaming tokens to the terminal.
+"""Text generation: a preallocated KV cache, prefill through SDPA, and a decode step that is compiled on GPUs.
 
-This version runs transformers' `generate()` with its KV cache on our model; sampling defaults are the original
-Argonne code's (temperature 0.8, top-k 50, top-p 0.95), and temperature 0 means greedy decoding.
+`Generator` holds one static cache (keys and values for every layer, batch x max_len) and decodes a batch of
+left-padded prompts: one prefill forward over the prompts, then one forward per new token for the whole batch. The
+attention mask spans the whole cache, so the decode step has fixed shapes and compiles once (CUDA graphs on GPUs
+with mode="reduce-overhead"). Sampling defaults are the original Argonne code's: temperature 0.8, top-k 50,
+top-p 0.95; temperature 0 is greedy.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import TextStreamer
 
+from .configuration_argonne import ArgonneConfig
 from .modeling_argonne import ArgonneForCausalLM
 from .tokenizer import load_tokenizer
 
 
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    """0 decodes greedily."""
+    top_k: int = 50
+    """Keep the k most likely tokens (0: all)."""
+    top_p: float = 0.95
+    """Keep the smallest set of tokens whose probability reaches top_p (1.0: all)."""
+    repetition_penalty: float = 1.0
+    """> 1 makes tokens already in the prompt or the output less likely (CTRL's rule)."""
+    stop: Sequence[str] = field(default_factory=tuple)
+    """Strings that end a sequence; the text is cut before them."""
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    """Tokens that end a sequence besides the model's EOS (e.g. a chat template's end of turn)."""
+    seed: int | None = None
+
+    def validate(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """logits (B, V); seen (B, V) bool. Positive logits of seen tokens are divided by the penalty, negative ones
+    multiplied, so a seen token always becomes less likely (as transformers does)."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits (B, V) outside the top-k and the top-p nucleus to -inf; at least one token always remains."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already reach top_p; the most likely token is always kept.
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row (B,) from float logits (B, V)."""
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class StaticKVCache:
+    """Keys and values for every layer, preallocated as (B, n_kv, max_len, head_dim).
+
+    It offers the two methods the model calls on a transformers Cache: `update` writes the new keys and values at
+    `write_positions` and returns the whole buffers (the attention mask hides what is not written yet), and
+    `get_seq_length`.
+    """
+
+    def __init__(self, config: ArgonneConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+        self.write_positions = torch.zeros(1, dtype=torch.long, device=device)
+        self.length = 0
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args):
+        self.keys[layer_idx].index_copy_(2, self.write_positions, key.to(self.keys[layer_idx].dtype))
+        self.values[layer_idx].index_copy_(2, self.write_positions, value.to(self.values[layer_idx].dtype))
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+
+class Generator:
+    """Batched generation with a static KV cache. `compile` defaults to True on CUDA (the decode step becomes one
+    CUDA graph) and False on CPUs, where compiling costs more than a short generation saves."""
+
+    def __init__(self, model: ArgonneForCausalLM, tokenizer, compile: bool | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.config = model.config
+        self.eos_ids = sorted({i for i in (self.config.eos_token_id, tokenizer.eos_token_id) if i is not None})
+        compile = self.device.type == "cuda" if compile is None else compile
+        self._decode = self._decode_step
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._decode = torch.compile(self._decode_step, mode=mode, fullgraph=True)
+        self._cache: StaticKVCache | None = None
+
+    def _cache_for(self, batch: int, max_len: int) -> StaticKVCache:
+        # Reuse the cache (and so the compiled graph) while the shape fits; sizes are rounded up to reuse more.
+        max_len = min(self.config.max_position_embeddings, -(-max_len // 256) * 256)
+        cache = self._cache
+        if cache is None or len(cache.keys[0]) != batch or cache.max_len != max_len:
+            cache = self._cache = StaticKVCache(self.config, batch, max_len, self.device, self.dtype)
+        cache.length = 0
+        return cache
+
+    def _forward(self, cache, tokens, positions, mask):
+        return self.model(tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True).logits
+
+    def _decode_step(self, cache, tokens, positions, mask):
+        return self._forward(cache, tokens, positions, mask)[:, -1].float()
+
+    @torch.no_grad()
+    def generate_ids(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams,
+        on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> list[list[int]]:
+        """New token ids per prompt (without the prompt; EOS and what follows are left out).
+
+        `on_tokens(tokens, active)` is called after every step with the (B,) new tokens and which rows were still
+        generating when they were made; returning True from it finishes every row (stop strings use this).
+        """
+        params.validate()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        batch, width = len(prompts), max(len(p) for p in prompts)
+        limit = self.config.max_position_embeddings
+        if width + params.max_new_tokens > limit:
+            raise ValueError(
+                f"prompt ({width} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the context "
+                f"window ({limit} tokens)"
+            )
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(self.device).manual_seed(params.seed)
+        cache = self._cache_for(batch, width + params.max_new_tokens)
+        device, L = self.device, cache.max_len
+
+        # Left padding: every prompt ends at column width - 1; pad keys are masked out, positions count real tokens.
+        tokens = torch.zeros((batch, width), dtype=torch.long, device=device)
+        valid = torch.zeros((batch, L), dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            tokens[row, width - len(prompt):] = torch.tensor(list(prompt), device=device)
+            valid[row, width - len(prompt): width] = True
+        valid[:, width:] = True
+        positions = (valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)
+        key_pos = torch.arange(L, device=device)
+
+        # Prefill: queries at columns 0..width-1 see valid keys up to themselves (and always themselves).
+        query_pos = torch.arange(width, device=device)[:, None]
+        causal = key_pos[None, :] <= query_pos
+        mask = (causal[None] & valid[:, None, :]) | (key_pos[None, None, :] == query_pos[None])
+        cache.write_positions = torch.arange(width, device=device)
+        logits = self._forward(cache, tokens, positions, mask[:, None])[:, -1].float()
+        cache.length = width
+
+        seen = torch.zeros((batch, self.config.vocab_size), dtype=torch.bool, device=device)
+        if params.repetition_penalty != 1.0:
+            seen.scatter_(1, tokens, valid[:, :width])
+        eos_ids = self._eos_ids(params)
+        eos = torch.tensor(eos_ids or [-1], device=device)
+        active = torch.ones(batch, dtype=torch.bool, device=device)
+        next_position = positions[:, -1:] + 1
+        cache.write_positions = torch.zeros(1, dtype=torch.long, device=device)  # decode: one slot, set in place
+        outputs = []
+        for step in range(params.max_new_tokens):
+            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+            new = sample_next(logits, params, generator)
+            outputs.append(torch.where(active, new, eos[0]))
+            stop_all = on_tokens(new, active) if on_tokens else False
+            active = active & ~torch.isin(new, eos)
+            if stop_all or step + 1 == params.max_new_tokens or not bool(active.any()):
+                break
+            if params.repetition_penalty != 1.0:
+                seen.scatter_(1, new[:, None], True)
+            column = width + step
+            cache.write_positions.fill_(column)
+            step_mask = (key_pos <= column)[None, None, None, :] & valid[:, None, None, :]
+            logits = self._decode(cache, new[:, None], next_position, step_mask)
+            cache.length = column + 1
+            next_position = next_position + 1
+        generated = torch.stack(outputs, dim=1).tolist()
+        return [_cut_at_eos(row, eos_ids) for row in generated]
+
+    def _eos_ids(self, params: SamplingParams) -> list[int]:
+        return sorted(set(self.eos_ids) | set(params.stop_token_ids))
+
+    def generate(self, prompts: Sequence[str], params: SamplingParams) -> list[str]:
+        """The continuation of each prompt (batched), cut at EOS or a stop string."""
+        return self._run([self._encode(p) for p in prompts], params, stream=None)
+
+    def stream(self, prompt: str, params: SamplingParams, write: Callable[[str], None]) -> str:
+        """Generate for one prompt, calling `write` with each new piece of text as it is made."""
+        return self.stream_ids(self._encode(prompt), params, write)
+
+    def stream_ids(self, prompt_ids: Sequence[int], params: SamplingParams, write: Callable[[str], None]) -> str:
+        return self._run([prompt_ids], params, stream=write)[0]
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    def _run(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, stream) -> list[str]:
+        texts = StopStrings(self.tokenizer, len(prompt_ids), params.stop, self._eos_ids(params), stream)
+        self.generate_ids(prompt_ids, params, on_tokens=texts.add)
+        return texts.finish()
+
+
+def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
+    for index, token in enumerate(tokens):
+        if token in eos_ids:
+            return tokens[:index]
+    return tokens
+
+
+class StopStrings:
+    """Follows each row's text as tokens arrive: ends a row at EOS or at the first stop string (cut before it), and
+    streams text for row 0 when asked. Text is re-decoded from the row's tokens, so multi-byte characters split
+    across tokens come out whole."""
+
+    def __init__(self, tokenizer, rows: int, stop: Sequence[str], eos_ids: list[int], stream=None):
+        self.tokenizer, self.stop, self.eos_ids, self.stream = tokenizer, list(stop), eos_ids, stream
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.texts = [""] * rows
+        self.done = [False] * rows
+        self.streamed = 0
+
+    def add(self, new: torch.Tensor, active: torch.Tensor) -> bool:
+        for row, (token, is_active) in enumerate(zip(new.tolist(), active.tolist())):
+            if self.done[row] or not is_active:
+                self.done[row] = True
+                continue
+            if token in self.eos_ids:
+                self.done[row] = True
+                continue
+            self.tokens[row].append(token)
+            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
+            for stop in self.stop:
+                at = text.find(stop)
+                if at >= 0:
+                    text, self.done[row] = text[:at], True
+            self.texts[row] = text
+        if self.stream is not None:
+            self._emit(final=False)
+        return all(self.done)
+
+    def _emit(self, final: bool) -> None:
+        text = self.texts[0]
+        # Hold back a trailing replacement character (half a UTF-8 sequence) and anything that may start a stop.
+        safe = len(text) if final or self.done[0] else len(text.rstrip("\ufffd"))
+        if not final and not self.done[0]:
+            for stop in self.stop:
+                for size in range(min(len(stop) - 1, safe), 0, -1):
+                    if text[:safe].endswith(stop[:size]):
+                        safe -= size
+                        break
+        if safe > self.streamed:
+            self.stream(text[self.streamed:safe])
+            self.streamed = safe
+
+    def finish(self) -> list[str]:
+        if self.stream is not None:
+            self._emit(final=True)
+        return self.texts
+
+
 def load_model(path: str | Path, device: str = "auto") -> tuple[ArgonneForCausalLM, object]:
-    """An exported Hugging Face folder (weights + tokenizer) on `device`, in bf16 on GPUs, float32 on CPUs."""
+    """An exported Hugging Face folder, or a training checkpoint folder (any parallel layout), with its tokenizer;
+    bf16 on GPUs, float32 on CPUs."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a model folder (no config.json)")
+        raise FileNotFoundError(f"{path}: not a model folder or checkpoint (no config.json)")
     target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           ("cpu" if device == "auto" else device))
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
-    model = ArgonneForCausalLM.from_pretrained(path, dtype=dtype).to(target).eval()
-    return model, load_tokenizer(path)
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        model = ArgonneForCausalLM.from_pretrained(path, dtype=dtype)
+    else:
+        from .checkpoint import load_model_weights
 
-
-def generate(
-    model: ArgonneForCausalLM,
-    tokenizer,
-    prompt: str,
-    max_new_tokens: int = 128,
-    temperature: float = 0.8,
-    top_k: int = 50,
-    top_p: float = 0.95,
-    repetition_penalty: float = 1.0,
-    seed: int | None = None,
-    stream: bool = False,
-) -> str:
-    """The prompt's continuation (without the prompt)."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0 else {}
-    streamer = TextStreamer(tokenizer, skip_prompt=True) if stream else None
-    output = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=temperature > 0,
-        repetition_penalty=repetition_penalty,
-        eos_token_id=model.config.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else model.config.eos_token_id,
-        streamer=streamer,
-        **sampling,
-    )
-    return tokenizer.decode(output[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+        model = ArgonneForCausalLM(ArgonneConfig.from_pretrained(path))
+        load_model_weights(path, model)
+        model.to(dtype)
+    return model.to(target).eval(), load_tokenizer(path)
 
 
 def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
@@ -68,3 +327,4 @@ def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:
     if not prompts:
         raise ValueError(f"no prompt given ({'file ' + prompt_file if prompt_file else 'stdin'} is empty)")
     return prompts
+

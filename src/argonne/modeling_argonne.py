@@ -229,15 +229,20 @@ class ArgonneModel(nn.Module):
         """input_ids (B, T) or inputs_embeds (B, T, D) -> hidden states (B, T, D)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = x.shape
-        past_len = cache.get_seq_length() if cache is not None else 0
+        full_mask = attention_mask is not None and attention_mask.dim() == 4
+        past_len = 0
+        if cache is not None and not (full_mask and position_ids is not None):
+            past_len = cache.get_seq_length()
         if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, T, past_len, x.device)
+            position_ids = positions_from_mask(None if full_mask else attention_mask, T, past_len, x.device)
         rope = None
         if self.config.position_embedding == "rope":
             rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         else:
             x = x + self.embed_positions(position_ids)
-        attn_mask = build_attention_mask(attention_mask, T, past_len, x.device)
+        # A 4D boolean mask (B, 1, T, S) is used as given: a static cache (generate.py) passes one over its whole
+        # length, with the position_ids, so nothing here depends on how many tokens the cache holds.
+        attn_mask = attention_mask.bool() if full_mask else build_attention_mask(attention_mask, T, past_len, x.device)
         for block in self.layers:
             x = block(x, rope, attn_mask, cache)
         return self.norm(x)

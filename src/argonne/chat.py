@@ -1,0 +1,81 @@
+"""`argonne chat MODEL`: multi-turn chat through the tokenizer's chat template (ChatML when it has none).
+
+The history is kept whole while it fits: when the rendered conversation plus the reply budget would exceed the
+context window, the oldest turns (after any system message) are dropped first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from .generate import Generator, SamplingParams
+from .tokenizer import CHATML_TEMPLATE
+
+END_OF_TURN = "<|im_end|>"
+
+
+def chat_template_of(tokenizer) -> str:
+    return tokenizer.chat_template or CHATML_TEMPLATE
+
+
+def render(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=chat_template_of(tokenizer), tokenize=False, add_generation_prompt=True
+    )
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], list[int]]:
+    """The most recent messages whose rendering fits `budget` tokens (a system message is always kept)."""
+    system = [m for m in messages[:1] if m["role"] == "system"]
+    turns = messages[len(system):]
+    while True:
+        ids = render(tokenizer, system + turns)
+        if len(ids) <= budget:
+            return system + turns, ids
+        if len(turns) <= 1:
+            raise ValueError(f"the last message alone takes {len(ids)} tokens; the budget is {budget}")
+        turns = turns[2:] if len(turns) >= 3 else turns[-1:]  # drop the oldest exchange
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    token_id = tokenizer.convert_tokens_to_ids(END_OF_TURN)
+    return [token_id] if token_id is not None and token_id != tokenizer.unk_token_id else []
+
+
+class ChatSession:
+    """A conversation: each reply ends at the end-of-turn token (or EOS)."""
+
+    def __init__(self, generator: Generator, params: SamplingParams, system: str | None = None):
+        stop_ids = tuple(params.stop_token_ids) + tuple(end_of_turn_ids(generator.tokenizer))
+        self.generator, self.params = generator, replace(params, stop_token_ids=stop_ids)
+        self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
+
+    def reply(self, user_text: str, write: Callable[[str], None] | None = None) -> str:
+        self.messages.append({"role": "user", "content": user_text})
+        tokenizer = self.generator.tokenizer
+        budget = self.generator.config.max_position_embeddings - self.params.max_new_tokens
+        self.messages, ids = fit_history(tokenizer, self.messages, budget)
+        answer = self.generator.stream_ids(ids, self.params, write or (lambda text: None)).strip()
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+
+def run_chat(generator: Generator, params: SamplingParams, system: str | None, read=input, write=None) -> None:
+    write = write or (lambda text: print(text, end="", flush=True))
+    session = ChatSession(generator, params, system)
+    while True:
+        try:
+            user_text = read("you> ")
+        except EOFError:
+            write("\n")
+            return
+        if not user_text.strip():
+            continue
+        if user_text.strip() in ("/quit", "/exit"):
+            return
+        write("assistant> ")
+        session.reply(user_text, write)
+        write("\n")
+
