@@ -309,6 +309,29 @@ def _add_eval(sub) -> None:
     parser.set_defaults(func=cmd_eval_perplexity)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions with streaming)."""
+    from .serve import ServerLimits, serve
+
+    serve(args.model, args.host, args.port, args.api_key,
+          ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit), args.device)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    parser = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
+    parser.add_argument("model", help="model folder or checkpoint folder")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--api-key", default=None,
+                        help="require Authorization: Bearer KEY on every route but /health "
+                             "(default: $ARGONNE_API_KEY, if set)")
+    parser.add_argument("--max-prompt-tokens", type=int, default=8192)
+    parser.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    parser.add_argument("--device", default="auto")
+    parser.set_defaults(func=cmd_serve)
+
+
 # name -> function adding the subcommand's parser.
 COMMANDS: dict[str, Callable] = {
     "info": _add_info,
@@ -316,6 +339,7 @@ COMMANDS: dict[str, Callable] = {
     "plot": _add_plot,
     "generate": _add_generate,
     "chat": _add_chat,
+    "serve": _add_serve,
     "eval": _add_eval,
     "data": _add_data,
     "tokenizer": _add_tokenizer,
