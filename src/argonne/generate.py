@@ -102,6 +102,10 @@ class StaticKVCache:
         self.max_len = max_len
         self.write_positions = torch.zeros(1, dtype=torch.long, device=device)
         self.length = 0
+        if torch.device(device).type == "cuda":
+            # Fixed addresses let CUDA graphs write into the buffers in place (as transformers' StaticCache does).
+            for tensor in self.keys + self.values:
+                torch._dynamo.mark_static_address(tensor)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args):
         self.keys[layer_idx].index_copy_(2, self.write_positions, key.to(self.keys[layer_idx].dtype))
