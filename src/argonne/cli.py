@@ -69,6 +69,31 @@ def _add_train(sub) -> None:
     parser.set_defaults(func=cmd_train, accepts_overrides=True)
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    """Fine-tune on instruction data (data.sft) from model.init_from, with loss on assistant tokens only; the
+    trainer is `argonne train`'s, so parallelism, checkpoints, resume and metrics work the same."""
+    from .config import load_run_config
+
+    config = load_run_config(args.config, args.overrides)
+    if not config.data.sft or not config.model.init_from:
+        raise ValueError("an sft config needs data.sft (instruction files) and model.init_from (starting weights)")
+    from .train import TrainingStopped, train
+
+    try:
+        train(config, resume=args.resume)
+    except TrainingStopped as error:
+        print(f"argonne sft: stopped: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _add_sft(sub) -> None:
+    parser = sub.add_parser("sft", help=cmd_sft.__doc__, description=cmd_sft.__doc__)
+    parser.add_argument("config", help="TOML run config with data.sft and model.init_from")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH")
+    parser.set_defaults(func=cmd_sft, accepts_overrides=True)
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Plot training and validation loss against tokens seen (RUN_DIR/loss.png)."""
     from .plot import plot_run
@@ -336,6 +361,7 @@ def _add_serve(sub) -> None:
 COMMANDS: dict[str, Callable] = {
     "info": _add_info,
     "train": _add_train,
+    "sft": _add_sft,
     "plot": _add_plot,
     "generate": _add_generate,
     "chat": _add_chat,

@@ -35,6 +35,9 @@ class ModelConfig:
     """Name of an Argonne preset (argonne-2.0, argonne-1.5, argonne-1.0, small, tiny)."""
     overrides: dict[str, Any] = field(default_factory=dict)
     """Preset fields to change, e.g. {num_hidden_layers = 2}."""
+    init_from: str = ""
+    """Start from these weights (a Hugging Face folder or a training checkpoint) instead of a fresh preset; every
+    weight must be present and of the right shape. The folder's config replaces preset and overrides."""
 
 
 @dataclass
@@ -43,6 +46,10 @@ class DataConfig:
     """Parquet files, folders, globs or hf:// paths to stream from (tokenized on the fly); or use `prepared`."""
     prepared: str = ""
     """Folder written by `argonne data prepare` (memory-mapped token shards); or use `inputs`."""
+    sft: list[str] = field(default_factory=list)
+    """Instruction data (JSONL or parquet with `messages` or prompt/response) for fine-tuning; or inputs/prepared."""
+    packing: bool = True
+    """SFT: pack whole conversations into each window (else one conversation per padded window)."""
     tokenizer: str = "data/tokenizers/sample-bpe-8k"
     """Tokenizer folder or hub name; it must be the one the data was prepared with."""
     text_column: str = "text"
@@ -213,8 +220,11 @@ def validate(config: RunConfig) -> None:
         problems.append(f"train.dtype must be auto, bfloat16 or float32, got {config.train.dtype!r}")
     if isinstance(config.data.inputs, str):
         config.data.inputs = [config.data.inputs]
-    if bool(config.data.inputs) == bool(config.data.prepared):
-        problems.append("set exactly one of data.inputs (stream from parquet) and data.prepared (prepared folder)")
+    if isinstance(config.data.sft, str):
+        config.data.sft = [config.data.sft]
+    if sum(map(bool, (config.data.inputs, config.data.prepared, config.data.sft))) != 1:
+        problems.append("set exactly one of data.inputs (stream from parquet), data.prepared (prepared folder) "
+                        "and data.sft (instruction data)")
     if config.data.on_error not in ("fail", "skip"):
         problems.append(f"data.on_error must be fail or skip, got {config.data.on_error!r}")
     if problems:

@@ -27,6 +27,7 @@ from .loader import PreparedBatches, PreparedTokens, StreamingBatches, num_windo
 from .metrics import count_parameters, training_flops_per_token
 from .modeling_argonne import ArgonneForCausalLM
 from .parallel import Topology, clip_grad_norm, init_distributed, parallelize
+from .sft import split_batch
 from .tokenizer import document_boundary_id, load_tokenizer
 
 # Above this size the model is built on the meta device and initialised after sharding, so no process ever holds
@@ -69,7 +70,10 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
 
 
 def build_model_config(config: RunConfig, tokenizer) -> ArgonneConfig:
-    model_config = ArgonneConfig.from_preset(config.model.preset, **config.model.overrides)
+    if config.model.init_from:
+        model_config = ArgonneConfig.from_pretrained(config.model.init_from)
+    else:
+        model_config = ArgonneConfig.from_preset(config.model.preset, **config.model.overrides)
     if len(tokenizer) > model_config.vocab_size:
         raise ConfigError(
             f"tokenizer {config.data.tokenizer!r} has {len(tokenizer)} tokens but model preset "
@@ -82,10 +86,13 @@ def build_model_config(config: RunConfig, tokenizer) -> ArgonneConfig:
 
 def build_model(model_config: ArgonneConfig, config: RunConfig, topology: Topology, device, dtype):
     """The model, parallelized, on `device`, initialised from train.seed."""
-    on_meta = count_parameters(model_config) > META_INIT_PARAMETERS
+    # Starting weights are loaded whole before sharding, so a fine-tuning run builds the model whole.
+    on_meta = count_parameters(model_config) > META_INIT_PARAMETERS and not config.model.init_from
     torch.manual_seed(config.train.seed)
     with torch.device("meta") if on_meta else nullcontext():
         model = ArgonneForCausalLM(model_config)
+    if config.model.init_from:
+        load_initial_weights(model, Path(config.model.init_from))
     if not on_meta:
         model.to(device)
     parallelize(model, topology, config.parallel.activation_checkpointing, config.parallel.compile, dtype)
@@ -94,6 +101,30 @@ def build_model(model_config: ArgonneConfig, config: RunConfig, topology: Topolo
         torch.manual_seed(config.train.seed)
         model.reset_parameters()
     return model
+
+
+def load_initial_weights(model: ArgonneForCausalLM, source: Path) -> None:
+    """Weights from a Hugging Face folder (safetensors) or a training checkpoint; a missing, unexpected or
+    mis-shaped weight is an error (never a silent random initialisation)."""
+    from .checkpoint import load_model_weights
+
+    safetensors_files = sorted(source.glob("*.safetensors"))
+    if not safetensors_files:
+        load_model_weights(source, model)  # DCP: raises on a missing key or a shape mismatch
+        return
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in safetensors_files:
+        state.update(load_file(file))
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in set(state) & set(expected)
+             if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        raise ConfigError(f"{source}: weights do not fit the model: missing {missing}, unexpected {unexpected}, "
+                          f"wrong shapes {wrong}")
+    model.load_state_dict(state, strict=True)
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -112,8 +143,10 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.de
 
 
 def build_data(config: RunConfig, tokenizer, rank: int = 0, world: int = 1, pin_memory: bool = False):
-    """This data-parallel rank's training batches and the validation windows (None without held-out data)."""
+    """This data-parallel rank's training batches and the validation batches (None without held-out data)."""
     data, tc = config.data, config.train
+    if data.sft:
+        return build_sft_data(config, tokenizer, rank, world)
     if data.prepared:
         batches = PreparedBatches(
             PreparedTokens(data.prepared, "train", tokenizer), data.seq_len, tc.micro_batch_size, rank, world,
@@ -128,7 +161,35 @@ def build_data(config: RunConfig, tokenizer, rank: int = 0, world: int = 1, pin_
         val_tokens = held_out_tokens(stream, (data.seq_len * data.val_windows + 1)) if data.val_fraction else None
     if not data.val_windows or val_tokens is None or num_windows(len(val_tokens), data.seq_len) == 0:
         return batches, None
-    return batches, (val_tokens, min(data.val_windows, num_windows(len(val_tokens), data.seq_len)))
+    count = min(data.val_windows, num_windows(len(val_tokens), data.seq_len))
+    windows = torch.from_numpy(np.stack([read_window(val_tokens, i, data.seq_len) for i in range(count)]))
+    return batches, list(windows.long().split(tc.micro_batch_size))
+
+
+def build_sft_data(config: RunConfig, tokenizer, rank: int, world: int):
+    """Instruction windows; conversations whose source hashes below data.val_fraction are held out."""
+    from .data import is_held_out
+    from .sft import SFTBatches, SFTStats, build_windows, read_conversations
+
+    data, tc = config.data, config.train
+    stats = SFTStats()
+    conversations = read_conversations(data.sft, data.on_error, stats)
+    held = [c for c in conversations if is_held_out(c.source, data.val_fraction)]
+    kept = [c for c in conversations if not is_held_out(c.source, data.val_fraction)]
+    windows = build_windows(tokenizer, kept, data.seq_len, data.packing, stats)
+    log_main(rank, f"sft: {stats.conversations:,} conversations in {len(windows):,} windows, {stats.tokens:,} tokens "
+                   f"({stats.trained_tokens:,} trained), {stats.truncated} truncated, {stats.skipped} skipped, "
+                   f"{len(held)} held out")
+    batches = SFTBatches(windows, tc.micro_batch_size, rank, world, tc.seed, data.shuffle)
+    if not held or not data.val_windows:
+        return batches, None
+    validation = build_windows(tokenizer, held, data.seq_len, data.packing)[: data.val_windows]
+    return batches, list(validation.split(tc.micro_batch_size))
+
+
+def log_main(rank: int, text: str) -> None:
+    if rank == 0:
+        print(text, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------- pieces
@@ -180,16 +241,14 @@ def _any_rank(flag: bool, topology: Topology, device) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, validation, batch_size: int, seq_len: int, device, amp) -> float:
-    """Mean loss over the first `count` held-out windows (every rank evaluates the same windows)."""
-    tokens, count = validation
+def evaluate(model, validation: list[torch.Tensor], device, amp) -> float:
+    """Mean loss over the held-out batches (every rank evaluates the same ones)."""
     model.eval()
     losses = []
-    for start in range(0, count, batch_size):
-        windows = [read_window(tokens, i, seq_len) for i in range(start, min(start + batch_size, count))]
-        batch = torch.from_numpy(np.stack(windows).astype(np.int64)).to(device)
+    for batch in validation:
+        inputs, targets = split_batch(batch.to(device))
         with amp():
-            losses.append(model(batch[:, :-1], targets=batch[:, 1:], use_cache=False).loss.float())
+            losses.append(model(inputs, targets=targets, use_cache=False).loss.float())
     model.train()
     return torch.stack(losses).mean().item()
 
@@ -381,9 +440,9 @@ def train(config: RunConfig, resume: str | None = None) -> dict:
             try:
                 step_loss = torch.zeros((), device=device)
                 for _ in range(tc.grad_accum):
-                    batch = next(batch_iter).to(device, non_blocking=True)
+                    inputs, targets = split_batch(next(batch_iter).to(device, non_blocking=True))
                     with amp():
-                        loss = model(batch[:, :-1], targets=batch[:, 1:], use_cache=False).loss
+                        loss = model(inputs, targets=targets, use_cache=False).loss
                     (loss / tc.grad_accum).backward()
                     step_loss += loss.detach().float() / tc.grad_accum
                 grad_norm = clip_grad_norm(model.parameters(), config.optim.grad_clip)
@@ -424,9 +483,7 @@ def train(config: RunConfig, resume: str | None = None) -> dict:
                     "skipped_steps": skipped_steps,
                 }
                 if validation is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0) or done):
-                    record["val_loss"] = evaluate(
-                        model, validation, tc.micro_batch_size, config.data.seq_len, device, amp
-                    )
+                    record["val_loss"] = evaluate(model, validation, device, amp)
                 sink.log(record)
                 summary.update(record)
                 losses_since_log.clear()
