@@ -94,6 +94,31 @@ def _add_sft(sub) -> None:
     parser.set_defaults(func=cmd_sft, accepts_overrides=True)
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    """Distil a teacher (distill.teacher) into a student (model.preset or model.init_from):
+    alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy, on `argonne train`'s trainer."""
+    from .config import load_run_config
+
+    config = load_run_config(args.config, args.overrides)
+    if not config.distill.teacher:
+        raise ValueError("a distill config needs distill.teacher")
+    from .train import TrainingStopped, train
+
+    try:
+        train(config, resume=args.resume)
+    except TrainingStopped as error:
+        print(f"argonne distill: stopped: {error}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _add_distill(sub) -> None:
+    parser = sub.add_parser("distill", help=cmd_distill.__doc__, description=cmd_distill.__doc__)
+    parser.add_argument("config", help="TOML run config with a [distill] section")
+    parser.add_argument("--resume", default=None, metavar="auto|PATH")
+    parser.set_defaults(func=cmd_distill, accepts_overrides=True)
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """Plot training and validation loss against tokens seen (RUN_DIR/loss.png)."""
     from .plot import plot_run
@@ -362,6 +387,7 @@ COMMANDS: dict[str, Callable] = {
     "info": _add_info,
     "train": _add_train,
     "sft": _add_sft,
+    "distill": _add_distill,
     "plot": _add_plot,
     "generate": _add_generate,
     "chat": _add_chat,

@@ -5,6 +5,7 @@
     [optim]            AdamW and the learning-rate schedule
     [parallel]         tensor parallel degree, activation checkpointing, compile
     [checkpoint]       how often to save and how many to keep
+    [distill]          teacher, alpha and temperature (argonne distill)
     [train]            the loop: steps, batch, device, logging, output
 
 Every field can be overridden on the command line as `--section.field=value` (the value is read as TOML, so
@@ -104,6 +105,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str = ""
+    """Teacher model: a Hugging Face folder (any causal LM) or an Argonne checkpoint. Empty: no distillation."""
+    alpha: float = 0.5
+    """Weight of the soft (KL) term; 1 - alpha weighs the cross-entropy on the data."""
+    temperature: float = 1.0
+    """Softmax temperature of both distributions; the KL term is scaled by T^2."""
+    chunk: int = 512
+    """Positions per float32 KL chunk (bounds the memory of the soft term)."""
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/tiny"
     """Output folder: checkpoints/, metrics.jsonl, TensorBoard events, loss.png and the final model/."""
@@ -141,6 +154,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -161,7 +175,7 @@ def build_run_config(values: dict) -> RunConfig:
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; known: {sorted(sections)}")
     classes = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig,
-               "checkpoint": CheckpointConfig, "train": TrainConfig}
+               "checkpoint": CheckpointConfig, "distill": DistillConfig, "train": TrainConfig}
     config = RunConfig(**{name: _build_section(classes[name], values.get(name, {}), name) for name in classes})
     validate(config)
     return config

@@ -103,6 +103,16 @@ def build_model(model_config: ArgonneConfig, config: RunConfig, topology: Topolo
     return model
 
 
+def build_distillation(config: RunConfig, model_config: ArgonneConfig, tokenizer, device):
+    from .distill import DistillationObjective, check_vocabularies, load_teacher
+
+    teacher = load_teacher(config.distill.teacher, device)
+    teacher_rows = teacher.get_input_embeddings().weight.shape[0]
+    vocab = check_vocabularies(Path(config.distill.teacher), teacher_rows, model_config.vocab_size, tokenizer)
+    d = config.distill
+    return DistillationObjective(teacher, vocab, d.alpha, d.temperature, d.chunk)
+
+
 def load_initial_weights(model: ArgonneForCausalLM, source: Path) -> None:
     """Weights from a Hugging Face folder (safetensors) or a training checkpoint; a missing, unexpected or
     mis-shaped weight is an error (never a silent random initialisation)."""
@@ -374,8 +384,14 @@ def oom_message(error: Exception, device: torch.device, config: RunConfig) -> st
 # ------------------------------------------------------------------------------------------------------- run
 
 
-def train(config: RunConfig, resume: str | None = None) -> dict:
-    """Run training; returns a summary (last metrics, elapsed time). `resume` is None, "auto" or a checkpoint."""
+def cross_entropy_objective(model, inputs: torch.Tensor, targets: torch.Tensor):
+    """The pretraining and SFT loss: next-token cross-entropy (targets of -100 are ignored)."""
+    return model(inputs, targets=targets, use_cache=False).loss, {}
+
+
+def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
+    """Run training; returns a summary (last metrics, elapsed time). `resume` is None, "auto" or a checkpoint.
+    `objective(model, inputs, targets) -> (loss, parts)` replaces the cross-entropy step (distillation)."""
     run_dir = Path(config.train.run_dir)
     checkpoints = run_dir / "checkpoints"
     device = resolve_device(config.train.device)
@@ -396,6 +412,8 @@ def train(config: RunConfig, resume: str | None = None) -> dict:
     # FSDP2 casts parameters itself; otherwise autocast does the mixed precision.
     amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype and not fsdp_mixed_precision else nullcontext
     optimizer = build_optimizer(model, config.optim, device)
+    if objective is None and config.distill.teacher:
+        objective = build_distillation(config, model_config, tokenizer, device)
     batches, validation = build_data(config, tokenizer, topology.dp_rank, topology.dp, device.type == "cuda")
 
     tc = config.train
@@ -429,6 +447,8 @@ def train(config: RunConfig, resume: str | None = None) -> dict:
     nonfinite_in_a_row = skipped_steps = 0
     started = last_log = time.perf_counter()
     losses_since_log: list[torch.Tensor] = []
+    parts_since_log: dict[str, list[torch.Tensor]] = {}  # loss components (distillation: kl, ce)
+    objective = objective or cross_entropy_objective
     summary: dict = {"step": start_step}
     preempted = False
     model.train()
@@ -442,9 +462,11 @@ def train(config: RunConfig, resume: str | None = None) -> dict:
                 for _ in range(tc.grad_accum):
                     inputs, targets = split_batch(next(batch_iter).to(device, non_blocking=True))
                     with amp():
-                        loss = model(inputs, targets=targets, use_cache=False).loss
+                        loss, parts = objective(model, inputs, targets)
                     (loss / tc.grad_accum).backward()
                     step_loss += loss.detach().float() / tc.grad_accum
+                    for name, value in parts.items():
+                        parts_since_log.setdefault(name, []).append(value.float() / tc.grad_accum)
                 grad_norm = clip_grad_norm(model.parameters(), config.optim.grad_clip)
             except torch.OutOfMemoryError as error:
                 raise TrainingStopped(oom_message(error, device, config)) from error
@@ -482,6 +504,10 @@ def train(config: RunConfig, resume: str | None = None) -> dict:
                     "peak_memory_gib": peak_memory_gib(device),
                     "skipped_steps": skipped_steps,
                 }
+                for name, values in parts_since_log.items():
+                    mean = torch.stack(values).sum() / len(losses_since_log)
+                    record[name] = _mean_over_ranks(mean, topology).item()
+                parts_since_log.clear()
                 if validation is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0) or done):
                     record["val_loss"] = evaluate(model, validation, device, amp)
                 sink.log(record)

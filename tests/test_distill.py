@@ -1,0 +1,94 @@
+"""Distillation: the KL term, vocabulary checks, and the trainer with a teacher."""
+
+import json
+
+import pytest
+import torch
+
+from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+from argonne.config import ConfigError, load_run_config
+from argonne.distill import distillation_kl
+from argonne.train import train
+
+from .conftest import SAMPLE_SHARD, SAMPLE_TOKENIZER
+
+SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+             intermediate_size=128, max_position_embeddings=128)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from argonne.data import PrepareSettings, prepare_dataset
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_dataset([SAMPLE_SHARD], load_tokenizer(SAMPLE_TOKENIZER), out, PrepareSettings(seq_len=32, workers=0),
+                    progress=False)
+    return out
+
+
+def save_model(folder, seed=0, tokenizer=SAMPLE_TOKENIZER, **overrides):
+    torch.manual_seed(seed)
+    ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **{**SHAPE, **overrides})).save_pretrained(folder)
+    load_tokenizer(tokenizer).save_pretrained(folder)
+    return folder
+
+
+def run(tmp_path, prepared, name, *extra):
+    args = [f"--data.prepared={str(prepared)!r}", f"--data.tokenizer={str(SAMPLE_TOKENIZER)!r}", "--data.workers=0",
+            "--data.seq_len=32", "--data.val_windows=0", f"--train.run_dir={str(tmp_path / name)!r}",
+            "--train.micro_batch_size=4", "--train.peak_tflops=1", "--train.tensorboard=false",
+            "--train.log_every=1", "--optim.warmup_steps=2",
+            "--model.overrides={" + ", ".join(f"{k} = {v}" for k, v in SHAPE.items()) + "}", *extra]
+    train(load_run_config(None, args))
+    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
+
+
+def test_kl_is_chunked_masked_and_zero_for_identical_distributions():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 7, 11), torch.randn(2, 7, 13)  # the teacher is padded by 2 rows
+    targets = torch.randint(0, 11, (2, 7))
+    targets[0, :3] = -100
+    whole = distillation_kl(student, teacher, targets, vocab=11, temperature=2.0, chunk=100)
+    assert torch.allclose(distillation_kl(student, teacher, targets, 11, 2.0, chunk=3), whole)
+    p_t = (teacher[..., :11] / 2).softmax(-1)
+    manual = (p_t * (p_t.log() - (student / 2).log_softmax(-1))).sum(-1)
+    keep = targets != -100
+    assert torch.allclose(whole, manual[keep].mean(), atol=1e-6)
+    assert distillation_kl(student, student, targets, 11, 1.0, 4).abs() < 1e-6
+
+
+def test_alpha_zero_is_plain_training_exactly(tmp_path, prepared):
+    teacher = save_model(tmp_path / "teacher", seed=5)
+    plain = run(tmp_path, prepared, "plain", "--train.steps=6")
+    distilled = run(tmp_path, prepared, "alpha0", "--train.steps=6", f"--distill.teacher={str(teacher)!r}",
+                    "--distill.alpha=0")
+    assert [r["loss"] for r in distilled] == [r["loss"] for r in plain]
+    assert all("kl" in r and "ce" in r for r in distilled)
+
+
+def test_a_student_identical_to_the_teacher_has_zero_kl(tmp_path, prepared):
+    teacher = save_model(tmp_path / "teacher", seed=5)
+    records = run(tmp_path, prepared, "same", "--train.steps=1", f"--model.init_from={str(teacher)!r}",
+                  f"--distill.teacher={str(teacher)!r}", "--distill.alpha=1")
+    assert abs(records[0]["kl"]) < 1e-6
+
+
+def test_the_students_kl_to_the_teacher_falls(tmp_path, prepared):
+    run(tmp_path, prepared, "teacher", "--train.steps=40", "--optim.lr=3e-3")  # a teacher that knows something
+    teacher = tmp_path / "teacher" / "model"
+    records = run(tmp_path, prepared, "learn", "--train.steps=30", f"--distill.teacher={str(teacher)!r}",
+                  "--distill.alpha=1", "--distill.temperature=2", "--optim.lr=3e-3", "--train.seed=1")
+    first, last = records[0]["kl"], sum(r["kl"] for r in records[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    assert records[0]["loss"] == pytest.approx(4 * records[0]["kl"], rel=1e-5)  # alpha * T^2 * KL
+
+
+def test_vocabularies_padded_mismatched_or_foreign(tmp_path, prepared, qwen_tokenizer_dir):
+    padded = save_model(tmp_path / "padded", seed=1, vocab_size=8192 + 64)
+    assert run(tmp_path, prepared, "padded-run", "--train.steps=1", f"--distill.teacher={str(padded)!r}")
+    small = save_model(tmp_path / "small", seed=1, vocab_size=4096)
+    with pytest.raises(ConfigError, match="teacher's output has 4096 rows for a 8192-token tokenizer"):
+        run(tmp_path, prepared, "small-run", "--train.steps=1", f"--distill.teacher={str(small)!r}")
+    foreign = save_model(tmp_path / "foreign", seed=1, tokenizer=qwen_tokenizer_dir, vocab_size=151_665)
+    with pytest.raises(ConfigError, match=r"teacher's tokenizer \(151665 tokens\) is not the training tokenizer"):
+        run(tmp_path, prepared, "foreign-run", "--train.steps=1", f"--distill.teacher={str(foreign)!r}")
