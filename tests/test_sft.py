@@ -162,3 +162,27 @@ def test_starting_weights_must_fit_exactly(tmp_path, base_model):
                                           r"\['model.layers.2"):
         train(load_run_config(None, sft_args(tmp_path, other, data, "--train.steps=1",
                                              f"--data.tokenizer={str(base_model)!r}")))
+
+
+def test_tokenizers_without_a_template_get_chatml(bpe):
+    from copy import deepcopy
+
+    plain = deepcopy(bpe)
+    plain.chat_template = None
+    assert render_with_labels(plain, CONVERSATION) == render_with_labels(bpe, CONVERSATION)  # bpe ships ChatML
+
+
+def test_sft_can_start_from_a_training_checkpoint(tmp_path, base_model):
+    from argonne.checkpoint import save_checkpoint
+
+    model = ArgonneForCausalLM.from_pretrained(base_model)
+    checkpoint = save_checkpoint(tmp_path / "ckpts", 3, model, torch.optim.AdamW(model.parameters()), {"step": 3},
+                                 is_main=True, tokenizer=load_tokenizer(base_model))
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Hi?", "response": "Hello."}] * 4)
+    summary = train(load_run_config(None, sft_args(tmp_path, checkpoint, data, "--train.steps=1",
+                                                   "--train.log_every=1", "--optim.lr=1e-9", "--optim.min_lr=0")))
+    tokens = torch.randint(3, 8192, (1, 12))
+    with torch.no_grad():
+        tuned = ArgonneForCausalLM.from_pretrained(tmp_path / "sft" / "model")
+        torch.testing.assert_close(tuned(tokens).logits, model(tokens).logits, rtol=1e-4, atol=1e-4)
+    assert summary["loss"] > 0
