@@ -429,7 +429,7 @@ def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
     peak_tflops = tc.peak_tflops or measure_peak_tflops(device, dtype)
     sink = MetricsSink(run_dir, topology.is_main, tc.tensorboard, tc.steps, start_step, start_step)
     sink.note(
-        f"model {config.model.preset}: {count_parameters(model_config):,} parameters, "
+        f"model {config.model.init_from or config.model.preset}: {count_parameters(model_config):,} parameters, "
         f"{flops_per_token / 1e9:,.3f} GFLOPs/token | {topology.world} process(es): dp {topology.dp} x "
         f"tp {topology.tp} | {tokens_per_step:,} tokens/step x {tc.steps} steps | device {device}, "
         f"peak {peak_tflops:,.1f} TFLOP/s | "
