@@ -26,7 +26,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     fields = (
         "vocab_size hidden_size num_hidden_layers num_attention_heads num_key_value_heads head_dim "
         "intermediate_size max_position_embeddings norm_type norm_eps mlp_type position_embedding rope_theta "
-        "attention_bias mlp_bias tie_word_embeddings"
+        "attention_bias attention_out_bias mlp_bias tie_word_embeddings"
     ).split()
     print(f"{args.preset}")
     for name in fields:
@@ -382,6 +382,39 @@ def _add_serve(sub) -> None:
     parser.set_defaults(func=cmd_serve)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export an HF folder or a training checkpoint (any parallel layout) as an Argonne folder (hf) or a plain
+    transformers Llama folder (llama)."""
+    from .export import export_model
+
+    print(export_model(args.source, args.to, args.output, args.dtype))
+    return 0
+
+
+def _add_export(sub) -> None:
+    parser = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
+    parser.add_argument("source", help="model folder or checkpoint folder")
+    parser.add_argument("--to", required=True, choices=("hf", "llama", "gguf"))
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    parser.set_defaults(func=cmd_export)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Import a transformers Llama or Qwen2 folder as an Argonne folder (to continue pretraining or fine-tune)."""
+    from .export import import_model
+
+    print(import_model(args.source, args.output))
+    return 0
+
+
+def _add_import(sub) -> None:
+    parser = sub.add_parser("import", help=cmd_import.__doc__, description=cmd_import.__doc__)
+    parser.add_argument("source", help="a transformers Llama or Qwen2 folder")
+    parser.add_argument("--output", required=True)
+    parser.set_defaults(func=cmd_import)
+
+
 # name -> function adding the subcommand's parser.
 COMMANDS: dict[str, Callable] = {
     "info": _add_info,
@@ -393,6 +426,8 @@ COMMANDS: dict[str, Callable] = {
     "chat": _add_chat,
     "serve": _add_serve,
     "eval": _add_eval,
+    "export": _add_export,
+    "import": _add_import,
     "data": _add_data,
     "tokenizer": _add_tokenizer,
 }

@@ -119,7 +119,8 @@ class ArgonneConfig(PretrainedConfig):
         mlp_type: "swiglu" (gate/up/down) or "gelu" (up/down with exact erf GELU).
         position_embedding: "rope" (rotary, with rope_theta) or "learned" (absolute position table).
         rope_theta: RoPE base.
-        attention_bias: biases on q/k/v/o projections.
+        attention_bias: biases on the q/k/v projections (and on o_proj unless attention_out_bias says otherwise).
+        attention_out_bias: bias on the o projection; None follows attention_bias (Qwen2: q/k/v biases, none on o).
         mlp_bias: biases on the MLP projections.
         tie_word_embeddings: the output head reuses the token embedding.
         initializer_range: std of the normal initialisation; residual output projections (o_proj, down_proj) use
@@ -145,6 +146,7 @@ class ArgonneConfig(PretrainedConfig):
         position_embedding: str = "rope",
         rope_theta: float = 10_000.0,
         attention_bias: bool = False,
+        attention_out_bias: bool | None = None,
         mlp_bias: bool = False,
         tie_word_embeddings: bool = True,
         initializer_range: float = 0.02,
@@ -168,6 +170,7 @@ class ArgonneConfig(PretrainedConfig):
         self.position_embedding = position_embedding
         self.rope_theta = rope_theta
         self.attention_bias = attention_bias
+        self.attention_out_bias = attention_bias if attention_out_bias is None else attention_out_bias
         self.mlp_bias = mlp_bias
         self.initializer_range = initializer_range
         self.use_cache = use_cache

@@ -115,7 +115,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(d, config.num_attention_heads * hd, bias=bias)
         self.k_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
         self.v_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
-        self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=config.attention_out_bias)
         self.o_proj.writes_residual = True  # see init_module
 
     def forward(
