@@ -105,3 +105,70 @@ def test_pickled_objects_are_refused_and_plain_bin_files_load(tmp_path):
     torch.save({"weight": torch.ones(2), "extra": ConversionError("arbitrary object")}, folder / "pytorch_model.bin")
     with pytest.raises(ConversionError, match="refused .* arbitrary Python objects"):
         read_weights(folder)
+
+
+def legacy_folder(folder, model: ArgonneForCausalLM, kind: str, pipeline: bool = False, as_bin: bool = False):
+    """The original Argonne code's layout for `model`'s weights (built from its documented key names)."""
+    from safetensors.torch import save_file
+
+    c, ours = model.config, model.state_dict()
+    state = {}
+    for i in range(c.num_hidden_layers):
+        a = f"model.layers.{i}."
+        if kind == "argonne":
+            b = f"pipeline_stages.{i}.0." if pipeline else f"blocks.{i}."
+            names = {"input_layernorm": "ln1", "post_attention_layernorm": "ln2", "self_attn.q_proj": "attn.query",
+                     "self_attn.k_proj": "attn.key", "self_attn.v_proj": "attn.value", "self_attn.o_proj": "attn.proj",
+                     "mlp.up_proj": "mlp.fc1", "mlp.down_proj": "mlp.fc2"}
+            for mine, theirs in names.items():
+                for kind_ in ("weight", "bias"):
+                    state[f"{b}{theirs}.{kind_}"] = ours[f"{a}{mine}.{kind_}"]
+            state[f"{b}attn.mask"] = torch.tril(torch.ones(1, 1, c.max_position_embeddings, c.max_position_embeddings))
+        else:
+            b = f"blocks.{i}."
+            for mine, theirs in {"input_layernorm": "input_norm", "post_attention_layernorm": "post_norm"}.items():
+                state[f"{b}{theirs}.weight"] = ours[f"{a}{mine}.weight"]
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                state[f"{b}attn.{name}.weight"] = ours[f"{a}self_attn.{name}.weight"]
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                state[f"{b}mlp.{name}.weight"] = ours[f"{a}mlp.{name}.weight"]
+    if kind == "argonne":
+        state.update({"token_embedding.weight": ours["model.embed_tokens.weight"],
+                      "position_embedding": ours["model.embed_positions.weight"][None],
+                      "ln_f.weight": ours["model.norm.weight"], "ln_f.bias": ours["model.norm.bias"],
+                      "head.weight": ours["lm_head.weight"]})
+        config = {"model_type": "argonne", "vocab_size": c.vocab_size, "block_size": c.max_position_embeddings,
+                  "n_layer": c.num_hidden_layers, "n_head": c.num_attention_heads, "n_embd": c.hidden_size}
+    else:
+        state.update({"embed_tokens.weight": ours["model.embed_tokens.weight"], "norm.weight": ours["model.norm.weight"],
+                      "lm_head.weight": ours["model.embed_tokens.weight"].clone()})
+        config = {"model_type": "argonne2", "vocab_size": c.vocab_size, "hidden_size": c.hidden_size,
+                  "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+                  "num_key_value_heads": c.num_key_value_heads, "intermediate_size": c.intermediate_size,
+                  "max_position_embeddings": c.max_position_embeddings, "rms_norm_eps": c.norm_eps,
+                  "rope_theta": c.rope_theta, "tie_word_embeddings": True}
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in state.items()}
+    if as_bin:
+        torch.save(state, folder / "pytorch_model.bin")
+    else:
+        save_file(state, folder / "model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize("kind,pipeline,as_bin", [("argonne", False, True), ("argonne", True, False),
+                                                  ("argonne2", False, False)],
+                         ids=["1.x-bin", "1.0-pipeline", "2.0"])
+def test_import_original_argonne_folders(tmp_path, kind, pipeline, as_bin):
+    torch.manual_seed(0)
+    if kind == "argonne":
+        preset, shape = "argonne-1.0", dict(SHAPE, num_key_value_heads=4, head_dim=16, intermediate_size=256)
+    else:
+        preset, shape = "argonne-2.0", dict(SHAPE, head_dim=16)
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset(preset, **shape, initializer_range=0.1)).eval()
+    source = legacy_folder(tmp_path / "legacy", model, kind, pipeline, as_bin)
+    import_model(source, tmp_path / "ours")
+    imported = ArgonneForCausalLM.from_pretrained(tmp_path / "ours")
+    tokens = torch.randint(0, 8192, (2, 20))
+    assert (logits(imported, tokens) - logits(model, tokens)).abs().max() <= 1e-5

@@ -5,7 +5,9 @@ CPU). Targets: an Argonne folder (`hf`: loads with trust_remote_code=True), and 
 `LlamaForCausalLM` folder for presets whose architecture Llama can express (RMSNorm, SwiGLU, RoPE) — so vLLM,
 lm-eval and llama.cpp's converters accept it. Parameter names are already Llama's, so the weights map one to one.
 
-Imports read transformers Llama and Qwen2 folders. Loading third-party files never runs their code: safetensors, or
+Imports read transformers Llama and Qwen2 folders and the original Argonne code's folders: 1.x (model_type
+"argonne", GPT-2-style names, including 1.0's `pipeline_stages.<stage>.<block>` layout) and 2.0 (model_type
+"argonne2"). Loading third-party files never runs their code: safetensors, or
 `torch.load(weights_only=True)` for .bin/.pth files; a file that needs arbitrary unpickling is refused.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -130,10 +133,104 @@ def _rope_theta(hf: dict) -> float:
     return float(parameters.get("rope_theta", hf.get("rope_theta", 10_000.0)))
 
 
+def legacy_argonne_config(hf: dict) -> ArgonneConfig:
+    """The original Argonne code's configs: 1.x (model_type "argonne", GPT-2 names n_embd/n_layer/n_head/block_size)
+    and 2.0 (model_type "argonne2", head_dim = hidden_size / num_attention_heads)."""
+    if hf["model_type"] == "argonne":
+        d, heads = hf["n_embd"], hf["n_head"]
+        return ArgonneConfig.from_preset(
+            "argonne-1.0", vocab_size=hf["vocab_size"], hidden_size=d, num_hidden_layers=hf["n_layer"],
+            num_attention_heads=heads, num_key_value_heads=heads, head_dim=d // heads, intermediate_size=4 * d,
+            max_position_embeddings=hf["block_size"], bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+        )
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    intermediate = hf.get("intermediate_size") or ((int(8 * d / 3) + 255) // 256) * 256
+    return ArgonneConfig.from_preset(
+        "argonne-2.0", vocab_size=hf["vocab_size"], hidden_size=d, num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads, num_key_value_heads=hf.get("num_key_value_heads") or max(1, heads // 2),
+        head_dim=d // heads, intermediate_size=intermediate,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=hf.get("rope_theta", 10_000.0), attention_bias=hf.get("attention_bias", False),
+        mlp_bias=hf.get("mlp_bias", False), tie_word_embeddings=hf.get("tie_word_embeddings", True),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def _unpipeline(state: dict) -> dict:
+    """Argonne 1.0's pipeline layout `pipeline_stages.<stage>.<block>.*` -> `blocks.<global block>.*`, with the
+    blocks per stage taken as the largest block index + 1 (as the original convert_model.py did)."""
+    pattern = re.compile(r"^pipeline_stages\.(\d+)\.(\d+)\.(.*)$")
+    matches = {key: pattern.match(key) for key in state}
+    staged = {key: m for key, m in matches.items() if m}
+    if not staged:
+        return state
+    per_stage = max(int(m.group(2)) for m in staged.values()) + 1
+    result = {key: value for key, value in state.items() if key not in staged}
+    for key, m in staged.items():
+        result.setdefault(f"blocks.{int(m.group(1)) * per_stage + int(m.group(2))}.{m.group(3)}", state[key])
+    return result
+
+
+_LEGACY_1X = [  # original name pattern -> ours
+    (r"^token_embedding\.weight$", "model.embed_tokens.weight"),
+    (r"^position_embedding$", "model.embed_positions.weight"),
+    (r"^blocks\.(\d+)\.ln1\.", r"model.layers.\1.input_layernorm."),
+    (r"^blocks\.(\d+)\.ln2\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^blocks\.(\d+)\.attn\.query\.", r"model.layers.\1.self_attn.q_proj."),
+    (r"^blocks\.(\d+)\.attn\.key\.", r"model.layers.\1.self_attn.k_proj."),
+    (r"^blocks\.(\d+)\.attn\.value\.", r"model.layers.\1.self_attn.v_proj."),
+    (r"^blocks\.(\d+)\.attn\.proj\.", r"model.layers.\1.self_attn.o_proj."),
+    (r"^blocks\.(\d+)\.mlp\.fc1\.", r"model.layers.\1.mlp.up_proj."),
+    (r"^blocks\.(\d+)\.mlp\.fc2\.", r"model.layers.\1.mlp.down_proj."),
+    (r"^ln_f\.", "model.norm."),
+    (r"^head\.weight$", "lm_head.weight"),
+]
+_LEGACY_20 = [
+    (r"^(model\.)?embed_tokens\.weight$", "model.embed_tokens.weight"),
+    (r"^(model\.)?blocks\.(\d+)\.attn\.", r"model.layers.\2.self_attn."),
+    (r"^(model\.)?blocks\.(\d+)\.input_norm\.", r"model.layers.\2.input_layernorm."),
+    (r"^(model\.)?blocks\.(\d+)\.post_norm\.", r"model.layers.\2.post_attention_layernorm."),
+    (r"^(model\.)?blocks\.(\d+)\.mlp\.", r"model.layers.\2.mlp."),
+    (r"^(model\.)?norm\.weight$", "model.norm.weight"),
+    (r"^(model\.)?lm_head\.weight$", "lm_head.weight"),
+]
+
+
+def legacy_state_dict(state: dict, model_type: str) -> dict:
+    """Rename the original Argonne code's parameters to ours; the causal-mask buffers it saved are dropped."""
+    rules = _LEGACY_1X if model_type == "argonne" else _LEGACY_20
+    if model_type == "argonne":
+        state = _unpipeline(state)
+    renamed = {}
+    for key, value in state.items():
+        if key.endswith("attn.mask") or key.endswith("rotary_emb.inv_freq"):
+            continue
+        for pattern, replacement in rules:
+            if re.match(pattern, key):
+                new_key = re.sub(pattern, replacement, key)
+                renamed[new_key] = value.reshape(value.shape[-2:]) if key == "position_embedding" else value
+                break
+        else:
+            renamed[key] = value  # left for the missing/unexpected check to report
+    return renamed
+
+
+def is_legacy_argonne(hf: dict) -> bool:
+    """The original code's configs: "argonne2", or "argonne" with GPT-2 names (ours has hidden_size)."""
+    return hf.get("model_type") == "argonne2" or (hf.get("model_type") == "argonne" and "n_embd" in hf)
+
+
 def argonne_config_from_hf(hf: dict) -> ArgonneConfig:
     kind = hf.get("model_type")
+    if is_legacy_argonne(hf):
+        return legacy_argonne_config(hf)
+    if kind == "argonne":  # already ours
+        return ArgonneConfig.from_dict(hf)
     if kind not in ("llama", "qwen2"):
-        raise ConversionError(f"model_type {kind!r} cannot be imported (supported: llama, qwen2)")
+        raise ConversionError(
+            f"model_type {kind!r} cannot be imported (supported: llama, qwen2, argonne 1.x, argonne2)"
+        )
     heads = hf["num_attention_heads"]
     if kind == "qwen2" and hf.get("use_sliding_window"):
         raise ConversionError("Qwen2 sliding-window attention is not supported")
@@ -152,13 +249,17 @@ def argonne_config_from_hf(hf: dict) -> ArgonneConfig:
 
 
 def import_model(source: str | Path, output: str | Path) -> Path:
-    """A transformers Llama or Qwen2 folder -> an Argonne folder (weights, config with auto_map, code, tokenizer)."""
+    """A transformers Llama / Qwen2 folder or an original Argonne 1.x / 2.0 folder -> an Argonne folder (weights,
+    config with auto_map, code, tokenizer)."""
     source, output = Path(source), Path(output)
     config_file = source / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{source}: no config.json")
-    config = argonne_config_from_hf(json.loads(config_file.read_text()))
+    hf = json.loads(config_file.read_text())
+    config = argonne_config_from_hf(hf)
     state = read_weights(source)
+    if is_legacy_argonne(hf):
+        state = legacy_state_dict(state, hf["model_type"])
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
