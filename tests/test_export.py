@@ -172,3 +172,73 @@ def test_import_original_argonne_folders(tmp_path, kind, pipeline, as_bin):
     imported = ArgonneForCausalLM.from_pretrained(tmp_path / "ours")
     tokens = torch.randint(0, 8192, (2, 20))
     assert (logits(imported, tokens) - logits(model, tokens)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("which", ["sample-bpe", "qwen"])
+def test_gguf_metadata_tokenizer_and_tensors_read_back(tmp_path, which, request):
+    import gguf
+    import numpy as np
+
+    from argonne.export import gguf_tensors, permute_for_gguf_rope
+
+    tokenizer_dir = SAMPLE_TOKENIZER if which == "sample-bpe" else request.getfixturevalue("qwen_tokenizer_dir")
+    tokenizer = load_tokenizer(tokenizer_dir)
+    source = tmp_path / "argonne"
+    torch.manual_seed(0)
+    config = ArgonneConfig.from_preset("tiny", **{**SHAPE, "vocab_size": len(tokenizer) + 7}, eos_token_id=0)
+    model = ArgonneForCausalLM(config)
+    model.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    assert main(["export", str(source), "--to", "gguf", "--output", str(tmp_path / "out"), "--dtype", "fp32"]) == 0
+    reader = gguf.GGUFReader(str(tmp_path / "out" / "model.gguf"))
+
+    def field(key):
+        value = reader.fields[key]
+        return value.contents()
+
+    assert field("general.architecture") == "llama"
+    assert (field("llama.block_count"), field("llama.embedding_length")) == (2, 64)
+    assert (field("llama.attention.head_count"), field("llama.attention.head_count_kv")) == (4, 2)
+    assert field("llama.attention.key_length") == 24 and field("llama.rope.freq_base") == pytest.approx(1e4)
+    assert field("tokenizer.ggml.model") == "gpt2"
+    assert field("tokenizer.ggml.pre") == ("qwen2" if which == "qwen" else "gpt-2")
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == config.vocab_size and tokens[:3] == tokenizer.convert_ids_to_tokens([0, 1, 2])
+    assert tokens[-1] == f"[PAD{config.vocab_size - 1}]"
+    assert len(field("tokenizer.ggml.merges")) > 0
+    expected = gguf_tensors(model)
+    read = {t.name: np.asarray(t.data).reshape(list(reversed(t.shape.tolist()))) for t in reader.tensors}
+    assert read.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert np.array_equal(read[name], tensor.numpy()), name
+    q = model.state_dict()["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(permute_for_gguf_rope(q, 4)[:2], q[[0, 12]])  # pairs (i, i + head_dim/2) become adjacent
+
+
+def test_a_tensor_parallel_checkpoint_exports_to_every_format(tmp_path):
+    from argonne.data import PrepareSettings, prepare_dataset
+    from argonne.export import gguf_tensors
+
+    from .conftest import SAMPLE_SHARD
+    from .test_distributed import train
+
+    prepared = tmp_path / "prepared"
+    prepare_dataset([SAMPLE_SHARD], load_tokenizer(SAMPLE_TOKENIZER), prepared, PrepareSettings(seq_len=32, workers=0),
+                    progress=False)
+    run_dir = tmp_path / "run"
+    train(prepared, run_dir, steps=3, nproc=2, extra=["--parallel.tensor_parallel=2"])
+    checkpoint = run_dir / "checkpoints" / "step-00000003"
+    trained = ArgonneForCausalLM.from_pretrained(run_dir / "model")  # gathered by the trainer from the shards
+    tokens = torch.randint(3, 8192, (2, 16))
+    expected = logits(trained, tokens)
+    export_model(checkpoint, "hf", tmp_path / "hf", "fp32")
+    assert (logits(ArgonneForCausalLM.from_pretrained(tmp_path / "hf"), tokens) - expected).abs().max() <= 1e-5
+    export_model(checkpoint, "llama", tmp_path / "llama", "fp32")
+    assert (logits(LlamaForCausalLM.from_pretrained(tmp_path / "llama"), tokens) - expected).abs().max() <= 1e-5
+    import gguf
+    import numpy as np
+
+    export_model(checkpoint, "gguf", tmp_path / "gguf", "fp32")
+    reader = gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf"))
+    read = {t.name: np.asarray(t.data).reshape(list(reversed(t.shape.tolist()))) for t in reader.tensors}
+    assert all(np.array_equal(read[n], t.numpy()) for n, t in gguf_tensors(trained).items())

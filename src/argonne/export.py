@@ -1,9 +1,10 @@
 """`argonne export` and `argonne import`: Argonne models to and from the formats the ecosystem reads.
 
 Export sources are Hugging Face folders or training checkpoints of any parallel layout (DCP consolidates them on the
-CPU). Targets: an Argonne folder (`hf`: loads with trust_remote_code=True), and `llama`: a plain
-`LlamaForCausalLM` folder for presets whose architecture Llama can express (RMSNorm, SwiGLU, RoPE) — so vLLM,
-lm-eval and llama.cpp's converters accept it. Parameter names are already Llama's, so the weights map one to one.
+CPU). Targets: an Argonne folder (`hf`: loads with trust_remote_code=True); `llama`: a plain `LlamaForCausalLM`
+folder for presets whose architecture Llama can express (RMSNorm, SwiGLU, RoPE) — so vLLM, lm-eval and llama.cpp's
+converters accept it (parameter names are already Llama's); and `gguf`: a llama-architecture GGUF file with the
+tokenizer, through the `gguf` package.
 
 Imports read transformers Llama and Qwen2 folders and the original Argonne code's folders: 1.x (model_type
 "argonne", GPT-2-style names, including 1.0's `pipeline_stages.<stage>.<block>` layout) and 2.0 (model_type
@@ -84,11 +85,118 @@ def export_model(source: str | Path, target: str, output: str | Path, dtype: str
         llama.load_state_dict(state, strict=True, assign=True)
         llama.save_pretrained(output)
     elif target == "gguf":
-        raise ConversionError("GGUF export is not implemented yet")
+        path = output / "model.gguf" if output.suffix != ".gguf" else output
+        write_gguf(model, tokenizer, path)
+        if output.suffix == ".gguf":
+            return path
+        output.mkdir(parents=True, exist_ok=True)
     else:
         raise ConversionError(f"unknown export target {target!r}; use hf, llama or gguf")
     tokenizer.save_pretrained(output)
     return output
+
+
+def permute_for_gguf_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's "llama" architecture rotates interleaved pairs (x0, x1), (x2, x3)...; transformers' Llama (and
+    Argonne) rotate halves (x_i, x_{i + d/2}). Reordering each head's q/k output rows maps one onto the other, as
+    llama.cpp's own converter does."""
+    rows = weight.shape[0]
+    return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _gguf_pre_tokenizer(tokenizer) -> str:
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    pre = json.dumps(backend.get("pre_tokenizer"))
+    return "qwen2" if '"Split"' in pre and "\\p{N}" in pre else "gpt-2"
+
+
+def gguf_tensors(model: ArgonneForCausalLM) -> dict[str, torch.Tensor]:
+    """Our weights under llama.cpp's tensor names (q/k rows reordered for its RoPE layout)."""
+    c, state = model.config, model.state_dict()
+    tensors = {"token_embd.weight": state["model.embed_tokens.weight"], "output_norm.weight": state["model.norm.weight"]}
+    if not c.tie_word_embeddings:
+        tensors["output.weight"] = state["lm_head.weight"]
+    names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    for i in range(c.num_hidden_layers):
+        for ours, theirs in names.items():
+            for suffix in ("", ".weight", ".bias"):
+                key = f"model.layers.{i}.{ours}{suffix}"
+                if key not in state:
+                    continue
+                tensor = state[key]
+                if ours in ("self_attn.q_proj", "self_attn.k_proj") and suffix:
+                    heads = c.num_attention_heads if ours == "self_attn.q_proj" else c.num_key_value_heads
+                    tensor = permute_for_gguf_rope(tensor, heads)
+                tensors[f"blk.{i}.{theirs}{suffix}"] = tensor
+    return tensors
+
+
+def write_gguf(model: ArgonneForCausalLM, tokenizer, path: Path) -> Path:
+    """A llama-architecture GGUF file with the model's weights (in their dtype; bf16 is written as F32 where the
+    gguf package cannot store it) and the byte-level BPE tokenizer llama.cpp needs."""
+    import gguf
+    import numpy as np
+
+    c = model.config
+    problems = llama_incompatibilities(c)
+    if problems:
+        raise ConversionError("GGUF export needs the Llama architecture: " + "; ".join(problems))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(path.stem)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+
+    # Tokenizer: every embedding row gets a token; rows past the tokenizer are unused padding.
+    vocab = {index: token for token, index in tokenizer.get_vocab().items()}
+    special = set(tokenizer.all_special_ids)
+    added = {index for index in tokenizer.added_tokens_decoder}
+    tokens, types = [], []
+    for index in range(c.vocab_size):
+        if index not in vocab:
+            tokens.append(f"[PAD{index}]")
+            types.append(gguf.TokenType.UNUSED)
+        else:
+            tokens.append(vocab[index])
+            types.append(gguf.TokenType.CONTROL if index in special else
+                         gguf.TokenType.USER_DEFINED if index in added else gguf.TokenType.NORMAL)
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"]["merges"]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_gguf_pre_tokenizer(tokenizer))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    if c.eos_token_id is not None:
+        writer.add_eos_token_id(c.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_add_bos_token(False)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+    dtype = next(model.parameters()).dtype
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == torch.float16 else gguf.LlamaFileType.ALL_F32)
+    for name, tensor in gguf_tensors(model).items():
+        array = tensor.detach().to(torch.float16 if dtype == torch.float16 else torch.float32).numpy()
+        writer.add_tensor(name, np.ascontiguousarray(array))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------- import
