@@ -43,3 +43,12 @@ def test_every_command_has_help_text():
     subparsers = next(a for a in parser._actions if a.dest == "command")
     for name, sub in subparsers.choices.items():
         assert sub.description, f"{name} has no description"
+
+
+def test_sft_and_distill_check_their_sections(capsys):
+    from .conftest import REPO
+
+    assert main(["sft", str(REPO / "configs" / "tiny.toml")]) == 2
+    assert "needs data.sft" in capsys.readouterr().err
+    assert main(["distill", str(REPO / "configs" / "tiny.toml")]) == 2
+    assert "needs distill.teacher" in capsys.readouterr().err

@@ -46,77 +46,67 @@ def _add_info(sub) -> None:
     parser.set_defaults(func=cmd_info)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train a model from a TOML run config; any field can be overridden as --section.field=value."""
+def _run_training(args: argparse.Namespace, check=None) -> int:
+    """Load the run config (with --section.field=value overrides), check it for the command, and train."""
     from .config import load_run_config
-    from .train import train
+    from .train import TrainingStopped, train
 
-    from .train import TrainingStopped
-
+    config = load_run_config(args.config, args.overrides)
+    if check is not None:
+        check(config)
     try:
-        train(load_run_config(args.config, args.overrides), resume=args.resume)
+        train(config, resume=args.resume)
     except TrainingStopped as error:
-        print(f"argonne train: stopped: {error}", file=sys.stderr)
+        print(f"argonne {args.command}: stopped: {error}", file=sys.stderr)
         return 3
     return 0
 
 
-def _add_train(sub) -> None:
-    parser = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
-    parser.add_argument("config", help="TOML run config, e.g. configs/tiny.toml")
-    parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="continue from the latest complete checkpoint of the run (auto) or from PATH")
-    parser.set_defaults(func=cmd_train, accepts_overrides=True)
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a model from a TOML run config; any field can be overridden as --section.field=value."""
+    return _run_training(args)
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     """Fine-tune on instruction data (data.sft) from model.init_from, with loss on assistant tokens only; the
     trainer is `argonne train`'s, so parallelism, checkpoints, resume and metrics work the same."""
-    from .config import load_run_config
 
-    config = load_run_config(args.config, args.overrides)
-    if not config.data.sft or not config.model.init_from:
-        raise ValueError("an sft config needs data.sft (instruction files) and model.init_from (starting weights)")
-    from .train import TrainingStopped, train
+    def check(config):
+        if not config.data.sft or not config.model.init_from:
+            raise ValueError("an sft config needs data.sft (instruction files) and model.init_from (starting weights)")
 
-    try:
-        train(config, resume=args.resume)
-    except TrainingStopped as error:
-        print(f"argonne sft: stopped: {error}", file=sys.stderr)
-        return 3
-    return 0
-
-
-def _add_sft(sub) -> None:
-    parser = sub.add_parser("sft", help=cmd_sft.__doc__, description=cmd_sft.__doc__)
-    parser.add_argument("config", help="TOML run config with data.sft and model.init_from")
-    parser.add_argument("--resume", default=None, metavar="auto|PATH")
-    parser.set_defaults(func=cmd_sft, accepts_overrides=True)
+    return _run_training(args, check)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distil a teacher (distill.teacher) into a student (model.preset or model.init_from):
     alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy, on `argonne train`'s trainer."""
-    from .config import load_run_config
 
-    config = load_run_config(args.config, args.overrides)
-    if not config.distill.teacher:
-        raise ValueError("a distill config needs distill.teacher")
-    from .train import TrainingStopped, train
+    def check(config):
+        if not config.distill.teacher:
+            raise ValueError("a distill config needs distill.teacher")
 
-    try:
-        train(config, resume=args.resume)
-    except TrainingStopped as error:
-        print(f"argonne distill: stopped: {error}", file=sys.stderr)
-        return 3
-    return 0
+    return _run_training(args, check)
+
+
+def _add_training_command(sub, name: str, func, config_help: str) -> None:
+    parser = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
+    parser.add_argument("config", help=config_help)
+    parser.add_argument("--resume", default=None, metavar="auto|PATH",
+                        help="continue from the latest complete checkpoint of the run (auto) or from PATH")
+    parser.set_defaults(func=func, accepts_overrides=True)
+
+
+def _add_train(sub) -> None:
+    _add_training_command(sub, "train", cmd_train, "TOML run config, e.g. configs/tiny.toml")
+
+
+def _add_sft(sub) -> None:
+    _add_training_command(sub, "sft", cmd_sft, "TOML run config with data.sft and model.init_from")
 
 
 def _add_distill(sub) -> None:
-    parser = sub.add_parser("distill", help=cmd_distill.__doc__, description=cmd_distill.__doc__)
-    parser.add_argument("config", help="TOML run config with a [distill] section")
-    parser.add_argument("--resume", default=None, metavar="auto|PATH")
-    parser.set_defaults(func=cmd_distill, accepts_overrides=True)
+    _add_training_command(sub, "distill", cmd_distill, "TOML run config with a [distill] section")
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
