@@ -242,3 +242,26 @@ def test_a_tensor_parallel_checkpoint_exports_to_every_format(tmp_path):
     reader = gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf"))
     read = {t.name: np.asarray(t.data).reshape(list(reversed(t.shape.tolist()))) for t in reader.tensors}
     assert all(np.array_equal(read[n], t.numpy()) for n, t in gguf_tensors(trained).items())
+
+
+def test_llama_cpp_runs_the_gguf_export_like_argonne(tmp_path):
+    # llama-cpp-python has no wheel on PyPI for this platform; it builds llama.cpp from source (~7 min on 2 cores),
+    # so it is not part of the test install. Where it is installed, this runs the exported file for real.
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (a long source build)")
+    import numpy as np
+
+    from argonne.generate import Generator, SamplingParams
+
+    source = saved_argonne(tmp_path / "argonne", head_dim=16, max_position_embeddings=256)
+    export_model(source, "gguf", tmp_path / "gguf", "fp32")
+    model, tokenizer = ArgonneForCausalLM.from_pretrained(source).eval(), load_tokenizer(source)
+    ids = tokenizer("The database stores", add_special_tokens=False).input_ids
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "gguf" / "model.gguf"), n_ctx=128, logits_all=True, verbose=False)
+    assert llm.tokenize(b"The database stores", add_bos=False, special=False) == ids
+    llm.eval(ids)
+    theirs = np.array(llm.scores[len(ids) - 1])
+    ours = logits(model, torch.tensor([ids]))[0, -1].numpy()
+    assert np.abs(theirs - ours).max() <= 1e-3 * max(1.0, np.abs(ours).max())
+    greedy = llm.create_completion("The database stores", max_tokens=10, temperature=0.0, top_k=1)
+    params = SamplingParams(max_new_tokens=10, temperature=0)
+    assert greedy["choices"][0]["text"] == Generator(model, tokenizer).generate(["The database stores"], params)[0]
