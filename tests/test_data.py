@@ -1,7 +1,5 @@
 """Data preparation: filters, accounting, bad input, worker independence, resume, streaming, hub paths."""
 
-import json
-import shutil
 
 import numpy as np
 import pyarrow as pa

@@ -241,7 +241,6 @@ class StreamingBatches:
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         group = self.world * self.micro_batch_size  # windows per micro-batch index, over all ranks
-        mine = slice(self.rank * self.micro_batch_size, (self.rank + 1) * self.micro_batch_size)
         while True:
             from_start, yielded = self.position == StreamPosition(), False
             pending: list[np.ndarray] = []
