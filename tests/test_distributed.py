@@ -169,3 +169,19 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared, tmp_path):
     last_step = max(losses(tmp_path))
     assert latest_checkpoint(tmp_path / "checkpoints").name == f"step-{last_step:08d}"
     assert "resume with --resume auto" in out + err
+
+
+@pytest.mark.parametrize("layout", ["fsdp2", "tp2"])
+def test_models_built_on_meta_are_initialised_after_sharding(prepared, tmp_path, layout):
+    import math
+
+    tp = ["--parallel.tensor_parallel=2"] if layout == "tp2" else []
+    args = command(prepared, tmp_path, steps=10, nproc=2, micro=8 if tp else 4, extra=tp)
+    script = args.index("-m", args.index("torch.distributed.run") + 1)  # the second -m runs argonne.cli
+    args[script:script + 2] = [str(REPO / "tests" / "train_with_meta_init.py")]
+    result = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    steps = losses(tmp_path)
+    assert abs(steps[1] - math.log(8192)) < 0.2  # a fresh initialisation predicts near-uniformly
+    assert all(math.isfinite(v) for v in steps.values())
+    assert sum(steps[s] for s in (8, 9, 10)) / 3 < steps[1] - 0.1  # and it trains
