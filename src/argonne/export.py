@@ -202,6 +202,16 @@ def write_gguf(model: ArgonneForCausalLM, tokenizer, path: Path) -> Path:
 # ------------------------------------------------------------------------------------------------------- import
 
 
+def weight_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `state` from loading strictly into a model whose state dict is `expected`, or None."""
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in sorted(set(state) & set(expected))
+             if state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        return f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}"
+    return None
+
+
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a folder's safetensors files, else its .bin/.pth files loaded with weights_only=True."""
     from safetensors.torch import load_file
@@ -372,11 +382,9 @@ def import_model(source: str | Path, output: str | Path) -> Path:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = ArgonneForCausalLM(config)
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ConversionError(f"{source}: weights do not match the config: missing {missing[:8]}, "
-                              f"unexpected {unexpected[:8]}")
+    problems = weight_mismatch(model.state_dict(), state)
+    if problems:
+        raise ConversionError(f"{source}: weights do not match the config: {problems}")
     model.load_state_dict(state, strict=True, assign=True)
     model.save_pretrained(output)
     if (source / "tokenizer_config.json").is_file() or (source / "tokenizer.json").is_file():

@@ -79,13 +79,23 @@ def conversation_from_row(row, where: str) -> Conversation:
     raise DataError(f"{where}: needs 'messages' or 'prompt' and 'response'; has {sorted(row)}")
 
 
+def _json_row(line: str, where: str):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{where}: not valid JSON ({error})") from None
+
+
 def read_conversations(paths: list[str], on_error: str = "fail", stats: SFTStats | None = None) -> list[Conversation]:
     """Conversations from JSONL files (errors name the line) and parquet files (errors name the row)."""
     stats = stats if stats is not None else SFTStats()
     conversations = []
 
-    def add(row, where):
+    def add(where: str, row=None, line: str | None = None) -> None:
+        """Check one row (a JSONL line is parsed here, so a bad line is reported like any bad row)."""
         try:
+            if line is not None:
+                row = _json_row(line, where)
             conversations.append(conversation_from_row(row, where))
         except DataError as error:
             if on_error != "skip":
@@ -98,27 +108,15 @@ def read_conversations(paths: list[str], on_error: str = "fail", stats: SFTStats
         if str(path).endswith((".jsonl", ".json")):
             with open(path, encoding="utf-8") as f:
                 for number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        row = DataError(f"{path}:{number}: not valid JSON ({error})")
-                    if isinstance(row, DataError):
-                        if on_error != "skip":
-                            raise row
-                        log.warning("skipping %s", row)
-                        stats.skipped += 1
-                        stats.problems.append(str(row))
-                        continue
-                    add(row, f"{path}:{number}")
+                    if line.strip():
+                        add(f"{path}:{number}", line=line)
         else:
             for file in resolve_parquet_files([path]):
                 parquet = open_parquet(file)
                 row_number = 0
                 for group in range(parquet.num_row_groups):
                     for row in parquet.read_row_group(group).to_pylist():
-                        add(row, f"{file}: row {row_number}")
+                        add(f"{file}: row {row_number}", row)
                         row_number += 1
     if not conversations:
         raise DataError(f"no usable conversation in {', '.join(map(str, paths))}")

@@ -114,26 +114,18 @@ def build_distillation(config: RunConfig, model_config: ArgonneConfig, tokenizer
 
 
 def load_initial_weights(model: ArgonneForCausalLM, source: Path) -> None:
-    """Weights from a Hugging Face folder (safetensors) or a training checkpoint; a missing, unexpected or
-    mis-shaped weight is an error (never a silent random initialisation)."""
-    from .checkpoint import load_model_weights
+    """Weights from a Hugging Face folder or a training checkpoint; a missing, unexpected or mis-shaped weight is
+    an error (never a silent random initialisation)."""
+    from .checkpoint import COMPLETE, load_model_weights
+    from .export import read_weights, weight_mismatch
 
-    safetensors_files = sorted(source.glob("*.safetensors"))
-    if not safetensors_files:
+    if (source / COMPLETE).is_file():
         load_model_weights(source, model)  # DCP: raises on a missing key or a shape mismatch
         return
-    from safetensors.torch import load_file
-
-    state = {}
-    for file in safetensors_files:
-        state.update(load_file(file))
-    expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in set(state) & set(expected)
-             if state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise ConfigError(f"{source}: weights do not fit the model: missing {missing}, unexpected {unexpected}, "
-                          f"wrong shapes {wrong}")
+    state = read_weights(source)  # safetensors, or .bin/.pth with weights_only=True
+    problems = weight_mismatch(model.state_dict(), state)
+    if problems:
+        raise ConfigError(f"{source}: weights do not fit the model: {problems}")
     model.load_state_dict(state, strict=True)
 
 
