@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
@@ -172,6 +173,91 @@ def test_non_finite_loss_stays_non_finite():
         model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     tokens = torch.randint(0, 320, (1, 8))
     assert torch.isnan(model(tokens, labels=tokens).loss)
+
+
+def _loss_and_grads(model, loss_of):
+    model.zero_grad(set_to_none=True)
+    loss = loss_of(model)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_training_loss_from_targets_equals_full_logits_cross_entropy(tied, monkeypatch):
+    """`targets` takes the chunked linear + cross-entropy path: same loss, same gradients, no logits."""
+    import argonne.modeling_argonne as modeling
+
+    model = make_model(**LLAMA_STYLE, tie_word_embeddings=tied).train()
+    tokens = torch.randint(0, 320, (3, 17))
+    targets = tokens[:, 1:].clone()
+    targets[0, :6] = -100
+    full_loss, full_grads = _loss_and_grads(model, lambda m: m(tokens[:, :-1], labels=torch.cat(
+        [tokens[:, :1], targets], dim=1)).loss)
+    # 320-token vocabulary, chunks of 7 tokens: 48 positions take 7 chunks, the last one short.
+    monkeypatch.setattr(modeling, "LOSS_CHUNK_LOGITS", 7 * 320)
+    output = model(tokens[:, :-1], targets=targets, use_cache=False)
+    assert output.logits is None
+    chunked_loss, chunked_grads = _loss_and_grads(model, lambda m: m(tokens[:, :-1], targets=targets).loss)
+    torch.testing.assert_close(chunked_loss, full_loss, rtol=1e-6, atol=1e-6)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():  # evaluation takes the same path without building gradients
+        torch.testing.assert_close(model(tokens[:, :-1], targets=targets).loss, full_loss, rtol=1e-6, atol=1e-6)
+
+
+def test_linear_cross_entropy_under_bfloat16_autocast_matches_the_autocast_reference():
+    from argonne.modeling_argonne import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = torch.randn(300, 32, requires_grad=True)
+    targets = torch.randint(0, 300, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = F.cross_entropy(F.linear(hidden, weight).float(), targets)
+    reference.backward()
+    expected = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk_logits=16 * 300)
+    loss.backward()
+    assert loss.dtype == torch.float32 and hidden.grad.dtype == weight.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, reference)
+    # bf16 matmuls; the weight gradient sums per-chunk bf16 products in float32 (a little more precise).
+    torch.testing.assert_close(hidden.grad, expected[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(weight.grad, expected[1], rtol=2e-2, atol=2e-3)
+
+
+def test_linear_cross_entropy_ignores_non_finite_logits_of_ignored_positions():
+    from argonne.modeling_argonne import linear_cross_entropy
+
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(10, 8, requires_grad=True)
+    with torch.no_grad():
+        hidden[0] = float("inf")
+    targets = torch.tensor([-100, 1, 2, 3])
+    loss = linear_cross_entropy(hidden, weight, targets)
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, F.cross_entropy(F.linear(hidden, weight), targets))
+    assert torch.isnan(linear_cross_entropy(hidden, weight, torch.full((4,), -100)))  # nothing scored: 0 / 0
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_with_head_dim_padding_is_the_same_math(masked):
+    """Zero-padding q/k/v to a multiple of 8 (what the GPU training path does at head_dim 170) changes nothing."""
+    from argonne.modeling_argonne import attention, build_attention_mask
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 11, 17, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, 11, 17, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, 11, 17, dtype=torch.float64, requires_grad=True)
+    mask = build_attention_mask(torch.tensor([[0, 0, 0] + [1] * 8, [1] * 11]), 11, 0, q.device) if masked else None
+    grads = []
+    for pad_to in (1, 8):
+        y = attention(q, k, v, mask, pad_to)
+        assert y.shape == (2, 6, 11, 17)
+        grads.append((y, *torch.autograd.grad((y * y.detach().cos()).sum(), (q, k, v))))
+    for plain, padded in zip(*grads):
+        torch.testing.assert_close(padded, plain, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "argonne-1.0"])

@@ -88,9 +88,11 @@ class DistillationObjective:
         self.teacher, self.vocab, self.alpha, self.temperature, self.chunk = teacher, vocab, alpha, temperature, chunk
 
     def __call__(self, model, inputs: torch.Tensor, targets: torch.Tensor):
-        output = model(inputs, targets=targets, use_cache=False)
+        # The KL needs the student's logits, so they are made whole here (not through the chunked training loss).
+        logits = model(inputs, use_cache=False).logits
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         with torch.no_grad():
             teacher_logits = self.teacher(inputs, use_cache=False).logits
-        kl = distillation_kl(output.logits, teacher_logits, targets, self.vocab, self.temperature, self.chunk)
-        loss = self.alpha * self.temperature**2 * kl + (1 - self.alpha) * output.loss
-        return loss, {"kl": kl.detach(), "ce": output.loss.detach()}
+        kl = distillation_kl(logits, teacher_logits, targets, self.vocab, self.temperature, self.chunk)
+        loss = self.alpha * self.temperature**2 * kl + (1 - self.alpha) * ce
+        return loss, {"kl": kl.detach(), "ce": ce.detach()}

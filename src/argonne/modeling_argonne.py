@@ -134,10 +134,36 @@ class Attention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv, S, hd), S = past + T
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, enable_gqa=q.shape[1] != k.shape[1]
-        )  # (B, nh, T, hd)
+        # Training on a GPU: pad head_dim to a multiple of 8 (cuDNN's requirement). Not with a cache, where padding
+        # would copy the whole cache at every decoding step.
+        pad_to = ATTENTION_HEAD_DIM_MULTIPLE if cache is None and q.is_cuda else 1
+        y = attention(q, k, v, attn_mask, pad_to)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+# cuDNN's fused attention needs head_dim % 8 == 0. Argonne 2.0's head_dim 170 otherwise gets only the flash kernel:
+# forward + backward on an H200, 174 TFLOP/s at 170 against 310 with q/k/v zero-padded to 176 (../shared/reference).
+ATTENTION_HEAD_DIM_MULTIPLE = 8
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, pad_to: int = 1
+) -> torch.Tensor:
+    """SDPA over q (B, nh, T, hd) and k, v (B, n_kv, S, hd); causal when attn_mask is None.
+
+    With `pad_to` > 1, q, k and v are zero-padded along head_dim to a multiple of it and the softmax scale stays
+    1/sqrt(hd): the zeros add nothing to q.k, and the padded value columns (zeros) are cut off again, so the result
+    is the same math, computed by whichever kernel the padded shape unlocks.
+    """
+    head_dim = q.shape[-1]
+    pad = -head_dim % pad_to
+    if pad:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None, scale=1.0 / math.sqrt(head_dim),
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return y[..., :head_dim] if pad else y
 
 
 class Block(nn.Module):
@@ -258,6 +284,98 @@ def positions_from_mask(
     return positions.clamp(min=0)[:, -query_len:]
 
 
+# Logits per loss chunk: 2**26 float32 values are 256 MiB, 442 tokens at vocab 151,665 (the whole batch at small vocabularies).
+LOSS_CHUNK_LOGITS = 2**26
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_logits: int | None = None
+) -> torch.Tensor:
+    """Mean cross-entropy of the logits `hidden @ weight.T` against `targets` (-100 ignored): the value of
+    F.cross_entropy(F.linear(hidden, weight).float(), targets), without ever holding all the logits.
+
+    hidden (..., D), weight (V, D), targets (...). Logits are made `chunk_logits // V` tokens at a time
+    (LOSS_CHUNK_LOGITS by default), in the
+    autocast dtype when autocast is on, and soft-maxed in float32. When a gradient is wanted, each chunk's gradients
+    for hidden and weight are computed right away (d mean loss / d logits = (softmax - one_hot) / scored tokens),
+    and the backward only scales them by the incoming gradient: no logits are kept and no matmul is repeated.
+    A batch with no scored token gives NaN (0 / 0), as F.cross_entropy does.
+    """
+    device_type = hidden.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    chunk = max(1, (chunk_logits or LOSS_CHUNK_LOGITS) // weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _chunked_cross_entropy(hidden, weight, targets, chunk, compute_dtype, with_grads=False)[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk, compute_dtype):
+        with torch.autocast(hidden.device.type, enabled=False):
+            loss, grad_hidden, grad_weight = _chunked_cross_entropy(
+                hidden, weight, targets, chunk, compute_dtype, with_grads=True
+            )
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return (grad_hidden * grad_loss).to(hidden_dtype), (grad_weight * grad_loss).to(weight_dtype), None, None, None
+
+
+def _chunked_cross_entropy(hidden, weight, targets, chunk, compute_dtype, with_grads):
+    """(mean loss, d loss / d hidden or None, d loss / d weight in float32 or None); see linear_cross_entropy."""
+    h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+    scale = 1.0 / (targets != -100).sum()  # a tensor: no host synchronisation
+    chunk_loss = _compiled_chunk_loss if hidden.is_cuda else cross_entropy_chunk
+    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(h_all) if with_grads else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+    for start in range(0, h_all.shape[0], chunk):
+        h = h_all[start : start + chunk]
+        part, grad_logits = chunk_loss(h @ w.T, targets[start : start + chunk], scale, with_grads)
+        loss_sum = loss_sum + part
+        if with_grads:
+            grad_hidden[start : start + chunk] = grad_logits @ w
+            grad_weight += (grad_logits.T @ h).float()
+    return loss_sum * scale, grad_hidden, grad_weight
+
+
+def cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, with_grads: bool):
+    """Summed float32 loss of logits (n, V) against targets (n,), and, with_grads, d(scale * loss)/d logits in the
+    logits' dtype. Ignored targets (-100) contribute nothing, even when their logits are not finite."""
+    logits32 = logits.float()
+    scored = targets != -100
+    safe_targets = torch.where(scored, targets, 0)
+    logsumexp = torch.logsumexp(logits32, dim=-1)
+    target_logits = logits32.gather(1, safe_targets[:, None]).squeeze(1)
+    loss_sum = torch.where(scored, logsumexp - target_logits, 0.0).sum()
+    if not with_grads:
+        return loss_sum, None
+    one_hot = safe_targets[:, None] == torch.arange(logits.shape[1], device=logits.device)
+    grad = (torch.exp(logits32 - logsumexp[:, None]) - one_hot.float()) * scale
+    return loss_sum, torch.where(scored[:, None], grad, 0.0).to(logits.dtype)
+
+
+def _compiled_chunk_loss(logits, targets, scale, with_grads):
+    """cross_entropy_chunk fused by torch.compile into a few passes over the chunk's logits (on GPUs, where an eager
+    chain of float32 copies over a vocabulary of 151,665 costs as much as the head's matmuls)."""
+    global _compiled_cross_entropy_chunk
+    if _compiled_cross_entropy_chunk is None:
+        _compiled_cross_entropy_chunk = torch.compile(cross_entropy_chunk)
+    return _compiled_cross_entropy_chunk(logits, targets, scale, with_grads)
+
+
+_compiled_cross_entropy_chunk = None
+
+
 class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
     """The Argonne language model. With tied embeddings the head reuses `model.embed_tokens.weight` and there is no
     separate `lm_head` parameter; untied presets (Argonne 1.x) have `lm_head`."""
@@ -304,8 +422,11 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """Logits (B, T, V) and, with `labels` (B, T), the next-token cross-entropy: position t predicts labels[t+1],
-        positions labelled -100 are ignored. `targets` (B, T) are labels already shifted (position t predicts
-        targets[t]), as training windows of T + 1 tokens give them. A non-finite loss is returned as it is.
+        positions labelled -100 are ignored. A non-finite loss is returned as it is.
+
+        `targets` (B, T) are labels already shifted (position t predicts targets[t]), as training windows of T + 1
+        tokens give them. With targets only the loss is returned (logits None): it is computed by
+        `linear_cross_entropy` without ever holding the (B * T, V) logits.
 
         `cache` (`past_key_values` before transformers 5) is a transformers `Cache`; with `use_cache` and none
         given, a `DynamicCache` is created. `logits_to_keep=k` computes logits for the last k positions only.
@@ -326,6 +447,10 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
         hidden = self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+        if labels is None and targets is not None:
+            # The training path: the loss straight from the hidden states, chunk by chunk; no logits are returned.
+            loss = linear_cross_entropy(hidden[:, : targets.shape[1]], self.output_weight, targets.to(hidden.device))
+            return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: cache})
         logits = F.linear(hidden, self.output_weight)  # (B, T, V)
         loss = None
         if targets is not None:
