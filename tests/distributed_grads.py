@@ -22,7 +22,7 @@ def main():
     reference = ArgonneForCausalLM(config)
     model = ArgonneForCausalLM(config)
     model.load_state_dict(reference.state_dict())
-    parallelize(model, topology, activation_checkpointing=False, compile=False, param_dtype=None)
+    parallelize(model, topology, activation_checkpointing="none", compile=False, param_dtype=None)
     tokens = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(1))
     for m in (reference, model):
         m(tokens[:, :-1], targets=tokens[:, 1:], use_cache=False).loss.backward()

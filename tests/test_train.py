@@ -86,7 +86,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     model = ArgonneForCausalLM(ArgonneConfig.from_preset("argonne-1.0", hidden_size=32, head_dim=8,
                                                          num_attention_heads=4, num_key_value_heads=4,
                                                          num_hidden_layers=1, intermediate_size=64))
-    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1), torch.device("cpu"))
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in optimizer.param_groups[0]["params"]}
     assert decayed == {n for n, p in model.named_parameters()
@@ -171,7 +171,8 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_ru
     poisoned.update(range(1, 100))
     config = load_run_config(None, tiny_run_args(tmp_path / "again", "--train.steps=6",
                                                  "--train.max_nonfinite_in_a_row=2"))
-    with pytest.raises(TrainingStopped, match="2 steps in a row had a non-finite loss"):
+    # Counted on the device and read at the log step (here the last): every one of the 6 steps was skipped.
+    with pytest.raises(TrainingStopped, match=r"6 steps in a row had a non-finite loss.*in_a_row \(now 2\)"):
         train(config)
 
 
@@ -202,16 +203,44 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, tiny_run_
     assert latest_checkpoint(checkpoints).name == "step-00000006"
 
 
-@pytest.mark.parametrize("option", ["parallel.activation_checkpointing", "parallel.compile"])
-def test_checkpointing_and_compile_keep_the_losses(tmp_path, tiny_run_args, option):
+@pytest.mark.parametrize("options", [
+    ["--parallel.activation_checkpointing=true"],  # the boolean spelling means "full"
+    ["--parallel.activation_checkpointing=selective"],
+    ["--parallel.compile=true"],
+    ["--parallel.compile=true", "--parallel.activation_checkpointing=selective"],
+])
+def test_checkpointing_and_compile_keep_the_losses(tmp_path, tiny_run_args, options):
     def run(name, *extra):
         args = tiny_run_args(tmp_path / name, "--train.steps=3", "--train.log_every=1", "--train.tensorboard=false",
                              "--data.val_windows=0", *extra)
         train(load_run_config(None, args))
         return [json.loads(line)["loss"] for line in (tmp_path / name / "run" / "metrics.jsonl").open()]
 
-    eager, changed = run("eager"), run("changed", f"--{option}=true")
+    eager, changed = run("eager"), run("changed", *options)
     assert changed == pytest.approx(eager, rel=1e-4)
+
+
+def test_the_loop_reads_device_values_only_at_log_steps(tmp_path, tiny_run_args, monkeypatch):
+    """No host synchronisation inside a step: the number of device-to-host reads does not grow with the number
+    of steps between two logs (on a GPU each read would stall the queue of work)."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _real=real, **kwargs):
+            reads.append(1)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+
+    def reads_in_a_run(steps: int) -> int:
+        reads.clear()
+        train(load_run_config(None, tiny_run_args(
+            tmp_path / str(steps), f"--train.steps={steps}", f"--train.log_every={steps}", "--data.val_windows=0",
+            "--train.tensorboard=false", "--train.micro_batch_size=2", "--train.grad_accum=2")))
+        return len(reads)
+
+    assert reads_in_a_run(2) == reads_in_a_run(7)
 
 
 def test_out_of_memory_is_explained(tmp_path, tiny_run_args, monkeypatch):

@@ -90,8 +90,9 @@ class OptimConfig:
 class ParallelConfig:
     tensor_parallel: int = 1
     """Tensor-parallel degree (within a node); the rest of the world is data parallel (FSDP2)."""
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward pass (saves memory, costs ~1/3 more compute)."""
+    activation_checkpointing: str = "none"
+    """Recompute block activations in the backward pass: "none", "full" (keep only block inputs; ~1/3 more compute)
+    or "selective" (keep matmul and attention outputs, recompute element-wise ops). true/false mean full/none."""
     compile: bool = False
     """torch.compile each transformer block."""
 
@@ -239,6 +240,11 @@ def validate(config: RunConfig) -> None:
     if sum(map(bool, (config.data.inputs, config.data.prepared, config.data.sft))) != 1:
         problems.append("set exactly one of data.inputs (stream from parquet), data.prepared (prepared folder) "
                         "and data.sft (instruction data)")
+    checkpointing = config.parallel.activation_checkpointing
+    if isinstance(checkpointing, bool):
+        config.parallel.activation_checkpointing = "full" if checkpointing else "none"
+    elif checkpointing not in ("none", "full", "selective"):
+        problems.append(f"parallel.activation_checkpointing must be none, full or selective, got {checkpointing!r}")
     if config.data.on_error not in ("fail", "skip"):
         problems.append(f"data.on_error must be fail or skip, got {config.data.on_error!r}")
     if problems:

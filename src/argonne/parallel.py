@@ -32,6 +32,8 @@ class Topology:
     mesh: DeviceMesh | None = None
     dp: int = 1
     tp: int = 1
+    host_group: dist.ProcessGroup | None = None
+    """A gloo group over all processes for host-side flags (preemption): agreeing on them never waits for a GPU."""
 
     @property
     def dp_rank(self) -> int:
@@ -62,7 +64,17 @@ def init_distributed(tensor_parallel: int, device: torch.device) -> Topology:
         dist.init_process_group(backend)
     dp = world // tensor_parallel
     mesh = init_device_mesh(device.type, (dp, tensor_parallel), mesh_dim_names=("dp", "tp"))
-    return Topology(rank, world, local_rank, mesh, dp, tensor_parallel)
+    host_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    return Topology(rank, world, local_rank, mesh, dp, tensor_parallel, host_group)
+
+
+def any_process(flag: bool, topology: Topology) -> bool:
+    """True when `flag` is set in any process; a host-side collective (gloo), no GPU synchronisation."""
+    if topology.world == 1:
+        return flag
+    tensor = torch.tensor([int(flag)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=topology.host_group)
+    return bool(tensor.item())
 
 
 def check_tensor_parallel(model: ArgonneForCausalLM, tp: int) -> None:
@@ -92,13 +104,43 @@ def apply_tensor_parallel(model: ArgonneForCausalLM, tp_mesh: DeviceMesh) -> Non
         parallelize_module(block, tp_mesh, plan)
 
 
-def apply_activation_checkpointing(model: ArgonneForCausalLM) -> None:
-    """Recompute each block's activations in the backward pass instead of keeping them."""
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+# Selective checkpointing keeps the outputs of these ops and recomputes every other op of a block (norms, RoPE,
+# SiLU, products, casts: memory-bound and cheap) in the backward pass.
+_SAVED_OPS = (
+    "mm", "addmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+)
+
+
+def _selective_checkpoint_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = {getattr(torch.ops.aten, name).default for name in _SAVED_OPS if hasattr(torch.ops.aten, name)}
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: ArgonneForCausalLM, mode: str = "full") -> None:
+    """Recompute block activations in the backward pass instead of keeping them.
+
+    "full" keeps only each block's input and recomputes the whole block (about 1/3 more compute); "selective" keeps
+    the matmul and attention outputs and recomputes only the element-wise ops (little extra compute, more memory).
+    """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"activation checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {mode!r}")
+    if mode == "none":
+        return
+    extra = {"context_fn": _selective_checkpoint_context} if mode == "selective" else {}
     layers = model.model.layers
     for index, block in enumerate(layers):
-        layers[index] = checkpoint_wrapper(block, preserve_rng_state=False)
+        layers[index] = checkpoint_wrapper(block, preserve_rng_state=False, **extra)
 
 
 def apply_compile(model: ArgonneForCausalLM) -> None:
@@ -121,14 +163,13 @@ def apply_fsdp(model: ArgonneForCausalLM, dp_mesh: DeviceMesh, param_dtype: torc
 def parallelize(
     model: ArgonneForCausalLM,
     topology: Topology,
-    activation_checkpointing: bool,
+    activation_checkpointing: str,
     compile: bool,
     param_dtype: torch.dtype | None,
 ) -> ArgonneForCausalLM:
     if topology.tp > 1:
         apply_tensor_parallel(model, topology.mesh["tp"])
-    if activation_checkpointing:
-        apply_activation_checkpointing(model)
+    apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)
     if topology.mesh is not None and topology.dp > 1:

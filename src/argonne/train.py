@@ -26,7 +26,7 @@ from .data import StreamingTokens, TokenizeSettings, held_out_tokens
 from .loader import PreparedBatches, PreparedTokens, StreamingBatches, num_windows, read_window
 from .metrics import count_parameters, training_flops_per_token
 from .modeling_argonne import ArgonneForCausalLM
-from .parallel import Topology, clip_grad_norm, init_distributed, parallelize
+from .parallel import Topology, any_process, clip_grad_norm, init_distributed, parallelize
 from .sft import split_batch
 from .tokenizer import document_boundary_id, load_tokenizer
 
@@ -129,7 +129,7 @@ def load_initial_weights(model: ArgonneForCausalLM, source: Path) -> None:
     model.load_state_dict(state, strict=True)
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only: norms, biases and embeddings are not decayed."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -139,9 +139,8 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig, device: torch.de
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(
-        groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=device.type == "cuda"
-    )
+    # Fused on every device: one kernel per parameter group, and an update it skips on device (`found_inf`).
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
 
 
 def build_data(config: RunConfig, tokenizer, rank: int = 0, world: int = 1, pin_memory: bool = False):
@@ -232,14 +231,6 @@ def _mean_over_ranks(value: torch.Tensor, topology: Topology) -> torch.Tensor:
     total = value.detach().clone()
     dist.all_reduce(total, group=topology.mesh["dp"].get_group())
     return total / topology.dp
-
-
-def _any_rank(flag: bool, topology: Topology, device) -> bool:
-    if topology.mesh is None:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
 
 
 @torch.no_grad()
@@ -381,6 +372,49 @@ def cross_entropy_objective(model, inputs: torch.Tensor, targets: torch.Tensor):
     return model(inputs, targets=targets, use_cache=False).loss, {}
 
 
+def training_step(model, optimizer, next_batch, objective, amp, config: RunConfig, topology: Topology, device):
+    """One optimizer step: grad_accum micro-batches forward and backward, the global gradient norm clipped, and an
+    AdamW update that the fused optimizer skips by itself when the loss or the gradient norm is not finite.
+
+    Returns device tensors (loss, grad_norm, finite, parts). Nothing here reads a value back to the host, so the
+    host queues the next step (and fetches its batch) while the device still computes this one.
+    """
+    accumulate = config.train.grad_accum
+    step_loss = torch.zeros((), device=device)
+    parts: dict[str, torch.Tensor] = {}  # loss components (distillation: kl, ce)
+    for _ in range(accumulate):
+        inputs, targets = split_batch(next_batch().to(device, non_blocking=True))
+        with amp():
+            loss, micro_parts = objective(model, inputs, targets)
+        (loss / accumulate).backward()
+        step_loss += loss.detach().float() / accumulate
+        for name, value in micro_parts.items():
+            parts[name] = parts.get(name, 0) + value.float() / accumulate
+    grad_norm = clip_grad_norm(model.parameters(), config.optim.grad_clip)
+    step_loss = _mean_over_ranks(step_loss, topology)  # every process then agrees on skipping
+    finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm.to(device))
+    optimizer.found_inf = (~finite).float()  # fused AdamW's on-device skip (what GradScaler uses)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss, grad_norm, finite, parts
+
+
+class SkippedSteps:
+    """On-device count of updates skipped for a non-finite loss or gradient norm, and of the longest run of them
+    in a row since the last read; read back only at log intervals."""
+
+    def __init__(self, device):
+        self.total = torch.zeros((), dtype=torch.long, device=device)
+        self.in_a_row = torch.zeros_like(self.total)
+        self.longest_run = torch.zeros_like(self.total)
+
+    def update(self, finite: torch.Tensor) -> None:
+        bad = (~finite).long()
+        self.total += bad
+        self.in_a_row = (self.in_a_row + 1) * bad
+        self.longest_run = torch.maximum(self.longest_run, self.in_a_row)
+
+
 def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
     """Run training; returns a summary (last metrics, elapsed time). `resume` is None, "auto" or a checkpoint.
     `objective(model, inputs, targets) -> (loss, parts)` replaces the cross-entropy step (distillation)."""
@@ -403,7 +437,7 @@ def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
     fsdp_mixed_precision = topology.dp > 1 and dtype is not None
     # FSDP2 casts parameters itself; otherwise autocast does the mixed precision.
     amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype and not fsdp_mixed_precision else nullcontext
-    optimizer = build_optimizer(model, config.optim, device)
+    optimizer = build_optimizer(model, config.optim)
     if objective is None and config.distill.teacher:
         objective = build_distillation(config, model_config, tokenizer, device)
     batches, validation = build_data(config, tokenizer, topology.dp_rank, topology.dp, device.type == "cuda")
@@ -436,10 +470,11 @@ def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
         )
 
     batch_iter = iter(batches)
-    nonfinite_in_a_row = skipped_steps = 0
+    skipped = SkippedSteps(device)
+    skipped_before = 0  # the total at the last log
     started = last_log = time.perf_counter()
     losses_since_log: list[torch.Tensor] = []
-    parts_since_log: dict[str, list[torch.Tensor]] = {}  # loss components (distillation: kl, ce)
+    parts_since_log: dict[str, list[torch.Tensor]] = {}
     objective = objective or cross_entropy_objective
     summary: dict = {"step": start_step}
     preempted = False
@@ -450,55 +485,51 @@ def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             try:
-                step_loss = torch.zeros((), device=device)
-                for _ in range(tc.grad_accum):
-                    inputs, targets = split_batch(next(batch_iter).to(device, non_blocking=True))
-                    with amp():
-                        loss, parts = objective(model, inputs, targets)
-                    (loss / tc.grad_accum).backward()
-                    step_loss += loss.detach().float() / tc.grad_accum
-                    for name, value in parts.items():
-                        parts_since_log.setdefault(name, []).append(value.float() / tc.grad_accum)
-                grad_norm = clip_grad_norm(model.parameters(), config.optim.grad_clip)
+                step_loss, grad_norm, finite, parts = training_step(
+                    model, optimizer, lambda: next(batch_iter), objective, amp, config, topology, device
+                )
             except torch.OutOfMemoryError as error:
                 raise TrainingStopped(oom_message(error, device, config)) from error
-            step_loss = _mean_over_ranks(step_loss, topology)
-            if torch.isfinite(step_loss) and torch.isfinite(grad_norm):
-                optimizer.step()
-                nonfinite_in_a_row = 0
-            else:
-                skipped_steps += 1
-                nonfinite_in_a_row += 1
-                sink.note(f"step {step + 1}: non-finite loss ({step_loss.item()}) or gradient norm "
-                          f"({grad_norm.item()}); update skipped ({skipped_steps} so far)")
-                if nonfinite_in_a_row >= tc.max_nonfinite_in_a_row:
-                    raise TrainingStopped(
-                        f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient norm (last: step "
-                        f"{step + 1}); lower optim.lr, check the data, or raise train.max_nonfinite_in_a_row"
-                    )
-            optimizer.zero_grad(set_to_none=True)
+            skipped.update(finite)
             losses_since_log.append(step_loss)
+            for name, value in parts.items():
+                parts_since_log.setdefault(name, []).append(value)
             sink.step_done()
             done = step + 1 == tc.steps
 
             if (step + 1) % tc.log_every == 0 or done:
-                _synchronize(device)
+                # The only point where the loop waits for the device: one read of everything logged.
+                loss, norm, total_skipped, longest_run = torch.stack([
+                    torch.stack(losses_since_log).mean(), grad_norm.to(device).float(),
+                    skipped.total.float(), skipped.longest_run.float(),
+                ]).tolist()
                 now = time.perf_counter()
                 tokens_per_s = len(losses_since_log) * tokens_per_step / (now - last_log)
+                if total_skipped > skipped_before:
+                    sink.note(f"steps {step + 2 - len(losses_since_log)}-{step + 1}: "
+                              f"{int(total_skipped - skipped_before)} update(s) skipped for a non-finite loss or "
+                              f"gradient norm ({int(total_skipped)} so far)")
+                if longest_run >= tc.max_nonfinite_in_a_row:
+                    raise TrainingStopped(
+                        f"{int(longest_run)} steps in a row had a non-finite loss or gradient norm (by step "
+                        f"{step + 1}); lower optim.lr, check the data, or raise train.max_nonfinite_in_a_row "
+                        f"(now {tc.max_nonfinite_in_a_row})"
+                    )
+                skipped.longest_run.zero_()
+                skipped_before = total_skipped
                 record = {
                     "step": step + 1,
                     "tokens": (step + 1) * tokens_per_step,
-                    "loss": torch.stack(losses_since_log).mean().item(),
+                    "loss": loss,
                     "lr": lr,
-                    "grad_norm": grad_norm.item(),
+                    "grad_norm": norm,
                     "tokens_per_s": tokens_per_s,
                     "mfu": flops_per_token * tokens_per_s / (peak_tflops * 1e12 * topology.world),
                     "peak_memory_gib": peak_memory_gib(device),
-                    "skipped_steps": skipped_steps,
+                    "skipped_steps": int(total_skipped),
                 }
                 for name, values in parts_since_log.items():
-                    mean = torch.stack(values).sum() / len(losses_since_log)
-                    record[name] = _mean_over_ranks(mean, topology).item()
+                    record[name] = _mean_over_ranks(torch.stack(values).mean(), topology).item()
                 parts_since_log.clear()
                 if validation is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0) or done):
                     record["val_loss"] = evaluate(model, validation, device, amp)
@@ -508,7 +539,7 @@ def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
                 last_log = time.perf_counter()
             if tc.sample_every and (step + 1) % tc.sample_every == 0:
                 sink.note("sample: " + sample_text(model, tokenizer, tc.sample_prompt, tc.sample_tokens, device, amp))
-            preempted = _any_rank(preemption.raised, topology, device)
+            preempted = any_process(preemption.raised, topology)
             every = config.checkpoint.every
             if preempted or done or (every and (step + 1) % every == 0):
                 path = save(step + 1)
