@@ -1,12 +1,16 @@
-"""Training-step throughput of Argonne's model against transformers' LlamaForCausalLM of the same shape and batch,
+"""Training-step throughput of Argonne's trainer against transformers' LlamaForCausalLM of the same shape and batch,
 in the same process: tokens/s, MFU over the bf16 matmul rate measured in the same run, and peak memory.
 
     python benchmarks/train_throughput.py --preset small --batch 8 --seq-len 4096 --compile      # one GPU
-    python benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile --checkpointing
+    python benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile --checkpointing selective
     python benchmarks/train_throughput.py --preset tiny --batch 2 --seq-len 128                  # CPU-sized
 
-One step = forward + backward + AdamW (fused on GPUs) on random tokens; bf16 autocast with fp32 master weights on
-GPUs, fp32 on CPUs. MFU = (6 N + 12 L H hd S) FLOPs/token x tokens/s / measured peak, as in ../shared/reference.
+Argonne's step is the trainer's own `training_step` (chunked linear + cross-entropy, clipping, fused AdamW that skips
+non-finite updates on the device) on a model prepared by the trainer's `parallelize` (activation checkpointing,
+per-block compile). transformers' step is the same work written the usual way (labels loss, clip_grad_norm_, fused
+AdamW), as in ../shared/reference. Random tokens; bf16 autocast with fp32 master weights on GPUs, fp32 on CPUs.
+MFU = (6 N + 12 L H hd S) FLOPs/token x tokens/s / measured peak, as in ../shared/reference.
+On a GPU, `--check-syncs` makes any host synchronisation inside Argonne's timed steps an error.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from contextlib import nullcontext
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM
+from argonne.config import RunConfig
 from argonne.metrics import training_flops_per_token
-from argonne.parallel import apply_activation_checkpointing, apply_compile
-from argonne.train import measure_peak_tflops
+from argonne.parallel import ACTIVATION_CHECKPOINTING, Topology, parallelize
+from argonne.train import build_optimizer, cross_entropy_objective, measure_peak_tflops, training_step
 
 
 def llama_like(config: ArgonneConfig, checkpointing: bool):
@@ -39,31 +44,63 @@ def llama_like(config: ArgonneConfig, checkpointing: bool):
     return model
 
 
-def measure(name, model, step_inputs, device, amp, steps: int, warmup: int, flops_per_token, peak, tokens):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+def argonne_step(config: ArgonneConfig, args, batch, device, amp):
+    model = ArgonneForCausalLM(config).to(device)
+    parallelize(model, Topology(), args.checkpointing, args.compile, None)
+    run = RunConfig()
+    run.train.grad_accum = 1
+    optimizer = build_optimizer(model, run.optim)
+
+    def step():
+        training_step(model, optimizer, lambda: batch, cross_entropy_objective, amp, run, Topology(), device)
+
+    return model, step
+
+
+def transformers_step(config: ArgonneConfig, args, batch, device, amp):
+    model = llama_like(config, args.checkpointing != "none").to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    inputs = batch[:, :-1]
 
     def step():
         with amp():
-            loss = step_inputs(model)
+            loss = model(inputs, labels=inputs, use_cache=False).loss
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
+    return model, step
+
+
+def measure(name, build, args, device, flops_per_token, peak, tokens, check_syncs=False) -> float:
+    model, step = build()
+    for _ in range(args.warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    sync_check = device.type == "cuda" and check_syncs
+    if sync_check:
+        torch.cuda.set_sync_debug_mode("error")
     started = time.perf_counter()
-    for _ in range(steps):
-        step()
+    try:
+        for _ in range(args.steps):
+            step()
+    finally:
+        if sync_check:
+            torch.cuda.set_sync_debug_mode("default")
     if device.type == "cuda":
         torch.cuda.synchronize()
-    seconds = (time.perf_counter() - started) / steps
+    seconds = (time.perf_counter() - started) / args.steps
     tokens_per_s = tokens / seconds
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    print(f"{name:<34}{seconds * 1000:>10.1f}{tokens_per_s:>14,.0f}{flops_per_token * tokens_per_s / peak:>8.3f}"
-          f"{memory:>12.1f}")
+    print(f"{name:<40}{seconds * 1000:>10.1f}{tokens_per_s:>14,.0f}{flops_per_token * tokens_per_s / peak:>8.3f}"
+          f"{memory:>12.1f}", flush=True)
+    del model, step
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return tokens_per_s
 
 
@@ -75,7 +112,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile each of Argonne's blocks")
-    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing in both models")
+    parser.add_argument("--checkpointing", choices=ACTIVATION_CHECKPOINTING, default="none",
+                        help="Argonne's activation checkpointing; transformers gets its (full) checkpointing "
+                             "whenever this is not none")
+    parser.add_argument("--check-syncs", action="store_true",
+                        help="on a GPU, fail on any host synchronisation inside Argonne's timed steps")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
 
@@ -89,30 +130,20 @@ def main() -> None:
     flops_per_token = training_flops_per_token(config, args.seq_len)
     peak = measure_peak_tflops(device, dtype) * 1e12
     batch = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1), device=device)
-    inputs, targets = batch[:, :-1], batch[:, 1:]
     print(f"{args.preset}: batch {args.batch} x {args.seq_len}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
           f"measured peak {peak / 1e12:,.1f} TFLOP/s, {flops_per_token / 1e9:,.2f} GFLOPs/token")
-    print(f"{'model':<34}{'step ms':>10}{'tokens/s':>14}{'MFU':>8}{'peak GiB':>12}")
+    print(f"{'model':<40}{'step ms':>10}{'tokens/s':>14}{'MFU':>8}{'peak GiB':>12}")
 
-    ours = ArgonneForCausalLM(config).to(device)
-    if args.checkpointing:
-        apply_activation_checkpointing(ours)
-    if args.compile:
-        apply_compile(ours)
-    label = "argonne" + (" (compiled blocks)" if args.compile else "")
-    ours_rate = measure(label, ours, lambda m: m(inputs, targets=targets, use_cache=False).loss, device, amp,
-                        args.steps, args.warmup, flops_per_token, peak, tokens)
-    del ours
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    label = "argonne" + (", compiled blocks" if args.compile else "") + (
+        f", {args.checkpointing} checkpointing" if args.checkpointing != "none" else "")
+    ours = measure(label, lambda: argonne_step(config, args, batch, device, amp), args, device, flops_per_token,
+                   peak, tokens, args.check_syncs)
     if not args.skip_transformers:
-        theirs = llama_like(config, args.checkpointing).to(device)
-        theirs_rate = measure("transformers LlamaForCausalLM", theirs,
-                              lambda m: m(inputs, labels=inputs, use_cache=False).loss, device, amp,
-                              args.steps, args.warmup, flops_per_token, peak, tokens)
-        print(f"argonne / transformers tokens/s: {ours_rate / theirs_rate:.2f}x")
+        label = "transformers Llama" + (", checkpointing" if args.checkpointing != "none" else "")
+        theirs = measure(label, lambda: transformers_step(config, args, batch, device, amp), args, device,
+                         flops_per_token, peak, tokens)
+        print(f"argonne / transformers tokens/s: {ours / theirs:.2f}x")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,12 @@ def test_overrides_are_typed_and_checked(tmp_path):
         load_run_config(None, ["--train.steps=0"])
     with pytest.raises(ConfigError, match="no such config file"):
         load_run_config(tmp_path / "missing.toml")
+    inputs = "--data.inputs=['a.parquet']"
+    for given, meant in (("true", "full"), ("false", "none"), ("selective", "selective")):
+        config = load_run_config(None, [inputs, f"--parallel.activation_checkpointing={given}"])
+        assert config.parallel.activation_checkpointing == meant
+    with pytest.raises(ConfigError, match="activation_checkpointing must be none, full or selective, got 'some'"):
+        load_run_config(None, [inputs, "--parallel.activation_checkpointing=some"])
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():

@@ -351,17 +351,16 @@ def _chunked_cross_entropy(hidden, weight, targets, chunk, compute_dtype, with_g
 def cross_entropy_chunk(logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, with_grads: bool):
     """Summed float32 loss of logits (n, V) against targets (n,), and, with_grads, d(scale * loss)/d logits in the
     logits' dtype. Ignored targets (-100) contribute nothing, even when their logits are not finite."""
-    logits32 = logits.float()
     scored = targets != -100
-    safe_targets = torch.where(scored, targets, 0)
+    logits32 = logits.float().masked_fill(~scored[:, None], 0.0)  # a new float32 tensor, free to work in place
+    safe_targets = torch.where(scored, targets, 0)[:, None]
     logsumexp = torch.logsumexp(logits32, dim=-1)
-    target_logits = logits32.gather(1, safe_targets[:, None]).squeeze(1)
-    loss_sum = torch.where(scored, logsumexp - target_logits, 0.0).sum()
+    loss_sum = ((logsumexp - logits32.gather(1, safe_targets).squeeze(1)) * scored).sum()
     if not with_grads:
         return loss_sum, None
-    one_hot = safe_targets[:, None] == torch.arange(logits.shape[1], device=logits.device)
-    grad = (torch.exp(logits32 - logsumexp[:, None]) - one_hot.float()) * scale
-    return loss_sum, torch.where(scored[:, None], grad, 0.0).to(logits.dtype)
+    grad = logits32.sub_(logsumexp[:, None]).exp_()  # softmax
+    grad.scatter_add_(1, safe_targets, torch.full_like(safe_targets, -1, dtype=grad.dtype))  # - one_hot
+    return loss_sum, grad.mul_((scored * scale)[:, None]).to(logits.dtype)
 
 
 def _compiled_chunk_loss(logits, targets, scale, with_grads):
