@@ -39,13 +39,14 @@ def llama_like(config: ArgonneConfig, checkpointing: bool):
         max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.norm_eps,
         rope_theta=config.rope_theta, tie_word_embeddings=config.tie_word_embeddings, attn_implementation="sdpa",
     ))
-    if checkpointing:
-        model.gradient_checkpointing_enable()
+    if checkpointing:  # renamed in transformers 5.x; older versions have only the first name
+        getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
     return model
 
 
 def argonne_step(config: ArgonneConfig, args, batch, device, amp):
-    model = ArgonneForCausalLM(config).to(device)
+    with device:  # initialised on the device: a 4.9B model would take minutes on the CPU
+        model = ArgonneForCausalLM(config)
     parallelize(model, Topology(), args.checkpointing, args.compile, None)
     run = RunConfig()
     run.train.grad_accum = 1
@@ -58,7 +59,8 @@ def argonne_step(config: ArgonneConfig, args, batch, device, amp):
 
 
 def transformers_step(config: ArgonneConfig, args, batch, device, amp):
-    model = llama_like(config, args.checkpointing != "none").to(device)
+    with device:
+        model = llama_like(config, args.checkpointing != "none")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     inputs = batch[:, :-1]
 
@@ -74,6 +76,16 @@ def transformers_step(config: ArgonneConfig, args, batch, device, amp):
 
 
 def measure(name, build, args, device, flops_per_token, peak, tokens, check_syncs=False) -> float:
+    try:
+        return _measure(name, build, args, device, flops_per_token, peak, tokens, check_syncs)
+    except torch.OutOfMemoryError:
+        print(f"{name:<40}{'out of memory':>44}", flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+        return float("nan")
+
+
+def _measure(name, build, args, device, flops_per_token, peak, tokens, check_syncs) -> float:
     model, step = build()
     for _ in range(args.warmup):
         step()

@@ -81,10 +81,18 @@ def one_process(prepared, tmp_path_factory):
     return train(prepared, run_dir, steps=10, extra=["--checkpoint.every=5", "--checkpoint.keep=0"]), run_dir
 
 
-@pytest.mark.parametrize("layout", ["fsdp2", "tp2"])
+LAYOUTS = {
+    "fsdp2": [],
+    "tp2": ["--parallel.tensor_parallel=2"],
+    # Selective checkpointing keeps the tensor-parallel all-reduce outputs instead of recomputing them.
+    "tp2-selective-checkpointing": ["--parallel.tensor_parallel=2", "--parallel.activation_checkpointing=selective"],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_parallel_layouts_match_one_process(prepared, one_process, tmp_path, layout):
-    extra = ["--parallel.tensor_parallel=2"] if layout == "tp2" else []
-    micro = 8 if layout == "tp2" else 4  # the same global batch of 8 sequences
+    extra = LAYOUTS[layout]
+    micro = 4 if layout == "fsdp2" else 8  # the same global batch of 8 sequences
     parallel = train(prepared, tmp_path, steps=10, nproc=2, micro=micro, extra=extra)
     assert_same_losses(one_process[0], parallel)
     assert len(parallel) == 10 and parallel[10] < parallel[1]

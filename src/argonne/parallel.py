@@ -106,9 +106,10 @@ def apply_tensor_parallel(model: ArgonneForCausalLM, tp_mesh: DeviceMesh) -> Non
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
-# Selective checkpointing keeps the outputs of these ops and recomputes every other op of a block (norms, RoPE,
-# SiLU, products, casts: memory-bound and cheap) in the backward pass.
-_SAVED_OPS = (
+# Selective checkpointing keeps the outputs of matmuls, attention and tensor-parallel all-reduces (so the recompute
+# never communicates) and recomputes every other op of a block (norms, RoPE, SiLU, products, casts: memory-bound and
+# cheap) in the backward pass.
+_SAVED_ATEN_OPS = (
     "mm", "addmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
 )
@@ -117,7 +118,8 @@ _SAVED_OPS = (
 def _selective_checkpoint_context():
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-    saved = {getattr(torch.ops.aten, name).default for name in _SAVED_OPS if hasattr(torch.ops.aten, name)}
+    saved = {getattr(torch.ops.aten, name).default for name in _SAVED_ATEN_OPS if hasattr(torch.ops.aten, name)}
+    saved.add(torch.ops._c10d_functional.all_reduce.default)
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
