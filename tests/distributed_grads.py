@@ -1,5 +1,9 @@
 """Run under torchrun with 2 processes: tensor parallel 2 must give every rank identical gradients for the
-parameters it replicates (embeddings, norms), and the sharded ones must assemble to the one-process gradients."""
+parameters it replicates (norms), the sharded ones (blocks, and the vocabulary-split embedding and head) must
+assemble to the one-process gradients, and the loss and the gathered logits must equal the one-process ones.
+The vocabulary (515) does not divide by 2, so the two vocabulary slices differ in size."""
+
+import sys
 
 import torch
 import torch.distributed as dist
@@ -15,20 +19,29 @@ def gradients(model):
 
 def main():
     topology = init_distributed(2, torch.device("cpu"))
-    config = ArgonneConfig.from_preset("tiny", vocab_size=512, hidden_size=64, num_hidden_layers=2,
+    tied = sys.argv[1] == "tied"
+    config = ArgonneConfig.from_preset("tiny", vocab_size=515, hidden_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                       intermediate_size=128)
+                                       intermediate_size=128, tie_word_embeddings=tied)
     torch.manual_seed(0)
     reference = ArgonneForCausalLM(config)
     model = ArgonneForCausalLM(config)
     model.load_state_dict(reference.state_dict())
     parallelize(model, topology, activation_checkpointing="none", compile=False, param_dtype=None)
-    tokens = torch.randint(0, 512, (4, 33), generator=torch.Generator().manual_seed(1))
-    for m in (reference, model):
-        m(tokens[:, :-1], targets=tokens[:, 1:], use_cache=False).loss.backward()
+    tokens = torch.randint(0, 515, (4, 33), generator=torch.Generator().manual_seed(1))
+    targets = tokens[:, 1:].clone()
+    targets[0, :7] = -100
+    losses = [m(tokens[:, :-1], targets=targets, use_cache=False).loss for m in (reference, model)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # the vocabulary-parallel head gathers whole logits for generation and evaluation
+        torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model(tokens[:, :-1], targets=targets).loss, losses[0], rtol=1e-6, atol=1e-6)
     ours, expected = gradients(model), gradients(reference)
     replicated = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
-    assert replicated and any("norm" in n for n in replicated) and "model.embed_tokens.weight" in replicated
+    assert replicated and all("norm" in n for n in replicated), replicated
+    assert isinstance(model.model.embed_tokens.weight, DTensor) and isinstance(model.output_weight, DTensor)
     for name in replicated:
         gathered = [torch.empty_like(ours[name]) for _ in range(2)]
         dist.all_gather(gathered, ours[name].contiguous())
@@ -36,7 +49,7 @@ def main():
     for name, grad in ours.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=f"{name}")
     if topology.is_main:
-        print(f"ok: {len(replicated)} replicated parameters have identical gradients on both ranks")
+        print(f"ok ({sys.argv[1]}): {len(replicated)} replicated parameters have identical gradients on both ranks")
     dist.destroy_process_group()
 
 

@@ -289,36 +289,45 @@ LOSS_CHUNK_LOGITS = 2**26
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_logits: int | None = None
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_logits: int | None = None,
+    chunk_loss=None,
+    sum_over_slices=None,
 ) -> torch.Tensor:
     """Mean cross-entropy of the logits `hidden @ weight.T` against `targets` (-100 ignored): the value of
     F.cross_entropy(F.linear(hidden, weight).float(), targets), without ever holding all the logits.
 
     hidden (..., D), weight (V, D), targets (...). Logits are made `chunk_logits // V` tokens at a time
-    (LOSS_CHUNK_LOGITS by default), in the
-    autocast dtype when autocast is on, and soft-maxed in float32. When a gradient is wanted, each chunk's gradients
-    for hidden and weight are computed right away (d mean loss / d logits = (softmax - one_hot) / scored tokens),
-    and the backward only scales them by the incoming gradient: no logits are kept and no matmul is repeated.
-    A batch with no scored token gives NaN (0 / 0), as F.cross_entropy does.
+    (LOSS_CHUNK_LOGITS by default), in the autocast dtype when autocast is on, and soft-maxed in float32. When a
+    gradient is wanted, each chunk's gradients for hidden and weight are computed right away (d mean loss / d logits
+    = (softmax - one_hot) / scored tokens), and the backward only scales them by the incoming gradient: no logits
+    are kept and no matmul is repeated. A batch with no scored token gives NaN (0 / 0), as F.cross_entropy does.
+
+    For a head sharded by vocabulary rows (tensor parallelism), `weight` is this process's slice and parallel.py
+    passes `chunk_loss` (cross_entropy_chunk's contract, combining the slices' statistics) and `sum_over_slices`
+    (which sums the slices' hidden-state gradients).
     """
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     chunk = max(1, (chunk_logits or LOSS_CHUNK_LOGITS) // weight.shape[0])
+    if chunk_loss is None:
+        chunk_loss = _compiled_chunk_loss if hidden.is_cuda else cross_entropy_chunk
+    settings = chunk, compute_dtype, chunk_loss, sum_over_slices
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, chunk, compute_dtype)
+        return _LinearCrossEntropy.apply(hidden, weight, targets, settings)
     with torch.autocast(device_type, enabled=False):
-        return _chunked_cross_entropy(hidden, weight, targets, chunk, compute_dtype, with_grads=False)[0]
+        return _chunked_cross_entropy(hidden, weight, targets, settings, with_grads=False)[0]
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk, compute_dtype):
+    def forward(ctx, hidden, weight, targets, settings):
         with torch.autocast(hidden.device.type, enabled=False):
-            loss, grad_hidden, grad_weight = _chunked_cross_entropy(
-                hidden, weight, targets, chunk, compute_dtype, with_grads=True
-            )
+            loss, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, targets, settings, with_grads=True)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = hidden.dtype, weight.dtype
         return loss
@@ -327,14 +336,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        return (grad_hidden * grad_loss).to(hidden_dtype), (grad_weight * grad_loss).to(weight_dtype), None, None, None
+        return (grad_hidden * grad_loss).to(hidden_dtype), (grad_weight * grad_loss).to(weight_dtype), None, None
 
 
-def _chunked_cross_entropy(hidden, weight, targets, chunk, compute_dtype, with_grads):
+def _chunked_cross_entropy(hidden, weight, targets, settings, with_grads):
     """(mean loss, d loss / d hidden or None, d loss / d weight in float32 or None); see linear_cross_entropy."""
+    chunk, compute_dtype, chunk_loss, sum_over_slices = settings
     h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
     scale = 1.0 / (targets != -100).sum()  # a tensor: no host synchronisation
-    chunk_loss = _compiled_chunk_loss if hidden.is_cuda else cross_entropy_chunk
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(h_all) if with_grads else None
     grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
@@ -345,6 +354,8 @@ def _chunked_cross_entropy(hidden, weight, targets, chunk, compute_dtype, with_g
         if with_grads:
             grad_hidden[start : start + chunk] = grad_logits @ w
             grad_weight += (grad_logits.T @ h).float()
+    if with_grads and sum_over_slices is not None:
+        grad_hidden = sum_over_slices(grad_hidden)
     return loss_sum * scale, grad_hidden, grad_weight
 
 
@@ -375,6 +386,17 @@ def _compiled_chunk_loss(logits, targets, scale, with_grads):
 _compiled_cross_entropy_chunk = None
 
 
+class OutputHead(nn.Module):
+    """Hidden states (..., D) and the (V, D) head matrix -> logits (..., V), or with targets -> the training loss
+    (linear_cross_entropy, no logits). It holds no weights; under tensor parallelism parallel.py swaps in a
+    vocabulary-parallel head for the sharded matrix."""
+
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return F.linear(hidden, weight)
+        return linear_cross_entropy(hidden, weight, targets)
+
+
 class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
     """The Argonne language model. With tied embeddings the head reuses `model.embed_tokens.weight` and there is no
     separate `lm_head` parameter; untied presets (Argonne 1.x) have `lm_head`."""
@@ -384,6 +406,7 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
         self.model = ArgonneModel(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.output_head = OutputHead()
         self.post_init()
 
     @property
@@ -448,9 +471,9 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         if labels is None and targets is not None:
             # The training path: the loss straight from the hidden states, chunk by chunk; no logits are returned.
-            loss = linear_cross_entropy(hidden[:, : targets.shape[1]], self.output_weight, targets.to(hidden.device))
+            loss = self.output_head(hidden[:, : targets.shape[1]], self.output_weight, targets.to(hidden.device))
             return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: cache})
-        logits = F.linear(hidden, self.output_weight)  # (B, T, V)
+        logits = self.output_head(hidden, self.output_weight)  # (B, T, V)
         loss = None
         if targets is not None:
             predicting = logits[:, : targets.shape[1]]  # with labels, the last position predicts nothing

@@ -2,24 +2,28 @@
 tensor parallel -> activation checkpointing -> torch.compile -> FSDP2.
 
 The device mesh has two dimensions, ("dp", "tp"). Tensor parallelism shards each block as the original Argonne code
-did — q/k/v and gate/up column-wise, o and down row-wise — through DTensor's `parallelize_module`; embeddings, norms
-and the output head stay replicated over "tp" (they see identical activations on every tensor-parallel rank, so
-their gradients are identical there). FSDP2 (`fully_shard`) shards every parameter over "dp", per block and then the
-root, with bf16 compute and fp32 gradient reduction on GPUs.
+did — q/k/v and gate/up column-wise, o and down row-wise — through DTensor's `parallelize_module`, and splits the
+vocabulary: the token embedding and the output head by rows, with a vocabulary-parallel loss (VocabParallelHead).
+Norms (and learned position embeddings) stay replicated over "tp": they see identical activations on every
+tensor-parallel rank, so their gradients are identical there. FSDP2 (`fully_shard`) shards every parameter over
+"dp", per block and then the root, with bf16 compute and fp32 gradient reduction on GPUs.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from .modeling_argonne import ArgonneForCausalLM, GeluMLP, SwiGLUMLP
+from .modeling_argonne import ArgonneForCausalLM, GeluMLP, SwiGLUMLP, linear_cross_entropy
 
 
 @dataclass
@@ -88,6 +92,14 @@ def check_tensor_parallel(model: ArgonneForCausalLM, tp: int) -> None:
 
 def apply_tensor_parallel(model: ArgonneForCausalLM, tp_mesh: DeviceMesh) -> None:
     check_tensor_parallel(model, tp_mesh.size())
+    # The vocabulary is split over "tp" by rows: the token embedding (one all-reduce of its output) and the head
+    # matrix (the tied embedding or lm_head), which the vocabulary-parallel head below uses slice by slice.
+    parallelize_module(model.model, tp_mesh, {
+        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
+    })
+    if not model.config.tie_word_embeddings:
+        parallelize_module(model, tp_mesh, {"lm_head": ColwiseParallel()})
+    model.output_head = VocabParallelHead(tp_mesh)
     for block in model.model.layers:
         plan = {
             "self_attn.q_proj": ColwiseParallel(),
@@ -125,6 +137,63 @@ def _selective_checkpoint_context():
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
     return create_selective_checkpoint_contexts(policy)
+
+
+class VocabParallelHead(nn.Module):
+    """The model's OutputHead for a head matrix sharded by vocabulary rows over the tensor-parallel group.
+
+    Each process multiplies by its own slice of the vocabulary only (a replicated head would cost every process the
+    whole 6 x hidden x vocab FLOPs per token). Logits are gathered whole for generation, evaluation and
+    distillation; the training loss never gathers them: per chunk of tokens, the slices' row maxima are combined
+    with one [tokens] all-reduce, their sums of exponentials and target logits with one [2, tokens] all-reduce, and
+    the hidden-state gradient is summed over the slices once per step.
+    """
+
+    def __init__(self, tp_mesh: DeviceMesh):
+        super().__init__()
+        self.tp_mesh = tp_mesh
+
+    def forward(self, hidden: torch.Tensor, weight: DTensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        local = weight.to_local()  # (rows of this slice, D); the gradient flows back into the sharded parameter
+        if targets is None:
+            logits = F.linear(hidden, local)
+            shape = (*logits.shape[:-1], weight.shape[0])
+            stride = tuple(torch.empty(shape, device="meta").stride())
+            return DTensor.from_local(logits, self.tp_mesh, [Shard(logits.dim() - 1)], shape=shape,
+                                      stride=stride).full_tensor()
+        group = self.tp_mesh.get_group()
+        # Shard(0) splits rows as torch.chunk does: ceil(V / tp) rows per process, the last ones fewer.
+        start = -(-weight.shape[0] // self.tp_mesh.size()) * self.tp_mesh.get_local_rank()
+        return linear_cross_entropy(
+            hidden, local, targets, chunk_loss=partial(vocab_slice_chunk_loss, start=start, group=group),
+            sum_over_slices=partial(_all_reduce_sum, group=group),
+        )
+
+
+def vocab_slice_chunk_loss(logits, targets, scale, with_grads, start: int, group):
+    """cross_entropy_chunk for logits (n, V_slice) of vocabulary rows start .. start + V_slice - 1: the same summed
+    loss on every process of `group`, and the gradient for this process's slice."""
+    scored = targets != -100
+    logits32 = logits.float().masked_fill(~scored[:, None], 0.0)
+    here = scored & (targets >= start) & (targets < start + logits.shape[1])  # the target is in this slice
+    local_targets = torch.where(here, targets - start, 0)[:, None]
+    row_max = logits32.amax(dim=-1)
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    shifted = logits32.sub_(row_max[:, None])
+    stats = torch.stack([shifted.exp().sum(-1), torch.where(here, shifted.gather(1, local_targets).squeeze(1), 0.0)])
+    dist.all_reduce(stats, group=group)
+    log_sum_exp, target_logit = stats[0].log(), stats[1]  # both relative to the row maximum
+    loss_sum = ((log_sum_exp - target_logit) * scored).sum()
+    if not with_grads:
+        return loss_sum, None
+    grad = shifted.sub_(log_sum_exp[:, None]).exp_()  # this slice of the softmax
+    grad.scatter_add_(1, local_targets, -here[:, None].to(grad.dtype))  # - one_hot, where the target is here
+    return loss_sum, grad.mul_((scored * scale)[:, None]).to(logits.dtype)
+
+
+def _all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
+    dist.all_reduce(tensor, group=group)
+    return tensor
 
 
 def apply_activation_checkpointing(model: ArgonneForCausalLM, mode: str = "full") -> None:

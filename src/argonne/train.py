@@ -130,17 +130,27 @@ def load_initial_weights(model: ArgonneForCausalLM, source: Path) -> None:
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: norms, biases and embeddings are not decayed."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        is_embedding = "embed_" in name
-        (decay if param.ndim >= 2 and not is_embedding else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    # Fused on every device: one kernel per parameter group, and an update it skips on device (`found_inf`).
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True)
+    """Fused AdamW with weight decay on matrices only: norms, biases and embeddings are not decayed.
+
+    Three groups — linear weights (decayed); the token embedding and linear biases; norms and position tables —
+    hold the same kinds of tensors in every parallel layout (tensor parallelism shards the first two and replicates
+    the third), so the fused kernel never mixes DTensors with plain tensors, and checkpoints resume across layouts.
+    """
+    groups: list[list[torch.nn.Parameter]] = [[], [], []]
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, torch.nn.Linear):
+                groups[0 if name == "weight" else 1].append(param)
+            elif module is model.get_input_embeddings():
+                groups[1].append(param)
+            else:
+                groups[2].append(param)
+    decays = (optim.weight_decay, 0.0, 0.0)
+    # Fused on every device: one kernel per group, and an update it skips on the device (`found_inf`).
+    return torch.optim.AdamW(
+        [{"params": params, "weight_decay": decay} for params, decay in zip(groups, decays) if params],
+        lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True,
+    )
 
 
 def build_data(config: RunConfig, tokenizer, rank: int = 0, world: int = 1, pin_memory: bool = False):
