@@ -284,8 +284,12 @@ def positions_from_mask(
     return positions.clamp(min=0)[:, -query_len:]
 
 
-# Logits per loss chunk: 2**26 float32 values are 256 MiB, 442 tokens at vocab 151,665 (the whole batch at small vocabularies).
+# Logits per loss chunk. Eager chunks (CPU) hold float32 copies: 2**26 logits, 256 MiB each. On GPUs the chunk's
+# element-wise work is one compiled kernel pair (no float32 copies), so a chunk of 2**28 costs its bf16 logits and
+# gradient, 1 GiB (1,770 tokens at vocab 151,665); fewer chunks mean fewer float32 accumulations of the (V, D)
+# weight gradient, each a pass over 2 x 4 x V x D bytes.
 LOSS_CHUNK_LOGITS = 2**26
+LOSS_CHUNK_LOGITS_GPU = 2**28
 
 
 def linear_cross_entropy(
@@ -300,7 +304,7 @@ def linear_cross_entropy(
     F.cross_entropy(F.linear(hidden, weight).float(), targets), without ever holding all the logits.
 
     hidden (..., D), weight (V, D), targets (...). Logits are made `chunk_logits // V` tokens at a time
-    (LOSS_CHUNK_LOGITS by default), in the autocast dtype when autocast is on, and soft-maxed in float32. When a
+    (LOSS_CHUNK_LOGITS by default, LOSS_CHUNK_LOGITS_GPU on GPUs), in the autocast dtype when autocast is on, and soft-maxed in float32. When a
     gradient is wanted, each chunk's gradients for hidden and weight are computed right away (d mean loss / d logits
     = (softmax - one_hot) / scored tokens), and the backward only scales them by the incoming gradient: no logits
     are kept and no matmul is repeated. A batch with no scored token gives NaN (0 / 0), as F.cross_entropy does.
@@ -313,7 +317,8 @@ def linear_cross_entropy(
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
-    chunk = max(1, (chunk_logits or LOSS_CHUNK_LOGITS) // weight.shape[0])
+    chunk_logits = chunk_logits or (LOSS_CHUNK_LOGITS_GPU if hidden.is_cuda else LOSS_CHUNK_LOGITS)
+    chunk = max(1, chunk_logits // weight.shape[0])
     if chunk_loss is None:
         chunk_loss = _compiled_chunk_loss if hidden.is_cuda else cross_entropy_chunk
     settings = chunk, compute_dtype, chunk_loss, sum_over_slices
