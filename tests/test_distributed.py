@@ -81,19 +81,21 @@ def one_process(prepared, tmp_path_factory):
     return train(prepared, run_dir, steps=10, extra=["--checkpoint.every=5", "--checkpoint.keep=0"]), run_dir
 
 
+# layout: (processes, micro-batch for the same global batch of 8 sequences, options)
 LAYOUTS = {
-    "fsdp2": [],
-    "tp2": ["--parallel.tensor_parallel=2"],
+    "fsdp2": (2, 4, []),
+    "tp2": (2, 8, ["--parallel.tensor_parallel=2"]),
     # Selective checkpointing keeps the tensor-parallel all-reduce outputs instead of recomputing them.
-    "tp2-selective-checkpointing": ["--parallel.tensor_parallel=2", "--parallel.activation_checkpointing=selective"],
+    "tp2-selective-checkpointing": (2, 8, ["--parallel.tensor_parallel=2",
+                                           "--parallel.activation_checkpointing=selective"]),
+    "fsdp2xtp2": (4, 4, ["--parallel.tensor_parallel=2"]),  # the 2D mesh: FSDP over "dp", tensor parallel in "tp"
 }
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_parallel_layouts_match_one_process(prepared, one_process, tmp_path, layout):
-    extra = LAYOUTS[layout]
-    micro = 4 if layout == "fsdp2" else 8  # the same global batch of 8 sequences
-    parallel = train(prepared, tmp_path, steps=10, nproc=2, micro=micro, extra=extra)
+    nproc, micro, extra = LAYOUTS[layout]
+    parallel = train(prepared, tmp_path, steps=10, nproc=nproc, micro=micro, extra=extra)
     assert_same_losses(one_process[0], parallel)
     assert len(parallel) == 10 and parallel[10] < parallel[1]
     assert (tmp_path / "model" / "model.safetensors").is_file()  # gathered from the shards

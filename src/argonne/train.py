@@ -508,7 +508,7 @@ def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
             done = step + 1 == tc.steps
 
             if (step + 1) % tc.log_every == 0 or done:
-                # The only point where the loop waits for the device: one read of everything logged.
+                # Reading values back waits for the device: done once per log interval, for everything logged.
                 loss, norm, total_skipped, longest_run = torch.stack([
                     torch.stack(losses_since_log).mean(), grad_norm.to(device).float(),
                     skipped.total.float(), skipped.longest_run.float(),
