@@ -80,6 +80,26 @@ def test_generation_stops_at_eos(model):
     assert stopped == free[: free.index(free[5])]
 
 
+def test_decoding_checks_for_finished_rows_only_every_few_steps(model, monkeypatch):
+    """Without a per-step consumer (streaming, stop strings) the loop does not wait for the device at every step;
+    a batch whose rows all stopped early still returns exactly the tokens up to each row's EOS."""
+    from argonne.generate import FINISHED_CHECK_EVERY
+
+    prompts = prompts_of([4, 7])
+    free = Generator(model, IdTokenizer()).generate_ids(prompts, SamplingParams(max_new_tokens=40, **GREEDY))
+    model.config.eos_token_id = free[0][3]
+    expected = [row[: row.index(free[0][3])] if free[0][3] in row else row for row in free]
+    checks = []
+    real_bool = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: checks.append(1) or real_bool(self))
+    model.config.eos_token_id = 10**6  # an EOS that never comes: every row runs to max_new_tokens
+    Generator(model, IdTokenizer()).generate_ids(prompts, SamplingParams(max_new_tokens=40, **GREEDY))
+    assert len(checks) == 40 // FINISHED_CHECK_EVERY
+    monkeypatch.undo()
+    model.config.eos_token_id = free[0][3]
+    assert Generator(model, IdTokenizer()).generate_ids(prompts, SamplingParams(max_new_tokens=40, **GREEDY)) == expected
+
+
 def test_stop_strings_cut_the_text_and_streaming_matches(model):
     generator = Generator(model, IdTokenizer())
     prompt = " ".join(map(str, prompts_of([4])[0]))

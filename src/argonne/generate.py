@@ -116,6 +116,9 @@ class StaticKVCache:
         return self.length
 
 
+FINISHED_CHECK_EVERY = 16
+
+
 class Generator:
     """Batched generation with a static KV cache. `compile` defaults to True on CUDA (the decode step becomes one
     CUDA graph) and False on CPUs, where compiling costs more than a short generation saves."""
@@ -208,7 +211,8 @@ class Generator:
             outputs.append(torch.where(active, new, eos[0]))
             stop_all = on_tokens(new, active) if on_tokens else False
             active = active & ~torch.isin(new, eos)
-            if stop_all or step + 1 == params.max_new_tokens or not bool(active.any()):
+            if stop_all or step + 1 == params.max_new_tokens or (self._check_finished(step, on_tokens, eos_ids)
+                                                                 and not bool(active.any())):
                 break
             if params.repetition_penalty != 1.0:
                 seen.scatter_(1, new[:, None], True)
@@ -220,6 +224,15 @@ class Generator:
             next_position = next_position + 1
         generated = torch.stack(outputs, dim=1).tolist()
         return [_cut_at_eos(row, eos_ids) for row in generated]
+
+    @staticmethod
+    def _check_finished(step: int, on_tokens, eos_ids: list[int]) -> bool:
+        """Whether to look (on the host) if every row has finished after this step. Looking waits for the device, so
+        without a per-step consumer it is done every FINISHED_CHECK_EVERY steps, letting the host queue decoding steps
+        ahead of the GPU; the few extra steps a finished batch may take are cut off as EOS."""
+        if not eos_ids:
+            return False
+        return on_tokens is not None or (step + 1) % FINISHED_CHECK_EVERY == 0
 
     def _eos_ids(self, params: SamplingParams) -> list[int]:
         return sorted(set(self.eos_ids) | set(params.stop_token_ids))
