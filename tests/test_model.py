@@ -241,6 +241,20 @@ def test_linear_cross_entropy_ignores_non_finite_logits_of_ignored_positions():
     assert torch.isnan(linear_cross_entropy(hidden, weight, torch.full((4,), -100)))  # nothing scored: 0 / 0
 
 
+def test_loss_chunk_written_for_compile_equals_the_eager_one():
+    from argonne.modeling_argonne import cross_entropy_chunk
+
+    torch.manual_seed(0)
+    logits = torch.randn(37, 300, dtype=torch.bfloat16)
+    targets = torch.randint(0, 300, (37,))
+    targets[:3] = -100
+    scale = torch.tensor(1 / 34)
+    eager = cross_entropy_chunk(logits, targets, scale, True)
+    fused = cross_entropy_chunk(logits, targets, scale, True, fused=True)
+    torch.testing.assert_close(fused, eager, rtol=0, atol=1e-6)
+    assert eager[1].dtype == torch.bfloat16 and (eager[1][:3] == 0).all()
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_attention_with_head_dim_padding_is_the_same_math(masked):
     """Zero-padding q/k/v to a multiple of 8 (what the GPU training path does at head_dim 170) changes nothing."""

@@ -23,7 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from .modeling_argonne import ArgonneForCausalLM, GeluMLP, SwiGLUMLP, linear_cross_entropy
+from .modeling_argonne import LOSS_CHUNK_LOGITS, ArgonneForCausalLM, GeluMLP, SwiGLUMLP, linear_cross_entropy
 
 
 @dataclass
@@ -165,7 +165,8 @@ class VocabParallelHead(nn.Module):
         # Shard(0) splits rows as torch.chunk does: ceil(V / tp) rows per process, the last ones fewer.
         start = -(-weight.shape[0] // self.tp_mesh.size()) * self.tp_mesh.get_local_rank()
         return linear_cross_entropy(
-            hidden, local, targets, chunk_loss=partial(vocab_slice_chunk_loss, start=start, group=group),
+            hidden, local, targets, chunk_logits=LOSS_CHUNK_LOGITS,  # the eager chunk size: float32 copies
+            chunk_loss=partial(vocab_slice_chunk_loss, start=start, group=group),
             sum_over_slices=partial(_all_reduce_sum, group=group),
         )
 
