@@ -88,6 +88,7 @@ LAYOUTS = {
     # Selective checkpointing keeps the tensor-parallel all-reduce outputs instead of recomputing them.
     "tp2-selective-checkpointing": (2, 8, ["--parallel.tensor_parallel=2",
                                            "--parallel.activation_checkpointing=selective"]),
+    "fsdp2-full-checkpointing": (2, 4, ["--parallel.activation_checkpointing=full"]),
     "fsdp2xtp2": (4, 4, ["--parallel.tensor_parallel=2"]),  # the 2D mesh: FSDP over "dp", tensor parallel in "tp"
 }
 
