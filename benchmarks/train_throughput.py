@@ -2,7 +2,8 @@
 in the same process: tokens/s, MFU over the bf16 matmul rate measured in the same run, and peak memory.
 
     python benchmarks/train_throughput.py --preset small --batch 8 --seq-len 4096 --compile      # one GPU
-    python benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile --checkpointing selective
+    python benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \
+        --checkpointing selective
     python benchmarks/train_throughput.py --preset tiny --batch 2 --seq-len 128                  # CPU-sized
 
 Argonne's step is the trainer's own `training_step` (chunked linear + cross-entropy, clipping, fused AdamW that skips

@@ -305,10 +305,11 @@ def linear_cross_entropy(
     F.cross_entropy(F.linear(hidden, weight).float(), targets), without ever holding all the logits.
 
     hidden (..., D), weight (V, D), targets (...). Logits are made `chunk_logits // V` tokens at a time
-    (LOSS_CHUNK_LOGITS by default, LOSS_CHUNK_LOGITS_GPU on GPUs), in the autocast dtype when autocast is on, and soft-maxed in float32. When a
-    gradient is wanted, each chunk's gradients for hidden and weight are computed right away (d mean loss / d logits
-    = (softmax - one_hot) / scored tokens), and the backward only scales them by the incoming gradient: no logits
-    are kept and no matmul is repeated. A batch with no scored token gives NaN (0 / 0), as F.cross_entropy does.
+    (LOSS_CHUNK_LOGITS by default, LOSS_CHUNK_LOGITS_GPU on GPUs), in the autocast dtype when autocast is on, and
+    soft-maxed in float32. When a gradient is wanted, each chunk's gradients for hidden and weight are computed
+    right away (d mean loss / d logits = (softmax - one_hot) / scored tokens), and the backward only scales them by
+    the incoming gradient: no logits are kept and no matmul is repeated. A batch with no scored token gives NaN
+    (0 / 0), as F.cross_entropy does.
 
     For a head sharded by vocabulary rows (tensor parallelism), `weight` is this process's slice and parallel.py
     passes `chunk_loss` (cross_entropy_chunk's contract, combining the slices' statistics) and `sum_over_slices`
