@@ -273,3 +273,29 @@ def test_shipped_configs_load_and_fit_their_presets():
     assert (original.parallel.tensor_parallel, original.train.grad_accum, original.data.seq_len) == (8, 4, 4096)
     assert (original.optim.lr, original.optim.min_lr, original.optim.warmup_steps) == (1e-4, 1e-5, 2000)
     assert (original.optim.weight_decay, original.optim.grad_clip) == (0.1, 1.0)
+
+
+def test_a_checkpoint_resumes_into_a_differently_grouped_optimizer(tmp_path):
+    """The AdamW state is restored per parameter; hyperparameters come from the new run's config, so a checkpoint
+    whose optimizer grouped parameters differently (an older version, another layout) still resumes."""
+    from argonne import ArgonneConfig, ArgonneForCausalLM
+    from argonne.checkpoint import load_checkpoint, save_checkpoint
+
+    config = ArgonneConfig.from_preset("tiny", num_hidden_layers=1, vocab_size=512)
+    torch.manual_seed(0)
+    saved_model = ArgonneForCausalLM(config)
+    params = list(saved_model.parameters())
+    one_group_each_half = [{"params": params[::2]}, {"params": params[1::2], "weight_decay": 0.5}]
+    saved_optimizer = torch.optim.AdamW(one_group_each_half, lr=1e-3)
+    tokens = torch.randint(0, 512, (2, 17))
+    saved_model(tokens[:, :-1], targets=tokens[:, 1:]).loss.backward()
+    saved_optimizer.step()
+    path = save_checkpoint(tmp_path, 1, saved_model, saved_optimizer, {"step": 1}, is_main=True)
+
+    model = ArgonneForCausalLM(config)
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    assert load_checkpoint(path, model, optimizer, {"step": 0})["step"] == 1
+    for (name, param), saved in zip(model.named_parameters(), params):
+        assert torch.equal(param, saved), name
+        assert torch.equal(optimizer.state[param]["exp_avg"], saved_optimizer.state[saved]["exp_avg"]), name
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0, 0.0]  # from the new config

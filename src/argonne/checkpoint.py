@@ -109,10 +109,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
     model_state, optimizer_state = get_state_dict(model, optimizer)
+    # Only the optimizer's per-parameter state (step, moments) is read; its hyperparameters come from the run config
+    # (the learning rate is set every step anyway), so how parameters are grouped may differ from the saving run.
+    groups = optimizer_state.pop("param_groups")
     state = {"model": model_state, "optimizer": optimizer_state, "train": train_state}
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    optimizer_state["param_groups"] = groups
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=optimizer_state)
     return state["train"]
 
 
