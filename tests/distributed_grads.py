@@ -49,7 +49,8 @@ def main():
     for name, grad in ours.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=f"{name}")
     if topology.is_main:
-        print(f"ok ({sys.argv[1]}): {len(replicated)} replicated parameters have identical gradients on both ranks")
+        print(f"ok ({sys.argv[1]}): {len(replicated)} replicated parameters have identical gradients on both ranks",
+              flush=True)
     dist.destroy_process_group()
 
 

@@ -53,6 +53,13 @@ def command(prepared, run_dir, steps=10, nproc=1, micro=8, extra=(), launcher=No
             "--master-port", str(free_port()), "-m", "argonne.cli", *args]
 
 
+def failure(stderr: str) -> str:
+    """What to show for a failed launch: torchrun's summary hides the worker's traceback, which is in the lines it
+    prefixes with [rank0] (or, in one process, the end of stderr)."""
+    worker = "\n".join(line for line in stderr.splitlines() if line.startswith("[rank0]"))
+    return (worker[-3000:] + "\n...\n" if worker else "") + stderr[-2000:]
+
+
 def env():
     return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -60,7 +67,7 @@ def env():
 def train(prepared, run_dir, **kwargs):
     result = subprocess.run(command(prepared, run_dir, **kwargs), env=env(), capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, failure(result.stderr)
     return losses(run_dir)
 
 
@@ -107,8 +114,8 @@ def test_tensor_parallel_gradients_loss_and_logits_equal_one_process(head):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
          str(REPO / "tests" / "distributed_grads.py"), head], env=env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert f"ok ({head})" in result.stdout
+    assert result.returncode == 0, failure(result.stderr)
+    assert f"ok ({head})" in result.stdout, result.stdout[-2000:] + failure(result.stderr)
 
 
 def test_two_node_launch_matches_one_node(prepared, one_process, tmp_path):
@@ -123,7 +130,7 @@ def test_two_node_launch_matches_one_node(prepared, one_process, tmp_path):
     ]
     for node in nodes:
         _, err = node.communicate(timeout=300)
-        assert node.returncode == 0, err[-4000:]
+        assert node.returncode == 0, failure(err)
     assert_same_losses(one_process[0], losses(tmp_path))
 
 
@@ -177,7 +184,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared, tmp_path):
     wait_for_step(tmp_path, 3, process)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err[-3000:]
+    assert process.returncode == 0, failure(err)
     last_step = max(losses(tmp_path))
     assert latest_checkpoint(tmp_path / "checkpoints").name == f"step-{last_step:08d}"
     assert "resume with --resume auto" in out + err
@@ -192,7 +199,7 @@ def test_models_built_on_meta_are_initialised_after_sharding(prepared, tmp_path,
     script = args.index("-m", args.index("torch.distributed.run") + 1)  # the second -m runs argonne.cli
     args[script:script + 2] = [str(REPO / "tests" / "train_with_meta_init.py")]
     result = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.returncode == 0, failure(result.stderr)
     steps = losses(tmp_path)
     assert abs(steps[1] - math.log(8192)) < 0.2  # a fresh initialisation predicts near-uniformly
     assert all(math.isfinite(v) for v in steps.values())
