@@ -49,8 +49,7 @@ def argonne_step(config: ArgonneConfig, args, batch, device, amp):
     with device:  # initialised on the device: a 4.9B model would take minutes on the CPU
         model = ArgonneForCausalLM(config)
     parallelize(model, Topology(), args.checkpointing, args.compile, None)
-    run = RunConfig()
-    run.train.grad_accum = 1
+    run = RunConfig()  # the defaults: one micro-batch per step, clipping at 1.0
     optimizer = build_optimizer(model, run.optim)
 
     def step():

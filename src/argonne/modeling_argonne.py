@@ -367,28 +367,46 @@ def _chunked_cross_entropy(hidden, weight, targets, settings, with_grads):
 
 
 def cross_entropy_chunk(
-    logits: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor, with_grads: bool, fused: bool = False
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    scale: torch.Tensor,
+    with_grads: bool,
+    fused: bool = False,
+    vocab_start: int = 0,
+    reduce_max=None,
+    reduce_sum=None,
 ):
     """Summed float32 loss of logits (n, V) against targets (n,), and, with_grads, d(scale * loss)/d logits in the
     logits' dtype. Ignored targets (-100) contribute nothing, even when their logits are not finite.
 
-    `fused` writes the one-hot as an index comparison, which torch.compile fuses with the softmax into one pass over
-    the logits; the default works in place on the float32 copy, which is what runs fastest eagerly.
+    For a slice of the vocabulary (tensor parallelism), the logits are its rows vocab_start .. vocab_start + V - 1,
+    and `reduce_max` / `reduce_sum` combine per-token statistics over the slices' processes: every process then
+    gets the same loss and the gradient for its own slice. `fused` writes the one-hot as an index comparison, which
+    torch.compile fuses with the softmax into one pass over the logits; the default works in place, which is what
+    runs fastest eagerly.
     """
     scored = targets != -100
     logits32 = logits.float().masked_fill(~scored[:, None], 0.0)  # a new float32 tensor, free to work in place
-    safe_targets = torch.where(scored, targets, 0)[:, None]
-    logsumexp = torch.logsumexp(logits32, dim=-1)
-    loss_sum = ((logsumexp - logits32.gather(1, safe_targets).squeeze(1)) * scored).sum()
+    here = scored & (targets >= vocab_start) & (targets < vocab_start + logits.shape[1])  # the target is in the slice
+    local_targets = torch.where(here, targets - vocab_start, 0)[:, None]
+    row_max = logits32.amax(dim=-1)
+    if reduce_max is not None:
+        row_max = reduce_max(row_max)
+    shifted = logits32.sub_(row_max[:, None])
+    stats = torch.stack([shifted.exp().sum(-1), torch.where(here, shifted.gather(1, local_targets).squeeze(1), 0.0)])
+    if reduce_sum is not None:
+        stats = reduce_sum(stats)
+    log_sum_exp, target_logit = stats[0].log(), stats[1]  # both relative to the row maximum
+    loss_sum = ((log_sum_exp - target_logit) * scored).sum()
     if not with_grads:
         return loss_sum, None
     row_scale = (scored * scale)[:, None]
     if fused:
-        one_hot = safe_targets == torch.arange(logits.shape[1], device=logits.device)
-        grad = (torch.exp(logits32 - logsumexp[:, None]) - one_hot.float()) * row_scale
+        one_hot = (local_targets == torch.arange(logits.shape[1], device=logits.device)) & here[:, None]
+        grad = (torch.exp(shifted - log_sum_exp[:, None]) - one_hot.float()) * row_scale
     else:
-        grad = logits32.sub_(logsumexp[:, None]).exp_()  # softmax
-        grad.scatter_add_(1, safe_targets, torch.full_like(safe_targets, -1, dtype=grad.dtype)).mul_(row_scale)
+        grad = shifted.sub_(log_sum_exp[:, None]).exp_()  # softmax
+        grad.scatter_add_(1, local_targets, -here[:, None].to(grad.dtype)).mul_(row_scale)  # - one_hot
     return loss_sum, grad.to(logits.dtype)
 
 

@@ -23,7 +23,14 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from .modeling_argonne import LOSS_CHUNK_LOGITS, ArgonneForCausalLM, GeluMLP, SwiGLUMLP, linear_cross_entropy
+from .modeling_argonne import (
+    LOSS_CHUNK_LOGITS,
+    ArgonneForCausalLM,
+    GeluMLP,
+    SwiGLUMLP,
+    cross_entropy_chunk,
+    linear_cross_entropy,
+)
 
 
 @dataclass
@@ -162,38 +169,19 @@ class VocabParallelHead(nn.Module):
             return DTensor.from_local(logits, self.tp_mesh, [Shard(logits.dim() - 1)], shape=shape,
                                       stride=stride).full_tensor()
         group = self.tp_mesh.get_group()
+        all_sum = partial(_all_reduce, op=dist.ReduceOp.SUM, group=group)
         # Shard(0) splits rows as torch.chunk does: ceil(V / tp) rows per process, the last ones fewer.
         start = -(-weight.shape[0] // self.tp_mesh.size()) * self.tp_mesh.get_local_rank()
+        slice_loss = partial(cross_entropy_chunk, vocab_start=start, reduce_sum=all_sum,
+                             reduce_max=partial(_all_reduce, op=dist.ReduceOp.MAX, group=group))
         return linear_cross_entropy(
             hidden, local, targets, chunk_logits=LOSS_CHUNK_LOGITS,  # the eager chunk size: float32 copies
-            chunk_loss=partial(vocab_slice_chunk_loss, start=start, group=group),
-            sum_over_slices=partial(_all_reduce_sum, group=group),
+            chunk_loss=slice_loss, sum_over_slices=all_sum,
         )
 
 
-def vocab_slice_chunk_loss(logits, targets, scale, with_grads, start: int, group):
-    """cross_entropy_chunk for logits (n, V_slice) of vocabulary rows start .. start + V_slice - 1: the same summed
-    loss on every process of `group`, and the gradient for this process's slice."""
-    scored = targets != -100
-    logits32 = logits.float().masked_fill(~scored[:, None], 0.0)
-    here = scored & (targets >= start) & (targets < start + logits.shape[1])  # the target is in this slice
-    local_targets = torch.where(here, targets - start, 0)[:, None]
-    row_max = logits32.amax(dim=-1)
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-    shifted = logits32.sub_(row_max[:, None])
-    stats = torch.stack([shifted.exp().sum(-1), torch.where(here, shifted.gather(1, local_targets).squeeze(1), 0.0)])
-    dist.all_reduce(stats, group=group)
-    log_sum_exp, target_logit = stats[0].log(), stats[1]  # both relative to the row maximum
-    loss_sum = ((log_sum_exp - target_logit) * scored).sum()
-    if not with_grads:
-        return loss_sum, None
-    grad = shifted.sub_(log_sum_exp[:, None]).exp_()  # this slice of the softmax
-    grad.scatter_add_(1, local_targets, -here[:, None].to(grad.dtype))  # - one_hot, where the target is here
-    return loss_sum, grad.mul_((scored * scale)[:, None]).to(logits.dtype)
-
-
-def _all_reduce_sum(tensor: torch.Tensor, group) -> torch.Tensor:
-    dist.all_reduce(tensor, group=group)
+def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    dist.all_reduce(tensor, op=op, group=group)
     return tensor
 
 

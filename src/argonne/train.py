@@ -400,9 +400,9 @@ def training_step(model, optimizer, next_batch, objective, amp, config: RunConfi
         step_loss += loss.detach().float() / accumulate
         for name, value in micro_parts.items():
             parts[name] = parts.get(name, 0) + value.float() / accumulate
-    grad_norm = clip_grad_norm(model.parameters(), config.optim.grad_clip)
+    grad_norm = clip_grad_norm(model.parameters(), config.optim.grad_clip).to(device)
     step_loss = _mean_over_ranks(step_loss, topology)  # every process then agrees on skipping
-    finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm.to(device))
+    finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
     optimizer.found_inf = (~finite).float()  # fused AdamW's on-device skip (what GradScaler uses)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -510,7 +510,7 @@ def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
             if (step + 1) % tc.log_every == 0 or done:
                 # Reading values back waits for the device: done once per log interval, for everything logged.
                 loss, norm, total_skipped, longest_run = torch.stack([
-                    torch.stack(losses_since_log).mean(), grad_norm.to(device).float(),
+                    torch.stack(losses_since_log).mean(), grad_norm.float(),
                     skipped.total.float(), skipped.longest_run.float(),
                 ]).tolist()
                 now = time.perf_counter()
