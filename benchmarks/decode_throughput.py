@@ -4,8 +4,11 @@
     python benchmarks/decode_throughput.py --preset tiny --new-tokens 64  # CPU-sized
 
 Greedy decoding of `--new-tokens` tokens after a random `--prompt-tokens` prompt, batch 1 and batch 16 (by default),
-with random weights (speed does not depend on them). transformers runs with its default dynamic cache and with
-`cache_implementation="static"`. Each figure is new tokens per second over all rows, after a warm-up run.
+with random weights (speed does not depend on them). Argonne's Generator runs as `argonne generate` does and, on GPUs,
+also with `freeze_weights=True`; transformers runs with its default dynamic cache and with
+`cache_implementation="static"`. Each figure is new tokens per second over all rows, after a warm-up run. The
+agreement line compares the greedy tokens of the first row with transformers' (bf16 rounding may part them late).
+`--profile FILE` writes a kernel table of one batch-1 generation and the GPU busy time per token.
 """
 
 from __future__ import annotations
@@ -38,6 +41,28 @@ def time_call(fn, device, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
+def profile_generation(generate, path: str, new_tokens: int) -> None:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        generate()
+        _synchronize(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        wall = time.perf_counter() - started
+    events = prof.key_averages()
+    on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]  # kernels, copies, memsets: no double counting
+    busy_us = sum(e.self_device_time_total for e in on_gpu)
+    kernels = sum(e.count for e in on_gpu)
+    with open(path, "w") as f:
+        f.write(f"wall per token {wall / new_tokens * 1e6:,.1f} us (profiled); GPU busy per token "
+                f"{busy_us / new_tokens:,.1f} us; GPU ops per token {kernels / new_tokens:,.1f}\n\n")
+        f.write(events.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=90))
+    print(f"profile: GPU busy {busy_us / new_tokens:,.1f} us per token, {kernels / new_tokens:,.1f} GPU ops per "
+          f"token, wall {wall / new_tokens * 1e6:,.1f} us per token -> {path}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
@@ -45,6 +70,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--profile", metavar="FILE", help="kernel table of one batch-1 generation (default variant)")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -52,24 +79,44 @@ def main() -> None:
     torch.manual_seed(0)
     config = ArgonneConfig.from_preset(args.preset, eos_token_id=None)
     model = ArgonneForCausalLM(config).to(device=device, dtype=dtype).eval()
-    generator = Generator(model, _IdTokenizer())
+    generators = [("argonne Generator (static cache" + (", CUDA graphs)" if device.type == "cuda" else ")"),
+                   Generator(model, _IdTokenizer()))]
+    if device.type == "cuda":  # freezing needs the compiled step, which CPUs do not use by default
+        generators.append(("argonne Generator, frozen weights", Generator(model, _IdTokenizer(), freeze_weights=True)))
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}; "
-          f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy")
-    print(f"{'batch':>6}  {'decoder':<44}{'tokens/s':>12}")
+          f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy", flush=True)
+    print(f"{'batch':>6}  {'decoder':<44}{'tokens/s':>12}", flush=True)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0)
     for batch in args.batches:
         prompt = torch.randint(0, config.vocab_size, (batch, args.prompt_tokens), device=device)
-        ours = time_call(lambda: generator.generate_ids(prompt.tolist(), params), device, args.repeats)
-        rows = [("argonne Generator (static cache" + (", compiled)" if device.type == "cuda" else ")"), ours)]
+        outputs = {}
+        for label, generator in generators:
+            def ours(generator=generator, label=label):
+                outputs[label] = generator.generate_ids(prompt.tolist(), params)
+            report(batch, label, time_call(ours, device, args.repeats), args.new_tokens)
+        if args.profile and batch == 1:
+            profile_generation(lambda: generators[0][1].generate_ids(prompt.tolist(), params), args.profile,
+                               args.new_tokens)
+        if args.skip_transformers:
+            continue
         for label, extra in (("transformers generate, dynamic cache", {}),
                              ("transformers generate, static cache", {"cache_implementation": "static"})):
-            def hf():
-                model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
-                               min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, **extra)
-            rows.append((label, time_call(hf, device, args.repeats)))
-        for label, seconds in rows:
-            print(f"{batch:>6}  {label:<44}{batch * args.new_tokens / seconds:>12,.1f}")
+            def hf(extra=extra, label=label):
+                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
+                                     min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, **extra)
+                outputs[label] = out[:, args.prompt_tokens:].tolist()
+            report(batch, label, time_call(hf, device, args.repeats), args.new_tokens)
+        reference = outputs["transformers generate, dynamic cache"][0]
+        for label, _ in generators:
+            ours = outputs[label][0]
+            same = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), len(reference))
+            print(f"{batch:>6}  {label}: first {same} of {len(reference)} greedy tokens equal transformers'",
+                  flush=True)
+
+
+def report(batch: int, label: str, seconds: float, new_tokens: int) -> None:
+    print(f"{batch:>6}  {label:<44}{batch * new_tokens / seconds:>12,.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ in the same process: tokens/s, MFU over the bf16 matmul rate measured in the sam
     python benchmarks/train_throughput.py --preset small --batch 8 --seq-len 4096 --compile      # one GPU
     python benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \
         --checkpointing selective
+    python benchmarks/train_throughput.py --preset small --compile --checkpointing none selective  # two variants
     python benchmarks/train_throughput.py --preset tiny --batch 2 --seq-len 128                  # CPU-sized
 
 Argonne's step is the trainer's own `training_step` (chunked linear + cross-entropy, clipping, fused AdamW that skips
@@ -45,10 +46,10 @@ def llama_like(config: ArgonneConfig, checkpointing: bool):
     return model
 
 
-def argonne_step(config: ArgonneConfig, args, batch, device, amp):
+def argonne_step(config: ArgonneConfig, args, checkpointing: str, batch, device, amp):
     with device:  # initialised on the device: a 4.9B model would take minutes on the CPU
         model = ArgonneForCausalLM(config)
-    parallelize(model, Topology(), args.checkpointing, args.compile, None)
+    parallelize(model, Topology(), checkpointing, args.compile, None)
     run = RunConfig()  # the defaults: one micro-batch per step, clipping at 1.0
     optimizer = build_optimizer(model, run.optim)
 
@@ -60,7 +61,7 @@ def argonne_step(config: ArgonneConfig, args, batch, device, amp):
 
 def transformers_step(config: ArgonneConfig, args, batch, device, amp):
     with device:
-        model = llama_like(config, args.checkpointing != "none")
+        model = llama_like(config, args.transformers_checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
     inputs = batch[:, :-1]
 
@@ -75,9 +76,9 @@ def transformers_step(config: ArgonneConfig, args, batch, device, amp):
     return model, step
 
 
-def measure(name, build, args, device, flops_per_token, peak, tokens, check_syncs=False) -> float:
+def measure(name, build, args, device, flops_per_token, peak, tokens, check_syncs=False, profile_to=None) -> float:
     try:
-        return _measure(name, build, args, device, flops_per_token, peak, tokens, check_syncs)
+        return _measure(name, build, args, device, flops_per_token, peak, tokens, check_syncs, profile_to)
     except torch.OutOfMemoryError:
         print(f"{name:<40}{'out of memory':>44}", flush=True)
         gc.collect()
@@ -85,7 +86,7 @@ def measure(name, build, args, device, flops_per_token, peak, tokens, check_sync
         return float("nan")
 
 
-def _measure(name, build, args, device, flops_per_token, peak, tokens, check_syncs) -> float:
+def _measure(name, build, args, device, flops_per_token, peak, tokens, check_syncs, profile_to) -> float:
     model, step = build()
     for _ in range(args.warmup):
         step()
@@ -109,11 +110,27 @@ def _measure(name, build, args, device, flops_per_token, peak, tokens, check_syn
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     print(f"{name:<40}{seconds * 1000:>10.1f}{tokens_per_s:>14,.0f}{flops_per_token * tokens_per_s / peak:>8.3f}"
           f"{memory:>12.1f}", flush=True)
+    if profile_to:
+        profile_step(step, profile_to)
     del model, step
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return tokens_per_s
+
+
+def profile_step(step, path: str) -> None:
+    """Kernel table of one step (after the timed ones), sorted by GPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    with open(path, "w") as f:
+        f.write(prof.key_averages().table(sort_by="self_device_time_total" if torch.cuda.is_available()
+                                          else "self_cpu_time_total", row_limit=50, max_name_column_width=90))
 
 
 def main() -> None:
@@ -124,13 +141,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile each of Argonne's blocks")
-    parser.add_argument("--checkpointing", choices=ACTIVATION_CHECKPOINTING, default="none",
-                        help="Argonne's activation checkpointing; transformers gets its (full) checkpointing "
-                             "whenever this is not none")
+    parser.add_argument("--checkpointing", choices=ACTIVATION_CHECKPOINTING, nargs="+", default=["none"],
+                        help="Argonne's activation checkpointing; several values measure one Argonne row each")
+    parser.add_argument("--transformers-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                        help="transformers' (full) checkpointing; default: on when the first --checkpointing is not "
+                             "none")
     parser.add_argument("--check-syncs", action="store_true",
                         help="on a GPU, fail on any host synchronisation inside Argonne's timed steps")
+    parser.add_argument("--profile", metavar="FILE", help="kernel table of one step of the first Argonne row")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
+    if args.transformers_checkpointing is None:
+        args.transformers_checkpointing = args.checkpointing[0] != "none"
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -145,17 +167,21 @@ def main() -> None:
     print(f"{args.preset}: batch {args.batch} x {args.seq_len}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
           f"measured peak {peak / 1e12:,.1f} TFLOP/s, {flops_per_token / 1e9:,.2f} GFLOPs/token")
-    print(f"{'model':<40}{'step ms':>10}{'tokens/s':>14}{'MFU':>8}{'peak GiB':>12}")
+    print(f"{'model':<40}{'step ms':>10}{'tokens/s':>14}{'MFU':>8}{'peak GiB':>12}", flush=True)
 
-    label = "argonne" + (", compiled blocks" if args.compile else "") + (
-        f", {args.checkpointing} checkpointing" if args.checkpointing != "none" else "")
-    ours = measure(label, lambda: argonne_step(config, args, batch, device, amp), args, device, flops_per_token,
-                   peak, tokens, args.check_syncs)
+    ours = {}
+    for index, checkpointing in enumerate(args.checkpointing):
+        label = "argonne" + (", compiled blocks" if args.compile else "") + (
+            f", {checkpointing} ckpt" if checkpointing != "none" else "")
+        ours[label] = measure(label, lambda: argonne_step(config, args, checkpointing, batch, device, amp), args,
+                              device, flops_per_token, peak, tokens, args.check_syncs,
+                              args.profile if index == 0 else None)
     if not args.skip_transformers:
-        label = "transformers Llama" + (", checkpointing" if args.checkpointing != "none" else "")
+        label = "transformers Llama" + (", checkpointing" if args.transformers_checkpointing else "")
         theirs = measure(label, lambda: transformers_step(config, args, batch, device, amp), args, device,
                          flops_per_token, peak, tokens)
-        print(f"argonne / transformers tokens/s: {ours / theirs:.2f}x")
+        for label, tokens_per_s in ours.items():
+            print(f"{label} / transformers tokens/s: {tokens_per_s / theirs:.2f}x")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from argonne import ArgonneConfig, ArgonneForCausalLM
 from argonne.config import RunConfig
 from argonne.generate import Generator, SamplingParams
-from argonne.modeling_argonne import attention, cross_entropy_chunk
+from argonne.modeling_argonne import accumulate_matmul, attention, cross_entropy_chunk
 from argonne.parallel import Topology, parallelize
 from argonne.train import build_optimizer, cross_entropy_objective, training_step
 
@@ -41,6 +41,18 @@ def test_compiled_loss_chunk_matches_eager():
     loss, grad = _compiled_chunk_loss(logits, targets, scale, True)
     torch.testing.assert_close(loss, eager_loss, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(grad, eager_grad, rtol=1e-2, atol=1e-5)
+
+
+@pytest.mark.skipif(not hasattr(torch.ops.aten.addmm, "dtype_out"), reason="this PyTorch has no addmm out_dtype")
+def test_float32_accumulating_matmul_equals_adding_the_product():
+    torch.manual_seed(0)
+    a = torch.randn(3000, 700, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(700, 900, device="cuda", dtype=torch.bfloat16)
+    start = torch.randn(3000, 900, device="cuda")
+    total = start.clone()
+    accumulate_matmul(total, a, b)
+    reference = start.double() + a.double() @ b.double()
+    assert (total.double() - reference).norm() / reference.norm() < 1e-5  # float32 accumulation, no bf16 product
 
 
 def test_padded_head_dim_attention_matches_in_bfloat16():
@@ -77,11 +89,12 @@ def test_training_step_never_waits_for_the_gpu(compile):
     assert torch.stack(losses).isfinite().all() and losses[-1].item() < first
 
 
-def test_cuda_graph_decode_equals_eager_decode():
+@pytest.mark.parametrize("freeze_weights", [False, True])
+def test_cuda_graph_decode_equals_eager_decode(freeze_weights):
     model = make_model(**{**LLAMA_STYLE, "max_position_embeddings": 96}).cuda()
     prompts = prompts_of([5, 9, 2])
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
     eager = Generator(model, IdTokenizer(), compile=False).generate_ids(prompts, params)
-    graphed = Generator(model, IdTokenizer(), compile=True)
+    graphed = Generator(model, IdTokenizer(), compile=True, freeze_weights=freeze_weights)
     assert graphed.generate_ids(prompts, params) == eager
     assert graphed.generate_ids(prompts, params) == eager  # replayed graphs, cache reused

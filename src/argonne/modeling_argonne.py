@@ -360,10 +360,27 @@ def _chunked_cross_entropy(hidden, weight, targets, settings, with_grads):
         loss_sum = loss_sum + part
         if with_grads:
             grad_hidden[start : start + chunk] = grad_logits @ w
-            grad_weight += (grad_logits.T @ h).float()
+            accumulate_matmul(grad_weight, grad_logits.T, h)
     if with_grads and sum_over_slices is not None:
         grad_hidden = sum_over_slices(grad_hidden)
     return loss_sum * scale, grad_hidden, grad_weight
+
+
+def accumulate_matmul(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """total (float32) += a @ b for half-precision a and b. On GPUs one matmul that accumulates into the float32
+    total (cuBLAS's beta = 1) where the installed PyTorch offers it (addmm's out_dtype); otherwise the product is
+    made in a's dtype and added, which moves the (V, D) head gradient through memory three more times."""
+    global _fp32_accumulating_addmm
+    if _fp32_accumulating_addmm and total.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
+            return
+        except (RuntimeError, TypeError):  # an older PyTorch without the kernel: fall back from now on
+            _fp32_accumulating_addmm = False
+    total += (a @ b).float()
+
+
+_fp32_accumulating_addmm = hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 def cross_entropy_chunk(
