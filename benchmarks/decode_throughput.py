@@ -8,7 +8,7 @@ with random weights (speed does not depend on them). Argonne's Generator runs as
 also with `freeze_weights=True`; transformers runs with its default dynamic cache and with
 `cache_implementation="static"`. Each figure is new tokens per second over all rows, after a warm-up run. The
 agreement line compares the greedy tokens of the first row with transformers' (bf16 rounding may part them late).
-`--profile FILE` writes a kernel table of one batch-1 generation and the GPU busy time per token.
+`--profile FILE` appends, per variant, a kernel table of one batch-1 generation and the GPU busy time per token.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def time_call(fn, device, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
-def profile_generation(generate, path: str, new_tokens: int) -> None:
+def profile_generation(generate, path: str, new_tokens: int, label: str) -> None:
+    """Appends the kernel table of one generation to `path`."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -55,12 +56,13 @@ def profile_generation(generate, path: str, new_tokens: int) -> None:
     on_gpu = [e for e in events if e.device_type == DeviceType.CUDA]  # kernels, copies, memsets: no double counting
     busy_us = sum(e.self_device_time_total for e in on_gpu)
     kernels = sum(e.count for e in on_gpu)
-    with open(path, "w") as f:
-        f.write(f"wall per token {wall / new_tokens * 1e6:,.1f} us (profiled); GPU busy per token "
+    with open(path, "a") as f:
+        f.write(f"{label}: wall per token {wall / new_tokens * 1e6:,.1f} us (profiled); GPU busy per token "
                 f"{busy_us / new_tokens:,.1f} us; GPU ops per token {kernels / new_tokens:,.1f}\n\n")
-        f.write(events.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=90))
-    print(f"profile: GPU busy {busy_us / new_tokens:,.1f} us per token, {kernels / new_tokens:,.1f} GPU ops per "
-          f"token, wall {wall / new_tokens * 1e6:,.1f} us per token -> {path}", flush=True)
+        f.write(events.table(sort_by="self_device_time_total", row_limit=45, max_name_column_width=90) + "\n\n")
+    print(f"profile of {label}: GPU busy {busy_us / new_tokens:,.1f} us per token, "
+          f"{kernels / new_tokens:,.1f} GPU ops per token, wall {wall / new_tokens * 1e6:,.1f} us per token -> {path}",
+          flush=True)
 
 
 def main() -> None:
@@ -71,7 +73,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-transformers", action="store_true")
-    parser.add_argument("--profile", metavar="FILE", help="kernel table of one batch-1 generation (default variant)")
+    parser.add_argument("--profile", metavar="FILE", help="append kernel tables of one batch-1 generation per variant")
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,8 +98,9 @@ def main() -> None:
                 outputs[label] = generator.generate_ids(prompt.tolist(), params)
             report(batch, label, time_call(ours, device, args.repeats), args.new_tokens)
         if args.profile and batch == 1:
-            profile_generation(lambda: generators[0][1].generate_ids(prompt.tolist(), params), args.profile,
-                               args.new_tokens)
+            for label, generator in generators:
+                profile_generation(lambda: generator.generate_ids(prompt.tolist(), params), args.profile,
+                                   args.new_tokens, label)
         if args.skip_transformers:
             continue
         for label, extra in (("transformers generate, dynamic cache", {}),

@@ -32,14 +32,14 @@ run() {  # run LIMIT_S NAME COMMAND...
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/summary.txt"
-run 130 gpu-tests $PY -m pytest -p no:cacheprovider -rfEs tests/test_gpu.py
-run 170 train-small $PY benchmarks/train_throughput.py --preset small --batch 8 --seq-len 4096 --compile \
+run 100 gpu-tests $PY -m pytest -p no:cacheprovider -rfEs tests/test_gpu.py
+run 150 train-small $PY benchmarks/train_throughput.py --preset small --batch 8 --seq-len 4096 --compile \
     --checkpointing none selective --check-syncs --steps 5 --warmup 2 --profile "$OUT/profile-train-small.txt"
-run 150 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 \
+run 130 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 \
     --profile "$OUT/profile-decode.txt"
-run 150 train-2.0 $PY benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \
+run 100 train-2.0 $PY benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \
     --checkpointing selective --steps 3 --warmup 2
-run 120 decode-b16 $PY benchmarks/decode_throughput.py --preset small --batches 16 --repeats 2
+run 100 decode-b16 $PY benchmarks/decode_throughput.py --preset small --batches 16 --repeats 2
 echo "=== summary"
 cat "$OUT/summary.txt"
 for part in gpu-tests train-small train-2.0 decode-b1 decode-b16; do

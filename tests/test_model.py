@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -225,6 +227,28 @@ def test_linear_cross_entropy_under_bfloat16_autocast_matches_the_autocast_refer
     # bf16 matmuls; the weight gradient sums per-chunk bf16 products in float32 (a little more precise).
     torch.testing.assert_close(hidden.grad, expected[0], rtol=0, atol=1e-6)
     torch.testing.assert_close(weight.grad, expected[1], rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_linear_cross_entropy_with_a_padded_head_matrix_is_unchanged(fused):
+    """The GPU path pads the head matrix to aligned rows (zero logits, masked): loss and gradients stay the same."""
+    from argonne.modeling_argonne import cross_entropy_chunk, linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(45, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (45,))
+    targets[:4] = -100
+    reference = F.cross_entropy(F.linear(hidden, weight), targets)
+    expected = torch.autograd.grad(reference, (hidden, weight))
+    chunk_loss = partial(cross_entropy_chunk, fused=fused)
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_logits=10 * 320, chunk_loss=chunk_loss,
+                                pad_vocab_to=64)  # 320 rows, 20 of them padding; chunks of 10 tokens
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    torch.testing.assert_close(loss, reference)
+    for grad, reference_grad in zip(grads, expected):
+        assert grad.shape == reference_grad.shape
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_linear_cross_entropy_ignores_non_finite_logits_of_ignored_positions():

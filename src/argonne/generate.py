@@ -2,8 +2,8 @@
 
 `Generator` holds one static cache (keys and values for every layer, batch x max_len) and decodes a batch of
 left-padded prompts: one prefill forward over the prompts, then one forward per new token for the whole batch. The
-attention mask spans the whole cache, so the decode step has fixed shapes and compiles once (CUDA graphs on GPUs
-with mode="reduce-overhead"). Sampling defaults are the original Argonne code's: temperature 0.8, top-k 50,
+attention mask spans the whole cache, so the decode step has fixed shapes: it compiles once and, on GPUs, is captured
+as one CUDA graph (`DecodeStep`). Sampling defaults are the original Argonne code's: temperature 0.8, top-k 50,
 top-p 0.95; temperature 0 is greedy.
 """
 
@@ -104,7 +104,7 @@ class StaticKVCache:
         self.write_positions = torch.zeros(1, dtype=torch.long, device=device)
         self.length = 0
         if torch.device(device).type == "cuda":
-            # Fixed addresses let CUDA graphs write into the buffers in place (as transformers' StaticCache does).
+            # Static addresses: compiled code takes the buffers as they are (as transformers' StaticCache does).
             for tensor in self.keys + self.values:
                 torch._dynamo.mark_static_address(tensor)
 
@@ -118,6 +118,59 @@ class StaticKVCache:
 
 
 FINISHED_CHECK_EVERY = 16
+
+
+class DecodeStep:
+    """The one-token forward over a static cache with its inputs in fixed buffers: the new tokens (B, 1), the cache
+    column being written (the cache's `write_positions`), per-row position offsets, and which cache columns hold
+    real tokens. With `graph` (CUDA) the step is captured once as a CUDA graph and replayed for every token: one
+    launch from the host instead of hundreds, so decoding speed is set by the GPU rather than by Python."""
+
+    def __init__(self, forward: Callable, cache: StaticKVCache, graph: bool):
+        batch, device = cache.keys[0].shape[0], cache.keys[0].device
+        self.forward, self.cache, self.graph = forward, cache, graph
+        self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
+        self.position_offset = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        self.valid = torch.zeros((batch, cache.max_len), dtype=torch.bool, device=device)
+        self.key_positions = torch.arange(cache.max_len, device=device)
+        self._captured: torch.cuda.CUDAGraph | None = None
+        self._logits: torch.Tensor | None = None
+
+    def start(self, valid: torch.Tensor, last_positions: torch.Tensor, width: int) -> None:
+        """A new generation: prompts occupy columns 0..width-1 (valid marks real tokens), last_positions (B, 1)."""
+        self.valid.copy_(valid)
+        self.position_offset.copy_(last_positions + 1 - width)
+        self.cache.write_positions = self.column
+
+    def __call__(self, new_tokens: torch.Tensor, column: int) -> torch.Tensor:
+        """Float32 logits (B, V) after feeding new_tokens (B,) at cache column `column`. The returned tensor is
+        overwritten by the next call when graphed."""
+        self.tokens.copy_(new_tokens[:, None])
+        self.column.fill_(column)
+        if not self.graph:
+            return self._run()
+        if self._captured is None:
+            self._capture()
+        self._captured.replay()
+        return self._logits
+
+    def _run(self) -> torch.Tensor:
+        mask = ((self.key_positions <= self.column) & self.valid)[:, None, None, :]
+        return self.forward(self.cache, self.tokens, self.position_offset + self.column, mask)
+
+    def _capture(self) -> None:
+        # Warm-up runs (compilation, library handles) on a side stream, as CUDA graph capture requires. They compute
+        # this very step, so the keys and values they write are the right ones.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._captured):
+            self._logits = self._run()
 
 
 def _with_frozen_weights(compiled_step, *args):
@@ -145,12 +198,13 @@ class Generator:
         self.config = model.config
         self.eos_ids = sorted({i for i in (self.config.eos_token_id, tokenizer.eos_token_id) if i is not None})
         compile = self.device.type == "cuda" if compile is None else compile
-        self._decode = self._last_logits
+        self._decode_forward = self._last_logits
         if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None
-            compiled = torch.compile(self._last_logits, mode=mode, fullgraph=True)
-            self._decode = partial(_with_frozen_weights, compiled) if freeze_weights else compiled
+            compiled = torch.compile(self._last_logits, fullgraph=True)
+            self._decode_forward = partial(_with_frozen_weights, compiled) if freeze_weights else compiled
+        self._graphs = compile and self.device.type == "cuda"
         self._cache: StaticKVCache | None = None
+        self._decode: DecodeStep | None = None
 
     def _cache_for(self, batch: int, max_len: int) -> StaticKVCache:
         # Reuse the cache (and so the compiled graph) while the shape fits; sizes are rounded up to reuse more.
@@ -158,6 +212,7 @@ class Generator:
         cache = self._cache
         if cache is None or len(cache.keys[0]) != batch or cache.max_len != max_len:
             cache = self._cache = StaticKVCache(self.config, batch, max_len, self.device, self.dtype)
+            self._decode = DecodeStep(self._decode_forward, cache, self._graphs)
         cache.length = 0
         return cache
 
@@ -216,8 +271,7 @@ class Generator:
         eos_ids = self._eos_ids(params)
         eos = torch.tensor(eos_ids or [-1], device=device)
         active = torch.ones(batch, dtype=torch.bool, device=device)
-        next_position = positions[:, -1:] + 1
-        cache.write_positions = torch.zeros(1, dtype=torch.long, device=device)  # decode: one slot, set in place
+        self._decode.start(valid, positions[:, -1:], width)
         outputs = []
         for step in range(params.max_new_tokens):
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
@@ -230,12 +284,8 @@ class Generator:
                 break
             if params.repetition_penalty != 1.0:
                 seen.scatter_(1, new[:, None], True)
-            column = width + step
-            cache.write_positions.fill_(column)
-            step_mask = (key_pos <= column)[None, None, None, :] & valid[:, None, None, :]
-            logits = self._decode(cache, new[:, None], next_position, step_mask)
-            cache.length = column + 1
-            next_position = next_position + 1
+            logits = self._decode(new, width + step)
+            cache.length = width + step + 1
         generated = torch.stack(outputs, dim=1).tolist()
         return [_cut_at_eos(row, eos_ids) for row in generated]
 

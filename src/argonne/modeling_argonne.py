@@ -291,6 +291,11 @@ def positions_from_mask(
 # weight gradient, each a pass over 2 x 4 x V x D bytes.
 LOSS_CHUNK_LOGITS = 2**26
 LOSS_CHUNK_LOGITS_GPU = 2**28
+# cuBLAS needs leading dimensions that are multiples of 8 half-precision elements for its fast kernels. A vocabulary
+# of 151,665 is not: on an H200 the head's three matmuls fell back to Turing-era "align1" kernels at ~100 TFLOP/s,
+# half of the 0.5B model's step time. On GPUs the head matrix is therefore zero-padded to a multiple of this many
+# rows inside the loss (the padded logits are masked out); chunks are a multiple of 128 tokens (whole matmul tiles).
+LOSS_VOCAB_MULTIPLE_GPU = 64
 
 
 def linear_cross_entropy(
@@ -300,6 +305,7 @@ def linear_cross_entropy(
     chunk_logits: int | None = None,
     chunk_loss=None,
     sum_over_slices=None,
+    pad_vocab_to: int | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy of the logits `hidden @ weight.T` against `targets` (-100 ignored): the value of
     F.cross_entropy(F.linear(hidden, weight).float(), targets), without ever holding all the logits.
@@ -309,7 +315,8 @@ def linear_cross_entropy(
     soft-maxed in float32. When a gradient is wanted, each chunk's gradients for hidden and weight are computed
     right away (d mean loss / d logits = (softmax - one_hot) / scored tokens), and the backward only scales them by
     the incoming gradient: no logits are kept and no matmul is repeated. A batch with no scored token gives NaN
-    (0 / 0), as F.cross_entropy does.
+    (0 / 0), as F.cross_entropy does. `pad_vocab_to` (default LOSS_VOCAB_MULTIPLE_GPU on GPUs, 1 on CPUs) pads the
+    matrix's rows with zeros for aligned matmuls; the result does not depend on it.
 
     For a head sharded by vocabulary rows (tensor parallelism), `weight` is this process's slice and parallel.py
     passes `chunk_loss` (cross_entropy_chunk's contract, combining the slices' statistics) and `sum_over_slices`
@@ -320,10 +327,14 @@ def linear_cross_entropy(
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     chunk_logits = chunk_logits or (LOSS_CHUNK_LOGITS_GPU if hidden.is_cuda else LOSS_CHUNK_LOGITS)
-    chunk = max(1, chunk_logits // weight.shape[0])
+    pad_vocab_to = pad_vocab_to or (LOSS_VOCAB_MULTIPLE_GPU if hidden.is_cuda else 1)
+    padded_vocab = -(-weight.shape[0] // pad_vocab_to) * pad_vocab_to
+    chunk = max(1, chunk_logits // padded_vocab)
+    if chunk >= 256:
+        chunk -= chunk % 128
     if chunk_loss is None:
         chunk_loss = _compiled_chunk_loss if hidden.is_cuda else cross_entropy_chunk
-    settings = chunk, compute_dtype, chunk_loss, sum_over_slices
+    settings = chunk, compute_dtype, chunk_loss, sum_over_slices, padded_vocab
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, settings)
     with torch.autocast(device_type, enabled=False):
@@ -348,22 +359,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def _chunked_cross_entropy(hidden, weight, targets, settings, with_grads):
     """(mean loss, d loss / d hidden or None, d loss / d weight in float32 or None); see linear_cross_entropy."""
-    chunk, compute_dtype, chunk_loss, sum_over_slices = settings
-    h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+    chunk, compute_dtype, chunk_loss, sum_over_slices, padded_vocab = settings
+    vocab, pad = weight.shape[0], padded_vocab - weight.shape[0]
+    h_all = hidden.to(compute_dtype)
+    w = weight.new_empty((padded_vocab, weight.shape[1]), dtype=compute_dtype)  # zero rows: logits 0, masked below
+    w[:vocab] = weight
+    w[vocab:] = 0
     scale = 1.0 / (targets != -100).sum()  # a tensor: no host synchronisation
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(h_all) if with_grads else None
-    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if with_grads else None
+    grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=weight.device) if with_grads else None
     for start in range(0, h_all.shape[0], chunk):
         h = h_all[start : start + chunk]
-        part, grad_logits = chunk_loss(h @ w.T, targets[start : start + chunk], scale, with_grads)
+        logits = (h @ w.T)[:, :vocab]  # the real columns, rows still padded_vocab apart
+        part, grad_logits = chunk_loss(logits, targets[start : start + chunk], scale, with_grads, pad_columns=pad)
         loss_sum = loss_sum + part
         if with_grads:
             grad_hidden[start : start + chunk] = grad_logits @ w
             accumulate_matmul(grad_weight, grad_logits.T, h)
     if with_grads and sum_over_slices is not None:
         grad_hidden = sum_over_slices(grad_hidden)
-    return loss_sum * scale, grad_hidden, grad_weight
+    return loss_sum * scale, grad_hidden, grad_weight[:vocab] if with_grads else None
 
 
 def accumulate_matmul(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -392,9 +408,11 @@ def cross_entropy_chunk(
     vocab_start: int = 0,
     reduce_max=None,
     reduce_sum=None,
+    pad_columns: int = 0,
 ):
     """Summed float32 loss of logits (n, V) against targets (n,), and, with_grads, d(scale * loss)/d logits in the
-    logits' dtype. Ignored targets (-100) contribute nothing, even when their logits are not finite.
+    logits' dtype, followed by `pad_columns` zero columns (n, V + pad_columns) for a padded head matrix. Ignored
+    targets (-100) contribute nothing, even when their logits are not finite.
 
     For a slice of the vocabulary (tensor parallelism), the logits are its rows vocab_start .. vocab_start + V - 1,
     and `reduce_max` / `reduce_sum` combine per-token statistics over the slices' processes: every process then
@@ -424,17 +442,18 @@ def cross_entropy_chunk(
     else:
         grad = shifted.sub_(log_sum_exp[:, None]).exp_()  # softmax
         grad.scatter_add_(1, local_targets, -here[:, None].to(grad.dtype)).mul_(row_scale)  # - one_hot
-    return loss_sum, grad.to(logits.dtype)
+    grad = grad.to(logits.dtype)
+    return loss_sum, F.pad(grad, (0, pad_columns)) if pad_columns else grad
 
 
-def _compiled_chunk_loss(logits, targets, scale, with_grads):
+def _compiled_chunk_loss(logits, targets, scale, with_grads, pad_columns=0):
     """cross_entropy_chunk fused by torch.compile into a reduction and one element-wise pass over the chunk's bf16
     logits (on GPUs, where an eager chain of float32 copies over a vocabulary of 151,665 costs as much as the head's
     matmuls)."""
     global _compiled_cross_entropy_chunk
     if _compiled_cross_entropy_chunk is None:
         _compiled_cross_entropy_chunk = torch.compile(partial(cross_entropy_chunk, fused=True))
-    return _compiled_cross_entropy_chunk(logits, targets, scale, with_grads)
+    return _compiled_cross_entropy_chunk(logits, targets, scale, with_grads, pad_columns=pad_columns)
 
 
 _compiled_cross_entropy_chunk = None
