@@ -4,9 +4,8 @@
     python benchmarks/decode_throughput.py --preset tiny --new-tokens 64  # CPU-sized
 
 Greedy decoding of `--new-tokens` tokens after a random `--prompt-tokens` prompt, batch 1 and batch 16 (by default),
-with random weights (speed does not depend on them). Argonne's Generator runs as `argonne generate` does and, on GPUs,
-also with `freeze_weights=True`; transformers runs with its default dynamic cache and with
-`cache_implementation="static"`. Each figure is new tokens per second over all rows, after a warm-up run. The
+with random weights (speed does not depend on them). Argonne's Generator runs as `argonne generate` does;
+transformers runs with its default dynamic cache and with `cache_implementation="static"`. Each figure is new tokens per second over all rows, after a warm-up run. The
 agreement line compares the greedy tokens of the first row with transformers' (bf16 rounding may part them late).
 `--profile FILE` appends, per variant, a kernel table of one batch-1 generation and the GPU busy time per token.
 """
@@ -83,8 +82,6 @@ def main() -> None:
     model = ArgonneForCausalLM(config).to(device=device, dtype=dtype).eval()
     generators = [("argonne Generator (static cache" + (", CUDA graphs)" if device.type == "cuda" else ")"),
                    Generator(model, _IdTokenizer()))]
-    if device.type == "cuda":  # freezing needs the compiled step, which CPUs do not use by default
-        generators.append(("argonne Generator, frozen weights", Generator(model, _IdTokenizer(), freeze_weights=True)))
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}; "
           f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy", flush=True)

@@ -147,14 +147,12 @@ def test_bad_parameters_and_too_long_prompts_are_errors(model):
         generator.generate_ids([list(range(3, 90))], SamplingParams(max_new_tokens=10))
 
 
-@pytest.mark.parametrize("freeze_weights", [False, True])
-def test_compiled_decode_step_matches_eager(freeze_weights):
+def test_compiled_decode_step_matches_eager():
     model = make_model(**{**LLAMA_STYLE, "max_position_embeddings": 64})
     prompts = prompts_of([5, 3])
     params = SamplingParams(max_new_tokens=8, **GREEDY)
     eager = Generator(model, IdTokenizer(), compile=False).generate_ids(prompts, params)
-    compiled = Generator(model, IdTokenizer(), compile=True, freeze_weights=freeze_weights)
-    assert compiled.generate_ids(prompts, params) == eager
+    assert Generator(model, IdTokenizer(), compile=True).generate_ids(prompts, params) == eager
 
 
 @pytest.fixture

@@ -93,12 +93,11 @@ def test_training_step_never_waits_for_the_gpu(compile):
     assert torch.stack(losses).isfinite().all() and losses[-1].item() < first
 
 
-@pytest.mark.parametrize("freeze_weights", [False, True])
-def test_cuda_graph_decode_equals_eager_decode(freeze_weights):
+def test_cuda_graph_decode_equals_eager_decode():
     model = make_model(**{**LLAMA_STYLE, "max_position_embeddings": 96}).cuda()
     prompts = prompts_of([5, 9, 2])
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
     eager = Generator(model, IdTokenizer(), compile=False).generate_ids(prompts, params)
-    graphed = Generator(model, IdTokenizer(), compile=True, freeze_weights=freeze_weights)
+    graphed = Generator(model, IdTokenizer(), compile=True)
     assert graphed.generate_ids(prompts, params) == eager
     assert graphed.generate_ids(prompts, params) == eager  # replayed graphs, cache reused

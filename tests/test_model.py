@@ -251,6 +251,24 @@ def test_linear_cross_entropy_with_a_padded_head_matrix_is_unchanged(fused):
         torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_loss_chunk_of_padded_logits_equals_the_unpadded_one(fused):
+    """Padding columns are left out, also for a vocabulary slice whose neighbour's targets fall where they lie."""
+    from argonne.modeling_argonne import cross_entropy_chunk
+
+    torch.manual_seed(0)
+    padded = torch.randn(37, 320, dtype=torch.bfloat16)
+    targets = torch.randint(0, 600, (37,))  # a slice of 300 rows starting at 150: many targets are elsewhere
+    targets[:3] = -100
+    targets[3] = 460  # the next slice's, where this slice's padding lies
+    scale = torch.tensor(1 / 34)
+    expected = cross_entropy_chunk(padded[:, :300].contiguous(), targets, scale, True, fused=fused, vocab_start=150)
+    loss, grad = cross_entropy_chunk(padded, targets, scale, True, fused=fused, vocab_start=150, columns=300)
+    torch.testing.assert_close(loss, expected[0])
+    torch.testing.assert_close(grad[:, :300], expected[1])
+    assert grad.shape == padded.shape and (grad[:, 300:] == 0).all()
+
+
 def test_linear_cross_entropy_ignores_non_finite_logits_of_ignored_positions():
     from argonne.modeling_argonne import linear_cross_entropy
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -124,7 +123,7 @@ class DecodeStep:
     """The one-token forward over a static cache with its inputs in fixed buffers: the new tokens (B, 1), the cache
     column being written (the cache's `write_positions`), per-row position offsets, and which cache columns hold
     real tokens. With `graph` (CUDA) the step is captured once as a CUDA graph and replayed for every token: one
-    launch from the host instead of hundreds, so decoding speed is set by the GPU rather than by Python."""
+    launch from the host per token instead of hundreds."""
 
     def __init__(self, forward: Callable, cache: StaticKVCache, graph: bool):
         batch, device = cache.keys[0].shape[0], cache.keys[0].device
@@ -173,24 +172,11 @@ class DecodeStep:
             self._logits = self._run()
 
 
-def _with_frozen_weights(compiled_step, *args):
-    # Dynamo reads this setting while tracing (to treat parameters as constants), not only Inductor, so it is set
-    # around every call rather than passed as a compile option.
-    with torch._inductor.config.patch(freezing=True):
-        return compiled_step(*args)
-
-
 class Generator:
     """Batched generation with a static KV cache. `compile` defaults to True on CUDA (the decode step becomes one
-    CUDA graph) and False on CPUs, where compiling costs more than a short generation saves.
+    CUDA graph) and False on CPUs, where compiling costs more than a short generation saves."""
 
-    `freeze_weights` (with `compile`) compiles the decode step with the weights as constants (Inductor's freezing),
-    which lets Inductor merge the matmuls that share an input (q/k/v, gate/up) into one each: fewer, larger kernels
-    per token, for one extra copy of those weights. The compiled step then never sees later changes to the model's
-    weights, so a Generator is made for a model that is no longer trained (generate, chat, serve)."""
-
-    def __init__(self, model: ArgonneForCausalLM, tokenizer, compile: bool | None = None,
-                 freeze_weights: bool = False):
+    def __init__(self, model: ArgonneForCausalLM, tokenizer, compile: bool | None = None):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -200,8 +186,7 @@ class Generator:
         compile = self.device.type == "cuda" if compile is None else compile
         self._decode_forward = self._last_logits
         if compile:
-            compiled = torch.compile(self._last_logits, fullgraph=True)
-            self._decode_forward = partial(_with_frozen_weights, compiled) if freeze_weights else compiled
+            self._decode_forward = torch.compile(self._last_logits, fullgraph=True)
         self._graphs = compile and self.device.type == "cuda"
         self._cache: StaticKVCache | None = None
         self._decode: DecodeStep | None = None

@@ -360,9 +360,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def _chunked_cross_entropy(hidden, weight, targets, settings, with_grads):
     """(mean loss, d loss / d hidden or None, d loss / d weight in float32 or None); see linear_cross_entropy."""
     chunk, compute_dtype, chunk_loss, sum_over_slices, padded_vocab = settings
-    vocab, pad = weight.shape[0], padded_vocab - weight.shape[0]
+    vocab = weight.shape[0]
     h_all = hidden.to(compute_dtype)
-    w = weight.new_empty((padded_vocab, weight.shape[1]), dtype=compute_dtype)  # zero rows: logits 0, masked below
+    w = weight.new_empty((padded_vocab, weight.shape[1]), dtype=compute_dtype)  # zero rows, left out by the loss
     w[:vocab] = weight
     w[vocab:] = 0
     scale = 1.0 / (targets != -100).sum()  # a tensor: no host synchronisation
@@ -371,8 +371,7 @@ def _chunked_cross_entropy(hidden, weight, targets, settings, with_grads):
     grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=weight.device) if with_grads else None
     for start in range(0, h_all.shape[0], chunk):
         h = h_all[start : start + chunk]
-        logits = (h @ w.T)[:, :vocab]  # the real columns, rows still padded_vocab apart
-        part, grad_logits = chunk_loss(logits, targets[start : start + chunk], scale, with_grads, pad_columns=pad)
+        part, grad_logits = chunk_loss(h @ w.T, targets[start : start + chunk], scale, with_grads, columns=vocab)
         loss_sum = loss_sum + part
         if with_grads:
             grad_hidden[start : start + chunk] = grad_logits @ w
@@ -408,11 +407,12 @@ def cross_entropy_chunk(
     vocab_start: int = 0,
     reduce_max=None,
     reduce_sum=None,
-    pad_columns: int = 0,
+    columns: int | None = None,
 ):
     """Summed float32 loss of logits (n, V) against targets (n,), and, with_grads, d(scale * loss)/d logits in the
-    logits' dtype, followed by `pad_columns` zero columns (n, V + pad_columns) for a padded head matrix. Ignored
-    targets (-100) contribute nothing, even when their logits are not finite.
+    logits' dtype. Ignored targets (-100) contribute nothing, even when their logits are not finite. With `columns`,
+    only the first `columns` logits of each row are real (a head matrix padded with zero rows): the rest are left
+    out of the softmax and get a zero gradient, while the rows keep their aligned length.
 
     For a slice of the vocabulary (tensor parallelism), the logits are its rows vocab_start .. vocab_start + V - 1,
     and `reduce_max` / `reduce_sum` combine per-token statistics over the slices' processes: every process then
@@ -420,9 +420,12 @@ def cross_entropy_chunk(
     torch.compile fuses with the softmax into one pass over the logits; the default works in place, which is what
     runs fastest eagerly.
     """
+    columns = logits.shape[1] if columns is None else columns
     scored = targets != -100
     logits32 = logits.float().masked_fill(~scored[:, None], 0.0)  # a new float32 tensor, free to work in place
-    here = scored & (targets >= vocab_start) & (targets < vocab_start + logits.shape[1])  # the target is in the slice
+    if columns < logits.shape[1]:
+        logits32 = logits32.masked_fill(torch.arange(logits.shape[1], device=logits.device) >= columns, -math.inf)
+    here = scored & (targets >= vocab_start) & (targets < vocab_start + columns)  # the target is in the slice
     local_targets = torch.where(here, targets - vocab_start, 0)[:, None]
     row_max = logits32.amax(dim=-1)
     if reduce_max is not None:
@@ -442,18 +445,17 @@ def cross_entropy_chunk(
     else:
         grad = shifted.sub_(log_sum_exp[:, None]).exp_()  # softmax
         grad.scatter_add_(1, local_targets, -here[:, None].to(grad.dtype)).mul_(row_scale)  # - one_hot
-    grad = grad.to(logits.dtype)
-    return loss_sum, F.pad(grad, (0, pad_columns)) if pad_columns else grad
+    return loss_sum, grad.to(logits.dtype)
 
 
-def _compiled_chunk_loss(logits, targets, scale, with_grads, pad_columns=0):
+def _compiled_chunk_loss(logits, targets, scale, with_grads, columns=None):
     """cross_entropy_chunk fused by torch.compile into a reduction and one element-wise pass over the chunk's bf16
     logits (on GPUs, where an eager chain of float32 copies over a vocabulary of 151,665 costs as much as the head's
     matmuls)."""
     global _compiled_cross_entropy_chunk
     if _compiled_cross_entropy_chunk is None:
         _compiled_cross_entropy_chunk = torch.compile(partial(cross_entropy_chunk, fused=True))
-    return _compiled_cross_entropy_chunk(logits, targets, scale, with_grads, pad_columns=pad_columns)
+    return _compiled_cross_entropy_chunk(logits, targets, scale, with_grads, columns=columns)
 
 
 _compiled_cross_entropy_chunk = None
