@@ -5,9 +5,12 @@
 
 Greedy decoding of `--new-tokens` tokens after a random `--prompt-tokens` prompt, batch 1 and batch 16 (by default),
 with random weights (speed does not depend on them). Argonne's Generator runs as `argonne generate` does;
-transformers runs with its default dynamic cache and with `cache_implementation="static"`. Each figure is new tokens per second over all rows, after a warm-up run. The
-agreement line compares the greedy tokens of the first row with transformers' (bf16 rounding may part them late).
-`--profile FILE` appends, per variant, a kernel table of one batch-1 generation and the GPU busy time per token.
+transformers runs with its default dynamic cache and with `cache_implementation="static"`. Each figure is new tokens
+per second over all rows, after a warm-up run. The agreement line compares the greedy tokens of the first row with
+transformers' (bf16 rounding parts them early on a random model, whose logits are near-ties).
+`--inductor-variants` adds Argonne rows compiled under other Inductor settings (what-if measurements for the decode
+step; `argonne generate` uses the defaults). `--profile FILE` appends, per variant, a kernel table of one batch-1
+generation and the GPU busy time per token.
 """
 
 from __future__ import annotations
@@ -64,6 +67,13 @@ def profile_generation(generate, path: str, new_tokens: int, label: str) -> None
           flush=True)
 
 
+# Inductor settings worth measuring for a one-token step whose matmuls are matrix-vector products.
+INDUCTOR_VARIANTS = {
+    "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True},  # Triton matmul templates too
+    "decompose-mm": {"decompose_mem_bound_mm": True},  # small matmuls as fusable multiply-and-sum kernels
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="small")
@@ -73,6 +83,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--profile", metavar="FILE", help="append kernel tables of one batch-1 generation per variant")
+    parser.add_argument("--inductor-variants", nargs="*", choices=sorted(INDUCTOR_VARIANTS), default=[])
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,7 +92,10 @@ def main() -> None:
     config = ArgonneConfig.from_preset(args.preset, eos_token_id=None)
     model = ArgonneForCausalLM(config).to(device=device, dtype=dtype).eval()
     generators = [("argonne Generator (static cache" + (", CUDA graphs)" if device.type == "cuda" else ")"),
-                   Generator(model, _IdTokenizer()))]
+                   Generator(model, _IdTokenizer()), {})]
+    for name in args.inductor_variants:  # each compiles its own step, under these settings
+        generators.append((f"argonne Generator, Inductor {name}", Generator(model, _IdTokenizer(), compile=True),
+                           INDUCTOR_VARIANTS[name]))
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}; "
           f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy", flush=True)
@@ -90,14 +104,19 @@ def main() -> None:
     for batch in args.batches:
         prompt = torch.randint(0, config.vocab_size, (batch, args.prompt_tokens), device=device)
         outputs = {}
-        for label, generator in generators:
-            def ours(generator=generator, label=label):
-                outputs[label] = generator.generate_ids(prompt.tolist(), params)
-            report(batch, label, time_call(ours, device, args.repeats), args.new_tokens)
-        if args.profile and batch == 1:
-            for label, generator in generators:
-                profile_generation(lambda: generator.generate_ids(prompt.tolist(), params), args.profile,
-                                   args.new_tokens, label)
+        for label, generator, options in generators:
+            def ours(generator=generator, label=label, options=options):
+                with torch._inductor.config.patch(options):
+                    outputs[label] = generator.generate_ids(prompt.tolist(), params)
+            try:
+                report(batch, label, time_call(ours, device, args.repeats), args.new_tokens)
+            except Exception as error:  # a what-if setting that does not compile here is a finding, not the end
+                if not options:
+                    raise
+                print(f"{batch:>6}  {label}: failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
+                continue
+            if args.profile and batch == 1:
+                profile_generation(ours, args.profile, args.new_tokens, label)
         if args.skip_transformers:
             continue
         for label, extra in (("transformers generate, dynamic cache", {}),
@@ -108,7 +127,7 @@ def main() -> None:
                 outputs[label] = out[:, args.prompt_tokens:].tolist()
             report(batch, label, time_call(hf, device, args.repeats), args.new_tokens)
         reference = outputs["transformers generate, dynamic cache"][0]
-        for label, _ in generators:
+        for label in (label for label, _, _ in generators if label in outputs):
             ours = outputs[label][0]
             same = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), len(reference))
             print(f"{batch:>6}  {label}: first {same} of {len(reference)} greedy tokens equal transformers'",

@@ -111,7 +111,7 @@ def _measure(name, build, args, device, flops_per_token, peak, tokens, check_syn
     print(f"{name:<40}{seconds * 1000:>10.1f}{tokens_per_s:>14,.0f}{flops_per_token * tokens_per_s / peak:>8.3f}"
           f"{memory:>12.1f}", flush=True)
     if profile_to:
-        profile_step(step, profile_to)
+        profile_step(step, profile_to, name)
     del model, step
     gc.collect()
     if device.type == "cuda":
@@ -119,8 +119,8 @@ def _measure(name, build, args, device, flops_per_token, peak, tokens, check_syn
     return tokens_per_s
 
 
-def profile_step(step, path: str) -> None:
-    """Kernel table of one step (after the timed ones), sorted by GPU time."""
+def profile_step(step, path: str, label: str) -> None:
+    """Appends the kernel table of one step (after the timed ones), sorted by GPU time, to `path`."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -128,9 +128,10 @@ def profile_step(step, path: str) -> None:
         step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-    with open(path, "w") as f:
+    with open(path, "a") as f:
+        f.write(f"{label}: one training step\n")
         f.write(prof.key_averages().table(sort_by="self_device_time_total" if torch.cuda.is_available()
-                                          else "self_cpu_time_total", row_limit=50, max_name_column_width=90))
+                                          else "self_cpu_time_total", row_limit=50, max_name_column_width=90) + "\n\n")
 
 
 def main() -> None:
@@ -148,7 +149,8 @@ def main() -> None:
                              "none")
     parser.add_argument("--check-syncs", action="store_true",
                         help="on a GPU, fail on any host synchronisation inside Argonne's timed steps")
-    parser.add_argument("--profile", metavar="FILE", help="kernel table of one step of the first Argonne row")
+    parser.add_argument("--profile", metavar="FILE",
+                        help="append the kernel table of one step of the first Argonne row")
     parser.add_argument("--skip-transformers", action="store_true")
     args = parser.parse_args()
     if args.transformers_checkpointing is None:

@@ -287,7 +287,7 @@ def positions_from_mask(
 
 # Logits per loss chunk. Eager chunks (CPU) hold float32 copies: 2**26 logits, 256 MiB each. On GPUs the chunk's
 # element-wise work is one compiled kernel pair (no float32 copies), so a chunk of 2**28 costs its bf16 logits and
-# gradient, 1 GiB (1,770 tokens at vocab 151,665); fewer chunks mean fewer float32 accumulations of the (V, D)
+# gradient, 1 GiB (1,664 tokens at vocab 151,665 padded); fewer chunks mean fewer float32 accumulations of the (V, D)
 # weight gradient, each a pass over 2 x 4 x V x D bytes.
 LOSS_CHUNK_LOGITS = 2**26
 LOSS_CHUNK_LOGITS_GPU = 2**28
