@@ -361,10 +361,9 @@ def _chunked_cross_entropy(hidden, weight, targets, settings, with_grads):
     """(mean loss, d loss / d hidden or None, d loss / d weight in float32 or None); see linear_cross_entropy."""
     chunk, compute_dtype, chunk_loss, sum_over_slices, padded_vocab = settings
     vocab = weight.shape[0]
-    h_all = hidden.to(compute_dtype)
-    w = weight.new_empty((padded_vocab, weight.shape[1]), dtype=compute_dtype)  # zero rows, left out by the loss
-    w[:vocab] = weight
-    w[vocab:] = 0
+    h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
+    if padded_vocab > vocab:  # zero rows, left out by the loss
+        w = torch.cat([w, w.new_zeros((padded_vocab - vocab, w.shape[1]))])
     scale = 1.0 / (targets != -100).sum()  # a tensor: no host synchronisation
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(h_all) if with_grads else None
