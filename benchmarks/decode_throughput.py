@@ -8,14 +8,16 @@ with random weights (speed does not depend on them). Argonne's Generator runs as
 transformers runs with its default dynamic cache and with `cache_implementation="static"`. Each figure is new tokens
 per second over all rows, after a warm-up run. The agreement line compares the greedy tokens of the first row with
 transformers' (bf16 rounding parts them early on a random model, whose logits are near-ties).
-`--inductor-variants` adds Argonne rows compiled under other Inductor settings (what-if measurements for the decode
-step; `argonne generate` uses the defaults). `--profile FILE` appends, per variant, a kernel table of one batch-1
+`--variants` adds Argonne rows for what-if settings of the decode step (`argonne generate` uses neither yet): a copy
+of the model with merged projections (`merge_projections`: one matmul for q/k/v and one for gate/up) and/or other
+Inductor settings. `--profile FILE` appends, per variant, a kernel table of one batch-1
 generation and the GPU busy time per token.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -68,10 +70,12 @@ def profile_generation(generate, path: str, new_tokens: int, label: str) -> None
 
 
 # Inductor settings worth measuring for a one-token step whose matmuls are matrix-vector products.
-INDUCTOR_VARIANTS = {
+INDUCTOR_SETTINGS = {
     "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True},  # Triton matmul templates too
     "decompose-mm": {"decompose_mem_bound_mm": True},  # small matmuls as fusable multiply-and-sum kernels
 }
+VARIANTS = {name: (False, options) for name, options in INDUCTOR_SETTINGS.items()} | {"merged": (True, {})} | {
+    f"merged+{name}": (True, options) for name, options in INDUCTOR_SETTINGS.items()}
 
 
 def main() -> None:
@@ -83,7 +87,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--profile", metavar="FILE", help="append kernel tables of one batch-1 generation per variant")
-    parser.add_argument("--inductor-variants", nargs="*", choices=sorted(INDUCTOR_VARIANTS), default=[])
+    parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=[])
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,9 +97,14 @@ def main() -> None:
     model = ArgonneForCausalLM(config).to(device=device, dtype=dtype).eval()
     generators = [("argonne Generator (static cache" + (", CUDA graphs)" if device.type == "cuda" else ")"),
                    Generator(model, _IdTokenizer()), {})]
-    for name in args.inductor_variants:  # each compiles its own step, under these settings
-        generators.append((f"argonne Generator, Inductor {name}", Generator(model, _IdTokenizer(), compile=True),
-                           INDUCTOR_VARIANTS[name]))
+    merged_model = None
+    for name in args.variants:  # each compiles its own step, under its settings
+        merge, options = VARIANTS[name]
+        if merge and merged_model is None:
+            merged_model = copy.deepcopy(model)
+            merged_model.merge_projections()
+        generators.append((f"argonne Generator, {name}", Generator(merged_model if merge else model, _IdTokenizer(),
+                                                                     compile=True), options))
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}; "
           f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy", flush=True)

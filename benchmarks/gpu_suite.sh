@@ -41,7 +41,7 @@ run 100 train-2.0 $PY benchmarks/train_throughput.py --preset argonne-2.0 --batc
     --checkpointing selective --steps 3 --warmup 2
 run 150 decode-b16 $PY benchmarks/decode_throughput.py --preset small --batches 16 --repeats 2
 run 200 decode-variants $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 --skip-transformers \
-    --inductor-variants decompose-mm max-autotune
+    --variants merged merged+decompose-mm decompose-mm merged+max-autotune
 echo "=== summary"
 cat "$OUT/summary.txt"
 for part in gpu-tests train-small train-2.0 decode-b1 decode-b16 decode-variants; do

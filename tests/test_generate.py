@@ -155,6 +155,15 @@ def test_compiled_decode_step_matches_eager():
     assert Generator(model, IdTokenizer(), compile=True).generate_ids(prompts, params) == eager
 
 
+def test_merged_projections_decode_the_same_tokens():
+    model = make_model(**{**LLAMA_STYLE, "max_position_embeddings": 64})
+    prompts = prompts_of([5, 3])
+    params = SamplingParams(max_new_tokens=12, **GREEDY)
+    expected = Generator(model, IdTokenizer()).generate_ids(prompts, params)
+    model.merge_projections()
+    assert Generator(model, IdTokenizer()).generate_ids(prompts, params) == expected
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     torch.manual_seed(0)

@@ -419,3 +419,22 @@ print("ok", tokenizer.decode(out[0]))
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("ok The database"), result.stdout
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_merged_projections_give_the_same_logits_and_state_dict(style):
+    """merge_projections (inference): one matmul for q/k/v and for gate/up, same results, nothing stored twice."""
+    overrides = {**LLAMA_STYLE, "attention_bias": True} if style == "llama" else GPT2_STYLE
+    model = make_model(**overrides) if style == "llama" else make_model("argonne-1.0", **overrides)
+    tokens = torch.randint(0, 320, (2, 11))
+    expected = model(tokens).logits
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    parameters = list(model.parameters())
+    model.merge_projections()
+    torch.testing.assert_close(model(tokens).logits, expected, rtol=1e-5, atol=1e-5)
+    assert list(model.parameters()) == parameters and model.state_dict().keys() == state.keys()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, state[name], rtol=0, atol=0, msg=name)
+    attention = model.model.layers[0].self_attn  # its parameters are now slices of the merged tensors
+    for parameter, merged in ((attention.k_proj.weight, attention.qkv[0]), (attention.v_proj.bias, attention.qkv[1])):
+        assert parameter.untyped_storage().data_ptr() == merged.untyped_storage().data_ptr()

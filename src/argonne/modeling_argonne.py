@@ -57,9 +57,17 @@ class SwiGLUMLP(nn.Module):
         self.up_proj = nn.Linear(d, h, bias=bias)
         self.down_proj = nn.Linear(h, d, bias=bias)
         self.down_proj.writes_residual = True  # see init_module
+        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see merge_projections
+
+    def merge_projections(self) -> None:
+        self.gate_up = merge_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class GeluMLP(nn.Module):
@@ -77,6 +85,24 @@ class GeluMLP(nn.Module):
 
 
 MLP_CLASSES = {"swiglu": SwiGLUMLP, "gelu": GeluMLP}
+
+
+@torch.no_grad()
+def merge_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (sum of outputs, in) weight and bias for linears that read the same input, for one matmul instead of
+    several. The linears' own parameters are re-pointed to slices of the merged tensors, so nothing is stored twice
+    and the state dict is unchanged; an in-place update of either is seen by both (not a re-assignment of `.data`
+    or a `.to()`, which is why merging is the last step before inference)."""
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = slice(start, start + linear.out_features)
+        linear.weight.data = weight[rows]
+        if bias is not None:
+            linear.bias.data = bias[rows]
+        start += linear.out_features
+    return weight, bias
 
 
 def rope_cos_sin(
@@ -118,6 +144,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=config.attention_out_bias)
         self.o_proj.writes_residual = True  # see init_module
+        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see merge_projections
+
+    def merge_projections(self) -> None:
+        self.qkv = merge_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -127,9 +157,14 @@ class Attention(nn.Module):
         cache: Cache | None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        if self.qkv is not None:
+            sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+            q, k, v = F.linear(x, *self.qkv).split(sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         if self.use_rope:
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -496,6 +531,14 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return None if self.config.tie_word_embeddings else self.lm_head
+
+    def merge_projections(self) -> None:
+        """For inference: q/k/v and (SwiGLU) gate/up each become one matmul — fewer, larger kernels per decoded
+        token. No memory is added (see merge_linears); call it once the model is on its device and in its dtype, and
+        not on a model that is trained or sharded afterwards."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "merge_projections"):
+                module.merge_projections()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
