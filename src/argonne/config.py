@@ -86,6 +86,9 @@ class OptimConfig:
     """Global gradient-norm clipping threshold (0 disables)."""
 
 
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+
+
 @dataclass
 class ParallelConfig:
     tensor_parallel: int = 1
@@ -243,7 +246,7 @@ def validate(config: RunConfig) -> None:
     checkpointing = config.parallel.activation_checkpointing
     if isinstance(checkpointing, bool):
         config.parallel.activation_checkpointing = "full" if checkpointing else "none"
-    elif checkpointing not in ("none", "full", "selective"):
+    elif checkpointing not in ACTIVATION_CHECKPOINTING:
         problems.append(f"parallel.activation_checkpointing must be none, full or selective, got {checkpointing!r}")
     if config.data.on_error not in ("fail", "skip"):
         problems.append(f"data.on_error must be fail or skip, got {config.data.on_error!r}")

@@ -49,6 +49,24 @@ def build_norm(config: ArgonneConfig) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=True)
 
 
+@torch.no_grad()
+def merge_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (sum of outputs, in) weight and bias for linears that read the same input, for one matmul instead of
+    several. The linears' own parameters are re-pointed to slices of the merged tensors, so nothing is stored twice
+    and the state dict is unchanged; an in-place update of either is seen by both (not a re-assignment of `.data`
+    or a `.to()`, which is why merging is the last step before inference)."""
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = slice(start, start + linear.out_features)
+        linear.weight.data = weight[rows]
+        if bias is not None:
+            linear.bias.data = bias[rows]
+        start += linear.out_features
+    return weight, bias
+
+
 class SwiGLUMLP(nn.Module):
     def __init__(self, config: ArgonneConfig):
         super().__init__()
@@ -85,24 +103,6 @@ class GeluMLP(nn.Module):
 
 
 MLP_CLASSES = {"swiglu": SwiGLUMLP, "gelu": GeluMLP}
-
-
-@torch.no_grad()
-def merge_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One (sum of outputs, in) weight and bias for linears that read the same input, for one matmul instead of
-    several. The linears' own parameters are re-pointed to slices of the merged tensors, so nothing is stored twice
-    and the state dict is unchanged; an in-place update of either is seen by both (not a re-assignment of `.data`
-    or a `.to()`, which is why merging is the last step before inference)."""
-    weight = torch.cat([linear.weight for linear in linears])
-    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
-    start = 0
-    for linear in linears:
-        rows = slice(start, start + linear.out_features)
-        linear.weight.data = weight[rows]
-        if bias is not None:
-            linear.bias.data = bias[rows]
-        start += linear.out_features
-    return weight, bias
 
 
 def rope_cos_sin(

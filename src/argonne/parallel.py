@@ -23,6 +23,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+from .config import ACTIVATION_CHECKPOINTING
 from .modeling_argonne import (
     LOSS_CHUNK_LOGITS,
     ArgonneForCausalLM,
@@ -122,8 +123,6 @@ def apply_tensor_parallel(model: ArgonneForCausalLM, tp_mesh: DeviceMesh) -> Non
             assert isinstance(block.mlp, GeluMLP)
         parallelize_module(block, tp_mesh, plan)
 
-
-ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 # Selective checkpointing keeps the outputs of matmuls, attention and tensor-parallel all-reduces (so the recompute
 # never communicates) and recomputes every other op of a block (norms, RoPE, SiLU, products, casts: memory-bound and
