@@ -35,13 +35,13 @@ run() {  # run LIMIT_S NAME COMMAND...
 run 100 gpu-tests $PY -m pytest -p no:cacheprovider -rfEs tests/test_gpu.py
 run 150 train-small $PY benchmarks/train_throughput.py --preset small --batch 8 --seq-len 4096 --compile \
     --checkpointing none selective --check-syncs --steps 5 --warmup 2 --profile "$OUT/profiles.txt"
-run 130 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 \
+run 170 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 --variants gemv \
     --profile "$OUT/profiles.txt"
 run 100 train-2.0 $PY benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \
     --checkpointing selective --steps 3 --warmup 2
-run 150 decode-b16 $PY benchmarks/decode_throughput.py --preset small --batches 16 --repeats 2
 run 200 decode-variants $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 --skip-transformers \
-    --variants merged merged+decompose-mm decompose-mm merged+max-autotune
+    --variants gemv+efficient-attention gemv+native-matmul unmerged efficient-attention gemv+max-autotune
+run 150 decode-b16 $PY benchmarks/decode_throughput.py --preset small --batches 16 --repeats 2
 echo "=== summary"
 cat "$OUT/summary.txt"
 for part in gpu-tests train-small train-2.0 decode-b1 decode-b16 decode-variants; do

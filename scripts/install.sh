@@ -11,6 +11,11 @@ if ! python -c "import torch" 2>/dev/null; then
         python -m pip install --quiet "torch>=2.6"
     else
         python -m pip install --quiet torch==2.13.0
+        # Triton too (CUDA builds of PyTorch bring their own): the tests run the GPU decode kernels on the CPU under
+        # its interpreter. Its wheels are for Linux on x86_64 and ARM; elsewhere those tests are skipped.
+        if [[ "$(uname -s)" == Linux ]]; then
+            python -m pip install --quiet triton==3.9.0
+        fi
     fi
 fi
 python -m pip install --quiet -e ".[test]"

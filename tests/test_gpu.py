@@ -103,3 +103,33 @@ def test_cuda_graph_decode_equals_eager_decode():
     graphed = Generator(model, IdTokenizer(), compile=True)
     assert graphed.generate_ids(prompts, params) == eager
     assert graphed.generate_ids(prompts, params) == eager  # replayed graphs, cache reused
+
+
+def test_gemv_kernels_in_bfloat16_are_as_close_as_cublas():
+    """The 0.5B model's decode shapes: the Triton GEMVs against float64, next to cuBLAS's error."""
+    from argonne.decode_kernels import gemv
+
+    torch.manual_seed(0)
+    for rows, columns, swiglu in ((1152, 896, False), (2 * 4864, 896, True), (896, 4864, False), (151_665, 896, False)):
+        x = torch.randn(1, 1, columns, device="cuda", dtype=torch.bfloat16)
+        weight = (torch.randn(rows, columns, device="cuda") / columns**0.5).bfloat16()
+        exact = torch.nn.functional.linear(x.double(), weight.double())
+        cublas = torch.nn.functional.linear(x, weight)
+        if swiglu:
+            gate, up = exact.chunk(2, dim=-1)
+            exact = torch.nn.functional.silu(gate) * up
+            gate, up = cublas.chunk(2, dim=-1)
+            cublas = torch.nn.functional.silu(gate) * up
+        ours = gemv(x, weight, None, swiglu)
+        ours_error, cublas_error = ((t.double() - exact).norm() / exact.norm() for t in (ours, cublas))
+        assert ours_error <= cublas_error * 1.05 + 1e-6, (rows, columns, ours_error, cublas_error)
+
+
+def test_cuda_graph_decode_with_gemv_kernels_equals_eager_decode():
+    config = {**LLAMA_STYLE, "max_position_embeddings": 96}
+    prompts = prompts_of([7])  # batch 1: every decode matmul goes through the kernels
+    params = SamplingParams(max_new_tokens=24, temperature=0.0)
+    eager = Generator(make_model(**config).cuda(), IdTokenizer(), compile=False).generate_ids(prompts, params)
+    graphed = Generator(make_model(**config).cuda(), IdTokenizer(), compile=True, gemv_kernels=True)
+    assert graphed.generate_ids(prompts, params) == eager
+    assert graphed.generate_ids(prompts, params) == eager

@@ -88,7 +88,8 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 
 class StaticKVCache:
-    """Keys and values for every layer, preallocated as (B, n_kv, max_len, head_dim).
+    """Keys and values for every layer, preallocated: one (2, B, n_kv, max_len, head_dim) tensor per layer, keys at 0
+    and values at 1, so that one write stores both.
 
     It offers the two methods the model calls on a transformers Cache: `update` writes the new keys and values at
     `write_positions` and returns the whole buffers (the attention mask hides what is not written yet), and
@@ -96,21 +97,21 @@ class StaticKVCache:
     """
 
     def __init__(self, config: ArgonneConfig, batch: int, max_len: int, device, dtype):
-        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.max_len = max_len
+        shape = (2, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.batch, self.max_len, self.device = batch, max_len, torch.device(device)
         self.write_positions = torch.zeros(1, dtype=torch.long, device=device)
         self.length = 0
-        if torch.device(device).type == "cuda":
+        if self.device.type == "cuda":
             # Static addresses: compiled code takes the buffers as they are (as transformers' StaticCache does).
-            for tensor in self.keys + self.values:
+            for tensor in self.layers:
                 torch._dynamo.mark_static_address(tensor)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args):
-        self.keys[layer_idx].index_copy_(2, self.write_positions, key.to(self.keys[layer_idx].dtype))
-        self.values[layer_idx].index_copy_(2, self.write_positions, value.to(self.values[layer_idx].dtype))
-        return self.keys[layer_idx], self.values[layer_idx]
+        keys_and_values = self.layers[layer_idx]
+        new = torch.stack((key, value)).to(keys_and_values.dtype)
+        keys_and_values.index_copy_(3, self.write_positions, new)
+        return keys_and_values[0], keys_and_values[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
@@ -126,7 +127,7 @@ class DecodeStep:
     launch from the host per token instead of hundreds."""
 
     def __init__(self, forward: Callable, cache: StaticKVCache, graph: bool):
-        batch, device = cache.keys[0].shape[0], cache.keys[0].device
+        batch, device = cache.batch, cache.device
         self.forward, self.cache, self.graph = forward, cache, graph
         self.tokens = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.column = torch.zeros(1, dtype=torch.long, device=device)
@@ -134,7 +135,7 @@ class DecodeStep:
         self.valid = torch.zeros((batch, cache.max_len), dtype=torch.bool, device=device)
         self.key_positions = torch.arange(cache.max_len, device=device)
         self._captured: torch.cuda.CUDAGraph | None = None
-        self._logits: torch.Tensor | None = None
+        self._outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def start(self, valid: torch.Tensor, last_positions: torch.Tensor, width: int) -> None:
         """A new generation: prompts occupy columns 0..width-1 (valid marks real tokens), last_positions (B, 1)."""
@@ -142,9 +143,9 @@ class DecodeStep:
         self.position_offset.copy_(last_positions + 1 - width)
         self.cache.write_positions = self.column
 
-    def __call__(self, new_tokens: torch.Tensor, column: int) -> torch.Tensor:
-        """Float32 logits (B, V) after feeding new_tokens (B,) at cache column `column`. The returned tensor is
-        overwritten by the next call when graphed."""
+    def __call__(self, new_tokens: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits (B, V) and their argmax (B,) after feeding new_tokens (B,) at cache column `column`. The
+        returned tensors are overwritten by the next call when graphed."""
         self.tokens.copy_(new_tokens[:, None])
         self.column.fill_(column)
         if not self.graph:
@@ -152,9 +153,9 @@ class DecodeStep:
         if self._captured is None:
             self._capture()
         self._captured.replay()
-        return self._logits
+        return self._outputs
 
-    def _run(self) -> torch.Tensor:
+    def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
         mask = ((self.key_positions <= self.column) & self.valid)[:, None, None, :]
         return self.forward(self.cache, self.tokens, self.position_offset + self.column, mask)
 
@@ -169,14 +170,24 @@ class DecodeStep:
         torch.cuda.current_stream().wait_stream(stream)
         self._captured = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._captured):
-            self._logits = self._run()
+            self._outputs = self._run()
 
 
 class Generator:
     """Batched generation with a static KV cache. `compile` defaults to True on CUDA (the decode step becomes one
-    CUDA graph) and False on CPUs, where compiling costs more than a short generation saves."""
+    CUDA graph) and False on CPUs, where compiling costs more than a short generation saves.
 
-    def __init__(self, model: ArgonneForCausalLM, tokenizer, compile: bool | None = None):
+    The model is prepared for inference in place: its q/k/v and gate/up projections are merged
+    (`merge_projections`, same results, fewer matmuls), and with `gemv_kernels` one-row matmuls use the Triton
+    kernels of decode_kernels.py. Do not train or save the model afterwards.
+    """
+
+    def __init__(self, model: ArgonneForCausalLM, tokenizer, compile: bool | None = None, gemv_kernels: bool = False):
+        model.merge_projections()
+        if gemv_kernels:
+            from .decode_kernels import use_gemv_kernels
+
+            use_gemv_kernels(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
@@ -195,16 +206,18 @@ class Generator:
         # Reuse the cache (and so the compiled graph) while the shape fits; sizes are rounded up to reuse more.
         max_len = min(self.config.max_position_embeddings, -(-max_len // 256) * 256)
         cache = self._cache
-        if cache is None or len(cache.keys[0]) != batch or cache.max_len != max_len:
+        if cache is None or cache.batch != batch or cache.max_len != max_len:
             cache = self._cache = StaticKVCache(self.config, batch, max_len, self.device, self.dtype)
             self._decode = DecodeStep(self._decode_forward, cache, self._graphs)
         cache.length = 0
         return cache
 
-    def _last_logits(self, cache, tokens, positions, mask):
-        """Float32 logits (B, V) of the last column only (every left-padded prompt ends there)."""
-        return self.model(tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                          logits_to_keep=1).logits[:, -1].float()
+    def _last_logits(self, cache, tokens, positions, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 logits (B, V) of the last column only (every left-padded prompt ends there), and their argmax:
+        greedy decoding's next tokens, made in the same compiled step as the logits."""
+        logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                            logits_to_keep=1).logits[:, -1].float()
+        return logits, logits.argmax(dim=-1)
 
     @torch.no_grad()
     def generate_ids(
@@ -247,7 +260,7 @@ class Generator:
         causal = key_pos[None, :] <= query_pos
         mask = (causal[None] & valid[:, None, :]) | (key_pos[None, None, :] == query_pos[None])
         cache.write_positions = torch.arange(width, device=device)
-        logits = self._last_logits(cache, tokens, positions, mask[:, None])
+        logits, greedy = self._last_logits(cache, tokens, positions, mask[:, None])
         cache.length = width
 
         seen = torch.zeros((batch, self.config.vocab_size), dtype=torch.bool, device=device)
@@ -259,8 +272,11 @@ class Generator:
         self._decode.start(valid, positions[:, -1:], width)
         outputs = []
         for step in range(params.max_new_tokens):
-            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
-            new = sample_next(logits, params, generator)
+            if params.temperature == 0 and params.repetition_penalty == 1.0:
+                new = greedy
+            else:
+                logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+                new = sample_next(logits, params, generator)
             outputs.append(torch.where(active, new, eos[0]))
             stop_all = on_tokens(new, active) if on_tokens else False
             active = active & ~torch.isin(new, eos)
@@ -269,7 +285,7 @@ class Generator:
                 break
             if params.repetition_penalty != 1.0:
                 seen.scatter_(1, new[:, None], True)
-            logits = self._decode(new, width + step)
+            logits, greedy = self._decode(new, width + step)
             cache.length = width + step + 1
         generated = torch.stack(outputs, dim=1).tolist()
         return [_cut_at_eos(row, eos_ids) for row in generated]

@@ -49,22 +49,29 @@ def build_norm(config: ArgonneConfig) -> nn.Module:
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=True)
 
 
-@torch.no_grad()
-def merge_linears(linears: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One (sum of outputs, in) weight and bias for linears that read the same input, for one matmul instead of
-    several. The linears' own parameters are re-pointed to slices of the merged tensors, so nothing is stored twice
-    and the state dict is unchanged; an in-place update of either is seen by both (not a re-assignment of `.data`
-    or a `.to()`, which is why merging is the last step before inference)."""
-    weight = torch.cat([linear.weight for linear in linears])
-    bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
-    start = 0
-    for linear in linears:
-        rows = slice(start, start + linear.out_features)
-        linear.weight.data = weight[rows]
-        if bias is not None:
-            linear.bias.data = bias[rows]
-        start += linear.out_features
-    return weight, bias
+class MergedLinear(nn.Module):
+    """Linears that read the same input, run as one matmul returning their outputs (inference: see
+    ArgonneForCausalLM.merge_projections). The linears' own parameters are re-pointed to slices of the merged weight
+    and bias, so nothing is stored twice and the state dict is unchanged (the merged tensors are plain attributes,
+    neither parameters nor buffers); an in-place update of either is seen by both, but a re-assignment of `.data` or
+    a `.to()` is not, which is why merging is the last step before inference."""
+
+    @torch.no_grad()
+    def __init__(self, linears: list[nn.Linear]):
+        super().__init__()
+        self.weight = torch.cat([linear.weight for linear in linears])
+        self.bias = None if linears[0].bias is None else torch.cat([linear.bias for linear in linears])
+        self.sizes = [linear.out_features for linear in linears]
+        start = 0
+        for linear in linears:
+            rows = slice(start, start + linear.out_features)
+            linear.weight.data = self.weight[rows]
+            if self.bias is not None:
+                linear.bias.data = self.bias[rows]
+            start += linear.out_features
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 class SwiGLUMLP(nn.Module):
@@ -75,14 +82,14 @@ class SwiGLUMLP(nn.Module):
         self.up_proj = nn.Linear(d, h, bias=bias)
         self.down_proj = nn.Linear(h, d, bias=bias)
         self.down_proj.writes_residual = True  # see init_module
-        self.gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see merge_projections
+        self.gate_up: MergedLinear | None = None  # see merge_projections
 
     def merge_projections(self) -> None:
-        self.gate_up = merge_linears([self.gate_proj, self.up_proj])
+        self.gate_up = self.gate_up or MergedLinear([self.gate_proj, self.up_proj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up is not None:
-            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+            gate, up = self.gate_up(x)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -144,10 +151,10 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=config.attention_out_bias)
         self.o_proj.writes_residual = True  # see init_module
-        self.qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see merge_projections
+        self.qkv: MergedLinear | None = None  # see merge_projections
 
     def merge_projections(self) -> None:
-        self.qkv = merge_linears([self.q_proj, self.k_proj, self.v_proj])
+        self.qkv = self.qkv or MergedLinear([self.q_proj, self.k_proj, self.v_proj])
 
     def forward(
         self,
@@ -158,8 +165,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         B, T, _ = x.shape
         if self.qkv is not None:
-            sizes = [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
-            q, k, v = F.linear(x, *self.qkv).split(sizes, dim=-1)
+            q, k, v = self.qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
@@ -534,9 +540,9 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
 
     def merge_projections(self) -> None:
         """For inference: q/k/v and (SwiGLU) gate/up each become one matmul — fewer, larger kernels per decoded
-        token. No memory is added (see merge_linears); call it once the model is on its device and in its dtype, and
-        not on a model that is trained or sharded afterwards."""
-        for module in self.modules():
+        token. No memory is added (see MergedLinear); call it once the model is on its device and in its dtype, and
+        not on a model that is trained or sharded afterwards. Merging twice changes nothing."""
+        for module in list(self.modules()):
             if module is not self and hasattr(module, "merge_projections"):
                 module.merge_projections()
 

@@ -1,0 +1,60 @@
+"""The Triton GEMV kernels for one-token decoding (decode_kernels.py): on CPUs under Triton's interpreter (float32;
+conftest.py chooses it), on GPUs for real (test_gpu.py adds bfloat16 and the compiled, graphed decode step)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+from argonne.decode_kernels import gemv, use_gemv_kernels  # noqa: E402
+from argonne.generate import Generator, SamplingParams  # noqa: E402
+
+from .test_generate import IdTokenizer, prompts_of  # noqa: E402
+from .test_model import LLAMA_STYLE, make_model  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("rows, columns", [(37, 50), (300, 1100), (20, 2100)])  # odd sizes, rows longer than a block
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_equals_linear(rows, columns, with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, columns, device=DEVICE)
+    weight = torch.randn(rows, columns, device=DEVICE) / columns**0.5
+    bias = torch.randn(rows, device=DEVICE) if with_bias else None
+    torch.testing.assert_close(gemv(x, weight, bias, False), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gemv_swiglu_equals_silu_of_gate_times_up(with_bias):
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 300, device=DEVICE)
+    weight = torch.randn(2 * 70, 300, device=DEVICE) / 300**0.5  # cat(W_gate, W_up)
+    bias = torch.randn(2 * 70, device=DEVICE) if with_bias else None
+    gate, up = F.linear(x, weight, bias).chunk(2, dim=-1)
+    torch.testing.assert_close(gemv(x, weight, bias, True), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+def test_the_plan_keeps_logits_and_state_dict_and_uses_gemv_only_for_one_row():
+    model = make_model(**{**LLAMA_STYLE, "attention_bias": True}).to(DEVICE)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    one, many = torch.randint(0, 320, (1, 1), device=DEVICE), torch.randint(0, 320, (2, 7), device=DEVICE)
+    expected_one, expected_many = model(one).logits, model(many).logits
+    use_gemv_kernels(model)
+    assert type(model.model.layers[0].mlp).__name__ == "GemvSwiGLUMLP"
+    torch.testing.assert_close(model(one).logits, expected_one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model(many).logits, expected_many, rtol=0, atol=0)  # cuBLAS / MKL, as before
+    assert model.state_dict().keys() == state.keys()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, state[name], rtol=0, atol=0, msg=name)
+
+
+def test_generator_with_gemv_kernels_decodes_the_same_tokens():
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    for lengths in ([6], [5, 3]):  # batch 1 decodes through the kernels; batch 2 through cuBLAS / MKL
+        prompts = prompts_of(lengths)
+        config = {**LLAMA_STYLE, "max_position_embeddings": 64, "num_hidden_layers": 1}
+        expected = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False).generate_ids(prompts, params)
+        with_kernels = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False, gemv_kernels=True)
+        assert with_kernels.generate_ids(prompts, params) == expected
