@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and figure in one go, for a borrowed GPU with little time: the GPU-only tests, then training and
 # decode throughput with transformers rerun in the same process. Output goes to stdout and $OUT/ (one file per part,
-# kernel profiles in profiles.txt: eight files in all). Parts run in priority order, each under its own time limit,
+# kernel profiles in profiles.txt: nine files in all). Parts run in priority order, each under its own time limit,
 # and all within SUITE_SECONDS: a part that no longer fits is skipped (named in the summary) rather than cut off.
 #   bash benchmarks/gpu_suite.sh                        # everything, about 12 minutes on one H100/H200
 #   SUITE_SECONDS=400 bash benchmarks/gpu_suite.sh      # what fits in 400 s
@@ -37,6 +37,7 @@ run 150 train-small $PY benchmarks/train_throughput.py --preset small --batch 8 
     --checkpointing none selective --check-syncs --steps 5 --warmup 2 --profile "$OUT/profiles.txt"
 run 170 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 --variants gemv \
     --profile "$OUT/profiles.txt"
+run 60 gemv $PY benchmarks/gemv_kernels.py
 run 100 train-2.0 $PY benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \
     --checkpointing selective --steps 3 --warmup 2
 run 200 decode-variants $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 --skip-transformers \
@@ -44,7 +45,7 @@ run 200 decode-variants $PY benchmarks/decode_throughput.py --preset small --bat
 run 150 decode-b16 $PY benchmarks/decode_throughput.py --preset small --batches 16 --repeats 2
 echo "=== summary"
 cat "$OUT/summary.txt"
-for part in gpu-tests train-small train-2.0 decode-b1 decode-b16 decode-variants; do
+for part in gpu-tests train-small train-2.0 decode-b1 gemv decode-b16 decode-variants; do
     [[ -f "$OUT/$part.txt" ]] || continue
     echo "--- $part"
     grep -v -E "^[WIE][0-9]{4} |[Ww]arn|^ *$|^ *(from|import|File) |^\.+|USDT" "$OUT/$part.txt" | tail -n 14 |

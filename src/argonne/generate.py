@@ -156,8 +156,7 @@ class DecodeStep:
         return self._outputs
 
     def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
-        mask = ((self.key_positions <= self.column) & self.valid)[:, None, None, :]
-        return self.forward(self.cache, self.tokens, self.position_offset + self.column, mask)
+        return self.forward(self.cache, self.tokens, self.position_offset, self.column, self.valid, self.key_positions)
 
     def _capture(self) -> None:
         # Warm-up runs (compilation, library handles) on a side stream, as CUDA graph capture requires. They compute
@@ -195,9 +194,9 @@ class Generator:
         self.config = model.config
         self.eos_ids = sorted({i for i in (self.config.eos_token_id, tokenizer.eos_token_id) if i is not None})
         compile = self.device.type == "cuda" if compile is None else compile
-        self._decode_forward = self._last_logits
+        self._decode_forward = self._decode_logits
         if compile:
-            self._decode_forward = torch.compile(self._last_logits, fullgraph=True)
+            self._decode_forward = torch.compile(self._decode_logits, fullgraph=True)
         self._graphs = compile and self.device.type == "cuda"
         self._cache: StaticKVCache | None = None
         self._decode: DecodeStep | None = None
@@ -218,6 +217,12 @@ class Generator:
         logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                             logits_to_keep=1).logits[:, -1].float()
         return logits, logits.argmax(dim=-1)
+
+    def _decode_logits(self, cache, tokens, position_offset, column, valid, key_positions):
+        """The decode step (DecodeStep's buffers): the mask and positions for cache column `column` are made here, in
+        the compiled step, then the logits of the new tokens."""
+        mask = ((key_positions <= column) & valid)[:, None, None, :]
+        return self._last_logits(cache, tokens, position_offset + column, mask)
 
     @torch.no_grad()
     def generate_ids(
