@@ -101,6 +101,27 @@ def test_decoding_checks_for_finished_rows_only_every_few_steps(model, monkeypat
     assert stopped == expected
 
 
+def test_the_next_step_is_queued_before_the_host_looks_at_a_token(model, monkeypatch):
+    """Streaming and stop strings read each token on the host; the next decoding step is already queued by then, so
+    the device does not wait for the host's printing. The tokens are those of generation without a consumer."""
+    from argonne.generate import DecodeStep
+
+    prompts = prompts_of([4, 6])
+    params = SamplingParams(max_new_tokens=9, **GREEDY)
+    expected = Generator(model, IdTokenizer()).generate_ids(prompts, params)
+    steps_queued, seen = [0], []
+    real_call = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: steps_queued.__setitem__(0, steps_queued[0] + 1)
+                        or real_call(self, *a))
+
+    def on_tokens(tokens, active):
+        seen.append((steps_queued[0], tokens.tolist()))
+
+    assert Generator(model, IdTokenizer()).generate_ids(prompts, params, on_tokens) == expected
+    assert [queued for queued, _ in seen] == [1, 2, 3, 4, 5, 6, 7, 8, 8]  # token t is read after step t + 1 is queued
+    assert [tokens for _, tokens in seen] == [list(column) for column in zip(*expected)]
+
+
 def test_stop_strings_cut_the_text_and_streaming_matches(model):
     generator = Generator(model, IdTokenizer())
     prompt = " ".join(map(str, prompts_of([4])[0]))

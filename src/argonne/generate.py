@@ -231,8 +231,9 @@ class Generator:
     ) -> list[list[int]]:
         """New token ids per prompt (without the prompt; EOS and what follows are left out).
 
-        `on_tokens(tokens, active)` is called after every step with the (B,) new tokens and which rows were still
-        generating when they were made; returning True from it finishes every row (stop strings use this).
+        `on_tokens(tokens, active)` is called after every step with the (B,) new tokens (EOS for rows that had
+        finished) and which rows were still generating when they were made; returning True from it finishes every row
+        (stop strings use this).
         """
         params.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -283,15 +284,20 @@ class Generator:
                 logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
                 new = sample_next(logits, params, generator)
             outputs.append(torch.where(active, new, eos[0]))
-            stop_all = on_tokens(new, active) if on_tokens else False
-            active = active & ~torch.isin(new, eos)
-            if stop_all or step + 1 == params.max_new_tokens or (self._check_finished(step, on_tokens, eos_ids)
-                                                                 and not bool(active.any())):
+            ended = torch.isin(new, eos)
+            last = step + 1 == params.max_new_tokens
+            if not last:
+                # The next step is queued before the host looks at this token (streaming, stop strings), so the
+                # device decodes while the host prints; a step queued after the end is merely unused. Whatever reads
+                # `new` is queued before it, as the graphed step overwrites `greedy`.
+                if params.repetition_penalty != 1.0:
+                    seen.scatter_(1, new[:, None], True)
+                logits, greedy = self._decode(new, width + step)
+                cache.length = width + step + 1
+            stop_all = on_tokens(outputs[-1], active) if on_tokens else False
+            active = active & ~ended
+            if stop_all or last or (self._check_finished(step, on_tokens, eos_ids) and not bool(active.any())):
                 break
-            if params.repetition_penalty != 1.0:
-                seen.scatter_(1, new[:, None], True)
-            logits, greedy = self._decode(new, width + step)
-            cache.length = width + step + 1
         generated = torch.stack(outputs, dim=1).tolist()
         return [_cut_at_eos(row, eos_ids) for row in generated]
 
