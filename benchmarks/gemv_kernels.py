@@ -38,12 +38,13 @@ def graphed_time_us(fn) -> float:
     return start.elapsed_time(end) * 1e3 / (5 * CALLS)
 
 
-def decode_shapes(config: ArgonneConfig) -> list[tuple[str, int, int, bool]]:
+def decode_shapes(config: ArgonneConfig) -> list[tuple[str, int, int, bool, set[str]]]:
+    """(name, rows, columns, SwiGLU, what GemvBlock fuses into it: "norm" before, "residual" after)."""
     d, hd = config.hidden_size, config.head_dim
     qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd
-    return [("q/k/v", qkv, d, False), ("o_proj", d, config.num_attention_heads * hd, False),
-            ("gate/up + SwiGLU", 2 * config.intermediate_size, d, True), ("down_proj", d, config.intermediate_size, False),
-            ("head", config.vocab_size, d, False)]
+    return [("q/k/v", qkv, d, False, {"norm"}), ("o_proj", d, config.num_attention_heads * hd, False, {"residual"}),
+            ("gate/up, SwiGLU", 2 * config.intermediate_size, d, True, {"norm"}),
+            ("down_proj", d, config.intermediate_size, False, {"residual"}), ("head", config.vocab_size, d, False, set())]
 
 
 def main() -> None:
@@ -53,11 +54,17 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     config = ArgonneConfig.from_preset(args.preset)
-    print(f"{args.preset}, bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}")
-    print(f"{'matmul':<18}{'rows x columns':>16}{'cuBLAS us':>11}{'gemv us':>9}{'gemv GB/s':>11}")
-    for name, rows, columns, swiglu in decode_shapes(config):
+    print(f"{args.preset}, bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}; microseconds per call "
+          f"(cuBLAS: the matmul, and SwiGLU's element-wise ops; fused: with the norm / residual add GemvBlock adds)")
+    print(f"{'matmul':<17}{'rows x columns':>16}{'cuBLAS':>9}{'gemv':>8}{'GB/s':>7}{'fused':>8}")
+    for name, rows, columns, swiglu, fused in decode_shapes(config):
         x = torch.randn(1, 1, columns, device="cuda", dtype=torch.bfloat16)
         weight = torch.randn(rows, columns, device="cuda", dtype=torch.bfloat16)
+        extra = {}
+        if "norm" in fused:
+            extra.update(norm_weight=torch.ones(columns, device="cuda", dtype=torch.bfloat16), eps=1e-6)
+        if "residual" in fused:
+            extra.update(residual=torch.randn(1, 1, rows, device="cuda", dtype=torch.bfloat16))
 
         def cublas():
             y = F.linear(x, weight)
@@ -67,8 +74,9 @@ def main() -> None:
             return y
 
         theirs, ours = graphed_time_us(cublas), graphed_time_us(lambda: gemv(x, weight, None, swiglu))
-        print(f"{name:<18}{f'{rows} x {columns}':>16}{theirs:>11.2f}{ours:>9.2f}"
-              f"{weight.numel() * 2 / ours / 1e3:>11,.0f}", flush=True)
+        with_fusion = graphed_time_us(lambda: gemv(x, weight, None, swiglu, **extra)) if extra else ours
+        print(f"{name:<17}{f'{rows} x {columns}':>16}{theirs:>9.2f}{ours:>8.2f}"
+              f"{weight.numel() * 2 / ours / 1e3:>7,.0f}{with_fusion:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 
 from argonne.decode_kernels import gemv, use_gemv_kernels  # noqa: E402
 from argonne.generate import Generator, SamplingParams  # noqa: E402
+from argonne.modeling_argonne import RMSNorm  # noqa: E402
 
 from .test_generate import IdTokenizer, prompts_of  # noqa: E402
 from .test_model import LLAMA_STYLE, make_model  # noqa: E402
@@ -36,18 +37,43 @@ def test_gemv_swiglu_equals_silu_of_gate_times_up(with_bias):
     torch.testing.assert_close(gemv(x, weight, bias, True), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
 
 
+def test_gemv_with_rms_norm_before_and_residual_after():
+    torch.manual_seed(0)
+    x, residual = torch.randn(1, 1, 300, device=DEVICE), torch.randn(1, 1, 70, device=DEVICE)
+    norm = RMSNorm(300, eps=1e-5).to(DEVICE)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.2)
+    weight, bias = torch.randn(70, 300, device=DEVICE) / 300**0.5, torch.randn(70, device=DEVICE)
+    with torch.no_grad():
+        expected = residual + F.linear(norm(x), weight, bias)
+        ours = gemv(x, weight, bias, norm_weight=norm.weight, eps=norm.eps, residual=residual)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_the_plan_keeps_logits_and_state_dict_and_uses_gemv_only_for_one_row():
     model = make_model(**{**LLAMA_STYLE, "attention_bias": True}).to(DEVICE)
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     one, many = torch.randint(0, 320, (1, 1), device=DEVICE), torch.randint(0, 320, (2, 7), device=DEVICE)
     expected_one, expected_many = model(one).logits, model(many).logits
     use_gemv_kernels(model)
-    assert type(model.model.layers[0].mlp).__name__ == "GemvSwiGLUMLP"
+    assert type(model.model.layers[0]).__name__ == "GemvBlock"
     torch.testing.assert_close(model(one).logits, expected_one, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(model(many).logits, expected_many, rtol=0, atol=0)  # cuBLAS / MKL, as before
     assert model.state_dict().keys() == state.keys()
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, state[name], rtol=0, atol=0, msg=name)
+
+
+def test_other_architectures_get_the_plain_gemv():
+    """A GPT-2-style model (LayerNorm, GELU): no fused block, each linear through the GEMV at one row."""
+    model = make_model("argonne-1.0", vocab_size=320, hidden_size=96, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=4, head_dim=24, intermediate_size=384, max_position_embeddings=64)
+    model = model.to(DEVICE)
+    one = torch.randint(0, 320, (1, 1), device=DEVICE)
+    expected = model(one).logits
+    use_gemv_kernels(model)
+    assert type(model.model.layers[0]).__name__ == "Block"
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "GemvLinear"
+    torch.testing.assert_close(model(one).logits, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_generator_with_gemv_kernels_decodes_the_same_tokens():

@@ -133,3 +133,21 @@ def test_cuda_graph_decode_with_gemv_kernels_equals_eager_decode():
     graphed = Generator(make_model(**config).cuda(), IdTokenizer(), compile=True, gemv_kernels=True)
     assert graphed.generate_ids(prompts, params) == eager
     assert graphed.generate_ids(prompts, params) == eager
+
+
+def test_gemv_plan_logits_in_bfloat16_are_as_close_as_cublas():
+    """One token through the fused blocks (norms and residual adds inside the GEMVs) against float64."""
+    import copy
+
+    from argonne.decode_kernels import use_gemv_kernels
+
+    model = make_model(**LLAMA_STYLE).cuda()
+    exact = copy.deepcopy(model).double()
+    model = model.bfloat16()
+    fused = use_gemv_kernels(copy.deepcopy(model))
+    tokens = torch.randint(0, 320, (1, 1), device="cuda")
+    with torch.no_grad():
+        reference = exact(tokens).logits
+        ours, cublas = (m(tokens).logits.double() for m in (fused, model))
+    ours_error, cublas_error = ((t - reference).norm() / reference.norm() for t in (ours, cublas))
+    assert ours_error <= cublas_error * 1.1 + 1e-6, (ours_error, cublas_error)

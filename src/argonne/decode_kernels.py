@@ -1,29 +1,34 @@
 """Triton matrix-vector kernels for decoding one token at a time on GPUs, applied to a model as a plan.
 
 At batch 1 every matmul of a decoding step multiplies a weight matrix by one vector (a GEMV): its time is the time
-to read the matrix, yet on an H200 cuBLAS took 3.6-5.4 us for each of the 0.5B model's 168 per-token GEMVs
-(0.7-4.4 GB/s per matrix of 0.2-8.7 MB: launch and ramp-up, not bandwidth) plus a split-K reduction kernel for
-down_proj. `use_gemv_kernels(model)` merges q/k/v and gate/up (`merge_projections`) and sends every one-row matmul
-through `gemv`: one kernel per projection, SwiGLU's silu(gate) * up computed inside the gate/up kernel, no split-K
-reduction. Inputs with more than one row (prefill, batches) keep cuBLAS.
+to read the matrix, yet on an H200 cuBLAS took 3.6-5.4 us for each of the 0.5B model's 168 per-token GEMVs (matrices
+of 0.2-8.7 MB: launch and ramp-up, not bandwidth), and every GEMV sat between small element-wise kernels (norms,
+residual adds, SwiGLU) that cost as much again in launches and gaps: 15 kernels per layer.
 
-Each program reads BLOCK_N whole rows of the (N, K) weight (K in BLOCK_K steps) against the vector, accumulates in
-float32 and rounds once; the tiling is timed per shape on first use (triton.autotune). `gemv` is a `torch.library.triton_op`, so torch.compile sees through it and the kernels are
-captured in the decode step's CUDA graph like any other. On a CPU the kernels run under Triton's interpreter
-(TRITON_INTERPRET=1, float32), which is how the tests check them without a GPU.
+`gemv` does one matmul of one row and what surrounds it in a block, in one kernel: optionally the RMSNorm of its
+input first (each program recomputes the row's norm: K values, nothing next to the matrix), the bias, SwiGLU's
+silu(gate) * up of a merged gate/up matrix, and the residual add after. Every intermediate is rounded to the model's
+dtype where the unfused model rounds it, so the results match the cuBLAS path up to summation order. Each program
+reads BLOCK_N whole rows of the (N, K) matrix (K in BLOCK_K steps) against the vector and accumulates in float32;
+the tiling is timed per shape on first use (triton.autotune).
+
+`use_gemv_kernels(model)` is the plan: merged q/k/v and gate/up (`merge_projections`), and for a one-row input each
+RMSNorm + SwiGLU block runs as four GEMV kernels around RoPE, the cache write and SDPA (7 kernels per layer instead
+of 15); other architectures get the plain GEMV for their linears. Inputs of more rows (prefill, batches) keep cuBLAS.
+`gemv` is a `torch.library.triton_op`, so torch.compile sees through it and the kernels are captured in the decode
+step's CUDA graph like any other. On CPUs the kernels run under Triton's interpreter (TRITON_INTERPRET=1, float32),
+which is how the tests check them without a GPU.
 """
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
-from .modeling_argonne import ArgonneForCausalLM, MergedLinear, OutputHead, SwiGLUMLP
-
+from .modeling_argonne import ArgonneForCausalLM, Block, MergedLinear, OutputHead, RMSNorm, SwiGLUMLP
 
 # Candidate tilings (rows per program, columns per load, warps), timed per (N, K) on first use by triton.autotune.
 # Whole rows of up to 1,024 columns per load keep several 16-byte loads per thread in flight; few rows per program
@@ -33,22 +38,34 @@ _CONFIGS = [triton.Config({"BLOCK_N": rows, "BLOCK_K": columns}, num_warps=warps
             for rows, columns, warps in GEMV_TILINGS[: None if torch.cuda.is_available() else 1]]
 
 
-@triton.autotune(configs=_CONFIGS, key=["N", "K", "SWIGLU"])
+@triton.autotune(configs=_CONFIGS, key=["N", "K", "SWIGLU", "HAS_NORM"])
 @triton.jit
-def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, N, K,
-                 HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[n] = x . weight[n] (+ bias[n]) for the program's BLOCK_N rows; with SWIGLU the weight is
-    cat(W_gate, W_up) of 2N rows and out[n] = silu(gate[n]) * up[n]."""
+def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, norm_ptr, residual_ptr, out_ptr, N, K, eps,
+                 HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[n] = norm(x) . weight[n] (+ bias[n]) (+ residual[n]) for the program's BLOCK_N rows; with SWIGLU the
+    weight is cat(W_gate, W_up) of 2N rows and out[n] = silu(gate[n]) * up[n]."""
+    dtype = out_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     row_start = rows.to(tl.int64)[:, None] * K
     columns = tl.arange(0, BLOCK_K)
+    if HAS_NORM:  # RMSNorm's 1 / rms of the row, in float32 as RMSNorm computes it
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k_start in range(0, K, BLOCK_K):
+            x = tl.load(x_ptr + k_start + columns, mask=k_start + columns < K, other=0.0).to(tl.float32)
+            squares += x * x
+        inverse_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         k = k_start + columns
         k_ok = k < K
-        x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        if HAS_NORM:  # weight * (x / rms), rounded as RMSNorm rounds: after the division and after the weight
+            scale = tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            x = (scale * (x * inverse_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x = x[None, :]
         mask = row_ok[:, None] & k_ok[None, :]
         acc += tl.load(weight_ptr + row_start + k[None, :], mask=mask, other=0.0).to(tl.float32) * x
         if SWIGLU:
@@ -57,23 +74,38 @@ def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, out_ptr, N, K,
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if SWIGLU:
+    if SWIGLU:  # silu(gate) * up, with the roundings of the unfused model
         up = tl.sum(acc_up, axis=1)
         if HAS_BIAS:
             up += tl.load(bias_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
-        y = y * tl.sigmoid(y) * up
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+        gate = y.to(dtype).to(tl.float32)
+        y = (gate * tl.sigmoid(gate)).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+    if HAS_RESIDUAL:
+        y = y.to(dtype).to(tl.float32) + tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(dtype), mask=row_ok)
 
 
 @triton_op("argonne::gemv", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], swiglu: bool) -> torch.Tensor:
-    """F.linear(x, weight, bias) for an x of one row (..., K); with `swiglu`, silu(gate) * up of the halves."""
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    swiglu: bool = False,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 0.0,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """For x of one row (..., K): `residual + F.linear(rms_norm(x), weight, bias)`, where the norm (`norm_weight`,
+    `eps`) and the residual are optional; with `swiglu`, silu(gate) * up of the output's two halves instead."""
     x = x.contiguous()
     k = x.shape[-1]
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     out = x.new_empty((*x.shape[:-1], n))
+    unused = weight  # a pointer for the absent optional tensors; their flags keep the kernel from reading it
     wrap_triton(_gemv_kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x, weight, weight if bias is None else bias, out, n, k, HAS_BIAS=bias is not None, SWIGLU=swiglu,
+        x, weight, unused if bias is None else bias, unused if norm_weight is None else norm_weight,
+        unused if residual is None else residual.contiguous(), out, n, k, eps,
+        HAS_BIAS=bias is not None, SWIGLU=swiglu, HAS_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
     )
     return out
 
@@ -82,42 +114,55 @@ def one_row(x: torch.Tensor) -> bool:
     return x.numel() == x.shape[-1]
 
 
+class GemvBlock(Block):
+    """An RMSNorm + SwiGLU block (merged projections): for one row, each norm runs inside the matmul after it and
+    each residual add inside the matmul before it."""
+
+    def forward(self, x, rope=None, attn_mask=None, cache=None):
+        if not one_row(x):
+            return super().forward(x, rope, attn_mask, cache)
+        attention, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv = gemv(x, attention.qkv.weight, attention.qkv.bias, norm_weight=norm1.weight, eps=norm1.eps)
+        y = attention.attend(*qkv.split(attention.qkv.sizes, dim=-1), rope, attn_mask, cache)
+        h = gemv(y, attention.o_proj.weight, attention.o_proj.bias, residual=x)
+        hidden = gemv(h, mlp.gate_up.weight, mlp.gate_up.bias, swiglu=True, norm_weight=norm2.weight, eps=norm2.eps)
+        return gemv(hidden, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)
+
+
 class GemvLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gemv(x, self.weight, self.bias, False) if one_row(x) else super().forward(x)
+        return gemv(x, self.weight, self.bias) if one_row(x) else super().forward(x)
 
 
 class GemvMergedLinear(MergedLinear):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if not one_row(x):
             return super().forward(x)
-        return gemv(x, self.weight, self.bias, False).split(self.sizes, dim=-1)
-
-
-class GemvSwiGLUMLP(SwiGLUMLP):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up is None or not one_row(x):
-            return super().forward(x)
-        return self.down_proj(gemv(x, self.gate_up.weight, self.gate_up.bias, True))
+        return gemv(x, self.weight, self.bias).split(self.sizes, dim=-1)
 
 
 class GemvOutputHead(OutputHead):
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         if targets is None and one_row(hidden):
-            return gemv(hidden, weight, None, False)
+            return gemv(hidden, weight)
         return super().forward(hidden, weight, targets)
 
 
-GEMV_CLASSES = {nn.Linear: GemvLinear, MergedLinear: GemvMergedLinear, SwiGLUMLP: GemvSwiGLUMLP,
-                OutputHead: GemvOutputHead}
+def fusable(block: Block) -> bool:
+    return (isinstance(block.input_layernorm, RMSNorm) and isinstance(block.post_attention_layernorm, RMSNorm)
+            and isinstance(block.mlp, SwiGLUMLP) and block.self_attn.qkv is not None)
 
 
 def use_gemv_kernels(model: ArgonneForCausalLM) -> ArgonneForCausalLM:
-    """The plan, for inference: merged projections, and each linear, merged linear, SwiGLU MLP and the output head
-    re-classed to its GEMV-using subclass (same parameters, same state dict). Returns the model."""
+    """The plan, for inference: merged projections; each RMSNorm + SwiGLU block re-classed to GemvBlock, and in other
+    blocks each linear and merged linear to its GEMV subclass; the output head to GemvOutputHead. The parameters
+    and the state dict stay as they are. Returns the model."""
     model.merge_projections()
     for module in model.modules():
-        swapped = GEMV_CLASSES.get(type(module))
-        if swapped is not None:
-            module.__class__ = swapped
+        if type(module) is Block and fusable(module):
+            module.__class__ = GemvBlock
+        elif type(module) in (nn.Linear, MergedLinear, OutputHead):
+            module.__class__ = {nn.Linear: GemvLinear, MergedLinear: GemvMergedLinear,
+                                OutputHead: GemvOutputHead}[type(module)]
     return model

@@ -163,11 +163,16 @@ class Attention(nn.Module):
         attn_mask: torch.Tensor | None,
         cache: Cache | None,
     ) -> torch.Tensor:
-        B, T, _ = x.shape
         if self.qkv is not None:
             q, k, v = self.qkv(x)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self.attend(q, k, v, rope, attn_mask, cache))
+
+    def attend(self, q, k, v, rope, attn_mask, cache) -> torch.Tensor:
+        """The attention between the projections: q (B, T, nh * hd), k and v (B, T, n_kv * hd) -> (B, T, nh * hd),
+        through RoPE, the cache and SDPA."""
+        B, T, _ = q.shape
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -180,7 +185,7 @@ class Attention(nn.Module):
         # would copy the whole cache at every decoding step.
         pad_to = ATTENTION_HEAD_DIM_MULTIPLE if cache is None and q.is_cuda else 1
         y = attention(q, k, v, attn_mask, pad_to)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return y.transpose(1, 2).reshape(B, T, -1)
 
 
 # cuDNN's fused attention needs head_dim % 8 == 0. Argonne 2.0's head_dim 170 otherwise gets only the flash kernel:
