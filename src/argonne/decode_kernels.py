@@ -53,24 +53,24 @@ def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, norm_ptr, residual_ptr, out_ptr, N
     if HAS_NORM:  # RMSNorm's 1 / rms of the row, in float32 as RMSNorm computes it
         squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k_start in range(0, K, BLOCK_K):
-            x = tl.load(x_ptr + k_start + columns, mask=k_start + columns < K, other=0.0).to(tl.float32)
-            squares += x * x
+            part = tl.load(x_ptr + k_start + columns, mask=k_start + columns < K, other=0.0).to(tl.float32)
+            squares += part * part
         inverse_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
         k = k_start + columns
         k_ok = k < K
-        x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        # (names in this loop are new to it: Triton would carry a name defined before the loop across iterations)
+        vector = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         if HAS_NORM:  # weight * (x / rms), rounded as RMSNorm rounds: after the division and after the weight
             scale = tl.load(norm_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            x = (scale * (x * inverse_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
-        x = x[None, :]
+            vector = (scale * (vector * inverse_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         mask = row_ok[:, None] & k_ok[None, :]
-        acc += tl.load(weight_ptr + row_start + k[None, :], mask=mask, other=0.0).to(tl.float32) * x
+        acc += tl.load(weight_ptr + row_start + k[None, :], mask=mask, other=0.0).to(tl.float32) * vector[None, :]
         if SWIGLU:
             up_rows = weight_ptr + N * K + row_start + k[None, :]
-            acc_up += tl.load(up_rows, mask=mask, other=0.0).to(tl.float32) * x
+            acc_up += tl.load(up_rows, mask=mask, other=0.0).to(tl.float32) * vector[None, :]
     y = tl.sum(acc, axis=1)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
