@@ -129,3 +129,9 @@ def test_the_kernel_compiles_for_hopper_with_16_byte_loads():
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert len(lines) == 16 and all(line.endswith("True") for line in lines), result.stdout
+
+
+def test_gemv_kernels_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA GPUs"):
+        Generator(make_model(**LLAMA_STYLE), IdTokenizer(), gemv_kernels=True)

@@ -9,6 +9,7 @@ top-p 0.95; temperature 0 is greedy.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -182,6 +183,10 @@ class Generator:
     """
 
     def __init__(self, model: ArgonneForCausalLM, tokenizer, compile: bool | None = None, gemv_kernels: bool = False):
+        device = next(model.parameters()).device
+        if gemv_kernels and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"gemv_kernels are Triton kernels for CUDA GPUs; the model is on {device} "
+                             "(on CPUs they run only under Triton's interpreter, TRITON_INTERPRET=1, for tests)")
         model.merge_projections()
         if gemv_kernels:
             from .decode_kernels import use_gemv_kernels
@@ -189,7 +194,7 @@ class Generator:
             use_gemv_kernels(model)
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.device = next(model.parameters()).device
+        self.device = device
         self.dtype = next(model.parameters()).dtype
         self.config = model.config
         self.eos_ids = sorted({i for i in (self.config.eos_token_id, tokenizer.eos_token_id) if i is not None})
