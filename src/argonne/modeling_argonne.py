@@ -144,7 +144,6 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
-        self.use_rope = config.position_embedding == "rope"
         d, hd, bias = config.hidden_size, config.head_dim, config.attention_bias
         self.q_proj = nn.Linear(d, config.num_attention_heads * hd, bias=bias)
         self.k_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
@@ -176,7 +175,7 @@ class Attention(nn.Module):
         q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
-        if self.use_rope:
+        if rope is not None:  # None: no RoPE in this model, or q and k come rotated
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
