@@ -153,3 +153,64 @@ def test_gemv_kernels_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypa
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="CUDA GPUs"):
         Generator(make_model(**LLAMA_STYLE), IdTokenizer(), gemv_kernels=True)
+
+
+TRACE_DECODE_STEP = """
+import torch, triton
+from functorch.compile import aot_module_simplified
+from triton.backends.compiler import GPUTarget
+from argonne import ArgonneConfig, ArgonneForCausalLM
+from argonne.decode_kernels import use_gemv_kernels
+from argonne.generate import Generator
+
+
+class CompileOnlyDriver:  # a CUDA target for Triton's compiler (torch's analysis of what a kernel writes); no device
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def __getattr__(self, name):
+        raise RuntimeError(f"no device: {name}")
+
+
+class IdTokenizer:
+    eos_token_id = None
+
+
+triton.runtime.driver.set_active(CompileOnlyDriver())
+torch.set_grad_enabled(False)  # as in generation
+graphs = []
+
+
+def capture(gm, example_inputs):  # trace as torch.compile does (Dynamo, AOTAutograd), keep the graph, run nothing
+    return aot_module_simplified(gm, example_inputs, fw_compiler=lambda graph, _: graphs.append(graph) or graph)
+
+
+torch.manual_seed(0)
+model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=2)).eval()
+generator = Generator(model, IdTokenizer(), compile=False)
+use_gemv_kernels(model)
+generator._decode_forward = torch.compile(generator._decode_logits, backend=capture, fullgraph=True)
+cache = generator._cache_for(1, 16)  # a decode step after a 3-token prompt
+generator._decode.start(torch.ones(1, cache.max_len, dtype=torch.bool), torch.tensor([[2]]), 3)
+try:
+    generator._decode(torch.tensor([7]), 3)
+except Exception:
+    pass  # running the kernels needs a GPU; the traced graph is what is checked
+nodes = [node for node in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(node.target)]
+print(len(nodes), sorted({name for node in nodes for name in node.kwargs["tensors_to_clone"]}))
+"""
+
+
+def test_the_decode_step_with_the_plan_traces_as_torch_compile_does():
+    """On a GPU the decode step is compiled whole (fullgraph) with the kernels inside. Here it is traced as
+    torch.compile traces it, with a compile-only CUDA target for Triton: the trace must hold every kernel (4 per
+    layer + the head) and find that each writes only its output (nothing else gets copied)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    result = subprocess.run([sys.executable, "-c", TRACE_DECODE_STEP], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "9 ['out_ptr']", result.stdout + result.stderr[-3000:]

@@ -438,3 +438,21 @@ def test_merged_projections_give_the_same_logits_and_state_dict(style):
     attention = model.model.layers[0].self_attn  # its parameters are now slices of the merged tensors
     for parameter, merged in ((attention.k_proj.weight, attention.qkv.weight), (attention.v_proj.bias, attention.qkv.bias)):
         assert parameter.untyped_storage().data_ptr() == merged.untyped_storage().data_ptr()
+
+
+def test_a_4d_mask_may_be_boolean_or_additive():
+    """A (B, 1, T, S) mask: True where a query may attend, or a float one added to the scores (0 / -inf)."""
+    model = make_model(**LLAMA_STYLE)
+    tokens = torch.randint(0, 320, (2, 6))
+    allowed = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    allowed[0, :, :, 0] = False  # row 0 never attends to its first token (position 0 still attends to itself)
+    allowed[0, :, 0, 0] = True
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    positions = torch.arange(6)[None].repeat(2, 1)
+    with torch.no_grad():
+        boolean = model(tokens, attention_mask=allowed, position_ids=positions, use_cache=False).logits
+        added = model(tokens, attention_mask=additive, position_ids=positions, use_cache=False).logits
+        causal = model(tokens, use_cache=False).logits
+    torch.testing.assert_close(added, boolean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(boolean[1], causal[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(boolean[0, 1:], causal[0, 1:], atol=1e-3)

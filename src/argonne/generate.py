@@ -9,6 +9,7 @@ top-p 0.95; temperature 0 is greedy.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -225,8 +226,10 @@ class Generator:
 
     def _decode_logits(self, cache, tokens, position_offset, column, valid, key_positions):
         """The decode step (DecodeStep's buffers): the mask and positions for cache column `column` are made here, in
-        the compiled step, then the logits of the new tokens."""
-        mask = ((key_positions <= column) & valid)[:, None, None, :]
+        the compiled step, then the logits of the new tokens. The mask is additive (0 / -inf in the model's dtype):
+        SDPA would otherwise turn a boolean mask into one in every layer."""
+        allowed = ((key_positions <= column) & valid)[:, None, None, :]
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(~allowed, -math.inf)
         return self._last_logits(cache, tokens, position_offset + column, mask)
 
     @torch.no_grad()

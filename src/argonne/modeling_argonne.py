@@ -312,9 +312,13 @@ class ArgonneModel(nn.Module):
             rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         else:
             x = x + self.embed_positions(position_ids)
-        # A 4D boolean mask (B, 1, T, S) is used as given: a static cache (generate.py) passes one over its whole
-        # length, with the position_ids, so nothing here depends on how many tokens the cache holds.
-        attn_mask = attention_mask.bool() if full_mask else build_attention_mask(attention_mask, T, past_len, x.device)
+        # A 4D mask (B, 1, T, S) is used as given: boolean (True: may attend), or float and added to the scores (0 or
+        # -inf, as transformers' 4D masks are). A static cache (generate.py) passes one over its whole length, with
+        # the position_ids, so nothing here depends on how many tokens the cache holds.
+        if full_mask:
+            attn_mask = attention_mask if attention_mask.is_floating_point() else attention_mask.bool()
+        else:
+            attn_mask = build_attention_mask(attention_mask, T, past_len, x.device)
         for block in self.layers:
             x = block(x, rope, attn_mask, cache)
         return self.norm(x)
