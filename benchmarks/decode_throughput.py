@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import time
 
 import torch
@@ -90,8 +91,7 @@ VARIANTS = {
 
 
 def variant_generator(model: ArgonneForCausalLM, kind: str) -> Generator:
-    """A Generator over a copy of the model (the Generator prepares its model in place)."""
-    model = copy.deepcopy(model)
+    """A Generator over `model`, a copy (the Generator prepares its model in place)."""
     if kind == "unmerged":
         model.merge_projections = lambda: None  # what the Generator calls to merge
     return Generator(model, _IdTokenizer(), compile=True, gemv_kernels=kind == "gemv")
@@ -114,10 +114,12 @@ def main() -> None:
     torch.manual_seed(0)
     config = ArgonneConfig.from_preset(args.preset, eos_token_id=None)
     model = ArgonneForCausalLM(config).to(device=device, dtype=dtype).eval()
-    variants = [(f"argonne Generator, {name}", variant_generator(model, VARIANTS[name][0]), VARIANTS[name][1:])
-                for name in args.variants]  # copies of the model before the default Generator merges it
-    generators = [("argonne Generator (static cache" + (", CUDA graphs)" if device.type == "cuda" else ")"),
-                   Generator(model, _IdTokenizer()), ({}, None))] + variants
+    # Copies of the model before the default Generator merges it; each variant's Generator is made when it runs.
+    variants = [(f"argonne Generator, {name}", functools.partial(variant_generator, copy.deepcopy(model),
+                                                                 VARIANTS[name][0]), VARIANTS[name][1:])
+                for name in args.variants]
+    generators = [["argonne Generator (static cache" + (", CUDA graphs)" if device.type == "cuda" else ")"),
+                    Generator(model, _IdTokenizer()), ({}, None)]] + [list(variant) for variant in variants]
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}; "
           f"prompt {args.prompt_tokens}, {args.new_tokens} new tokens, greedy", flush=True)
@@ -126,35 +128,40 @@ def main() -> None:
     for batch in args.batches:
         prompt = torch.randint(0, config.vocab_size, (batch, args.prompt_tokens), device=device)
         outputs = {}
-        for label, generator, (options, attention_kernels) in generators:
-            def ours(generator=generator, label=label, options=options, attention_kernels=attention_kernels):
+
+        def run_ours(label, generator, options, attention_kernels):
+            def ours():
                 allowed = sdpa_kernel(attention_kernels) if attention_kernels else contextlib.nullcontext()
                 with torch._inductor.config.patch(options), allowed:
                     outputs[label] = generator.generate_ids(prompt.tolist(), params)
-            try:
-                report(batch, label, time_call(ours, device, args.repeats), args.new_tokens)
-            except Exception as error:  # a what-if variant that does not compile here is a finding, not the end
-                if generator is generators[0][1]:
-                    raise
-                print(f"{batch:>6}  {label}: failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}")
-                continue
+            report(batch, label, time_call(ours, device, args.repeats), args.new_tokens)
             if args.profile and batch == 1:
                 profile_generation(ours, args.profile, args.new_tokens, label)
-        if args.skip_transformers:
-            continue
-        for label, extra in (("transformers generate, dynamic cache", {}),
-                             ("transformers generate, static cache", {"cache_implementation": "static"})):
-            def hf(extra=extra, label=label):
-                out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
-                                     min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, **extra)
-                outputs[label] = out[:, args.prompt_tokens:].tolist()
-            report(batch, label, time_call(hf, device, args.repeats), args.new_tokens)
-        reference = outputs["transformers generate, dynamic cache"][0]
+
+        run_ours(*generators[0][:2], *generators[0][2])
+        if not args.skip_transformers:  # before the what-if variants, which might leave the GPU in a bad state
+            for label, extra in (("transformers generate, dynamic cache", {}),
+                                 ("transformers generate, static cache", {"cache_implementation": "static"})):
+                def hf(extra=extra, label=label):
+                    out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                         do_sample=False, pad_token_id=0, **extra)
+                    outputs[label] = out[:, args.prompt_tokens:].tolist()
+                report(batch, label, time_call(hf, device, args.repeats), args.new_tokens)
+        for index, (label, generator, (options, attention_kernels)) in enumerate(generators[1:], start=1):
+            try:
+                if not isinstance(generator, Generator):
+                    generator = generators[index][1] = generator()
+                run_ours(label, generator, options, attention_kernels)
+            except Exception as error:  # a what-if variant that does not compile here is a finding, not the end
+                print(f"{batch:>6}  {label}: failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}",
+                      flush=True)
+        reference = outputs.get("transformers generate, dynamic cache", outputs[generators[0][0]])[0]
+        whose = "the default generator's" if args.skip_transformers else "transformers'"
         for label in (label for label, _, _ in generators if label in outputs):
             ours = outputs[label][0]
             same = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), len(reference))
-            print(f"{batch:>6}  {label}: first {same} of {len(reference)} greedy tokens equal transformers'",
-                  flush=True)
+            print(f"{batch:>6}  {label}: first {same} of {len(reference)} greedy tokens equal {whose}", flush=True)
 
 
 def report(batch: int, label: str, seconds: float, new_tokens: int) -> None:
