@@ -57,7 +57,6 @@ def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, norm_ptr, residual_ptr, cos_ptr, s
     else:
         rows = index
         second_rows = index + N  # SWIGLU's up row
-    paired: tl.constexpr = SWIGLU or HEAD_DIM > 0
     row_start = rows.to(tl.int64)[:, None] * K
     second_start = second_rows.to(tl.int64)[:, None] * K
     columns = tl.arange(0, BLOCK_K)
@@ -79,7 +78,7 @@ def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, norm_ptr, residual_ptr, cos_ptr, s
             vector = (scale * (vector * inverse_rms).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
         mask = row_ok[:, None] & k_ok[None, :]
         acc += tl.load(weight_ptr + row_start + k[None, :], mask=mask, other=0.0).to(tl.float32) * vector[None, :]
-        if paired:
+        if SWIGLU or HEAD_DIM > 0:  # the second row of each pair
             second = tl.load(weight_ptr + second_start + k[None, :], mask=mask, other=0.0)
             acc_second += second.to(tl.float32) * vector[None, :]
     # Each matmul output is rounded to the model's dtype, as the unfused model's matmul returns it.
@@ -87,7 +86,7 @@ def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, norm_ptr, residual_ptr, cos_ptr, s
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     y = y.to(dtype).to(tl.float32)
-    if paired:
+    if SWIGLU or HEAD_DIM > 0:
         y_second = tl.sum(acc_second, axis=1)
         if HAS_BIAS:
             y_second += tl.load(bias_ptr + second_rows, mask=row_ok, other=0.0).to(tl.float32)
