@@ -32,7 +32,7 @@ run() {  # run LIMIT_S NAME COMMAND...
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/summary.txt"
-run 100 gpu-tests $PY -m pytest -p no:cacheprovider -rfEs tests/test_gpu.py
+run 180 gpu-tests $PY -m pytest -p no:cacheprovider -rfEs tests/test_gpu.py
 run 150 train-small $PY benchmarks/train_throughput.py --preset small --batch 8 --seq-len 4096 --compile \
     --checkpointing none selective --check-syncs --steps 5 --warmup 2 --profile "$OUT/profiles.txt"
 run 170 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 --variants gemv \
