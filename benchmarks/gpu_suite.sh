@@ -35,7 +35,8 @@ run() {  # run LIMIT_S NAME COMMAND...
 run 180 gpu-tests $PY -m pytest -p no:cacheprovider -rfEs tests/test_gpu.py
 run 150 train-small $PY benchmarks/train_throughput.py --preset small --batch 8 --seq-len 4096 --compile \
     --checkpointing none selective --check-syncs --steps 5 --warmup 2 --profile "$OUT/profiles.txt"
-run 170 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 --variants gemv \
+run 210 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 \
+    --variants gemv gemv+triton-attention \
     --profile "$OUT/profiles.txt"
 run 60 gemv $PY benchmarks/gemv_kernels.py
 run 100 train-2.0 $PY benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \

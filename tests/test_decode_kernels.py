@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-from argonne.decode_kernels import gemv, use_gemv_kernels  # noqa: E402
+from argonne.decode_kernels import decode_attention, gemv, use_gemv_kernels  # noqa: E402
 from argonne.generate import Generator, SamplingParams  # noqa: E402
 from argonne.modeling_argonne import RMSNorm, apply_rope, rope_cos_sin  # noqa: E402
 
@@ -62,6 +62,25 @@ def test_gemv_with_rope_rotates_the_q_and_k_heads_only():
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_equals_sdpa(masked):
+    """One query per row, 6 query heads over 2 key/value heads, head_dim 10, 70 keys (a partial last block); q
+    strided as a slice of a merged q/k/v output; row 0's first 64 keys all masked (a whole block: no NaN)."""
+    torch.manual_seed(0)
+    batch, heads, kv_heads, head_dim, length = 2, 6, 2, 10, 70
+    q = torch.randn(batch, 1, (heads + 2 * kv_heads) * head_dim, device=DEVICE)[..., : heads * head_dim]
+    keys, values = (torch.randn(batch, kv_heads, length, head_dim, device=DEVICE) for _ in range(2))
+    mask = None
+    if masked:
+        allowed = torch.rand(batch, length, device=DEVICE) > 0.3
+        allowed[0, :64], allowed[0, 65], allowed[1, 0] = False, True, True
+        mask = torch.zeros(batch, 1, 1, length, device=DEVICE).masked_fill(~allowed[:, None, None], float("-inf"))
+    expected = F.scaled_dot_product_attention(q.view(batch, 1, heads, head_dim).transpose(1, 2), keys, values,
+                                              attn_mask=mask, enable_gqa=True)
+    ours = decode_attention(q, keys, values, mask, head_dim**-0.5)
+    torch.testing.assert_close(ours, expected.transpose(1, 2).reshape(batch, 1, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_the_plan_keeps_the_logits_of_one_row_and_of_many_and_the_state_dict():
     model = make_model(**{**LLAMA_STYLE, "attention_bias": True}).to(DEVICE)
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
@@ -89,13 +108,15 @@ def test_other_architectures_get_the_plain_gemv():
     torch.testing.assert_close(model(one).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_generator_with_gemv_kernels_decodes_the_same_tokens():
+@pytest.mark.parametrize("attention", [False, True])
+def test_generator_with_gemv_kernels_decodes_the_same_tokens(attention):
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
     for lengths in ([6], [5, 3]):  # batch 1 decodes through the kernels; batch 2 through cuBLAS / MKL
         prompts = prompts_of(lengths)
         config = {**LLAMA_STYLE, "max_position_embeddings": 64, "num_hidden_layers": 1}
         expected = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False).generate_ids(prompts, params)
         with_kernels = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False, gemv_kernels=True)
+        use_gemv_kernels(with_kernels.model, attention=attention)
         assert with_kernels.generate_ids(prompts, params) == expected
 
 
@@ -128,13 +149,31 @@ for swiglu, norm, residual, head_dim in uses:
         except RuntimeError as error:
             sys.exit(f"no sm_90 tool chain: {error}")
         print(flags, "ld.global.v4.b32" in ptx)
+
+from argonne.decode_kernels import _decode_attention_kernel as attention  # tensor-core products, no spills needed
+names = attention.arg_names
+for head_dim, group in ((64, 7), (170, 3)):  # the 0.5B model's and Argonne 2.0's heads
+    block_d = triton.next_power_of_2(head_dim)
+    flags = {"GROUP": group, "HEAD_DIM": head_dim, "HAS_MASK": True, "BLOCK_G": 16, "BLOCK_D": block_d,
+             "BLOCK_S": 64, "PRECISION": "tf32"}
+    integers = ["S", "n_kv", "q_row_stride", "kv_row_stride", "mask_row_stride"]
+    signature = {name: "*bf16" for name in names[:5]} | {name: "i32" for name in integers} | {"scale": "fp32"}
+    source = ASTSource(
+        fn=attention, signature=signature | {name: "constexpr" for name in flags},
+        constexprs={(names.index(name),): value for name, value in flags.items()},
+        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in [*names[:5], *integers[2:]]},
+    )
+    options = {"num_warps": 4 if block_d <= 128 else 8}
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    print("attention", head_dim, "mma" in ptx)
 """
 
 
 def test_the_kernel_compiles_for_hopper_with_16_byte_loads():
     """Compiled, not run, for sm_90 as Triton's launcher specializes it for the 0.5B model (K a multiple of 16,
     aligned pointers): every flag combination compiles, and the weights are read with 16-byte vector loads, which is
-    what lets a GEMV run at memory bandwidth. In a process of its own: the interpreter cannot be on there."""
+    what lets a GEMV run at memory bandwidth; the decode attention compiles to tensor-core products. In a process of
+    its own: the interpreter cannot be on there."""
     import os
     import subprocess
     import sys
@@ -146,7 +185,7 @@ def test_the_kernel_compiles_for_hopper_with_16_byte_loads():
         pytest.skip(result.stderr.strip()[-300:])
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 10 and all(line.endswith("True") for line in lines), result.stdout
+    assert len(lines) == 12 and all(line.endswith("True") for line in lines), result.stdout
 
 
 def test_gemv_kernels_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
@@ -156,6 +195,7 @@ def test_gemv_kernels_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypa
 
 
 TRACE_DECODE_STEP = """
+import sys
 import torch, triton
 from functorch.compile import aot_module_simplified
 from triton.backends.compiler import GPUTarget
@@ -188,7 +228,7 @@ def capture(gm, example_inputs):  # trace as torch.compile does (Dynamo, AOTAuto
 torch.manual_seed(0)
 model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=2)).eval()
 generator = Generator(model, IdTokenizer(), compile=False)
-use_gemv_kernels(model)
+use_gemv_kernels(model, attention=sys.argv[1] == "attention")
 generator._decode_forward = torch.compile(generator._decode_logits, backend=capture, fullgraph=True)
 cache = generator._cache_for(1, 16)  # a decode step after a 3-token prompt
 generator._decode.start(torch.ones(1, cache.max_len, dtype=torch.bool), torch.tensor([[2]]), 3)
@@ -201,16 +241,19 @@ print(len(nodes), sorted({name for node in nodes for name in node.kwargs["tensor
 """
 
 
-def test_the_decode_step_with_the_plan_traces_as_torch_compile_does():
+@pytest.mark.parametrize("attention, kernels", [("sdpa", 9), ("attention", 11)])
+def test_the_decode_step_with_the_plan_traces_as_torch_compile_does(attention, kernels):
     """On a GPU the decode step is compiled whole (fullgraph) with the kernels inside. Here it is traced as
-    torch.compile traces it, with a compile-only CUDA target for Triton: the trace must hold every kernel (4 per
-    layer + the head) and find that each writes only its output (nothing else gets copied)."""
+    torch.compile traces it, with a compile-only CUDA target for Triton: the trace must hold every kernel (4 GEMVs
+    per layer and the head's, and with the Triton attention 1 more per layer) and find that each writes only its
+    output (nothing else gets copied)."""
     import os
     import subprocess
     import sys
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", TRACE_DECODE_STEP], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", TRACE_DECODE_STEP, attention], env=env, capture_output=True,
+                            text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "9 ['out_ptr']", result.stdout + result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == f"{kernels} ['out_ptr']", result.stdout + result.stderr[-3000:]

@@ -125,12 +125,16 @@ def test_gemv_kernels_in_bfloat16_are_as_close_as_cublas():
         assert ours_error <= cublas_error * 1.05 + 1e-6, (rows, columns, ours_error, cublas_error)
 
 
-def test_cuda_graph_decode_with_gemv_kernels_equals_eager_decode():
+@pytest.mark.parametrize("attention", [False, True])
+def test_cuda_graph_decode_with_gemv_kernels_equals_eager_decode(attention):
+    from argonne.decode_kernels import use_gemv_kernels
+
     config = {**LLAMA_STYLE, "max_position_embeddings": 96}
     prompts = prompts_of([7])  # batch 1: every decode matmul goes through the kernels
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
     eager = Generator(make_model(**config).cuda(), IdTokenizer(), compile=False).generate_ids(prompts, params)
     graphed = Generator(make_model(**config).cuda(), IdTokenizer(), compile=True, gemv_kernels=True)
+    use_gemv_kernels(graphed.model, attention=attention)
     assert graphed.generate_ids(prompts, params) == eager
     assert graphed.generate_ids(prompts, params) == eager
 
@@ -151,3 +155,23 @@ def test_gemv_plan_logits_in_bfloat16_are_as_close_as_cublas():
         ours, cublas = (m(tokens).logits.double() for m in (fused, model))
     ours_error, cublas_error = ((t - reference).norm() / reference.norm() for t in (ours, cublas))
     assert ours_error <= cublas_error * 1.1 + 1e-6, (ours_error, cublas_error)
+
+
+def test_decode_attention_in_bfloat16_is_as_close_as_sdpa():
+    """The 0.5B model's decode attention (14 query heads over 2, head_dim 64, 512 keys, a third masked)."""
+    import math
+
+    from argonne.decode_kernels import decode_attention
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 14 * 64, device="cuda", dtype=torch.bfloat16)
+    keys, values = (torch.randn(1, 2, 512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, 512, device="cuda", dtype=torch.bfloat16)
+    mask[..., 340:] = -math.inf
+    heads = q.view(1, 1, 14, 64).transpose(1, 2)
+    exact = torch.nn.functional.scaled_dot_product_attention(
+        heads.double(), keys.double(), values.double(), attn_mask=mask.double(), enable_gqa=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(heads, keys, values, attn_mask=mask, enable_gqa=True)
+    ours = decode_attention(q, keys, values, mask, 64**-0.5).view(1, 1, 14, 64).transpose(1, 2)
+    ours_error, sdpa_error = ((t.double() - exact).norm() / exact.norm() for t in (ours, sdpa))
+    assert ours_error <= sdpa_error * 1.1 + 1e-6, (ours_error, sdpa_error)
