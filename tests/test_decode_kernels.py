@@ -150,12 +150,14 @@ for swiglu, norm, residual, head_dim in uses:
             sys.exit(f"no sm_90 tool chain: {error}")
         print(flags, "ld.global.v4.b32" in ptx)
 
-from argonne.decode_kernels import _decode_attention_kernel as attention  # tensor-core products, no spills needed
+from argonne.decode_kernels import ATTENTION_TILINGS, _decode_attention_kernel  # tensor-core products
+attention = _decode_attention_kernel.fn
 names = attention.arg_names
+keys_per_step, warps = ATTENTION_TILINGS[0]
 for head_dim, group in ((64, 7), (170, 3)):  # the 0.5B model's and Argonne 2.0's heads
     block_d = triton.next_power_of_2(head_dim)
     flags = {"GROUP": group, "HEAD_DIM": head_dim, "HAS_MASK": True, "BLOCK_G": 16, "BLOCK_D": block_d,
-             "BLOCK_S": 64, "PRECISION": "tf32"}
+             "BLOCK_S": keys_per_step, "PRECISION": "tf32"}
     integers = ["S", "n_kv", "q_row_stride", "kv_row_stride", "mask_row_stride"]
     signature = {name: "*bf16" for name in names[:5]} | {name: "i32" for name in integers} | {"scale": "fp32"}
     source = ASTSource(
@@ -163,8 +165,7 @@ for head_dim, group in ((64, 7), (170, 3)):  # the 0.5B model's and Argonne 2.0'
         constexprs={(names.index(name),): value for name, value in flags.items()},
         attrs={(names.index(name),): [["tt.divisibility", 16]] for name in [*names[:5], *integers[2:]]},
     )
-    options = {"num_warps": 4 if block_d <= 128 else 8}
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
     print("attention", head_dim, "mma" in ptx)
 """
 

@@ -148,6 +148,14 @@ def gemv(
     return out
 
 
+# Keys per step and warps for decode_attention, timed per (S, head_dim, group) on first use. Tilings that need more
+# shared memory than the GPU has (Argonne 2.0's head_dim 170, padded to 256, at 128 keys and more) are skipped.
+ATTENTION_TILINGS = [(64, 4), (64, 8), (128, 4), (128, 8), (256, 8)]
+_ATTENTION_CONFIGS = [triton.Config({"BLOCK_S": keys}, num_warps=warps)
+                      for keys, warps in ATTENTION_TILINGS[: None if torch.cuda.is_available() else 1]]
+
+
+@triton.autotune(configs=_ATTENTION_CONFIGS, key=["S", "HEAD_DIM", "GROUP"])
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, S, n_kv, scale, q_row_stride, kv_row_stride,
                              mask_row_stride, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -204,12 +212,11 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     heads = q.shape[-1] // head_dim
     out = q.new_empty((batch, 1, heads * head_dim))
     group = heads // n_kv
-    block_d = max(16, triton.next_power_of_2(head_dim))
     wrap_triton(_decode_attention_kernel)[(batch * n_kv,)](
         q, keys, values, keys if mask is None else mask, out, length, n_kv, scale, q.stride(0), keys.stride(1),
         0 if mask is None else mask.stride(0), GROUP=group, HEAD_DIM=head_dim, HAS_MASK=mask is not None,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=block_d, BLOCK_S=64,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=4 if block_d <= 128 else 8,
+        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
     return out
 
