@@ -158,7 +158,7 @@ for head_dim, group in ((64, 7), (170, 3)):  # the 0.5B model's and Argonne 2.0'
     block_d = triton.next_power_of_2(head_dim)
     flags = {"GROUP": group, "HEAD_DIM": head_dim, "HAS_MASK": True, "BLOCK_G": 16, "BLOCK_D": block_d,
              "BLOCK_S": keys_per_step, "PRECISION": "tf32"}
-    integers = ["S", "n_kv", "q_row_stride", "kv_row_stride", "mask_row_stride"]
+    integers = ["S", "n_kv", "q_row_stride", "kv_head_stride", "mask_row_stride"]
     signature = {name: "*bf16" for name in names[:5]} | {name: "i32" for name in integers} | {"scale": "fp32"}
     source = ASTSource(
         fn=attention, signature=signature | {name: "constexpr" for name in flags},

@@ -157,7 +157,7 @@ _ATTENTION_CONFIGS = [triton.Config({"BLOCK_S": keys}, num_warps=warps)
 
 @triton.autotune(configs=_ATTENTION_CONFIGS, key=["S", "HEAD_DIM", "GROUP"])
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, S, n_kv, scale, q_row_stride, kv_row_stride,
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, S, n_kv, scale, q_row_stride, kv_head_stride,
                              mask_row_stride, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr,
                              BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
                              PRECISION: tl.constexpr):
@@ -171,7 +171,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, S, n_kv, sc
     group_ok, dims_ok = group < GROUP, dims < HEAD_DIM
     q_offsets = b * q_row_stride + (kv * GROUP + group)[:, None] * HEAD_DIM + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=group_ok[:, None] & dims_ok[None, :], other=0.0)
-    kv_start = (b * n_kv + kv).to(tl.int64) * kv_row_stride
+    kv_start = (b * n_kv + kv).to(tl.int64) * kv_head_stride
     best = tl.full((BLOCK_G,), -1.0e30, dtype=tl.float32)  # finite: a block with every key masked stays NaN-free
     total = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
