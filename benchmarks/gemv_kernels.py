@@ -44,7 +44,8 @@ def decode_shapes(config: ArgonneConfig) -> list[tuple[str, int, int, bool, set[
     qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd
     return [("q/k/v", qkv, d, False, {"norm"}), ("o_proj", d, config.num_attention_heads * hd, False, {"residual"}),
             ("gate/up, SwiGLU", 2 * config.intermediate_size, d, True, {"norm"}),
-            ("down_proj", d, config.intermediate_size, False, {"residual"}), ("head", config.vocab_size, d, False, set())]
+            ("down_proj", d, config.intermediate_size, False, {"residual"}),
+            ("head", config.vocab_size, d, False, set())]
 
 
 def main() -> None:

@@ -114,7 +114,8 @@ def test_generator_with_gemv_kernels_decodes_the_same_tokens(attention):
     for lengths in ([6], [5, 3]):  # batch 1 decodes through the kernels; batch 2 through cuBLAS / MKL
         prompts = prompts_of(lengths)
         config = {**LLAMA_STYLE, "max_position_embeddings": 64, "num_hidden_layers": 1}
-        expected = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False).generate_ids(prompts, params)
+        reference = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False)
+        expected = reference.generate_ids(prompts, params)
         with_kernels = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False, gemv_kernels=True)
         use_gemv_kernels(with_kernels.model, attention=attention)
         assert with_kernels.generate_ids(prompts, params) == expected
@@ -138,7 +139,8 @@ for swiglu, norm, residual, head_dim in uses:
     for bias in (False, True):
         flags = {"HAS_BIAS": bias, "SWIGLU": swiglu, "HAS_NORM": norm, "HAS_RESIDUAL": residual,
                  "HEAD_DIM": head_dim, "BLOCK_N": rows, "BLOCK_K": columns}
-        signature = {name: "*bf16" for name in pointers} | {"N": "i32", "K": "i32", "eps": "fp32", "rotated_rows": "i32"}
+        scalars = {"N": "i32", "K": "i32", "eps": "fp32", "rotated_rows": "i32"}
+        signature = {name: "*bf16" for name in pointers} | scalars
         source = ASTSource(
             fn=kernel, signature=signature | {name: "constexpr" for name in flags},
             constexprs={(names.index(name),): value for name, value in flags.items()},
