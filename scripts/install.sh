@@ -12,9 +12,9 @@ if ! python -c "import torch" 2>/dev/null; then
     else
         python -m pip install --quiet torch==2.13.0
         # Triton too (CUDA builds of PyTorch bring their own): the tests run the GPU decode kernels on the CPU under
-        # its interpreter. Its wheels are for Linux on x86_64 and ARM; elsewhere those tests are skipped.
+        # its interpreter. Its wheels are for Linux on x86_64 and ARM; without one those tests are skipped.
         if [[ "$(uname -s)" == Linux ]]; then
-            python -m pip install --quiet triton==3.9.0
+            python -m pip install --quiet triton==3.9.0 || echo "no Triton for this machine: its tests will be skipped"
         fi
     fi
 fi
