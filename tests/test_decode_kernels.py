@@ -5,7 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip(
+    "triton", reason="Triton is not installed (scripts/install.sh adds it on Linux; without a wheel for this machine "
+    "its kernels cannot be checked here)")
 
 from argonne.decode_kernels import decode_attention, gemv, use_gemv_kernels  # noqa: E402
 from argonne.generate import Generator, SamplingParams  # noqa: E402
@@ -185,7 +187,8 @@ def test_the_kernel_compiles_for_hopper_with_16_byte_loads():
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True)
     if result.returncode and "no sm_90 tool chain" in result.stderr:
-        pytest.skip(result.stderr.strip()[-300:])
+        reason = result.stderr.strip().splitlines()[-1][:300]
+        pytest.skip(f"this Triton build has no NVIDIA tool chain, so nothing can be compiled for sm_90 here ({reason})")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert len(lines) == 12 and all(line.endswith("True") for line in lines), result.stdout
