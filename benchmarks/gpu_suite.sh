@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check and figure in one go, for a borrowed GPU with little time: the GPU-only tests, then training and
-# decode throughput with transformers rerun in the same process. Output goes to stdout and $OUT/ (one file per part,
-# kernel profiles in profiles.txt: nine files in all). Parts run in priority order, each under its own time limit,
-# and all within SUITE_SECONDS: a part that no longer fits is skipped (named in the summary) rather than cut off.
-#   bash benchmarks/gpu_suite.sh                        # everything, about 12 minutes on one H100/H200
+# decode throughput with transformers rerun in the same process. Output goes to stdout and $OUT/ (a borrowed GPU
+# returns at most eight files: parts share them, see FILE_OF; kernel profiles in profiles.txt). Parts run in priority
+# order, each under its own time limit, and all within SUITE_SECONDS: a part that no longer fits is skipped (named in
+# the summary) rather than cut off.
+#   bash benchmarks/gpu_suite.sh                        # everything, about 13 minutes on one H100/H200
 #   SUITE_SECONDS=400 bash benchmarks/gpu_suite.sh      # what fits in 400 s
 #   bash benchmarks/gpu_suite.sh decode-b16 train-2.0   # only these parts
 set -u
@@ -15,6 +16,9 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 started=$SECONDS
 wanted=" $* "
+# Result file of each part (default: the part's name); seven files in all with summary.txt and profiles.txt.
+declare -A FILE_OF=([train-small]=train [train-2.0]=train [decode-b1]=decode [decode-long]=decode
+                    [decode-b16]=decode)
 run() {  # run LIMIT_S NAME COMMAND...
     local limit=$1 name=$2
     shift 2
@@ -25,8 +29,9 @@ run() {  # run LIMIT_S NAME COMMAND...
         return 0
     fi
     ((limit > left)) && limit=$left
-    echo "=== $name ($(date +%T), limit ${limit}s)"
-    timeout "$limit" "$@" > >(tee "$OUT/$name.txt") 2>&1
+    local file="$OUT/${FILE_OF[$name]:-$name}.txt"
+    echo "=== $name ($(date +%T), limit ${limit}s)" | tee -a "$file"
+    timeout "$limit" "$@" > >(tee -a "$file") 2>&1
     echo "=== $name exit $? after $((SECONDS - started))s" | tee -a "$OUT/summary.txt"
 }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -35,20 +40,22 @@ run() {  # run LIMIT_S NAME COMMAND...
 run 180 gpu-tests $PY -m pytest -p no:cacheprovider -rfEs tests/test_gpu.py
 run 150 train-small $PY benchmarks/train_throughput.py --preset small --batch 8 --seq-len 4096 --compile \
     --checkpointing none selective --check-syncs --steps 5 --warmup 2 --profile "$OUT/profiles.txt"
-run 210 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 \
-    --variants gemv gemv+triton-attention \
-    --profile "$OUT/profiles.txt"
-run 60 gemv $PY benchmarks/gemv_kernels.py
 run 100 train-2.0 $PY benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \
     --checkpointing selective --steps 3 --warmup 2
+run 210 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 \
+    --variants gemv gemv+triton-attention --profile "$OUT/profiles.txt"
+# A long context: a 3,328-key cache, where the Triton attention splits the keys into ranges.
+run 150 decode-long $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 1 --prompt-tokens 3072 \
+    --new-tokens 128 --skip-transformers --variants gemv gemv+triton-attention
+run 60 gemv $PY benchmarks/gemv_kernels.py
 run 200 decode-variants $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 --skip-transformers \
     --variants gemv+efficient-attention gemv+native-matmul unmerged efficient-attention gemv+max-autotune
 run 150 decode-b16 $PY benchmarks/decode_throughput.py --preset small --batches 16 --repeats 2
 echo "=== summary"
 cat "$OUT/summary.txt"
-for part in gpu-tests train-small train-2.0 decode-b1 gemv decode-b16 decode-variants; do
-    [[ -f "$OUT/$part.txt" ]] || continue
-    echo "--- $part"
-    grep -v -E "^[WIE][0-9]{4} |[Ww]arn|^ *$|^ *(from|import|File) |^\.+|USDT" "$OUT/$part.txt" | tail -n 14 |
+for file in gpu-tests train decode gemv decode-variants; do
+    [[ -f "$OUT/$file.txt" ]] || continue
+    echo "--- $file"
+    grep -v -E "^[WIE][0-9]{4} |[Ww]arn|^ *$|^ *(from|import|File) |^\.+|USDT" "$OUT/$file.txt" | tail -n 24 |
         cut -c1-180
 done

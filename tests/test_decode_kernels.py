@@ -9,7 +9,8 @@ triton = pytest.importorskip(
     "triton", reason="Triton is not installed (scripts/install.sh adds it on Linux; without a wheel for this machine "
     "its kernels cannot be checked here)")
 
-from argonne.decode_kernels import decode_attention, gemv, use_gemv_kernels  # noqa: E402
+from argonne import decode_kernels  # noqa: E402
+from argonne.decode_kernels import attention_splits, decode_attention, gemv, use_gemv_kernels  # noqa: E402
 from argonne.generate import Generator, SamplingParams  # noqa: E402
 from argonne.modeling_argonne import RMSNorm, apply_rope, rope_cos_sin  # noqa: E402
 
@@ -65,9 +66,12 @@ def test_gemv_with_rope_rotates_the_q_and_k_heads_only():
 
 
 @pytest.mark.parametrize("masked", [False, True])
-def test_decode_attention_equals_sdpa(masked):
+@pytest.mark.parametrize("splits, last_key", [(1, None), (3, None), (3, 50), (4, 20)])
+def test_decode_attention_equals_sdpa(masked, splits, last_key):
     """One query per row, 6 query heads over 2 key/value heads, head_dim 10, 70 keys (a partial last block); q
-    strided as a slice of a merged q/k/v output; row 0's first 64 keys all masked (a whole block: no NaN)."""
+    strided as a slice of a merged q/k/v output; row 0's first 64 keys all masked (a whole block, whole key ranges:
+    no NaN). Keys done in 1, 3 or 4 ranges (combined); with `last_key`, the keys after it are left out (ranges with
+    no key at all), as if not written yet."""
     torch.manual_seed(0)
     batch, heads, kv_heads, head_dim, length = 2, 6, 2, 10, 70
     q = torch.randn(batch, 1, (heads + 2 * kv_heads) * head_dim, device=DEVICE)[..., : heads * head_dim]
@@ -75,12 +79,24 @@ def test_decode_attention_equals_sdpa(masked):
     mask = None
     if masked:
         allowed = torch.rand(batch, length, device=DEVICE) > 0.3
-        allowed[0, :64], allowed[0, 65], allowed[1, 0] = False, True, True
+        allowed[0, :64], allowed[0, 65], allowed[:, 0] = False, True, True
+        if last_key is not None:
+            allowed[0, last_key] = True
         mask = torch.zeros(batch, 1, 1, length, device=DEVICE).masked_fill(~allowed[:, None, None], float("-inf"))
-    expected = F.scaled_dot_product_attention(q.view(batch, 1, heads, head_dim).transpose(1, 2), keys, values,
-                                              attn_mask=mask, enable_gqa=True)
-    ours = decode_attention(q, keys, values, mask, head_dim**-0.5)
+    seen = length if last_key is None else last_key + 1
+    expected = F.scaled_dot_product_attention(
+        q.view(batch, 1, heads, head_dim).transpose(1, 2), keys[:, :, :seen], values[:, :, :seen],
+        attn_mask=None if mask is None else mask[..., :seen], enable_gqa=True)
+    written = None if last_key is None else torch.tensor([last_key], device=DEVICE)
+    ours = decode_attention(q, keys, values, mask, head_dim**-0.5, written, splits)
     torch.testing.assert_close(ours, expected.transpose(1, 2).reshape(batch, 1, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_long_caches_are_split_into_key_ranges():
+    assert attention_splits(batch=1, kv_heads=2, length=512) == 1  # the decode benchmark's cache: one pass
+    assert attention_splits(batch=1, kv_heads=2, length=4096) == 8
+    assert attention_splits(batch=16, kv_heads=2, length=4096) == 4  # enough programs already
+    assert attention_splits(batch=64, kv_heads=8, length=32768) == 1
 
 
 def test_the_plan_keeps_the_logits_of_one_row_and_of_many_and_the_state_dict():
@@ -110,8 +126,10 @@ def test_other_architectures_get_the_plain_gemv():
     torch.testing.assert_close(model(one).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", [False, True])
-def test_generator_with_gemv_kernels_decodes_the_same_tokens(attention):
+@pytest.mark.parametrize("attention", [False, True, "in key ranges"])
+def test_generator_with_gemv_kernels_decodes_the_same_tokens(attention, monkeypatch):
+    if attention == "in key ranges":
+        monkeypatch.setattr(decode_kernels, "MIN_KEYS_PER_SPLIT", 8)  # the 64-key cache in 8 ranges
     params = SamplingParams(max_new_tokens=8, temperature=0.0)
     for lengths in ([6], [5, 3]):  # batch 1 decodes through the kernels; batch 2 through cuBLAS / MKL
         prompts = prompts_of(lengths)
@@ -119,7 +137,7 @@ def test_generator_with_gemv_kernels_decodes_the_same_tokens(attention):
         reference = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False)
         expected = reference.generate_ids(prompts, params)
         with_kernels = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False, gemv_kernels=True)
-        use_gemv_kernels(with_kernels.model, attention=attention)
+        use_gemv_kernels(with_kernels.model, attention=bool(attention))
         assert with_kernels.generate_ids(prompts, params) == expected
 
 
@@ -154,23 +172,35 @@ for swiglu, norm, residual, head_dim in uses:
             sys.exit(f"no sm_90 tool chain: {error}")
         print(flags, "ld.global.v4.b32" in ptx)
 
-from argonne.decode_kernels import ATTENTION_TILINGS, _decode_attention_kernel  # tensor-core products
-attention = _decode_attention_kernel.fn
+from argonne.decode_kernels import ATTENTION_TILINGS, _combine_splits_kernel, _decode_attention_kernel
+attention = _decode_attention_kernel.fn  # tensor-core products, whole or in key ranges
 names = attention.arg_names
 keys_per_step, warps = ATTENTION_TILINGS[0]
 for head_dim, group in ((64, 7), (170, 3)):  # the 0.5B model's and Argonne 2.0's heads
-    block_d = triton.next_power_of_2(head_dim)
-    flags = {"GROUP": group, "HEAD_DIM": head_dim, "HAS_MASK": True, "BLOCK_G": 16, "BLOCK_D": block_d,
-             "BLOCK_S": keys_per_step, "PRECISION": "tf32"}
-    integers = ["S", "n_kv", "q_row_stride", "kv_head_stride", "mask_row_stride"]
-    signature = {name: "*bf16" for name in names[:5]} | {name: "i32" for name in integers} | {"scale": "fp32"}
-    source = ASTSource(
-        fn=attention, signature=signature | {name: "constexpr" for name in flags},
-        constexprs={(names.index(name),): value for name, value in flags.items()},
-        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in [*names[:5], *integers[2:]]},
-    )
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-    print("attention", head_dim, "mma" in ptx)
+    for split in (False, True):
+        block_d = triton.next_power_of_2(head_dim)
+        flags = {"GROUP": group, "HEAD_DIM": head_dim, "HAS_MASK": True, "HAS_LAST_KEY": True, "SPLIT": split,
+                 "BLOCK_G": 16, "BLOCK_D": block_d, "BLOCK_S": keys_per_step, "PRECISION": "tf32"}
+        integers = ["S", "keys_per_split", "n_kv", "q_row_stride", "kv_head_stride", "mask_row_stride"]
+        pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*bf16", "last_key_ptr": "*i64",
+                    "out_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32"}
+        signature = pointers | {name: "i32" for name in integers} | {"scale": "fp32"}
+        source = ASTSource(
+            fn=attention, signature=signature | {name: "constexpr" for name in flags},
+            constexprs={(names.index(name),): value for name, value in flags.items()},
+            attrs={(names.index(name),): [["tt.divisibility", 16]] for name in [*pointers, *integers[3:]]},
+        )
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+        print("attention", head_dim, split, "mma" in ptx)
+combine = _combine_splits_kernel
+flags = {"HEAD_DIM": 64, "BLOCK_SPLITS": 8, "BLOCK_D": 64}
+source = ASTSource(
+    fn=combine, signature={"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "splits": "i32"}
+    | {name: "constexpr" for name in flags},
+    constexprs={(combine.arg_names.index(name),): value for name, value in flags.items()},
+)
+ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+print("combine", "st.global" in ptx)
 """
 
 
@@ -191,7 +221,7 @@ def test_the_kernel_compiles_for_hopper_with_16_byte_loads():
         pytest.skip(f"this Triton build has no NVIDIA tool chain, so nothing can be compiled for sm_90 here ({reason})")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 12 and all(line.endswith("True") for line in lines), result.stdout
+    assert len(lines) == 15 and all(line.endswith("True") for line in lines), result.stdout
 
 
 def test_gemv_kernels_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
@@ -206,6 +236,7 @@ import torch, triton
 from functorch.compile import aot_module_simplified
 from triton.backends.compiler import GPUTarget
 from argonne import ArgonneConfig, ArgonneForCausalLM
+from argonne import decode_kernels
 from argonne.decode_kernels import use_gemv_kernels
 from argonne.generate import Generator
 
@@ -234,7 +265,9 @@ def capture(gm, example_inputs):  # trace as torch.compile does (Dynamo, AOTAuto
 torch.manual_seed(0)
 model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=2)).eval()
 generator = Generator(model, IdTokenizer(), compile=False)
-use_gemv_kernels(model, attention=sys.argv[1] == "attention")
+if sys.argv[1] == "attention-in-key-ranges":
+    decode_kernels.MIN_KEYS_PER_SPLIT = 16  # the 256-key cache in 16 ranges
+use_gemv_kernels(model, attention=sys.argv[1] != "sdpa")
 generator._decode_forward = torch.compile(generator._decode_logits, backend=capture, fullgraph=True)
 cache = generator._cache_for(1, 16)  # a decode step after a 3-token prompt
 generator._decode.start(torch.ones(1, cache.max_len, dtype=torch.bool), torch.tensor([[2]]), 3)
@@ -247,12 +280,15 @@ print(len(nodes), sorted({name for node in nodes for name in node.kwargs["tensor
 """
 
 
-@pytest.mark.parametrize("attention, kernels", [("sdpa", 9), ("attention", 11)])
-def test_the_decode_step_with_the_plan_traces_as_torch_compile_does(attention, kernels):
+@pytest.mark.parametrize("attention, kernels, written", [
+    ("sdpa", 9, ["out_ptr"]), ("attention", 11, ["out_ptr"]),
+    ("attention-in-key-ranges", 13, ["lse_ptr", "out_ptr"]),  # the ranges' outputs: fresh buffers too
+])
+def test_the_decode_step_with_the_plan_traces_as_torch_compile_does(attention, kernels, written):
     """On a GPU the decode step is compiled whole (fullgraph) with the kernels inside. Here it is traced as
     torch.compile traces it, with a compile-only CUDA target for Triton: the trace must hold every kernel (4 GEMVs
-    per layer and the head's, and with the Triton attention 1 more per layer) and find that each writes only its
-    output (nothing else gets copied)."""
+    per layer and the head's, with the Triton attention 1 more per layer, 2 when it splits the keys into ranges)
+    and find that each writes only its output (nothing else gets copied)."""
     import os
     import subprocess
     import sys
@@ -262,4 +298,4 @@ def test_the_decode_step_with_the_plan_traces_as_torch_compile_does(attention, k
     result = subprocess.run([sys.executable, "-c", TRACE_DECODE_STEP, attention], env=env, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == f"{kernels} ['out_ptr']", result.stdout + result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == f"{kernels} {written}", result.stdout + result.stderr[-3000:]

@@ -157,21 +157,24 @@ def test_gemv_plan_logits_in_bfloat16_are_as_close_as_cublas():
     assert ours_error <= cublas_error * 1.1 + 1e-6, (ours_error, cublas_error)
 
 
-def test_decode_attention_in_bfloat16_is_as_close_as_sdpa():
-    """The 0.5B model's decode attention (14 query heads over 2, head_dim 64, 512 keys, a third masked)."""
+@pytest.mark.parametrize("length, last_key", [(512, None), (4096, 3000)])
+def test_decode_attention_in_bfloat16_is_as_close_as_sdpa(length, last_key):
+    """The 0.5B model's decode attention (14 query heads over 2, head_dim 64): 512 keys, a third masked, in one pass;
+    a 4,096-key cache written up to key 3,000 in 8 key ranges."""
     import math
 
     from argonne.decode_kernels import decode_attention
 
     torch.manual_seed(0)
     q = torch.randn(1, 1, 14 * 64, device="cuda", dtype=torch.bfloat16)
-    keys, values = (torch.randn(1, 2, 512, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    mask = torch.zeros(1, 1, 1, 512, device="cuda", dtype=torch.bfloat16)
-    mask[..., 340:] = -math.inf
+    keys, values = (torch.randn(1, 2, length, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, length, device="cuda", dtype=torch.bfloat16)
+    mask[..., (340 if last_key is None else last_key + 1):] = -math.inf
     heads = q.view(1, 1, 14, 64).transpose(1, 2)
     exact = torch.nn.functional.scaled_dot_product_attention(
         heads.double(), keys.double(), values.double(), attn_mask=mask.double(), enable_gqa=True)
     sdpa = torch.nn.functional.scaled_dot_product_attention(heads, keys, values, attn_mask=mask, enable_gqa=True)
-    ours = decode_attention(q, keys, values, mask, 64**-0.5).view(1, 1, 14, 64).transpose(1, 2)
+    written = None if last_key is None else torch.tensor([last_key], device="cuda")
+    ours = decode_attention(q, keys, values, mask, 64**-0.5, written).view(1, 1, 14, 64).transpose(1, 2)
     ours_error, sdpa_error = ((t.double() - exact).norm() / exact.norm() for t in (ours, sdpa))
     assert ours_error <= sdpa_error * 1.5 + 1e-6, (ours_error, sdpa_error)  # both round the weights to bf16

@@ -17,8 +17,9 @@ first use (triton.autotune).
 RMSNorm + SwiGLU block runs as four GEMV kernels, the cache write and SDPA (6 kernels per layer instead of 15);
 other architectures get the plain GEMV for their linears. Inputs of more rows (prefill, batches) keep cuBLAS.
 `use_gemv_kernels(model, attention=True)` also replaces SDPA (cuDNN: 7.2 us per layer on an H200 at 512 keys) by
-`decode_attention`: one program per key/value head and row, its query heads together in tensor-core products over
-the keys, online softmax.
+`decode_attention`: one program per key/value head and row (and per range of keys in long caches, combined after),
+its query heads together in tensor-core products over the keys, online softmax, and no key read after the last one
+written (its cost follows the tokens so far, not the size of the cache).
 `gemv` is a `torch.library.triton_op`, so torch.compile sees through it and the kernels are captured in the decode
 step's CUDA graph like any other. On CPUs the kernels run under Triton's interpreter (TRITON_INTERPRET=1, float32),
 which is how the tests check them without a GPU.
@@ -148,24 +149,37 @@ def gemv(
     return out
 
 
-# Keys per step and warps for decode_attention, timed per (S, head_dim, group) on first use. Tilings that need more
-# shared memory than the GPU has (Argonne 2.0's head_dim 170, padded to 256, at 128 keys and more) are skipped.
+# Keys per step and warps for decode_attention, timed per shape on first use. Tilings that need more shared memory
+# than the GPU has (Argonne 2.0's head_dim 170, padded to 256, at 128 keys and more) are skipped.
 ATTENTION_TILINGS = [(64, 4), (64, 8), (128, 4), (128, 8), (256, 8)]
 _ATTENTION_CONFIGS = [triton.Config({"BLOCK_S": keys}, num_warps=warps)
                       for keys, warps in ATTENTION_TILINGS[: None if torch.cuda.is_available() else 1]]
+# Long caches are cut into key ranges done by programs of their own (then combined, "flash decoding"): ranges of at
+# least this many keys, and no more ranges than make about this many programs in all.
+MIN_KEYS_PER_SPLIT = 512
+SPLIT_PROGRAMS = 128
 
 
-@triton.autotune(configs=_ATTENTION_CONFIGS, key=["S", "HEAD_DIM", "GROUP"])
+@triton.autotune(configs=_ATTENTION_CONFIGS, key=["S", "keys_per_split", "HEAD_DIM", "GROUP"])
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, S, n_kv, scale, q_row_stride, kv_head_stride,
-                             mask_row_stride, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr,
-                             BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-                             PRECISION: tl.constexpr):
-    """One query per row: the GROUP query heads that share key/value head `kv` of row `b` against its S keys, in
-    BLOCK_S steps with an online softmax, so each key and value is read once for the whole group (a matrix product
-    of the group's queries, padded to BLOCK_G rows, with the keys)."""
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, last_key_ptr, out_ptr, lse_ptr, S, keys_per_split, n_kv,
+                             scale, q_row_stride, kv_head_stride, mask_row_stride, GROUP: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LAST_KEY: tl.constexpr,
+                             SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
+    """One query per row: the GROUP query heads that share key/value head `kv` of row `b` against keys
+    split * keys_per_split onwards (keys_per_split of them, none after the last key written), in BLOCK_S steps with
+    an online softmax, so each key and value is read once for the whole group (a matrix product of the group's
+    queries, padded to BLOCK_G rows, with the keys). With SPLIT the program writes its range's softmax-weighted
+    values and log-sum-exp (float32) for _combine_splits_kernel; else the output."""
     b = tl.program_id(0) // n_kv
     kv = tl.program_id(0) % n_kv
+    split = tl.program_id(1)
+    end = S
+    if HAS_LAST_KEY:  # keys after the last one written are not there yet: skipped, not only masked
+        end = tl.minimum(tl.load(last_key_ptr).to(tl.int32) + 1, S)
+    first = split * keys_per_split
+    stop = tl.minimum(first + keys_per_split, end)
     group = tl.arange(0, BLOCK_G)
     dims = tl.arange(0, BLOCK_D)
     group_ok, dims_ok = group < GROUP, dims < HEAD_DIM
@@ -175,9 +189,9 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, S, n_kv, sc
     best = tl.full((BLOCK_G,), -1.0e30, dtype=tl.float32)  # finite: a block with every key masked stays NaN-free
     total = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
-    for s_start in range(0, S, BLOCK_S):
+    for s_start in range(first, stop, BLOCK_S):
         keys_at = s_start + tl.arange(0, BLOCK_S)
-        keys_ok = keys_at < S
+        keys_ok = keys_at < stop
         tile = kv_start + keys_at[:, None] * HEAD_DIM + dims[None, :]
         tile_ok = keys_ok[:, None] & dims_ok[None, :]
         k = tl.load(k_ptr + tile, mask=tile_ok, other=0.0)
@@ -192,16 +206,50 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, S, n_kv, sc
         v = tl.load(v_ptr + tile, mask=tile_ok, other=0.0)
         acc = acc * rescale[:, None] + tl.dot(weights.to(v.dtype), v, input_precision=PRECISION)
         best = new_best
-    out = acc / total[:, None]
-    out_offsets = b * (n_kv * GROUP * HEAD_DIM) + (kv * GROUP + group)[:, None] * HEAD_DIM + dims[None, :]
-    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=group_ok[:, None] & dims_ok[None, :])
+    heads = b * (n_kv * GROUP) + kv * GROUP + group  # this row's query heads, counted over all rows
+    store_ok = group_ok[:, None] & dims_ok[None, :]
+    if SPLIT:  # a range with no key to see (after the last key, or all masked) weighs nothing in the combination
+        seen = total > 0
+        total = tl.where(seen, total, 1.0)
+        slot = heads * tl.num_programs(1) + split
+        tl.store(lse_ptr + slot, tl.where(seen, best + tl.log(total), float("-inf")), mask=group_ok)
+        tl.store(out_ptr + slot[:, None] * HEAD_DIM + dims[None, :], acc / total[:, None], mask=store_ok)
+    else:
+        out = acc / total[:, None]
+        tl.store(out_ptr + heads[:, None] * HEAD_DIM + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=store_ok)
+
+
+@triton.jit
+def _combine_splits_kernel(partial_ptr, lse_ptr, out_ptr, splits, HEAD_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+                           BLOCK_D: tl.constexpr):
+    """The attention output of one query head from its key ranges' outputs, weighted by their share of the softmax."""
+    head = tl.program_id(0)
+    ranges = tl.arange(0, BLOCK_SPLITS)
+    dims = tl.arange(0, BLOCK_D)
+    ranges_ok, dims_ok = ranges < splits, dims < HEAD_DIM
+    lse = tl.load(lse_ptr + head * splits + ranges, mask=ranges_ok, other=float("-inf"))
+    weights = tl.exp(lse - tl.max(lse, axis=0))
+    parts = tl.load(partial_ptr + (head * splits + ranges)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=ranges_ok[:, None] & dims_ok[None, :], other=0.0)
+    out = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    tl.store(out_ptr + head * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty), mask=dims_ok)
+
+
+def attention_splits(batch: int, kv_heads: int, length: int) -> int:
+    """How many key ranges decode_attention does in parallel: one program per (row, key/value head) is few on a GPU
+    of 132 multiprocessors, and each walks every key; long caches are therefore split."""
+    return max(1, min(length // MIN_KEYS_PER_SPLIT, SPLIT_PROGRAMS // (batch * kv_heads)))
 
 
 @triton_op("argonne::decode_attention", mutates_args=())
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor],
-                     scale: float) -> torch.Tensor:
+                     scale: float, last_key: Optional[torch.Tensor] = None, splits: int = 0) -> torch.Tensor:
     """Attention of one query per row: q (B, 1, heads * hd) (rows may be strided, heads contiguous), keys and values
-    (B, n_kv, S, hd) contiguous per row, `mask` None or additive (B, 1, 1, S) -> (B, 1, heads * hd)."""
+    (B, n_kv, S, hd) contiguous per row, `mask` None or additive (B, 1, 1, S) -> (B, 1, heads * hd).
+
+    `last_key` (a one-element integer tensor, e.g. a static cache's write position) ends the keys there: the ones
+    after it are not read (the cost follows the tokens so far, not the cache's size). `splits` key ranges are done
+    by programs of their own and combined (0: `attention_splits` of the shape)."""
     batch, n_kv, length, head_dim = keys.shape
     rows_of_heads = keys.stride(-1) == 1 and keys.stride(-2) == head_dim and keys.stride(0) == n_kv * keys.stride(1)
     if not rows_of_heads or values.stride() != keys.stride():
@@ -210,14 +258,26 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     if q.stride(-1) != 1 or (mask is not None and mask.stride(-1) != 1):
         raise ValueError("decode_attention: q and mask need a contiguous last dimension")
     heads = q.shape[-1] // head_dim
+    splits = splits or attention_splits(batch, n_kv, length)
+    keys_per_split = triton.cdiv(length, splits)
     out = q.new_empty((batch, 1, heads * head_dim))
-    group = heads // n_kv
-    wrap_triton(_decode_attention_kernel)[(batch * n_kv,)](
-        q, keys, values, keys if mask is None else mask, out, length, n_kv, scale, q.stride(0), keys.stride(1),
-        0 if mask is None else mask.stride(0), GROUP=group, HEAD_DIM=head_dim, HAS_MASK=mask is not None,
-        BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if splits > 1:
+        partial = q.new_empty((batch * heads, splits, head_dim), dtype=torch.float32)
+        lse = q.new_empty((batch * heads, splits), dtype=torch.float32)
+    else:
+        partial, lse = out, out  # the output written directly; lse unused
+    wrap_triton(_decode_attention_kernel)[(batch * n_kv, splits)](
+        q, keys, values, keys if mask is None else mask, keys if last_key is None else last_key, partial, lse,
+        length, keys_per_split, n_kv, scale, q.stride(0), keys.stride(1), 0 if mask is None else mask.stride(0),
+        GROUP=heads // n_kv, HEAD_DIM=head_dim, HAS_MASK=mask is not None, HAS_LAST_KEY=last_key is not None,
+        SPLIT=splits > 1, BLOCK_G=max(16, triton.next_power_of_2(heads // n_kv)), BLOCK_D=block_d,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
+    if splits > 1:
+        wrap_triton(_combine_splits_kernel)[(batch * heads,)](
+            partial, lse, out, splits, HEAD_DIM=head_dim, BLOCK_SPLITS=max(2, triton.next_power_of_2(splits)),
+            BLOCK_D=block_d)
     return out
 
 
@@ -247,7 +307,9 @@ class GemvBlock(Block):
             batch, head_dim = x.shape[0], attention.head_dim
             keys, values = cache.update(k.view(batch, 1, -1, head_dim).transpose(1, 2),
                                         v.view(batch, 1, -1, head_dim).transpose(1, 2), attention.layer_idx)
-            y = decode_attention(q, keys, values, attn_mask, 1.0 / math.sqrt(head_dim))
+            written = getattr(cache, "write_positions", None)  # a static cache: keys after it are not there yet
+            last_key = None if written is None else written[-1:]
+            y = decode_attention(q, keys, values, attn_mask, 1.0 / math.sqrt(head_dim), last_key)
         else:
             y = attention.attend(q, k, v, None, attn_mask, cache)
         h = gemv(y, attention.o_proj.weight, attention.o_proj.bias, residual=x)
