@@ -65,6 +65,29 @@ def test_gemv_with_rope_rotates_the_q_and_k_heads_only():
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_the_q_k_v_kernel_writes_keys_and_values_into_the_cache():
+    """q/k/v of 4 query heads and 2 key/value heads (head_dim 10), after the RMSNorm, with RoPE: the output equals
+    gemv's, and the rotated keys and the values land in column 5 of the cache; nothing else in the cache changes."""
+    torch.manual_seed(0)
+    q_heads, kv_heads, head_dim, columns, length = 4, 2, 10, 40, 9
+    rows = (q_heads + 2 * kv_heads) * head_dim
+    x, norm = torch.randn(1, 1, columns, device=DEVICE), torch.randn(columns, device=DEVICE)
+    weight, bias = torch.randn(rows, columns, device=DEVICE), torch.randn(rows, device=DEVICE)
+    cos, sin = rope_cos_sin(torch.tensor([[5]], device=DEVICE), head_dim, 10_000.0, torch.float32)
+    cache = torch.randn(2, 1, kv_heads, length, head_dim, device=DEVICE)
+    before = cache.clone()
+    common = dict(norm_weight=norm, eps=1e-6, rope_cos=cos, rope_sin=sin)
+    expected = gemv(x, weight, bias, rotated_rows=(q_heads + kv_heads) * head_dim, **common)
+    ours = decode_kernels.gemv_qkv_into_cache(x, weight, bias, norm, 1e-6, cos, sin, q_heads * head_dim, cache,
+                                              torch.tensor([5], device=DEVICE))
+    torch.testing.assert_close(ours, expected)
+    keys, values = expected[0, 0, q_heads * head_dim:].view(2, kv_heads, head_dim)
+    torch.testing.assert_close(cache[0, 0, :, 5], keys)
+    torch.testing.assert_close(cache[1, 0, :, 5], values)
+    unwritten = torch.arange(length, device=DEVICE) != 5
+    assert torch.equal(cache[:, :, :, unwritten], before[:, :, :, unwritten])
+
+
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("splits, last_key", [(1, None), (3, None), (3, 50), (4, 20)])
 def test_decode_attention_equals_sdpa(masked, splits, last_key):
@@ -141,6 +164,17 @@ def test_generator_with_gemv_kernels_decodes_the_same_tokens(attention, monkeypa
         assert with_kernels.generate_ids(prompts, params) == expected
 
 
+def test_transformers_generate_with_the_plan_and_its_dynamic_cache_gives_the_same_tokens():
+    import copy
+
+    torch.manual_seed(0)
+    model = make_model(**{**LLAMA_STYLE, "num_hidden_layers": 2}).to(DEVICE).eval()
+    planned = use_gemv_kernels(copy.deepcopy(model), attention=True)
+    prompt = torch.randint(0, 320, (1, 5), device=DEVICE)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(planned.generate(prompt, **settings), model.generate(prompt, **settings))
+
+
 HOPPER_COMPILE = """
 import sys
 import triton
@@ -152,15 +186,15 @@ kernel = _gemv_kernel.fn
 names = kernel.arg_names
 pointers = names[: names.index("N")]
 rows, columns, warps = GEMV_TILINGS[0]
-# (SWIGLU, HAS_NORM, HAS_RESIDUAL, HEAD_DIM) as GemvBlock and the plain linears use them
-uses = [(False, False, False, 0), (False, True, False, 64), (False, True, False, 0), (False, False, True, 0),
-        (True, True, False, 0)]
-for swiglu, norm, residual, head_dim in uses:
+# (SWIGLU, HAS_NORM, HAS_RESIDUAL, HEAD_DIM, TO_CACHE) as GemvBlock and the plain linears use them
+uses = [(False, False, False, 0, False), (False, True, False, 64, False), (False, True, False, 64, True),
+        (False, True, False, 0, False), (False, False, True, 0, False), (True, True, False, 0, False)]
+for swiglu, norm, residual, head_dim, to_cache in uses:
     for bias in (False, True):
         flags = {"HAS_BIAS": bias, "SWIGLU": swiglu, "HAS_NORM": norm, "HAS_RESIDUAL": residual,
-                 "HEAD_DIM": head_dim, "BLOCK_N": rows, "BLOCK_K": columns}
-        scalars = {"N": "i32", "K": "i32", "eps": "fp32", "rotated_rows": "i32"}
-        signature = {name: "*bf16" for name in pointers} | scalars
+                 "HEAD_DIM": head_dim, "TO_CACHE": to_cache, "BLOCK_N": rows, "BLOCK_K": columns}
+        scalars = {name: "i32" for name in ("N", "K", "rotated_rows", "q_rows", "kv_rows", "cache_len")}
+        signature = {name: "*bf16" for name in pointers} | {"column_ptr": "*i64", "eps": "fp32"} | scalars
         source = ASTSource(
             fn=kernel, signature=signature | {name: "constexpr" for name in flags},
             constexprs={(names.index(name),): value for name, value in flags.items()},
@@ -221,7 +255,7 @@ def test_the_kernel_compiles_for_hopper_with_16_byte_loads():
         pytest.skip(f"this Triton build has no NVIDIA tool chain, so nothing can be compiled for sm_90 here ({reason})")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 15 and all(line.endswith("True") for line in lines), result.stdout
+    assert len(lines) == 17 and all(line.endswith("True") for line in lines), result.stdout
 
 
 def test_gemv_kernels_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
@@ -234,6 +268,7 @@ TRACE_DECODE_STEP = """
 import sys
 import torch, triton
 from functorch.compile import aot_module_simplified
+from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
 from triton.backends.compiler import GPUTarget
 from argonne import ArgonneConfig, ArgonneForCausalLM
 from argonne import decode_kernels
@@ -259,7 +294,8 @@ graphs = []
 
 
 def capture(gm, example_inputs):  # trace as torch.compile does (Dynamo, AOTAutograd), keep the graph, run nothing
-    return aot_module_simplified(gm, example_inputs, fw_compiler=lambda graph, _: graphs.append(graph) or graph)
+    return aot_module_simplified(gm, example_inputs, fw_compiler=lambda graph, _: graphs.append(graph) or graph,
+                                 keep_inference_input_mutations=True)  # as Inductor traces inference graphs
 
 
 torch.manual_seed(0)
@@ -275,20 +311,27 @@ try:
     generator._decode(torch.tensor([7]), 3)
 except Exception:
     pass  # running the kernels needs a GPU; the traced graph is what is checked
-nodes = [node for node in graphs[0].graph.nodes if "triton_kernel_wrapper" in str(node.target)]
-print(len(nodes), sorted({name for node in nodes for name in node.kwargs["tensors_to_clone"]}))
+graph = graphs[0].graph
+nodes = [node for node in graph.nodes if "triton_kernel_wrapper" in str(node.target)]
+written = sorted({name for node in nodes for name in node.kwargs["tensors_to_clone"]})
+reinplace_inplaceable_ops_core(graph)  # Inductor's pass: a kernel writes in place what it need not copy
+cloned = sorted({name for node in nodes for name in node.kwargs["tensors_to_clone"]})
+cache_writes = sum(node.target is torch.ops.aten.index_copy.default for node in graph.nodes)
+print(len(nodes), written, cloned, cache_writes)
 """
 
 
-@pytest.mark.parametrize("attention, kernels, written", [
-    ("sdpa", 9, ["out_ptr"]), ("attention", 11, ["out_ptr"]),
-    ("attention-in-key-ranges", 13, ["lse_ptr", "out_ptr"]),  # the ranges' outputs: fresh buffers too
+@pytest.mark.parametrize("attention, kernels, written, cache_writes", [
+    ("sdpa", 9, ["out_ptr"], 2),
+    ("attention", 11, ["cache_ptr", "out_ptr"], 0),  # keys and values go into the cache from the q/k/v kernel
+    ("attention-in-key-ranges", 13, ["cache_ptr", "lse_ptr", "out_ptr"], 0),  # + the ranges' outputs (fresh)
 ])
-def test_the_decode_step_with_the_plan_traces_as_torch_compile_does(attention, kernels, written):
+def test_the_decode_step_with_the_plan_traces_as_torch_compile_does(attention, kernels, written, cache_writes):
     """On a GPU the decode step is compiled whole (fullgraph) with the kernels inside. Here it is traced as
     torch.compile traces it, with a compile-only CUDA target for Triton: the trace must hold every kernel (4 GEMVs
-    per layer and the head's, with the Triton attention 1 more per layer, 2 when it splits the keys into ranges)
-    and find that each writes only its output (nothing else gets copied)."""
+    per layer and the head's, with the Triton attention 1 more per layer, 2 when it splits the keys into ranges),
+    find that each writes only its output (and the cache), and after Inductor's re-inplacing pass nothing is
+    copied: the cache is written in place, by the q/k/v kernel itself with the Triton attention."""
     import os
     import subprocess
     import sys
@@ -298,4 +341,4 @@ def test_the_decode_step_with_the_plan_traces_as_torch_compile_does(attention, k
     result = subprocess.run([sys.executable, "-c", TRACE_DECODE_STEP, attention], env=env, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == f"{kernels} {written}", result.stdout + result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == f"{kernels} {written} [] {cache_writes}", result.stdout + result.stderr[-3000:]

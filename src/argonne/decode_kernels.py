@@ -19,9 +19,10 @@ other architectures get the plain GEMV for their linears. Inputs of more rows (p
 `use_gemv_kernels(model, attention=True)` also replaces SDPA (cuDNN: 7.2 us per layer on an H200 at 512 keys) by
 `decode_attention`: one program per key/value head and row (and per range of keys in long caches, combined after),
 its query heads together in tensor-core products over the keys, online softmax, and no key read after the last one
-written (its cost follows the tokens so far, not the size of the cache).
-`gemv` is a `torch.library.triton_op`, so torch.compile sees through it and the kernels are captured in the decode
-step's CUDA graph like any other. On CPUs the kernels run under Triton's interpreter (TRITON_INTERPRET=1, float32),
+written (its cost follows the tokens so far, not the size of the cache); there the q/k/v kernel also writes the
+keys and values into the Generator's static cache (`gemv_qkv_into_cache`): 5 kernels per layer.
+The kernels are `torch.library.triton_op`s, so torch.compile sees through them (and writes the cache in place) and
+they are captured in the decode step's CUDA graph like any other kernel. On CPUs the kernels run under Triton's interpreter (TRITON_INTERPRET=1, float32),
 which is how the tests check them without a GPU.
 """
 
@@ -34,6 +35,7 @@ import triton.language as tl
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
+from .generate import StaticKVCache
 from .modeling_argonne import ArgonneForCausalLM, Block, MergedLinear, OutputHead, RMSNorm, SwiGLUMLP
 
 # Candidate tilings (rows per program, columns per load, warps), timed per (N, K) on first use by triton.autotune.
@@ -48,13 +50,15 @@ _CONFIGS = [triton.Config({"BLOCK_N": rows, "BLOCK_K": columns}, num_warps=warps
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "SWIGLU", "HAS_NORM", "HEAD_DIM"])
 @triton.jit
-def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, norm_ptr, residual_ptr, cos_ptr, sin_ptr, out_ptr, N, K, eps,
-                 rotated_rows, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, HAS_NORM: tl.constexpr,
-                 HAS_RESIDUAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, norm_ptr, residual_ptr, cos_ptr, sin_ptr, cache_ptr, column_ptr,
+                 out_ptr, N, K, eps, rotated_rows, q_rows, kv_rows, cache_len, HAS_BIAS: tl.constexpr,
+                 SWIGLU: tl.constexpr, HAS_NORM: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 TO_CACHE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """The program's BLOCK_N outputs of norm(x) . weight[row] (+ bias) (+ residual). Two modes read rows in pairs:
     SWIGLU (weight = cat(W_gate, W_up), N outputs silu(gate[n]) * up[n]) and RoPE (HEAD_DIM > 0: output rows i and
     i + HEAD_DIM / 2 of each head, rotated by cos/sin where the row is below `rotated_rows`, i.e. in a q or k head;
-    N counts the pairs)."""
+    N counts the pairs). TO_CACHE (with RoPE) also writes the key and value rows, the `kv_rows` each after the
+    `q_rows` query rows, into column `column` of a (2, 1, kv heads, cache_len, HEAD_DIM) cache."""
     dtype = out_ptr.dtype.element_ty
     index = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = index < N
@@ -108,6 +112,15 @@ def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, norm_ptr, residual_ptr, cos_ptr, s
         rotated_first = tl.where(rotate, y * cos - y_second * sin, y)
         rotated_second = tl.where(rotate, y_second * cos + y * sin, y_second)
         tl.store(out_ptr + second_rows, rotated_second.to(dtype), mask=row_ok)
+        if TO_CACHE:  # a key or value row: also into the cache (keys at 0, values at 1; a row's heads one by one)
+            column = tl.load(column_ptr)
+            after_q = rows - q_rows
+            which, within = after_q // kv_rows, after_q % kv_rows
+            at = (which * kv_rows + (within // HEAD_DIM) * HEAD_DIM) * cache_len + column * HEAD_DIM
+            at += within % HEAD_DIM
+            in_cache = row_ok & (rows >= q_rows)
+            tl.store(cache_ptr + at, rotated_first.to(dtype), mask=in_cache)
+            tl.store(cache_ptr + at + HEAD_DIM // 2, rotated_second.to(dtype), mask=in_cache)
         y = rotated_first
     if HAS_RESIDUAL:
         y = y + tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -134,6 +147,40 @@ def gemv(
     head_dim = 0 if rope_cos is None else rope_cos.shape[-1]
     if residual is not None and (swiglu or head_dim):
         raise ValueError("gemv adds a residual only to plain outputs (not with swiglu or RoPE)")
+    return _launch_gemv(x, weight, bias, swiglu, norm_weight, eps, residual, rope_cos, rope_sin, rotated_rows)
+
+
+@triton_op("argonne::gemv_qkv_into_cache", mutates_args={"cache"})
+def gemv_qkv_into_cache(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    norm_weight: torch.Tensor,
+    eps: float,
+    rope_cos: torch.Tensor,
+    rope_sin: torch.Tensor,
+    q_rows: int,
+    cache: torch.Tensor,
+    column: torch.Tensor,
+) -> torch.Tensor:
+    """The merged q/k/v projection of one row (gemv with the RMSNorm and RoPE) that also writes its key and value
+    heads into column `column[0]` of a layer's static cache (2, 1, n_kv, L, head_dim): keys at 0, values at 1. The
+    cache write is one kernel less per layer and step. Returns q/k/v as gemv does."""
+    n_kv, length, head_dim = cache.shape[2:]
+    if cache.shape[:2] != (2, 1) or not cache.is_contiguous() or rope_cos.shape[-1] != head_dim:
+        raise ValueError(f"gemv_qkv_into_cache: the cache must be a contiguous (2, 1, n_kv, L, {rope_cos.shape[-1]}) "
+                         f"tensor, got {tuple(cache.shape)}")
+    kv_rows = n_kv * head_dim
+    if q_rows + 2 * kv_rows != weight.shape[0]:
+        raise ValueError(f"gemv_qkv_into_cache: {weight.shape[0]} rows are not {q_rows} q rows and 2 x {kv_rows} "
+                         "key/value rows")
+    return _launch_gemv(x, weight, bias, False, norm_weight, eps, None, rope_cos, rope_sin, q_rows + kv_rows,
+                        cache=cache, column=column, q_rows=q_rows, kv_rows=kv_rows)
+
+
+def _launch_gemv(x, weight, bias, swiglu, norm_weight, eps, residual, rope_cos, rope_sin, rotated_rows, cache=None,
+                 column=None, q_rows=0, kv_rows=1):
+    head_dim = 0 if rope_cos is None else rope_cos.shape[-1]
     x = x.contiguous()
     k = x.shape[-1]
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
@@ -142,9 +189,11 @@ def gemv(
     wrap_triton(_gemv_kernel)[lambda meta: (triton.cdiv(n // 2 if head_dim else n, meta["BLOCK_N"]),)](
         x, weight, unused if bias is None else bias, unused if norm_weight is None else norm_weight,
         unused if residual is None else residual.contiguous(), unused if rope_cos is None else rope_cos.contiguous(),
-        unused if rope_sin is None else rope_sin.contiguous(), out, n // 2 if head_dim else n, k, eps, rotated_rows,
-        HAS_BIAS=bias is not None, SWIGLU=swiglu, HAS_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None,
-        HEAD_DIM=head_dim,
+        unused if rope_sin is None else rope_sin.contiguous(), unused if cache is None else cache,
+        unused if column is None else column, out, n // 2 if head_dim else n, k, eps, rotated_rows, q_rows, kv_rows,
+        1 if cache is None else cache.shape[3], HAS_BIAS=bias is not None, SWIGLU=swiglu,
+        HAS_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, HEAD_DIM=head_dim,
+        TO_CACHE=cache is not None,
     )
     return out
 
@@ -301,17 +350,29 @@ class GemvBlock(Block):
         if rope is not None:  # q and k come out of the kernel rotated
             q_and_k_rows = attention.q_proj.out_features + attention.k_proj.out_features
             rotation = dict(rope_cos=rope[0], rope_sin=rope[1], rotated_rows=q_and_k_rows)
-        qkv = gemv(x, attention.qkv.weight, attention.qkv.bias, norm_weight=norm1.weight, eps=norm1.eps, **rotation)
-        q, k, v = qkv.split(attention.qkv.sizes, dim=-1)
-        if self.triton_attention and cache is not None and (attn_mask is None or attn_mask.is_floating_point()):
-            batch, head_dim = x.shape[0], attention.head_dim
-            keys, values = cache.update(k.view(batch, 1, -1, head_dim).transpose(1, 2),
-                                        v.view(batch, 1, -1, head_dim).transpose(1, 2), attention.layer_idx)
-            written = getattr(cache, "write_positions", None)  # a static cache: keys after it are not there yet
-            last_key = None if written is None else written[-1:]
-            y = decode_attention(q, keys, values, attn_mask, 1.0 / math.sqrt(head_dim), last_key)
+        triton_attention = (self.triton_attention and cache is not None
+                            and (attn_mask is None or attn_mask.is_floating_point()))
+        scale = 1.0 / math.sqrt(attention.head_dim)
+        if triton_attention and rope is not None and isinstance(cache, StaticKVCache) and cache.batch == 1:
+            # keys and values go from the q/k/v kernel straight into the cache
+            keys_and_values, column = cache.layers[attention.layer_idx], cache.write_positions[-1:]
+            qkv = gemv_qkv_into_cache(x, attention.qkv.weight, attention.qkv.bias, norm1.weight, norm1.eps, rope[0],
+                                      rope[1], attention.q_proj.out_features, keys_and_values, column)
+            q = qkv[..., : attention.q_proj.out_features]
+            y = decode_attention(q, keys_and_values[0], keys_and_values[1], attn_mask, scale, column)
         else:
-            y = attention.attend(q, k, v, None, attn_mask, cache)
+            qkv = gemv(x, attention.qkv.weight, attention.qkv.bias, norm_weight=norm1.weight, eps=norm1.eps,
+                       **rotation)
+            q, k, v = qkv.split(attention.qkv.sizes, dim=-1)
+            if triton_attention:
+                batch, head_dim = x.shape[0], attention.head_dim
+                keys, values = cache.update(k.view(batch, 1, -1, head_dim).transpose(1, 2),
+                                            v.view(batch, 1, -1, head_dim).transpose(1, 2), attention.layer_idx)
+                written = getattr(cache, "write_positions", None)  # a static cache: keys after it are not there yet
+                last_key = None if written is None else written[-1:]
+                y = decode_attention(q, keys, values, attn_mask, scale, last_key)
+            else:
+                y = attention.attend(q, k, v, None, attn_mask, cache)
         h = gemv(y, attention.o_proj.weight, attention.o_proj.bias, residual=x)
         hidden = gemv(h, mlp.gate_up.weight, mlp.gate_up.bias, swiglu=True, norm_weight=norm2.weight, eps=norm2.eps)
         return gemv(hidden, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)
