@@ -159,7 +159,7 @@ def test_generator_with_gemv_kernels_decodes_the_same_tokens(attention, monkeypa
         config = {**LLAMA_STYLE, "max_position_embeddings": 64, "num_hidden_layers": 1}
         reference = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False)
         expected = reference.generate_ids(prompts, params)
-        with_kernels = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False, gemv_kernels=True)
+        with_kernels = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False, kernels="gemv")
         use_gemv_kernels(with_kernels.model, attention=bool(attention))
         assert with_kernels.generate_ids(prompts, params) == expected
 
@@ -261,7 +261,7 @@ def test_the_kernel_compiles_for_hopper_with_16_byte_loads():
 def test_gemv_kernels_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="CUDA GPUs"):
-        Generator(make_model(**LLAMA_STYLE), IdTokenizer(), gemv_kernels=True)
+        Generator(make_model(**LLAMA_STYLE), IdTokenizer(), kernels="gemv")
 
 
 TRACE_DECODE_STEP = """

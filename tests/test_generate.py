@@ -224,6 +224,14 @@ def test_cli_streams_the_continuation(model_dir, capsys):
     assert capsys.readouterr().out.startswith("Hello")
 
 
+def test_triton_kernels_on_a_cpu_are_a_clear_error(model_dir, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert main(["generate", str(model_dir), "--prompt", "Hello", "--kernels", "gemv+attention"]) == 2
+    assert "Triton kernels for CUDA GPUs" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kernels must be one of torch, gemv, gemv\\+attention"):
+        Generator(load_model(model_dir, "cpu")[0], None, kernels="fast")
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "x"]) == 2
     assert "no config.json" in capsys.readouterr().err

@@ -133,7 +133,7 @@ def test_cuda_graph_decode_with_gemv_kernels_equals_eager_decode(attention):
     prompts = prompts_of([7])  # batch 1: every decode matmul goes through the kernels
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
     eager = Generator(make_model(**config).cuda(), IdTokenizer(), compile=False).generate_ids(prompts, params)
-    graphed = Generator(make_model(**config).cuda(), IdTokenizer(), compile=True, gemv_kernels=True)
+    graphed = Generator(make_model(**config).cuda(), IdTokenizer(), compile=True, kernels="gemv")
     use_gemv_kernels(graphed.model, attention=attention)
     assert graphed.generate_ids(prompts, params) == eager
     assert graphed.generate_ids(prompts, params) == eager

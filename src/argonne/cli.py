@@ -132,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # keep the terminal for the generated text
     model, tokenizer = load_model(args.model, args.device)
-    generator = Generator(model, tokenizer, compile=args.compile)
+    generator = Generator(model, tokenizer, compile=args.compile, kernels=args.kernels)
     params = _sampling_params(args)
     for prompt in read_prompts(args.prompt, args.prompt_file):
         print(prompt, end="", flush=True)
@@ -286,6 +286,15 @@ def _sampling_options(parser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="compile the decode step (default: on CUDA only)")
+    _kernels_option(parser)
+
+
+def _kernels_option(parser) -> None:
+    from .generate import DECODE_KERNELS
+
+    parser.add_argument("--kernels", choices=DECODE_KERNELS, default=None,
+                        help="one-token decoding on torch's kernels (cuBLAS, SDPA) or our Triton kernels for GPUs "
+                             "(gemv: the matmuls; gemv+attention: and the attention); default: the fastest measured")
 
 
 def _sampling_params(args):
@@ -306,7 +315,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()
     model, tokenizer = load_model(args.model, args.device)
-    run_chat(Generator(model, tokenizer, compile=args.compile), _sampling_params(args), args.system)
+    run_chat(Generator(model, tokenizer, compile=args.compile, kernels=args.kernels), _sampling_params(args),
+             args.system)
     return 0
 
 
@@ -354,7 +364,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import ServerLimits, serve
 
     serve(args.model, args.host, args.port, args.api_key,
-          ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit), args.device)
+          ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit), args.device,
+          args.kernels)
     return 0
 
 
@@ -369,6 +380,7 @@ def _add_serve(sub) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=8192)
     parser.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     parser.add_argument("--device", default="auto")
+    _kernels_option(parser)
     parser.set_defaults(func=cmd_serve)
 
 

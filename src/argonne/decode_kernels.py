@@ -22,8 +22,8 @@ its query heads together in tensor-core products over the keys, online softmax, 
 written (its cost follows the tokens so far, not the size of the cache); there the q/k/v kernel also writes the
 keys and values into the Generator's static cache (`gemv_qkv_into_cache`): 5 kernels per layer.
 The kernels are `torch.library.triton_op`s, so torch.compile sees through them (and writes the cache in place) and
-they are captured in the decode step's CUDA graph like any other kernel. On CPUs the kernels run under Triton's interpreter (TRITON_INTERPRET=1, float32),
-which is how the tests check them without a GPU.
+they are captured in the decode step's CUDA graph like any other kernel. On CPUs the kernels run under Triton's
+interpreter (TRITON_INTERPRET=1, float32), which is how the tests check them without a GPU.
 """
 
 import math

@@ -9,6 +9,7 @@ top-p 0.95; temperature 0 is greedy.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -174,25 +175,42 @@ class DecodeStep:
             self._outputs = self._run()
 
 
+# What decodes one token at a time: "torch" (cuBLAS matmuls and SDPA), "gemv" (our Triton matrix-vector kernels,
+# decode_kernels.py) or "gemv+attention" (and our Triton decode attention). Batches of several rows and prefill always
+# use "torch"'s. On GPUs the default is CUDA_DEFAULT_KERNELS when Triton is installed; elsewhere "torch".
+DECODE_KERNELS = ("torch", "gemv", "gemv+attention")
+CUDA_DEFAULT_KERNELS = "torch"
+
+
+def default_kernels(device: torch.device) -> str:
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return CUDA_DEFAULT_KERNELS
+    return "torch"
+
+
 class Generator:
     """Batched generation with a static KV cache. `compile` defaults to True on CUDA (the decode step becomes one
     CUDA graph) and False on CPUs, where compiling costs more than a short generation saves.
 
     The model is prepared for inference in place: its q/k/v and gate/up projections are merged
-    (`merge_projections`, same results, fewer matmuls), and with `gemv_kernels` one-row matmuls use the Triton
-    kernels of decode_kernels.py. Do not train or save the model afterwards.
+    (`merge_projections`, same results, fewer matmuls), and with `kernels` other than "torch" (DECODE_KERNELS)
+    one-row decoding runs on the Triton kernels of decode_kernels.py. Do not train or save the model afterwards.
     """
 
-    def __init__(self, model: ArgonneForCausalLM, tokenizer, compile: bool | None = None, gemv_kernels: bool = False):
+    def __init__(self, model: ArgonneForCausalLM, tokenizer, compile: bool | None = None, kernels: str | None = None):
         device = next(model.parameters()).device
-        if gemv_kernels and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"gemv_kernels are Triton kernels for CUDA GPUs; the model is on {device} "
+        kernels = kernels or default_kernels(device)
+        if kernels not in DECODE_KERNELS:
+            raise ValueError(f"kernels must be one of {', '.join(DECODE_KERNELS)}; got {kernels!r}")
+        if kernels != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"kernels {kernels!r} are Triton kernels for CUDA GPUs; the model is on {device} "
                              "(on CPUs they run only under Triton's interpreter, TRITON_INTERPRET=1, for tests)")
         model.merge_projections()
-        if gemv_kernels:
+        if kernels != "torch":
             from .decode_kernels import use_gemv_kernels
 
-            use_gemv_kernels(model)
+            use_gemv_kernels(model, attention=kernels == "gemv+attention")
+        self.kernels = kernels
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device

@@ -230,12 +230,14 @@ def build_app(generator: Generator, model_name: str, api_key: str | None = None,
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServerLimits | None = None, device: str = "auto") -> None:  # pragma: no cover - blocking
+          limits: ServerLimits | None = None, device: str = "auto",
+          kernels: str | None = None) -> None:  # pragma: no cover - blocking
     import uvicorn
 
     from .generate import load_model
 
     model, tokenizer = load_model(model_path, device)
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
-    app = build_app(Generator(model, tokenizer), os.path.basename(os.path.normpath(model_path)), api_key, limits)
+    name = os.path.basename(os.path.normpath(model_path))
+    app = build_app(Generator(model, tokenizer, kernels=kernels), name, api_key, limits)
     uvicorn.run(app, host=host, port=port)
