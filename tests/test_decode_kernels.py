@@ -159,8 +159,8 @@ def test_generator_with_gemv_kernels_decodes_the_same_tokens(attention, monkeypa
         config = {**LLAMA_STYLE, "max_position_embeddings": 64, "num_hidden_layers": 1}
         reference = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False)
         expected = reference.generate_ids(prompts, params)
-        with_kernels = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False, kernels="gemv")
-        use_gemv_kernels(with_kernels.model, attention=bool(attention))
+        kernels = "gemv+attention" if attention else "gemv"
+        with_kernels = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False, kernels=kernels)
         assert with_kernels.generate_ids(prompts, params) == expected
 
 
