@@ -88,12 +88,12 @@ def test_the_q_k_v_kernel_writes_keys_and_values_into_the_cache():
     assert torch.equal(cache[:, :, :, unwritten], before[:, :, :, unwritten])
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", [False, "additive", "boolean"])
 @pytest.mark.parametrize("splits, last_key", [(1, None), (3, None), (3, 50), (4, 20)])
 def test_decode_attention_equals_sdpa(masked, splits, last_key):
     """One query per row, 6 query heads over 2 key/value heads, head_dim 10, 70 keys (a partial last block); q
-    strided as a slice of a merged q/k/v output; row 0's first 64 keys all masked (a whole block, whole key ranges:
-    no NaN). Keys done in 1, 3 or 4 ranges (combined); with `last_key`, the keys after it are left out (ranges with
+    strided as a slice of a merged q/k/v output; an additive or a boolean mask with row 0's first 64 keys all masked
+    (a whole block, whole key ranges: no NaN). Keys done in 1, 3 or 4 ranges (combined); with `last_key`, the keys after it are left out (ranges with
     no key at all), as if not written yet."""
     torch.manual_seed(0)
     batch, heads, kv_heads, head_dim, length = 2, 6, 2, 10, 70
@@ -106,6 +106,8 @@ def test_decode_attention_equals_sdpa(masked, splits, last_key):
         if last_key is not None:
             allowed[0, last_key] = True
         mask = torch.zeros(batch, 1, 1, length, device=DEVICE).masked_fill(~allowed[:, None, None], float("-inf"))
+        if masked == "boolean":
+            mask = allowed[:, None, None]
     seen = length if last_key is None else last_key + 1
     expected = F.scaled_dot_product_attention(
         q.view(batch, 1, heads, head_dim).transpose(1, 2), keys[:, :, :seen], values[:, :, :seen],
@@ -168,10 +170,10 @@ def test_transformers_generate_with_the_plan_and_its_dynamic_cache_gives_the_sam
     import copy
 
     torch.manual_seed(0)
-    model = make_model(**{**LLAMA_STYLE, "num_hidden_layers": 2}).to(DEVICE).eval()
+    model = make_model(**{**LLAMA_STYLE, "num_hidden_layers": 1}).to(DEVICE).eval()
     planned = use_gemv_kernels(copy.deepcopy(model), attention=True)
     prompt = torch.randint(0, 320, (1, 5), device=DEVICE)
-    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
     assert torch.equal(planned.generate(prompt, **settings), model.generate(prompt, **settings))
 
 
@@ -210,22 +212,23 @@ from argonne.decode_kernels import ATTENTION_TILINGS, _combine_splits_kernel, _d
 attention = _decode_attention_kernel.fn  # tensor-core products, whole or in key ranges
 names = attention.arg_names
 keys_per_step, warps = ATTENTION_TILINGS[0]
-for head_dim, group in ((64, 7), (170, 3)):  # the 0.5B model's and Argonne 2.0's heads
-    for split in (False, True):
-        block_d = triton.next_power_of_2(head_dim)
-        flags = {"GROUP": group, "HEAD_DIM": head_dim, "HAS_MASK": True, "HAS_LAST_KEY": True, "SPLIT": split,
-                 "BLOCK_G": 16, "BLOCK_D": block_d, "BLOCK_S": keys_per_step, "PRECISION": "tf32"}
-        integers = ["S", "keys_per_split", "n_kv", "q_row_stride", "kv_head_stride", "mask_row_stride"]
-        pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*bf16", "last_key_ptr": "*i64",
-                    "out_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32"}
-        signature = pointers | {name: "i32" for name in integers} | {"scale": "fp32"}
-        source = ASTSource(
-            fn=attention, signature=signature | {name: "constexpr" for name in flags},
-            constexprs={(names.index(name),): value for name, value in flags.items()},
-            attrs={(names.index(name),): [["tt.divisibility", 16]] for name in [*pointers, *integers[3:]]},
-        )
-        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-        print("attention", head_dim, split, "mma" in ptx)
+# the 0.5B model's and Argonne 2.0's heads, whole and in key ranges; a boolean mask (transformers' generate())
+for head_dim, group, split, boolean in ((64, 7, False, False), (64, 7, True, False), (170, 3, False, False),
+                                        (170, 3, True, False), (64, 7, False, True)):
+    block_d = triton.next_power_of_2(head_dim)
+    flags = {"GROUP": group, "HEAD_DIM": head_dim, "HAS_MASK": True, "BOOL_MASK": boolean, "HAS_LAST_KEY": True,
+             "SPLIT": split, "BLOCK_G": 16, "BLOCK_D": block_d, "BLOCK_S": keys_per_step, "PRECISION": "tf32"}
+    integers = ["S", "keys_per_split", "n_kv", "q_row_stride", "kv_head_stride", "mask_row_stride"]
+    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1" if boolean else "*bf16",
+                "last_key_ptr": "*i64", "out_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32"}
+    signature = pointers | {name: "i32" for name in integers} | {"scale": "fp32"}
+    source = ASTSource(
+        fn=attention, signature=signature | {name: "constexpr" for name in flags},
+        constexprs={(names.index(name),): value for name, value in flags.items()},
+        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in [*pointers, *integers[3:]]},
+    )
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+    print("attention", head_dim, split, boolean, "mma" in ptx)
 combine = _combine_splits_kernel
 flags = {"HEAD_DIM": 64, "BLOCK_SPLITS": 8, "BLOCK_D": 64}
 source = ASTSource(
@@ -255,7 +258,7 @@ def test_the_kernel_compiles_for_hopper_with_16_byte_loads():
         pytest.skip(f"this Triton build has no NVIDIA tool chain, so nothing can be compiled for sm_90 here ({reason})")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
-    assert len(lines) == 17 and all(line.endswith("True") for line in lines), result.stdout
+    assert len(lines) == 18 and all(line.endswith("True") for line in lines), result.stdout
 
 
 def test_gemv_kernels_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):

@@ -213,7 +213,8 @@ SPLIT_PROGRAMS = 128
 @triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, last_key_ptr, out_ptr, lse_ptr, S, keys_per_split, n_kv,
                              scale, q_row_stride, kv_head_stride, mask_row_stride, GROUP: tl.constexpr,
-                             HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LAST_KEY: tl.constexpr,
+                             HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+                             HAS_LAST_KEY: tl.constexpr,
                              SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
     """One query per row: the GROUP query heads that share key/value head `kv` of row `b` against keys
@@ -245,7 +246,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, last_key_ptr, out_pt
         tile_ok = keys_ok[:, None] & dims_ok[None, :]
         k = tl.load(k_ptr + tile, mask=tile_ok, other=0.0)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        if HAS_MASK:
+        if HAS_MASK and BOOL_MASK:  # True where the key may be seen
+            allowed = tl.load(mask_ptr + b * mask_row_stride + keys_at, mask=keys_ok, other=0) != 0
+            scores = tl.where(allowed[None, :], scores, float("-inf"))
+        elif HAS_MASK:  # additive
             scores += tl.load(mask_ptr + b * mask_row_stride + keys_at, mask=keys_ok, other=0.0).to(tl.float32)[None, :]
         scores = tl.where(keys_ok[None, :], scores, float("-inf"))
         new_best = tl.maximum(best, tl.max(scores, axis=1))
@@ -294,7 +298,8 @@ def attention_splits(batch: int, kv_heads: int, length: int) -> int:
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: Optional[torch.Tensor],
                      scale: float, last_key: Optional[torch.Tensor] = None, splits: int = 0) -> torch.Tensor:
     """Attention of one query per row: q (B, 1, heads * hd) (rows may be strided, heads contiguous), keys and values
-    (B, n_kv, S, hd) contiguous per row, `mask` None or additive (B, 1, 1, S) -> (B, 1, heads * hd).
+    (B, n_kv, S, hd) contiguous per row, `mask` None, boolean (True: seen) or additive, (B or 1, 1, 1, S) ->
+    (B, 1, heads * hd).
 
     `last_key` (a one-element integer tensor, e.g. a static cache's write position) ends the keys there: the ones
     after it are not read (the cost follows the tokens so far, not the cache's size). `splits` key ranges are done
@@ -318,8 +323,10 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
         partial, lse = out, out  # the output written directly; lse unused
     wrap_triton(_decode_attention_kernel)[(batch * n_kv, splits)](
         q, keys, values, keys if mask is None else mask, keys if last_key is None else last_key, partial, lse,
-        length, keys_per_split, n_kv, scale, q.stride(0), keys.stride(1), 0 if mask is None else mask.stride(0),
-        GROUP=heads // n_kv, HEAD_DIM=head_dim, HAS_MASK=mask is not None, HAS_LAST_KEY=last_key is not None,
+        length, keys_per_split, n_kv, scale, q.stride(0), keys.stride(1),
+        0 if mask is None or mask.shape[0] == 1 else mask.stride(0), GROUP=heads // n_kv, HEAD_DIM=head_dim,
+        HAS_MASK=mask is not None, BOOL_MASK=mask is not None and mask.dtype == torch.bool,
+        HAS_LAST_KEY=last_key is not None,
         SPLIT=splits > 1, BLOCK_G=max(16, triton.next_power_of_2(heads // n_kv)), BLOCK_D=block_d,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )
@@ -350,8 +357,9 @@ class GemvBlock(Block):
         if rope is not None:  # q and k come out of the kernel rotated
             q_and_k_rows = attention.q_proj.out_features + attention.k_proj.out_features
             rotation = dict(rope_cos=rope[0], rope_sin=rope[1], rotated_rows=q_and_k_rows)
+        # one query over the cache, whose mask (if any) is one row of keys per row
         triton_attention = (self.triton_attention and cache is not None
-                            and (attn_mask is None or attn_mask.is_floating_point()))
+                            and (attn_mask is None or attn_mask.shape[-2] == 1))
         scale = 1.0 / math.sqrt(attention.head_dim)
         if triton_attention and rope is not None and isinstance(cache, StaticKVCache) and cache.batch == 1:
             # keys and values go from the q/k/v kernel straight into the cache
