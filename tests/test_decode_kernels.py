@@ -166,15 +166,19 @@ def test_generator_with_gemv_kernels_decodes_the_same_tokens(attention, monkeypa
         assert with_kernels.generate_ids(prompts, params) == expected
 
 
-def test_transformers_generate_with_the_plan_and_its_dynamic_cache_gives_the_same_tokens():
+def test_transformers_generate_with_the_plan_and_its_dynamic_cache_gives_the_same_tokens(monkeypatch):
+    """Its boolean masks and its dynamic cache go through the Triton attention too."""
     import copy
 
+    calls = []
+    monkeypatch.setattr(decode_kernels, "decode_attention", lambda *args: calls.append(1) or decode_attention(*args))
     torch.manual_seed(0)
     model = make_model(**{**LLAMA_STYLE, "num_hidden_layers": 1}).to(DEVICE).eval()
     planned = use_gemv_kernels(copy.deepcopy(model), attention=True)
     prompt = torch.randint(0, 320, (1, 5), device=DEVICE)
     settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
     assert torch.equal(planned.generate(prompt, **settings), model.generate(prompt, **settings))
+    assert len(calls) == 3  # a decoding step after the prefill's token, each with one layer
 
 
 HOPPER_COMPILE = """
