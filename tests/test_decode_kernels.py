@@ -178,7 +178,7 @@ def test_transformers_generate_with_the_plan_and_its_dynamic_cache_gives_the_sam
     prompt = torch.randint(0, 320, (1, 5), device=DEVICE)
     settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
     assert torch.equal(planned.generate(prompt, **settings), model.generate(prompt, **settings))
-    assert len(calls) == 3  # a decoding step after the prefill's token, each with one layer
+    assert len(calls) == 3  # the 3 one-token steps after the prefill (one layer)
 
 
 HOPPER_COMPILE = """
