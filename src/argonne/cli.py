@@ -290,11 +290,12 @@ def _sampling_options(parser) -> None:
 
 
 def _kernels_option(parser) -> None:
-    from .generate import DECODE_KERNELS
+    from .generate import CUDA_DEFAULT_KERNELS, DECODE_KERNELS
 
+    default = "torch" if CUDA_DEFAULT_KERNELS == "torch" else f"{CUDA_DEFAULT_KERNELS} on GPUs, torch elsewhere"
     parser.add_argument("--kernels", choices=DECODE_KERNELS, default=None,
                         help="one-token decoding on torch's kernels (cuBLAS, SDPA) or our Triton kernels for GPUs "
-                             "(gemv: the matmuls; gemv+attention: and the attention); default: the fastest measured")
+                             f"(gemv: the matmuls; gemv+attention: and the attention); default: {default}")
 
 
 def _sampling_params(args):
