@@ -214,9 +214,8 @@ SPLIT_PROGRAMS = 128
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, last_key_ptr, out_ptr, lse_ptr, S, keys_per_split, n_kv,
                              scale, q_row_stride, kv_head_stride, mask_row_stride, GROUP: tl.constexpr,
                              HEAD_DIM: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
-                             HAS_LAST_KEY: tl.constexpr,
-                             SPLIT: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
+                             HAS_LAST_KEY: tl.constexpr, SPLIT: tl.constexpr, BLOCK_G: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PRECISION: tl.constexpr):
     """One query per row: the GROUP query heads that share key/value head `kv` of row `b` against keys
     split * keys_per_split onwards (keys_per_split of them, none after the last key written), in BLOCK_S steps with
     an online softmax, so each key and value is read once for the whole group (a matrix product of the group's
