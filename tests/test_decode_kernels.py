@@ -91,10 +91,10 @@ def test_the_q_k_v_kernel_writes_keys_and_values_into_the_cache():
 @pytest.mark.parametrize("masked", [False, "additive", "boolean"])
 @pytest.mark.parametrize("splits, last_key", [(1, None), (3, None), (3, 50), (4, 20)])
 def test_decode_attention_equals_sdpa(masked, splits, last_key):
-    """One query per row, 6 query heads over 2 key/value heads, head_dim 10, 70 keys (a partial last block); q
-    strided as a slice of a merged q/k/v output; an additive or a boolean mask with row 0's first 64 keys all masked
-    (a whole block, whole key ranges: no NaN). Keys done in 1, 3 or 4 ranges (combined); with `last_key`, the keys after it are left out (ranges with
-    no key at all), as if not written yet."""
+    """One query per row, 6 query heads over 2 key/value heads, head_dim 10, 70 keys (a partial last block); q strided
+    as a slice of a merged q/k/v output; an additive or a boolean mask with row 0's first 64 keys all masked (a
+    whole block, whole key ranges: no NaN). Keys done in 1, 3 or 4 ranges (combined); with `last_key`, the keys
+    after it are left out (ranges with no key at all), as if not written yet."""
     torch.manual_seed(0)
     batch, heads, kv_heads, head_dim, length = 2, 6, 2, 10, 70
     q = torch.randn(batch, 1, (heads + 2 * kv_heads) * head_dim, device=DEVICE)[..., : heads * head_dim]
@@ -348,4 +348,5 @@ def test_the_decode_step_with_the_plan_traces_as_torch_compile_does(attention, k
     result = subprocess.run([sys.executable, "-c", TRACE_DECODE_STEP, attention], env=env, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == f"{kernels} {written} [] {cache_writes}", result.stdout + result.stderr[-3000:]
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line == f"{kernels} {written} [] {cache_writes}", result.stdout + result.stderr[-3000:]

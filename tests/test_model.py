@@ -436,7 +436,8 @@ def test_merged_projections_give_the_same_logits_and_state_dict(style):
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, state[name], rtol=0, atol=0, msg=name)
     attention = model.model.layers[0].self_attn  # its parameters are now slices of the merged tensors
-    for parameter, merged in ((attention.k_proj.weight, attention.qkv.weight), (attention.v_proj.bias, attention.qkv.bias)):
+    pairs = ((attention.k_proj.weight, attention.qkv.weight), (attention.v_proj.bias, attention.qkv.bias))
+    for parameter, merged in pairs:
         assert parameter.untyped_storage().data_ptr() == merged.untyped_storage().data_ptr()
 
 

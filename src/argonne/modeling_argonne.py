@@ -410,9 +410,13 @@ def _chunked_cross_entropy(hidden, weight, targets, settings, with_grads):
     """(mean loss, d loss / d hidden or None, d loss / d weight in float32 or None); see linear_cross_entropy."""
     chunk, compute_dtype, chunk_loss, sum_over_slices, padded_vocab = settings
     vocab = weight.shape[0]
-    h_all, w = hidden.to(compute_dtype), weight.to(compute_dtype)
-    if padded_vocab > vocab:  # zero rows, left out by the loss
-        w = torch.cat([w, w.new_zeros((padded_vocab - vocab, w.shape[1]))])
+    h_all = hidden.to(compute_dtype)
+    if padded_vocab > vocab:  # one copy, converted on the way, and zero rows that the loss leaves out
+        w = weight.new_empty((padded_vocab, weight.shape[1]), dtype=compute_dtype)
+        w[:vocab] = weight
+        w[vocab:] = 0
+    else:
+        w = weight.to(compute_dtype)  # no copy at all when the dtype is already the compute dtype
     scale = 1.0 / (targets != -100).sum()  # a tensor: no host synchronisation
     loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad_hidden = torch.empty_like(h_all) if with_grads else None
