@@ -13,6 +13,7 @@ from argonne.generate import (
     load_model,
     read_prompts,
     sample_next,
+    StopStrings,
 )
 
 from .conftest import SAMPLE_TOKENIZER
@@ -134,6 +135,68 @@ def test_stop_strings_cut_the_text_and_streaming_matches(model):
     assert generator.stream(prompt, SamplingParams(max_new_tokens=12, stop=[f" {stop}"], **GREEDY),
                             pieces.append) == cut
     assert "".join(pieces) == cut and len(pieces) > 1
+
+
+MIXED_TEXT = "The cat sat on the mat. Über naïve café, 東京 🙂 and again: 'the cat' 🙂🙂 sat."
+
+
+class DecodeLengths:
+    """A tokenizer that records how many tokens each decode call was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.lengths.append(len(ids))
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def feed_one_token_at_a_time(tokenizer, ids, stop=(), stream=None) -> str:
+    texts = StopStrings(tokenizer, 1, stop, eos_ids=[], stream=stream)
+    for token in ids:
+        if texts.add(torch.tensor([token]), torch.tensor([True])):
+            break
+    return texts.finish()[0]
+
+
+def sentencepiece_style_tokenizer():
+    """A SentencePiece-style tokenizer (Llama 2's kind): a word's leading space is a "▁" the decoder drops at the start
+    of a decode, so decoding tokens one by one and joining the pieces would lose the spaces."""
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = SentencePieceBPETokenizer()
+    tokenizer.train_from_iterator([MIXED_TEXT] * 3, vocab_size=120, min_frequency=1, show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["qwen2.5", "sample-bpe", "sentencepiece-style"])
+def test_text_is_detokenized_incrementally_and_equals_decoding_the_whole_row(kind, request):
+    """Each token's text comes from a short decode (context of the previous piece), never the whole row: the host's
+    cost per token stays flat however long the generation; the text is what decoding the whole row gives, multi-byte
+    characters split across tokens included, and streamed pieces add up to it."""
+    if kind == "qwen2.5":
+        tokenizer = load_tokenizer(request.getfixturevalue("qwen_tokenizer_dir"))
+    elif kind == "sample-bpe":
+        tokenizer = load_tokenizer(SAMPLE_TOKENIZER)
+    else:
+        tokenizer = sentencepiece_style_tokenizer()
+    ids = tokenizer(MIXED_TEXT * 8, add_special_tokens=False).input_ids
+    recording, pieces = DecodeLengths(tokenizer), []
+    whole = tokenizer.decode(ids, skip_special_tokens=True)
+    assert "<unk>" not in whole and "\ufffd" not in whole
+    assert feed_one_token_at_a_time(recording, ids, stream=pieces.append) == whole
+    assert "".join(pieces) == whole and all("\ufffd" not in piece for piece in pieces)
+    assert len(ids) > 100 and max(recording.lengths) <= 8
+
+
+def test_a_stop_string_across_pieces_cuts_the_text_before_it():
+    tokenizer = sentencepiece_style_tokenizer()
+    ids = tokenizer(MIXED_TEXT, add_special_tokens=False).input_ids
+    pieces = []
+    text = feed_one_token_at_a_time(tokenizer, ids, stop=["naïve ca"], stream=pieces.append)
+    assert text == "The cat sat on the mat. Über " and "".join(pieces) == text
+    assert feed_one_token_at_a_time(tokenizer, ids, stop=["not there"]) == MIXED_TEXT
 
 
 def test_top_k_and_top_p_never_leave_the_allowed_set():

@@ -368,39 +368,67 @@ def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
 
 class StopStrings:
     """Follows each row's text as tokens arrive: ends a row at EOS or at the first stop string (cut before it), and
-    streams text for row 0 when asked. Text is re-decoded from the row's tokens, so multi-byte characters split
-    across tokens come out whole."""
+    streams text for row 0 when asked.
+
+    Text is detokenized incrementally, as text-generation-inference and vLLM do: each new token is decoded together
+    with the tokens of the previous step's piece as context, and the text it adds is appended. Re-decoding the
+    whole row cost O(length) per token (1.3 ms at 4,000 Qwen tokens on one CPU core: slower than the GPU makes
+    tokens); the context keeps tokenizers that drop a word's leading space at the start of a decode (SentencePiece)
+    exact. A piece that ends in half a UTF-8 character waits for the token that completes it."""
 
     def __init__(self, tokenizer, rows: int, stop: Sequence[str], eos_ids: list[int], stream=None):
         self.tokenizer, self.stop, self.eos_ids, self.stream = tokenizer, list(stop), eos_ids, stream
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.texts = [""] * rows
         self.done = [False] * rows
+        # Per row: the context tokens start at context_start, the tokens not yet turned into text at read_from.
+        self.context_start = [0] * rows
+        self.read_from = [0] * rows
         self.streamed = 0
 
     def add(self, new: torch.Tensor, active: torch.Tensor) -> bool:
         for row, (token, is_active) in enumerate(zip(new.tolist(), active.tolist())):
-            if self.done[row] or not is_active:
-                self.done[row] = True
+            if self.done[row]:
                 continue
-            if token in self.eos_ids:
-                self.done[row] = True
+            if not is_active or token in self.eos_ids:
+                self._end(row)
                 continue
             self.tokens[row].append(token)
-            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-            for stop in self.stop:
-                at = text.find(stop)
-                if at >= 0:
-                    text, self.done[row] = text[:at], True
-            self.texts[row] = text
+            self._append(row, self._new_text(row, final=False))
         if self.stream is not None:
             self._emit(final=False)
         return all(self.done)
 
+    def _new_text(self, row: int, final: bool) -> str:
+        tokens, start, read = self.tokens[row], self.context_start[row], self.read_from[row]
+        if read == len(tokens):
+            return ""
+        context = self.tokenizer.decode(tokens[start:read], skip_special_tokens=True)
+        text = self.tokenizer.decode(tokens[start:], skip_special_tokens=True)
+        if len(text) <= len(context) or (text.endswith("\ufffd") and not final):
+            return ""
+        self.context_start[row], self.read_from[row] = read, len(tokens)
+        return text[len(context):]
+
+    def _append(self, row: int, piece: str) -> None:
+        if not piece:
+            return
+        text = self.texts[row] + piece
+        for stop in self.stop:  # only where the new piece can complete a stop string
+            at = text.find(stop, max(0, len(self.texts[row]) - len(stop) + 1))
+            if at >= 0:
+                text, self.done[row] = text[:at], True
+        self.texts[row] = text
+
+    def _end(self, row: int) -> None:
+        """The row is finished: text still held back (half a character at the end) is added as it decodes."""
+        self._append(row, self._new_text(row, final=True))
+        self.done[row] = True
+
     def _emit(self, final: bool) -> None:
         text = self.texts[0]
-        # Hold back a trailing replacement character (half a UTF-8 sequence) and anything that may start a stop.
-        safe = len(text) if final or self.done[0] else len(text.rstrip("\ufffd"))
+        # Hold back the end of the text while it may be the start of a stop string.
+        safe = len(text)
         if not final and not self.done[0]:
             for stop in self.stop:
                 for size in range(min(len(stop) - 1, safe), 0, -1):
@@ -412,6 +440,9 @@ class StopStrings:
             self.streamed = safe
 
     def finish(self) -> list[str]:
+        for row, done in enumerate(self.done):
+            if not done:
+                self._end(row)
         if self.stream is not None:
             self._emit(final=True)
         return self.texts
