@@ -36,7 +36,7 @@ def main() -> None:
         texts = StopStrings(tokenizer, 1, ["<|stop|>"], eos_ids=[], stream=lambda piece: None)
         started = time.perf_counter()
         for token in ids[:length]:
-            texts.add(torch.tensor([token]), torch.tensor([True]))
+            texts.add(torch.tensor([token]))
         texts.finish()
         print(f"{length:>8,}  {(time.perf_counter() - started) / length * 1e6:>12,.1f}")
 

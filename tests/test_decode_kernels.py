@@ -313,9 +313,9 @@ if sys.argv[1] == "attention-in-key-ranges":
 use_gemv_kernels(model, attention=sys.argv[1] != "sdpa")
 generator._decode_forward = torch.compile(generator._decode_logits, backend=capture, fullgraph=True)
 cache = generator._cache_for(1, 16)  # a decode step after a 3-token prompt
-generator._decode.start(torch.ones(1, cache.max_len, dtype=torch.bool), torch.tensor([[2]]), 3)
+generator._decode.start(torch.ones(1, cache.max_len, dtype=torch.bool), torch.tensor([[2]]), 3, torch.tensor([7]))
 try:
-    generator._decode(torch.tensor([7]), 3)
+    generator._decode()
 except Exception:
     pass  # running the kernels needs a GPU; the traced graph is what is checked
 graph = graphs[0].graph

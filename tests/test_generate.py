@@ -73,6 +73,15 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(model):
     assert batched == [generator.generate_ids([p], params)[0] for p in prompts]
 
 
+def test_sampled_tokens_fed_to_the_step_equal_its_own_greedy_choice(model):
+    """Greedy decoding feeds each step's choice to the next inside the step; sampling feeds tokens from outside.
+    Sampling with top-k 1 picks the greedy token, so both must give the same tokens."""
+    prompts = prompts_of([5, 3])
+    greedy = Generator(model, IdTokenizer()).generate_ids(prompts, SamplingParams(max_new_tokens=10, **GREEDY))
+    top_1 = SamplingParams(max_new_tokens=10, temperature=1.0, top_k=1, seed=0)
+    assert Generator(model, IdTokenizer()).generate_ids(prompts, top_1) == greedy
+
+
 def test_generation_stops_at_eos(model):
     prompt = prompts_of([4])[0]
     free = Generator(model, IdTokenizer()).generate_ids([prompt], SamplingParams(max_new_tokens=12, **GREEDY))[0]
@@ -115,7 +124,7 @@ def test_the_next_step_is_queued_before_the_host_looks_at_a_token(model, monkeyp
     monkeypatch.setattr(DecodeStep, "__call__", lambda self, *a: steps_queued.__setitem__(0, steps_queued[0] + 1)
                         or real_call(self, *a))
 
-    def on_tokens(tokens, active):
+    def on_tokens(tokens):
         seen.append((steps_queued[0], tokens.tolist()))
 
     assert Generator(model, IdTokenizer()).generate_ids(prompts, params, on_tokens) == expected
@@ -154,7 +163,7 @@ class DecodeLengths:
 def feed_one_token_at_a_time(tokenizer, ids, stop=(), stream=None) -> str:
     texts = StopStrings(tokenizer, 1, stop, eos_ids=[], stream=stream)
     for token in ids:
-        if texts.add(torch.tensor([token]), torch.tensor([True])):
+        if texts.add(torch.tensor([token])):
             break
     return texts.finish()[0]
 

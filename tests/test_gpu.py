@@ -103,6 +103,12 @@ def test_cuda_graph_decode_equals_eager_decode():
     graphed = Generator(model, IdTokenizer(), compile=True)
     assert graphed.generate_ids(prompts, params) == eager
     assert graphed.generate_ids(prompts, params) == eager  # replayed graphs, cache reused
+    # Sampled tokens are fed to the graph from outside (top-k 1 samples the greedy token); streamed tokens are read
+    # through the copy queued before the next step.
+    assert graphed.generate_ids(prompts, SamplingParams(max_new_tokens=24, temperature=1.0, top_k=1)) == eager
+    streamed = []
+    graphed.generate_ids(prompts, params, on_tokens=lambda tokens: streamed.append(tokens.tolist()))
+    assert [row[: len(ours)] for row, ours in zip(zip(*streamed), eager)] == [tuple(ours) for ours in eager]
 
 
 def test_gemv_kernels_in_bfloat16_are_as_close_as_cublas():

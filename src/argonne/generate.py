@@ -124,10 +124,14 @@ FINISHED_CHECK_EVERY = 16
 
 
 class DecodeStep:
-    """The one-token forward over a static cache with its inputs in fixed buffers: the new tokens (B, 1), the cache
-    column being written (the cache's `write_positions`), per-row position offsets, and which cache columns hold
-    real tokens. With `graph` (CUDA) the step is captured once as a CUDA graph and replayed for every token: one
-    launch from the host per token instead of hundreds."""
+    """The one-token forward over a static cache with its inputs in fixed buffers: the tokens to feed (B, 1), the cache
+    column they go to (the cache's `write_positions`), per-row position offsets, and which cache columns hold real
+    tokens. With `graph` (CUDA) the step is captured once as a CUDA graph and replayed for every token: one launch
+    from the host per token instead of hundreds.
+
+    The step keeps its own books, inside the graph: it records the tokens it is fed in `tokens_at` (B, max_len) at
+    their cache column, feeds back its greedy choice as the next step's tokens and moves to the next column. Greedy
+    decoding then costs the host nothing per token but the launch; sampling overwrites the fed tokens (`feed`)."""
 
     def __init__(self, forward: Callable, cache: StaticKVCache, graph: bool):
         batch, device = cache.batch, cache.device
@@ -137,20 +141,26 @@ class DecodeStep:
         self.position_offset = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.valid = torch.zeros((batch, cache.max_len), dtype=torch.bool, device=device)
         self.key_positions = torch.arange(cache.max_len, device=device)
+        self.tokens_at = torch.zeros((batch, cache.max_len), dtype=torch.long, device=device)
         self._captured: torch.cuda.CUDAGraph | None = None
         self._outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def start(self, valid: torch.Tensor, last_positions: torch.Tensor, width: int) -> None:
-        """A new generation: prompts occupy columns 0..width-1 (valid marks real tokens), last_positions (B, 1)."""
+    def start(self, valid: torch.Tensor, last_positions: torch.Tensor, width: int, first_tokens: torch.Tensor) -> None:
+        """A new generation: prompts occupy columns 0..width-1 (valid marks real tokens), last_positions (B, 1); the
+        first new tokens (B,) go to column `width`."""
         self.valid.copy_(valid)
         self.position_offset.copy_(last_positions + 1 - width)
+        self.column.fill_(width)
+        self.feed(first_tokens)
         self.cache.write_positions = self.column
 
-    def __call__(self, new_tokens: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Float32 logits (B, V) and their argmax (B,) after feeding new_tokens (B,) at cache column `column`. The
+    def feed(self, tokens: torch.Tensor) -> None:
+        """The tokens (B,) the next step decodes, in place of the step's greedy choice."""
+        self.tokens.copy_(tokens[:, None])
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decodes the fed tokens: float32 logits (B, V) and their argmax (B,), which becomes the next fed tokens. The
         returned tensors are overwritten by the next call when graphed."""
-        self.tokens.copy_(new_tokens[:, None])
-        self.column.fill_(column)
         if not self.graph:
             return self._run()
         if self._captured is None:
@@ -158,17 +168,29 @@ class DecodeStep:
         self._captured.replay()
         return self._outputs
 
+    def record(self) -> None:
+        """Records the fed tokens at their column without decoding them (the generation's last tokens)."""
+        self.tokens_at.index_copy_(1, self.column, self.tokens)
+
     def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward(self.cache, self.tokens, self.position_offset, self.column, self.valid, self.key_positions)
+        self.record()
+        logits, greedy = self.forward(self.cache, self.tokens, self.position_offset, self.column, self.valid,
+                                      self.key_positions)
+        self.tokens.copy_(greedy[:, None])
+        self.column.add_(1)
+        return logits, greedy
 
     def _capture(self) -> None:
         # Warm-up runs (compilation, library handles) on a side stream, as CUDA graph capture requires. They compute
-        # this very step, so the keys and values they write are the right ones.
+        # this very step (from the same fed tokens and column), so the keys and values they write are the right ones.
+        tokens, column = self.tokens.clone(), self.column.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self._run()
+                self.tokens.copy_(tokens)
+                self.column.copy_(column)
         torch.cuda.current_stream().wait_stream(stream)
         self._captured = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._captured):
@@ -253,13 +275,13 @@ class Generator:
     @torch.no_grad()
     def generate_ids(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams,
-        on_tokens: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+        on_tokens: Callable[[torch.Tensor], bool] | None = None,
     ) -> list[list[int]]:
         """New token ids per prompt (without the prompt; EOS and what follows are left out).
 
-        `on_tokens(tokens, active)` is called after every step with the (B,) new tokens (EOS for rows that had
-        finished) and which rows were still generating when they were made; returning True from it finishes every row
-        (stop strings use this).
+        `on_tokens(tokens)` is called after every step with the (B,) new tokens (a row that has made its EOS goes on
+        making tokens that are not part of its output: ignore a row's tokens after its first EOS); returning True from
+        it finishes every row (stop strings and streaming use this).
         """
         params.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -299,42 +321,44 @@ class Generator:
         if params.repetition_penalty != 1.0:
             seen.scatter_(1, tokens, valid[:, :width])
         eos_ids = self._eos_ids(params)
-        eos = torch.tensor(eos_ids or [-1], device=device)
-        active = torch.ones(batch, dtype=torch.bool, device=device)
-        self._decode.start(valid, positions[:, -1:], width)
-        outputs = []
+        greedy_only = params.temperature == 0 and params.repetition_penalty == 1.0
+        decode = self._decode
+        new = greedy  # the prefill's choice; later greedy steps feed their choice to the next inside the step
         for step in range(params.max_new_tokens):
-            if params.temperature == 0 and params.repetition_penalty == 1.0:
-                new = greedy
-            else:
+            column = width + step
+            if not greedy_only:
                 logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
                 new = sample_next(logits, params, generator)
-            outputs.append(torch.where(active, new, eos[0]))
-            ended = torch.isin(new, eos)
+            if step == 0:
+                decode.start(valid, positions[:, -1:], width, new)
+            elif not greedy_only:
+                decode.feed(new)
+            # The host reads this step's tokens (streaming, stop strings) through a copy queued before the next
+            # decoding step, which runs while the host prints; a step queued after the end is merely unused.
+            copied = _copy_to_host(decode.tokens[:, 0]) if on_tokens else None
             last = step + 1 == params.max_new_tokens
-            if not last:
-                # The next step is queued before the host looks at this token (streaming, stop strings), so the
-                # device decodes while the host prints; a step queued after the end is merely unused. Whatever reads
-                # `new` is queued before it, as the graphed step overwrites `greedy`.
+            if last:
+                decode.record()
+            else:
                 if params.repetition_penalty != 1.0:
                     seen.scatter_(1, new[:, None], True)
-                logits, greedy = self._decode(new, width + step)
-                cache.length = width + step + 1
-            stop_all = on_tokens(outputs[-1], active) if on_tokens else False
-            active = active & ~ended
-            if stop_all or last or (self._check_finished(step, on_tokens, eos_ids) and not bool(active.any())):
+                logits = decode()[0]
+                cache.length = column + 1
+            stop_all = on_tokens(_wait(*copied)) if on_tokens else False
+            if stop_all or last or self._all_rows_ended(step, decode.tokens_at[:, width: column + 1], eos_ids):
                 break
-        generated = torch.stack(outputs, dim=1).tolist()
+        generated = decode.tokens_at[:, width: column + 1].tolist()
         return [_cut_at_eos(row, eos_ids) for row in generated]
 
     @staticmethod
-    def _check_finished(step: int, on_tokens, eos_ids: list[int]) -> bool:
-        """Whether to look (on the host) if every row has finished after this step. Looking waits for the device, so
-        without a per-step consumer it is done every FINISHED_CHECK_EVERY steps, letting the host queue decoding steps
-        ahead of the GPU; the few extra steps a finished batch may take are cut off as EOS."""
-        if not eos_ids:
+    def _all_rows_ended(step: int, new_tokens: torch.Tensor, eos_ids: list[int]) -> bool:
+        """Whether every row has made an EOS. Looking waits for the device, so it is done every FINISHED_CHECK_EVERY
+        steps, letting the host queue decoding steps ahead of the GPU; the few extra tokens a finished batch may make
+        are cut off after the EOS. (Stop strings and streaming end a finished batch through `on_tokens`.)"""
+        if not eos_ids or (step + 1) % FINISHED_CHECK_EVERY:
             return False
-        return on_tokens is not None or (step + 1) % FINISHED_CHECK_EVERY == 0
+        eos = torch.tensor(eos_ids, device=new_tokens.device)
+        return bool(torch.isin(new_tokens, eos).any(dim=1).all())
 
     def _eos_ids(self, params: SamplingParams) -> list[int]:
         return sorted(set(self.eos_ids) | set(params.stop_token_ids))
@@ -357,6 +381,24 @@ class Generator:
         texts = StopStrings(self.tokenizer, len(prompt_ids), params.stop, self._eos_ids(params), stream)
         self.generate_ids(prompt_ids, params, on_tokens=texts.add)
         return texts.finish()
+
+
+def _copy_to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A copy of `tokens` on the host, and on GPUs the event that marks it done: queued now, the copy does not wait
+    for the work queued after it."""
+    if tokens.device.type != "cuda":
+        return tokens.clone(), None
+    host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def _wait(host: torch.Tensor, done: torch.cuda.Event | None) -> torch.Tensor:
+    if done is not None:
+        done.synchronize()
+    return host
 
 
 def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:
@@ -386,11 +428,11 @@ class StopStrings:
         self.read_from = [0] * rows
         self.streamed = 0
 
-    def add(self, new: torch.Tensor, active: torch.Tensor) -> bool:
-        for row, (token, is_active) in enumerate(zip(new.tolist(), active.tolist())):
+    def add(self, new: torch.Tensor) -> bool:
+        for row, token in enumerate(new.tolist()):
             if self.done[row]:
                 continue
-            if not is_active or token in self.eos_ids:
+            if token in self.eos_ids:
                 self._end(row)
                 continue
             self.tokens[row].append(token)
