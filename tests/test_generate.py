@@ -1,5 +1,7 @@
 """Generation: the static-cache decoder against transformers and full recomputation, sampling filters, stops."""
 
+import math
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from argonne.generate import (
     Generator,
     SamplingParams,
     apply_repetition_penalty,
+    argmax_in_pieces,
     filter_logits,
     load_model,
     read_prompts,
@@ -206,6 +209,19 @@ def test_a_stop_string_across_pieces_cuts_the_text_before_it():
     text = feed_one_token_at_a_time(tokenizer, ids, stop=["naïve ca"], stream=pieces.append)
     assert text == "The cat sat on the mat. Über " and "".join(pieces) == text
     assert feed_one_token_at_a_time(tokenizer, ids, stop=["not there"]) == MIXED_TEXT
+
+
+@pytest.mark.parametrize("vocab", [151_665, 151_936, 100, 7])
+def test_argmax_in_pieces_equals_argmax_ties_and_nan_included(vocab):
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(0))
+    logits[1] = 3.0  # every logit tied: the first index
+    logits[2, [vocab // 3, vocab // 2]] = 1e9  # a tie between pieces
+    logits[3] = -math.inf
+    logits[4, [vocab // 4, vocab // 2]] = math.nan  # argmax takes the first NaN
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(argmax_in_pieces(logits.to(dtype)), logits.to(dtype).argmax(dim=-1))
+    compiled = torch.compile(argmax_in_pieces, fullgraph=True)
+    assert torch.equal(compiled(logits[:3]), logits[:3].argmax(dim=-1))
 
 
 def test_top_k_and_top_p_never_leave_the_allowed_set():

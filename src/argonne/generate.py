@@ -90,6 +90,18 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def argmax_in_pieces(logits: torch.Tensor, pieces: int = 128) -> torch.Tensor:
+    """`logits.argmax(-1)` (the first index of the maximum, NaN counted as the maximum) for logits (B, V), computed as
+    the maxima of `pieces` slices of each row, then the best slice. Inductor gives an argmax one program per row,
+    which at batch 1 walks the 151,936 logits on one GPU multiprocessor; slices spread it over `pieces`."""
+    size = logits.shape[-1]
+    piece = -(-size // pieces)
+    padded = torch.nn.functional.pad(logits, (0, piece * pieces - size), value=-math.inf)
+    maxima, index_in_piece = padded.unflatten(-1, (pieces, piece)).max(dim=-1)
+    best_piece = maxima.argmax(dim=-1, keepdim=True)
+    return (index_in_piece.gather(-1, best_piece) + best_piece * piece).squeeze(-1)
+
+
 class StaticKVCache:
     """Keys and values for every layer, preallocated: one (2, B, n_kv, max_len, head_dim) tensor per layer, keys at 0
     and values at 1, so that one write stores both.
@@ -262,7 +274,7 @@ class Generator:
         greedy decoding's next tokens, made in the same compiled step as the logits."""
         logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                             logits_to_keep=1).logits[:, -1].float()
-        return logits, logits.argmax(dim=-1)
+        return logits, argmax_in_pieces(logits)
 
     def _decode_logits(self, cache, tokens, position_offset, column, valid, key_positions):
         """The decode step (DecodeStep's buffers): the mask and positions for cache column `column` are made here, in
