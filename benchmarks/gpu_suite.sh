@@ -44,10 +44,11 @@ run 100 train-2.0 $PY benchmarks/train_throughput.py --preset argonne-2.0 --batc
     --checkpointing selective --steps 3 --warmup 2
 run 210 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 \
     --variants gemv gemv+attention --profile "$OUT/profiles.txt"
-run 180 decode-b16 $PY benchmarks/decode_throughput.py --preset small --batches 16 --repeats 2
-# A long context: a 3,328-key cache, where the Triton attention splits the keys into ranges.
+# A long context: a 3,328-key cache, where the Triton attention splits the keys into ranges (it decides
+# the default kernels with decode-b1, so it comes before batch 16).
 run 150 decode-long $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 1 --prompt-tokens 3072 \
     --new-tokens 128 --skip-transformers --variants gemv gemv+attention
+run 180 decode-b16 $PY benchmarks/decode_throughput.py --preset small --batches 16 --repeats 2
 run 60 gemv $PY benchmarks/gemv_kernels.py
 run 200 decode-variants $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 --skip-transformers \
     --variants gemv+efficient-attention gemv+native-matmul unmerged efficient-attention gemv+max-autotune
