@@ -10,13 +10,13 @@ from argonne.cli import main
 from argonne.generate import (
     Generator,
     SamplingParams,
+    StopStrings,
     apply_repetition_penalty,
     argmax_in_pieces,
     filter_logits,
     load_model,
     read_prompts,
     sample_next,
-    StopStrings,
 )
 
 from .conftest import SAMPLE_TOKENIZER
