@@ -404,6 +404,9 @@ class GemvOutputHead(OutputHead):
         return super().forward(hidden, weight, targets)
 
 
+GEMV_CLASSES = {nn.Linear: GemvLinear, MergedLinear: GemvMergedLinear, OutputHead: GemvOutputHead}
+
+
 def fusable(block: Block) -> bool:
     return (isinstance(block.input_layernorm, RMSNorm) and isinstance(block.post_attention_layernorm, RMSNorm)
             and isinstance(block.mlp, SwiGLUMLP) and block.self_attn.qkv is not None)
@@ -419,7 +422,6 @@ def use_gemv_kernels(model: ArgonneForCausalLM, attention: bool = False) -> Argo
         if type(module) in (Block, GemvBlock) and fusable(module):
             module.__class__ = GemvBlock
             module.triton_attention = attention
-        elif type(module) in (nn.Linear, MergedLinear, OutputHead):
-            module.__class__ = {nn.Linear: GemvLinear, MergedLinear: GemvMergedLinear,
-                                OutputHead: GemvOutputHead}[type(module)]
+        elif type(module) in GEMV_CLASSES:
+            module.__class__ = GEMV_CLASSES[type(module)]
     return model

@@ -155,7 +155,7 @@ class DecodeStep:
         self.key_positions = torch.arange(cache.max_len, device=device)
         self.tokens_at = torch.zeros((batch, cache.max_len), dtype=torch.long, device=device)
         self._captured: torch.cuda.CUDAGraph | None = None
-        self._outputs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._logits: torch.Tensor | None = None
 
     def start(self, valid: torch.Tensor, last_positions: torch.Tensor, width: int, first_tokens: torch.Tensor) -> None:
         """A new generation: prompts occupy columns 0..width-1 (valid marks real tokens), last_positions (B, 1); the
@@ -170,27 +170,27 @@ class DecodeStep:
         """The tokens (B,) the next step decodes, in place of the step's greedy choice."""
         self.tokens.copy_(tokens[:, None])
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decodes the fed tokens: float32 logits (B, V) and their argmax (B,), which becomes the next fed tokens. The
-        returned tensors are overwritten by the next call when graphed."""
+    def __call__(self) -> torch.Tensor:
+        """Decodes the fed tokens: float32 logits (B, V); their argmax becomes the next fed tokens. The returned
+        tensor is overwritten by the next call when graphed."""
         if not self.graph:
             return self._run()
         if self._captured is None:
             self._capture()
         self._captured.replay()
-        return self._outputs
+        return self._logits
 
     def record(self) -> None:
         """Records the fed tokens at their column without decoding them (the generation's last tokens)."""
         self.tokens_at.index_copy_(1, self.column, self.tokens)
 
-    def _run(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self) -> torch.Tensor:
         self.record()
         logits, greedy = self.forward(self.cache, self.tokens, self.position_offset, self.column, self.valid,
                                       self.key_positions)
         self.tokens.copy_(greedy[:, None])
         self.column.add_(1)
-        return logits, greedy
+        return logits
 
     def _capture(self) -> None:
         # Warm-up runs (compilation, library handles) on a side stream, as CUDA graph capture requires. They compute
@@ -206,7 +206,7 @@ class DecodeStep:
         torch.cuda.current_stream().wait_stream(stream)
         self._captured = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._captured):
-            self._outputs = self._run()
+            self._logits = self._run()
 
 
 # What decodes one token at a time: "torch" (cuBLAS matmuls and SDPA), "gemv" (our Triton matrix-vector kernels,
@@ -354,7 +354,7 @@ class Generator:
             else:
                 if params.repetition_penalty != 1.0:
                     seen.scatter_(1, new[:, None], True)
-                logits = decode()[0]
+                logits = decode()
                 cache.length = column + 1
             stop_all = on_tokens(_wait(*copied)) if on_tokens else False
             if stop_all or last or self._all_rows_ended(step, decode.tokens_at[:, width: column + 1], eos_ids):
