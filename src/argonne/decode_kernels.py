@@ -76,7 +76,7 @@ def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, norm_ptr, residual_ptr, cos_ptr, s
         for k_start in range(0, K, BLOCK_K):
             part = tl.load(x_ptr + k_start + columns, mask=k_start + columns < K, other=0.0).to(tl.float32)
             squares += part * part
-        inverse_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + eps)
+        inverse_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / K + tl.cast(eps, tl.float32))
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     acc_second = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
@@ -235,6 +235,8 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, last_key_ptr, out_pt
     q_offsets = b * q_row_stride + (kv * GROUP + group)[:, None] * HEAD_DIM + dims[None, :]
     q = tl.load(q_ptr + q_offsets, mask=group_ok[:, None] & dims_ok[None, :], other=0.0)
     kv_start = (b * n_kv + kv).to(tl.int64) * kv_head_stride
+    # Inductor may type a Python float argument as float64 (torch 2.11 did): the scores must stay float32.
+    scale = tl.cast(scale, tl.float32)
     best = tl.full((BLOCK_G,), -1.0e30, dtype=tl.float32)  # finite: a block with every key masked stays NaN-free
     total = tl.zeros((BLOCK_G,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
