@@ -17,8 +17,8 @@ mkdir -p "$OUT"
 started=$SECONDS
 wanted=" $* "
 # Result file of each part (default: the part's name); seven files in all with summary.txt and profiles.txt.
-declare -A FILE_OF=([train-small]=train [train-2.0]=train [decode-b1]=decode [decode-long]=decode
-                    [decode-b16]=decode)
+declare -A FILE_OF=([train-small]=train [train-2.0]=train [decode-b1]=decode [decode-accuracy]=decode
+                    [decode-long]=decode [decode-b16]=decode)
 run() {  # run LIMIT_S NAME COMMAND...
     local limit=$1 name=$2
     shift 2
@@ -42,12 +42,14 @@ run 150 train-small $PY benchmarks/train_throughput.py --preset small --batch 8 
     --checkpointing none selective --check-syncs --steps 5 --warmup 2 --profile "$OUT/profiles.txt"
 run 100 train-2.0 $PY benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \
     --checkpointing selective --steps 3 --warmup 2
-run 210 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 \
-    --variants gemv gemv+attention --profile "$OUT/profiles.txt"
-# A long context: a 3,328-key cache, where the Triton attention splits the keys into ranges (it decides
-# the default kernels with decode-b1, so it comes before batch 16).
+run 270 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 \
+    --variants torch gemv+attention --profile "$OUT/profiles.txt"
+# Logits of each kernel setting against float32 (greedy tokens of two bf16 decoders part early on random weights),
+# and a long context: a 3,328-key cache, where the Triton attention splits the keys into ranges. With decode-b1 they
+# decide the default kernels, so they come before batch 16.
+run 150 decode-accuracy $PY benchmarks/decode_accuracy.py --preset small --prompt-tokens 1024 --new-tokens 256
 run 150 decode-long $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 1 --prompt-tokens 3072 \
-    --new-tokens 128 --skip-transformers --variants gemv gemv+attention
+    --new-tokens 128 --skip-transformers --variants torch gemv+attention
 run 180 decode-b16 $PY benchmarks/decode_throughput.py --preset small --batches 16 --repeats 2
 run 60 gemv $PY benchmarks/gemv_kernels.py
 run 200 decode-variants $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 --skip-transformers \

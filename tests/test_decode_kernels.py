@@ -200,7 +200,8 @@ for swiglu, norm, residual, head_dim, to_cache in uses:
         flags = {"HAS_BIAS": bias, "SWIGLU": swiglu, "HAS_NORM": norm, "HAS_RESIDUAL": residual,
                  "HEAD_DIM": head_dim, "TO_CACHE": to_cache, "BLOCK_N": rows, "BLOCK_K": columns}
         scalars = {name: "i32" for name in ("N", "K", "rotated_rows", "q_rows", "kv_rows", "cache_len")}
-        signature = {name: "*bf16" for name in pointers} | {"column_ptr": "*i64", "eps": "fp32"} | scalars
+        # eps float64: torch 2.11's Inductor types a Python float argument so (Triton's own launcher: float32)
+        signature = {name: "*bf16" for name in pointers} | {"column_ptr": "*i64", "eps": "fp64"} | scalars
         source = ASTSource(
             fn=kernel, signature=signature | {name: "constexpr" for name in flags},
             constexprs={(names.index(name),): value for name, value in flags.items()},
@@ -225,7 +226,7 @@ for head_dim, group, split, boolean in ((64, 7, False, False), (64, 7, True, Fal
     integers = ["S", "keys_per_split", "n_kv", "q_row_stride", "kv_head_stride", "mask_row_stride"]
     pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1" if boolean else "*bf16",
                 "last_key_ptr": "*i64", "out_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32"}
-    signature = pointers | {name: "i32" for name in integers} | {"scale": "fp32"}
+    signature = pointers | {name: "i32" for name in integers} | {"scale": "fp64"}  # float64: as Inductor passes it
     source = ASTSource(
         fn=attention, signature=signature | {name: "constexpr" for name in flags},
         constexprs={(names.index(name),): value for name, value in flags.items()},
