@@ -18,19 +18,16 @@ import argparse
 import copy
 
 import torch
+from decode_throughput import IdTokenizer, random_model  # beside this script
 
-from argonne import ArgonneConfig, ArgonneForCausalLM
+from argonne import ArgonneForCausalLM
 from argonne.generate import DECODE_KERNELS, Generator
-
-
-class _IdTokenizer:
-    eos_token_id = None
 
 
 @torch.no_grad()
 def decode_logits(model: ArgonneForCausalLM, kernels: str, tokens: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
     """Float32 logits (new tokens, V) of the decode steps after the prompt: step i is fed tokens[prompt + i]."""
-    generator = Generator(model, _IdTokenizer(), compile=False, kernels=kernels)
+    generator = Generator(model, IdTokenizer(), compile=False, kernels=kernels)
     total = tokens.shape[1]
     cache = generator._cache_for(1, total)
     positions = torch.arange(prompt_tokens, device=tokens.device)[None]
@@ -56,11 +53,8 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", choices=DECODE_KERNELS, default=list(DECODE_KERNELS))
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    config = ArgonneConfig.from_preset(args.preset, eos_token_id=None)
-    model = ArgonneForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model = random_model(args.preset)
+    config, device, dtype = model.config, model.device, model.dtype
     tokens = torch.randint(0, config.vocab_size, (1, args.prompt_tokens + args.new_tokens), device=device)
     with torch.no_grad():  # logits at prompt + i predict the token after the one fed at step i
         reference = copy.deepcopy(model).float()(tokens).logits[0, args.prompt_tokens:].float()

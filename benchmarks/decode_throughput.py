@@ -32,8 +32,16 @@ from argonne import ArgonneConfig, ArgonneForCausalLM
 from argonne.generate import Generator, SamplingParams
 
 
-class _IdTokenizer:
+class IdTokenizer:
     eos_token_id = None
+
+
+def random_model(preset: str) -> ArgonneForCausalLM:
+    """The preset with random weights (seed 0; speed does not depend on them): bf16 on a GPU, float32 on a CPU."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    config = ArgonneConfig.from_preset(preset, eos_token_id=None)
+    return ArgonneForCausalLM(config).to(device=device, dtype=torch.bfloat16 if device.type == "cuda" else None).eval()
 
 
 def _synchronize(device):
@@ -97,7 +105,7 @@ def variant_generator(model: ArgonneForCausalLM, kernels: str) -> Generator:
     """A Generator over `model`, a copy (the Generator prepares its model in place)."""
     if kernels == "unmerged":
         model.merge_projections = lambda: None  # what the Generator calls to merge
-    return Generator(model, _IdTokenizer(), compile=True, kernels="torch" if kernels == "unmerged" else kernels)
+    return Generator(model, IdTokenizer(), compile=True, kernels="torch" if kernels == "unmerged" else kernels)
 
 
 def main() -> None:
@@ -112,16 +120,13 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", choices=sorted(VARIANTS), default=[])
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(0)
-    config = ArgonneConfig.from_preset(args.preset, eos_token_id=None)
-    model = ArgonneForCausalLM(config).to(device=device, dtype=dtype).eval()
+    model = random_model(args.preset)
+    config, device, dtype = model.config, model.device, model.dtype
     # Copies of the model before the default Generator merges it; each variant's Generator is made when it runs.
     variants = [(f"argonne Generator, {name}", functools.partial(variant_generator, copy.deepcopy(model),
                                                                  VARIANTS[name][0]), VARIANTS[name][1:])
                 for name in args.variants]
-    default = Generator(model, _IdTokenizer())
+    default = Generator(model, IdTokenizer())
     generators = [[f"argonne Generator ({default.kernels}" + (", CUDA graphs)" if device.type == "cuda" else ")"),
                    default, ({}, None)]] + [list(variant) for variant in variants]
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, "
