@@ -52,3 +52,52 @@ def test_sft_and_distill_check_their_sections(capsys):
     assert "needs data.sft" in capsys.readouterr().err
     assert main(["distill", str(REPO / "configs" / "tiny.toml")]) == 2
     assert "needs distill.teacher" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ user mistakes: messages, exit 2
+
+
+def error_line(capsys) -> str:
+    """The command's stderr, checked to be one short line (no traceback)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("no/such/tokenizer", "tokenizer folder no/such/tokenizer does not exist"),
+    ("./nope", "tokenizer folder ./nope does not exist"),
+    ("data/tokenizers/sample-bpe-9k", "tokenizer folder data/tokenizers/sample-bpe-9k does not exist"),
+    ("nope", "could not load tokenizer 'nope'"),
+])
+def test_a_missing_tokenizer_is_one_line_for_data_prepare_and_train(name, expected, tmp_path, capsys, monkeypatch):
+    from .conftest import REPO, SAMPLE_SHARD
+
+    monkeypatch.chdir(REPO)
+    assert main(["data", "prepare", str(SAMPLE_SHARD), "--tokenizer", name, "--output", str(tmp_path / "out"),
+                 "--workers", "0"]) == 2
+    assert error_line(capsys).startswith(f"argonne data: error: {expected}")
+    assert main(["train", "configs/tiny.toml", f"--train.run_dir={str(tmp_path / 'run')!r}",
+                 f"--data.tokenizer={name!r}"]) == 2
+    assert error_line(capsys).startswith(f"argonne train: error: {expected}")
+
+
+def test_a_folder_without_tokenizer_files_is_an_error(tmp_path, capsys):
+    from .conftest import SAMPLE_SHARD
+
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "prepare", str(SAMPLE_SHARD), "--tokenizer", str(tmp_path / "empty"), "--output",
+                 str(tmp_path / "out"), "--workers", "0"]) == 2
+    assert f"{tmp_path / 'empty'} holds no tokenizer" in error_line(capsys)
+
+
+def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
+    import argonne.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(argonne.cli, "cmd_info", interrupted)
+    assert main(["info", "tiny"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "argonne info: interrupted"  # on a new line, after the terminal's ^C

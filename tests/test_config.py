@@ -70,3 +70,112 @@ def test_flops_per_token_matches_the_reference_formula():
     # ../shared/reference README: 6 N + 12 L H hd S, with N the 0.5B shape's 493,762,304 parameters (tied).
     config = ArgonneConfig.from_preset("small")
     assert training_flops_per_token(config, 4096) == 6 * 493_762_304 + 12 * 24 * 14 * 64 * 4096
+
+
+# ------------------------------------------------------------------------------------------- run config (config.py)
+
+INPUTS = "--data.inputs=['a.parquet']"
+
+
+def run_config_error(*overrides) -> str:
+    from argonne.config import ConfigError, load_run_config
+
+    with pytest.raises(ConfigError) as error:
+        load_run_config(None, [INPUTS, *overrides])
+    return str(error.value)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--train.steps=abc", "train.steps must be an integer, got 'abc' (str)"),
+    ("--train.steps=2.5", "train.steps must be an integer, got 2.5 (float)"),
+    ("--train.steps=true", "train.steps must be an integer, got True (bool)"),
+    ("--optim.lr=abc", "optim.lr must be a number, got 'abc' (str)"),
+    ("--data.shuffle=yes", "data.shuffle must be true or false, got 'yes' (str)"),
+    ("--train.run_dir=[1]", "train.run_dir must be a string, got [1] (list)"),
+    ("--data.inputs=[1, 2]", "data.inputs must be a list of strings, got [1, 2] (list)"),
+    ("--model.overrides=3", "model.overrides must be a table"),
+])
+def test_fields_are_checked_against_their_types(override, expected):
+    assert expected in run_config_error(override)
+
+
+def test_a_toml_file_with_wrong_types_reports_every_problem_at_once(tmp_path):
+    from argonne.config import ConfigError, load_run_config
+
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\ninputs = ["a.parquet"]\nseq_len = "long"\n[train]\nsteps = 1.5\n[optim]\nbeta1 = 2\n')
+    with pytest.raises(ConfigError) as error:
+        load_run_config(path)
+    message = str(error.value)
+    assert "data.seq_len must be an integer" in message and "train.steps must be an integer" in message
+    assert "optim.beta1 must be in [0, 1), got 2" in message
+
+
+def test_ints_are_accepted_as_floats_and_a_single_input_as_a_list():
+    from argonne.config import load_run_config
+
+    config = load_run_config(None, ["--data.inputs='a.parquet'", "--optim.lr=1", "--train.peak_tflops=100"])
+    assert config.data.inputs == ["a.parquet"]
+    assert type(config.optim.lr) is float and config.optim.lr == 1.0 and type(config.train.peak_tflops) is float
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("--data.val_fraction=2", "data.val_fraction must be in [0, 1), got 2"),
+    ("--data.val_fraction=-0.1", "data.val_fraction must be in [0, 1), got -0.1"),
+    ("--checkpoint.every=-1", "checkpoint.every must be >= 0, got -1"),
+    ("--checkpoint.keep=-2", "checkpoint.keep must be >= 0, got -2"),
+    ("--data.val_windows=-1", "data.val_windows must be >= 0"),
+    ("--data.workers=-1", "data.workers must be >= 0"),
+    ("--train.eval_every=-5", "train.eval_every must be >= 0"),
+    ("--train.sample_every=-1", "train.sample_every must be >= 0"),
+    ("--train.sample_tokens=-1", "train.sample_tokens must be >= 0"),
+    ("--train.max_nonfinite_in_a_row=0", "train.max_nonfinite_in_a_row must be >= 1"),
+    ("--train.peak_tflops=-1", "train.peak_tflops must be >= 0"),
+    ("--train.seed=-1", "train.seed must be >= 0"),
+    ("--optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("--optim.beta1=1", "optim.beta1 must be in [0, 1), got 1"),
+    ("--optim.beta2=-0.5", "optim.beta2 must be in [0, 1)"),
+    ("--optim.eps=0", "optim.eps must be > 0"),
+    ("--optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
+    ("--optim.min_lr=-1", "optim.min_lr must be >= 0"),
+    ("--distill.alpha=1.5", "distill.alpha must be in [0, 1], got 1.5"),
+    ("--distill.temperature=0", "distill.temperature must be > 0"),
+    ("--distill.chunk=0", "distill.chunk must be > 0"),
+])
+def test_numeric_fields_are_range_checked(override, expected):
+    assert expected in run_config_error(override)
+
+
+def test_unknown_sections_and_fields_suggest_the_close_match():
+    assert "[optim] has unknown field(s) ['lrr'] (did you mean 'lr'?)" in run_config_error("--optim.lrr=1")
+    assert "unknown section(s) ['trian'] (did you mean 'train'?)" in run_config_error("--trian.steps=1")
+    message = run_config_error("--train.stpes=1", "--data.seq_lne=8")
+    assert "'steps' for 'stpes'" not in message  # one unknown field per section: the bare suggestion
+    assert "[train] has unknown field(s) ['stpes'] (did you mean 'steps'?)" in message
+    assert "[data] has unknown field(s) ['seq_lne'] (did you mean 'seq_len'?)" in message
+
+
+def test_an_override_below_a_value_is_an_error_not_a_traceback():
+    assert "train.steps is not a table" in run_config_error("--train.steps=3", "--train.steps.x=1")
+
+
+def test_unknown_model_fields_suggest_the_close_match():
+    with pytest.raises(ValueError, match=r"unknown model field 'num_layerz' \(did you mean 'num_hidden_layers'\?\)"):
+        ArgonneConfig.from_preset("tiny", num_layerz=2)
+    with pytest.raises(ValueError) as error:
+        ArgonneConfig.from_preset("tiny", hiden_size=8, zzz=1)
+    assert "'hiden_size' (did you mean 'hidden_size'?)" in str(error.value) and "'zzz'" in str(error.value)
+    # transformers' own fields are still accepted
+    config = ArgonneConfig.from_preset("tiny", pad_token_id=0, bos_token_id=0, output_hidden_states=True)
+    assert config.pad_token_id == 0
+
+
+def test_unknown_model_overrides_in_a_run_config_stop_training(tmp_path, capsys):
+    from argonne.cli import main
+
+    from .conftest import REPO
+
+    code = main(["train", str(REPO / "configs" / "tiny.toml"), f"--train.run_dir={str(tmp_path)!r}",
+                 "--model.overrides={num_layerz = 2}"])
+    assert code == 2
+    assert "unknown model field 'num_layerz' (did you mean 'num_hidden_layers'?)" in capsys.readouterr().err

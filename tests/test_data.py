@@ -19,6 +19,7 @@ from argonne.data import (
     _encode,
     char_filter_reasons,
     is_held_out,
+    iter_texts,
     load_manifest,
     prepare_dataset,
     resolve_parquet_files,
@@ -180,6 +181,52 @@ def test_bad_input_fails_naming_the_file_or_skips_and_counts(tmp_path, tokenizer
         list(stream.read_from(StreamPosition()))
 
 
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_a_failed_prepare_leaves_no_temporary_files(tmp_path, tokenizer, on_error):
+    # The bad row is in the second row group, so the first one's tokens are already written when the file fails;
+    # the all-digits file fails (or is skipped) only after all its rows were read.
+    bad_row = write_parquet(tmp_path / "bad-row.parquet", [GOOD] * 8 + [None])
+    filtered = write_parquet(tmp_path / "filtered.parquet", ["1" * 100] * 9)
+    good = write_parquet(tmp_path / "good.parquet", [GOOD, GOOD + " Two."])
+    out = tmp_path / "out"
+    if on_error == "fail":
+        for bad in (bad_row, filtered):
+            with pytest.raises(DataError):
+                prepare_dataset([good, bad], tokenizer, out, settings(), progress=False)
+            assert not list(out.rglob("*.tmp"))
+    else:
+        manifest = prepare_dataset([good, filtered], tokenizer, out, settings(on_error="skip"), progress=False)
+        assert [s["path"] for s in manifest["skipped_files"]] == [filtered]
+        assert not list(out.rglob("*.tmp"))
+
+
+def dictionary_encoded(path, texts, ids):
+    """A parquet file whose text column is dictionary-encoded, as pandas writes its category dtype."""
+    text = pa.array(texts, type=pa.string()).dictionary_encode()
+    assert text.type == pa.dictionary(pa.int32(), pa.string())
+    pq.write_table(pa.table({"text": text, "id": ids}), path, row_group_size=8)
+    assert pq.ParquetFile(path).schema_arrow.field("text").type == text.type
+    return str(path)
+
+
+def test_a_dictionary_encoded_text_column_is_text(tmp_path, tokenizer, sample_texts):
+    texts, ids = sample_texts[0][:30], sample_texts[1][:30]
+    texts[3] = texts[10]  # a repeated value, which the dictionary stores once
+    plain = write_parquet(tmp_path / "plain.parquet", texts, ids)
+    encoded = dictionary_encoded(tmp_path / "encoded.parquet", texts, ids)
+    expected = prepare_dataset([plain], tokenizer, tmp_path / "plain", settings(val_fraction=0.2), progress=False)
+    manifest = prepare_dataset([encoded], tokenizer, tmp_path / "encoded", settings(val_fraction=0.2),
+                               progress=False)
+    assert manifest["stats"] == expected["stats"]
+    for split in ("train", "val"):
+        assert PreparedTokens(tmp_path / "encoded", split).read(0, manifest[f"{split}_tokens"]).tolist() == \
+            PreparedTokens(tmp_path / "plain", split).read(0, expected[f"{split}_tokens"]).tolist()
+    streamed = StreamingTokens([encoded], tokenizer, TokenizeSettings(val_fraction=0.2))
+    tokens = np.concatenate([chunk for chunk, _ in streamed.read_from(StreamPosition())])
+    assert tokens.tolist() == PreparedTokens(tmp_path / "plain").read(0, expected["train_tokens"]).tolist()
+    assert list(iter_texts([encoded])) == list(iter_texts([plain])) == [t for t in texts if t]
+
+
 # ------------------------------------------------------------------------------------------- prepare
 
 
@@ -213,7 +260,7 @@ def test_interrupted_prepare_resumes_without_redoing_finished_shards(three_shard
         prepare_dataset(three_shards, tokenizer, tmp_path / "out", settings(), progress=False)
     out = tmp_path / "out"
     assert not (out / "manifest.json").exists() and not (out / "shards" / "00002.json").exists()
-    assert (out / "shards" / "00002.train.bin.tmp").stat().st_size > 0  # a partial shard, never taken as done
+    assert not list(out.rglob("*.tmp"))  # the partial shard is removed, never left or taken as done
     finished = {p.name: p.stat().st_mtime_ns for p in (out / "shards").glob("0000[01].*")}
     calls.clear()
     monkeypatch.setattr(data, "tokenize_row_group", lambda path, *rest: calls.append(path) or real_tokenize(path, *rest))

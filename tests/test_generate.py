@@ -240,6 +240,7 @@ def test_top_k_and_top_p_never_leave_the_allowed_set():
              for _ in range(500)}
     assert draws == nucleus
     only_best = filter_logits(logits, top_k=0, top_p=1e-6)
+    assert torch.equal(filter_logits(logits, top_k=0, top_p=1e-300), only_best)  # 1e-300 is 0 in float32
     assert torch.isfinite(only_best).sum() == 1 and only_best.argmax() == 5
 
 
@@ -344,3 +345,49 @@ def test_gpus_decode_on_the_gemv_kernels_by_default_and_cpus_on_torch(monkeypatc
     assert default_kernels(torch.device("cpu")) == "torch"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     assert default_kernels(torch.device("cuda")) == "torch"
+
+
+def bin_folder(model_dir, folder, state=None, name="pytorch_model.bin"):
+    """model_dir's model as a transformers folder with torch.save weights (pytorch_model.bin) instead of safetensors."""
+    model, tokenizer = load_model(model_dir, "cpu")
+    folder.mkdir()
+    model.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    torch.save(model.state_dict() if state is None else state, folder / name)
+    return model
+
+
+def test_a_folder_with_pytorch_model_bin_loads(model_dir, tmp_path, capsys):
+    folder = tmp_path / "bin"
+    model = bin_folder(model_dir, folder)
+    assert not list(folder.glob("*.safetensors"))
+    loaded, _ = load_model(folder, "cpu")
+    tokens = torch.randint(3, 8192, (1, 10))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
+    assert main(["generate", str(folder), "--prompt", "Hello", "--max-new-tokens", "3", "--seed", "0"]) == 0
+    assert capsys.readouterr().out.startswith("Hello")
+
+
+def test_bin_weights_that_do_not_fit_or_run_code_are_refused(model_dir, tmp_path, capsys):
+    model = bin_folder(model_dir, tmp_path / "shapes")
+    state = dict(model.state_dict())
+    state["model.norm.weight"] = torch.ones(7)
+    del state["model.layers.0.mlp.down_proj.weight"]
+    state["extra.weight"] = torch.ones(1)
+    torch.save(state, tmp_path / "shapes" / "pytorch_model.bin")
+    with pytest.raises(ValueError) as error:
+        load_model(tmp_path / "shapes", "cpu")
+    message = str(error.value)
+    assert "model.layers.0.mlp.down_proj.weight" in message and "extra.weight" in message
+    assert "model.norm.weight (7,) != (256,)" in message
+    bin_folder(model_dir, tmp_path / "pickle", state={"weight": torch.ones(1), "payload": print})
+    assert main(["generate", str(tmp_path / "pickle"), "--prompt", "x"]) == 2
+    assert "refused" in capsys.readouterr().err
+
+
+def test_a_folder_without_weights_says_what_it_looked_for(tmp_path, capsys):
+    ArgonneConfig.from_preset("tiny", num_hidden_layers=1).save_pretrained(tmp_path / "empty")
+    assert main(["generate", str(tmp_path / "empty"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "no weights" in err and "model.safetensors" in err and "pytorch_model.bin" in err and "COMPLETE" in err

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from argonne import load_tokenizer
-from argonne.data import DataError, PrepareSettings, StreamingTokens, TokenizeSettings, prepare_dataset
+from argonne.data import DataError, PrepareSettings, StreamingTokens, StreamPosition, TokenizeSettings, prepare_dataset
 from argonne.loader import (
     InMemoryTokens,
     PreparedBatches,
@@ -167,3 +167,34 @@ def test_streaming_starts_a_new_epoch_at_the_end(shards, tokenizer):
     assert loader.state_dict()["epoch"] >= 1
     per_epoch = next(i for i in range(1, 40) if torch.equal(batches[i], batches[0]))
     assert torch.equal(batches[per_epoch + 1], batches[1])
+
+
+def streams_with_bad_input(folder, shards):
+    """A corrupt file, then a file with a null row and an invalid UTF-8 row in its first row group, then an
+    all-digits file that no document survives, then good shards."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    corrupt = folder / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 this is not parquet")
+    good = pq.read_table(shards[0]).column("text").to_pylist()
+    texts = pa.array([good[0].encode(), None, b"bad \xff\xfe bytes", *(t.encode() for t in good[1:])],
+                     type=pa.binary()).view(pa.string())
+    pq.write_table(pa.table({"text": texts}), folder / "bad-rows.parquet", row_group_size=8)
+    digits = write_parquet(folder / "digits.parquet", ["1" * 100] * 3)
+    return [str(corrupt), str(folder / "bad-rows.parquet"), digits, *shards[1:]]
+
+
+def test_streaming_counts_what_it_skips_across_worker_processes(shards, tokenizer, tmp_path):
+    inputs = streams_with_bad_input(tmp_path / "in", shards)
+    stream = StreamingTokens(inputs, tokenizer, TokenizeSettings(on_error="skip"), workers=1)
+    assert stream.skipped() == {"null_text": 0, "invalid_utf8": 0, "files": 0}
+    list(stream.read_from(StreamPosition()))
+    assert stream.skipped() == {"null_text": 1, "invalid_utf8": 1, "files": 2}
+    list(stream.read_from(StreamPosition()))  # a second epoch skips them again
+    assert stream.skipped() == {"null_text": 2, "invalid_utf8": 2, "files": 4}
+    # The batches report the counts of their stream; by the first batch the bad rows and files were passed.
+    batches = StreamingBatches(StreamingTokens(inputs, tokenizer, TokenizeSettings(on_error="skip")), SEQ, 4)
+    next(iter(batches))
+    assert batches.skipped() == {"null_text": 1, "invalid_utf8": 1, "files": 1}

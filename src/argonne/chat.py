@@ -53,16 +53,25 @@ class ChatSession:
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def reply(self, user_text: str, write: Callable[[str], None] | None = None) -> str:
-        self.messages.append({"role": "user", "content": user_text})
+        """The assistant's answer to `user_text`, streamed to `write`. A reply that does not finish (Ctrl-C, an
+        error) leaves the history as it was before the question, so turns keep alternating user / assistant."""
+        before = self.messages
         tokenizer = self.generator.tokenizer
         budget = self.generator.config.max_position_embeddings - self.params.max_new_tokens
-        self.messages, ids = fit_history(tokenizer, self.messages, budget)
-        answer = self.generator.stream_ids(ids, self.params, write or (lambda text: None)).strip()
+        try:
+            self.messages, ids = fit_history(tokenizer, before + [{"role": "user", "content": user_text}], budget)
+            answer = self.generator.stream_ids(ids, self.params, write or (lambda text: None)).strip()
+        except BaseException:
+            self.messages = before
+            raise
         self.messages.append({"role": "assistant", "content": answer})
         return answer
 
 
-def run_chat(generator: Generator, params: SamplingParams, system: str | None, read=input, write=None) -> None:
+def run_chat(generator: Generator, params: SamplingParams, system: str | None, read=input, write=None) -> ChatSession:
+    """The interactive loop, until /quit, /exit or Ctrl-D; returns the session. As in ollama, Ctrl-C at the prompt
+    only says how to quit, and Ctrl-C during a reply stops that reply: the question and the partial answer are left
+    out of the history (ask again), and the prompt comes back."""
     write = write or (lambda text: print(text, end="", flush=True))
     session = ChatSession(generator, params, system)
     while True:
@@ -70,12 +79,17 @@ def run_chat(generator: Generator, params: SamplingParams, system: str | None, r
             user_text = read("you> ")
         except EOFError:
             write("\n")
-            return
+            return session
+        except KeyboardInterrupt:
+            write("\nUse /quit or Ctrl-D to exit.\n")
+            continue
         if not user_text.strip():
             continue
         if user_text.strip() in ("/quit", "/exit"):
-            return
+            return session
         write("assistant> ")
-        session.reply(user_text, write)
+        try:
+            session.reply(user_text, write)
+        except KeyboardInterrupt:
+            pass  # the reply stops here; the session is as it was before the question
         write("\n")
-

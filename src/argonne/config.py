@@ -15,7 +15,9 @@ Every field can be overridden on the command line as `--section.field=value` (th
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -165,23 +167,39 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _build_section(cls, values: dict, section: str):
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig,
+            "checkpoint": CheckpointConfig, "distill": DistillConfig, "train": TrainConfig}
+
+
+def _unknown_names(unknown: list[str], known) -> str:
+    """"['lrr'] (did you mean 'lr'?)": the unknown names with the closest known one for each that has one."""
+    matches = {name: difflib.get_close_matches(name, list(known), n=1) for name in unknown}
+    hints = [repr(match[0]) if len(unknown) == 1 else f"{match[0]!r} for {name!r}"
+             for name, match in matches.items() if match]
+    return f"{unknown}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+
+
+def _build_section(cls, values, section: str, problems: list[str]):
+    """The section's dataclass from its known fields; unknown fields and a section that is no table are problems."""
+    if not isinstance(values, dict):
+        problems.append(f"[{section}] must be a table of fields, got {values!r}")
+        return cls()
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"[{section}] has unknown field(s) {unknown}; known: {sorted(known)}")
-    return cls(**values)
+        problems.append(f"[{section}] has unknown field(s) {_unknown_names(unknown, known)}; known: {sorted(known)}")
+    return cls(**{name: value for name, value in values.items() if name in known})
 
 
 def build_run_config(values: dict) -> RunConfig:
-    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(values) - set(sections))
+    """A checked RunConfig from nested dicts (a TOML document); every problem is reported in one ConfigError."""
+    problems = []
+    unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown section(s) {unknown}; known: {sorted(sections)}")
-    classes = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig,
-               "checkpoint": CheckpointConfig, "distill": DistillConfig, "train": TrainConfig}
-    config = RunConfig(**{name: _build_section(classes[name], values.get(name, {}), name) for name in classes})
-    validate(config)
+        problems.append(f"unknown section(s) {_unknown_names(unknown, SECTIONS)}; known: {sorted(SECTIONS)}")
+    config = RunConfig(**{name: _build_section(cls, values.get(name, {}), name, problems)
+                          for name, cls in SECTIONS.items()})
+    validate(config, problems)
     return config
 
 
@@ -212,43 +230,133 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
     for text in overrides:
         keys, value = parse_override(text)
         target = values
-        for key in keys[:-1]:
+        for depth, key in enumerate(keys[:-1]):
             target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"cannot apply {text!r}: {'.'.join(keys[:depth + 1])} is not a table")
         target[keys[-1]] = value
     return build_run_config(values)
 
 
-def validate(config: RunConfig) -> None:
-    problems = []
-    positive = {
-        "data.seq_len": config.data.seq_len,
-        "train.steps": config.train.steps,
-        "train.micro_batch_size": config.train.micro_batch_size,
-        "train.grad_accum": config.train.grad_accum,
-        "train.log_every": config.train.log_every,
-        "optim.lr": config.optim.lr,
-        "parallel.tensor_parallel": config.parallel.tensor_parallel,
-    }
-    problems += [f"{name} must be > 0, got {value}" for name, value in positive.items() if value <= 0]
-    if config.optim.min_lr > config.optim.lr:
-        problems.append(f"optim.min_lr ({config.optim.min_lr}) must not exceed optim.lr ({config.optim.lr})")
-    if config.optim.warmup_steps < 0:
-        problems.append(f"optim.warmup_steps must be >= 0, got {config.optim.warmup_steps}")
-    if config.train.dtype not in ("auto", "bfloat16", "float32"):
-        problems.append(f"train.dtype must be auto, bfloat16 or float32, got {config.train.dtype!r}")
+def _above(low):
+    return (lambda value: value > low), f"> {low}"
+
+
+def _at_least(low):
+    return (lambda value: value >= low), f">= {low}"
+
+
+def _fraction(include_one: bool = False):
+    if include_one:
+        return (lambda value: 0 <= value <= 1), "in [0, 1]"
+    return (lambda value: 0 <= value < 1), "in [0, 1)"
+
+
+# Numeric fields whose range means something: "section.field" -> (check, what the value must be).
+RANGES = {
+    "data.seq_len": _above(0),
+    "data.val_fraction": _fraction(),  # 1 would hold every document out
+    "data.val_windows": _at_least(0),
+    "data.workers": _at_least(0),
+    "optim.lr": _above(0),
+    "optim.min_lr": _at_least(0),
+    "optim.warmup_steps": _at_least(0),
+    "optim.weight_decay": _at_least(0),
+    "optim.beta1": _fraction(),
+    "optim.beta2": _fraction(),
+    "optim.eps": _above(0),
+    "optim.grad_clip": _at_least(0),
+    "parallel.tensor_parallel": _above(0),
+    "checkpoint.every": _at_least(0),
+    "checkpoint.keep": _at_least(0),
+    "distill.alpha": _fraction(include_one=True),
+    "distill.temperature": _above(0),
+    "distill.chunk": _above(0),
+    "train.steps": _above(0),
+    "train.micro_batch_size": _above(0),
+    "train.grad_accum": _above(0),
+    "train.seed": _at_least(0),  # numpy's generators take no negative seed
+    "train.log_every": _above(0),
+    "train.eval_every": _at_least(0),
+    "train.max_nonfinite_in_a_row": _at_least(1),
+    "train.peak_tflops": _at_least(0),
+    "train.sample_every": _at_least(0),
+    "train.sample_tokens": _at_least(0),
+}
+
+# String fields with a fixed set of values.
+CHOICES = {
+    "train.dtype": ("auto", "bfloat16", "float32"),
+    "parallel.activation_checkpointing": ACTIVATION_CHECKPOINTING,
+    "data.on_error": ("fail", "skip"),
+}
+
+
+def _expected_type(value, annotation) -> str | None:
+    """What `value` should be when it does not match the field annotation `annotation`, else None."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)  # TOML's true is no number
+    if annotation is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if annotation is int:
+        return None if is_int else "an integer"
+    if annotation is float:
+        return None if is_int or isinstance(value, float) else "a number"
+    if annotation is str:
+        return None if isinstance(value, str) else "a string"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is list and args == (str,):
+        return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a list of strings"
+    if origin is dict:
+        return None if isinstance(value, dict) else "a table such as {name = value}"
+    raise TypeError(f"no type check for annotation {annotation}")  # a new kind of config field needs one here
+
+
+def _check_types(config: RunConfig, problems: list[str]) -> set[str]:
+    """Check every field against its annotation; ints given for floats become floats. Returns the fields whose
+    type is wrong (so no range check runs on them)."""
+    wrong = set()
+    for section in dataclasses.fields(config):
+        part = getattr(config, section.name)
+        for name, annotation in typing.get_type_hints(type(part)).items():
+            value = getattr(part, name)
+            expected = _expected_type(value, annotation)
+            if expected is not None:
+                wrong.add(f"{section.name}.{name}")
+                problems.append(f"{section.name}.{name} must be {expected}, got {value!r} ({type(value).__name__})")
+            elif annotation is float:
+                setattr(part, name, float(value))
+    return wrong
+
+
+def _field(config: RunConfig, name: str):
+    section, field_name = name.split(".")
+    return getattr(getattr(config, section), field_name)
+
+
+def validate(config: RunConfig, problems: list[str] | None = None) -> None:
+    """Check every field's type, then ranges, choices and combinations; raise one ConfigError naming every problem
+    (with any `problems` found before)."""
+    problems = [] if problems is None else problems
+    # Shorthands the config accepts: one input for a list of them, true/false for full/none checkpointing.
     if isinstance(config.data.inputs, str):
         config.data.inputs = [config.data.inputs]
     if isinstance(config.data.sft, str):
         config.data.sft = [config.data.sft]
+    if isinstance(config.parallel.activation_checkpointing, bool):
+        config.parallel.activation_checkpointing = "full" if config.parallel.activation_checkpointing else "none"
+    wrong_type = _check_types(config, problems)
+    for name, (in_range, rule) in RANGES.items():
+        value = _field(config, name)
+        if name not in wrong_type and not in_range(value):
+            problems.append(f"{name} must be {rule}, got {value}")
+    for name, choices in CHOICES.items():
+        value = _field(config, name)
+        if name not in wrong_type and value not in choices:
+            problems.append(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+    if not {"optim.lr", "optim.min_lr"} & wrong_type and config.optim.min_lr > config.optim.lr:
+        problems.append(f"optim.min_lr ({config.optim.min_lr}) must not exceed optim.lr ({config.optim.lr})")
     if sum(map(bool, (config.data.inputs, config.data.prepared, config.data.sft))) != 1:
         problems.append("set exactly one of data.inputs (stream from parquet), data.prepared (prepared folder) "
                         "and data.sft (instruction data)")
-    checkpointing = config.parallel.activation_checkpointing
-    if isinstance(checkpointing, bool):
-        config.parallel.activation_checkpointing = "full" if checkpointing else "none"
-    elif checkpointing not in ACTIVATION_CHECKPOINTING:
-        problems.append(f"parallel.activation_checkpointing must be none, full or selective, got {checkpointing!r}")
-    if config.data.on_error not in ("fail", "skip"):
-        problems.append(f"data.on_error must be fail or skip, got {config.data.on_error!r}")
     if problems:
         raise ConfigError("invalid run config: " + "; ".join(problems))

@@ -7,6 +7,9 @@ installed.
 
 from __future__ import annotations
 
+import difflib
+import inspect
+
 from transformers import PretrainedConfig
 
 NORM_TYPES = ("rmsnorm", "layernorm")
@@ -221,4 +224,26 @@ class ArgonneConfig(PretrainedConfig):
         """The named preset (see PRESETS), with any field overridden, e.g. `from_preset("tiny", vocab_size=151665)`."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+        # transformers keeps any unknown keyword as an attribute, so a misspelt field would silently leave the
+        # preset's value in place.
+        own, inherited = cls.field_names()
+        unknown = [key for key in overrides if key not in own | inherited]
+        if unknown:
+            raise ValueError("; ".join(_unknown_field(key, own, inherited) for key in unknown))
         return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def field_names(cls) -> tuple[set[str], set[str]]:
+        """The fields the constructor takes: Argonne's own, and PretrainedConfig's (dtype, output_hidden_states...)."""
+        own = set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+        inherited = set(inspect.signature(PretrainedConfig.__init__).parameters) - {"self", "kwargs"}
+        # PretrainedConfig also takes these through its **kwargs.
+        inherited |= {"torch_dtype", "attn_implementation", "output_attentions", "name_or_path"}
+        return own, inherited
+
+
+def _unknown_field(name: str, own: set[str], inherited: set[str]) -> str:
+    """The message for a misspelt field, suggesting the closest of Argonne's own fields first."""
+    match = (difflib.get_close_matches(name, sorted(own), n=1)
+             or difflib.get_close_matches(name, sorted(inherited), n=1))
+    return f"unknown model field {name!r}" + (f" (did you mean {match[0]!r}?)" if match else "")

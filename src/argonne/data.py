@@ -236,11 +236,22 @@ def _empty_stats() -> dict:
     return {reason: {"documents": 0, "tokens": 0} for reason in (KEPT, HELD_OUT, *DROP_REASONS)}
 
 
+def _is_text_type(kind: pa.DataType) -> bool:
+    """Strings or bytes (checked as UTF-8 row by row), plain or dictionary-encoded (pandas' category dtype)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return any(check(kind) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                                         pa.types.is_large_binary))
+
+
 def _read_text_column(path: str, parquet: pq.ParquetFile, row_group: int, settings: TokenizeSettings):
     names = parquet.schema_arrow.names
     columns = [settings.text_column] + ([settings.id_column] if settings.id_column in names else [])
     table = parquet.read_row_group(row_group, columns=columns)
-    texts = table.column(settings.text_column).combine_chunks()
+    texts = table.column(settings.text_column)
+    if pa.types.is_dictionary(texts.type):
+        texts = texts.cast(texts.type.value_type)  # one value per row, as a plain column holds them
+    texts = texts.combine_chunks()
     ids = table.column(settings.id_column).combine_chunks() if settings.id_column in names else None
     return texts, ids
 
@@ -350,8 +361,7 @@ def check_text_column(path: str, parquet: pq.ParquetFile, settings: TokenizeSett
     if settings.text_column not in schema.names:
         raise DataError(f"{path}: no column {settings.text_column!r}; columns are {schema.names}")
     kind = schema.field(settings.text_column).type
-    if not any(check(kind) for check in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
-                                         pa.types.is_large_binary)):
+    if not _is_text_type(kind):
         raise DataError(f"{path}: column {settings.text_column!r} holds {kind}, not text")
     if parquet.metadata.num_rows == 0:
         raise DataError(f"{path}: the file has no rows")
@@ -528,13 +538,25 @@ def _finished_shard(done: Path, source: dict, config_record: dict) -> dict | Non
 
 
 def _prepare_shard(path, source, paths, pool: RowGroupPool, tok: TokenizeSettings, config_record, on_part) -> dict:
+    train_tmp = paths["train"].with_name(paths["train"].name + ".tmp")
+    val_tmp = paths["val"].with_name(paths["val"].name + ".tmp")
     record = {"index": int(paths["done"].stem), "source": source, "config": config_record}
+    try:
+        return _write_shard(path, paths, (train_tmp, val_tmp), pool, tok, record, on_part)
+    finally:
+        # A shard that failed, was skipped or was interrupted (Ctrl-C) leaves no partial files behind; a finished
+        # one has already renamed them.
+        train_tmp.unlink(missing_ok=True)
+        val_tmp.unlink(missing_ok=True)
+
+
+def _write_shard(path, paths, tmps, pool: RowGroupPool, tok: TokenizeSettings, record: dict, on_part) -> dict:
+    """Tokenize one input file into the temporary files `tmps`, then rename them and mark the shard done."""
     stats = _empty_stats()
+    train_tmp, val_tmp = tmps
     try:
         parquet = open_parquet(path)
         check_text_column(path, parquet, tok)
-        train_tmp = paths["train"].with_name(paths["train"].name + ".tmp")
-        val_tmp = paths["val"].with_name(paths["val"].name + ".tmp")
         train_tokens = val_tokens = 0
         with open(train_tmp, "wb") as train_f, open(val_tmp, "wb") as val_f:
             tasks = ((path, g, tok) for g in range(parquet.num_row_groups))
@@ -609,10 +631,17 @@ class StreamingTokens:
         self.boundary = document_boundary_id(tokenizer)
         self.settings = settings
         self.workers = workers
+        self._skipped = _no_skips()
+
+    def skipped(self) -> dict[str, int]:
+        """What on_error="skip" has skipped so far in this process, as prepare's manifest counts it: rows whose text
+        is null or not UTF-8, and whole files (unreadable, no text column, no document left). Every pass counts: a
+        row skipped in two epochs counts twice."""
+        return dict(self._skipped)
 
     def read_from(self, start: StreamPosition) -> Iterator[tuple[np.ndarray, StreamPosition]]:
         with RowGroupPool(self.tokenizer, self.boundary, self.workers) as pool:
-            for part, file_index in pool_map_files(pool, self.files, start.file, self.settings):
+            for part, file_index in pool_map_files(pool, self.files, start.file, self.settings, self._skipped):
                 if len(part.tokens) == 0:
                     continue
                 starts = np.concatenate(([0], np.cumsum(part.doc_lengths)[:-1]))
@@ -647,8 +676,20 @@ class _Positions:
         return StreamPosition(self.file, int(self.doc_rows[doc]), offset)
 
 
-def pool_map_files(pool: RowGroupPool, files: list[str], first_file: int, settings: TokenizeSettings):
-    """(RowGroupTokens, file index) for every row group of files[first_file:], in order; bad files as in prepare."""
+# What streaming skips under on_error="skip": the row-level reasons of RowGroupTokens.stats, and whole files.
+SKIPPED_ROWS = ("null_text", "invalid_utf8")
+
+
+def _no_skips() -> dict[str, int]:
+    return {**dict.fromkeys(SKIPPED_ROWS, 0), "files": 0}
+
+
+def pool_map_files(pool: RowGroupPool, files: list[str], first_file: int, settings: TokenizeSettings,
+                   skipped: dict[str, int] | None = None):
+    """(RowGroupTokens, file index) for every row group of files[first_file:], in order; bad files as in prepare.
+    `skipped` (see `_no_skips`) adds up the rows and files skipped; the row counts come back from the workers in
+    each part's stats."""
+    skipped = _no_skips() if skipped is None else skipped
 
     def tasks():
         for index in range(first_file, len(files)):
@@ -660,6 +701,7 @@ def pool_map_files(pool: RowGroupPool, files: list[str], first_file: int, settin
                 if settings.on_error != "skip":
                     raise
                 log.warning("skipping file %s", error)
+                skipped["files"] += 1
                 continue
             for group in range(parquet.num_row_groups):
                 yield index, (path, group, settings)
@@ -681,6 +723,7 @@ def pool_map_files(pool: RowGroupPool, files: list[str], first_file: int, settin
             if settings.on_error != "skip":
                 raise error
             log.warning("skipping file %s", error)
+            skipped["files"] += 1
 
     for part in pool.map(only_tasks()):
         index = indices.popleft()
@@ -688,6 +731,8 @@ def pool_map_files(pool: RowGroupPool, files: list[str], first_file: int, settin
             check_finished_file()
             current, current_stats = index, _empty_stats()
         merge_stats(current_stats, part.stats)
+        for reason in SKIPPED_ROWS:
+            skipped[reason] += part.stats[reason]["documents"]
         yield part, index
     check_finished_file()
 

@@ -57,6 +57,19 @@ class SamplingParams:
             raise ValueError("; ".join(problems))
 
 
+@dataclass
+class Completion:
+    """What one prompt's generation made."""
+
+    text: str
+    """The continuation, cut at EOS or before a stop string."""
+    token_count: int
+    """Tokens the model made for this row, counting the one that ended it (an EOS or stop token, or the token that
+    completed a stop string), as vLLM counts; not the tokens a batch goes on making after the row has ended."""
+    finish_reason: str
+    """"stop" (EOS, a stop token or a stop string), "length" (max_new_tokens made) or "cancelled" (`should_stop`)."""
+
+
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """logits (B, V); seen (B, V) bool. Positive logits of seen tokens are divided by the penalty, negative ones
     multiplied, so a seen token always becomes less likely (as transformers does)."""
@@ -76,6 +89,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the tokens before it already reach top_p; the most likely token is always kept.
         drop_sorted = (probs.cumsum(dim=-1) - probs) >= top_p
+        drop_sorted[..., 0] = False  # (a top_p below float32's smallest value would compare 0 >= 0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -388,13 +402,31 @@ class Generator:
     def stream_ids(self, prompt_ids: Sequence[int], params: SamplingParams, write: Callable[[str], None]) -> str:
         return self._run([prompt_ids], params, stream=write)[0]
 
+    def complete_ids(
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
+        write: Callable[[str], None] | None = None, should_stop: Callable[[], bool] | None = None,
+    ) -> list[Completion]:
+        """Each prompt's continuation with its token count and finish reason (batched). `write` receives row 0's text
+        as it is made; `should_stop()` is asked after every token, and True ends the generation there (a client
+        that went away), its unfinished rows "cancelled"."""
+        rows = StopStrings(self.tokenizer, len(prompt_ids), params.stop, self._eos_ids(params), write)
+        cancelled = False
+
+        def on_tokens(new: torch.Tensor) -> bool:
+            nonlocal cancelled
+            if rows.add(new):
+                return True
+            cancelled = should_stop is not None and should_stop()
+            return cancelled
+
+        self.generate_ids(prompt_ids, params, on_tokens=on_tokens)
+        return rows.completions(unfinished_reason="cancelled" if cancelled else "length")
+
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False).input_ids
 
     def _run(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, stream) -> list[str]:
-        texts = StopStrings(self.tokenizer, len(prompt_ids), params.stop, self._eos_ids(params), stream)
-        self.generate_ids(prompt_ids, params, on_tokens=texts.add)
-        return texts.finish()
+        return [completion.text for completion in self.complete_ids(prompt_ids, params, write=stream)]
 
 
 def _copy_to_host(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
@@ -437,6 +469,9 @@ class StopStrings:
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.texts = [""] * rows
         self.done = [False] * rows
+        # Per row: every token made until the row ended, the ending one included (an EOS is not in `tokens`).
+        self.token_counts = [0] * rows
+        self.finish_reasons: list[str | None] = [None] * rows
         # Per row: the context tokens start at context_start, the tokens not yet turned into text at read_from.
         self.context_start = [0] * rows
         self.read_from = [0] * rows
@@ -446,7 +481,9 @@ class StopStrings:
         for row, token in enumerate(new.tolist()):
             if self.done[row]:
                 continue
+            self.token_counts[row] += 1
             if token in self.eos_ids:
+                self.finish_reasons[row] = "stop"
                 self._end(row)
                 continue
             self.tokens[row].append(token)
@@ -473,7 +510,7 @@ class StopStrings:
         for stop in self.stop:  # only where the new piece can complete a stop string
             at = text.find(stop, max(0, len(self.texts[row]) - len(stop) + 1))
             if at >= 0:
-                text, self.done[row] = text[:at], True
+                text, self.done[row], self.finish_reasons[row] = text[:at], True, "stop"
         self.texts[row] = text
 
     def _end(self, row: int) -> None:
@@ -496,12 +533,19 @@ class StopStrings:
             self.streamed = safe
 
     def finish(self) -> list[str]:
+        return [completion.text for completion in self.completions()]
+
+    def completions(self, unfinished_reason: str = "length") -> list[Completion]:
+        """Ends the rows still going (the generation stopped before their EOS: `unfinished_reason`) and returns
+        each row's text, token count and finish reason."""
         for row, done in enumerate(self.done):
             if not done:
-                self._end(row)
+                self.finish_reasons[row] = unfinished_reason
+                self._end(row)  # may still find a stop string in the text held back, and say "stop"
         if self.stream is not None:
             self._emit(final=True)
-        return self.texts
+        return [Completion(text, count, reason)
+                for text, count, reason in zip(self.texts, self.token_counts, self.finish_reasons)]
 
 
 def load_model(path: str | Path, device: str = "auto") -> tuple[ArgonneForCausalLM, object]:
@@ -510,18 +554,48 @@ def load_model(path: str | Path, device: str = "auto") -> tuple[ArgonneForCausal
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path}: not a model folder or checkpoint (no config.json)")
-    target = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
+    from .device import resolve_device
+
+    target = resolve_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    from .checkpoint import COMPLETE
+
     if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
         model = ArgonneForCausalLM.from_pretrained(path, dtype=dtype)
-    else:
+    elif (path / COMPLETE).is_file() or (path / ".metadata").is_file():  # a training checkpoint (DCP)
         from .checkpoint import load_model_weights
 
         model = ArgonneForCausalLM(ArgonneConfig.from_pretrained(path))
         load_model_weights(path, model)
         model.to(dtype)
+    elif any(file for pattern in TORCH_WEIGHT_FILES for file in path.glob(pattern)):
+        model = _load_torch_weights(path).to(dtype)
+    else:
+        raise FileNotFoundError(
+            f"{path}: no weights: looked for model.safetensors (or model.safetensors.index.json), "
+            f"{' / '.join(TORCH_WEIGHT_FILES)} (pytorch_model.bin), and a training checkpoint's {COMPLETE} marker"
+        )
     return model.to(target).eval(), load_tokenizer(path)
+
+
+# torch.save weight files, as older transformers folders hold them (pytorch_model.bin); export.read_weights's names.
+TORCH_WEIGHT_FILES = ("*.bin", "*.pth", "*.pt")
+
+
+def _load_torch_weights(path: Path) -> ArgonneForCausalLM:
+    """A model from config.json and torch.save weights, read with weights_only=True (a pickle that needs any other
+    object is refused, so loading runs no code); every weight must be there, with its shape, and nothing else."""
+    from .export import ConversionError, read_weights, weight_mismatch
+
+    model = ArgonneForCausalLM(ArgonneConfig.from_pretrained(path))
+    state = read_weights(path)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # transformers may save the tied head; it is the embedding
+    problems = weight_mismatch(model.state_dict(), state)
+    if problems:
+        raise ConversionError(f"{path}: the weights do not match config.json: {problems}")
+    model.load_state_dict(state, strict=True)
+    return model
 
 
 def read_prompts(prompt: str | None, prompt_file: str | None) -> list[str]:

@@ -229,6 +229,10 @@ class StreamingBatches:
         self.pin_memory = pin_memory
         self.position, self.epoch, self.samples = StreamPosition(), 0, 0
 
+    def skipped(self) -> dict[str, int]:
+        """Rows and files the stream skipped so far (on_error="skip"); see StreamingTokens.skipped."""
+        return self.stream.skipped()
+
     def state_dict(self) -> dict:
         return {"position": asdict(self.position), "epoch": self.epoch, "samples": self.samples,
                 "seq_len": self.seq_len}

@@ -9,6 +9,7 @@ after an `<|endoftext|>`, which the model learns as "a new document begins". Cha
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,22 +28,51 @@ CHATML_TEMPLATE = (
 )
 
 
+class TokenizerError(ValueError):
+    """A tokenizer that cannot be loaded: the message names it and says why."""
+
+
+# A hub repository id: "name" or "owner/name" of letters, digits, "-", "_" and ".".
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def looks_local(name: str) -> bool:
+    """Whether `name` means a folder rather than a hub repository: it starts with ".", "~" or "/", has more than one
+    "/" (or a "\\"), or its parent folder exists here (a typo in the last part of a real path)."""
+    if name.startswith((".", "~", "/")) or not _HUB_ID.fullmatch(name):
+        return True
+    parent = Path(name).parent
+    return parent != Path(".") and parent.is_dir()
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
     """Any Hugging Face tokenizer: a local folder (works offline) or a hub name such as "Qwen/Qwen2.5-3B-Instruct"
-    (needs the network the first time, then the local hub cache)."""
-    name_or_path = str(name_or_path or DEFAULT_TOKENIZER)
-    local = Path(name_or_path).expanduser()
+    (needs the network the first time, then the local hub cache). Raises TokenizerError when it cannot be loaded."""
+    name = str(name_or_path or DEFAULT_TOKENIZER)
+    local = Path(name).expanduser()
     if local.exists():
         if not local.is_dir():
-            raise ValueError(f"tokenizer path {local} is a file; pass the folder that holds tokenizer files")
-        return AutoTokenizer.from_pretrained(local)
+            raise TokenizerError(f"tokenizer path {local} is a file; pass the folder that holds tokenizer files")
+        try:
+            return AutoTokenizer.from_pretrained(local)
+        except (OSError, ValueError) as error:
+            raise TokenizerError(f"{local} holds no tokenizer transformers can load "
+                                 f"(tokenizer.json, tokenizer_config.json): {_first_line(error)}") from None
+    if looks_local(name):
+        raise TokenizerError(f"tokenizer folder {name} does not exist")
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
-    except OSError as error:
-        raise OSError(
-            f"could not load tokenizer {name_or_path!r}: not a local folder, and the hub did not serve it "
-            f"(offline? pass a local folder such as ../shared/data/qwen2.5-tokenizer). Cause: {error}"
-        ) from error
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as error:  # offline, no such repository, a name the hub rejects
+        # One message rather than transformers' chain of hub tracebacks.
+        raise TokenizerError(
+            f"could not load tokenizer {name!r}: no such local folder, and the Hugging Face hub did not serve it "
+            f"(offline, or no such repository?); pass a local folder such as ../shared/data/qwen2.5-tokenizer "
+            f"({_first_line(error)})"
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def document_boundary_id(tokenizer: PreTrainedTokenizerBase) -> int:

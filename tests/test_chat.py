@@ -1,0 +1,77 @@
+"""`argonne chat`'s loop: Ctrl-C at the prompt and mid-reply (the conversation itself: test_evaluate.py)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from argonne import load_tokenizer
+from argonne.chat import ChatSession, run_chat
+from argonne.generate import SamplingParams
+
+from .conftest import SAMPLE_TOKENIZER
+
+
+class ScriptedGenerator:
+    """Stands in for Generator: every reply is "Hello there", streamed in two pieces; records each prompt."""
+
+    def __init__(self):
+        self.tokenizer = load_tokenizer(SAMPLE_TOKENIZER)
+        self.config = SimpleNamespace(max_position_embeddings=1024)
+        self.prompts = []
+
+    def stream_ids(self, ids, params, write):
+        self.prompts.append(self.tokenizer.decode(ids))
+        for piece in ("Hello", " there"):
+            write(piece)
+        return "Hello there"
+
+
+def scripted(*replies):
+    """A `read` that answers each prompt from `replies`, raising the exceptions among them."""
+    replies = iter(replies)
+
+    def read(prompt):
+        reply = next(replies)
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    return read
+
+
+PARAMS = SamplingParams(max_new_tokens=8, temperature=0)
+
+
+def test_ctrl_c_at_the_prompt_says_how_to_quit_and_goes_on():
+    written = []
+    session = run_chat(ScriptedGenerator(), PARAMS, None, read=scripted(KeyboardInterrupt(), "hi", "/quit"),
+                       write=written.append)
+    assert "/quit or Ctrl-D to exit" in "".join(written)
+    assert [m["content"] for m in session.messages] == ["hi", "Hello there"]
+
+
+def test_ctrl_c_mid_reply_stops_it_and_drops_the_exchange():
+    generator, written = ScriptedGenerator(), []
+
+    def write(text):
+        if text == " there" and len(generator.prompts) == 1:
+            raise KeyboardInterrupt  # the user presses Ctrl-C while the first reply streams
+        written.append(text)
+
+    session = run_chat(generator, PARAMS, "Be brief.", read=scripted("first", "second", "/quit"), write=write)
+    assert "".join(written).startswith("assistant> Hello\n")  # the prompt comes back on a new line
+    # The interrupted question and its partial reply are not in the history the next reply sees.
+    assert "first" not in generator.prompts[1] and "second" in generator.prompts[1]
+    assert [m["content"] for m in session.messages] == ["Be brief.", "second", "Hello there"]
+
+
+def test_an_interrupted_reply_leaves_the_session_as_it_was():
+    session = ChatSession(ScriptedGenerator(), PARAMS)
+    session.reply("first")
+
+    def interrupt(text):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        session.reply("second", interrupt)
+    assert [m["content"] for m in session.messages] == ["first", "Hello there"]
