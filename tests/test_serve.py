@@ -1,20 +1,27 @@
 """The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn on 127.0.0.1."""
 
+import contextlib
+import http.client
 import json
+import math
+import random
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
 
 import openai
 import pytest
 import torch
 import uvicorn
+from fastapi.testclient import TestClient
 
-from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+from argonne import ArgonneConfig, ArgonneForCausalLM, cli, load_tokenizer
+from argonne.chat import render
 from argonne.generate import Generator, SamplingParams
-from argonne.serve import ServerLimits, build_app
+from argonne.serve import API_KEY_ENV, ServerLimits, build_app
 
 from .conftest import SAMPLE_TOKENIZER
 from .test_distributed import free_port
@@ -31,8 +38,12 @@ def generator():
 
 
 @pytest.fixture(scope="module")
-def server(generator):
-    app = build_app(generator, "tiny", api_key=KEY, limits=ServerLimits(max_prompt_tokens=120, max_tokens=32))
+def app(generator):
+    return build_app(generator, "tiny", api_key=KEY, limits=ServerLimits(max_prompt_tokens=120, max_tokens=32))
+
+
+@pytest.fixture(scope="module")
+def server(app):
     port = free_port()
     instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
@@ -83,7 +94,7 @@ def test_chat_completion_and_streaming_agree(client):
                                             stream=True)
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
 
 
@@ -124,13 +135,40 @@ def raw_post(server, path, body: bytes, key=KEY):
         (json.dumps({"prompt": "hi", "top_p": 0}).encode(), 400, "top_p"),
         (json.dumps({"prompt": 5}).encode(), 400, "prompt"),
         (json.dumps({"prompt": "hi", "stop": [1]}).encode(), 400, "stop"),
+        (json.dumps({"prompt": "hi", "top_k": -5}).encode(), 400, "top_k"),
+        (json.dumps({"prompt": "hi", "repetition_penalty": 0}).encode(), 400, "repetition_penalty"),
+        (json.dumps({"prompt": "hi", "repetition_penalty": -1}).encode(), 400, "repetition_penalty"),
+        (json.dumps({"prompt": "hi", "repetition_penalty": 1e-300}).encode(), 400, "repetition_penalty"),
+        (json.dumps({"prompt": "hi", "seed": "abc"}).encode(), 400, "seed"),
+        (json.dumps({"prompt": "hi", "seed": 1.5}).encode(), 400, "seed"),
+        (json.dumps({"prompt": "hi", "seed": 1e23}).encode(), 400, "seed"),
+        (json.dumps({"prompt": "hi", "seed": 2**64}).encode(), 400, "seed"),
+        (b'{"prompt": "hi", "max_tokens": 1e400}', 400, "max_tokens"),  # JSON's 1e400 parses as inf
+        (b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
+        (json.dumps({"prompt": "hi", "stream": "yes"}).encode(), 400, "stream"),
+        (json.dumps({"prompt": "hi", "stream_options": {"include_usage": True}}).encode(), 400, "stream_options"),
+        (json.dumps({"prompt": "hi", "n": 2}).encode(), 400, "n"),
+        (json.dumps({"prompt": "hi", "echo": True}).encode(), 400, "echo"),
+        (json.dumps({"prompt": "a\ud800b"}).encode(), 400, "prompt"),  # a lone surrogate the tokenizer refuses
+        (json.dumps({"prompt": [1, -1]}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": [[5, 8192]]}).encode(), 400, "prompt"),  # the tiny model's vocabulary is 8,192
+        (json.dumps({"prompt": [5, True]}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": ["a", 5]}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": []}).encode(), 400, "prompt"),
+        (json.dumps({"prompt": ["hi"] * 17}).encode(), 400, "prompt"),
+        (b"[" * 100_000, 400, None),  # nesting deeper than Python's JSON parser recurses
+        (b'{"prompt": "hi", "seed": 1' + b"0" * 5000 + b"}", 400, None),  # more digits than Python converts
     ],
     ids=["malformed-json", "unknown-model", "prompt-too-long", "max-tokens", "temperature", "top-p",
-         "prompt-type", "stop-type"],
+         "prompt-type", "stop-type", "top-k-negative", "repetition-penalty-0", "repetition-penalty-negative",
+         "repetition-penalty-tiny", "seed-string", "seed-float", "seed-1e23", "seed-2**64", "max-tokens-inf",
+         "temperature-nan", "stream-string", "stream-options-without-stream", "n", "echo", "lone-surrogate",
+         "token-id-negative", "token-id-outside-vocabulary", "token-id-bool", "prompt-list-mixed",
+         "prompt-list-empty", "too-many-prompts", "deep-nesting", "huge-integer"],
 )
 def test_bad_requests_get_4xx_json_errors(server, body, status, param):
     code, reply = raw_post(server, "/v1/completions", body)
-    assert code == status
+    assert code == status, reply
     assert reply["error"]["message"] and reply["error"]["param"] == param
     assert raw_post(server, "/v1/completions", json.dumps({"prompt": "still up", "max_tokens": 2}).encode())[0] == 200
 
@@ -151,3 +189,391 @@ def test_api_key_is_required_except_for_health(server):
     unauthenticated = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         unauthenticated.models.list()
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": -1}, "max_completion_tokens"),
+        ({"messages": [{"role": "user", "content": ["hi"]}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1e400}, "top_p"),
+        ({"messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": {"include_usage": 1}},
+         "stream_options"),
+    ],
+    ids=["max-completion-tokens", "content-list", "lone-surrogate", "messages-string", "top-p-inf",
+         "include-usage-type"],
+)
+def test_bad_chat_requests_get_4xx_json_errors(server, body, param):
+    code, reply = raw_post(server, "/v1/chat/completions", json.dumps(body).encode())
+    assert code == 400, reply
+    assert reply["error"]["param"] == param
+
+
+def test_a_tiny_temperature_decodes_greedily(client, generator):
+    # Logits divided by 1e-300 overflow to inf and sampling would fail; such temperatures decode greedily.
+    result = client.completions.create(model="tiny", prompt="The database", max_tokens=6, temperature=1e-300)
+    assert result.choices[0].text == greedy_text(generator, "The database", 6)
+
+
+def test_an_unexpected_server_error_answers_500_in_openai_shape(generator, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(generator, "generate_ids", broken)
+    with TestClient(build_app(generator, "tiny"), raise_server_exceptions=False) as test_client:
+        reply = test_client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert reply.status_code == 500
+        assert reply.json()["error"]["type"] == "server_error"
+        streamed = test_client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "stream": True})
+        events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+        assert "error" in json.loads(events[-2]) and events[-1] == "[DONE]"  # the stream says so and ends
+        assert test_client.get("/health").json() == {"status": "ok"}
+
+
+def raw_connection(server) -> http.client.HTTPConnection:
+    address = urlparse(server)
+    return http.client.HTTPConnection(address.hostname, address.port, timeout=5)
+
+
+def test_a_body_over_the_limit_gets_413_before_it_is_read(server):
+    connection = raw_connection(server)
+    connection.putrequest("POST", "/v1/completions")
+    for name, value in [("Content-Type", "application/json"), ("Authorization", f"Bearer {KEY}"),
+                        ("Content-Length", str(30_000_000))]:
+        connection.putheader(name, value)
+    connection.endheaders(b'{"prompt": "')  # and never the other 30 MB: the answer must not wait for them
+    response = connection.getresponse()
+    assert response.status == 413
+    assert json.loads(response.read())["error"]["code"] == "request_too_large"
+    connection.close()
+
+
+def test_a_chunked_body_over_the_limit_gets_413(server):
+    connection = raw_connection(server)
+    connection.putrequest("POST", "/v1/completions")
+    for name, value in [("Content-Type", "application/json"), ("Authorization", f"Bearer {KEY}"),
+                        ("Transfer-Encoding", "chunked")]:
+        connection.putheader(name, value)
+    connection.endheaders()
+    piece = b"x" * 65536
+    body = [b'{"prompt": "'] + [piece] * (ServerLimits().max_body_bytes // len(piece) + 1) + [b'"}']
+    with contextlib.suppress(ConnectionError):  # the server may close the connection before reading it all
+        for chunk in body:
+            connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        connection.send(b"0\r\n\r\n")
+    response = connection.getresponse()
+    assert response.status == 413
+    assert json.loads(response.read())["error"]["code"] == "request_too_large"
+    connection.close()
+
+
+class GatedTokenizer:
+    """The generator's tokenizer, except that encoding waits (up to 10 s) until `release` is set: a slow, long
+    prompt that the test can hold while it checks the server still answers."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.entered, self.release = tokenizer, threading.Event(), threading.Event()
+
+    def __call__(self, *args, **kwargs):
+        self.entered.set()
+        self.release.wait(timeout=10)
+        return self.tokenizer(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/completions", {"prompt": "tables", "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "tables"}], "max_tokens": 2}),
+])
+def test_health_answers_while_a_prompt_is_tokenized(server, generator, monkeypatch, route, body):
+    gated = GatedTokenizer(generator.tokenizer)
+    monkeypatch.setattr(generator, "tokenizer", gated)
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(raw_post, server, route, json.dumps(body).encode())
+        try:
+            assert gated.entered.wait(timeout=10)
+            # Tokenizing on the event loop would hold this until the tokenizer gave up waiting: a timeout here.
+            with urllib.request.urlopen(f"{server}/health", timeout=3) as response:
+                assert json.loads(response.read()) == {"status": "ok"}
+        finally:
+            gated.release.set()
+        assert pending.result()[0] == 200
+
+
+@pytest.mark.parametrize("argv,env", [
+    (["--api-key", ""], None), (["--api-key", "  "], None), ([], ""), ([], " \t"),
+], ids=["flag-empty", "flag-blank", "env-empty", "env-blank"])
+def test_an_empty_api_key_is_refused(monkeypatch, capsys, argv, env):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    if env is not None:
+        monkeypatch.setenv(API_KEY_ENV, env)
+    assert cli.main(["serve", "no/such/model", *argv]) == 2
+    error = capsys.readouterr().err
+    assert "API key" in error and "config.json" not in error  # refused before the model is loaded
+
+
+def test_build_app_refuses_an_empty_api_key(generator):
+    with pytest.raises(ValueError, match="API key"):
+        build_app(generator, "tiny", api_key=" ")
+
+
+def long_chat(tokens: int) -> list[dict]:
+    return [{"role": "user", "content": " ".join(["tables"] * tokens)}]
+
+
+def test_chat_without_max_tokens_gets_what_fits(server, generator):
+    messages = long_chat(100)
+    prompt_tokens = len(render(generator.tokenizer, messages))
+    assert 128 - 32 < prompt_tokens < 128  # the default limit of 32 would not fit the context of 128
+    code, reply = raw_post(server, "/v1/chat/completions",
+                           json.dumps({"messages": messages, "temperature": 0}).encode())
+    assert code == 200, reply
+    assert reply["usage"]["prompt_tokens"] == prompt_tokens
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"]["completion_tokens"] == 128 - prompt_tokens
+    code, reply = raw_post(server, "/v1/chat/completions",
+                           json.dumps({"messages": messages, "max_tokens": 32}).encode())
+    assert code == 400 and reply["error"]["code"] == "context_length_exceeded"  # asked for: refused
+
+
+def test_completion_without_max_tokens_gets_16_or_what_fits(server, generator):
+    short = raw_post(server, "/v1/completions", json.dumps({"prompt": "The database", "temperature": 0}).encode())
+    assert short[0] == 200 and short[1]["usage"]["completion_tokens"] == 16  # OpenAI's default
+    prompt = " ".join(["tables"] * 116)
+    prompt_tokens = len(generator.tokenizer(prompt).input_ids)
+    assert 128 - 16 < prompt_tokens <= 120
+    code, reply = raw_post(server, "/v1/completions", json.dumps({"prompt": prompt, "temperature": 0}).encode())
+    assert code == 200, reply
+    assert reply["usage"]["completion_tokens"] == 128 - prompt_tokens
+
+
+def test_a_prompt_that_leaves_no_room_is_refused(generator):
+    app = build_app(generator, "tiny", limits=ServerLimits(max_prompt_tokens=1000))
+    with TestClient(app) as test_client:
+        reply = test_client.post("/v1/completions", json={"prompt": [7] * 128})
+        assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"
+        assert test_client.post("/v1/completions", json={"prompt": [7] * 127}).status_code == 200
+
+
+def greedy_ids(generator, prompt_ids, max_tokens) -> list[int]:
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, top_k=0, top_p=1.0)
+    return generator.generate_ids([prompt_ids], params)[0]
+
+
+def test_complete_ids_counts_each_rows_tokens_and_why_it_ended(generator, monkeypatch):
+    prompts = [generator.tokenizer(p, add_special_tokens=False).input_ids for p in ("The database", "A table of")]
+    alone = [greedy_ids(generator, p, 10) for p in prompts]
+    eos = alone[0][3]
+    monkeypatch.setattr(generator, "eos_ids", [eos])  # row 0 "ends" there; row 1 where it makes it, if it does
+
+    def expected(ids):
+        return (ids.index(eos) + 1, "stop") if eos in ids else (10, "length")
+
+    params = SamplingParams(max_new_tokens=10, temperature=0, top_k=0, top_p=1.0)
+    rows = generator.complete_ids(prompts, params)  # one batch: row 0's later tokens are not counted
+    assert [(row.token_count, row.finish_reason) for row in rows] == [expected(ids) for ids in alone]
+    assert [row.text for row in rows] == generator.generate(["The database", "A table of"], params)
+    cancelled = generator.complete_ids(prompts, params, should_stop=lambda: True)
+    assert [(row.token_count, row.finish_reason) for row in cancelled] == [(1, "cancelled")] * 2
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_usage_counts_the_generated_tokens_and_length_is_reported(client, generator, stream):
+    prompt_ids = generator.tokenizer("The database", add_special_tokens=False).input_ids
+    for max_tokens in (8, 20):
+        assert len(greedy_ids(generator, prompt_ids, max_tokens)) == max_tokens  # no EOS: the length ends it
+        if stream:
+            chunks = list(client.completions.create(model="tiny", prompt="The database", max_tokens=max_tokens,
+                                                    temperature=0, stream=True,
+                                                    stream_options={"include_usage": True}))
+            assert all(c.usage is None for c in chunks[:-1]) and chunks[-1].choices == []
+            finish, usage = chunks[-2].choices[0].finish_reason, chunks[-1].usage
+        else:
+            result = client.completions.create(model="tiny", prompt="The database", max_tokens=max_tokens,
+                                                temperature=0)
+            finish, usage = result.choices[0].finish_reason, result.usage
+        assert finish == "length"
+        assert usage.completion_tokens == max_tokens
+        assert usage.total_tokens == usage.prompt_tokens + max_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_eos_ends_with_stop_and_counts_as_a_generated_token(client, generator, monkeypatch, stream):
+    prompt_ids = generator.tokenizer("The database", add_special_tokens=False).input_ids
+    ids = greedy_ids(generator, prompt_ids, 12)
+    eos = ids[4]
+    monkeypatch.setattr(generator, "eos_ids", [eos])  # the model "ends" at the first occurrence of this token
+    made = ids.index(eos) + 1  # the tokens before it and the EOS itself
+    chunks = list(client.completions.create(model="tiny", prompt="The database", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True})) if stream else None
+    result = None if stream else client.completions.create(model="tiny", prompt="The database", max_tokens=12,
+                                                           temperature=0)
+    finish = chunks[-2].choices[0].finish_reason if stream else result.choices[0].finish_reason
+    usage = chunks[-1].usage if stream else result.usage
+    assert finish == "stop" and usage.completion_tokens == made
+
+
+def test_a_stop_string_ends_with_stop(client, generator):
+    full = greedy_text(generator, "The table", 16)
+    stop = full.split()[2]
+    result = client.completions.create(model="tiny", prompt="The table", max_tokens=16, temperature=0, stop=[stop])
+    assert result.choices[0].finish_reason == "stop"
+    assert result.usage.completion_tokens < 16
+
+
+def test_prompts_as_lists(client, generator):
+    prompts = ["The database", "A table of"]
+    result = client.completions.create(model="tiny", prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.index for c in result.choices] == [0, 1]
+    assert [c.text for c in result.choices] == [greedy_text(generator, p, 6) for p in prompts]
+    assert result.usage.completion_tokens == 12
+    ids = [generator.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    assert client.completions.create(model="tiny", prompt=ids[0], max_tokens=6,
+                                     temperature=0).choices[0].text == result.choices[0].text
+    by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=6, temperature=0)
+    assert [c.text for c in by_ids.choices] == [c.text for c in result.choices]
+    streamed = list(client.completions.create(model="tiny", prompt=prompts, max_tokens=6, temperature=0,
+                                              stream=True))
+    for index, choice in enumerate(result.choices):
+        pieces = [c.choices[0] for c in streamed if c.choices[0].index == index]
+        assert "".join(p.text for p in pieces) == choice.text and pieces[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("method,path,status", [
+    ("GET", "/v1/nothing-here", 404), ("POST", "/v1/nothing-here", 404), ("GET", "/v1/completions", 405),
+    ("DELETE", "/v1/models", 405),
+])
+def test_unknown_routes_and_methods_answer_in_openai_shape(server, method, path, status):
+    request = urllib.request.Request(f"{server}{path}", method=method, headers={"Authorization": f"Bearer {KEY}"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request)
+    assert error.value.code == status
+    assert json.loads(error.value.read())["error"]["message"]
+
+
+def test_closing_a_stream_cancels_its_generation(server, app, generator, monkeypatch):
+    generate_ids = generator.generate_ids
+
+    def slow(prompts, params, on_tokens=None):  # 0.1 s a token, as a big model: 32 tokens would take 3.2 s
+        def paced(tokens):
+            time.sleep(0.1)
+            return on_tokens(tokens)
+
+        return generate_ids(prompts, params, paced if on_tokens else None)
+
+    monkeypatch.setattr(generator, "generate_ids", slow)
+    before = dict(app.state.stats.__dict__)
+    connection = raw_connection(server)
+    body = json.dumps({"prompt": "The database", "max_tokens": 32, "temperature": 0, "stream": True})
+    connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json",
+                                                          "Authorization": f"Bearer {KEY}"})
+    response = connection.getresponse()
+    events = 0
+    while events < 2:
+        events += response.fp.readline().startswith(b"data: ")
+    response.close()
+    connection.close()
+    # This request waits for the lock: once it is answered, the closed stream's generation has ended.
+    assert raw_post(server, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 1}).encode())[0] == 200
+    stats = app.state.stats
+    assert stats.cancelled == before["cancelled"] + 1
+    assert stats.completion_tokens - before["completion_tokens"] - 1 < 32
+
+
+FUZZ_ROUTES = [("POST", "/v1/completions")] * 6 + [("POST", "/v1/chat/completions")] * 6 + [
+    ("GET", "/v1/models"), ("GET", "/health"), ("POST", "/v1/models"), ("GET", "/v1/completions"),
+    ("POST", "/v1/unknown"), ("DELETE", "/health"),
+]
+BASE = {"/v1/completions": {"model": "tiny", "prompt": "The table", "max_tokens": 1},
+        "/v1/chat/completions": {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}}
+HUGE = "__1e400__"  # written into the JSON text as 1e400, which Python's parser reads as inf
+ODD_NUMBERS = [HUGE, math.inf, -math.inf, math.nan, 1e-300, 5e-324, 1e23, 2**64, -2**63 - 1, 10**30, -1, 0, -0.0,
+               0.5, 1.5, 3, 7.0, True, False]
+ODD_STRINGS = ["", " ", "abc", "tiny", "\ud800", "\x00", "é" * 50, "1e400", "NaN", "<|im_end|>"]
+GOOD = {
+    "model": ["tiny"], "prompt": ["The table", ["a", "b"], [5, 6, 7], [[5], [6, 7]], "x" * 300],
+    "messages": [[{"role": "user", "content": "hi"}], [{"role": "system", "content": "s"},
+                                                       {"role": "user", "content": "q"}]],
+    "max_tokens": [1, 2, 3, 4], "max_completion_tokens": [1, 2, None], "temperature": [0, 0.7, 2, 1e-9],
+    "top_p": [0.5, 1, 1e-9], "top_k": [0, 1, 5, -1], "repetition_penalty": [1, 1.3, 0.5], "stop": ["a", ["x", "y"], []],
+    "seed": [0, 1, 2**63], "n": [1, None], "stream": [True, False, None],
+    "stream_options": [{"include_usage": True}, None], "user": ["me"], "logprobs": [None, False],
+}
+FIELDS = [*GOOD, "echo", "best_of", "suffix", "unknown_field"]
+
+
+def fuzz_value(rng: random.Random, depth: int = 0):
+    kind = rng.randrange(8 if depth < 3 else 5)
+    if kind == 0:
+        return rng.choice(ODD_NUMBERS)
+    if kind == 1:
+        return rng.choice(ODD_STRINGS)
+    if kind == 2:
+        return rng.randint(-10**6, 10**6)
+    if kind == 3:
+        return rng.uniform(-10, 10)
+    if kind == 4:
+        return None
+    if kind == 5:
+        return [fuzz_value(rng, depth + 1) for _ in range(rng.randrange(4))]
+    if kind == 6:
+        return {rng.choice(FIELDS + ["role", "content", "include_usage"]): fuzz_value(rng, depth + 1)
+                for _ in range(rng.randrange(4))}
+    return [{"role": rng.choice(["user", "system", "assistant", "tool", 5]),
+             "content": rng.choice(ODD_STRINGS) if rng.random() < 0.5 else fuzz_value(rng, depth + 1)}]
+
+
+def encode_fuzz(body) -> bytes:
+    return json.dumps(body).replace(json.dumps(HUGE), "1e400").encode()
+
+
+def fuzz_requests(rng: random.Random, count: int) -> list[tuple[str, str, bytes]]:
+    """Every odd value in every field of a valid request (on the two generation routes in turn), then `count` random
+    requests: any route, mostly a valid request with one to three fields changed, sometimes not JSON at all."""
+    odd_values = ODD_NUMBERS + ODD_STRINGS + [None, [], {}, [1, "a"], {"include_usage": "yes"}]
+    routes = {"prompt": ["/v1/completions"], "messages": ["/v1/chat/completions"]}
+    requests = []
+    for field in [f for f in FIELDS if f not in ("user", "unknown_field")]:  # ignored: the random part sends them
+        for index, value in enumerate(odd_values):
+            path = routes.get(field, list(BASE))[index % len(routes.get(field, BASE))]
+            requests.append(("POST", path, encode_fuzz({**BASE[path], field: value})))
+    for _ in range(count):
+        method, path = rng.choice(FUZZ_ROUTES)
+        if rng.random() < 0.08:
+            body = rng.choice([b"", b"{", b"null", b"[]", b'"text"', b"\xff\xfe", b"[" * 5000, b"{}" * 3])
+        else:
+            fields = dict(BASE.get(path, {})) if rng.random() < 0.8 else {}
+            for field in rng.sample(FIELDS, rng.randrange(1, 4)):
+                good = GOOD.get(field)
+                fields[field] = rng.choice(good) if good and rng.random() < 0.4 else fuzz_value(rng)
+            body = encode_fuzz(fields)
+        requests.append((method, path, body))
+    return requests
+
+
+def test_fuzzed_requests_never_get_a_5xx(generator):
+    rng = random.Random(1234)
+    app = build_app(generator, "tiny", api_key=KEY, limits=ServerLimits(max_prompt_tokens=64, max_tokens=4))
+    statuses = {}
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        for method, path, body in fuzz_requests(rng, 150):
+            key = KEY if rng.random() < 0.97 else "wrong"
+            reply = test_client.request(method, path, content=body, headers={"Authorization": f"Bearer {key}",
+                                                                             "Content-Type": "application/json"})
+            assert reply.status_code < 500, (method, path, body[:200], reply.text)
+            if reply.status_code >= 400:
+                assert reply.json()["error"]["message"]
+            elif reply.headers["content-type"].startswith("text/event-stream"):
+                assert reply.text.rstrip().endswith("data: [DONE]") and '"error"' not in reply.text
+            statuses[reply.status_code] = statuses.get(reply.status_code, 0) + 1
+        assert test_client.get("/health").json() == {"status": "ok"}
+    assert statuses.get(200, 0) > 100 and statuses.get(400, 0) > 300, statuses  # both answers and refusals ran
+
+
+def test_limits_below_1_are_refused_at_start(capsys):
+    assert cli.main(["serve", "no/such/model", "--max-body-bytes", "0"]) == 2
+    assert "max_body_bytes must be an integer >= 1" in capsys.readouterr().err

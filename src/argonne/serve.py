@@ -1,31 +1,55 @@
 """`argonne serve MODEL`: an OpenAI-compatible HTTP server on FastAPI + uvicorn.
 
 Routes: /v1/completions, /v1/chat/completions (`stream: true` sends server-sent events), /v1/models, /health.
-Requests are queued and served one generation at a time by the single model (a lock), so concurrent requests never
-share a cache or a sampler; the event loop stays free while a generation runs in a worker thread. Bad requests get a
-4xx JSON error in OpenAI's shape ({"error": {"message", "type", "param", "code"}}) and the server keeps running.
+Every request is checked whole before anything is queued: its size (`max_body_bytes`, from Content-Length or while a
+chunked body arrives), its JSON, and each parameter's type and range. Tokenizing and rendering the chat template run
+in worker threads, so a long prompt never stalls the event loop. Requests are served one generation at a time by the
+single model (a lock), so concurrent requests never share a cache or a sampler; a client that closes its stream ends
+its generation at the next token. Bad requests get a 4xx JSON error in OpenAI's shape ({"error": {"message", "type",
+"param", "code"}}, `param` naming the parameter); a bug in the server answers 500 in the same shape.
 With an API key (`--api-key` or ARGONNE_API_KEY) every route but /health needs `Authorization: Bearer <key>`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
+import math
 import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from functools import partial
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from jinja2.exceptions import TemplateError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .chat import end_of_turn_ids, render
-from .generate import Generator, SamplingParams
+from .generate import Completion, Generator, SamplingParams
 
 API_KEY_ENV = "ARGONNE_API_KEY"
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat's is "as many as fit")
+GREEDY_BELOW = 1e-5
+"""Temperatures below this decode greedily (vLLM's rule): logits divided by less than ~1e-37 overflow float32 to inf,
+which sampling cannot take."""
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+"""1 is no penalty. Positive logits are divided by the penalty: one near 0 would overflow them to inf."""
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+ROLES = ("system", "user", "assistant")
+PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+UNSUPPORTED = {"echo": False, "logprobs": False, "best_of": 1, "suffix": "", "tools": []}
+"""Fields this server cannot honour, each with the value that asks for nothing (null does too): anything else is
+refused rather than silently ignored. Other fields OpenAI defines (user, presence_penalty, ...) are ignored."""
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,6 +58,28 @@ class ServerLimits:
     """Longest accepted prompt; the model's context is the other bound."""
     max_tokens: int = 1024
     """Largest accepted max_tokens, so one request cannot hold the server for long."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body, 1 MiB: 8,192 tokens take about 32 KB as text and 60 KB as token ids, so long
+    conversations and several prompts fit, while reading and tokenizing one request stays short (1 MiB of English
+    takes 1.1 s with the sample BPE on this project's CPU, in a worker thread)."""
+    max_prompts: int = 16
+    """Most prompts one /v1/completions request may list (one choice each)."""
+
+    def __post_init__(self):
+        problems = [f"{name} must be an integer >= 1, got {value!r}" for name, value in vars(self).items()
+                    if isinstance(value, bool) or not isinstance(value, int) or value < 1]
+        if problems:
+            raise ValueError("server limits: " + "; ".join(problems))
+
+
+@dataclass
+class ServerStats:
+    """Running totals (app.state.stats): what the server generated, and how many generations ended early because
+    their client closed the stream."""
+
+    completions: int = 0
+    completion_tokens: int = 0
+    cancelled: int = 0
 
 
 class RequestError(Exception):
@@ -44,124 +90,388 @@ class RequestError(Exception):
 
 def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
     kind = {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+    kind = "server_error" if status >= 500 else kind
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    """--api-key, else $ARGONNE_API_KEY, else None (no authentication). An empty or blank key is refused: it is what
+    an unset shell variable gives (`--api-key "$KEY"`), and taking it for "no key" would drop authentication."""
+    source = "--api-key"
+    if api_key is None:
+        api_key, source = os.environ.get(API_KEY_ENV), f"${API_KEY_ENV}"
+    if api_key is not None and not api_key.strip():
+        raise ValueError(f"the API key from {source} is empty; give a key, or serve without authentication by "
+                         f"leaving out --api-key and unsetting {API_KEY_ENV}")
+    return api_key
+
+
+class RequireApiKey:
+    """ASGI middleware: every route but /health needs `Authorization: Bearer <key>`. Plain ASGI, so that streamed
+    answers and a client's disconnect pass straight through."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.expected = app, f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health":
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # in constant time: no guessing it byte by byte
+                body = _error_body(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                   code="invalid_api_key")
+                return await JSONResponse(body, 401)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+# Reading one parameter: null or absent gives the default; a wrong type or a value out of range is a 400 naming it.
+
+def _show(value) -> str:
+    """A value for an error message: its repr, shortened (a request may send megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    # An int is finite however large; math.isfinite would overflow converting a huge one to float.
+    finite = _is_integer(value) or (isinstance(value, float) and math.isfinite(value))
+    if not finite or not (low < value if low_open else low <= value) or value > high:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise RequestError(400, f"{name} must be a number in {bounds}, got {_show(value)}", name)
+    return float(value)
+
+
+def integer(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 16.0: what some JSON writers make of 16
+    if not _is_integer(value) or value < low or (high is not None and value > high):
+        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise RequestError(400, f"{name} must be an integer {bounds}, got {_show(value)}", name)
+    return value
+
+
+def boolean(body: dict, name: str, default: bool = False) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(400, f"{name} must be true or false, got {_show(value)}", name)
+    return value
+
+
+def check_text(text: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): valid JSON, but no tokenizer takes it
+        raise RequestError(400, f"{param} holds a character that is not valid Unicode (a lone surrogate)", param)
+
+
+def stop_strings(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    stop = [] if stop in (None, "") else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError(400, f"stop must be a string or a list of up to {MAX_STOP_STRINGS} non-empty strings, "
+                           f"got {_show(body.get('stop'))}", "stop")
+    return tuple(stop)
+
+
+def refuse_unsupported(body: dict) -> None:
+    for name, off in UNSUPPORTED.items():
+        if body.get(name) not in (None, off):
+            raise RequestError(400, f"{name} is not supported by this server (got {_show(body[name])}; leave it out)",
+                               name)
+
+
+@dataclass
+class GenerationRequest:
+    """A request's generation settings, checked; max_new_tokens is set per prompt once its length is known."""
+
+    params: SamplingParams
+    max_tokens: int | None
+    """As asked; None: `default_max_tokens`, clipped to what fits the context."""
+    default_max_tokens: int
+    max_tokens_param: str
+    stream: bool
+    include_usage: bool
+
+
+def read_generation(body: dict, limits: ServerLimits, chat: bool, vocab_size: int) -> GenerationRequest:
+    refuse_unsupported(body)
+    # Chat takes max_completion_tokens (OpenAI's current name) or max_tokens; the first wins when both are given.
+    asked = {name: integer(body, name, None, 1, limits.max_tokens)
+             for name in (("max_completion_tokens", "max_tokens") if chat else ("max_tokens",))}
+    max_tokens_param, max_tokens = next(((k, v) for k, v in asked.items() if v is not None), ("max_tokens", None))
+    if integer(body, "n", 1, 1) != 1:
+        raise RequestError(400, f"only n = 1 is supported, got {body['n']!r}", "n")
+    temperature = number(body, "temperature", 1.0, 0, 2)
+    params = SamplingParams(
+        max_new_tokens=1,  # set per prompt (fit_prompt)
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+        # Any top_p <= 1/vocab keeps only the most likely token (whose probability is at least 1/vocab); below
+        # float32's range (1e-300) the sampler would read it as 0 and keep nothing.
+        top_p=max(number(body, "top_p", 1.0, 0, 1, low_open=True), 1 / vocab_size),
+        top_k=max(0, integer(body, "top_k", 0, -1)),  # -1 is vLLM's "all tokens", as 0 is ours
+        repetition_penalty=number(body, "repetition_penalty", 1.0, *REPETITION_PENALTY_RANGE),
+        stop=stop_strings(body),
+        seed=integer(body, "seed", None, *SEED_RANGE),
+    )
+    stream = boolean(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise RequestError(400, "stream_options is only allowed with stream: true", "stream_options")
+    if options is not None and not (isinstance(options, dict)
+                                    and isinstance(options.get("include_usage"), (bool, type(None)))):
+        raise RequestError(400, f"stream_options must be {{include_usage: true|false}}, got {_show(options)}",
+                           "stream_options")
+    include_usage = bool(options and options.get("include_usage"))
+    default = limits.max_tokens if chat else min(COMPLETIONS_DEFAULT_MAX_TOKENS, limits.max_tokens)
+    return GenerationRequest(params, max_tokens, default, max_tokens_param, stream, include_usage)
+
+
+def read_prompts(body: dict, vocab_size: int, max_prompts: int) -> list[str | list[int]]:
+    """`prompt` in any of OpenAI's forms, as a list of prompts (texts or token ids)."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(map(_is_integer, prompt))):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
+        prompts = prompt
+    else:
+        raise RequestError(400, f"prompt must be {PROMPT_FORMS}, got {_show(prompt)}", "prompt")
+    if len(prompts) > max_prompts:
+        raise RequestError(400, f"prompt lists {len(prompts)} prompts; this server takes at most {max_prompts} in "
+                           "one request", "prompt")
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            check_text(prompt, "prompt")
+        elif not prompt or not all(_is_integer(t) and 0 <= t < vocab_size for t in prompt):
+            raise RequestError(400, f"a prompt of token ids must be a non-empty list of integers in "
+                               f"[0, {vocab_size}), got {_show(prompt)}", "prompt")
+    return prompts
+
+
+def read_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if (not isinstance(messages, list) or not messages
+            or not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                       for m in messages)):
+        raise RequestError(400, f"messages must be a non-empty list of {{role: {'|'.join(ROLES)}, content: string}}",
+                           "messages")
+    for message in messages:
+        check_text(message["content"], "messages")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def read_model(body: dict, model_name: str) -> None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(400, f"model must be a string, got {_show(model)}", "model")
+    if model not in (None, model_name):
+        raise RequestError(404, f"model {_show(model)} does not exist; this server serves {model_name!r}", "model",
+                           "model_not_found")
+
+
+def fit_prompt(ids: list[int], request: GenerationRequest, limits: ServerLimits, context: int,
+               param: str) -> SamplingParams:
+    """The prompt's sampling settings, max_new_tokens set to what was asked, or by default to what fits."""
+    if not ids:
+        raise RequestError(400, "the prompt is empty", param)
+    if len(ids) > limits.max_prompt_tokens:
+        raise RequestError(400, f"the prompt has {len(ids)} tokens; this server accepts at most "
+                           f"{limits.max_prompt_tokens}", param, "context_length_exceeded")
+    room = context - len(ids)
+    if request.max_tokens is None and room < 1:
+        raise RequestError(400, f"the prompt ({len(ids)} tokens) fills the context window of {context} tokens, "
+                           "leaving no room for a completion", param, "context_length_exceeded")
+    if request.max_tokens is not None and request.max_tokens > room:
+        raise RequestError(400, f"the prompt ({len(ids)} tokens) plus {request.max_tokens_param} "
+                           f"({request.max_tokens}) exceeds the context window of {context} tokens", param,
+                           "context_length_exceeded")
+    return replace(request.params, max_new_tokens=request.max_tokens or min(request.default_max_tokens, room))
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to exceed `limit` bytes: from Content-Length before reading
+    anything, or while a chunked body arrives."""
+    too_large = RequestError(413, f"the request body is larger than this server's limit of {limit:,} bytes "
+                             "(argonne serve --max-body-bytes)", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and (len(declared) > 18 or int(declared) > limit):  # 18 digits: past any limit
+        raise too_large
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:  # nobody will read the answer; a 400 rather than a 500's traceback in the log
+        raise RequestError(400, "the client disconnected before sending the whole body")
+    return bytes(body)
+
+
+def parse_json(raw: bytes) -> dict:
+    try:
+        body = json.loads(raw)
+    # ValueError: bad JSON, bad UTF-8, an integer of more digits than Python converts; RecursionError: deep nesting.
+    except (ValueError, RecursionError) as error:
+        raise RequestError(400, f"the request body is not valid JSON ({str(error)[:100]})", code="invalid_json")
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+class CompletionAnswer:
+    """OpenAI's text_completion objects, whole and as stream chunks."""
+
+    prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
+
+    def __init__(self, model_name: str):
+        self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model_name, int(time.time())
+
+    def choice(self, index: int, text: str, finish: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def chunk_choice(self, index: int, piece: str, first: bool, finish: str | None) -> dict:
+        return self.choice(index, piece, finish)
+
+    def head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+    def whole(self, completions: list[Completion], prompt_tokens: int) -> dict:
+        choices = [self.choice(i, c.text, c.finish_reason) for i, c in enumerate(completions)]
+        return {**self.head(self.object), "choices": choices, "usage": usage(prompt_tokens, completions)}
+
+    def chunk(self, choices: list[dict], **extra) -> dict:
+        return {**self.head(self.chunk_object), "choices": choices, **extra}
+
+
+class ChatAnswer(CompletionAnswer):
+    """OpenAI's chat.completion objects; a stream's first chunk carries the role."""
+
+    prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
+
+    def choice(self, index: int, text: str, finish: str | None) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+
+    def chunk_choice(self, index: int, piece: str, first: bool, finish: str | None) -> dict:
+        delta = {"role": "assistant", "content": piece} if first else {"content": piece} if piece else {}
+        return {"index": index, "delta": delta, "finish_reason": finish}
+
+
+def usage(prompt_tokens: int, completions: list[Completion]) -> dict:
+    completion_tokens = sum(c.token_count for c in completions)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
 def build_app(generator: Generator, model_name: str, api_key: str | None = None,
               limits: ServerLimits | None = None):
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty; pass None to serve without authentication")
     limits = limits or ServerLimits()
     app = FastAPI(title="Argonne", description="OpenAI-compatible API for an Argonne model")
+    app.state.stats = stats = ServerStats()
     lock = threading.Lock()  # one generation at a time: the generator owns one cache and one sampler
-    context = generator.config.max_position_embeddings
+    context, vocab_size = generator.config.max_position_embeddings, generator.config.vocab_size
     created = int(time.time())
+    if api_key is not None:
+        app.add_middleware(RequireApiKey, api_key=api_key)
 
     @app.exception_handler(RequestError)
     async def request_error(_, error: RequestError):
         return JSONResponse(_error_body(error.status, error.message, error.param, error.code), error.status)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_, error: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-        return JSONResponse(_error_body(400, f"invalid request: {problems}", code="invalid_request"), 400)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        message = {404: f"no route {request.method} {request.url.path}; this server has POST /v1/completions, "
+                        "POST /v1/chat/completions, GET /v1/models and GET /health",
+                   405: f"{request.url.path} does not take {request.method}"}.get(error.status_code, error.detail)
+        return JSONResponse(_error_body(error.status_code, message), error.status_code, headers=error.headers)
 
-    @app.middleware("http")
-    async def authenticate(request: Request, call_next):
-        if api_key and request.url.path != "/health":
-            if request.headers.get("authorization") != f"Bearer {api_key}":
-                body = _error_body(401, "missing or wrong API key (Authorization: Bearer <key>)",
-                                   code="invalid_api_key")
-                return JSONResponse(body, 401)
-        return await call_next(request)
+    @app.exception_handler(Exception)
+    async def server_error(_, error: Exception):
+        # A bug, not a bad request (those are all RequestErrors): the traceback goes to the log (Starlette re-raises
+        # it after this answer), the client gets OpenAI's shape.
+        return JSONResponse(_error_body(500, f"internal server error ({type(error).__name__})"), 500)
 
     async def read_json(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise RequestError(400, f"the request body is not valid JSON ({error})", code="invalid_json")
-        if not isinstance(body, dict):
-            raise RequestError(400, "the request body must be a JSON object", code="invalid_json")
-        if body.get("model") not in (None, model_name):
-            raise RequestError(404, f"model {body.get('model')!r} does not exist; this server serves "
-                               f"{model_name!r}", "model", "model_not_found")
+        body = parse_json(await read_body(request, limits.max_body_bytes))
+        read_model(body, model_name)
         return body
 
-    def sampling(body: dict, chat: bool) -> SamplingParams:
-        def number(name, default, kind=float):
-            value = body.get(name, default)
-            if value is None:
-                return default
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
-                raise RequestError(400, f"{name} must be a number, got {value!r}", name)
-            return kind(value)
+    def generate(jobs: list[tuple[list[int], SamplingParams]], cancelled: threading.Event,
+                 on_piece: Callable[[int, str], None] | None = None,
+                 on_end: Callable[[int, Completion], None] | None = None) -> list[Completion]:
+        """Each prompt in turn, under the lock (in a worker thread); stops at the next token once `cancelled`."""
+        completions = []
+        for index, (ids, params) in enumerate(jobs):
+            with lock:
+                if cancelled.is_set():
+                    break
+                write = partial(on_piece, index) if on_piece else None
+                completion = generator.complete_ids([ids], params, write, should_stop=cancelled.is_set)[0]
+                stats.completions += 1
+                stats.completion_tokens += completion.token_count
+                stats.cancelled += int(completion.finish_reason == "cancelled")
+            completions.append(completion)
+            if on_end:
+                on_end(index, completion)
+        return completions
 
-        max_tokens = number("max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens",
-                            16 if not chat else limits.max_tokens, int)
-        stop = body.get("stop") or []
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-            raise RequestError(400, "stop must be a string or a list of up to 4 non-empty strings", "stop")
-        checks = [
-            ("max_tokens", 1 <= max_tokens <= limits.max_tokens, f"max_tokens must be in 1..{limits.max_tokens}"),
-            ("temperature", 0 <= number("temperature", 1.0) <= 2, "temperature must be in [0, 2]"),
-            ("top_p", 0 < number("top_p", 1.0) <= 1, "top_p must be in (0, 1]"),
-            ("n", number("n", 1, int) == 1, "only n = 1 is supported"),
-        ]
-        for param, ok, message in checks:
-            if not ok:
-                raise RequestError(400, message, param)
-        return SamplingParams(
-            max_new_tokens=max_tokens, temperature=number("temperature", 1.0), top_p=number("top_p", 1.0),
-            top_k=number("top_k", 0, int), repetition_penalty=number("repetition_penalty", 1.0), stop=tuple(stop),
-            seed=body.get("seed"),
-        )
-
-    def check_prompt(ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise RequestError(400, "the prompt is empty", "prompt")
-        if len(ids) > limits.max_prompt_tokens:
-            raise RequestError(400, f"the prompt has {len(ids)} tokens; this server accepts at most "
-                               f"{limits.max_prompt_tokens}", "prompt", "context_length_exceeded")
-        if len(ids) + params.max_new_tokens > context:
-            raise RequestError(400, f"the prompt ({len(ids)} tokens) plus max_tokens ({params.max_new_tokens}) "
-                               f"exceeds the context window of {context} tokens", "prompt",
-                               "context_length_exceeded")
-
-    def run(ids: list[int], params: SamplingParams, write) -> tuple[str, int]:
-        """Generate under the lock (in a worker thread); returns the text and the completion token count."""
-        with lock:
-            text = generator.stream_ids(ids, params, write)
-        # Counted by re-encoding the returned text (a stop string's tokens are not counted).
-        return text, len(generator.tokenizer(text, add_special_tokens=False).input_ids) if text else 0
-
-    async def respond(ids, params, stream: bool, chunk, final):
-        """Run a generation; either a whole JSON body or an SSE stream of chunks."""
-        if not stream:
-            text, completion_tokens = await asyncio.to_thread(run, ids, params, lambda piece: None)
-            return JSONResponse(final(text, len(ids), completion_tokens))
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def work():
-            try:
-                run(ids, params, lambda piece: loop.call_soon_threadsafe(queue.put_nowait, piece))
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+    async def respond(jobs, answer: CompletionAnswer, request: GenerationRequest):
+        prompt_tokens = sum(len(ids) for ids, _ in jobs)
+        if not request.stream:
+            completions = await asyncio.to_thread(generate, jobs, threading.Event())
+            return JSONResponse(answer.whole(completions, prompt_tokens))
+        no_usage = {"usage": None} if request.include_usage else {}
+        cancelled = threading.Event()
 
         async def events() -> AsyncIterator[str]:
-            task = asyncio.create_task(asyncio.to_thread(work))
-            first = True
-            while (piece := await queue.get()) is not None:
-                yield f"data: {json.dumps(chunk(piece, first, None))}\n\n"
-                first = False
-            await task
-            yield f"data: {json.dumps(chunk('', first, 'stop'))}\n\n"
-            yield "data: [DONE]\n\n"
+            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+            def put(index: int, piece: str, completion: Completion | None = None):
+                loop.call_soon_threadsafe(queue.put_nowait, (index, piece, completion))
+
+            def work():
+                try:
+                    return generate(jobs, cancelled, put, lambda index, completion: put(index, "", completion))
+                finally:
+                    loop.call_soon_threadsafe(queue.put_nowait, None)
+
+            worker = asyncio.ensure_future(asyncio.to_thread(work))
+            started = set()
+            try:
+                while (event := await queue.get()) is not None:
+                    index, piece, completion = event
+                    finish = completion.finish_reason if completion else None
+                    yield sse(answer.chunk([answer.chunk_choice(index, piece, index not in started, finish)],
+                                           **no_usage))
+                    started.add(index)
+                completions = await worker
+                if request.include_usage:  # OpenAI's last chunk: no choices, the whole request's usage
+                    yield sse(answer.chunk([], usage=usage(prompt_tokens, completions)))
+            except Exception as error:  # a bug after the answer began (status 200 is sent): say so in the stream
+                log.exception("generation failed")
+                yield sse(_error_body(500, f"internal server error ({type(error).__name__})"))
+            finally:
+                # Also when the client went away: Starlette cancels this stream, and the generation stops at its
+                # next token, releasing the lock for the next request.
+                cancelled.set()
+            yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
-
-    def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
 
     @app.get("/health")
     async def health():
@@ -172,59 +482,31 @@ def build_app(generator: Generator, model_name: str, api_key: str | None = None,
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                              "owned_by": "argonne"}]}
 
+    def encode(prompts: list[str | list[int]]) -> list[list[int]]:
+        tokenizer = generator.tokenizer
+        return [tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts]
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await read_json(request)
-        prompt = body.get("prompt")
-        if not isinstance(prompt, str):
-            raise RequestError(400, "prompt must be a string", "prompt")
-        params = sampling(body, chat=False)
-        ids = generator.tokenizer(prompt, add_special_tokens=False).input_ids
-        check_prompt(ids, params)
-        request_id, stamp = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(piece, first, finish):
-            return {"id": request_id, "object": "text_completion", "created": stamp, "model": model_name,
-                    "choices": [{"index": 0, "text": piece, "finish_reason": finish, "logprobs": None}]}
-
-        def final(text, prompt_tokens, completion_tokens):
-            finish = "length" if completion_tokens >= params.max_new_tokens else "stop"
-            return {**chunk(text, True, finish), "usage": usage(prompt_tokens, completion_tokens)}
-
-        return await respond(ids, params, bool(body.get("stream")), chunk, final)
+        prompts = read_prompts(body, vocab_size, limits.max_prompts)
+        generation = read_generation(body, limits, chat=False, vocab_size=vocab_size)
+        ids = await asyncio.to_thread(encode, prompts)  # off the event loop: a long prompt takes a while
+        jobs = [(prompt, fit_prompt(prompt, generation, limits, context, "prompt")) for prompt in ids]
+        return await respond(jobs, CompletionAnswer(model_name), generation)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request)
-        messages = body.get("messages")
-        valid_roles = ("system", "user", "assistant")
-        if (not isinstance(messages, list) or not messages
-                or not all(isinstance(m, dict) and m.get("role") in valid_roles and isinstance(m.get("content"), str)
-                           for m in messages)):
-            raise RequestError(400, "messages must be a non-empty list of {role: system|user|assistant, "
-                               "content: string}", "messages")
-        params = sampling(body, chat=True)
-        params = SamplingParams(**{**params.__dict__,
-                                   "stop_token_ids": tuple(end_of_turn_ids(generator.tokenizer))})
-        messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-        ids = render(generator.tokenizer, messages)
-        check_prompt(ids, params)
-        request_id, stamp = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-
-        def chunk(piece, first, finish):
-            delta = ({"role": "assistant", "content": piece} if first else {"content": piece}) if piece or first \
-                else {}
-            return {"id": request_id, "object": "chat.completion.chunk", "created": stamp, "model": model_name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-
-        def final(text, prompt_tokens, completion_tokens):
-            return {"id": request_id, "object": "chat.completion", "created": stamp, "model": model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": "length" if completion_tokens >= params.max_new_tokens
-                                 else "stop"}],
-                    "usage": usage(prompt_tokens, completion_tokens)}
-
-        return await respond(ids, params, bool(body.get("stream")), chunk, final)
+        messages = read_messages(body)
+        generation = read_generation(body, limits, chat=True, vocab_size=vocab_size)
+        generation.params = replace(generation.params, stop_token_ids=tuple(end_of_turn_ids(generator.tokenizer)))
+        try:
+            ids = await asyncio.to_thread(render, generator.tokenizer, messages)
+        except TemplateError as error:  # a template may refuse a conversation (roles that do not alternate, ...)
+            raise RequestError(400, f"the chat template refused these messages: {error}", "messages")
+        jobs = [(ids, fit_prompt(ids, generation, limits, context, "messages"))]
+        return await respond(jobs, ChatAnswer(model_name), generation)
 
     return app
 
@@ -236,8 +518,8 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
 
     from .generate import load_model
 
+    api_key = resolve_api_key(api_key)  # before the model loads: a refused key should not wait for it
     model, tokenizer = load_model(model_path, device)
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
     name = os.path.basename(os.path.normpath(model_path))
     app = build_app(Generator(model, tokenizer, kernels=kernels), name, api_key, limits)
     uvicorn.run(app, host=host, port=port)
