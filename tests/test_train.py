@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from argonne.config import ConfigError, OptimConfig, load_run_config
+from argonne.run_folder import read_metrics
 from argonne.train import build_optimizer, lr_at, train
 
 from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER
@@ -169,9 +170,11 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_ru
     config = load_run_config(None, tiny_run_args(tmp_path, "--train.steps=6", "--train.log_every=1",
                                                  "--train.tensorboard=false"))
     train(config)
-    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    records, _ = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["skipped_steps"] for r in records] == [0, 0, 1, 1, 1, 1]
     assert math.isnan(records[2]["loss"]) and all(math.isfinite(r["loss"]) for r in records[3:])
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():  # NaN stays NaN, in valid JSON
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"metrics.jsonl holds {name}, which is not JSON"))
 
     calls.clear()
     poisoned.update(range(1, 100))
@@ -299,3 +302,131 @@ def test_a_checkpoint_resumes_into_a_differently_grouped_optimizer(tmp_path):
         assert torch.equal(param, saved), name
         assert torch.equal(optimizer.state[param]["exp_avg"], saved_optimizer.state[saved]["exp_avg"]), name
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0, 0.0]  # from the new config
+
+
+def test_streamed_rows_skipped_are_counted_in_the_metrics(tmp_path):
+    texts = pq.read_table(SAMPLE_SHARD, columns=["text"]).column("text").to_pylist()[:40]
+    bad = tmp_path / "bad-rows.parquet"
+    pq.write_table(pa.table({"text": [texts[0], None, *texts[1:]]}), bad, row_group_size=8)
+    config = load_run_config(None, streaming_run_args(
+        tmp_path, f"--data.inputs=[{str(bad)!r}]", "--data.on_error='skip'", "--data.val_fraction=0",
+        "--data.val_windows=0", "--data.workers=0", "--train.steps=2", "--train.log_every=1",
+        "--train.tensorboard=false"))
+    train(config)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["data_skipped_null_text"], r["data_skipped_invalid_utf8"], r["data_skipped_files"])
+            for r in records] == [(1, 0, 0), (1, 0, 0)]
+
+
+# ------------------------------------------------------------------------------------------------ the run folder
+
+
+def run_steps(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")[0]}
+
+
+def test_a_fresh_start_in_a_used_run_folder_is_refused_until_overwrite(tmp_path, tiny_run_args, capsys):
+    from argonne.cli import main
+    from argonne.run_folder import RunFolderError
+
+    args = tiny_run_args(tmp_path, "--train.steps=4", "--train.log_every=1", "--checkpoint.every=1",
+                         "--checkpoint.keep=3", "--train.tensorboard=false", "--data.val_windows=0")
+    train(load_run_config(None, args))
+    run = tmp_path / "run"
+    before = (run / "metrics.jsonl").read_text(), sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert before[1] == ["step-00000002", "step-00000003", "step-00000004"]
+    shorter = load_run_config(None, args + ["--train.steps=2"])
+    with pytest.raises(RunFolderError, match=r"holds an earlier run \(3 checkpoint folder\(s\), metrics\.jsonl "
+                                             r"\(4 records\), a trained model/\).*--resume auto.*--overwrite"):
+        train(shorter)
+    assert main(["train", str(REPO / "configs" / "tiny.toml"), *args]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert ((run / "metrics.jsonl").read_text(), sorted(p.name for p in (run / "checkpoints").iterdir())) == before
+    with pytest.raises(RunFolderError, match="choose one"):
+        train(shorter, resume="auto", overwrite=True)
+
+    train(shorter, overwrite=True)  # deletes the earlier run, then trains afresh
+    assert sorted(run_steps(run)) == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
+
+
+def test_resume_auto_skips_a_damaged_checkpoint_and_a_torn_metrics_line(tmp_path, tiny_run_args, capsys):
+    from argonne.checkpoint import CheckpointError
+
+    def args(run_dir, steps):
+        return tiny_run_args(run_dir, f"--train.steps={steps}", "--train.log_every=1", "--checkpoint.every=2",
+                             "--checkpoint.keep=0", "--train.tensorboard=false", "--data.val_windows=0")
+
+    straight = tmp_path / "straight"
+    train(load_run_config(None, args(straight, 6)))
+    run = tmp_path / "interrupted"
+    train(load_run_config(None, args(run, 4)))
+    checkpoints = run / "run" / "checkpoints"
+    newest = next((checkpoints / "step-00000004").glob("*.distcp"))
+    with open(newest, "r+b") as f:  # 4 KB of 0xFF in the middle of the newest shard
+        f.seek(newest.stat().st_size // 2)
+        f.write(b"\xff" * 4096)
+    with open(run / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 3.')  # a crash mid-write
+    capsys.readouterr()
+    with pytest.raises(CheckpointError, match="step-00000004: failed verification: .*does not match its checksum"):
+        train(load_run_config(None, args(run, 6)), resume=str(checkpoints / "step-00000004"))
+    train(load_run_config(None, args(run, 6)), resume="auto")
+    out = capsys.readouterr().out
+    assert "--resume auto: skipping step-00000004" in out and "does not match its checksum" in out
+    assert "resumed from" in out and "step-00000002 at step 2" in out and "torn last line" in out
+    assert run_steps(run / "run") == run_steps(straight / "run")  # steps 3-6 replayed exactly
+    assert read_marker_step(checkpoints / "step-00000004") == 4  # replaced by a good one on the way
+    from argonne.checkpoint import verify_checkpoint
+
+    assert verify_checkpoint(checkpoints / "step-00000004")
+    for path in checkpoints.iterdir():  # and when none verifies, auto does not start over silently
+        for shard in path.glob("*.distcp"):
+            shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="none of the 3 checkpoint.*verifies.*--overwrite"):
+        train(load_run_config(None, args(run, 8)), resume="auto")
+
+
+def read_marker_step(path) -> int:
+    from argonne.checkpoint import read_marker
+
+    return read_marker(path)["step"]
+
+
+def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path, tiny_run_args, capsys):
+    import subprocess
+    import sys
+    import time
+
+    from argonne.cli import main
+
+    args = tiny_run_args(tmp_path, "--train.steps=100000", "--train.log_every=1", "--train.tensorboard=false",
+                         "--data.val_windows=0")
+    first = subprocess.Popen([sys.executable, "-m", "argonne.cli", "train", str(REPO / "configs" / "tiny.toml"),
+                              *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "run" / "metrics.jsonl").exists():  # it holds the lock and trains
+            assert first.poll() is None and time.time() < deadline, first.stderr.read()[-2000:]
+            time.sleep(0.1)
+        assert main(["train", str(REPO / "configs" / "tiny.toml"), *args, "--resume", "auto"]) == 2
+        assert f"is in use by process {first.pid}" in capsys.readouterr().err
+    finally:
+        first.kill()  # SIGKILL: its lock goes with it
+        first.wait()
+    summary = train(load_run_config(None, args + ["--train.steps=1"]), overwrite=True)
+    assert summary["step"] == 1
+
+
+def test_mfu_is_reported_only_against_a_sound_peak(tmp_path, tiny_run_args, capsys):
+    """On a CPU the matmul rate measured at start is no sound peak (MFU above 1 was printed): MFU is left out,
+    saying why, unless train.peak_tflops gives the peak."""
+    for name, peak in (("measured", 0), ("given", 1)):
+        train(load_run_config(None, tiny_run_args(tmp_path / name, "--train.steps=2", "--train.log_every=1",
+                                                  "--train.tensorboard=false", "--data.val_windows=0",
+                                                  f"--train.peak_tflops={peak}")))
+    out = capsys.readouterr().out
+    assert "MFU not reported: no sound peak on a CPU (set train.peak_tflops)" in out
+    measured = read_metrics(tmp_path / "measured" / "run" / "metrics.jsonl")[0]
+    given = read_metrics(tmp_path / "given" / "run" / "metrics.jsonl")[0]
+    assert all("mfu" not in r for r in measured) and all(0 < r["mfu"] < 1 for r in given)

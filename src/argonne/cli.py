@@ -55,7 +55,7 @@ def _run_training(args: argparse.Namespace, check=None) -> int:
     if check is not None:
         check(config)
     try:
-        train(config, resume=args.resume)
+        train(config, resume=args.resume, overwrite=args.overwrite)
     except TrainingStopped as error:
         print(f"argonne {args.command}: stopped: {error}", file=sys.stderr)
         return 3
@@ -94,6 +94,9 @@ def _add_training_command(sub, name: str, func, config_help: str) -> None:
     parser.add_argument("config", help=config_help)
     parser.add_argument("--resume", default=None, metavar="auto|PATH",
                         help="continue from the latest complete checkpoint of the run (auto) or from PATH")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the earlier run in train.run_dir (checkpoints, metrics, TensorBoard events, "
+                             "model) and start fresh; without it a used run folder is refused")
     parser.set_defaults(func=func, accepts_overrides=True)
 
 
@@ -339,7 +342,7 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     hf_logging.disable_progress_bar()
     model, tokenizer = load_model(args.model, args.device)
     result = perplexity(model, tokenizer, iter_documents(args.data, args.text_column), args.window, args.stride,
-                        args.max_documents)
+                        args.max_documents, args.batch_size, progress=True)
     print(f"perplexity {result.value:.4f} over {result.tokens:,} tokens in {result.documents:,} documents "
           f"(mean NLL {result.nll / result.tokens:.4f} nats/token)")
     return 0
@@ -356,6 +359,7 @@ def _add_eval(sub) -> None:
     parser.add_argument("--window", type=int, default=None, help="tokens per window (default: the context)")
     parser.add_argument("--stride", type=int, default=None, help="tokens between windows (default: the window)")
     parser.add_argument("--max-documents", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     parser.add_argument("--device", default="auto")
     parser.set_defaults(func=cmd_eval_perplexity)
 
@@ -364,9 +368,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions with streaming)."""
     from .serve import ServerLimits, serve
 
-    serve(args.model, args.host, args.port, args.api_key,
-          ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit), args.device,
-          args.kernels)
+    limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
+                          max_body_bytes=args.max_body_bytes)
+    serve(args.model, args.host, args.port, args.api_key, limits, args.device, args.kernels)
     return 0
 
 
@@ -377,9 +381,11 @@ def _add_serve(sub) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", default=None,
                         help="require Authorization: Bearer KEY on every route but /health "
-                             "(default: $ARGONNE_API_KEY, if set)")
+                             "(default: $ARGONNE_API_KEY, if set; an empty key is refused)")
     parser.add_argument("--max-prompt-tokens", type=int, default=8192)
     parser.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
+                        help="largest request body; larger ones get 413 before they are read (default: 1 MiB)")
     parser.add_argument("--device", default="auto")
     _kernels_option(parser)
     parser.set_defaults(func=cmd_serve)
@@ -461,6 +467,11 @@ def main(argv: list[str] | None = None) -> int:
         # User mistakes (bad config, bad data, missing files) end with their message, not a traceback.
         print(f"argonne {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: one line and the shell's status for SIGINT (128 + 2). Training catches SIGINT itself (it saves a
+        # checkpoint and exits 0), so this is every other command.
+        print(f"\nargonne {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

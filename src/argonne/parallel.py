@@ -89,6 +89,15 @@ def any_process(flag: bool, topology: Topology) -> bool:
     return bool(tensor.item())
 
 
+def from_main_process(value, topology: Topology):
+    """`value` as the main process has it, in every process (a host-side broadcast over gloo)."""
+    if topology.world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=topology.host_group)
+    return box[0]
+
+
 def check_tensor_parallel(model: ArgonneForCausalLM, tp: int) -> None:
     config, problems = model.config, []
     for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from .run_folder import METRICS_FILE
+from .run_folder import read_metrics as read_records
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    """The run's records in step order; a resumed run's record replaces the interrupted one's."""
+    path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a training run folder?)")
-    by_step = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        by_step[record["step"]] = record  # a resumed run's record replaces the interrupted one's
+    by_step = {record["step"]: record for record in read_records(path)[0]}
     return [by_step[step] for step in sorted(by_step)]
 
 

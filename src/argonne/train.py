@@ -19,14 +19,36 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_step,
+    complete_checkpoints,
+    load_checkpoint,
+    read_marker,
+    run_id_of,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from .config import ConfigError, OptimConfig, RunConfig
 from .configuration_argonne import ArgonneConfig
 from .data import StreamingTokens, TokenizeSettings, held_out_tokens
 from .loader import PreparedBatches, PreparedTokens, StreamingBatches, num_windows, read_window
 from .metrics import count_parameters, training_flops_per_token
 from .modeling_argonne import ArgonneForCausalLM
-from .parallel import Topology, any_process, clip_grad_norm, init_distributed, parallelize
+from .parallel import Topology, any_process, clip_grad_norm, from_main_process, init_distributed, parallelize
+from .run_folder import (
+    METRICS_FILE,
+    RunFolderError,
+    RunLock,
+    clear_earlier_run,
+    earlier_run,
+    encode_record,
+    keep_metrics_until,
+    new_run_id,
+    read_run_id,
+    refuse_fresh_start,
+    write_run_record,
+)
 from .sft import split_batch
 from .tokenizer import document_boundary_id, load_tokenizer
 
@@ -43,11 +65,10 @@ class TrainingStopped(RuntimeError):
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    """train.device as a checked torch.device (device.py: the rule every command shares)."""
+    from .device import resolve_device as resolve
+
+    return resolve(name, local_rank)
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
@@ -206,6 +227,19 @@ def log_main(rank: int, text: str) -> None:
 # ------------------------------------------------------------------------------------------------------- pieces
 
 
+def mfu_peak(peak_tflops: float, device: torch.device, dtype: torch.dtype | None) -> tuple[float | None, str]:
+    """The MFU denominator (TFLOP/s of one device) and how the start line describes it. Given (train.peak_tflops),
+    or measured at start on a GPU, which runs the matmul alone at its full clock; on a CPU the same measurement
+    shares cores with the data workers and the OS and read well below what training then reached (MFU 2.07 was
+    printed), so there MFU is reported only against a given peak."""
+    if peak_tflops:
+        return peak_tflops, f"peak {peak_tflops:,.1f} TFLOP/s (train.peak_tflops)"
+    if device.type == "cuda":
+        measured = measure_peak_tflops(device, dtype)
+        return measured, f"peak {measured:,.1f} TFLOP/s (measured)"
+    return None, "MFU not reported: no sound peak on a CPU (set train.peak_tflops)"
+
+
 def measure_peak_tflops(device: torch.device, dtype: torch.dtype | None) -> float:
     """Dense matmul TFLOP/s of this device in the compute dtype, measured (the MFU denominator): the best of five
     timed rounds, since the first ones run while clocks and thread pools are still waking up (a single round once
@@ -302,11 +336,13 @@ class MetricsSink:
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, total_steps: int, first_step: int,
                  resumed_step: int):
         self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self.writer = self.bar = None
         if not enabled:
             return
-        self._truncate_after(resumed_step)
+        # A resumed run replays the steps after its checkpoint: their records from the interrupted run go, and so
+        # does a last line torn by a crash mid-write.
+        _, repaired = keep_metrics_until(self.path, resumed_step)
         self.file = open(self.path, "a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -316,13 +352,8 @@ class MetricsSink:
 
         # disable=None: a bar on a terminal, plain lines in log files (SLURM, PBS, CI).
         self.bar = tqdm(total=total_steps, initial=first_step, unit="step", dynamic_ncols=True, disable=None)
-
-    def _truncate_after(self, step: int) -> None:
-        """A resumed run replays the steps after its checkpoint: drop their records from the interrupted run."""
-        if not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        if repaired:
+            self.note(f"{self.path}: dropped its torn last line (written when the earlier run was cut off)")
 
     def step_done(self) -> None:
         if self.bar is not None:
@@ -331,7 +362,7 @@ class MetricsSink:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(encode_record(record) + "\n")
         self.file.flush()
         if self.writer is not None:
             for key, value in record.items():
@@ -356,8 +387,9 @@ class MetricsSink:
 def format_record(record: dict) -> str:
     text = (
         f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-        f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | MFU {record['mfu']:.3f} | "
-        f"mem {record['peak_memory_gib']:.2f} GiB"
+        f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
+        + (f"MFU {record['mfu']:.3f} | " if "mfu" in record else "")
+        + f"mem {record['peak_memory_gib']:.2f} GiB"
     )
     if "val_loss" in record:
         text += f" | val loss {record['val_loss']:.4f}"
@@ -430,21 +462,108 @@ class SkippedSteps:
         self.longest_run = torch.maximum(self.longest_run, self.in_a_row)
 
 
-def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
+def train(config: RunConfig, resume: str | None = None, objective=None, overwrite: bool = False) -> dict:
     """Run training; returns a summary (last metrics, elapsed time). `resume` is None, "auto" or a checkpoint.
-    `objective(model, inputs, targets) -> (loss, parts)` replaces the cross-entropy step (distillation)."""
-    run_dir = Path(config.train.run_dir)
-    checkpoints = run_dir / "checkpoints"
+    `objective(model, inputs, targets) -> (loss, parts)` replaces the cross-entropy step (distillation).
+    Without `resume`, a run folder holding an earlier run is refused unless `overwrite` deletes that run."""
+    if resume is not None and overwrite:
+        raise RunFolderError("--overwrite starts a new run and --resume continues one: choose one")
     device = resolve_device(config.train.device)
     topology = init_distributed(config.parallel.tensor_parallel, device)
+    lock = claim_run_folder(Path(config.train.run_dir), resume, overwrite, topology)
+    try:
+        resume_from, run_id = choose_checkpoint(Path(config.train.run_dir), resume, topology)
+        return _train(config, topology, resume_from, run_id, objective)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def claim_run_folder(run_dir: Path, resume: str | None, overwrite: bool, topology: Topology) -> RunLock | None:
+    """Lock the run folder (main process) and check that a fresh start overwrites nothing (or, with `overwrite`,
+    delete the earlier run); every process raises the same RunFolderError when it cannot be used."""
+    lock, problem = None, None
+    if topology.is_main:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+            if resume is None and (found := earlier_run(run_dir)):
+                if not overwrite:
+                    raise refuse_fresh_start(run_dir, found)
+                log_main(0, f"--overwrite: deleted the earlier run in {run_dir}: {', '.join(clear_earlier_run(run_dir))}")
+        except RunFolderError as error:
+            lock.release()
+            lock, problem = None, str(error)
+    problem = from_main_process(problem, topology)
+    if problem is not None:
+        raise RunFolderError(problem)
+    return lock
+
+
+def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> tuple[Path | None, str]:
+    """The checkpoint to resume from (None: a fresh start) and the run's id, the same in every process.
+
+    `auto`: the newest checkpoint of this folder's run that verifies; one that does not is skipped, saying why, and
+    none verifying is an error (starting over would bury the run). A path: it must verify. The run id continues
+    the checkpoint's; it is new for a fresh start, and for a resume from a path older than the newest checkpoint
+    of its run in the folder (a branch: pruning must not delete the checkpoints it branched from). Newer
+    checkpoints that `auto` skipped failed verification: the run replaces them as it reaches their steps."""
+    checkpoints = run_dir / "checkpoints"
+    if resume is None:
+        return None, from_main_process(new_run_id(), topology)
+    if resume == "auto":
+        path = _newest_verified(checkpoints, read_run_id(run_dir), topology)
+        if path is None:
+            return None, from_main_process(new_run_id(), topology)
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+        if not verify_checkpoint(path, topology.host_group):
+            log_main(topology.rank, f"{path}: written before checkpoints recorded checksums, not verified")
+    run_id = read_marker(path).get("run_id")
+    if resume != "auto":
+        newer = [c for c in complete_checkpoints(checkpoints)
+                 if checkpoint_step(c) > read_marker(path)["step"] and run_id_of(c) == run_id]
+        if newer:
+            log_main(topology.rank, f"resuming from {path}, older than {len(newer)} checkpoint(s) of the same run: "
+                                    f"they are kept (moved aside if this run reaches their step), never pruned")
+            run_id = None
+    if run_id is None:
+        run_id = from_main_process(new_run_id(), topology)
+    return path, run_id
+
+
+def _newest_verified(checkpoints: Path, run_id: str | None, topology: Topology) -> Path | None:
+    candidates = [c for c in reversed(complete_checkpoints(checkpoints))
+                  if run_id is None or run_id_of(c) in (run_id, None)]
+    for path in candidates:
+        try:
+            if not verify_checkpoint(path, topology.host_group):
+                log_main(topology.rank, f"{path}: written before checkpoints recorded checksums, not verified")
+            return path
+        except CheckpointError as error:
+            log_main(topology.rank, f"--resume auto: skipping {path.name}: {error}")
+    if candidates:
+        raise CheckpointError(
+            f"--resume auto: none of the {len(candidates)} checkpoint(s) in {checkpoints} verifies (see above); "
+            f"resume from a good copy with --resume PATH, or start over with --overwrite"
+        )
+    return None
+
+
+def _train(config: RunConfig, topology: Topology, resume_from: Path | None, run_id: str, objective) -> dict:
+    """The run, in a claimed run folder: set up, build, then the loop."""
+    run_dir = Path(config.train.run_dir)
+    checkpoints = run_dir / "checkpoints"
     device = resolve_device(config.train.device, topology.local_rank)
     dtype = compute_dtype(config.train.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if topology.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        write_run_record(run_dir, run_id, resumed_from=str(resume_from) if resume_from else None)
 
     tokenizer = load_tokenizer(config.data.tokenizer)
     model_config = build_model_config(config, tokenizer)
@@ -460,28 +579,30 @@ def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
     tc = config.train
     tokens_per_step = tc.micro_batch_size * tc.grad_accum * topology.dp * config.data.seq_len
     start_step = 0
-    resume_from = _resume_path(resume, checkpoints)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, _train_state(0, batches))
+        state = load_checkpoint(resume_from, model, optimizer, _train_state(0, batches), verify=False)
         batches.load_state_dict(json.loads(state["data"]))
         torch.set_rng_state(state["rng"])
         start_step = int(state["step"])
     flops_per_token = training_flops_per_token(model_config, config.data.seq_len)
-    peak_tflops = tc.peak_tflops or measure_peak_tflops(device, dtype)
+    peak_tflops, peak_note = mfu_peak(tc.peak_tflops, device, dtype)
     sink = MetricsSink(run_dir, topology.is_main, tc.tensorboard, tc.steps, start_step, start_step)
     sink.note(
         f"model {config.model.init_from or config.model.preset}: {count_parameters(model_config):,} parameters, "
         f"{flops_per_token / 1e9:,.3f} GFLOPs/token | {topology.world} process(es): dp {topology.dp} x "
         f"tp {topology.tp} | {tokens_per_step:,} tokens/step x {tc.steps} steps | device {device}, "
-        f"peak {peak_tflops:,.1f} TFLOP/s | "
+        f"{peak_note} | "
         + (f"resumed from {resume_from} at step {start_step}" if resume_from else "from scratch")
     )
+    if start_step >= tc.steps:
+        sink.note(f"nothing to train: the checkpoint is at step {start_step} and train.steps is {tc.steps} "
+                  f"(raise train.steps to continue)")
 
     def save(step: int) -> Path:
         return save_checkpoint(
             checkpoints, step, model, optimizer, _train_state(step, batches), topology.is_main,
             extra_files={"run_config.json": json.dumps(config.to_dict(), indent=2)}, tokenizer=tokenizer,
-            keep=config.checkpoint.keep,
+            keep=config.checkpoint.keep, run_id=run_id, group=topology.host_group,
         )
 
     batch_iter = iter(batches)
@@ -539,10 +660,14 @@ def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
                     "lr": lr,
                     "grad_norm": norm,
                     "tokens_per_s": tokens_per_s,
-                    "mfu": flops_per_token * tokens_per_s / (peak_tflops * 1e12 * topology.world),
                     "peak_memory_gib": peak_memory_gib(device),
                     "skipped_steps": int(total_skipped),
                 }
+                if peak_tflops:
+                    record["mfu"] = flops_per_token * tokens_per_s / (peak_tflops * 1e12 * topology.world)
+                if config.data.on_error == "skip" and hasattr(batches, "skipped"):
+                    # Streamed rows and files skipped so far, as flat numbers so TensorBoard plots them too.
+                    record.update({f"data_skipped_{kind}": n for kind, n in batches.skipped().items()})
                 for name, values in parts_since_log.items():
                     record[name] = _mean_over_ranks(torch.stack(values).mean(), topology).item()
                 parts_since_log.clear()
@@ -579,17 +704,6 @@ def train(config: RunConfig, resume: str | None = None, objective=None) -> dict:
 
 def _train_state(step: int, batches) -> dict:
     return {"step": step, "data": json.dumps(batches.state_dict()), "rng": torch.get_rng_state()}
-
-
-def _resume_path(resume: str | None, checkpoints: Path) -> Path | None:
-    if resume is None:
-        return None
-    if resume == "auto":
-        return latest_checkpoint(checkpoints)  # None: nothing to resume, start from scratch
-    path = Path(resume)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
-    return path
 
 
 def export_final_model(model, model_config: ArgonneConfig, tokenizer, output: Path, topology: Topology) -> None:

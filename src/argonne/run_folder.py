@@ -1,0 +1,274 @@
+"""The run folder (`train.run_dir`): one trainer at a time, no earlier run overwritten, a metrics log that stays valid.
+
+* `RunLock`: the main process holds a lock on `RUN_DIR/run.lock` for the whole run, so a second trainer (say
+  torchrun workers left running after their launcher was killed) is refused instead of interleaving its metrics
+  and checkpoints. It is an advisory `flock`: the kernel drops it when the process dies, however it dies, and NFS
+  and Lustre (mounted with `flock`) carry it to every node. Where the filesystem has no locks, the lock is a
+  directory made atomically, `RUN_DIR/run.lock.d`, holding its owner; a dead owner on this host is detected and
+  its lock taken over, one on another host is named so that the user can remove it.
+* `earlier_run`: what a fresh start would overwrite. `argonne train` without `--resume` refuses a folder that holds
+  another run's checkpoints, metrics or model, unless `--overwrite` asks to delete them (`clear_earlier_run`).
+* `run.json` names the run (`run_id`): a fresh start makes a new id, a resume continues the checkpoint's. Its
+  checkpoints carry the id, and pruning deletes only checkpoints of the same id.
+* `metrics.jsonl` holds one JSON object per line; NaN and infinities are written as the strings "NaN",
+  "Infinity" and "-Infinity" (JSON has no such numbers) and read back as floats. A torn last line — a crash in
+  mid-write — is dropped on reading and repaired on resume.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+LOCK_FILE = "run.lock"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+# What a run writes into its folder; `clear_earlier_run` deletes only these.
+RUN_OUTPUTS = ("checkpoints", METRICS_FILE, "tensorboard", "model", "loss.png", RUN_FILE, "config.json")
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used as asked; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------ lock
+
+
+def _owner() -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
+
+
+def _describe(owner: dict | None) -> str:
+    if not owner:
+        return "another process"
+    return f"process {owner.get('pid')} on host {owner.get('host')} (since {owner.get('since')})"
+
+
+def _read_owner(path: Path) -> dict | None:
+    try:
+        owner = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _pid_alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+# flock() fails with these where a filesystem has no locks (NFS without a lock daemon, Lustre without -o flock).
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held until `release()` or the end of the process."""
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self.fallback = self.run_dir / (LOCK_FILE + ".d")
+        self._fd: int | None = None
+        self._holds_fallback = False
+
+    def acquire(self) -> None:
+        import fcntl
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunFolderError(self._in_use(_read_owner(self.path))) from None
+        except OSError as error:
+            os.close(fd)
+            if error.errno not in _NO_LOCKS:
+                raise
+            self._acquire_fallback()
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(_owner()).encode())
+        self._fd = fd
+
+    def _acquire_fallback(self) -> None:
+        """mkdir is atomic on every filesystem, NFS included: whoever makes the directory holds the lock."""
+        for _ in range(2):
+            try:
+                self.fallback.mkdir()
+            except FileExistsError:
+                owner = _read_owner(self.fallback / "owner.json")
+                stale = owner is not None and owner.get("host") == socket.gethostname() \
+                    and not _pid_alive(owner.get("pid"))
+                if not stale:
+                    hint = "" if owner is None or owner.get("host") == socket.gethostname() else (
+                        f"; if that process is gone, delete {self.fallback}")
+                    raise RunFolderError(self._in_use(owner) + hint) from None
+                shutil.rmtree(self.fallback, ignore_errors=True)  # its owner died without releasing it
+                continue
+            (self.fallback / "owner.json").write_text(json.dumps(_owner()))
+            self._holds_fallback = True
+            return
+        raise RunFolderError(self._in_use(None))
+
+    def _in_use(self, owner: dict | None) -> str:
+        return (f"run folder {self.run_dir} is in use by {_describe(owner)}: another trainer is writing it. "
+                f"Stop that one first (look for leftover torchrun workers), or choose another train.run_dir")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (deleting it would race a new locker)
+            self._fd = None
+        if self._holds_fallback:
+            shutil.rmtree(self.fallback, ignore_errors=True)
+            self._holds_fallback = False
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ------------------------------------------------------------------------------------------------ earlier runs
+
+
+def earlier_run(run_dir: str | Path) -> list[str]:
+    """What a fresh start in `run_dir` would overwrite: checkpoints, metrics records, a final model."""
+    run_dir = Path(run_dir)
+    found = []
+    checkpoints = run_dir / "checkpoints"
+    if checkpoints.is_dir():
+        steps = [p for p in checkpoints.iterdir() if p.name.startswith("step-")]
+        if steps:
+            found.append(f"{len(steps)} checkpoint folder(s)")
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(f"{METRICS_FILE} ({len(metrics.read_bytes().splitlines())} records)")
+    if (run_dir / "model").exists():
+        found.append("a trained model/")
+    return found
+
+
+def refuse_fresh_start(run_dir: str | Path, found: list[str]) -> RunFolderError:
+    return RunFolderError(
+        f"run folder {run_dir} holds an earlier run ({', '.join(found)}). Continue it with --resume auto, "
+        f"delete it and start over with --overwrite, or choose another train.run_dir"
+    )
+
+
+def clear_earlier_run(run_dir: str | Path) -> list[str]:
+    """Delete what runs write into `run_dir` (RUN_OUTPUTS, nothing else); returns what was deleted."""
+    run_dir = Path(run_dir)
+    deleted = []
+    for name in RUN_OUTPUTS:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        deleted.append(name)
+    return deleted
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def read_run_id(run_dir: str | Path) -> str | None:
+    record = _read_owner(Path(run_dir) / RUN_FILE)  # same shape: a small JSON object, or None when unreadable
+    run_id = record.get("run_id") if record else None
+    return run_id if isinstance(run_id, str) else None
+
+
+def write_run_record(run_dir: str | Path, run_id: str, **details) -> None:
+    write_atomic(Path(run_dir) / RUN_FILE, json.dumps({"run_id": run_id, **details}, indent=2) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------------ metrics.jsonl
+
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _json_number(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def encode_record(record: dict) -> str:
+    """One metrics line: valid JSON, non-finite floats as strings."""
+    return json.dumps({key: _json_number(value) for key, value in record.items()}, allow_nan=False)
+
+
+def decode_record(record: dict) -> dict:
+    return {key: _NON_FINITE.get(value, value) if isinstance(value, str) else value for key, value in record.items()}
+
+
+def read_metrics(path: str | Path) -> tuple[list[dict], bool]:
+    """The records of a metrics.jsonl, and whether its last line was torn (cut off mid-write: it is left out).
+    Any other line that is not a JSON record is an error naming it."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    torn = False
+    if lines and lines[-1] == "":
+        lines.pop()
+    elif lines:  # no newline at the end: the last line may have been cut off
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            lines.pop()
+            torn = True
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise RunFolderError(f"{path}:{number}: not a JSON record ({error}); fix or delete that line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise RunFolderError(f"{path}:{number}: not a metrics record (no integer step); fix or delete that line")
+        records.append(decode_record(record))
+    return records, torn
+
+
+def keep_metrics_until(path: str | Path, step: int) -> tuple[int, bool]:
+    """Rewrite metrics.jsonl (atomically) with the records up to `step` — a resumed run replays the steps after its
+    checkpoint — and without a torn last line. Returns (records dropped, whether a torn line was repaired)."""
+    path = Path(path)
+    if not path.is_file():
+        return 0, False
+    records, torn = read_metrics(path)
+    kept = [record for record in records if record["step"] <= step]
+    if len(kept) < len(records) or torn:
+        write_atomic(path, "".join(encode_record(record) + "\n" for record in kept))
+    return len(records) - len(kept), torn

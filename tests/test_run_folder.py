@@ -1,0 +1,139 @@
+"""The run folder: one trainer at a time, no earlier run overwritten by accident, a metrics log that stays valid."""
+
+import errno
+import json
+import math
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from argonne import run_folder
+from argonne.run_folder import (
+    RunFolderError,
+    RunLock,
+    clear_earlier_run,
+    earlier_run,
+    encode_record,
+    keep_metrics_until,
+    read_metrics,
+)
+
+HOLD_LOCK = """
+import sys, time
+from argonne.run_folder import RunLock
+RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def hold_lock_in_another_process(run_dir):
+    process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_second_locker_is_refused_and_a_dead_ones_lock_is_free(tmp_path):
+    holder = hold_lock_in_another_process(tmp_path)
+    try:
+        with pytest.raises(RunFolderError, match=rf"in use by process {holder.pid} on host {socket.gethostname()}"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # SIGKILL: nothing released it; the kernel drops its lock
+        holder.wait()
+    with RunLock(tmp_path):
+        with pytest.raises(RunFolderError, match="in use"):  # the same process twice is refused too
+            RunLock(tmp_path).acquire()
+    with RunLock(tmp_path):  # released on exit from the first
+        pass
+
+
+@pytest.fixture
+def no_flock(monkeypatch):
+    """A filesystem without locks (NFS without its lock daemon, Lustre mounted without flock)."""
+    import fcntl
+
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+
+
+def test_without_flock_the_lock_is_a_directory_with_its_owner(tmp_path, no_flock):
+    lock = RunLock(tmp_path)
+    lock.acquire()
+    owner = json.loads((tmp_path / "run.lock.d" / "owner.json").read_text())
+    assert owner["host"] == socket.gethostname()
+    with pytest.raises(RunFolderError, match="in use by process"):
+        RunLock(tmp_path).acquire()
+    lock.release()
+    assert not (tmp_path / "run.lock.d").exists()
+    with RunLock(tmp_path):
+        pass
+
+
+def test_without_flock_a_dead_owner_on_this_host_is_taken_over(tmp_path, no_flock):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "run.lock.d").mkdir()
+    (tmp_path / "run.lock.d" / "owner.json").write_text(json.dumps(
+        {"pid": int(dead.stdout), "host": socket.gethostname(), "since": "earlier"}))
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / "run.lock.d" / "owner.json").read_text())["pid"] != int(dead.stdout)
+
+
+def test_without_flock_an_owner_on_another_host_is_named(tmp_path, no_flock):
+    (tmp_path / "run.lock.d").mkdir()
+    (tmp_path / "run.lock.d" / "owner.json").write_text(json.dumps(
+        {"pid": 4242, "host": "node-17", "since": "2026-12-01 10:00:00"}))
+    with pytest.raises(RunFolderError, match=r"process 4242 on host node-17 .*delete .*run\.lock\.d"):
+        RunLock(tmp_path).acquire()
+
+
+def test_earlier_run_lists_what_a_fresh_start_would_overwrite_and_clear_deletes_only_that(tmp_path):
+    assert earlier_run(tmp_path) == []
+    (tmp_path / "checkpoints" / "step-00000010").mkdir(parents=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 10}\n{"step": 20}\n')
+    (tmp_path / "model").mkdir()
+    (tmp_path / "notes.txt").write_text("the user's own file")
+    found = earlier_run(tmp_path)
+    assert found == ["1 checkpoint folder(s)", "metrics.jsonl (2 records)", "a trained model/"]
+    assert sorted(clear_earlier_run(tmp_path)) == ["checkpoints", "metrics.jsonl", "model"]
+    assert earlier_run(tmp_path) == [] and (tmp_path / "notes.txt").read_text() == "the user's own file"
+
+
+def test_non_finite_metrics_are_valid_json_and_read_back(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 1, "loss": math.nan, "grad_norm": math.inf, "lr": -math.inf}, {"step": 2, "loss": 1.5}]
+    path.write_text("".join(encode_record(r) + "\n" for r in records))
+    for line in path.read_text().splitlines():  # strict JSON: no bare NaN / Infinity
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    read, torn = read_metrics(path)
+    assert not torn and math.isnan(read[0]["loss"]) and read[0]["grad_norm"] == math.inf
+    assert read[0]["lr"] == -math.inf and read[1] == {"step": 2, "loss": 1.5}
+
+
+def test_a_torn_last_line_is_dropped_and_repaired(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.9}\n{"step": 3, "lo')
+    records, torn = read_metrics(path)
+    assert [r["step"] for r in records] == [1, 2] and torn
+    assert keep_metrics_until(path, 1) == (1, True)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n'
+    path.write_text('{"step": 1}\n{"step": 2}\n')  # a complete last line without its newline is kept
+    assert [r["step"] for r in read_metrics(path)[0]] == [1, 2]
+
+
+def test_a_bad_line_before_the_end_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(RunFolderError, match=r"metrics\.jsonl:2: not a JSON record"):
+        read_metrics(path)
+
+
+def test_run_ids_are_recorded(tmp_path):
+    run_folder.write_run_record(tmp_path, "abc", resumed_from=None)
+    assert run_folder.read_run_id(tmp_path) == "abc"
+    assert run_folder.read_run_id(tmp_path / "nowhere") is None
+    assert len({run_folder.new_run_id() for _ in range(5)}) == 5
