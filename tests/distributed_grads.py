@@ -51,6 +51,9 @@ def main():
     if topology.is_main:
         print(f"ok ({sys.argv[1]}): {len(replicated)} replicated parameters have identical gradients on both ranks",
               flush=True)
+    # Both ranks tear down together: a rank that exits while its peer is still working leaves gloo's threads
+    # running into interpreter shutdown ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

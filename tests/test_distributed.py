@@ -3,6 +3,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,18 +47,28 @@ def command(prepared, run_dir, steps=10, nproc=1, micro=8, extra=(), launcher=No
         *extra,
     ]
     if launcher is not None:
-        return [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "argonne.cli", *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--tee", "3", *launcher, "-m", "argonne.cli", *args]
     if nproc == 1:
         return [sys.executable, "-m", "argonne.cli", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+    return [sys.executable, "-m", "torch.distributed.run", "--tee", "3", "--nproc-per-node", str(nproc),
             "--master-port", str(free_port()), "-m", "argonne.cli", *args]
 
 
-def failure(stderr: str) -> str:
-    """What to show for a failed launch: torchrun's summary hides the worker's traceback, which is in the lines it
-    prefixes with [rank0] (or, in one process, the end of stderr)."""
-    worker = "\n".join(line for line in stderr.splitlines() if line.startswith("[rank0]"))
-    return (worker[-3000:] + "\n...\n" if worker else "") + stderr[-2000:]
+# torchrun --tee 3 prefixes each worker's lines with [defaultN]:, and its error report with [rankN]:.
+RANK_LINE = re.compile(r"^\[(?:default|rank)(\d+)\]:")
+
+
+def failure(*outputs: str) -> str:
+    """What to show for a failed launch: the last lines of every rank (a rank that aborts is often not rank 0),
+    then the end of what torchrun itself printed (in one process: the end of the output)."""
+    lines = "\n".join(outputs).splitlines()
+    by_rank: dict[int, list[str]] = {}
+    for line in lines:
+        if match := RANK_LINE.match(line):
+            by_rank.setdefault(int(match.group(1)), []).append(line)
+    ranks = [f"--- rank {rank} ---\n" + "\n".join(own[-40:]) for rank, own in sorted(by_rank.items())]
+    launcher = [line for line in lines if not RANK_LINE.match(line)]
+    return "\n".join(ranks) + "\n--- launcher ---\n" + "\n".join(launcher[-30:])
 
 
 def env():
@@ -67,7 +78,7 @@ def env():
 def train(prepared, run_dir, **kwargs):
     result = subprocess.run(command(prepared, run_dir, **kwargs), env=env(), capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 0, failure(result.stderr)
+    assert result.returncode == 0, failure(result.stdout, result.stderr)
     return losses(run_dir)
 
 
@@ -112,10 +123,44 @@ def test_parallel_layouts_match_one_process(prepared, one_process, tmp_path, lay
 @pytest.mark.parametrize("head", ["tied", "untied"])
 def test_tensor_parallel_gradients_loss_and_logits_equal_one_process(head):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-         str(REPO / "tests" / "distributed_grads.py"), head], env=env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, failure(result.stderr)
-    assert f"ok ({head})" in result.stdout, result.stdout[-2000:] + failure(result.stderr)
+        [sys.executable, "-m", "torch.distributed.run", "--tee", "3", "--nproc-per-node", "2", "--master-port",
+         str(free_port()), str(REPO / "tests" / "distributed_grads.py"), head],
+        env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, failure(result.stdout, result.stderr)
+    assert f"ok ({head})" in result.stdout, failure(result.stdout, result.stderr)
+
+
+def test_a_failed_launch_reports_every_rank(tmp_path):
+    """A rank other than 0 that fails must be visible in the report (it once showed rank 0's lines only)."""
+    script = tmp_path / "second_rank_fails.py"
+    script.write_text("import os, sys\n"
+                      "print(f'rank {os.environ[\"RANK\"]} started', flush=True)\n"
+                      "if os.environ['RANK'] == '1':\n"
+                      "    raise SystemExit('rank 1 gives up here')\n")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--tee", "3", "--nproc-per-node", "2",
+                             "--master-port", str(free_port()), str(script)],
+                            env=env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    report = failure(result.stdout, result.stderr)
+    assert "--- rank 0 ---" in report and "rank 0 started" in report
+    assert "--- rank 1 ---" in report and "rank 1 gives up here" in report
+
+
+def test_a_launch_into_a_run_folder_in_use_is_refused_by_every_rank(prepared, tmp_path):
+    from .test_run_folder import hold_lock_in_another_process
+
+    holder = hold_lock_in_another_process(tmp_path)  # e.g. a worker left running by a killed launcher
+    try:
+        result = subprocess.run(command(prepared, tmp_path, steps=2, nproc=2, micro=4), env=env(),
+                                capture_output=True, text=True, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert re.search(rf"\[default{rank}\]:argonne train: error: run folder .* is in use by process {holder.pid}",
+                         result.stderr), failure(result.stdout, result.stderr)
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_two_node_launch_matches_one_node(prepared, one_process, tmp_path):
@@ -130,7 +175,7 @@ def test_two_node_launch_matches_one_node(prepared, one_process, tmp_path):
     ]
     for node in nodes:
         _, err = node.communicate(timeout=300)
-        assert node.returncode == 0, failure(err)
+        assert node.returncode == 0, failure(_, err)
     assert_same_losses(one_process[0], losses(tmp_path))
 
 
@@ -184,7 +229,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared, tmp_path):
     wait_for_step(tmp_path, 3, process)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, failure(err)
+    assert process.returncode == 0, failure(out, err)
     last_step = max(losses(tmp_path))
     assert latest_checkpoint(tmp_path / "checkpoints").name == f"step-{last_step:08d}"
     assert "resume with --resume auto" in out + err
@@ -199,7 +244,7 @@ def test_models_built_on_meta_are_initialised_after_sharding(prepared, tmp_path,
     script = args.index("-m", args.index("torch.distributed.run") + 1)  # the second -m runs argonne.cli
     args[script:script + 2] = [str(REPO / "tests" / "train_with_meta_init.py")]
     result = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, failure(result.stderr)
+    assert result.returncode == 0, failure(result.stdout, result.stderr)
     steps = losses(tmp_path)
     assert abs(steps[1] - math.log(8192)) < 0.2  # a fresh initialisation predicts near-uniformly
     assert all(math.isfinite(v) for v in steps.values())

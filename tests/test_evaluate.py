@@ -10,7 +10,7 @@ import torch
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.chat import ChatSession, fit_history, render, run_chat
 from argonne.cli import main
-from argonne.evaluate import document_nll, perplexity
+from argonne.evaluate import document_nll, perplexity, scoring_windows
 from argonne.generate import Generator, SamplingParams
 
 from .conftest import SAMPLE_TOKENIZER
@@ -40,24 +40,53 @@ def test_a_short_document_is_scored_in_one_pass(tokenizer):
     assert count == len(ids) - 1 and nll == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("position_embedding", ["rope", "learned"])
-def test_long_documents_score_every_token_once_and_more_context_helps(tokenizer, position_embedding):
-    model = small_model(position_embedding, context=32)
-    text = " ".join(["alpha beta gamma delta epsilon"] * 40)  # ~200 tokens, far beyond the 32-token window
-    ids = [0] + tokenizer(text, add_special_tokens=False).input_ids + [0]
-    assert len(ids) > 150
-    disjoint_nll, count = document_nll(model, ids, window=32, stride=32)
-    overlapping_nll, count_again = document_nll(model, ids, window=32, stride=8)
-    assert count == count_again == len(ids) - 1
-    # With stride 1 every token sees the full window: scoring equals one token at a time.
-    nll_one, _ = document_nll(model, ids[:50], window=32, stride=1)
+def brute_force_nll(model, ids: list[int], window: int, stride: int) -> float:
+    """Each token scored on its own: token t's context is ids[s:t], where s is the start of the first window (a
+    multiple of the stride) whose `window` inputs reach up to t - 1."""
+    total = 0.0
     with torch.no_grad():
-        manual = sum(
-            torch.nn.functional.cross_entropy(model(torch.tensor([ids[max(0, t - 31):t]])).logits[0, -1:],
-                                              torch.tensor([ids[t]]), reduction="sum").item()
-            for t in range(1, 50))
-    assert nll_one == pytest.approx(manual, rel=1e-4)
-    assert math.isfinite(disjoint_nll) and math.isfinite(overlapping_nll)
+        for t in range(1, len(ids)):
+            s = 0
+            while s + window < t:
+                s += stride
+            logits = model(torch.tensor([ids[s:t]])).logits[0, -1]
+            total -= torch.log_softmax(logits.double(), -1)[ids[t]].item()
+    return total
+
+
+@pytest.mark.parametrize("position_embedding", ["rope", "learned"])
+@pytest.mark.parametrize("stride", [32, 31, 8, 1])
+def test_long_documents_score_every_token_once_as_a_token_by_token_reference(tokenizer, position_embedding, stride):
+    model = small_model(position_embedding, context=32)
+    text = " ".join(["alpha beta gamma delta epsilon"] * 16)  # ~80 tokens, beyond the 32-token window
+    ids = [0] + tokenizer(text, add_special_tokens=False).input_ids + [0]
+    assert len(ids) > 70
+    nll, count = document_nll(model, ids, window=32, stride=stride)
+    assert count == len(ids) - 1
+    assert nll == pytest.approx(brute_force_nll(model, ids, 32, stride), rel=1e-5)
+
+
+def test_windows_score_each_token_once_with_the_promised_context():
+    for length, window, stride in [(2, 4, 4), (10, 4, 4), (11, 4, 3), (50, 16, 1), (17, 16, 16), (18, 16, 5)]:
+        scored = []
+        for begin, end, first in scoring_windows(length, window, stride):
+            assert end - begin <= window and first >= 0
+            targets = range(begin + 1 + first, end + 1)
+            scored += targets
+            if begin > 0:  # past the document's start, a token has at least window - stride tokens before it
+                assert all(t - begin >= window - stride for t in targets)
+        assert scored == list(range(1, length)), (length, window, stride)
+
+
+def test_batched_perplexity_equals_documents_one_at_a_time(tokenizer):
+    model = small_model(context=32)
+    texts = ["Short one.", " ".join(["alpha beta gamma"] * 20), "A middle-sized document, of a few words more."]
+    batched = perplexity(model, tokenizer, texts, window=32, stride=16, batch_size=3)
+    boundary = 0
+    expected = [document_nll(model, [boundary] + tokenizer(t, add_special_tokens=False).input_ids + [boundary], 32, 16)
+                for t in texts]
+    assert batched.tokens == sum(c for _, c in expected)
+    assert batched.nll == pytest.approx(sum(n for n, _ in expected), rel=1e-5)
 
 
 def test_perplexity_command_on_parquet_and_text(tmp_path, tokenizer, capsys):
@@ -70,8 +99,9 @@ def test_perplexity_command_on_parquet_and_text(tmp_path, tokenizer, capsys):
     code = main(["eval", "perplexity", str(tmp_path / "model"), "--data", str(tmp_path / "docs.parquet"),
                  str(tmp_path / "doc.txt"), "--stride", "16"])
     assert code == 0
-    out = capsys.readouterr().out
-    assert "in 3 documents" in out and "perplexity" in out
+    captured = capsys.readouterr()
+    assert "in 3 documents" in captured.out and "perplexity" in captured.out
+    assert "perplexity: " in captured.err and "3doc" in captured.err  # progress, on stderr
     result = perplexity(model, tokenizer, ["One document here."])
     assert result.documents == 1 and result.value > 1
     with pytest.raises(ValueError, match="stride"):

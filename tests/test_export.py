@@ -215,6 +215,36 @@ def test_gguf_metadata_tokenizer_and_tensors_read_back(tmp_path, which, request)
     assert torch.equal(permute_for_gguf_rope(q, 4)[:2], q[[0, 12]])  # pairs (i, i + head_dim/2) become adjacent
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_gguf_holds_the_dtype_asked_for(tmp_path, dtype):
+    """--dtype bf16 once wrote F32 silently: matrices must be written in the asked dtype, bit for bit, and 1-D
+    tensors (norms) in F32, as llama.cpp's own converter writes them."""
+    import gguf
+    import numpy as np
+
+    from argonne.export import DTYPES, gguf_tensors
+
+    source = saved_argonne(tmp_path / "argonne")
+    assert main(["export", str(source), "--to", "gguf", "--output", str(tmp_path / "out"), "--dtype", dtype]) == 0
+    reader = gguf.GGUFReader(str(tmp_path / "out" / "model.gguf"))
+    kinds = {"bf16": (gguf.GGMLQuantizationType.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+             "fp16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16)}
+    tensor_type, file_type = kinds[dtype]
+    assert reader.fields["general.file_type"].contents() == file_type
+    model = ArgonneForCausalLM.from_pretrained(source).to(DTYPES[dtype])
+    read = {t.name: t for t in reader.tensors}
+    expected = gguf_tensors(model)
+    assert read.keys() == expected.keys()
+    for name, tensor in expected.items():
+        if tensor.dim() == 1:
+            assert read[name].tensor_type == gguf.GGMLQuantizationType.F32
+            assert np.array_equal(np.asarray(read[name].data), tensor.float().numpy()), name
+        else:
+            assert read[name].tensor_type == tensor_type, name
+            bits = np.asarray(read[name].data).view(np.uint16).reshape(tensor.shape)
+            assert np.array_equal(bits, tensor.view(torch.int16).numpy().view(np.uint16)), name
+
+
 def test_a_tensor_parallel_checkpoint_exports_to_every_format(tmp_path):
     from argonne.data import PrepareSettings, prepare_dataset
     from argonne.export import gguf_tensors

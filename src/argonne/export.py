@@ -135,8 +135,8 @@ def gguf_tensors(model: ArgonneForCausalLM) -> dict[str, torch.Tensor]:
 
 
 def write_gguf(model: ArgonneForCausalLM, tokenizer, path: Path) -> Path:
-    """A llama-architecture GGUF file with the model's weights (in their dtype; bf16 is written as F32 where the
-    gguf package cannot store it) and the byte-level BPE tokenizer llama.cpp needs."""
+    """A llama-architecture GGUF file with the model's weights in their dtype (bf16, fp16 or fp32; 1-D tensors in
+    fp32) and the byte-level BPE tokenizer llama.cpp needs."""
     import gguf
     import numpy as np
 
@@ -188,10 +188,21 @@ def write_gguf(model: ArgonneForCausalLM, tokenizer, path: Path) -> Path:
         writer.add_chat_template(tokenizer.chat_template)
 
     dtype = next(model.parameters()).dtype
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if dtype == torch.float16 else gguf.LlamaFileType.ALL_F32)
+    file_types = {torch.bfloat16: gguf.LlamaFileType.MOSTLY_BF16, torch.float16: gguf.LlamaFileType.MOSTLY_F16,
+                  torch.float32: gguf.LlamaFileType.ALL_F32}
+    if dtype not in file_types:
+        raise ConversionError(f"GGUF export writes bf16, fp16 or fp32 weights, not {dtype}")
+    writer.add_file_type(file_types[dtype])
     for name, tensor in gguf_tensors(model).items():
-        array = tensor.detach().to(torch.float16 if dtype == torch.float16 else torch.float32).numpy()
-        writer.add_tensor(name, np.ascontiguousarray(array))
+        tensor = tensor.detach().contiguous()
+        if tensor.dim() == 1 or dtype == torch.float32:
+            # Norm weights and biases stay float32 (exact from bf16 and fp16), as llama.cpp's converter keeps them.
+            writer.add_tensor(name, np.ascontiguousarray(tensor.float().numpy()))
+        elif dtype == torch.float16:
+            writer.add_tensor(name, np.ascontiguousarray(tensor.numpy()))
+        else:  # numpy has no bfloat16: the raw 2-byte values, typed BF16 in the file
+            raw = tensor.view(torch.int16).numpy().view(np.uint8)
+            writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType.BF16)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
