@@ -1,5 +1,6 @@
 """Checkpoints are verified before they are trusted, and opening one never runs code from it."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -144,6 +145,9 @@ def test_a_saved_checkpoint_records_every_file_and_loads_back(tmp_path):
     files = sorted(p.name for p in path.iterdir() if p.name != COMPLETE)
     assert marker["step"] == 3 and marker["run_id"] == "run-a" and sorted(marker["files"]) == files
     assert ".metadata" in files and "config.json" in files and "tokenizer.json" in files
+    config = (path / "config.json").read_bytes()  # one piece: the sha256 of its sha256
+    assert marker["files"]["config.json"] == {
+        "bytes": len(config), "sha256": hashlib.sha256(hashlib.sha256(config).digest()).hexdigest()}
     assert verify_checkpoint(path) is True
     model, optimizer = build()
     torch.nn.init.zeros_(model.model.embed_tokens.weight)

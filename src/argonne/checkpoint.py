@@ -71,8 +71,8 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
 
 
 def read_marker(path: Path) -> dict:
-    """The COMPLETE marker: {"step", "run_id", "files": {name: {"bytes", "sha256"}}} ("step" alone in checkpoints
-    written before checksums were recorded)."""
+    """The COMPLETE marker: {"step", "run_id", "checksum" (the scheme), "files": {name: {"bytes", "sha256"}}}
+    ("step" alone in checkpoints written before checksums were recorded)."""
     marker = Path(path) / COMPLETE
     if not marker.is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
@@ -181,29 +181,54 @@ def _dcp_load(state: dict, path: Path) -> None:
         causes = [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
         ours = next((c for c in causes if isinstance(c, CheckpointError)), None)
         if ours is not None:
-            raise CheckpointError(f"{path}: {ours}") from None
+            raise _naming(ours, path) from None
         detail = "; ".join(f"{type(c).__name__}: {c}" for c in causes[:2])
         raise CheckpointError(f"{path}: could not be loaded into this model ({detail})") from None
     except CheckpointError as error:
-        raise CheckpointError(f"{path}: {error}") from None
+        raise _naming(error, path) from None
+
+
+def _naming(error: CheckpointError, path: Path) -> CheckpointError:
+    """The error, its message starting with the checkpoint's folder (once)."""
+    return error if str(error).startswith(str(path)) else CheckpointError(f"{path}: {error}")
 
 
 # ------------------------------------------------------------------------------------------------ checksums
 
 
-def _sha256(file: Path) -> str:
+# A file's digest is the sha256 of the sha256 digests of its consecutive 64 MiB pieces, so that the pieces of one
+# large shard (a rank writes one file) are hashed by several threads at once.
+PIECE_BYTES = 64 << 20
+CHECKSUM = "sha256 of the sha256 of each 64 MiB piece"  # recorded in COMPLETE, so the scheme can change
+
+
+def _piece_digest(file: Path, start: int) -> bytes:
     digest = hashlib.sha256()
     with open(file, "rb") as f:
-        while block := f.read(1 << 23):
-            digest.update(block)  # hashlib releases the GIL on large blocks: threads hash files in parallel
-    return digest.hexdigest()
+        f.seek(start)
+        remaining = PIECE_BYTES
+        while remaining and (block := f.read(min(1 << 23, remaining))):
+            digest.update(block)  # hashlib releases the GIL on large blocks: threads hash in parallel
+            remaining -= len(block)
+    return digest.digest()
+
+
+def _hashing_threads() -> int:
+    """This process's share of the machine's cores (torchrun starts LOCAL_WORLD_SIZE processes per node)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def hash_files(folder: Path, names: list[str]) -> dict[str, dict]:
-    """{name: {"bytes", "sha256"}} for files of `folder`, hashed by a few threads."""
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1, max(1, len(names)))) as pool:
-        digests = list(pool.map(lambda name: _sha256(folder / name), names))
-    return {name: {"bytes": (folder / name).stat().st_size, "sha256": digest} for name, digest in zip(names, digests)}
+    """{name: {"bytes", "sha256"}} for files of `folder` ("sha256": of the digests of their 64 MiB pieces)."""
+    sizes = {name: (folder / name).stat().st_size for name in names}
+    pieces = [(name, start) for name in names for start in range(0, max(sizes[name], 1), PIECE_BYTES)]
+    with ThreadPoolExecutor(max_workers=min(_hashing_threads(), max(1, len(pieces)))) as pool:
+        digests = list(pool.map(lambda piece: _piece_digest(folder / piece[0], piece[1]), pieces))
+    combined = {name: hashlib.sha256() for name in names}
+    for (name, _), digest in zip(pieces, digests):
+        combined[name].update(digest)
+    return {name: {"bytes": sizes[name], "sha256": combined[name].hexdigest()} for name in names}
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -252,9 +277,13 @@ def verify_checkpoint(path: Path, group=None) -> bool:
     checking its share; raises CheckpointError naming what failed (in every process). Returns False for a
     checkpoint written before checksums were recorded (nothing to check it against), True once verified."""
     path = Path(path)
-    files = read_marker(path).get("files")
+    marker = read_marker(path)
+    files = marker.get("files")
     if files is None:
         return False
+    if marker.get("checksum") != CHECKSUM:
+        raise CheckpointError(f"{path}: its checksums are of another kind ({marker.get('checksum')!r}); "
+                              f"this Argonne computes {CHECKSUM!r}")
     rank, world = _rank_and_world()
     mine = _file_problems(path, {name: files[name] for name in sorted(files)[rank::world]})
     problems = [problem for part in _gather(mine, group) for problem in part]
@@ -332,7 +361,8 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         others = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name not in shard_sums)
         files = shard_sums | hash_files(tmp, others)
-        _write_file(tmp / COMPLETE, json.dumps({"step": step, "run_id": run_id, "files": files}, indent=1))
+        marker = {"step": step, "run_id": run_id, "checksum": CHECKSUM, "files": files}
+        _write_file(tmp / COMPLETE, json.dumps(marker, indent=1))
         if final.exists() and run_id_of(final) not in (run_id, None):
             # Another run's checkpoint of this step (a run resumed from an older checkpoint): kept, out of the way.
             final.rename(final.with_name(f"{final.name}.run-{run_id_of(final)}"))

@@ -32,6 +32,7 @@ from .checkpoint import (
 from .config import ConfigError, OptimConfig, RunConfig
 from .configuration_argonne import ArgonneConfig
 from .data import StreamingTokens, TokenizeSettings, held_out_tokens
+from .device import resolve_device
 from .loader import PreparedBatches, PreparedTokens, StreamingBatches, num_windows, read_window
 from .metrics import count_parameters, training_flops_per_token
 from .modeling_argonne import ArgonneForCausalLM
@@ -62,13 +63,6 @@ class TrainingStopped(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------------- set up
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """train.device as a checked torch.device (device.py: the rule every command shares)."""
-    from .device import resolve_device as resolve
-
-    return resolve(name, local_rank)
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
