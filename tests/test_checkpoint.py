@@ -122,6 +122,38 @@ def test_a_payload_in_a_shard_entry_is_refused(tmp_path):
     assert not ran.exists(), "the payload ran"
 
 
+def pickle_string(text: str) -> bytes:
+    return b"X" + len(text.encode()).to_bytes(4, "little") + text.encode()
+
+
+def test_a_metadata_pickle_cannot_change_a_class(tmp_path):
+    """BUILD on a class sets its attributes for the whole process: here PosixPath.name, which would defeat the
+    check that shard paths stay inside the folder. It must be refused before it happens."""
+    import pathlib
+
+    path = saved(tmp_path / "checkpoints")
+    real = (path / ".metadata").read_bytes()
+    assert real[:2] == b"\x80\x04" and real[2:3] == b"\x95"  # protocol 4, then a FRAME of 9 bytes
+    # PosixPath, then (None, {"name": "../elsewhere"}) as its state: BUILD, POP; then the real metadata.
+    change_a_class = (b"\x80\x04cpathlib\nPosixPath\nN}" + pickle_string("name") + pickle_string("../elsewhere")
+                      + b"s\x86b0")
+    (path / ".metadata").write_bytes(change_a_class + real[11:])
+    rehash(path, ".metadata")
+    with pytest.raises(CheckpointError, match="sets the state of type"):
+        load_model_weights(path, build()[0])
+    assert pathlib.PosixPath("/a/b").name == "b"
+
+
+def test_a_linked_file_is_refused(tmp_path):
+    path = saved(tmp_path / "checkpoints")
+    shard = next(path.glob("*.distcp"))
+    copy = tmp_path / "elsewhere.distcp"
+    shard.rename(copy)
+    shard.symlink_to(copy)  # the same bytes, so the checksum matches: the link itself is the problem
+    with pytest.raises(CheckpointError, match=f"{shard.name} is a symbolic link"):
+        verify_checkpoint(path)
+
+
 def test_metadata_pointing_outside_the_folder_is_refused(tmp_path):
     import torch.distributed.checkpoint.metadata  # noqa: F401 (the classes the file refers to)
 

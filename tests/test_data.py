@@ -200,6 +200,31 @@ def test_a_failed_prepare_leaves_no_temporary_files(tmp_path, tokenizer, on_erro
         assert not list(out.rglob("*.tmp"))
 
 
+def damaged_pages(path, texts, group: int = 1):
+    """A zstd parquet file whose footer is intact but whose row group `group` has 4 KB of 0xFF in its data pages."""
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=8, compression="zstd")
+    column = pq.ParquetFile(path).metadata.row_group(group).column(0)
+    start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+    with open(path, "r+b") as f:  # inside the column chunk: from a third of it, a third of it long (at most 4 KB)
+        f.seek(start + column.total_compressed_size // 3)
+        f.write(b"\xff" * min(4096, column.total_compressed_size // 3))
+    return str(path)
+
+
+def test_damaged_pages_are_an_error_naming_the_row_group_or_a_counted_skip(tmp_path, tokenizer, sample_texts):
+    texts = sample_texts[0][:24]
+    damaged = damaged_pages(tmp_path / "damaged.parquet", texts)
+    with pytest.raises(DataError, match=r"damaged\.parquet: row group 1 \(8 rows\) cannot be read"):
+        prepare_dataset([damaged], tokenizer, tmp_path / "fail", settings(), progress=False)
+    with pytest.raises(DataError, match="row group 1"):
+        list(iter_texts([damaged]))
+    manifest = prepare_dataset([damaged], tokenizer, tmp_path / "skip", settings(on_error="skip"), progress=False)
+    assert manifest["stats"]["unreadable"]["documents"] == 8
+    clean = write_parquet(tmp_path / "clean.parquet", texts[:8] + texts[16:])
+    expected = prepare_dataset([clean], tokenizer, tmp_path / "clean", settings(), progress=False)
+    assert manifest["train_tokens"] == expected["train_tokens"]  # the other row groups, whole
+
+
 def dictionary_encoded(path, texts, ids):
     """A parquet file whose text column is dictionary-encoded, as pandas writes its category dtype."""
     text = pa.array(texts, type=pa.string()).dictionary_encode()

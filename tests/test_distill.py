@@ -93,3 +93,19 @@ def test_vocabularies_padded_mismatched_or_foreign(tmp_path, prepared, qwen_toke
     foreign = save_model(tmp_path / "foreign", seed=1, tokenizer=qwen_tokenizer_dir, vocab_size=151_665)
     with pytest.raises(ConfigError, match=r"teacher's tokenizer \(151665 tokens\) is not the training tokenizer"):
         run(tmp_path, prepared, "foreign-run", "--train.steps=1", f"--distill.teacher={str(foreign)!r}")
+
+
+def test_a_teacher_asking_to_run_its_own_code_is_refused_without_a_prompt(tmp_path, monkeypatch):
+    from argonne.distill import load_teacher
+
+    folder = save_model(tmp_path / "teacher")
+    ran = tmp_path / "code-ran"
+    (folder / "evil.py").write_text(f"import pathlib\npathlib.Path({str(ran)!r}).touch()\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evilmodel", auto_map={"AutoConfig": "evil.EvilConfig",
+                                                    "AutoModelForCausalLM": "evil.EvilModel"})
+    (folder / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked on the terminal"))
+    with pytest.raises(ConfigError, match=f"distill.teacher {folder}: cannot be loaded"):
+        load_teacher(folder, torch.device("cpu"))
+    assert not ran.exists()

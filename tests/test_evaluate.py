@@ -134,3 +134,18 @@ def test_chat_keeps_the_conversation_and_ends_turns(tokenizer):
     run_chat(generator, SamplingParams(max_new_tokens=4, temperature=0), None, read=lambda _: next(lines),
              write=written.append)
     assert written[0] == "assistant> "
+
+
+def test_bad_windows_empty_documents_and_non_utf8_files(tmp_path, tokenizer, capsys):
+    model = small_model(context=32)
+    for window, stride in ((0, None), (16, 0), (-1, None)):
+        with pytest.raises(ValueError, match="window must be >= 1|stride"):
+            perplexity(model, tokenizer, ["Some text."], window=window, stride=stride)
+    with_empty = perplexity(model, tokenizer, ["", "Some text.", ""], window=32)
+    alone = perplexity(model, tokenizer, ["Some text."], window=32)
+    assert (with_empty.documents, with_empty.tokens) == (1, alone.tokens)  # nothing to score in an empty one
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    assert main(["eval", "perplexity", str(tmp_path / "model"), "--data", str(tmp_path / "latin1.txt")]) == 2
+    assert "latin1.txt: not UTF-8 text" in capsys.readouterr().err

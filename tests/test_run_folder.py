@@ -103,6 +103,28 @@ def test_earlier_run_lists_what_a_fresh_start_would_overwrite_and_clear_deletes_
     assert earlier_run(tmp_path) == [] and (tmp_path / "notes.txt").read_text() == "the user's own file"
 
 
+def test_a_folder_that_is_no_run_is_not_taken_for_an_empty_one(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a model folder, say
+    assert earlier_run(tmp_path) == ["a config.json that is not a run's (no run.json beside it)"]
+    (tmp_path / "run.json").write_text('{"run_id": "x"}')  # an earlier start that trained nothing
+    assert earlier_run(tmp_path) == []
+    (tmp_path / "loss.png").write_bytes(b"png")
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events").write_bytes(b"")
+    assert earlier_run(tmp_path) == ["TensorBoard events", "loss.png"]
+
+
+def test_overwrite_removes_links_without_following_them(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "step-00000001").mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(elsewhere)
+    assert earlier_run(run) == ["1 checkpoint folder(s)"]
+    assert clear_earlier_run(run) == ["checkpoints"]
+    assert not (run / "checkpoints").exists() and (elsewhere / "step-00000001").is_dir()
+
+
 def test_non_finite_metrics_are_valid_json_and_read_back(tmp_path):
     path = tmp_path / "metrics.jsonl"
     records = [{"step": 1, "loss": math.nan, "grad_norm": math.inf, "lr": -math.inf}, {"step": 2, "loss": 1.5}]

@@ -321,6 +321,21 @@ def test_build_app_refuses_an_empty_api_key(generator):
         build_app(generator, "tiny", api_key=" ")
 
 
+@pytest.mark.parametrize("key", ["sekret\n", " sekret", "sek ret", "s\u00e9kret"])
+def test_a_key_no_client_could_send_is_refused(monkeypatch, capsys, key):
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert cli.main(["serve", "no/such/model", "--api-key", key]) == 2
+    assert "no client could send it" in capsys.readouterr().err
+
+
+def test_the_bearer_scheme_is_case_insensitive(server):
+    for scheme in ("Bearer", "bearer", "BEARER"):
+        request = urllib.request.Request(f"{server}/v1/models", headers={"Authorization": f"{scheme} {KEY}"})
+        with urllib.request.urlopen(request) as response:
+            assert response.status == 200
+    assert raw_post(server, "/v1/completions", b"{}", key=KEY + "x")[0] == 401
+
+
 def long_chat(tokens: int) -> list[dict]:
     return [{"role": "user", "content": " ".join(["tables"] * tokens)}]
 
@@ -478,6 +493,32 @@ def test_closing_a_stream_cancels_its_generation(server, app, generator, monkeyp
     response.close()
     connection.close()
     # This request waits for the lock: once it is answered, the closed stream's generation has ended.
+    assert raw_post(server, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 1}).encode())[0] == 200
+    stats = app.state.stats
+    assert stats.cancelled == before["cancelled"] + 1
+    assert stats.completion_tokens - before["completion_tokens"] - 1 < 32
+
+
+def test_hanging_up_on_a_request_cancels_its_generation(server, app, generator, monkeypatch):
+    """Not streamed: the server notices the closed connection while it generates and stops at the next token."""
+    generate_ids = generator.generate_ids
+
+    def slow(prompts, params, on_tokens=None):
+        def paced(tokens):
+            time.sleep(0.1)
+            return on_tokens(tokens)
+
+        return generate_ids(prompts, params, paced if on_tokens else None)
+
+    monkeypatch.setattr(generator, "generate_ids", slow)
+    before = dict(app.state.stats.__dict__)
+    connection = raw_connection(server)
+    body = json.dumps({"prompt": "The database", "max_tokens": 32, "temperature": 0})
+    connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json",
+                                                          "Authorization": f"Bearer {KEY}"})
+    time.sleep(0.5)  # generating, a token every 0.1 s
+    connection.close()
+    # This request waits for the lock: once it is answered, the abandoned generation has ended.
     assert raw_post(server, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 1}).encode())[0] == 200
     stats = app.state.stats
     assert stats.cancelled == before["cancelled"] + 1

@@ -33,3 +33,22 @@ def test_a_local_folder_loads_and_errors_are_tokenizer_errors(tmp_path):
         load_tokenizer("no-such-org/no-such-tokenizer")  # the tests run offline (conftest)
     assert error.value.__cause__ is None and error.value.__suppress_context__
     assert isinstance(error.value, ValueError)  # the command line reports it as a user mistake (exit 2)
+
+
+def test_a_tokenizer_that_asks_to_run_its_own_code_is_refused_without_a_prompt(tmp_path, monkeypatch):
+    """Left unset, trust_remote_code makes transformers ask on the terminal, and a "y" runs the folder's code."""
+    import json
+    import shutil
+
+    folder = tmp_path / "tok"
+    shutil.copytree(SAMPLE_TOKENIZER, folder)
+    ran = tmp_path / "code-ran"
+    (folder / "evtok.py").write_text(f"import pathlib\npathlib.Path({str(ran)!r}).touch()\n"
+                                     "from transformers import PreTrainedTokenizerFast as EvilTok\n")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="EvilTok", auto_map={"AutoTokenizer": ["evtok.EvilTok", None]})
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("asked on the terminal"))
+    with pytest.raises(TokenizerError, match=str(folder)):
+        load_tokenizer(folder)
+    assert not ran.exists()

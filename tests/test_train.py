@@ -337,7 +337,8 @@ def test_a_fresh_start_in_a_used_run_folder_is_refused_until_overwrite(tmp_path,
     assert before[1] == ["step-00000002", "step-00000003", "step-00000004"]
     shorter = load_run_config(None, args + ["--train.steps=2"])
     with pytest.raises(RunFolderError, match=r"holds an earlier run \(3 checkpoint folder\(s\), metrics\.jsonl "
-                                             r"\(4 records\), a trained model/\).*--resume auto.*--overwrite"):
+                                             r"\(4 records\), a trained model/, loss\.png\).*--resume auto.*"
+                                             r"--overwrite"):
         train(shorter)
     assert main(["train", str(REPO / "configs" / "tiny.toml"), *args]) == 2
     assert "--overwrite" in capsys.readouterr().err
@@ -430,3 +431,45 @@ def test_mfu_is_reported_only_against_a_sound_peak(tmp_path, tiny_run_args, caps
     measured = read_metrics(tmp_path / "measured" / "run" / "metrics.jsonl")[0]
     given = read_metrics(tmp_path / "given" / "run" / "metrics.jsonl")[0]
     assert all("mfu" not in r for r in measured) and all(0 < r["mfu"] < 1 for r in given)
+
+
+def test_a_checkpoint_from_elsewhere_resumes_only_into_an_unused_folder(tmp_path, tiny_run_args):
+    from argonne.run_folder import RunFolderError
+
+    def args(name, steps):
+        return tiny_run_args(tmp_path / name, f"--train.steps={steps}", "--train.log_every=1",
+                             "--checkpoint.every=2", "--train.tensorboard=false", "--data.val_windows=0")
+
+    train(load_run_config(None, args("other", 2)))
+    train(load_run_config(None, args("mine", 4)))
+    mine = tmp_path / "mine" / "run"
+    records = (mine / "metrics.jsonl").read_text()
+    foreign = tmp_path / "other" / "run" / "checkpoints" / "step-00000002"
+    with pytest.raises(RunFolderError, match="holds an earlier run .* is not one of its checkpoints"):
+        train(load_run_config(None, args("mine", 6)), resume=str(foreign))
+    assert (mine / "metrics.jsonl").read_text() == records
+    train(load_run_config(None, args("fresh", 3)), resume=str(foreign))  # an unused folder: fine
+    assert sorted(run_steps(tmp_path / "fresh" / "run")) == [3]
+
+
+def test_resuming_an_older_checkpoint_of_the_run_sets_the_later_one_aside(tmp_path, tiny_run_args, capsys):
+    from argonne.checkpoint import read_marker
+
+    def args(steps):
+        return tiny_run_args(tmp_path, f"--train.steps={steps}", "--train.log_every=1", "--checkpoint.every=2",
+                             "--checkpoint.keep=0", "--train.tensorboard=false", "--data.val_windows=0")
+
+    train(load_run_config(None, args(4)))
+    run = tmp_path / "run"
+    train(load_run_config(None, args(4)), resume="auto")  # at its last step already
+    assert "nothing to train: the checkpoint is at step 4" in capsys.readouterr().out
+    original = (run / "metrics.jsonl").read_text()
+    first_id = read_marker(run / "checkpoints" / "step-00000004")["run_id"]
+    train(load_run_config(None, args(6)), resume=str(run / "checkpoints" / "step-00000002"))
+    assert "a branch" in capsys.readouterr().out
+    kept = run / "checkpoints" / f"step-00000004.run-{first_id}"
+    assert read_marker(kept)["run_id"] == first_id  # set aside, not pruned or replaced
+    assert (run / f"metrics.run-{first_id}.jsonl").read_text() == original
+    assert (run / f"model.run-{first_id}" / "model.safetensors").is_file()
+    assert sorted(run_steps(run)) == [1, 2, 3, 4, 5, 6]
+    assert read_marker(run / "checkpoints" / "step-00000006")["run_id"] != first_id

@@ -70,6 +70,11 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether a folder is a training checkpoint (complete or not) rather than a Hugging Face folder."""
+    return (Path(path) / COMPLETE).is_file() or (Path(path) / METADATA).is_file()
+
+
 def read_marker(path: Path) -> dict:
     """The COMPLETE marker: {"step", "run_id", "checksum" (the scheme), "files": {name: {"bytes", "sha256"}}}
     ("step" alone in checkpoints written before checksums were recorded)."""
@@ -106,7 +111,22 @@ _METADATA_GLOBALS = {
 }
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+def _metadata_classes() -> tuple[type, ...]:
+    """The classes whose instances a metadata pickle may set the state of (BUILD)."""
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    names = ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+             "ChunkStorageMetadata", "TensorProperties")
+    return (*(getattr(metadata, name) for name in names if hasattr(metadata, name)), filesystem._StorageInfo)
+
+
+class _MetadataUnpickler(pickle._Unpickler):
+    """Python's own unpickler (not the C one: its opcodes can be overridden) admitting only the metadata globals,
+    and setting state (BUILD) only on instances of the metadata classes: on a class, BUILD would set attributes of
+    that class for the whole process (PosixPath.name, say), before anything could refuse the file."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module: str, name: str):
         if (module, name) in _METADATA_GLOBALS:
             return super().find_class(module, name)
@@ -116,6 +136,15 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("it holds a persistent id, which checkpoint metadata never does")
+
+    def load_build(self):
+        target = self.stack[-2]
+        if type(target) not in _metadata_classes():
+            raise pickle.UnpicklingError(f"it sets the state of {type(target).__name__} {target!r:.60}, which "
+                                         f"checkpoint metadata never does")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def read_checkpoint_metadata(path: Path) -> Metadata:
@@ -174,6 +203,7 @@ def _dcp_load(state: dict, path: Path) -> None:
     """dcp.load through the safe reader and planner; its failures become one CheckpointError naming the folder."""
     from torch.distributed.checkpoint.api import CheckpointException
 
+    read_checkpoint_metadata(path)  # refused here, with one message (inside dcp.load it logs tracebacks first)
     try:
         with _single_process_quiet():
             dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafeLoadPlanner())
@@ -260,7 +290,9 @@ def _file_problems(folder: Path, files: dict[str, dict]) -> list[str]:
     problems, same_size = [], []
     for name, expected in files.items():
         file = folder / name
-        if not file.is_file():
+        if file.is_symlink():  # a checkpoint holds its own files; a link may lead anywhere
+            problems.append(f"{name} is a symbolic link")
+        elif not file.is_file():
             problems.append(f"{name} is missing")
         elif (size := file.stat().st_size) != expected["bytes"]:
             problems.append(f"{name} has {size:,} bytes, {expected['bytes']:,} were written")
@@ -296,7 +328,8 @@ def verify_checkpoint(path: Path, group=None) -> bool:
     return True
 
 
-def _checked(path: Path, verify: bool, group=None) -> None:
+def check_before_use(path: Path, verify: bool = True, group=None) -> None:
+    """Verify a checkpoint before anything of it is used, warning when it predates checksums."""
     if verify and not verify_checkpoint(path, group):
         warnings.warn(f"{path}: written before checkpoints recorded checksums; loaded without verification",
                       stacklevel=3)
@@ -405,7 +438,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     `train_state` gives the structure to read into (same keys as saved). `verify=False` when the caller has just
     verified the checkpoint itself."""
     path = Path(path)
-    _checked(path, verify, group)
+    check_before_use(path, verify, group)
     model_state, optimizer_state = get_state_dict(model, optimizer)
     # Only the optimizer's per-parameter state (step, moments) is read; its hyperparameters come from the run config
     # (the learning rate is set every step anyway), so how parameters are grouped may differ from the saving run.
@@ -417,10 +450,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     return state["train"]
 
 
-def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    """Only the model part of a checkpoint (for inference, export and starting weights), verified first."""
+def load_model_weights(path: Path, model: torch.nn.Module, verify: bool = True) -> None:
+    """Only the model part of a checkpoint (for inference, export and starting weights), verified first
+    (`verify=False`: the caller has just verified it, before trusting its config.json)."""
     path = Path(path)
-    _checked(path, verify=True)
+    check_before_use(path, verify)
     state = {"model": get_model_state_dict(model, options=StateDictOptions())}
     _dcp_load(state, path)
     model.load_state_dict(state["model"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -275,7 +276,7 @@ RANGES = {
     "train.steps": _above(0),
     "train.micro_batch_size": _above(0),
     "train.grad_accum": _above(0),
-    "train.seed": _at_least(0),  # numpy's generators take no negative seed
+    "train.seed": ((lambda value: 0 <= value < 2**63), "in [0, 2**63)"),  # numpy: no negative seed; torch: 64 bits
     "train.log_every": _above(0),
     "train.eval_every": _at_least(0),
     "train.max_nonfinite_in_a_row": _at_least(1),
@@ -300,7 +301,7 @@ def _expected_type(value, annotation) -> str | None:
     if annotation is int:
         return None if is_int else "an integer"
     if annotation is float:
-        return None if is_int or isinstance(value, float) else "a number"
+        return None if is_int or (isinstance(value, float) and math.isfinite(value)) else "a finite number"
     if annotation is str:
         return None if isinstance(value, str) else "a string"
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -355,6 +356,8 @@ def validate(config: RunConfig, problems: list[str] | None = None) -> None:
             problems.append(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
     if not {"optim.lr", "optim.min_lr"} & wrong_type and config.optim.min_lr > config.optim.lr:
         problems.append(f"optim.min_lr ({config.optim.min_lr}) must not exceed optim.lr ({config.optim.lr})")
+    if "train.run_dir" not in wrong_type and not config.train.run_dir.strip():
+        problems.append("train.run_dir is empty (an unset variable?): name the run's folder")
     if sum(map(bool, (config.data.inputs, config.data.prepared, config.data.sft))) != 1:
         problems.append("set exactly one of data.inputs (stream from parquet), data.prepared (prepared folder) "
                         "and data.sft (instruction data)")

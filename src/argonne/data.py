@@ -133,7 +133,8 @@ class FilterConfig:
 # Every document ends up under exactly one of these.
 KEPT = "kept"
 HELD_OUT = "validation"
-DROP_REASONS = ("too_many_digits", "too_few_letters", "too_few_tokens", "null_text", "invalid_utf8", "empty_text")
+DROP_REASONS = ("too_many_digits", "too_few_letters", "too_few_tokens", "null_text", "invalid_utf8", "empty_text",
+                "unreadable")  # unreadable: rows of a row group whose pages are damaged (on_error="skip")
 
 
 _CHAR_CLASSES: np.ndarray | None = None  # code point -> 1 digit, 2 letter or whitespace, 0 other
@@ -247,7 +248,11 @@ def _is_text_type(kind: pa.DataType) -> bool:
 def _read_text_column(path: str, parquet: pq.ParquetFile, row_group: int, settings: TokenizeSettings):
     names = parquet.schema_arrow.names
     columns = [settings.text_column] + ([settings.id_column] if settings.id_column in names else [])
-    table = parquet.read_row_group(row_group, columns=columns)
+    try:
+        table = parquet.read_row_group(row_group, columns=columns)
+    except (OSError, pa.ArrowException) as error:  # damaged pages: a failed decompression, a bad page header
+        rows = parquet.metadata.row_group(row_group).num_rows
+        raise DataError(f"{path}: row group {row_group} ({rows} rows) cannot be read: {error}") from None
     texts = table.column(settings.text_column)
     if pa.types.is_dictionary(texts.type):
         texts = texts.cast(texts.type.value_type)  # one value per row, as a plain column holds them
@@ -298,8 +303,16 @@ def tokenize_row_group(path: str, row_group: int, settings: TokenizeSettings) ->
     _, boundary_id = _worker_tokenizer
     parquet = open_parquet(path)
     first_row = sum(parquet.metadata.row_group(i).num_rows for i in range(row_group))
-    texts, ids = _read_text_column(path, parquet, row_group, settings)
     stats = _empty_stats()
+    try:
+        texts, ids = _read_text_column(path, parquet, row_group, settings)
+    except DataError as error:
+        if settings.on_error != "skip":
+            raise
+        log.warning("skipping %s", error)
+        stats["unreadable"]["documents"] += parquet.metadata.row_group(row_group).num_rows
+        empty = np.zeros(0, TOKEN_DTYPE)
+        return RowGroupTokens(empty, np.zeros(0, np.int64), np.zeros(0, np.int64), empty, stats)
 
     def bad_row(row: int, reason: str, message: str) -> None:
         if settings.on_error != "skip":
@@ -677,7 +690,7 @@ class _Positions:
 
 
 # What streaming skips under on_error="skip": the row-level reasons of RowGroupTokens.stats, and whole files.
-SKIPPED_ROWS = ("null_text", "invalid_utf8")
+SKIPPED_ROWS = ("null_text", "invalid_utf8", "unreadable")
 
 
 def _no_skips() -> dict[str, int]:

@@ -24,19 +24,29 @@ from .config import ConfigError
 
 def load_teacher(path: str | Path, device: torch.device):
     """Any causal LM from a Hugging Face folder, or an Argonne training checkpoint."""
+    from .checkpoint import is_checkpoint
+
     path = Path(path)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if (path / "COMPLETE").is_file():
+    if is_checkpoint(path):
         from .generate import load_model
 
         teacher, _ = load_model(path, str(device))
         teacher.to(dtype)
     else:
+        import pickle
+
         from transformers import AutoModelForCausalLM
 
         import argonne  # noqa: F401  registers model_type "argonne" with the Auto classes
 
-        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        try:
+            # trust_remote_code=False: a folder whose config asks for its own code is refused, never run (left
+            # unset, transformers asks on the terminal, and a "y" runs it).
+            teacher = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=False).to(device)
+        except (OSError, ValueError, pickle.UnpicklingError) as error:
+            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError(f"distill.teacher {path}: cannot be loaded ({first})") from None
     teacher.eval().requires_grad_(False)
     return teacher
 

@@ -39,7 +39,10 @@ def iter_documents(paths: Iterable[str], text_column: str = "text") -> Iterator[
     text_files = [p for p in paths if Path(p).is_file() and not str(p).endswith(".parquet")]
     for path in paths:
         if path in text_files:
-            yield Path(path).read_text(encoding="utf-8")
+            try:
+                yield Path(path).read_text(encoding="utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}: not UTF-8 text ({error})") from None
         else:
             yield from iter_texts(resolve_parquet_files([path]), text_column)
 
@@ -86,8 +89,10 @@ def perplexity(
     model, tokenizer, documents: Iterable[str], window: int | None = None, stride: int | None = None,
     max_documents: int | None = None, batch_size: int = 8, progress: bool = False,
 ) -> Perplexity:
-    window = window or model.config.max_position_embeddings
-    stride = stride or window
+    window = model.config.max_position_embeddings if window is None else window
+    stride = window if stride is None else stride
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
     if not 0 < stride <= window:
         raise ValueError(f"stride ({stride}) must be in 1..window ({window})")
     if window > model.config.max_position_embeddings:
@@ -105,6 +110,8 @@ def perplexity(
     for text in documents:
         if max_documents is not None and count >= max_documents:
             break
+        if not text:
+            continue  # an empty document has nothing to score (prepare drops them too)
         ids = [boundary] + tokenizer(text, add_special_tokens=False).input_ids + [boundary]
         for begin, end, first in scoring_windows(len(ids), window, stride):
             pending.append((ids[begin : end + 1], first))

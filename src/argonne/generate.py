@@ -558,15 +558,15 @@ def load_model(path: str | Path, device: str = "auto") -> tuple[ArgonneForCausal
 
     target = resolve_device(device)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
-    from .checkpoint import COMPLETE
+    from .checkpoint import COMPLETE, check_before_use, is_checkpoint, load_model_weights
 
     if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        check_shard_index(path)
         model = ArgonneForCausalLM.from_pretrained(path, dtype=dtype)
-    elif (path / COMPLETE).is_file() or (path / ".metadata").is_file():  # a training checkpoint (DCP)
-        from .checkpoint import load_model_weights
-
+    elif is_checkpoint(path):  # a training checkpoint (DCP): verified before its config.json builds anything
+        check_before_use(path)
         model = ArgonneForCausalLM(ArgonneConfig.from_pretrained(path))
-        load_model_weights(path, model)
+        load_model_weights(path, model, verify=False)
         model.to(dtype)
     elif any(file for pattern in TORCH_WEIGHT_FILES for file in path.glob(pattern)):
         model = _load_torch_weights(path).to(dtype)
@@ -576,6 +576,22 @@ def load_model(path: str | Path, device: str = "auto") -> tuple[ArgonneForCausal
             f"{' / '.join(TORCH_WEIGHT_FILES)} (pytorch_model.bin), and a training checkpoint's {COMPLETE} marker"
         )
     return model.to(target).eval(), load_tokenizer(path)
+
+
+def check_shard_index(path: Path) -> None:
+    """A sharded safetensors folder's index must name files of the folder itself, not paths leading elsewhere."""
+    import json
+
+    index = path / "model.safetensors.index.json"
+    if not index.is_file():
+        return
+    try:
+        files = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{index}: not a safetensors index ({type(error).__name__}: {error})") from None
+    outside = sorted(str(f) for f in files if not isinstance(f, str) or Path(f).name != f)
+    if outside:
+        raise ValueError(f"{index}: refused, its weight_map points outside the folder: {outside[:3]}")
 
 
 # torch.save weight files, as older transformers folders hold them (pytorch_model.bin); export.read_weights's names.

@@ -150,7 +150,9 @@ class RunLock:
 
 
 def earlier_run(run_dir: str | Path) -> list[str]:
-    """What a fresh start in `run_dir` would overwrite: checkpoints, metrics records, a final model."""
+    """What a fresh start in `run_dir` would overwrite: a run's checkpoints, metrics, model, plot or TensorBoard
+    events, or a config.json that no Argonne run wrote (no run.json beside it: a model folder, say). A run.json
+    and config.json alone are an earlier start that trained nothing, and are written again."""
     run_dir = Path(run_dir)
     found = []
     checkpoints = run_dir / "checkpoints"
@@ -163,6 +165,12 @@ def earlier_run(run_dir: str | Path) -> list[str]:
         found.append(f"{METRICS_FILE} ({len(metrics.read_bytes().splitlines())} records)")
     if (run_dir / "model").exists():
         found.append("a trained model/")
+    if (run_dir / "tensorboard").is_dir() and any((run_dir / "tensorboard").iterdir()):
+        found.append("TensorBoard events")
+    if (run_dir / "loss.png").exists():
+        found.append("loss.png")
+    if (run_dir / "config.json").exists() and not (run_dir / RUN_FILE).exists():
+        found.append("a config.json that is not a run's (no run.json beside it)")
     return found
 
 
@@ -179,14 +187,32 @@ def clear_earlier_run(run_dir: str | Path) -> list[str]:
     deleted = []
     for name in RUN_OUTPUTS:
         path = run_dir / name
-        if path.is_dir():
+        if path.is_symlink() or path.is_file():
+            path.unlink()  # a link is removed, never followed
+        elif path.is_dir():
             shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
         else:
             continue
         deleted.append(name)
     return deleted
+
+
+def set_aside_run(run_dir: str | Path, run_id: str, checkpoints: list[Path]) -> list[str]:
+    """Keep a run's later checkpoints, metrics log and model out of a branch's way, renamed with `.run-ID`
+    (invisible to --resume auto and to pruning, never deleted); returns the new names."""
+    run_dir, suffix = Path(run_dir), f".run-{run_id}"
+    moved = []
+    for path in checkpoints:
+        path.rename(path.with_name(path.name + suffix))
+        moved.append(f"checkpoints/{path.name}{suffix}")
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file():  # copied: the branch keeps the records up to its step
+        shutil.copyfile(metrics, run_dir / f"metrics{suffix}.jsonl")
+        moved.append(f"metrics{suffix}.jsonl")
+    if (run_dir / "model").is_dir():
+        (run_dir / "model").rename(run_dir / f"model{suffix}")
+        moved.append(f"model{suffix}")
+    return moved
 
 
 def new_run_id() -> str:

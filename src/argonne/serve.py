@@ -43,6 +43,7 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)
 """1 is no penalty. Positive logits are divided by the penalty: one near 0 would overflow them to inf."""
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 ROLES = ("system", "user", "assistant")
 PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of lists of token ids"
 UNSUPPORTED = {"echo": False, "logprobs": False, "best_of": 1, "suffix": "", "tools": []}
@@ -103,6 +104,10 @@ def resolve_api_key(api_key: str | None) -> str | None:
     if api_key is not None and not api_key.strip():
         raise ValueError(f"the API key from {source} is empty; give a key, or serve without authentication by "
                          f"leaving out --api-key and unsetting {API_KEY_ENV}")
+    if api_key is not None and not (api_key.isprintable() and api_key.isascii() and " " not in api_key):
+        # An HTTP header cannot carry it as given (a trailing newline from a file, say): no client could match it.
+        raise ValueError(f"the API key from {source} holds spaces, control or non-ASCII characters: "
+                         f"{api_key!r:.20}...; no client could send it in an Authorization header")
     return api_key
 
 
@@ -111,12 +116,14 @@ class RequireApiKey:
     answers and a client's disconnect pass straight through."""
 
     def __init__(self, app, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):  # in constant time: no guessing it byte by byte
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            # The scheme is case-insensitive (RFC 9110); the key is compared in constant time: no guessing it
+            # byte by byte.
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.expected):
                 body = _error_body(401, "missing or wrong API key (Authorization: Bearer <key>)",
                                    code="invalid_api_key")
                 return await JSONResponse(body, 401)(scope, receive, send)
@@ -430,11 +437,16 @@ def build_app(generator: Generator, model_name: str, api_key: str | None = None,
                 on_end(index, completion)
         return completions
 
-    async def respond(jobs, answer: CompletionAnswer, request: GenerationRequest):
+    async def respond(jobs, answer: CompletionAnswer, request: GenerationRequest, http_request: Request):
         prompt_tokens = sum(len(ids) for ids, _ in jobs)
         if not request.stream:
-            completions = await asyncio.to_thread(generate, jobs, threading.Event())
-            return JSONResponse(answer.whole(completions, prompt_tokens))
+            cancelled = threading.Event()
+            work = asyncio.ensure_future(asyncio.to_thread(generate, jobs, cancelled))
+            while not work.done():  # a client that hangs up frees the server at its generation's next token
+                await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
+                if not work.done() and await http_request.is_disconnected():
+                    cancelled.set()
+            return JSONResponse(answer.whole(await work, prompt_tokens))
         no_usage = {"usage": None} if request.include_usage else {}
         cancelled = threading.Event()
 
@@ -493,7 +505,7 @@ def build_app(generator: Generator, model_name: str, api_key: str | None = None,
         generation = read_generation(body, limits, chat=False, vocab_size=vocab_size)
         ids = await asyncio.to_thread(encode, prompts)  # off the event loop: a long prompt takes a while
         jobs = [(prompt, fit_prompt(prompt, generation, limits, context, "prompt")) for prompt in ids]
-        return await respond(jobs, CompletionAnswer(model_name), generation)
+        return await respond(jobs, CompletionAnswer(model_name), generation, request)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -506,7 +518,7 @@ def build_app(generator: Generator, model_name: str, api_key: str | None = None,
         except TemplateError as error:  # a template may refuse a conversation (roles that do not alternate, ...)
             raise RequestError(400, f"the chat template refused these messages: {error}", "messages")
         jobs = [(ids, fit_prompt(ids, generation, limits, context, "messages"))]
-        return await respond(jobs, ChatAnswer(model_name), generation)
+        return await respond(jobs, ChatAnswer(model_name), generation, request)
 
     return app
 

@@ -54,14 +54,14 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
         if not local.is_dir():
             raise TokenizerError(f"tokenizer path {local} is a file; pass the folder that holds tokenizer files")
         try:
-            return AutoTokenizer.from_pretrained(local)
+            return AutoTokenizer.from_pretrained(local, trust_remote_code=False)
         except (OSError, ValueError) as error:
             raise TokenizerError(f"{local} holds no tokenizer transformers can load "
                                  f"(tokenizer.json, tokenizer_config.json): {_first_line(error)}") from None
     if looks_local(name):
         raise TokenizerError(f"tokenizer folder {name} does not exist")
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError) as error:  # offline, no such repository, a name the hub rejects
         # One message rather than transformers' chain of hub tracebacks.
         raise TokenizerError(

@@ -21,8 +21,10 @@ import torch.distributed as dist
 
 from .checkpoint import (
     CheckpointError,
+    check_before_use,
     checkpoint_step,
     complete_checkpoints,
+    is_checkpoint,
     load_checkpoint,
     read_marker,
     run_id_of,
@@ -48,6 +50,7 @@ from .run_folder import (
     new_run_id,
     read_run_id,
     refuse_fresh_start,
+    set_aside_run,
     write_run_record,
 )
 from .sft import split_batch
@@ -86,6 +89,8 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
 
 def build_model_config(config: RunConfig, tokenizer) -> ArgonneConfig:
     if config.model.init_from:
+        if is_checkpoint(Path(config.model.init_from)):
+            check_before_use(Path(config.model.init_from))  # before its config.json builds anything
         model_config = ArgonneConfig.from_pretrained(config.model.init_from)
     else:
         model_config = ArgonneConfig.from_preset(config.model.preset, **config.model.overrides)
@@ -93,6 +98,11 @@ def build_model_config(config: RunConfig, tokenizer) -> ArgonneConfig:
         raise ConfigError(
             f"tokenizer {config.data.tokenizer!r} has {len(tokenizer)} tokens but model preset "
             f"{config.model.preset!r} has vocab_size {model_config.vocab_size}; set model.overrides.vocab_size"
+        )
+    if config.data.seq_len > model_config.max_position_embeddings:
+        raise ConfigError(
+            f"data.seq_len ({config.data.seq_len}) exceeds the model's context, max_position_embeddings "
+            f"({model_config.max_position_embeddings}); lower data.seq_len or raise model.overrides.max_position_embeddings"
         )
     model_config.eos_token_id = document_boundary_id(tokenizer)
     model_config.pad_token_id = tokenizer.pad_token_id
@@ -107,7 +117,7 @@ def build_model(model_config: ArgonneConfig, config: RunConfig, topology: Topolo
     with torch.device("meta") if on_meta else nullcontext():
         model = ArgonneForCausalLM(model_config)
     if config.model.init_from:
-        load_initial_weights(model, Path(config.model.init_from))
+        load_initial_weights(model, Path(config.model.init_from), verify=False)  # verified by build_model_config
     if not on_meta:
         model.to(device)
     parallelize(model, topology, config.parallel.activation_checkpointing, config.parallel.compile, dtype)
@@ -128,14 +138,14 @@ def build_distillation(config: RunConfig, model_config: ArgonneConfig, tokenizer
     return DistillationObjective(teacher, vocab, d.alpha, d.temperature, d.chunk)
 
 
-def load_initial_weights(model: ArgonneForCausalLM, source: Path) -> None:
-    """Weights from a Hugging Face folder or a training checkpoint; a missing, unexpected or mis-shaped weight is
-    an error (never a silent random initialisation)."""
-    from .checkpoint import COMPLETE, load_model_weights
+def load_initial_weights(model: ArgonneForCausalLM, source: Path, verify: bool = True) -> None:
+    """Weights from a Hugging Face folder or a training checkpoint (verified unless `verify=False` says the caller
+    did); a missing, unexpected or mis-shaped weight is an error (never a silent random initialisation)."""
+    from .checkpoint import load_model_weights
     from .export import read_weights, weight_mismatch
 
-    if (source / COMPLETE).is_file():
-        load_model_weights(source, model)  # DCP: raises on a missing key or a shape mismatch
+    if is_checkpoint(source):
+        load_model_weights(source, model, verify)  # DCP: raises on a missing key or a shape mismatch
         return
     state = read_weights(source)  # safetensors, or .bin/.pth with weights_only=True
     problems = weight_mismatch(model.state_dict(), state)
@@ -474,17 +484,26 @@ def train(config: RunConfig, resume: str | None = None, objective=None, overwrit
 
 
 def claim_run_folder(run_dir: Path, resume: str | None, overwrite: bool, topology: Topology) -> RunLock | None:
-    """Lock the run folder (main process) and check that a fresh start overwrites nothing (or, with `overwrite`,
-    delete the earlier run); every process raises the same RunFolderError when it cannot be used."""
+    """Lock the run folder (main process) and check that the run overwrites no other: a fresh start needs a folder
+    without an earlier run (or `overwrite`, which deletes it), and a checkpoint from elsewhere resumes only into
+    such a folder. Every process raises the same RunFolderError when the folder cannot be used."""
     lock, problem = None, None
     if topology.is_main:
         lock = RunLock(run_dir)
         try:
             lock.acquire()
-            if resume is None and (found := earlier_run(run_dir)):
-                if not overwrite:
-                    raise refuse_fresh_start(run_dir, found)
-                log_main(0, f"--overwrite: deleted the earlier run in {run_dir}: {', '.join(clear_earlier_run(run_dir))}")
+            found = earlier_run(run_dir)
+            if found and resume is None and not overwrite:
+                raise refuse_fresh_start(run_dir, found)
+            if found and resume is None:
+                log_main(0, f"--overwrite: deleted the earlier run in {run_dir}: "
+                            f"{', '.join(clear_earlier_run(run_dir))}")
+            if found and resume not in (None, "auto") and Path(resume).resolve().parent != \
+                    (run_dir / "checkpoints").resolve():
+                raise RunFolderError(
+                    f"run folder {run_dir} holds an earlier run ({', '.join(found)}), and {resume} is not one of "
+                    f"its checkpoints: resume it into an empty train.run_dir, or continue this folder's own run "
+                    f"with --resume auto")
         except RunFolderError as error:
             lock.release()
             lock, problem = None, str(error)
@@ -495,18 +514,21 @@ def claim_run_folder(run_dir: Path, resume: str | None, overwrite: bool, topolog
 
 
 def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> tuple[Path | None, str]:
-    """The checkpoint to resume from (None: a fresh start) and the run's id, the same in every process.
+    """The checkpoint to resume from (None: a fresh start) and the run's id, the same in every process (the main
+    process lists the folder; verification is shared by all).
 
     `auto`: the newest checkpoint of this folder's run that verifies; one that does not is skipped, saying why, and
     none verifying is an error (starting over would bury the run). A path: it must verify. The run id continues
-    the checkpoint's; it is new for a fresh start, and for a resume from a path older than the newest checkpoint
-    of its run in the folder (a branch: pruning must not delete the checkpoints it branched from). Newer
-    checkpoints that `auto` skipped failed verification: the run replaces them as it reaches their steps."""
+    the checkpoint's. It is new for a fresh start, and for a resume from a checkpoint of this folder older than its
+    run's newest: a branch, for which the newer checkpoints, the metrics log and the model are set aside under the
+    old run's id (`set_aside_run`), never deleted. Newer checkpoints that `auto` skipped failed verification: the
+    run replaces them as it reaches their steps."""
     checkpoints = run_dir / "checkpoints"
     if resume is None:
         return None, from_main_process(new_run_id(), topology)
     if resume == "auto":
-        path = _newest_verified(checkpoints, read_run_id(run_dir), topology)
+        listed = _auto_candidates(checkpoints, read_run_id(run_dir)) if topology.is_main else None
+        path = _first_verified(from_main_process(listed, topology), checkpoints, topology)
         if path is None:
             return None, from_main_process(new_run_id(), topology)
     else:
@@ -515,22 +537,15 @@ def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> 
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
         if not verify_checkpoint(path, topology.host_group):
             log_main(topology.rank, f"{path}: written before checkpoints recorded checksums, not verified")
-    run_id = read_marker(path).get("run_id")
-    if resume != "auto":
-        newer = [c for c in complete_checkpoints(checkpoints)
-                 if checkpoint_step(c) > read_marker(path)["step"] and run_id_of(c) == run_id]
-        if newer:
-            log_main(topology.rank, f"resuming from {path}, older than {len(newer)} checkpoint(s) of the same run: "
-                                    f"they are kept (moved aside if this run reaches their step), never pruned")
-            run_id = None
-    if run_id is None:
-        run_id = from_main_process(new_run_id(), topology)
-    return path, run_id
+    return path, from_main_process(_run_id_after(run_dir, path, resume) if topology.is_main else None, topology)
 
 
-def _newest_verified(checkpoints: Path, run_id: str | None, topology: Topology) -> Path | None:
-    candidates = [c for c in reversed(complete_checkpoints(checkpoints))
-                  if run_id is None or run_id_of(c) in (run_id, None)]
+def _auto_candidates(checkpoints: Path, run_id: str | None) -> list[Path]:
+    """This folder's run's checkpoints (or all, in a folder without run.json), newest first."""
+    return [c for c in reversed(complete_checkpoints(checkpoints)) if run_id is None or run_id_of(c) in (run_id, None)]
+
+
+def _first_verified(candidates: list[Path], checkpoints: Path, topology: Topology) -> Path | None:
     for path in candidates:
         try:
             if not verify_checkpoint(path, topology.host_group):
@@ -540,10 +555,24 @@ def _newest_verified(checkpoints: Path, run_id: str | None, topology: Topology) 
             log_main(topology.rank, f"--resume auto: skipping {path.name}: {error}")
     if candidates:
         raise CheckpointError(
-            f"--resume auto: none of the {len(candidates)} checkpoint(s) in {checkpoints} verifies (see above); "
-            f"resume from a good copy with --resume PATH, or start over with --overwrite"
+            f"--resume auto: none of the {len(candidates)} checkpoint(s) in {checkpoints} verifies (see above). "
+            f"Resume from a good copy of one with --resume PATH; --overwrite would delete this run and start over"
         )
     return None
+
+
+def _run_id_after(run_dir: Path, path: Path, resume: str) -> str:
+    """(Main process.) The run id of a run resumed from `path`; a branch sets the branched-from run's later
+    checkpoints and records aside first."""
+    run_id = read_marker(path).get("run_id")
+    checkpoints = run_dir / "checkpoints"
+    newer = [c for c in complete_checkpoints(checkpoints) if checkpoint_step(c) > checkpoint_step(path)
+             and run_id_of(c) == run_id] if resume != "auto" and path.resolve().parent == checkpoints.resolve() else []
+    if newer:
+        moved = set_aside_run(run_dir, run_id or "unnamed", newer)
+        log_main(0, f"resuming from {path.name}, older than {len(newer)} checkpoint(s) of the same run: a branch. "
+                    f"Kept under the old run's name: {', '.join(moved)}")
+    return new_run_id() if run_id is None or newer else run_id
 
 
 def _train(config: RunConfig, topology: Topology, resume_from: Path | None, run_id: str, objective) -> dict:
