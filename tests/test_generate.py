@@ -1,5 +1,6 @@
 """Generation: the static-cache decoder against transformers and full recomputation, sampling filters, stops."""
 
+import json
 import math
 
 import pytest
@@ -391,3 +392,11 @@ def test_a_folder_without_weights_says_what_it_looked_for(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "empty"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "no weights" in err and "model.safetensors" in err and "pytorch_model.bin" in err and "COMPLETE" in err
+
+
+def test_a_shard_index_pointing_outside_the_folder_is_refused(tmp_path, capsys):
+    ArgonneConfig.from_preset("tiny", num_hidden_layers=1).save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"model.norm.weight": "../elsewhere/model.safetensors"}}))
+    assert main(["generate", str(tmp_path / "model"), "--prompt", "x"]) == 2
+    assert "weight_map points outside the folder" in capsys.readouterr().err

@@ -473,3 +473,9 @@ def test_resuming_an_older_checkpoint_of_the_run_sets_the_later_one_aside(tmp_pa
     assert (run / f"model.run-{first_id}" / "model.safetensors").is_file()
     assert sorted(run_steps(run)) == [1, 2, 3, 4, 5, 6]
     assert read_marker(run / "checkpoints" / "step-00000006")["run_id"] != first_id
+
+
+def test_a_sequence_longer_than_the_model_context_is_refused(tmp_path, tiny_run_args):
+    config = load_run_config(None, tiny_run_args(tmp_path, "--data.seq_len=2048"))  # tiny: 1024 positions
+    with pytest.raises(ConfigError, match=r"data.seq_len \(2048\) exceeds the model's context"):
+        train(config)
