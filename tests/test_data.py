@@ -100,7 +100,7 @@ def test_every_document_is_accounted_for(tmp_path, tokenizer):
     manifest = prepare_dataset([path], tokenizer, tmp_path / "out", settings(on_error="skip"), progress=False)
     docs = manifest["documents"]
     assert docs == {"kept": 2, "validation": 0, "too_many_digits": 1, "too_few_letters": 1, "too_few_tokens": 1,
-                    "null_text": 1, "invalid_utf8": 0, "empty_text": 1}
+                    "null_text": 1, "invalid_utf8": 0, "empty_text": 1, "unreadable": 0}
     assert sum(docs.values()) == len(texts)
     # Tokens: exactly the kept documents' tokens plus one boundary each.
     expected = sum(len(tokenizer(t, add_special_tokens=False).input_ids) + 1 for t in (GOOD, GOOD + " Again."))

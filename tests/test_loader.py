@@ -189,12 +189,12 @@ def streams_with_bad_input(folder, shards):
 def test_streaming_counts_what_it_skips_across_worker_processes(shards, tokenizer, tmp_path):
     inputs = streams_with_bad_input(tmp_path / "in", shards)
     stream = StreamingTokens(inputs, tokenizer, TokenizeSettings(on_error="skip"), workers=1)
-    assert stream.skipped() == {"null_text": 0, "invalid_utf8": 0, "files": 0}
+    assert stream.skipped() == {"null_text": 0, "invalid_utf8": 0, "unreadable": 0, "files": 0}
     list(stream.read_from(StreamPosition()))
-    assert stream.skipped() == {"null_text": 1, "invalid_utf8": 1, "files": 2}
+    assert stream.skipped() == {"null_text": 1, "invalid_utf8": 1, "unreadable": 0, "files": 2}
     list(stream.read_from(StreamPosition()))  # a second epoch skips them again
-    assert stream.skipped() == {"null_text": 2, "invalid_utf8": 2, "files": 4}
+    assert stream.skipped() == {"null_text": 2, "invalid_utf8": 2, "unreadable": 0, "files": 4}
     # The batches report the counts of their stream; by the first batch the bad rows and files were passed.
     batches = StreamingBatches(StreamingTokens(inputs, tokenizer, TokenizeSettings(on_error="skip")), SEQ, 4)
     next(iter(batches))
-    assert batches.skipped() == {"null_text": 1, "invalid_utf8": 1, "files": 1}
+    assert batches.skipped() == {"null_text": 1, "invalid_utf8": 1, "unreadable": 0, "files": 1}
