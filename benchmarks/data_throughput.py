@@ -17,8 +17,9 @@ import time
 
 os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread: a per-core figure
 
-from argonne.data import PrepareSettings, iter_texts, prepare_dataset, resolve_parquet_files  # noqa: E402
-from argonne.loader import PreparedBatches, PreparedTokens  # noqa: E402
+from argonne.data.batches import TokenWindows, WindowBatches  # noqa: E402
+from argonne.data.parquet import iter_texts, resolve_parquet_files  # noqa: E402
+from argonne.data.prepare import PrepareSettings, PreparedTokens, prepare_dataset  # noqa: E402
 from argonne.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -57,7 +58,7 @@ def start_up_seconds(tokenizer, workers: int) -> float:
 
 
 def loader(directory: str, seq_len: int, micro_batch: int, workers: int, batches: int) -> float:
-    data = PreparedBatches(PreparedTokens(directory), seq_len, micro_batch, workers=workers, shuffle=True)
+    data = WindowBatches(TokenWindows(PreparedTokens(directory), seq_len), micro_batch, workers=workers, shuffle=True)
     iterator = iter(data)
     next(iterator)  # start the workers
     started = time.perf_counter()

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from argonne.data import iter_texts, resolve_parquet_files
+from argonne.data.parquet import iter_texts, resolve_parquet_files
 from argonne.generate import StopStrings
 from argonne.tokenizer import load_tokenizer
 

@@ -1,4 +1,7 @@
 import os
+import re
+import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +36,40 @@ def restore_torch_state():
     yield
     torch.set_default_dtype(dtype)
     torch.set_rng_state(rng)
+
+
+# ------------------------------------------------------------------------------------------- launching processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env():
+    """The environment of a launched process: offline, one thread per process (2 cores here)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """A torchrun command line for `nproc` processes on this machine, each rank's lines prefixed (--tee 3)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--tee", "3", "--nproc-per-node", str(nproc),
+            "--master-port", str(free_port()), *args]
+
+
+# torchrun --tee 3 prefixes each worker's lines with [defaultN]:, and its error report with [rankN]:.
+RANK_LINE = re.compile(r"^\[(?:default|rank)(\d+)\]:")
+
+
+def failure(*outputs: str) -> str:
+    """What to show for a failed launch: the last lines of every rank (a rank that aborts is often not rank 0),
+    then the end of what torchrun itself printed (in one process: the end of the output)."""
+    lines = "\n".join(outputs).splitlines()
+    by_rank: dict[int, list[str]] = {}
+    for line in lines:
+        if match := RANK_LINE.match(line):
+            by_rank.setdefault(int(match.group(1)), []).append(line)
+    ranks = [f"--- rank {rank} ---\n" + "\n".join(own[-40:]) for rank, own in sorted(by_rank.items())]
+    launcher = [line for line in lines if not RANK_LINE.match(line)]
+    return "\n".join(ranks) + "\n--- launcher ---\n" + "\n".join(launcher[-30:])

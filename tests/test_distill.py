@@ -7,8 +7,9 @@ import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.config import ConfigError, load_run_config
-from argonne.distill import distillation_kl
-from argonne.train import train
+from argonne.distill import distillation_loss
+from argonne.distill import DISTILLATION
+from argonne.train import PRETRAINING, train
 
 from .conftest import SAMPLE_SHARD, SAMPLE_TOKENIZER
 
@@ -18,7 +19,7 @@ SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from argonne.data import PrepareSettings, prepare_dataset
+    from argonne.data.prepare import PrepareSettings, prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared")
     prepare_dataset([SAMPLE_SHARD], load_tokenizer(SAMPLE_TOKENIZER), out, PrepareSettings(seq_len=32, workers=0),
@@ -39,22 +40,40 @@ def run(tmp_path, prepared, name, *extra):
             "--train.micro_batch_size=4", "--train.peak_tflops=1", "--train.tensorboard=false",
             "--train.log_every=1", "--optim.warmup_steps=2",
             "--model.overrides={" + ", ".join(f"{k} = {v}" for k, v in SHAPE.items()) + "}", *extra]
-    train(load_run_config(None, args))
+    distilling = any(arg.startswith("--distill.teacher") for arg in extra)
+    train(load_run_config(None, args), DISTILLATION if distilling else PRETRAINING)
     return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
 
 
-def test_kl_is_chunked_masked_and_zero_for_identical_distributions():
+@pytest.mark.parametrize("alpha, temperature", [(0.0, 1.0), (0.5, 2.0), (1.0, 0.7)])
+def test_the_chunked_loss_and_its_gradient_equal_the_whole_logits_formula(alpha, temperature):
     torch.manual_seed(0)
-    student, teacher = torch.randn(2, 7, 11), torch.randn(2, 7, 13)  # the teacher is padded by 2 rows
-    targets = torch.randint(0, 11, (2, 7))
+    student = torch.randn(2, 7, 13, requires_grad=True)  # 13 rows for 11 real tokens
+    teacher = torch.randn(2, 7, 12)  # padded by one row
+    targets = torch.randint(0, 13, (2, 7))
     targets[0, :3] = -100
-    whole = distillation_kl(student, teacher, targets, vocab=11, temperature=2.0, chunk=100)
-    assert torch.allclose(distillation_kl(student, teacher, targets, 11, 2.0, chunk=3), whole)
-    p_t = (teacher[..., :11] / 2).softmax(-1)
-    manual = (p_t * (p_t.log() - (student / 2).log_softmax(-1))).sum(-1)
-    keep = targets != -100
-    assert torch.allclose(whole, manual[keep].mean(), atol=1e-6)
-    assert distillation_kl(student, student, targets, 11, 1.0, 4).abs() < 1e-6
+    loss, kl, ce = distillation_loss(student, teacher, targets, 11, alpha, temperature, chunk=3)
+    (grad,) = torch.autograd.grad(loss, student)
+
+    scored, exact = targets != -100, student.double()  # the reference in float64
+    p_teacher = (teacher[..., :11].double() / temperature).softmax(-1)
+    kl_ref = (p_teacher * (p_teacher.log() - (exact[..., :11] / temperature).log_softmax(-1))).sum(-1)[scored].mean()
+    ce_ref = torch.nn.functional.cross_entropy(exact.reshape(-1, 13), targets.reshape(-1), ignore_index=-100)
+    reference = alpha * temperature**2 * kl_ref + (1 - alpha) * ce_ref
+    (grad_ref,) = torch.autograd.grad(reference, student)
+    close = dict(rtol=1e-5, atol=1e-6, check_dtype=False)  # float32 against float64
+    torch.testing.assert_close(loss.detach(), reference.detach(), **close)
+    torch.testing.assert_close((kl, ce), (kl_ref.detach(), ce_ref.detach()), **close)
+    torch.testing.assert_close(grad, grad_ref, **close)
+    whole, *_ = distillation_loss(student, teacher, targets, 11, alpha, temperature, chunk=100)
+    torch.testing.assert_close(whole, loss)
+
+
+def test_a_student_equal_to_the_teacher_has_zero_kl_and_no_scored_token_is_nan():
+    logits = torch.randn(1, 5, 11)
+    targets = torch.randint(0, 11, (1, 5))
+    assert distillation_loss(logits, logits, targets, 11, 1.0, 1.0)[1].abs() < 1e-6
+    assert distillation_loss(logits, logits, torch.full_like(targets, -100), 11, 0.5, 1.0)[0].isnan()
 
 
 def test_alpha_zero_is_plain_training(tmp_path, prepared):
@@ -62,7 +81,7 @@ def test_alpha_zero_is_plain_training(tmp_path, prepared):
     plain = run(tmp_path, prepared, "plain", "--train.steps=6")
     distilled = run(tmp_path, prepared, "alpha0", "--train.steps=6", f"--distill.teacher={str(teacher)!r}",
                     "--distill.alpha=0")
-    # Plain training takes the chunked loss, distillation the whole logits: float32 rounding apart, the same run.
+    # Plain training takes the model's chunked loss, distillation its own: float32 rounding apart, the same run.
     assert [r["loss"] for r in distilled] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
     assert all("kl" in r and "ce" in r for r in distilled)
 

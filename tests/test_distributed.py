@@ -5,7 +5,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,9 +14,9 @@ import pytest
 
 from argonne import load_tokenizer
 from argonne.checkpoint import latest_checkpoint
-from argonne.data import PrepareSettings, prepare_dataset
+from argonne.data.prepare import PrepareSettings, prepare_dataset
 
-from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER
+from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER, env, failure, free_port, torchrun
 
 MODEL = ("{hidden_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, "
          "head_dim = 16, intermediate_size = 128}")
@@ -29,12 +28,6 @@ def prepared(tmp_path_factory):
     prepare_dataset([SAMPLE_SHARD], load_tokenizer(SAMPLE_TOKENIZER), out,
                     PrepareSettings(seq_len=32, workers=0), progress=False)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def command(prepared, run_dir, steps=10, nproc=1, micro=8, extra=(), launcher=None):
@@ -52,27 +45,6 @@ def command(prepared, run_dir, steps=10, nproc=1, micro=8, extra=(), launcher=No
         return [sys.executable, "-m", "argonne.cli", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--tee", "3", "--nproc-per-node", str(nproc),
             "--master-port", str(free_port()), "-m", "argonne.cli", *args]
-
-
-# torchrun --tee 3 prefixes each worker's lines with [defaultN]:, and its error report with [rankN]:.
-RANK_LINE = re.compile(r"^\[(?:default|rank)(\d+)\]:")
-
-
-def failure(*outputs: str) -> str:
-    """What to show for a failed launch: the last lines of every rank (a rank that aborts is often not rank 0),
-    then the end of what torchrun itself printed (in one process: the end of the output)."""
-    lines = "\n".join(outputs).splitlines()
-    by_rank: dict[int, list[str]] = {}
-    for line in lines:
-        if match := RANK_LINE.match(line):
-            by_rank.setdefault(int(match.group(1)), []).append(line)
-    ranks = [f"--- rank {rank} ---\n" + "\n".join(own[-40:]) for rank, own in sorted(by_rank.items())]
-    launcher = [line for line in lines if not RANK_LINE.match(line)]
-    return "\n".join(ranks) + "\n--- launcher ---\n" + "\n".join(launcher[-30:])
-
-
-def env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def train(prepared, run_dir, **kwargs):

@@ -246,7 +246,7 @@ def test_gguf_holds_the_dtype_asked_for(tmp_path, dtype):
 
 
 def test_a_tensor_parallel_checkpoint_exports_to_every_format(tmp_path):
-    from argonne.data import PrepareSettings, prepare_dataset
+    from argonne.data.prepare import PrepareSettings, prepare_dataset
     from argonne.export import gguf_tensors
 
     from .conftest import SAMPLE_SHARD

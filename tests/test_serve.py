@@ -23,8 +23,7 @@ from argonne.chat import render
 from argonne.generate import Generator, SamplingParams
 from argonne.serve import API_KEY_ENV, ServerLimits, build_app
 
-from .conftest import SAMPLE_TOKENIZER
-from .test_distributed import free_port
+from .conftest import SAMPLE_TOKENIZER, free_port
 
 KEY = "test-key"
 

@@ -10,8 +10,8 @@ from argonne.chat import ChatSession
 from argonne.config import ConfigError, load_run_config
 from argonne.data import DataError
 from argonne.generate import Generator, SamplingParams
-from argonne.sft import IGNORE, SFTStats, build_windows, read_conversations, render_with_labels
-from argonne.train import train
+from argonne.data.sft import IGNORE, SFTStats, build_windows, read_conversations, render_with_labels
+from argonne.train import SFT, train
 
 from .conftest import SAMPLE_TOKENIZER
 
@@ -98,7 +98,7 @@ def test_parquet_rows_and_prompt_response_pairs(tmp_path, bpe):
 
 
 def test_packing_padding_and_truncation(bpe):
-    from argonne.sft import Conversation
+    from argonne.data.sft import Conversation
 
     short = [Conversation(f"x:{i}", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}])
              for i in range(6)]
@@ -143,7 +143,7 @@ def test_sft_learns_a_small_instruction_set_and_chat_answers_with_it(tmp_path, b
                         for q, a in INSTRUCTIONS])
     config = load_run_config(None, sft_args(tmp_path, base_model, data, "--train.steps=150", "--optim.lr=3e-3",
                                             "--optim.min_lr=3e-4", "--data.packing=false", "--train.log_every=10"))
-    summary = train(config)
+    summary = train(config, SFT)
     assert summary["loss"] < 0.05, summary
     model = ArgonneForCausalLM.from_pretrained(tmp_path / "sft" / "model")
     session = ChatSession(Generator(model, load_tokenizer(tmp_path / "sft" / "model")),
@@ -161,7 +161,7 @@ def test_starting_weights_must_fit_exactly(tmp_path, base_model):
     with pytest.raises(ConfigError, match=r"weights do not fit the model: missing \[\], unexpected "
                                           r"\['model.layers.2"):
         train(load_run_config(None, sft_args(tmp_path, other, data, "--train.steps=1",
-                                             f"--data.tokenizer={str(base_model)!r}")))
+                                             f"--data.tokenizer={str(base_model)!r}")), SFT)
 
 
 def test_tokenizers_without_a_template_get_chatml(bpe):
@@ -180,7 +180,8 @@ def test_sft_can_start_from_a_training_checkpoint(tmp_path, base_model):
                                  is_main=True, tokenizer=load_tokenizer(base_model))
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Hi?", "response": "Hello."}] * 4)
     summary = train(load_run_config(None, sft_args(tmp_path, checkpoint, data, "--train.steps=1",
-                                                   "--train.log_every=1", "--optim.lr=1e-9", "--optim.min_lr=0")))
+                                                   "--train.log_every=1", "--optim.lr=1e-9", "--optim.min_lr=0")),
+                    SFT)
     tokens = torch.randint(3, 8192, (1, 12))
     with torch.no_grad():
         tuned = ArgonneForCausalLM.from_pretrained(tmp_path / "sft" / "model")

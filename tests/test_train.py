@@ -19,11 +19,12 @@ from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     from argonne import load_tokenizer
-    from argonne.data import PrepareSettings, TokenizeSettings, prepare_dataset
+    from argonne.data import DocumentSettings
+    from argonne.data.prepare import PrepareSettings, prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared")
     prepare_dataset([SAMPLE_SHARD], load_tokenizer(SAMPLE_TOKENIZER), out,
-                    PrepareSettings(seq_len=64, workers=0, tokenize=TokenizeSettings(val_fraction=0.02)),
+                    PrepareSettings(seq_len=64, workers=0, documents=DocumentSettings(val_fraction=0.02)),
                     progress=False)
     return out
 

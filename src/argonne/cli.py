@@ -46,16 +46,21 @@ def _add_info(sub) -> None:
     parser.set_defaults(func=cmd_info)
 
 
-def _run_training(args: argparse.Namespace, check=None) -> int:
-    """Load the run config (with --section.field=value overrides), check it for the command, and train."""
+def _run_training(args: argparse.Namespace, spec_name: str) -> int:
+    """Load the run config (with --section.field=value overrides), check it for the command, and train with the
+    command's TrainSpec."""
     from .config import load_run_config
     from .train import TrainingStopped, train
 
-    config = load_run_config(args.config, args.overrides)
-    if check is not None:
-        check(config)
+    config = load_run_config(args.config, args.overrides, command=args.command)
+    if spec_name == "distill":
+        from .distill import DISTILLATION as spec
+    else:
+        from .train import PRETRAINING, SFT
+
+        spec = SFT if spec_name == "sft" else PRETRAINING
     try:
-        train(config, resume=args.resume, overwrite=args.overwrite)
+        train(config, spec, resume=args.resume, overwrite=args.overwrite)
     except TrainingStopped as error:
         print(f"argonne {args.command}: stopped: {error}", file=sys.stderr)
         return 3
@@ -64,29 +69,19 @@ def _run_training(args: argparse.Namespace, check=None) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a model from a TOML run config; any field can be overridden as --section.field=value."""
-    return _run_training(args)
+    return _run_training(args, "train")
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
     """Fine-tune on instruction data (data.sft) from model.init_from, with loss on assistant tokens only; the
     trainer is `argonne train`'s, so parallelism, checkpoints, resume and metrics work the same."""
-
-    def check(config):
-        if not config.data.sft or not config.model.init_from:
-            raise ValueError("an sft config needs data.sft (instruction files) and model.init_from (starting weights)")
-
-    return _run_training(args, check)
+    return _run_training(args, "sft")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     """Distil a teacher (distill.teacher) into a student (model.preset or model.init_from):
     alpha * T^2 * KL(teacher || student) + (1 - alpha) * cross-entropy, on `argonne train`'s trainer."""
-
-    def check(config):
-        if not config.distill.teacher:
-            raise ValueError("a distill config needs distill.teacher")
-
-    return _run_training(args, check)
+    return _run_training(args, "distill")
 
 
 def _add_training_command(sub, name: str, func, config_help: str) -> None:
@@ -156,25 +151,19 @@ def _add_generate(sub) -> None:
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     """Filter and tokenize parquet shards into packed uint32 token shards plus a manifest (resumable)."""
-    from .data import FilterConfig, PrepareSettings, TokenizeSettings, prepare_dataset
+    from dataclasses import fields
+
+    from .data import DataError, DocumentSettings
+    from .data.prepare import PrepareSettings, prepare_dataset
+    from .data.settings import document_problems
     from .tokenizer import load_tokenizer
 
     _configure_logging()
-    settings = PrepareSettings(
-        seq_len=args.seq_len,
-        workers=args.workers,
-        tokenize=TokenizeSettings(
-            text_column=args.text_column,
-            id_column=args.id_column,
-            val_fraction=args.val_fraction,
-            on_error=args.on_error,
-            filters=FilterConfig(
-                max_digit_fraction=args.max_digit_fraction,
-                min_letter_space_fraction=args.min_letter_space_fraction,
-                min_tokens=args.min_tokens,
-            ),
-        ),
-    )
+    documents = DocumentSettings(**{f.name: getattr(args, f.name) for f in fields(DocumentSettings)})
+    problems = document_problems(documents, "--")
+    if problems:
+        raise DataError("; ".join(p.replace("_", "-") for p in problems))
+    settings = PrepareSettings(seq_len=args.seq_len, workers=args.workers, documents=documents)
     manifest = prepare_dataset(args.inputs, load_tokenizer(args.tokenizer), args.output, settings)
     print(
         f"{manifest['train_tokens']:,} training and {manifest['val_tokens']:,} validation tokens from "
@@ -186,8 +175,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     """Print a prepared dataset's manifest and filter stats, and decode one sample window."""
-    from .data import load_manifest
-    from .loader import PreparedTokens, num_windows, read_window
+    from .data.batches import num_windows, read_window
+    from .data.prepare import PreparedTokens, load_manifest
     from .tokenizer import load_tokenizer
 
     manifest = load_manifest(args.directory)
@@ -223,7 +212,7 @@ def _print_stats(manifest: dict) -> None:
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     """Train a byte-level BPE tokenizer on parquet text and save it in Hugging Face format."""
-    from .data import iter_texts, resolve_parquet_files
+    from .data.parquet import iter_texts, resolve_parquet_files
     from .tokenizer import train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer(
@@ -239,6 +228,19 @@ def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _document_options(parser) -> None:
+    """One flag per DocumentSettings field (--text-column, --min-tokens, ...): the run config's [data] section
+    holds the same fields, so a prepare and a stream read one set of settings."""
+    from dataclasses import fields
+
+    from .data.settings import DocumentSettings
+
+    for setting in fields(DocumentSettings):
+        kind = {"int": int, "float": float}.get(str(setting.type), str)
+        parser.add_argument(f"--{setting.name.replace('_', '-')}", type=kind, default=setting.default,
+                            help=setting.metadata["help"] + f" (data.{setting.name} in a run config)")
+
+
 def _add_data(sub) -> None:
     data = sub.add_parser("data", help="prepare and inspect training data", description="Training data tools.")
     data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
@@ -246,17 +248,11 @@ def _add_data(sub) -> None:
     prepare.add_argument("inputs", nargs="+", help="parquet files, folders, globs or hf://datasets/... paths")
     prepare.add_argument("--tokenizer", required=True, help="tokenizer folder or hub name")
     prepare.add_argument("--output", required=True, help="output folder (rerun to resume)")
-    prepare.add_argument("--seq-len", type=int, default=4096, help="default window length for the loader")
-    prepare.add_argument("--text-column", default="text")
-    prepare.add_argument("--id-column", default="id", help="column hashed for the validation split")
+    prepare.add_argument("--seq-len", type=int, default=4096,
+                         help="window length that `data inspect` shows by default (training sets data.seq_len)")
     prepare.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                          help="tokenizer worker processes (0: in this process)")
-    prepare.add_argument("--val-fraction", type=float, default=0.0, help="fraction of documents held out")
-    prepare.add_argument("--on-error", choices=("fail", "skip"), default="fail",
-                         help="bad files and rows: stop with an error, or log, count and skip them")
-    prepare.add_argument("--max-digit-fraction", type=float, default=0.5)
-    prepare.add_argument("--min-letter-space-fraction", type=float, default=0.3)
-    prepare.add_argument("--min-tokens", type=int, default=10)
+    _document_options(prepare)
     prepare.set_defaults(func=cmd_data_prepare)
     inspect = data_sub.add_parser("inspect", help=cmd_data_inspect.__doc__, description=cmd_data_inspect.__doc__)
     inspect.add_argument("directory")

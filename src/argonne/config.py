@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .data.settings import DocumentSettings, document_problems
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -45,7 +47,11 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(DocumentSettings):
+    """Where the tokens come from. The document settings (text_column, id_column, val_fraction, on_error and the
+    filters: see DocumentSettings) are the ones `argonne data prepare` takes; streaming applies them, and prepared
+    data keeps those it was made with."""
+
     inputs: list[str] = field(default_factory=list)
     """Parquet files, folders, globs or hf:// paths to stream from (tokenized on the fly); or use `prepared`."""
     prepared: str = ""
@@ -56,20 +62,14 @@ class DataConfig:
     """SFT: pack whole conversations into each window (else one conversation per padded window)."""
     tokenizer: str = "data/tokenizers/sample-bpe-8k"
     """Tokenizer folder or hub name; it must be the one the data was prepared with."""
-    text_column: str = "text"
-    """Parquet column holding the document text (streaming)."""
     seq_len: int = 256
     """Tokens per training sequence (windows hold seq_len + 1 tokens)."""
     shuffle: bool = True
     """Visit prepared windows in a seeded random order (a stream is read in order)."""
-    val_fraction: float = 0.0
-    """Streaming: fraction of documents held out for validation, chosen by id hash as in prepare."""
     val_windows: int = 32
     """Held-out windows evaluated for the validation loss (0: none)."""
     workers: int = 1
     """Background processes: DataLoader workers (prepared) or tokenizer workers (streaming)."""
-    on_error: str = "fail"
-    """Streaming: "fail" on bad input, or "skip" it with a logged count."""
 
 
 @dataclass
@@ -219,7 +219,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+def load_run_config(path: str | Path | None, overrides: list[str] = (), command: str | None = None) -> RunConfig:
+    """The checked run config of a TOML file (None: the defaults) with `--section.field=value` overrides; with
+    `command` (train, sft, distill) also checked for that command."""
     values: dict = {}
     if path is not None:
         try:
@@ -236,7 +238,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] = ()) -> RunCo
             if not isinstance(target, dict):
                 raise ConfigError(f"cannot apply {text!r}: {'.'.join(keys[:depth + 1])} is not a table")
         target[keys[-1]] = value
-    return build_run_config(values)
+    config = build_run_config(values)
+    if command is not None:
+        check_command(config, command)
+    return config
 
 
 def _above(low):
@@ -256,7 +261,6 @@ def _fraction(include_one: bool = False):
 # Numeric fields whose range means something: "section.field" -> (check, what the value must be).
 RANGES = {
     "data.seq_len": _above(0),
-    "data.val_fraction": _fraction(),  # 1 would hold every document out
     "data.val_windows": _at_least(0),
     "data.workers": _at_least(0),
     "optim.lr": _above(0),
@@ -289,7 +293,6 @@ RANGES = {
 CHOICES = {
     "train.dtype": ("auto", "bfloat16", "float32"),
     "parallel.activation_checkpointing": ACTIVATION_CHECKPOINTING,
-    "data.on_error": ("fail", "skip"),
 }
 
 
@@ -354,6 +357,7 @@ def validate(config: RunConfig, problems: list[str] | None = None) -> None:
         value = _field(config, name)
         if name not in wrong_type and value not in choices:
             problems.append(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
+    problems.extend(document_problems(config.data, "data.", skip=wrong_type))
     if not {"optim.lr", "optim.min_lr"} & wrong_type and config.optim.min_lr > config.optim.lr:
         problems.append(f"optim.min_lr ({config.optim.min_lr}) must not exceed optim.lr ({config.optim.lr})")
     if "train.run_dir" not in wrong_type and not config.train.run_dir.strip():
@@ -363,3 +367,35 @@ def validate(config: RunConfig, problems: list[str] | None = None) -> None:
                         "and data.sft (instruction data)")
     if problems:
         raise ConfigError("invalid run config: " + "; ".join(problems))
+
+
+# What each training command needs of a run config, and what would make it silently train something else.
+COMMANDS = ("train", "sft", "distill")
+
+
+def command_problems(config: RunConfig, command: str) -> list[str]:
+    """Problems of `config` for `argonne COMMAND` (train, sft or distill)."""
+    problems = []
+    if command == "train":
+        if config.data.sft:
+            problems.append("data.sft is instruction data: fine-tune with `argonne sft`, or use data.inputs / "
+                            "data.prepared to pretrain")
+        if config.distill.teacher:
+            problems.append("distill.teacher is set: distil with `argonne distill`, or remove the [distill] section")
+    elif command == "sft":
+        if not config.data.sft or not config.model.init_from:
+            problems.append("an sft config needs data.sft (instruction files) and model.init_from (starting weights)")
+        if config.distill.teacher:
+            problems.append("distill.teacher is set: distil with `argonne distill` (it takes data.sft too)")
+    elif command == "distill":
+        if not config.distill.teacher:
+            problems.append("a distill config needs distill.teacher")
+    else:
+        raise ValueError(f"no training command {command!r}; known: {COMMANDS}")
+    return problems
+
+
+def check_command(config: RunConfig, command: str) -> None:
+    problems = command_problems(config, command)
+    if problems:
+        raise ConfigError(f"invalid run config for argonne {command}: " + "; ".join(problems))

@@ -7,9 +7,10 @@ beyond the tokenizer (Qwen2.5's 151,936 rows for 151,665 tokens) is sliced to th
 vocabulary that does not match (a teacher with fewer rows, or one whose own tokenizer differs) is an error.
 T^2 keeps the gradient scale of the soft term independent of T (Hinton et al., 2015).
 
-The teacher runs without gradients, in bf16 on GPUs (float32 on CPUs), replicated on every rank. The KL is computed
-in float32 a chunk of positions at a time, so no float32 (batch, sequence, vocab) tensor is made for it.
-The cross-entropy is the model's own, so alpha = 0 is plain training exactly.
+The teacher runs without gradients, in bf16 on GPUs (float32 on CPUs), replicated on every rank. Both terms are
+computed in float32 a chunk of positions at a time, with their gradient, so no float32 (batch, sequence, vocab)
+tensor is made (see `distillation_loss`). `argonne distill` is `argonne train`'s loop with this objective
+(DISTILLATION, a TrainSpec).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .config import ConfigError
+from .train import TrainSpec, pretraining_batches, sft_batches
 
 
 def load_teacher(path: str | Path, device: torch.device):
@@ -53,7 +54,7 @@ def load_teacher(path: str | Path, device: torch.device):
 
 def check_vocabularies(teacher_path: Path, teacher_rows: int, student_rows: int, tokenizer) -> int:
     """The number of real tokens the distributions are taken over; raises on a true mismatch."""
-    from .data import tokenizer_fingerprint
+    from .data.documents import tokenizer_fingerprint
 
     real = len(tokenizer)
     problems = []
@@ -74,35 +75,91 @@ def check_vocabularies(teacher_path: Path, teacher_rows: int, student_rows: int,
     return real
 
 
-def distillation_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
-                    vocab: int, temperature: float, chunk: int) -> torch.Tensor:
-    """Mean over scored positions (targets != -100) of KL(teacher_T || student_T), in float32 chunks."""
-    scored = targets != -100
-    total = student_logits.new_zeros((), dtype=torch.float32)
-    for start in range(0, student_logits.shape[1], chunk):
-        s = (student_logits[:, start:start + chunk, :vocab].float() / temperature).log_softmax(-1)
-        t = (teacher_logits[:, start:start + chunk, :vocab].float() / temperature).log_softmax(-1)
-        kl = F.kl_div(s, t, log_target=True, reduction="none").sum(-1)  # (B, chunk)
-        total = total + (kl * scored[:, start:start + chunk]).sum()
-    return total / scored.sum().clamp(min=1)
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      vocab: int, alpha: float, temperature: float, chunk: int = 512):
+    """(loss, kl, ce): loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * cross-entropy, each a mean
+    over the scored positions (targets != -100). student_logits (B, T, V), teacher_logits (B, T, >= vocab).
+
+    Computed a chunk of `chunk` positions at a time in float32, with the gradient for the student's logits made
+    in the same pass (d loss / d logits = (1 - alpha) (softmax - one_hot) + alpha T (softmax_T - p_teacher), over
+    the scored positions), so neither a float32 copy of the logits nor any per-chunk activation is kept for the
+    backward pass: its memory is one gradient the size of the logits. The cross-entropy is over every row of the
+    student's logits, as the model's own loss is, so alpha = 0 is plain training; no scored position gives NaN,
+    as F.cross_entropy does."""
+    return _DistillationLoss.apply(student_logits, teacher_logits, targets, (vocab, alpha, temperature, chunk))
+
+
+class _DistillationLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, teacher_logits, targets, settings):
+        vocab, alpha, temperature, chunk = settings
+        flat, teacher = logits.reshape(-1, logits.shape[-1]), teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        targets = targets.reshape(-1)
+        scored = targets != -100
+        grad = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
+        kl_sum = ce_sum = flat.new_zeros((), dtype=torch.float32)
+        with torch.autocast(flat.device.type, enabled=False):
+            for start in range(0, flat.shape[0], chunk):
+                rows = slice(start, start + chunk)
+                z, mask, y = flat[rows].float(), scored[rows], targets[rows].clamp(min=0)
+                log_p = z.log_softmax(-1)  # the cross-entropy's distribution, every row
+                log_q = (z[:, :vocab] / temperature).log_softmax(-1)  # the student's, softened, real tokens
+                log_t = (teacher[rows, :vocab].float() / temperature).log_softmax(-1)
+                p_teacher = log_t.exp()
+                ce_sum = ce_sum - (log_p.gather(1, y[:, None])[:, 0] * mask).sum()
+                kl_sum = kl_sum + ((p_teacher * (log_t - log_q)).sum(-1) * mask).sum()
+                if grad is not None:
+                    g = log_p.exp_().mul_(1 - alpha)
+                    g[torch.arange(len(y), device=y.device), y] -= 1 - alpha
+                    g[:, :vocab] += (log_q.exp_() - p_teacher).mul_(alpha * temperature)
+                    grad[rows] = g.mul_(mask[:, None])
+        count = scored.sum()
+        ce = ce_sum / count  # 0 / 0 = NaN without a scored position, as F.cross_entropy gives
+        kl = kl_sum / count.clamp(min=1)
+        loss = alpha * temperature**2 * kl + (1 - alpha) * ce
+        if grad is not None:
+            ctx.save_for_backward(grad)
+            ctx.count, ctx.logits_shape = count, logits.shape
+        ctx.mark_non_differentiable(kl, ce)
+        return loss, kl, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_kl, grad_ce):
+        (grad,) = ctx.saved_tensors
+        scale = (grad_loss / ctx.count).to(grad.dtype)
+        return (grad * scale).view(ctx.logits_shape), None, None, None
 
 
 class DistillationObjective:
     """The training step's loss for `argonne distill`; returns (loss, {"kl": ..., "ce": ...})."""
 
     def __init__(self, teacher, vocab: int, alpha: float, temperature: float, chunk: int = 512):
-        if not 0 <= alpha <= 1:
-            raise ConfigError(f"distill.alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ConfigError(f"distill.temperature must be > 0, got {temperature}")
         self.teacher, self.vocab, self.alpha, self.temperature, self.chunk = teacher, vocab, alpha, temperature, chunk
 
     def __call__(self, model, inputs: torch.Tensor, targets: torch.Tensor):
-        # The KL needs the student's logits, so they are made whole here (not through the chunked training loss).
+        # The KL needs the student's logits, so they are made whole here; everything after them is chunked.
         logits = model(inputs, use_cache=False).logits
-        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
         with torch.no_grad():
             teacher_logits = self.teacher(inputs, use_cache=False).logits
-        kl = distillation_kl(logits, teacher_logits, targets, self.vocab, self.temperature, self.chunk)
-        loss = self.alpha * self.temperature**2 * kl + (1 - self.alpha) * ce
-        return loss, {"kl": kl.detach(), "ce": ce.detach()}
+        loss, kl, ce = distillation_loss(logits, teacher_logits, targets, self.vocab, self.alpha, self.temperature,
+                                         self.chunk)
+        return loss, {"kl": kl, "ce": ce}
+
+
+def build_distillation(config, model_config, tokenizer, device) -> DistillationObjective:
+    """The distillation objective of a run config: its teacher loaded on `device`, vocabularies checked."""
+    teacher = load_teacher(config.distill.teacher, device)
+    teacher_rows = teacher.get_input_embeddings().weight.shape[0]
+    vocab = check_vocabularies(Path(config.distill.teacher), teacher_rows, model_config.vocab_size, tokenizer)
+    d = config.distill
+    return DistillationObjective(teacher, vocab, d.alpha, d.temperature, d.chunk)
+
+
+def distillation_batches(config, tokenizer, topology, pin_memory: bool = False):
+    """Distillation trains on pretraining data or on instruction data (data.sft)."""
+    if config.data.sft:
+        return sft_batches(config, tokenizer, topology, pin_memory)
+    return pretraining_batches(config, tokenizer, topology, pin_memory)
+
+
+DISTILLATION = TrainSpec("distill", distillation_batches, build_distillation)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .data import iter_texts, resolve_parquet_files
+from .data.parquet import iter_texts, resolve_parquet_files
 from .tokenizer import document_boundary_id
 
 

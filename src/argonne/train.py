@@ -12,10 +12,11 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -31,11 +32,10 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .config import ConfigError, OptimConfig, RunConfig
+from .config import ConfigError, OptimConfig, RunConfig, check_command
 from .configuration_argonne import ArgonneConfig
-from .data import StreamingTokens, TokenizeSettings, held_out_tokens
+from .data.batches import pretraining_data, split_batch
 from .device import resolve_device
-from .loader import PreparedBatches, PreparedTokens, StreamingBatches, num_windows, read_window
 from .metrics import count_parameters, training_flops_per_token
 from .modeling_argonne import ArgonneForCausalLM
 from .parallel import Topology, any_process, clip_grad_norm, from_main_process, init_distributed, parallelize
@@ -53,7 +53,6 @@ from .run_folder import (
     set_aside_run,
     write_run_record,
 )
-from .sft import split_batch
 from .tokenizer import document_boundary_id, load_tokenizer
 
 # Above this size the model is built on the meta device and initialised after sharding, so no process ever holds
@@ -128,16 +127,6 @@ def build_model(model_config: ArgonneConfig, config: RunConfig, topology: Topolo
     return model
 
 
-def build_distillation(config: RunConfig, model_config: ArgonneConfig, tokenizer, device):
-    from .distill import DistillationObjective, check_vocabularies, load_teacher
-
-    teacher = load_teacher(config.distill.teacher, device)
-    teacher_rows = teacher.get_input_embeddings().weight.shape[0]
-    vocab = check_vocabularies(Path(config.distill.teacher), teacher_rows, model_config.vocab_size, tokenizer)
-    d = config.distill
-    return DistillationObjective(teacher, vocab, d.alpha, d.temperature, d.chunk)
-
-
 def load_initial_weights(model: ArgonneForCausalLM, source: Path, verify: bool = True) -> None:
     """Weights from a Hugging Face folder or a training checkpoint (verified unless `verify=False` says the caller
     did); a missing, unexpected or mis-shaped weight is an error (never a silent random initialisation)."""
@@ -178,49 +167,24 @@ def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.A
     )
 
 
-def build_data(config: RunConfig, tokenizer, rank: int = 0, world: int = 1, pin_memory: bool = False):
-    """This data-parallel rank's training batches and the validation batches (None without held-out data)."""
-    data, tc = config.data, config.train
-    if data.sft:
-        return build_sft_data(config, tokenizer, rank, world)
-    if data.prepared:
-        batches = PreparedBatches(
-            PreparedTokens(data.prepared, "train", tokenizer), data.seq_len, tc.micro_batch_size, rank, world,
-            seed=tc.seed, shuffle=data.shuffle, workers=data.workers, pin_memory=pin_memory,
-        )
-        val_tokens = PreparedTokens(data.prepared, "val", tokenizer)
-    else:
-        settings = TokenizeSettings(text_column=data.text_column, val_fraction=data.val_fraction,
-                                    on_error=data.on_error)
-        stream = StreamingTokens(data.inputs, tokenizer, settings, workers=data.workers)
-        batches = StreamingBatches(stream, data.seq_len, tc.micro_batch_size, rank, world, pin_memory=pin_memory)
-        val_tokens = held_out_tokens(stream, (data.seq_len * data.val_windows + 1)) if data.val_fraction else None
-    if not data.val_windows or val_tokens is None or num_windows(len(val_tokens), data.seq_len) == 0:
-        return batches, None
-    count = min(data.val_windows, num_windows(len(val_tokens), data.seq_len))
-    windows = torch.from_numpy(np.stack([read_window(val_tokens, i, data.seq_len) for i in range(count)]))
-    return batches, list(windows.long().split(tc.micro_batch_size))
+def pretraining_batches(config: RunConfig, tokenizer, topology: Topology, pin_memory: bool = False):
+    """This data-parallel rank's pretraining batches and the validation batches (None without held-out data). A
+    stream's tokenization is shared by all processes of the run (each tokenizes 1/world of it)."""
+    share = None
+    if config.data.inputs and topology.world > 1:
+        from .data.streaming import TokenizeShare
+
+        share = TokenizeShare(topology.rank, topology.world, dist.new_group(backend="gloo"))
+    return pretraining_data(config.data, config.train.micro_batch_size, config.train.seed, tokenizer,
+                            topology.dp_rank, topology.dp, pin_memory, share)
 
 
-def build_sft_data(config: RunConfig, tokenizer, rank: int, world: int):
-    """Instruction windows; conversations whose source hashes below data.val_fraction are held out."""
-    from .data import is_held_out
-    from .sft import SFTBatches, SFTStats, build_windows, read_conversations
+def sft_batches(config: RunConfig, tokenizer, topology: Topology, pin_memory: bool = False):
+    """This data-parallel rank's batches of instruction windows and the held-out conversations' windows."""
+    from .data.sft import sft_data
 
-    data, tc = config.data, config.train
-    stats = SFTStats()
-    conversations = read_conversations(data.sft, data.on_error, stats)
-    held = [c for c in conversations if is_held_out(c.source, data.val_fraction)]
-    kept = [c for c in conversations if not is_held_out(c.source, data.val_fraction)]
-    windows = build_windows(tokenizer, kept, data.seq_len, data.packing, stats)
-    log_main(rank, f"sft: {stats.conversations:,} conversations in {len(windows):,} windows, {stats.tokens:,} tokens "
-                   f"({stats.trained_tokens:,} trained), {stats.truncated} truncated, {stats.skipped} skipped, "
-                   f"{len(held)} held out")
-    batches = SFTBatches(windows, tc.micro_batch_size, rank, world, tc.seed, data.shuffle)
-    if not held or not data.val_windows:
-        return batches, None
-    validation = build_windows(tokenizer, held, data.seq_len, data.packing)[: data.val_windows]
-    return batches, list(validation.split(tc.micro_batch_size))
+    return sft_data(config.data, config.train.micro_batch_size, config.train.seed, tokenizer, topology.dp_rank,
+                    topology.dp, pin_memory, log_main=lambda text: log_main(topology.rank, text))
 
 
 def log_main(rank: int, text: str) -> None:
@@ -423,6 +387,28 @@ def cross_entropy_objective(model, inputs: torch.Tensor, targets: torch.Tensor):
     return model(inputs, targets=targets, use_cache=False).loss, {}
 
 
+def build_cross_entropy(config: RunConfig, model_config: ArgonneConfig, tokenizer, device):
+    return cross_entropy_objective
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """What a training command trains on and what it minimises; the loop (`train`) is the same for all.
+
+    `build_data(config, tokenizer, topology, pin_memory)` -> (this rank's batches, validation batches or None);
+    `build_objective(config, model_config, tokenizer, device)` -> `objective(model, inputs, targets)` returning
+    (loss, {name: loss component}). `name` is the command (and the config checks it asks for: see
+    config.check_command)."""
+
+    name: str
+    build_data: Callable
+    build_objective: Callable = build_cross_entropy
+
+
+PRETRAINING = TrainSpec("train", pretraining_batches)
+SFT = TrainSpec("sft", sft_batches)
+
+
 def training_step(model, optimizer, next_batch, objective, amp, config: RunConfig, topology: Topology, device):
     """One optimizer step: grad_accum micro-batches forward and backward, the global gradient norm clipped, and an
     AdamW update that the fused optimizer skips by itself when the loss or the gradient norm is not finite.
@@ -466,10 +452,12 @@ class SkippedSteps:
         self.longest_run = torch.maximum(self.longest_run, self.in_a_row)
 
 
-def train(config: RunConfig, resume: str | None = None, objective=None, overwrite: bool = False) -> dict:
-    """Run training; returns a summary (last metrics, elapsed time). `resume` is None, "auto" or a checkpoint.
-    `objective(model, inputs, targets) -> (loss, parts)` replaces the cross-entropy step (distillation).
-    Without `resume`, a run folder holding an earlier run is refused unless `overwrite` deletes that run."""
+def train(config: RunConfig, spec: TrainSpec = PRETRAINING, resume: str | None = None,
+          overwrite: bool = False) -> dict:
+    """Run training as `spec` says (pretraining, SFT, distillation); returns a summary (last metrics, elapsed
+    time). `resume` is None, "auto" or a checkpoint. Without `resume`, a run folder holding an earlier run is
+    refused unless `overwrite` deletes that run."""
+    check_command(config, spec.name)
     if resume is not None and overwrite:
         raise RunFolderError("--overwrite starts a new run and --resume continues one: choose one")
     device = resolve_device(config.train.device)
@@ -477,7 +465,7 @@ def train(config: RunConfig, resume: str | None = None, objective=None, overwrit
     lock = claim_run_folder(Path(config.train.run_dir), resume, overwrite, topology)
     try:
         resume_from, run_id = choose_checkpoint(Path(config.train.run_dir), resume, topology)
-        return _train(config, topology, resume_from, run_id, objective)
+        return _train(config, spec, topology, resume_from, run_id)
     finally:
         if lock is not None:
             lock.release()
@@ -575,7 +563,7 @@ def _run_id_after(run_dir: Path, path: Path, resume: str) -> str:
     return new_run_id() if run_id is None or newer else run_id
 
 
-def _train(config: RunConfig, topology: Topology, resume_from: Path | None, run_id: str, objective) -> dict:
+def _train(config: RunConfig, spec: TrainSpec, topology: Topology, resume_from: Path | None, run_id: str) -> dict:
     """The run, in a claimed run folder: set up, build, then the loop."""
     run_dir = Path(config.train.run_dir)
     checkpoints = run_dir / "checkpoints"
@@ -595,9 +583,8 @@ def _train(config: RunConfig, topology: Topology, resume_from: Path | None, run_
     # FSDP2 casts parameters itself; otherwise autocast does the mixed precision.
     amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype and not fsdp_mixed_precision else nullcontext
     optimizer = build_optimizer(model, config.optim)
-    if objective is None and config.distill.teacher:
-        objective = build_distillation(config, model_config, tokenizer, device)
-    batches, validation = build_data(config, tokenizer, topology.dp_rank, topology.dp, device.type == "cuda")
+    objective = spec.build_objective(config, model_config, tokenizer, device)
+    batches, validation = spec.build_data(config, tokenizer, topology, device.type == "cuda")
 
     tc = config.train
     tokens_per_step = tc.micro_batch_size * tc.grad_accum * topology.dp * config.data.seq_len
@@ -634,7 +621,6 @@ def _train(config: RunConfig, topology: Topology, resume_from: Path | None, run_
     started = last_log = time.perf_counter()
     losses_since_log: list[torch.Tensor] = []
     parts_since_log: dict[str, list[torch.Tensor]] = {}
-    objective = objective or cross_entropy_objective
     summary: dict = {"step": start_step}
     preempted = False
     model.train()

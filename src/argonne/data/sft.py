@@ -1,4 +1,4 @@
-"""Instruction fine-tuning data: conversations -> chat-template tokens with labels on assistant tokens only.
+"""Instruction data for `argonne sft`: conversations -> chat-template tokens with labels on assistant tokens only.
 
 Rows are JSONL lines or parquet rows holding either `messages` (a list of {role, content}, as UltraChat and OpenAI
 use) or a `prompt` / `response` pair (one user turn and one assistant turn). Each conversation is rendered with the
@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import DataError, open_parquet, resolve_parquet_files
-from .tokenizer import CHATML_TEMPLATE
+from ..tokenizer import CHATML_TEMPLATE
+from .batches import LabelledWindows, WindowBatches, validation_batches
+from .documents import is_held_out
+from .parquet import open_parquet, resolve_parquet_files
+from .settings import DataError
 
 log = logging.getLogger("argonne.sft")
 ROLES = ("system", "user", "assistant")
@@ -182,41 +185,21 @@ def build_windows(
     return torch.from_numpy(np.asarray(windows, dtype=np.int64))
 
 
-class SFTBatches:
-    """Micro-batches of SFT windows in a seeded order per epoch, with the same resumable position and rank split as
-    pretraining batches (see loader.py)."""
-
-    def __init__(self, windows: torch.Tensor, micro_batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 shuffle: bool = True):
-        from .loader import WindowOrder
-
-        self.windows, self.micro_batch_size, self.rank, self.world = windows, micro_batch_size, rank, world
-        self.order = WindowOrder(len(windows), seed, shuffle)
-        self.delivered = 0
-
-    def state_dict(self) -> dict:
-        return {"samples": self.delivered * self.world * self.micro_batch_size, "num_windows": len(self.windows),
-                "seed": self.order.seed, "shuffle": self.order.shuffle}
-
-    def load_state_dict(self, state: dict) -> None:
-        mine = self.state_dict()
-        for key in ("num_windows", "seed", "shuffle"):
-            if state[key] != mine[key]:
-                raise DataError(f"cannot resume the data position: {key} was {state[key]}, now {mine[key]}")
-        self.delivered = state["samples"] // (self.world * self.micro_batch_size)
-
-    def __iter__(self):
-        from .loader import global_samples
-
-        while True:
-            samples = global_samples(self.delivered, self.rank, self.world, self.micro_batch_size)
-            batch = self.windows[[self.order[g] for g in samples]]
-            self.delivered += 1
-            yield batch
-
-
-def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model inputs and shifted targets from a pretraining batch (B, T + 1) or an SFT batch (B, 2, T + 1)."""
-    if batch.dim() == 3:
-        return batch[:, 0, :-1], batch[:, 1, 1:]
-    return batch[:, :-1], batch[:, 1:]
+def sft_data(data, micro_batch_size: int, seed: int, tokenizer, rank: int = 0, world: int = 1,
+             pin_memory: bool = False, log_main=print):
+    """(this rank's batches of instruction windows, validation batches or None) from the run config's [data]
+    section; conversations whose source hashes below data.val_fraction are held out."""
+    stats = SFTStats()
+    conversations = read_conversations(data.sft, data.on_error, stats)
+    held = [c for c in conversations if is_held_out(c.source, data.val_fraction)]
+    kept = [c for c in conversations if not is_held_out(c.source, data.val_fraction)]
+    windows = build_windows(tokenizer, kept, data.seq_len, data.packing, stats)
+    log_main(f"sft: {stats.conversations:,} conversations in {len(windows):,} windows, {stats.tokens:,} tokens "
+             f"({stats.trained_tokens:,} trained), {stats.truncated} truncated, {stats.skipped} skipped, "
+             f"{len(held)} held out")
+    batches = WindowBatches(LabelledWindows(windows), micro_batch_size, rank, world, seed, data.shuffle,
+                            data.workers, pin_memory)
+    if not held or not data.val_windows:
+        return batches, None
+    validation = LabelledWindows(build_windows(tokenizer, held, data.seq_len, data.packing))
+    return batches, validation_batches(validation, data.val_windows, micro_batch_size)

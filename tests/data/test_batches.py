@@ -7,18 +7,13 @@ import pytest
 import torch
 
 from argonne import load_tokenizer
-from argonne.data import DataError, PrepareSettings, StreamingTokens, StreamPosition, TokenizeSettings, prepare_dataset
-from argonne.loader import (
-    InMemoryTokens,
-    PreparedBatches,
-    PreparedTokens,
-    StreamingBatches,
-    WindowOrder,
-    read_window,
-)
+from argonne.data import DataError, DocumentSettings
+from argonne.data.batches import InMemoryTokens, StreamingBatches, TokenWindows, WindowBatches, WindowOrder, read_window
+from argonne.data.prepare import PrepareSettings, PreparedTokens, prepare_dataset
+from argonne.data.streaming import StreamingTokens, StreamPosition
 
-from .conftest import SAMPLE_TOKENIZER
-from .test_data import write_parquet
+from ..conftest import SAMPLE_TOKENIZER
+from .test_prepare import write_parquet
 
 SEQ = 32
 
@@ -32,7 +27,7 @@ def tokenizer():
 def shards(tmp_path_factory):
     import pyarrow.parquet as pq
 
-    from .conftest import SAMPLE_SHARD
+    from ..conftest import SAMPLE_SHARD
 
     texts = pq.read_table(SAMPLE_SHARD, columns=["text"]).column("text").to_pylist()
     texts = [t[:1500] for t in texts[:90]]  # ~30k tokens: hundreds of windows, quick to tokenize
@@ -71,7 +66,7 @@ def test_window_order_is_a_seeded_permutation_per_epoch():
 
 def test_windows_overlap_by_one_token_so_every_token_is_a_target_once():
     tokens = InMemoryTokens(np.arange(100, dtype=np.uint32))
-    batches = PreparedBatches(tokens, seq_len=10, micro_batch_size=3, shuffle=False)
+    batches = WindowBatches(TokenWindows(tokens, 10), micro_batch_size=3, shuffle=False)
     first = take(batches, 1)[0]
     assert first.dtype == torch.int64 and first.shape == (3, 11)
     assert first[0].tolist() == list(range(11)) and first[1, 0] == 10
@@ -79,7 +74,7 @@ def test_windows_overlap_by_one_token_so_every_token_is_a_target_once():
 
 def ranks_step(prepared, world, micro, steps, accum=1, state=None, workers=0):
     """The samples each optimizer step consumes, over all ranks (sorted rows), and the rank-0 state after."""
-    loaders = [PreparedBatches(PreparedTokens(prepared), SEQ, micro, rank, world, seed=5, workers=workers)
+    loaders = [WindowBatches(TokenWindows(PreparedTokens(prepared), SEQ), micro, rank, world, seed=5, workers=workers)
                for rank in range(world)]
     if state is not None:
         for loader in loaders:
@@ -126,10 +121,10 @@ def test_worker_processes_deliver_the_same_batches(prepared):
 
 def test_resume_state_mismatches_are_errors(prepared):
     _, state = ranks_step(prepared, world=1, micro=4, steps=1)
-    other_seed = PreparedBatches(PreparedTokens(prepared), SEQ, 4, seed=6)
+    other_seed = WindowBatches(TokenWindows(PreparedTokens(prepared), SEQ), 4, seed=6)
     with pytest.raises(DataError, match="seed was 5, now 6"):
         other_seed.load_state_dict(state)
-    odd = PreparedBatches(PreparedTokens(prepared), SEQ, 3, seed=5)
+    odd = WindowBatches(TokenWindows(PreparedTokens(prepared), SEQ), 3, seed=5)
     with pytest.raises(DataError, match="not a multiple of world"):
         odd.load_state_dict(state)
 
@@ -140,7 +135,7 @@ def test_tokenizer_mismatch_is_an_error(prepared, qwen_tokenizer_dir):
 
 
 def streaming_steps(shards, tokenizer, world, micro, steps, state=None):
-    loaders = [StreamingBatches(StreamingTokens(shards, tokenizer, TokenizeSettings()), SEQ, micro, rank, world)
+    loaders = [StreamingBatches(StreamingTokens(shards, tokenizer, DocumentSettings()), SEQ, micro, rank, world)
                for rank in range(world)]
     if state is not None:
         for loader in loaders:
@@ -152,7 +147,7 @@ def streaming_steps(shards, tokenizer, world, micro, steps, state=None):
 
 def test_streaming_matches_prepared_order_and_resumes_on_other_rank_counts(shards, tokenizer, prepared):
     straight, _ = streaming_steps(shards, tokenizer, world=1, micro=8, steps=6)
-    in_order = PreparedBatches(PreparedTokens(prepared), SEQ, 8, shuffle=False)
+    in_order = WindowBatches(TokenWindows(PreparedTokens(prepared), SEQ), 8, shuffle=False)
     assert straight == [sorted(map(tuple, b.tolist())) for b in take(in_order, 6)]
     first, state = streaming_steps(shards, tokenizer, world=2, micro=4, steps=2)
     assert state["position"]["file"] == 0 and state["samples"] == 16
@@ -161,7 +156,7 @@ def test_streaming_matches_prepared_order_and_resumes_on_other_rank_counts(shard
 
 
 def test_streaming_starts_a_new_epoch_at_the_end(shards, tokenizer):
-    stream = StreamingTokens(shards[:1], tokenizer, TokenizeSettings())
+    stream = StreamingTokens(shards[:1], tokenizer, DocumentSettings())
     loader = StreamingBatches(stream, SEQ, 16)
     batches = list(itertools.islice(iter(loader), 40))
     assert loader.state_dict()["epoch"] >= 1
@@ -188,13 +183,13 @@ def streams_with_bad_input(folder, shards):
 
 def test_streaming_counts_what_it_skips_across_worker_processes(shards, tokenizer, tmp_path):
     inputs = streams_with_bad_input(tmp_path / "in", shards)
-    stream = StreamingTokens(inputs, tokenizer, TokenizeSettings(on_error="skip"), workers=1)
+    stream = StreamingTokens(inputs, tokenizer, DocumentSettings(on_error="skip"), workers=1)
     assert stream.skipped() == {"null_text": 0, "invalid_utf8": 0, "unreadable": 0, "files": 0}
     list(stream.read_from(StreamPosition()))
     assert stream.skipped() == {"null_text": 1, "invalid_utf8": 1, "unreadable": 0, "files": 2}
     list(stream.read_from(StreamPosition()))  # a second epoch skips them again
     assert stream.skipped() == {"null_text": 2, "invalid_utf8": 2, "unreadable": 0, "files": 4}
     # The batches report the counts of their stream; by the first batch the bad rows and files were passed.
-    batches = StreamingBatches(StreamingTokens(inputs, tokenizer, TokenizeSettings(on_error="skip")), SEQ, 4)
+    batches = StreamingBatches(StreamingTokens(inputs, tokenizer, DocumentSettings(on_error="skip")), SEQ, 4)
     next(iter(batches))
     assert batches.skipped() == {"null_text": 1, "invalid_utf8": 1, "unreadable": 0, "files": 1}

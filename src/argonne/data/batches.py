@@ -1,9 +1,10 @@
-"""Training batches from a token stream, with an exact, resumable position.
+"""Training batches with an exact, resumable position: pretraining windows (prepared or streamed) and SFT windows
+share one batching base, and validation windows are made here too.
 
-The stream (prepared shards or parquet tokenized on the fly) is cut into windows of seq_len + 1 tokens; window k
-starts at token k * seq_len, so every token but the first is a target exactly once. Windows are addressed by a
-global sample index g; a seeded permutation per epoch maps g to a window (prepared data only; a stream is read in
-order). Data-parallel ranks take disjoint samples of that one global order:
+A token stream is cut into windows of seq_len + 1 tokens; window k starts at token k * seq_len, so every token but
+the first is a target exactly once. (SFT windows are made whole by data/sft.py: token ids and labels.) Windows are
+addressed by a global sample index g; a seeded permutation per epoch maps g to a window (a stream is read in order
+instead). Data-parallel ranks take disjoint samples of that one global order:
 
     rank r's micro-batch j = global samples [(j * world + r) * B, (j * world + r + 1) * B)
 
@@ -16,62 +17,20 @@ ranks without repeating or skipping a sample.
 from __future__ import annotations
 
 import itertools
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .data import (
-    TOKEN_DTYPE,
-    DataError,
-    StreamingTokens,
-    StreamPosition,
-    check_tokenizer_matches,
-    load_manifest,
-)
-
-
-class PreparedTokens:
-    """One split of a prepared dataset as a single token stream, read through memory maps."""
-
-    def __init__(self, directory: str | Path, split: str = "train", tokenizer=None):
-        self.directory = Path(directory)
-        self.manifest = load_manifest(directory)
-        if tokenizer is not None:
-            check_tokenizer_matches(self.manifest["tokenizer"], tokenizer, str(directory))
-        key = f"{split}_file"
-        self.arrays = []
-        for shard in self.manifest["shards"]:
-            if shard[f"{split}_tokens"]:
-                path = self.directory / shard[key]
-                array = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
-                if len(array) != shard[f"{split}_tokens"]:
-                    raise DataError(f"{path}: {len(array)} tokens, but the manifest says {shard[f'{split}_tokens']}")
-                self.arrays.append(array)
-        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start + length), across shard boundaries where needed."""
-        pieces, end = [], start + length
-        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
-        while start < end:
-            local = start - self.offsets[shard]
-            take = min(end - start, len(self.arrays[shard]) - local)
-            pieces.append(self.arrays[shard][local : local + take])
-            start += take
-            shard += 1
-        return np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])
+from .prepare import PreparedTokens, check_prepared_settings
+from .settings import DataError
+from .streaming import StreamingTokens, StreamPosition, held_out_tokens, iter_stream_windows
 
 
 class InMemoryTokens:
-    """A token array with the `PreparedTokens` interface (validation windows made on the fly, tests)."""
+    """A token array with the `PreparedTokens` interface (held-out tokens of a stream, tests)."""
 
     def __init__(self, tokens: np.ndarray):
         self.tokens = tokens
@@ -89,6 +48,32 @@ def num_windows(num_tokens: int, seq_len: int) -> int:
 
 def read_window(tokens, index: int, seq_len: int) -> np.ndarray:
     return tokens.read(index * seq_len, seq_len + 1)
+
+
+class TokenWindows:
+    """Pretraining windows of a token stream (`PreparedTokens` or `InMemoryTokens`): (seq_len + 1,) each."""
+
+    def __init__(self, tokens, seq_len: int):
+        self.tokens, self.seq_len = tokens, seq_len
+
+    def __len__(self) -> int:
+        return num_windows(len(self.tokens), self.seq_len)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return read_window(self.tokens, index, self.seq_len).astype(np.int64)
+
+
+class LabelledWindows:
+    """SFT windows: a (N, 2, seq_len + 1) int64 tensor of token ids and labels (see data/sft.py)."""
+
+    def __init__(self, windows: torch.Tensor):
+        self.windows, self.seq_len = windows, windows.shape[-1] - 1
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.windows[index].numpy()
 
 
 class WindowOrder:
@@ -115,41 +100,39 @@ def global_samples(micro_batch: int, rank: int, world: int, micro_batch_size: in
     return range(first, first + micro_batch_size)
 
 
-class _MicroBatches(Dataset):
-    """Item j: this rank's j-th micro-batch, a (B, seq_len + 1) int64 tensor (runs in DataLoader workers)."""
+def _check_divisible(samples: int, world: int, micro_batch_size: int) -> None:
+    if samples % (world * micro_batch_size):
+        raise DataError(
+            f"cannot resume at sample {samples}: not a multiple of world ({world}) x micro_batch_size "
+            f"({micro_batch_size}); keep the global batch size when changing ranks"
+        )
 
-    def __init__(self, tokens, order: WindowOrder, seq_len: int, micro_batch_size: int, rank: int, world: int):
-        self.tokens, self.order, self.seq_len = tokens, order, seq_len
+
+class _MicroBatches(Dataset):
+    """Item j: this rank's j-th micro-batch, (B, *window shape) int64 (runs in DataLoader workers)."""
+
+    def __init__(self, windows, order: WindowOrder, micro_batch_size: int, rank: int, world: int):
+        self.windows, self.order = windows, order
         self.micro_batch_size, self.rank, self.world = micro_batch_size, rank, world
 
     def __getitem__(self, j: int) -> torch.Tensor:
         samples = global_samples(j, self.rank, self.world, self.micro_batch_size)
-        windows = [read_window(self.tokens, self.order[g], self.seq_len) for g in samples]
-        return torch.from_numpy(np.stack(windows).astype(np.int64))
+        return torch.from_numpy(np.stack([self.windows[self.order[g]] for g in samples]))
 
 
-class PreparedBatches:
-    """This rank's micro-batches from prepared data, prefetched by DataLoader worker processes into pinned memory.
+class WindowBatches:
+    """This rank's micro-batches of windows (pretraining windows of prepared data, or SFT windows) in the seeded
+    global order, prefetched by DataLoader worker processes (pinned memory on GPUs).
 
     `state_dict()` is the number of global samples in the micro-batches handed out so far; call it after an
     optimizer step, when every rank has handed out the same number, and it is the position consumed by steps.
     """
 
-    def __init__(
-        self,
-        tokens: PreparedTokens | InMemoryTokens,
-        seq_len: int,
-        micro_batch_size: int,
-        rank: int = 0,
-        world: int = 1,
-        seed: int = 0,
-        shuffle: bool = True,
-        workers: int = 0,
-        pin_memory: bool = False,
-    ):
-        self.tokens, self.seq_len = tokens, seq_len
+    def __init__(self, windows: TokenWindows | LabelledWindows, micro_batch_size: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, shuffle: bool = True, workers: int = 0, pin_memory: bool = False):
+        self.windows = windows
         self.micro_batch_size, self.rank, self.world = micro_batch_size, rank, world
-        self.order = WindowOrder(num_windows(len(tokens), seq_len), seed, shuffle)
+        self.order = WindowOrder(len(windows), seed, shuffle)
         self.workers, self.pin_memory = workers, pin_memory
         self.delivered = 0  # micro-batches handed out by this rank
 
@@ -157,7 +140,7 @@ class PreparedBatches:
         return {
             "samples": self.delivered * self.world * self.micro_batch_size,
             "num_windows": self.order.num_windows,
-            "seq_len": self.seq_len,
+            "seq_len": self.windows.seq_len,
             "seed": self.order.seed,
             "shuffle": self.order.shuffle,
         }
@@ -165,18 +148,13 @@ class PreparedBatches:
     def load_state_dict(self, state: dict) -> None:
         mine = self.state_dict()
         for key in ("num_windows", "seq_len", "seed", "shuffle"):
-            if state[key] != mine[key]:
+            if key in state and state[key] != mine[key]:  # SFT checkpoints before 2026-12 have no seq_len
                 raise DataError(f"cannot resume the data position: {key} was {state[key]}, now {mine[key]}")
-        per_micro_batch = self.world * self.micro_batch_size
-        if state["samples"] % per_micro_batch:
-            raise DataError(
-                f"cannot resume at sample {state['samples']}: not a multiple of world ({self.world}) x "
-                f"micro_batch_size ({self.micro_batch_size}); keep the global batch size when changing ranks"
-            )
-        self.delivered = state["samples"] // per_micro_batch
+        _check_divisible(state["samples"], self.world, self.micro_batch_size)
+        self.delivered = state["samples"] // (self.world * self.micro_batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        dataset = _MicroBatches(self.tokens, self.order, self.seq_len, self.micro_batch_size, self.rank, self.world)
+        dataset = _MicroBatches(self.windows, self.order, self.micro_batch_size, self.rank, self.world)
         loader = DataLoader(
             dataset,
             batch_size=None,
@@ -190,40 +168,17 @@ class PreparedBatches:
             yield batch
 
 
-def iter_stream_windows(
-    stream: StreamingTokens, start: StreamPosition, seq_len: int
-) -> Iterator[tuple[np.ndarray, StreamPosition]]:
-    """Windows of seq_len + 1 tokens from `start` on, each with the stream position of its first token."""
-    buffer = np.zeros(0, dtype=TOKEN_DTYPE)
-    buffer_start = 0  # stream index (relative to `start`) of buffer[0]
-    chunks: deque = deque()  # (stream index of chunk start, chunk length, positions)
-    next_start = 0
-    for tokens, positions in stream.read_from(start):
-        chunks.append((buffer_start + len(buffer), len(tokens), positions))
-        buffer = np.concatenate((buffer, tokens))
-        while buffer_start + len(buffer) >= next_start + seq_len + 1:
-            at = next_start - buffer_start
-            while chunks[0][0] + chunks[0][1] <= next_start:
-                chunks.popleft()
-            chunk_start, _, chunk_positions = chunks[0]
-            yield buffer[at : at + seq_len + 1], chunk_positions.at(next_start - chunk_start)
-            next_start += seq_len
-        buffer, buffer_start = buffer[next_start - buffer_start :], next_start
-
-
 class StreamingBatches:
     """This rank's micro-batches straight from parquet (no prepare step), in stream order.
 
-    Every rank reads the same stream and keeps its own samples, as in the global order above; tokenization runs in
-    background worker processes. The saved position is where the first unconsumed window starts (input file, row
-    and token offset), so resuming re-reads from there. At the end of the inputs the stream starts again (a new
-    epoch); the last incomplete window of an epoch is not used.
+    Every rank sees the same stream (tokenized in shares, see data/streaming.py) and keeps its own samples, as in
+    the global order above. The saved position is where the first unconsumed window starts (input file, row and
+    token offset), so resuming re-reads from there. At the end of the inputs the stream starts again (a new epoch);
+    the last incomplete window of an epoch is not used.
     """
 
-    def __init__(
-        self, stream: StreamingTokens, seq_len: int, micro_batch_size: int, rank: int = 0, world: int = 1,
-        pin_memory: bool = False,
-    ):
+    def __init__(self, stream: StreamingTokens, seq_len: int, micro_batch_size: int, rank: int = 0, world: int = 1,
+                 pin_memory: bool = False):
         self.stream, self.seq_len = stream, seq_len
         self.micro_batch_size, self.rank, self.world = micro_batch_size, rank, world
         self.pin_memory = pin_memory
@@ -270,3 +225,41 @@ class StreamingBatches:
         self.position, self.epoch = next_position, next_epoch
         self.samples += len(group_windows)
         return batch.pin_memory() if self.pin_memory else batch
+
+
+def split_batch(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model inputs and shifted targets from a pretraining batch (B, T + 1) or an SFT batch (B, 2, T + 1)."""
+    if batch.dim() == 3:
+        return batch[:, 0, :-1], batch[:, 1, 1:]
+    return batch[:, :-1], batch[:, 1:]
+
+
+def validation_batches(windows: TokenWindows | LabelledWindows, count: int, micro_batch_size: int):
+    """The first `count` windows as micro-batches (every rank evaluates the same ones); None when there are none."""
+    count = min(count, len(windows))
+    if count == 0:
+        return None
+    stacked = torch.from_numpy(np.stack([windows[i] for i in range(count)]))
+    return list(stacked.split(micro_batch_size))
+
+
+def pretraining_data(data, micro_batch_size: int, seed: int, tokenizer, rank: int = 0, world: int = 1,
+                     pin_memory: bool = False, share=None):
+    """(this data-parallel rank's training batches, validation batches or None) from the run config's [data]
+    section: prepared token shards, or parquet streamed with the same document settings as a prepare. `share`
+    (a TokenizeShare) splits a stream's tokenization across processes."""
+    if data.prepared:
+        train_tokens = PreparedTokens(data.prepared, "train", tokenizer)
+        check_prepared_settings(train_tokens.manifest, data, data.prepared)
+        batches = WindowBatches(TokenWindows(train_tokens, data.seq_len), micro_batch_size, rank, world, seed,
+                                data.shuffle, data.workers, pin_memory)
+        val_tokens = PreparedTokens(data.prepared, "val", tokenizer)
+    else:
+        stream = StreamingTokens(data.inputs, tokenizer, data, workers=data.workers, share=share)
+        batches = StreamingBatches(stream, data.seq_len, micro_batch_size, rank, world, pin_memory=pin_memory)
+        wanted = data.seq_len * data.val_windows + 1
+        val_tokens = InMemoryTokens(held_out_tokens(stream, wanted)) if data.val_fraction and data.val_windows \
+            else None
+    if val_tokens is None or not data.val_windows:
+        return batches, None
+    return batches, validation_batches(TokenWindows(val_tokens, data.seq_len), data.val_windows, micro_batch_size)

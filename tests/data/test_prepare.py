@@ -1,4 +1,4 @@
-"""Data preparation: filters, accounting, bad input, worker independence, resume, streaming, hub paths."""
+"""argonne/data/parquet, documents and prepare: filters, accounting, bad input, worker independence, resume, streaming, hub paths."""
 
 
 import numpy as np
@@ -8,25 +8,14 @@ import pytest
 
 from argonne import load_tokenizer
 from argonne.cli import main
-from argonne.data import (
-    DataError,
-    FilterConfig,
-    PrepareSettings,
-    StreamingTokens,
-    StreamPosition,
-    TokenizeSettings,
-    _init_worker,
-    _encode,
-    char_filter_reasons,
-    is_held_out,
-    iter_texts,
-    load_manifest,
-    prepare_dataset,
-    resolve_parquet_files,
-)
-from argonne.loader import PreparedTokens, iter_stream_windows, read_window
+from argonne.data import DataError, DocumentSettings
+from argonne.data.batches import read_window
+from argonne.data.documents import _encode, _init_worker, char_filter_reasons, is_held_out
+from argonne.data.parquet import iter_texts, resolve_parquet_files
+from argonne.data.prepare import PrepareSettings, PreparedTokens, load_manifest, prepare_dataset
+from argonne.data.streaming import StreamingTokens, StreamPosition, iter_stream_windows
 
-from .conftest import SAMPLE_SHARD, SAMPLE_TOKENIZER
+from ..conftest import SAMPLE_SHARD, SAMPLE_TOKENIZER
 
 GOOD = "The quick brown fox jumps over the lazy dog, and then it runs far away into the forest again."
 
@@ -59,8 +48,8 @@ def three_shards(tmp_path, sample_texts):
             for i in range(3)]
 
 
-def settings(workers=0, **tokenize):
-    return PrepareSettings(seq_len=64, workers=workers, tokenize=TokenizeSettings(**tokenize))
+def settings(workers=0, **documents):
+    return PrepareSettings(seq_len=64, workers=workers, documents=DocumentSettings(**documents))
 
 
 # ------------------------------------------------------------------------------------------- sources and filters
@@ -90,8 +79,8 @@ def test_inputs_resolve_in_natural_order(tmp_path):
     ],
 )
 def test_character_rules(text, reason):
-    assert char_filter_reasons([text], FilterConfig()) == [reason]
-    assert char_filter_reasons([GOOD, text, ""], FilterConfig()) == [None, reason, None]
+    assert char_filter_reasons([text], DocumentSettings()) == [reason]
+    assert char_filter_reasons([GOOD, text, ""], DocumentSettings()) == [None, reason, None]
 
 
 def test_every_document_is_accounted_for(tmp_path, tokenizer):
@@ -112,9 +101,9 @@ def test_every_document_is_accounted_for(tmp_path, tokenizer):
 
 def test_filter_thresholds_are_configurable(tmp_path, tokenizer):
     path = write_parquet(tmp_path / "a.parquet", [GOOD, "Short one here."])
-    strict = settings(filters=FilterConfig(min_tokens=100), on_error="skip")
+    strict = settings(min_tokens=100, on_error="skip")
     with pytest.raises(DataError, match="no document left after filtering"):
-        prepare_dataset([path], tokenizer, tmp_path / "strict", settings(filters=FilterConfig(min_tokens=100)),
+        prepare_dataset([path], tokenizer, tmp_path / "strict", settings(min_tokens=100),
                         progress=False)
     manifest = prepare_dataset([path, write_parquet(tmp_path / "b.parquet", [GOOD * 30])], tokenizer,
                                tmp_path / "skip", strict, progress=False)
@@ -176,7 +165,7 @@ def test_bad_input_fails_naming_the_file_or_skips_and_counts(tmp_path, tokenizer
     else:
         assert [s["path"] for s in manifest["skipped_files"]] == [path]
     # Streaming reports the same problems.
-    stream = StreamingTokens([good, path], tokenizer, TokenizeSettings())
+    stream = StreamingTokens([good, path], tokenizer, DocumentSettings())
     with pytest.raises(DataError, match=message):
         list(stream.read_from(StreamPosition()))
 
@@ -246,7 +235,7 @@ def test_a_dictionary_encoded_text_column_is_text(tmp_path, tokenizer, sample_te
     for split in ("train", "val"):
         assert PreparedTokens(tmp_path / "encoded", split).read(0, manifest[f"{split}_tokens"]).tolist() == \
             PreparedTokens(tmp_path / "plain", split).read(0, expected[f"{split}_tokens"]).tolist()
-    streamed = StreamingTokens([encoded], tokenizer, TokenizeSettings(val_fraction=0.2))
+    streamed = StreamingTokens([encoded], tokenizer, DocumentSettings(val_fraction=0.2))
     tokens = np.concatenate([chunk for chunk, _ in streamed.read_from(StreamPosition())])
     assert tokens.tolist() == PreparedTokens(tmp_path / "plain").read(0, expected["train_tokens"]).tolist()
     assert list(iter_texts([encoded])) == list(iter_texts([plain])) == [t for t in texts if t]
@@ -269,7 +258,7 @@ def test_output_is_byte_identical_whatever_the_worker_count(three_shards, tokeni
 
 def test_interrupted_prepare_resumes_without_redoing_finished_shards(three_shards, tokenizer, tmp_path,
                                                                      monkeypatch):
-    import argonne.data as data
+    import argonne.data.documents as data
 
     clean = prepare_dataset(three_shards, tokenizer, tmp_path / "clean", settings(), progress=False)
     real_tokenize, calls = data.tokenize_row_group, []
@@ -334,27 +323,13 @@ def test_prepare_command_line(three_shards, tmp_path, capsys):
     assert "missing.parquet: no such file" in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------------------- streaming and hub
-
-
-def test_streaming_yields_the_prepared_token_stream(three_shards, tokenizer, tmp_path):
-    prepare_dataset(three_shards, tokenizer, tmp_path / "out", settings(val_fraction=0.2), progress=False)
-    prepared = PreparedTokens(tmp_path / "out", tokenizer=tokenizer)
-    stream = StreamingTokens(three_shards, tokenizer, TokenizeSettings(val_fraction=0.2))
-    windows = list(iter_stream_windows(stream, StreamPosition(), 64))
-    assert len(windows) == (len(prepared) - 1) // 64
-    for k, (window, _) in enumerate(windows):
-        assert np.array_equal(window, read_window(prepared, k, 64)), k
-    # Resuming from any window's recorded position continues with exactly that window.
-    for k in (1, 17, len(windows) // 2, len(windows) - 1):
-        resumed = iter_stream_windows(stream, windows[k][1], 64)
-        assert all(np.array_equal(next(resumed)[0], windows[j][0]) for j in range(k, min(k + 3, len(windows))))
+# ------------------------------------------------------------------------------------------- hub and tokenizer
 
 
 def test_hub_paths_go_through_the_hub_filesystem(tmp_path, tokenizer, monkeypatch, three_shards):
     import fsspec
 
-    import argonne.data as data
+    import argonne.data.parquet as data
 
     class FakeHub:
         """Maps hf://datasets/org/name/... onto the local input folder, as HfFileSystem would the hub."""

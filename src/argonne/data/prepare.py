@@ -1,0 +1,254 @@
+"""`argonne data prepare`: parquet inputs -> filtered, tokenized uint32 shards and a manifest; `PreparedTokens` reads
+them back as one memory-mapped token stream.
+
+Input file i becomes shard i. Rows are tokenized by `tokenize_row_group` in worker processes, so the result is
+byte-identical whatever the number of workers; a shard counts as finished once its NNNNN.json is written (last,
+atomically), so an interrupted run resumes without redoing finished shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .documents import (
+    HELD_OUT,
+    KEPT,
+    TOKEN_DTYPE,
+    RowGroupPool,
+    RowGroupTokens,
+    check_tokenizer_matches,
+    describe_drops,
+    empty_stats,
+    log,
+    merge_stats,
+    tokenizer_fingerprint,
+)
+from .parquet import check_text_column, describe_source, open_parquet, resolve_parquet_files
+from .settings import DataError, DocumentSettings
+
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class PrepareSettings:
+    seq_len: int = 4096
+    """Window length that `argonne data inspect` shows by default (training sets its own: data.seq_len)."""
+    workers: int = 1
+    documents: DocumentSettings = field(default_factory=DocumentSettings)
+
+
+def _shard_paths(output: Path, index: int) -> dict[str, Path]:
+    stem = output / "shards" / f"{index:05d}"
+    return {"train": stem.with_suffix(".train.bin"), "val": stem.with_suffix(".val.bin"),
+            "done": stem.with_suffix(".json")}
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare_dataset(
+    inputs: Sequence[str], tokenizer, output: str | Path, settings: PrepareSettings, progress: bool = True
+) -> dict:
+    """Tokenize parquet inputs into `output`: shards/NNNNN.{train,val}.bin (uint32) and manifest.json.
+
+    Input file i becomes shard i; a shard counts as finished once its NNNNN.json is written (last, atomically), so a
+    rerun after an interruption skips finished shards whose source is unchanged. Returns the manifest.
+    """
+    from tqdm.auto import tqdm
+
+    from ..tokenizer import document_boundary_id
+
+    output = Path(output)
+    (output / "shards").mkdir(parents=True, exist_ok=True)
+    files = resolve_parquet_files(inputs)
+    tok = settings.documents
+    boundary = document_boundary_id(tokenizer)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    config_record = {"tokenizer": fingerprint, "boundary_token_id": boundary,
+                     "document_settings": tok.tokens_record()}
+    shards, skipped_files, stats = [], [], empty_stats()
+    bar = tqdm(total=len(files), unit="file", disable=not progress, desc="prepare")
+    progress_counts = {"documents": 0, "tokens": 0}
+
+    def count(part: RowGroupTokens) -> None:
+        progress_counts["documents"] += part.stats[KEPT]["documents"] + part.stats[HELD_OUT]["documents"]
+        progress_counts["tokens"] += len(part.tokens) + len(part.val_tokens)
+        bar.set_postfix({k: f"{v:,}" for k, v in progress_counts.items()})
+
+    with RowGroupPool(tokenizer, boundary, settings.workers) as pool:
+        for index, path in enumerate(files):
+            source = describe_source(path)
+            paths = _shard_paths(output, index)
+            record = _finished_shard(paths["done"], source, config_record)
+            if record is None:
+                record = _prepare_shard(path, source, paths, pool, tok, config_record, count)
+            if record.get("skipped"):
+                skipped_files.append({"path": path, "reason": record["skipped"]})
+            else:
+                shards.append(record)
+            merge_stats(stats, record["stats"])
+            bar.update(1)
+    bar.close()
+    if not shards:
+        raise DataError(f"no documents left in any of {len(files)} input file(s)")
+    manifest = {
+        "format": "argonne-tokens-v1",
+        "dtype": "uint32",
+        "seq_len": settings.seq_len,
+        **config_record,
+        "sources": [s["source"] for s in shards],
+        "shards": [{k: s[k] for k in ("index", "train_file", "val_file", "train_tokens", "val_tokens", "stats")}
+                   for s in shards],
+        "skipped_files": skipped_files,
+        "train_tokens": sum(s["train_tokens"] for s in shards),
+        "val_tokens": sum(s["val_tokens"] for s in shards),
+        "documents": {reason: stats[reason]["documents"] for reason in stats},
+        "stats": stats,
+    }
+    _write_atomic(output / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+    return manifest
+
+
+def _finished_shard(done: Path, source: dict, config_record: dict) -> dict | None:
+    if not done.is_file():
+        return None
+    record = json.loads(done.read_text())
+    if record.get("source") != source or record.get("config") != config_record:
+        log.info("redoing %s: its source or settings changed", done.name)
+        return None
+    return record
+
+
+def _prepare_shard(path, source, paths, pool: RowGroupPool, tok: DocumentSettings, config_record, on_part) -> dict:
+    train_tmp = paths["train"].with_name(paths["train"].name + ".tmp")
+    val_tmp = paths["val"].with_name(paths["val"].name + ".tmp")
+    record = {"index": int(paths["done"].stem), "source": source, "config": config_record}
+    try:
+        return _write_shard(path, paths, (train_tmp, val_tmp), pool, tok, record, on_part)
+    finally:
+        # A shard that failed, was skipped or was interrupted (Ctrl-C) leaves no partial files behind; a finished
+        # one has already renamed them.
+        train_tmp.unlink(missing_ok=True)
+        val_tmp.unlink(missing_ok=True)
+
+
+def _write_shard(path, paths, tmps, pool: RowGroupPool, tok: DocumentSettings, record: dict, on_part) -> dict:
+    """Tokenize one input file into the temporary files `tmps`, then rename them and mark the shard done."""
+    stats = empty_stats()
+    train_tmp, val_tmp = tmps
+    try:
+        parquet = open_parquet(path)
+        check_text_column(path, parquet, tok)
+        train_tokens = val_tokens = 0
+        with open(train_tmp, "wb") as train_f, open(val_tmp, "wb") as val_f:
+            tasks = ((path, g, tok) for g in range(parquet.num_row_groups))
+            for part in pool.map(tasks):
+                train_f.write(part.tokens.tobytes())
+                val_f.write(part.val_tokens.tobytes())
+                train_tokens += len(part.tokens)
+                val_tokens += len(part.val_tokens)
+                merge_stats(stats, part.stats)
+                on_part(part)
+            for f in (train_f, val_f):
+                f.flush()
+                os.fsync(f.fileno())
+        if stats[KEPT]["documents"] + stats[HELD_OUT]["documents"] == 0:
+            raise DataError(f"{path}: no document left after filtering ({describe_drops(stats)})")
+    except DataError as error:
+        if tok.on_error != "skip":
+            raise
+        log.warning("skipping file %s", error)
+        record.update(skipped=str(error), stats=stats)  # rows read before the error stay accounted for
+        return record
+    os.replace(train_tmp, paths["train"])
+    os.replace(val_tmp, paths["val"])
+    record.update(
+        train_file=f"shards/{paths['train'].name}",
+        val_file=f"shards/{paths['val'].name}",
+        train_tokens=train_tokens,
+        val_tokens=val_tokens,
+        stats=stats,
+    )
+    _write_atomic(paths["done"], json.dumps(record, indent=2).encode("utf-8"))
+    return record
+
+
+
+def load_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"{directory}: no {MANIFEST}; is it the output of `argonne data prepare` (and did it finish)?")
+    return json.loads(path.read_text())
+
+
+def recorded_settings(manifest: dict) -> dict:
+    """The document settings a prepared dataset was made with (manifests before 2026-12 nested the filters)."""
+    if "document_settings" in manifest:
+        return manifest["document_settings"]
+    old = dict(manifest.get("tokenize", {}))
+    old.pop("on_error", None)
+    return old | old.pop("filters", {})
+
+
+def check_prepared_settings(manifest: dict, settings: DocumentSettings, directory: str) -> None:
+    """Training on prepared data uses the settings it was prepared with: a run config that sets a document setting
+    to something else (it would apply only when streaming) is an error naming both values."""
+    recorded, defaults = recorded_settings(manifest), DocumentSettings()
+    differing = [
+        f"data.{name} = {getattr(settings, name)!r} (prepared with {recorded[name]!r})"
+        for name in settings.tokens_record()
+        if name in recorded and getattr(settings, name) != getattr(defaults, name)
+        and getattr(settings, name) != recorded[name]
+    ]
+    if differing:
+        raise DataError(
+            f"{directory} was prepared with other document settings than the run config sets: {'; '.join(differing)}. "
+            f"Prepare it again with these settings, or remove them from the config (prepared data keeps its own)"
+        )
+
+
+class PreparedTokens:
+    """One split of a prepared dataset as a single token stream, read through memory maps."""
+
+    def __init__(self, directory: str | Path, split: str = "train", tokenizer=None):
+        self.directory = Path(directory)
+        self.manifest = load_manifest(directory)
+        if tokenizer is not None:
+            check_tokenizer_matches(self.manifest["tokenizer"], tokenizer, str(directory))
+        key = f"{split}_file"
+        self.arrays = []
+        for shard in self.manifest["shards"]:
+            if shard[f"{split}_tokens"]:
+                path = self.directory / shard[key]
+                array = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+                if len(array) != shard[f"{split}_tokens"]:
+                    raise DataError(f"{path}: {len(array)} tokens, but the manifest says {shard[f'{split}_tokens']}")
+                self.arrays.append(array)
+        self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start + length), across shard boundaries where needed."""
+        pieces, end = [], start + length
+        shard = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        while start < end:
+            local = start - self.offsets[shard]
+            take = min(end - start, len(self.arrays[shard]) - local)
+            pieces.append(self.arrays[shard][local : local + take])
+            start += take
+            shard += 1
+        return np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])

@@ -1,0 +1,39 @@
+"""Run under torchrun (gloo): every process reads one stream with its tokenization shared, and writes what it saw
+to OUT/rankN.json. `python stream_share.py OUT SETTINGS_JSON FILE...`."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from argonne import load_tokenizer
+from argonne.data import DataError, DocumentSettings
+from argonne.data.streaming import StreamingTokens, StreamPosition, TokenizeShare, held_out_tokens, iter_stream_windows
+
+SAMPLE_TOKENIZER = Path(__file__).resolve().parents[2] / "data" / "tokenizers" / "sample-bpe-8k"
+
+
+def main():
+    out, settings, files = Path(sys.argv[1]), DocumentSettings(**json.loads(sys.argv[2])), sys.argv[3:]
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = TokenizeShare(rank, world, dist.new_group(backend="gloo"))
+    stream = StreamingTokens(files, load_tokenizer(SAMPLE_TOKENIZER), settings, workers=1, share=share)
+    record = {}
+    try:
+        windows = list(iter_stream_windows(stream, StreamPosition(), 16))
+        record["windows"] = [w.tolist() for w, _ in windows]
+        record["positions"] = [[p.file, p.row, p.offset] for _, p in windows]
+        record["held_out"] = held_out_tokens(stream, 200).tolist()
+        record["tokenized"] = stream.tokenized
+        record["skipped"] = stream.skipped()
+    except DataError as error:
+        record["error"] = str(error)
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # the tokenizer workers' processes import this file too
+    main()
