@@ -1,5 +1,13 @@
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 
+import argonne_cli
 from argonne.cli import COMMANDS, build_parser, main
 
 
@@ -101,3 +109,160 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     assert main(["info", "tiny"]) == 130
     err = capsys.readouterr().err
     assert err.strip() == "argonne info: interrupted"  # on a new line, after the terminal's ^C
+
+
+# ------------------------------------------------------------------------------ help: instant, complete, with defaults
+
+
+def subcommands(parser: argparse.ArgumentParser, prefix=()):
+    """(argv, parser) for every subcommand, nested ones (data prepare, eval perplexity, ...) included."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield [*prefix, name], sub
+                yield from subcommands(sub, (*prefix, name))
+
+
+SUBCOMMANDS = dict((" ".join(argv), parser) for argv, parser in subcommands(build_parser()))
+
+
+def words(text: str) -> str:
+    return " ".join(text.split())
+
+
+def help_entry(help_text: str, name: str) -> str | None:
+    """The lines argparse printed for the argument whose invocation starts with `name`, whitespace collapsed."""
+    lines = help_text.splitlines()
+    for i, line in enumerate(lines):
+        if re.match(rf"^  {re.escape(name)}(?=[ ,]|$)", line):
+            entry = [line]
+            for following in lines[i + 1:]:
+                if not following.startswith("   "):
+                    break
+                entry.append(following)
+            return words("\n".join(entry))
+    return None
+
+
+def has_default(action: argparse.Action) -> bool:
+    """A default worth showing: not None, not an off flag (store_true), not an empty list (--stop)."""
+    return not (action.default is None or action.default is False or action.default == []
+                or action.default is argparse.SUPPRESS)
+
+
+@pytest.mark.parametrize("command", list(SUBCOMMANDS))
+def test_every_subcommand_help_is_complete(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command.split(), "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    parser = SUBCOMMANDS[command]
+    assert parser.description and len(parser.description.split()) >= 10, f"{command}: description too short"
+    assert words(parser.description) in words(out)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):  # a group: each subcommand listed with its summary
+            for choice in action._choices_actions:
+                assert choice.help and len(choice.help.split()) >= 2, f"{command} {choice.dest}: no summary"
+                assert re.search(rf"^    {re.escape(choice.dest)}\b", out, re.M), f"{choice.dest} not listed"
+            continue
+        name = action.option_strings[0] if action.option_strings else (action.metavar or action.dest)
+        assert action.help and action.help != argparse.SUPPRESS, f"{command} {name}: no help text"
+        entry = help_entry(out, name)
+        assert entry is not None, f"{command} {name}: not in the help"
+        assert len(entry.split()) > len(name.split()) + 1, f"{command} {name}: help not printed"
+        if has_default(action):
+            assert "default" in entry and str(action.default) in entry, f"{command} {name}: default not shown"
+
+
+def test_help_lists_exactly_the_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    listed = set(re.findall(r"^    ([\w-]+)", out, re.M))
+    assert listed == set(COMMANDS)
+    assert {command.split()[0] for command in SUBCOMMANDS} == set(COMMANDS)
+
+
+def test_help_defaults_are_the_code_defaults():
+    """Defaults and choices the parser writes out (it cannot import the code that has them) match the code."""
+    import inspect
+
+    from argonne import PRESETS
+    from argonne.export import export_model
+    from argonne.generate import CUDA_DEFAULT_KERNELS, DECODE_KERNELS, SamplingParams
+    from argonne.serve import ServerLimits
+
+    assert argonne_cli.DECODE_KERNELS == DECODE_KERNELS and argonne_cli.CUDA_DEFAULT_KERNELS == CUDA_DEFAULT_KERNELS
+    assert set(argonne_cli.PRESET_NAMES) == set(PRESETS)
+    generate = build_parser().parse_args(["generate", "model"])
+    for field in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
+        assert getattr(generate, field) == getattr(SamplingParams(), field), field
+    serve = build_parser().parse_args(["serve", "model"])
+    limits = ServerLimits()
+    assert (serve.max_prompt_tokens, serve.max_tokens_limit, serve.max_body_bytes) == (
+        limits.max_prompt_tokens, limits.max_tokens, limits.max_body_bytes)
+    export = build_parser().parse_args(["export", "model", "--to", "gguf", "--output", "out"])
+    assert export.dtype == inspect.signature(export_model).parameters["dtype"].default
+
+
+def test_help_needs_neither_torch_nor_transformers():
+    """The deterministic stand-in for "help is instant": the installed `argonne` entry point prints every help
+    without importing torch or transformers (a fresh process; importing them takes seconds)."""
+    from .conftest import REPO
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    entry = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["argonne"]
+    module, function = entry.split(":")
+    argvs = [["--help"]] + [[*command.split(), "--help"] for command in SUBCOMMANDS]
+    code = (
+        "import contextlib, io, json, sys\n"
+        f"from {module} import {function} as main\n"
+        "codes = []\n"
+        f"for argv in {argvs!r}:\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        "        try:\n"
+        "            main(argv)\n"
+        "        except SystemExit as exit:\n"
+        "            codes.append((exit.code, len(out.getvalue())))\n"
+        "print(json.dumps({'codes': codes, 'imported': [m for m in ('torch', 'transformers') if m in sys.modules]}))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["imported"] == []
+    assert len(report["codes"]) == len(argvs) and all(code == 0 and size > 200 for code, size in report["codes"])
+
+
+def test_library_progress_bars_stay_out_of_the_output(tmp_path, capfd, monkeypatch):
+    """transformers' "Loading weights" / "Writing model shards" bars are switched off once at the start of every
+    command; Argonne's own tqdm bars (training, data prepare, perplexity) are not."""
+    from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
+
+    from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+
+    from .conftest import SAMPLE_TOKENIZER
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # as in a fresh process
+    try:
+        model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=1))
+        model.save_pretrained(tmp_path / "model")
+        load_tokenizer(SAMPLE_TOKENIZER).save_pretrained(tmp_path / "model")
+        assert "Writing model shards" in capfd.readouterr().err  # the bars are there to be silenced
+        assert main(["export", str(tmp_path / "model"), "--to", "hf", "--output", str(tmp_path / "out")]) == 0
+        captured = capfd.readouterr()
+        assert captured.out.strip() == str(tmp_path / "out")
+        for text in ("Loading weights", "Writing", "it/s", "%|"):
+            assert text not in captured.err + captured.out
+        for _ in tqdm(range(2), desc="argonne's own", disable=False):
+            pass
+        assert "argonne's own" in capfd.readouterr().err
+    finally:
+        (hf_logging.enable_progress_bar if was_on else hf_logging.disable_progress_bar)()

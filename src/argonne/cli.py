@@ -1,12 +1,17 @@
-"""The `argonne` command: one table of subcommands, each a small function whose docstring is its help."""
+"""The `argonne` commands: one small function per subcommand, run by `argonne_cli.main`.
+
+The parser (options, help texts, defaults) is `argonne_cli`, outside this package, so that `--help` needs no torch;
+`main`, `build_parser` and `COMMANDS` are re-exported here, and `python -m argonne.cli` still runs the command line.
+The library progress bars are switched off once, in `argonne_cli.main`, before a command runs.
+"""
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
+
+from argonne_cli import COMMANDS, build_parser, main  # noqa: F401  (argonne.cli:main, tests)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -37,13 +42,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  {'matmul parameters':<26}{matmul_parameters(config):,}")
     print(f"  {'training FLOPs/token':<26}{training_flops_per_token(config, seq_len):,} (sequence {seq_len})")
     return 0
-
-
-def _add_info(sub) -> None:
-    parser = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
-    parser.add_argument("preset", help="preset name (argonne-2.0, argonne-1.5, argonne-1.0, small, tiny) or folder")
-    parser.add_argument("--seq-len", type=int, default=None, help="sequence length for attention FLOPs")
-    parser.set_defaults(func=cmd_info)
 
 
 def _run_training(args: argparse.Namespace, spec_name: str) -> int:
@@ -84,29 +82,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return _run_training(args, "distill")
 
 
-def _add_training_command(sub, name: str, func, config_help: str) -> None:
-    parser = sub.add_parser(name, help=func.__doc__, description=func.__doc__)
-    parser.add_argument("config", help=config_help)
-    parser.add_argument("--resume", default=None, metavar="auto|PATH",
-                        help="continue from the latest complete checkpoint of the run (auto) or from PATH")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete the earlier run in train.run_dir (checkpoints, metrics, TensorBoard events, "
-                             "model) and start fresh; without it a used run folder is refused")
-    parser.set_defaults(func=func, accepts_overrides=True)
-
-
-def _add_train(sub) -> None:
-    _add_training_command(sub, "train", cmd_train, "TOML run config, e.g. configs/tiny.toml")
-
-
-def _add_sft(sub) -> None:
-    _add_training_command(sub, "sft", cmd_sft, "TOML run config with data.sft and model.init_from")
-
-
-def _add_distill(sub) -> None:
-    _add_training_command(sub, "distill", cmd_distill, "TOML run config with a [distill] section")
-
-
 def cmd_plot(args: argparse.Namespace) -> int:
     """Plot training and validation loss against tokens seen (RUN_DIR/loss.png)."""
     from .plot import plot_run
@@ -115,20 +90,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_plot(sub) -> None:
-    parser = sub.add_parser("plot", help=cmd_plot.__doc__, description=cmd_plot.__doc__)
-    parser.add_argument("run_dir")
-    parser.add_argument("--output", default=None, help="default: RUN_DIR/loss.png")
-    parser.set_defaults(func=cmd_plot)
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text from a model folder or training checkpoint, streaming tokens as they are made."""
-    from transformers.utils import logging as hf_logging
-
     from .generate import Generator, load_model, read_prompts
 
-    hf_logging.disable_progress_bar()  # keep the terminal for the generated text
     model, tokenizer = load_model(args.model, args.device)
     generator = Generator(model, tokenizer, compile=args.compile, kernels=args.kernels)
     params = _sampling_params(args)
@@ -137,16 +102,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         generator.stream(prompt, params, lambda text: print(text, end="", flush=True))
         print()
     return 0
-
-
-def _add_generate(sub) -> None:
-    parser = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
-    parser.add_argument("model", help="model folder (e.g. runs/tiny/model) or checkpoint folder")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help="prompt text")
-    source.add_argument("--prompt-file", help="file with one prompt per line (default: read stdin)")
-    _sampling_options(parser)
-    parser.set_defaults(func=cmd_generate)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
@@ -228,75 +183,6 @@ def _configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
 
-def _document_options(parser) -> None:
-    """One flag per DocumentSettings field (--text-column, --min-tokens, ...): the run config's [data] section
-    holds the same fields, so a prepare and a stream read one set of settings."""
-    from dataclasses import fields
-
-    from .data.settings import DocumentSettings
-
-    for setting in fields(DocumentSettings):
-        kind = {"int": int, "float": float}.get(str(setting.type), str)
-        parser.add_argument(f"--{setting.name.replace('_', '-')}", type=kind, default=setting.default,
-                            help=setting.metadata["help"] + f" (data.{setting.name} in a run config)")
-
-
-def _add_data(sub) -> None:
-    data = sub.add_parser("data", help="prepare and inspect training data", description="Training data tools.")
-    data_sub = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
-    prepare = data_sub.add_parser("prepare", help=cmd_data_prepare.__doc__, description=cmd_data_prepare.__doc__)
-    prepare.add_argument("inputs", nargs="+", help="parquet files, folders, globs or hf://datasets/... paths")
-    prepare.add_argument("--tokenizer", required=True, help="tokenizer folder or hub name")
-    prepare.add_argument("--output", required=True, help="output folder (rerun to resume)")
-    prepare.add_argument("--seq-len", type=int, default=4096,
-                         help="window length that `data inspect` shows by default (training sets data.seq_len)")
-    prepare.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                         help="tokenizer worker processes (0: in this process)")
-    _document_options(prepare)
-    prepare.set_defaults(func=cmd_data_prepare)
-    inspect = data_sub.add_parser("inspect", help=cmd_data_inspect.__doc__, description=cmd_data_inspect.__doc__)
-    inspect.add_argument("directory")
-    inspect.add_argument("--window", type=int, default=0, help="which window to decode")
-    inspect.add_argument("--seq-len", type=int, default=None, help="default: the manifest's")
-    inspect.add_argument("--show-tokens", type=int, default=200)
-    inspect.add_argument("--tokenizer", default=None, help="default: the one named in the manifest")
-    inspect.set_defaults(func=cmd_data_inspect)
-
-
-def _add_tokenizer(sub) -> None:
-    tokenizer = sub.add_parser("tokenizer", help="train tokenizers", description="Tokenizer tools.")
-    tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", metavar="TOKENIZER_COMMAND", required=True)
-    train = tokenizer_sub.add_parser("train", help=cmd_tokenizer_train.__doc__, description=cmd_tokenizer_train.__doc__)
-    train.add_argument("inputs", nargs="+", help="parquet files, folders or globs")
-    train.add_argument("--vocab-size", type=int, required=True)
-    train.add_argument("--output", required=True)
-    train.add_argument("--text-column", default="text")
-    train.set_defaults(func=cmd_tokenizer_train)
-
-
-def _sampling_options(parser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding")
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0)
-    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                        help="compile the decode step (default: on CUDA only)")
-    _kernels_option(parser)
-
-
-def _kernels_option(parser) -> None:
-    from .generate import CUDA_DEFAULT_KERNELS, DECODE_KERNELS
-
-    default = "torch" if CUDA_DEFAULT_KERNELS == "torch" else f"{CUDA_DEFAULT_KERNELS} on GPUs, torch elsewhere"
-    parser.add_argument("--kernels", choices=DECODE_KERNELS, default=None,
-                        help="one-token decoding on torch's kernels (cuBLAS, SDPA) or our Triton kernels for GPUs "
-                             f"(gemv: the matmuls; gemv+attention: and the attention); default: {default}")
-
-
 def _sampling_params(args):
     from .generate import SamplingParams
 
@@ -308,56 +194,26 @@ def _sampling_params(args):
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Chat with an instruction-tuned model through its chat template; history is kept within the context."""
-    from transformers.utils import logging as hf_logging
-
     from .chat import run_chat
     from .generate import Generator, load_model
 
-    hf_logging.disable_progress_bar()
     model, tokenizer = load_model(args.model, args.device)
     run_chat(Generator(model, tokenizer, compile=args.compile, kernels=args.kernels), _sampling_params(args),
              args.system)
     return 0
 
 
-def _add_chat(sub) -> None:
-    parser = sub.add_parser("chat", help=cmd_chat.__doc__, description=cmd_chat.__doc__)
-    parser.add_argument("model", help="model folder or checkpoint folder")
-    parser.add_argument("--system", default=None, help="system message")
-    _sampling_options(parser)
-    parser.set_defaults(func=cmd_chat)
-
-
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     """Perplexity of a model over parquet or text files, with a sliding window of configurable stride."""
-    from transformers.utils import logging as hf_logging
-
     from .evaluate import iter_documents, perplexity
     from .generate import load_model
 
-    hf_logging.disable_progress_bar()
     model, tokenizer = load_model(args.model, args.device)
     result = perplexity(model, tokenizer, iter_documents(args.data, args.text_column), args.window, args.stride,
                         args.max_documents, args.batch_size, progress=True)
     print(f"perplexity {result.value:.4f} over {result.tokens:,} tokens in {result.documents:,} documents "
           f"(mean NLL {result.nll / result.tokens:.4f} nats/token)")
     return 0
-
-
-def _add_eval(sub) -> None:
-    evaluate = sub.add_parser("eval", help="evaluate a model", description="Model evaluation.")
-    eval_sub = evaluate.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
-    parser = eval_sub.add_parser("perplexity", help=cmd_eval_perplexity.__doc__,
-                                 description=cmd_eval_perplexity.__doc__)
-    parser.add_argument("model", help="model folder or checkpoint folder")
-    parser.add_argument("--data", nargs="+", required=True, help="parquet files/folders/globs or text files")
-    parser.add_argument("--text-column", default="text")
-    parser.add_argument("--window", type=int, default=None, help="tokens per window (default: the context)")
-    parser.add_argument("--stride", type=int, default=None, help="tokens between windows (default: the window)")
-    parser.add_argument("--max-documents", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    parser.add_argument("--device", default="auto")
-    parser.set_defaults(func=cmd_eval_perplexity)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -370,104 +226,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_serve(sub) -> None:
-    parser = sub.add_parser("serve", help=cmd_serve.__doc__, description=cmd_serve.__doc__)
-    parser.add_argument("model", help="model folder or checkpoint folder")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=None,
-                        help="require Authorization: Bearer KEY on every route but /health "
-                             "(default: $ARGONNE_API_KEY, if set; an empty key is refused)")
-    parser.add_argument("--max-prompt-tokens", type=int, default=8192)
-    parser.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
-    parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
-                        help="largest request body; larger ones get 413 before they are read (default: 1 MiB)")
-    parser.add_argument("--device", default="auto")
-    _kernels_option(parser)
-    parser.set_defaults(func=cmd_serve)
-
-
 def cmd_export(args: argparse.Namespace) -> int:
-    """Export an HF folder or a training checkpoint (any parallel layout) as an Argonne folder (hf) or a plain
-    transformers Llama folder (llama)."""
+    """Export an HF folder or a training checkpoint (any parallel layout) as an Argonne folder (hf), a plain
+    transformers Llama folder (llama) or a llama.cpp GGUF file (gguf)."""
     from .export import export_model
 
     print(export_model(args.source, args.to, args.output, args.dtype))
     return 0
 
 
-def _add_export(sub) -> None:
-    parser = sub.add_parser("export", help=cmd_export.__doc__, description=cmd_export.__doc__)
-    parser.add_argument("source", help="model folder or checkpoint folder")
-    parser.add_argument("--to", required=True, choices=("hf", "llama", "gguf"))
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
-    parser.set_defaults(func=cmd_export)
-
-
 def cmd_import(args: argparse.Namespace) -> int:
-    """Import a transformers Llama or Qwen2 folder as an Argonne folder (to continue pretraining or fine-tune)."""
+    """Import a transformers Llama or Qwen2 folder, or an original Argonne 1.x / 2.0 folder, as an Argonne folder (to
+    continue pretraining or fine-tune)."""
     from .export import import_model
 
     print(import_model(args.source, args.output))
     return 0
-
-
-def _add_import(sub) -> None:
-    parser = sub.add_parser("import", help=cmd_import.__doc__, description=cmd_import.__doc__)
-    parser.add_argument("source", help="a transformers Llama or Qwen2 folder")
-    parser.add_argument("--output", required=True)
-    parser.set_defaults(func=cmd_import)
-
-
-# name -> function adding the subcommand's parser.
-COMMANDS: dict[str, Callable] = {
-    "info": _add_info,
-    "train": _add_train,
-    "sft": _add_sft,
-    "distill": _add_distill,
-    "plot": _add_plot,
-    "generate": _add_generate,
-    "chat": _add_chat,
-    "serve": _add_serve,
-    "eval": _add_eval,
-    "export": _add_export,
-    "import": _add_import,
-    "data": _add_data,
-    "tokenizer": _add_tokenizer,
-}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="argonne",
-        description="Argonne: pretrain, fine-tune, serve and export decoder-only language models.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in COMMANDS.values():
-        add(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    # Only `train` takes free-form --section.field=value overrides; anything else unknown is an error.
-    if getattr(args, "accepts_overrides", False):
-        args.overrides = unknown
-    elif unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        # User mistakes (bad config, bad data, missing files) end with their message, not a traceback.
-        print(f"argonne {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        # Ctrl-C: one line and the shell's status for SIGINT (128 + 2). Training catches SIGINT itself (it saves a
-        # checkpoint and exits 0), so this is every other command.
-        print(f"\nargonne {args.command}: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":
