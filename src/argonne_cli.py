@@ -134,10 +134,17 @@ def _add_generate(sub) -> None:
                       "made. Each prompt is printed, then its continuation. Without --prompt or --prompt-file, "
                       "prompts are read from stdin, one per non-empty line.", "cmd_generate")
     parser.add_argument("model", help="model folder (e.g. runs/tiny/model) or training checkpoint folder")
+    _tokenizer_option(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="one prompt (default: --prompt-file, else stdin)")
     source.add_argument("--prompt-file", help="file with one prompt per non-empty line (default: read stdin)")
     _sampling_options(parser)
+
+
+def _tokenizer_option(parser) -> None:
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder or hub name, for a model folder that holds none (default: the model "
+                             "folder's own)")
 
 
 def _sampling_options(parser) -> None:
@@ -173,6 +180,7 @@ def _add_chat(sub) -> None:
                       "kept within the context. /quit, /exit or Ctrl-D leaves; Ctrl-C during a reply stops that "
                       "reply.", "cmd_chat")
     parser.add_argument("model", help="model folder or training checkpoint folder")
+    _tokenizer_option(parser)
     parser.add_argument("--system", default=None, help="system message that opens the conversation (default: none)")
     _sampling_options(parser)
 
@@ -182,6 +190,7 @@ def _add_serve(sub) -> None:
                       "Serve a model over an OpenAI-compatible HTTP API: GET /health, GET /v1/models, "
                       "POST /v1/completions and POST /v1/chat/completions (both with streaming).", "cmd_serve")
     parser.add_argument("model", help="model folder or training checkpoint folder")
+    _tokenizer_option(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 serves this machine only")
     parser.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     parser.add_argument("--api-key", default=None,
@@ -210,6 +219,7 @@ def _add_eval(sub) -> None:
                       "first is scored once, with up to a window of context. A progress bar runs on stderr.",
                       "cmd_eval_perplexity")
     parser.add_argument("model", help="model folder or training checkpoint folder")
+    _tokenizer_option(parser)
     parser.add_argument("--data", nargs="+", required=True,
                         help="parquet files, folders or globs, and/or text files")
     parser.add_argument("--text-column", default="text", help="parquet column holding the text")
@@ -239,6 +249,7 @@ def _add_export(sub) -> None:
         "         rows reordered for llama.cpp's RoPE",
         "cmd_export")
     parser.add_argument("source", help="model folder or training checkpoint folder")
+    _tokenizer_option(parser)
     parser.add_argument("--to", required=True, choices=("hf", "llama", "gguf"), help="output format (see above)")
     parser.add_argument("--output", required=True,
                         help="output folder (gguf: a folder for model.gguf, or a path ending in .gguf)")

@@ -38,6 +38,18 @@ def restore_torch_state():
     torch.set_rng_state(rng)
 
 
+@pytest.fixture
+def model_dir(tmp_path):
+    """A small random Argonne model saved as a Hugging Face folder, with the sample tokenizer."""
+    from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+
+    torch.manual_seed(0)
+    config = ArgonneConfig.from_preset("tiny", num_hidden_layers=2, initializer_range=0.2)
+    ArgonneForCausalLM(config).save_pretrained(tmp_path)
+    load_tokenizer(SAMPLE_TOKENIZER).save_pretrained(tmp_path)
+    return tmp_path
+
+
 # ------------------------------------------------------------------------------------------- launching processes
 
 

@@ -96,13 +96,14 @@ def test_planted_metadata_is_refused_by_every_loader(planted_metadata, tmp_path,
 
 def test_planted_metadata_is_refused_by_resume_and_init_from(planted_metadata, tmp_path):
     from argonne.config import load_run_config
-    from argonne.train import load_initial_weights, train
+    from argonne.loading import load_weights
+    from argonne.train import train
 
     from .conftest import SAMPLE_SHARD
 
     path, ran = planted_metadata
     with pytest.raises(CheckpointError, match="refused"):
-        load_initial_weights(build()[0], path)
+        load_weights(build()[0], path)
     config = load_run_config(None, [
         f"--data.inputs=[{str(SAMPLE_SHARD)!r}]", f"--data.tokenizer={str(SAMPLE_TOKENIZER)!r}",
         f"--train.run_dir={str(tmp_path / 'run')!r}", f"--model.overrides={json.dumps(CONFIG).replace(':', '=')}",

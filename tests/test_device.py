@@ -6,7 +6,7 @@ import torch
 from argonne import ArgonneConfig
 from argonne.cli import main
 from argonne.device import DeviceError, resolve_device
-from argonne.generate import load_model
+from argonne.loading import open_model
 
 from .conftest import REPO
 
@@ -58,9 +58,9 @@ def test_train_on_a_missing_gpu_is_a_message_not_a_traceback(no_gpu, tmp_path, c
     assert "argonne train: error: device 'cuda' asked for, but no CUDA GPU is available" in capsys.readouterr().err
 
 
-def test_load_model_checks_the_device(no_gpu, tmp_path, capsys):
+def test_open_model_checks_the_device(no_gpu, tmp_path, capsys):
     ArgonneConfig.from_preset("tiny", num_hidden_layers=1).save_pretrained(tmp_path)
     with pytest.raises(DeviceError, match="unknown device 'gpu'"):
-        load_model(tmp_path, "gpu")
+        open_model(tmp_path, "gpu")
     assert main(["generate", str(tmp_path), "--prompt", "x", "--device", "cuda"]) == 2
     assert "argonne generate: error: device 'cuda' asked for, but no CUDA GPU" in capsys.readouterr().err

@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.cli import main
-from argonne.export import ConversionError, export_model, import_model, read_weights
+from argonne.export import ConversionError, export_model, import_model
+from argonne.loading import read_weights
 
 from .conftest import SAMPLE_TOKENIZER
 
@@ -64,9 +65,9 @@ def test_gpt2_style_models_do_not_fit_llama(tmp_path):
 
 def test_hf_export_of_a_checkpoint_equals_the_model(tmp_path):
     from argonne.checkpoint import save_checkpoint
-    from argonne.generate import load_model
+    from argonne.loading import open_model
 
-    model, tokenizer = load_model(saved_argonne(tmp_path / "argonne"), "cpu")
+    model, tokenizer = open_model(saved_argonne(tmp_path / "argonne"), "cpu")
     checkpoint = save_checkpoint(tmp_path / "ckpt", 1, model, torch.optim.AdamW(model.parameters()), {"step": 1},
                                  is_main=True, tokenizer=tokenizer)
     export_model(checkpoint, "hf", tmp_path / "hf", "fp32")
@@ -95,16 +96,6 @@ def test_import_llama_and_qwen2_with_equal_logits_and_identity_round_trip(tmp_pa
         original, again = read_weights(tmp_path / kind), read_weights(tmp_path / "again")
         assert original.keys() == again.keys()
         assert all(torch.equal(original[k], again[k]) for k in original)
-
-
-def test_pickled_objects_are_refused_and_plain_bin_files_load(tmp_path):
-    folder = tmp_path / "legacy"
-    folder.mkdir()
-    torch.save({"weight": torch.ones(2)}, folder / "pytorch_model.bin")
-    assert torch.equal(read_weights(folder)["weight"], torch.ones(2))
-    torch.save({"weight": torch.ones(2), "extra": ConversionError("arbitrary object")}, folder / "pytorch_model.bin")
-    with pytest.raises(ConversionError, match="refused .* arbitrary Python objects"):
-        read_weights(folder)
 
 
 def legacy_folder(folder, model: ArgonneForCausalLM, kind: str, pipeline: bool = False, as_bin: bool = False):

@@ -8,6 +8,7 @@ import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.cli import main
+from argonne.loading import open_model
 from argonne.generate import (
     Generator,
     SamplingParams,
@@ -16,7 +17,6 @@ from argonne.generate import (
     argmax_in_pieces,
     default_kernels,
     filter_logits,
-    load_model,
     read_prompts,
     sample_next,
 )
@@ -280,34 +280,13 @@ def test_the_generator_merges_projections_and_decodes_what_the_unmerged_model_do
     assert generator.generate_ids([prompt], SamplingParams(max_new_tokens=12, **GREEDY))[0] == ids[len(prompt):]
 
 
-@pytest.fixture
-def model_dir(tmp_path):
-    torch.manual_seed(0)
-    config = ArgonneConfig.from_preset("tiny", num_hidden_layers=2, initializer_range=0.2)
-    ArgonneForCausalLM(config).save_pretrained(tmp_path)
-    load_tokenizer(SAMPLE_TOKENIZER).save_pretrained(tmp_path)
-    return tmp_path
-
-
 def test_seeded_sampling_is_reproducible(model_dir):
-    model, tokenizer = load_model(model_dir, "cpu")
+    model, tokenizer = open_model(model_dir, "cpu")
     generator = Generator(model, tokenizer)
     a, b = (generator.generate(["The table"], SamplingParams(max_new_tokens=12, seed=7))[0] for _ in range(2))
     assert a == b and a
     c = generator.generate(["The table"], SamplingParams(max_new_tokens=12, seed=8))[0]
     assert c != a
-
-
-def test_a_training_checkpoint_loads_directly(model_dir, tmp_path):
-    from argonne.checkpoint import save_checkpoint
-
-    model, tokenizer = load_model(model_dir, "cpu")
-    optimizer = torch.optim.AdamW(model.parameters())
-    path = save_checkpoint(tmp_path / "ckpt", 7, model, optimizer, {"step": 7}, is_main=True, tokenizer=tokenizer)
-    loaded, _ = load_model(path, "cpu")
-    tokens = torch.randint(3, 8192, (1, 10))
-    with torch.no_grad():
-        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
 
 
 def test_cli_streams_the_continuation(model_dir, capsys):
@@ -320,7 +299,7 @@ def test_triton_kernels_on_a_cpu_are_a_clear_error(model_dir, capsys, monkeypatc
     assert main(["generate", str(model_dir), "--prompt", "Hello", "--kernels", "gemv+attention"]) == 2
     assert "Triton kernels for CUDA GPUs" in capsys.readouterr().err
     with pytest.raises(ValueError, match="kernels must be one of torch, gemv, gemv\\+attention"):
-        Generator(load_model(model_dir, "cpu")[0], None, kernels="fast")
+        Generator(open_model(model_dir, "cpu")[0], None, kernels="fast")
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path, capsys):
@@ -346,57 +325,3 @@ def test_gpus_decode_on_the_gemv_kernels_by_default_and_cpus_on_torch(monkeypatc
     assert default_kernels(torch.device("cpu")) == "torch"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     assert default_kernels(torch.device("cuda")) == "torch"
-
-
-def bin_folder(model_dir, folder, state=None, name="pytorch_model.bin"):
-    """model_dir's model as a transformers folder with torch.save weights (pytorch_model.bin) instead of safetensors."""
-    model, tokenizer = load_model(model_dir, "cpu")
-    folder.mkdir()
-    model.config.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    torch.save(model.state_dict() if state is None else state, folder / name)
-    return model
-
-
-def test_a_folder_with_pytorch_model_bin_loads(model_dir, tmp_path, capsys):
-    folder = tmp_path / "bin"
-    model = bin_folder(model_dir, folder)
-    assert not list(folder.glob("*.safetensors"))
-    loaded, _ = load_model(folder, "cpu")
-    tokens = torch.randint(3, 8192, (1, 10))
-    with torch.no_grad():
-        assert torch.equal(loaded(tokens).logits, model(tokens).logits)
-    assert main(["generate", str(folder), "--prompt", "Hello", "--max-new-tokens", "3", "--seed", "0"]) == 0
-    assert capsys.readouterr().out.startswith("Hello")
-
-
-def test_bin_weights_that_do_not_fit_or_run_code_are_refused(model_dir, tmp_path, capsys):
-    model = bin_folder(model_dir, tmp_path / "shapes")
-    state = dict(model.state_dict())
-    state["model.norm.weight"] = torch.ones(7)
-    del state["model.layers.0.mlp.down_proj.weight"]
-    state["extra.weight"] = torch.ones(1)
-    torch.save(state, tmp_path / "shapes" / "pytorch_model.bin")
-    with pytest.raises(ValueError) as error:
-        load_model(tmp_path / "shapes", "cpu")
-    message = str(error.value)
-    assert "model.layers.0.mlp.down_proj.weight" in message and "extra.weight" in message
-    assert "model.norm.weight (7,) != (256,)" in message
-    bin_folder(model_dir, tmp_path / "pickle", state={"weight": torch.ones(1), "payload": print})
-    assert main(["generate", str(tmp_path / "pickle"), "--prompt", "x"]) == 2
-    assert "refused" in capsys.readouterr().err
-
-
-def test_a_folder_without_weights_says_what_it_looked_for(tmp_path, capsys):
-    ArgonneConfig.from_preset("tiny", num_hidden_layers=1).save_pretrained(tmp_path / "empty")
-    assert main(["generate", str(tmp_path / "empty"), "--prompt", "x"]) == 2
-    err = capsys.readouterr().err
-    assert "no weights" in err and "model.safetensors" in err and "pytorch_model.bin" in err and "COMPLETE" in err
-
-
-def test_a_shard_index_pointing_outside_the_folder_is_refused(tmp_path, capsys):
-    ArgonneConfig.from_preset("tiny", num_hidden_layers=1).save_pretrained(tmp_path / "model")
-    (tmp_path / "model" / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": {"model.norm.weight": "../elsewhere/model.safetensors"}}))
-    assert main(["generate", str(tmp_path / "model"), "--prompt", "x"]) == 2
-    assert "weight_map points outside the folder" in capsys.readouterr().err

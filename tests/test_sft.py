@@ -158,7 +158,9 @@ def test_starting_weights_must_fit_exactly(tmp_path, base_model):
     other = tmp_path / "other"
     ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=3)).save_pretrained(other)
     (other / "config.json").write_text((base_model / "config.json").read_text())  # claims the base's shape
-    with pytest.raises(ConfigError, match=r"weights do not fit the model: missing \[\], unexpected "
+    from argonne.loading import ModelError
+
+    with pytest.raises(ModelError, match=r"weights do not fit the model: missing \[\], unexpected "
                                           r"\['model.layers.2"):
         train(load_run_config(None, sft_args(tmp_path, other, data, "--train.steps=1",
                                              f"--data.tokenizer={str(base_model)!r}")), SFT)

@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.config import ConfigError, OptimConfig, load_run_config
 from argonne.run_folder import read_metrics
 from argonne.train import build_optimizer, lr_at, train
@@ -480,3 +481,19 @@ def test_a_sequence_longer_than_the_model_context_is_refused(tmp_path, tiny_run_
     config = load_run_config(None, tiny_run_args(tmp_path, "--data.seq_len=2048"))  # tiny: 1024 positions
     with pytest.raises(ConfigError, match=r"data.seq_len \(2048\) exceeds the model's context"):
         train(config)
+
+
+def test_init_from_brings_its_tokenizer_and_another_one_is_an_error(tmp_path, qwen_tokenizer_dir):
+    from argonne.train import build_tokenizer
+
+    base = tmp_path / "base"
+    ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=1)).save_pretrained(base)
+    load_tokenizer(SAMPLE_TOKENIZER).save_pretrained(base)
+    config = load_run_config(None, [f"--model.init_from={str(base)!r}", "--data.inputs=['a.parquet']"])
+    assert build_tokenizer(config).name_or_path == str(base)  # the default: init_from's own
+    config.data.tokenizer = str(SAMPLE_TOKENIZER)  # the same vocabulary under another name: fine
+    assert len(build_tokenizer(config)) == 8192
+    config.data.tokenizer = str(qwen_tokenizer_dir)
+    with pytest.raises(ConfigError, match=rf"data.tokenizer '{qwen_tokenizer_dir}' \(151,665 tokens\) is not the "
+                                          rf"tokenizer of model.init_from '{base}' \(8,192 tokens\)"):
+        build_tokenizer(config)

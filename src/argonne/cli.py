@@ -92,9 +92,10 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text from a model folder or training checkpoint, streaming tokens as they are made."""
-    from .generate import Generator, load_model, read_prompts
+    from .generate import Generator, read_prompts
+    from .loading import open_model
 
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = open_model(args.model, args.device, tokenizer=args.tokenizer)
     generator = Generator(model, tokenizer, compile=args.compile, kernels=args.kernels)
     params = _sampling_params(args)
     for prompt in read_prompts(args.prompt, args.prompt_file):
@@ -195,9 +196,10 @@ def _sampling_params(args):
 def cmd_chat(args: argparse.Namespace) -> int:
     """Chat with an instruction-tuned model through its chat template; history is kept within the context."""
     from .chat import run_chat
-    from .generate import Generator, load_model
+    from .generate import Generator
+    from .loading import open_model
 
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = open_model(args.model, args.device, tokenizer=args.tokenizer)
     run_chat(Generator(model, tokenizer, compile=args.compile, kernels=args.kernels), _sampling_params(args),
              args.system)
     return 0
@@ -206,9 +208,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     """Perplexity of a model over parquet or text files, with a sliding window of configurable stride."""
     from .evaluate import iter_documents, perplexity
-    from .generate import load_model
+    from .loading import open_model
 
-    model, tokenizer = load_model(args.model, args.device)
+    model, tokenizer = open_model(args.model, args.device, tokenizer=args.tokenizer)
     result = perplexity(model, tokenizer, iter_documents(args.data, args.text_column), args.window, args.stride,
                         args.max_documents, args.batch_size, progress=True)
     print(f"perplexity {result.value:.4f} over {result.tokens:,} tokens in {result.documents:,} documents "
@@ -222,7 +224,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
                           max_body_bytes=args.max_body_bytes)
-    serve(args.model, args.host, args.port, args.api_key, limits, args.device, args.kernels)
+    serve(args.model, args.host, args.port, args.api_key, limits, args.device, args.kernels, args.tokenizer)
     return 0
 
 
@@ -231,7 +233,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     transformers Llama folder (llama) or a llama.cpp GGUF file (gguf)."""
     from .export import export_model
 
-    print(export_model(args.source, args.to, args.output, args.dtype))
+    print(export_model(args.source, args.to, args.output, args.dtype, args.tokenizer))
     return 0
 
 

@@ -60,8 +60,9 @@ class DataConfig(DocumentSettings):
     """Instruction data (JSONL or parquet with `messages` or prompt/response) for fine-tuning; or inputs/prepared."""
     packing: bool = True
     """SFT: pack whole conversations into each window (else one conversation per padded window)."""
-    tokenizer: str = "data/tokenizers/sample-bpe-8k"
-    """Tokenizer folder or hub name; it must be the one the data was prepared with."""
+    tokenizer: str = ""
+    """Tokenizer folder or hub name; it must be the one the data was prepared with. Default: model.init_from's own
+    tokenizer, else the tiny preset's sample BPE (data/tokenizers/sample-bpe-8k)."""
     seq_len: int = 256
     """Tokens per training sequence (windows hold seq_len + 1 tokens)."""
     shuffle: bool = True

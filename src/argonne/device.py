@@ -1,4 +1,5 @@
-"""The one rule for turning a device name ("auto", "cpu", "cuda", "cuda:N") into a checked torch.device.
+"""The one rule for turning a device name ("auto", "cpu", "cuda", "cuda:N") into a checked torch.device, and for the
+dtype that "auto" means on it.
 
 Training (train.device), generation, chat, evaluation and serving (--device) all go through `resolve_device`, so a
 device this machine does not have is one clear error everywhere, not torch's "Torch not compiled with CUDA enabled"
@@ -40,3 +41,16 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
         raise DeviceError(f"device {name!r} needs {which}, but this machine has {gpus} GPU(s) (cuda:0 to "
                           f"cuda:{gpus - 1}); under torchrun, start at most {gpus} process(es) per node")
     return torch.device("cuda", index)
+
+
+DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" -> bfloat16 on GPUs, float32 on CPUs (where bfloat16 matmuls are slow); or "bfloat16" / "float32".
+    Training computes in it (autocast or FSDP2's mixed precision); loading for inference casts the weights to it."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPE_NAMES:
+        raise DeviceError(f"unknown dtype {name!r}; use auto, {' or '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]

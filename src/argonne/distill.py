@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import ConfigError
+from .modeling_argonne import ArgonneForCausalLM
 from .train import TrainSpec, pretraining_batches, sft_batches
 
 
@@ -27,13 +28,16 @@ def load_teacher(path: str | Path, device: torch.device):
     """Any causal LM from a Hugging Face folder, or an Argonne training checkpoint."""
     from .checkpoint import is_checkpoint
 
-    path = Path(path)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if is_checkpoint(path):
-        from .generate import load_model
+    from .device import resolve_dtype
 
-        teacher, _ = load_model(path, str(device))
-        teacher.to(dtype)
+    path = Path(path)
+    dtype = resolve_dtype("auto", device)
+    if is_checkpoint(path):
+        from .loading import open_config, load_weights
+
+        teacher = ArgonneForCausalLM(open_config(path))
+        load_weights(teacher, path, verify=False)  # verified by open_config
+        teacher.to(device=device, dtype=dtype)
     else:
         import pickle
 

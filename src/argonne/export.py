@@ -15,19 +15,22 @@ Imports read transformers Llama and Qwen2 folders and the original Argonne code'
 from __future__ import annotations
 
 import json
-import pickle
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
 
 from .configuration_argonne import ArgonneConfig
+from .loading import ModelError, read_weights, weight_mismatch
 from .modeling_argonne import ArgonneForCausalLM
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class ConversionError(ValueError):
+class ConversionError(ModelError):
     """The source cannot be converted; the message says what differs."""
 
 
@@ -64,14 +67,42 @@ def to_llama_config(config: ArgonneConfig):
     )
 
 
-def export_model(source: str | Path, target: str, output: str | Path, dtype: str = "bf16") -> Path:
-    from .generate import load_model
+def export_model(source: str | Path, target: str, output: str | Path, dtype: str = "bf16",
+                 tokenizer: str | Path | None = None) -> Path:
+    """Write `source` (a model folder or checkpoint) as `target` into `output`. Everything is written into a
+    temporary folder beside it first and moved into place at the end, so a failed export leaves nothing behind."""
+    from .loading import open_model
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    model, tokenizer = load_model(source, "cpu")
+    if target not in ("hf", "llama", "gguf"):
+        raise ConversionError(f"unknown export target {target!r}; use hf, llama or gguf")
+    model, tokenizer = open_model(source, "cpu", "float32", tokenizer)
     model.to(DTYPES[dtype])
     output = Path(output)
+    if target == "llama":
+        to_llama_config(model.config)  # refuses a model Llama cannot hold, before anything is written
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.is_dir() else None))
+    try:
+        written = _write_export(model, tokenizer, target, staging / output.name)
+        return _move_into_place(written, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_into_place(written: Path, output: Path) -> Path:
+    """The finished export at `output`: a file or new folder is renamed there; files of an existing folder are
+    replaced one by one (other files in it stay)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if written.is_file() or not output.exists():
+        os.replace(written, output)
+        return output
+    for item in written.iterdir():
+        os.replace(item, output / item.name)
+    return output
+
+
+def _write_export(model, tokenizer, target: str, output: Path) -> Path:
     if target == "hf":
         model.save_pretrained(output)
     elif target == "llama":
@@ -84,14 +115,12 @@ def export_model(source: str | Path, target: str, output: str | Path, dtype: str
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         llama.load_state_dict(state, strict=True, assign=True)
         llama.save_pretrained(output)
-    elif target == "gguf":
+    else:
         path = output / "model.gguf" if output.suffix != ".gguf" else output
+        output.parent.mkdir(parents=True, exist_ok=True)
         write_gguf(model, tokenizer, path)
         if output.suffix == ".gguf":
             return path
-        output.mkdir(parents=True, exist_ok=True)
-    else:
-        raise ConversionError(f"unknown export target {target!r}; use hf, llama or gguf")
     tokenizer.save_pretrained(output)
     return output
 
@@ -211,46 +240,6 @@ def write_gguf(model: ArgonneForCausalLM, tokenizer, path: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------- import
-
-
-def weight_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
-    """What keeps `state` from loading strictly into a model whose state dict is `expected`, or None."""
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(expected[k].shape)}" for k in sorted(set(state) & set(expected))
-             if state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        return f"missing {missing}, unexpected {unexpected}, wrong shapes {wrong}"
-    return None
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a folder's safetensors files, else its .bin/.pth files loaded with weights_only=True."""
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if files:
-        state = {}
-        for file in files:
-            state.update(load_file(file))
-        return state
-    files = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pth")) + sorted(folder.glob("*.pt"))
-    if not files:
-        raise ConversionError(f"{folder}: no .safetensors, .bin or .pth weights")
-    state = {}
-    for file in files:
-        try:
-            loaded = torch.load(file, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, AttributeError) as error:
-            raise ConversionError(
-                f"{file}: refused — it needs unpickling of arbitrary Python objects, which could run code. "
-                f"Convert it to safetensors where you trust it. ({error})"
-            ) from None
-        if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
-            loaded = loaded["state_dict"]
-        if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-            raise ConversionError(f"{file}: not a state dict of tensors")
-        state.update(loaded)
-    return state
 
 
 def _rope_theta(hf: dict) -> float:

@@ -525,13 +525,13 @@ def build_app(generator: Generator, model_name: str, api_key: str | None = None,
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           limits: ServerLimits | None = None, device: str = "auto",
-          kernels: str | None = None) -> None:  # pragma: no cover - blocking
+          kernels: str | None = None, tokenizer: str | None = None) -> None:  # pragma: no cover - blocking
     import uvicorn
 
-    from .generate import load_model
+    from .loading import open_model
 
     api_key = resolve_api_key(api_key)  # before the model loads: a refused key should not wait for it
-    model, tokenizer = load_model(model_path, device)
+    model, tokenizer = open_model(model_path, device, tokenizer=tokenizer)
     name = os.path.basename(os.path.normpath(model_path))
     app = build_app(Generator(model, tokenizer, kernels=kernels), name, api_key, limits)
     uvicorn.run(app, host=host, port=port)

@@ -22,10 +22,8 @@ import torch.distributed as dist
 
 from .checkpoint import (
     CheckpointError,
-    check_before_use,
     checkpoint_step,
     complete_checkpoints,
-    is_checkpoint,
     load_checkpoint,
     read_marker,
     run_id_of,
@@ -35,7 +33,8 @@ from .checkpoint import (
 from .config import ConfigError, OptimConfig, RunConfig, check_command
 from .configuration_argonne import ArgonneConfig
 from .data.batches import pretraining_data, split_batch
-from .device import resolve_device
+from .loading import load_weights, open_config
+from .device import resolve_device, resolve_dtype
 from .metrics import count_parameters, training_flops_per_token
 from .modeling_argonne import ArgonneForCausalLM
 from .parallel import Topology, any_process, clip_grad_norm, from_main_process, init_distributed, parallelize
@@ -68,10 +67,9 @@ class TrainingStopped(RuntimeError):
 
 
 def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """bfloat16 for mixed precision, or None for plain float32."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return torch.bfloat16 if name == "bfloat16" else None
+    """bfloat16 for mixed precision, or None for plain float32 (see device.resolve_dtype for "auto")."""
+    dtype = resolve_dtype(name, device)
+    return None if dtype == torch.float32 else dtype
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
@@ -86,16 +84,38 @@ def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
 # ------------------------------------------------------------------------------------------------------- build
 
 
+# The tokenizer of runs that name none and start from no model: the tiny preset's, in the repository.
+SAMPLE_TOKENIZER = "data/tokenizers/sample-bpe-8k"
+
+
+def build_tokenizer(config: RunConfig):
+    """data.tokenizer, by default model.init_from's own tokenizer (else the sample BPE). Starting weights come with
+    the token ids they were trained on: a data.tokenizer with another vocabulary is an error naming both."""
+    from .data.documents import tokenizer_fingerprint
+    from .loading import TOKENIZER_FILES
+
+    init_from = config.model.init_from
+    has_own = bool(init_from) and any((Path(init_from) / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(config.data.tokenizer or (init_from if has_own else SAMPLE_TOKENIZER))
+    if has_own and config.data.tokenizer:
+        ours, theirs = tokenizer_fingerprint(tokenizer), tokenizer_fingerprint(load_tokenizer(init_from))
+        if ours["vocab_sha256"] != theirs["vocab_sha256"]:
+            raise ConfigError(
+                f"data.tokenizer {config.data.tokenizer!r} ({ours['vocab_size']:,} tokens) is not the tokenizer of "
+                f"model.init_from {init_from!r} ({theirs['vocab_size']:,} tokens): the starting weights were "
+                f"trained on the other one's token ids. Leave data.tokenizer unset to use model.init_from's"
+            )
+    return tokenizer
+
+
 def build_model_config(config: RunConfig, tokenizer) -> ArgonneConfig:
     if config.model.init_from:
-        if is_checkpoint(Path(config.model.init_from)):
-            check_before_use(Path(config.model.init_from))  # before its config.json builds anything
-        model_config = ArgonneConfig.from_pretrained(config.model.init_from)
+        model_config = open_config(config.model.init_from)  # a checkpoint is verified first
     else:
         model_config = ArgonneConfig.from_preset(config.model.preset, **config.model.overrides)
     if len(tokenizer) > model_config.vocab_size:
         raise ConfigError(
-            f"tokenizer {config.data.tokenizer!r} has {len(tokenizer)} tokens but model preset "
+            f"tokenizer {tokenizer.name_or_path!r} has {len(tokenizer)} tokens but model preset "
             f"{config.model.preset!r} has vocab_size {model_config.vocab_size}; set model.overrides.vocab_size"
         )
     if config.data.seq_len > model_config.max_position_embeddings:
@@ -116,7 +136,7 @@ def build_model(model_config: ArgonneConfig, config: RunConfig, topology: Topolo
     with torch.device("meta") if on_meta else nullcontext():
         model = ArgonneForCausalLM(model_config)
     if config.model.init_from:
-        load_initial_weights(model, Path(config.model.init_from), verify=False)  # verified by build_model_config
+        load_weights(model, config.model.init_from, verify=False)  # verified by build_model_config
     if not on_meta:
         model.to(device)
     parallelize(model, topology, config.parallel.activation_checkpointing, config.parallel.compile, dtype)
@@ -125,22 +145,6 @@ def build_model(model_config: ArgonneConfig, config: RunConfig, topology: Topolo
         torch.manual_seed(config.train.seed)
         model.reset_parameters()
     return model
-
-
-def load_initial_weights(model: ArgonneForCausalLM, source: Path, verify: bool = True) -> None:
-    """Weights from a Hugging Face folder or a training checkpoint (verified unless `verify=False` says the caller
-    did); a missing, unexpected or mis-shaped weight is an error (never a silent random initialisation)."""
-    from .checkpoint import load_model_weights
-    from .export import read_weights, weight_mismatch
-
-    if is_checkpoint(source):
-        load_model_weights(source, model, verify)  # DCP: raises on a missing key or a shape mismatch
-        return
-    state = read_weights(source)  # safetensors, or .bin/.pth with weights_only=True
-    problems = weight_mismatch(model.state_dict(), state)
-    if problems:
-        raise ConfigError(f"{source}: weights do not fit the model: {problems}")
-    model.load_state_dict(state, strict=True)
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
@@ -576,7 +580,7 @@ def _train(config: RunConfig, spec: TrainSpec, topology: Topology, resume_from: 
         (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
         write_run_record(run_dir, run_id, resumed_from=str(resume_from) if resume_from else None)
 
-    tokenizer = load_tokenizer(config.data.tokenizer)
+    tokenizer = build_tokenizer(config)
     model_config = build_model_config(config, tokenizer)
     model = build_model(model_config, config, topology, device, dtype)
     fsdp_mixed_precision = topology.dp > 1 and dtype is not None
