@@ -32,9 +32,8 @@ def decode_logits(model: ArgonneForCausalLM, kernels: str, tokens: torch.Tensor,
     cache = generator._cache_for(1, total)
     positions = torch.arange(prompt_tokens, device=tokens.device)[None]
     valid = torch.ones((1, cache.max_len), dtype=torch.bool, device=tokens.device)
-    prefill_mask = (torch.arange(cache.max_len, device=tokens.device)[None, :] <= positions[0][:, None])[None, None]
     cache.write_positions = positions[0]
-    generator._last_logits(cache, tokens[:, :prompt_tokens], positions, prefill_mask)
+    generator._last_logits(cache, tokens[:, :prompt_tokens], positions, cache.prefill_mask(valid, prompt_tokens))
     step = generator._decode
     step.start(valid, positions[:, -1:], prompt_tokens, tokens[:, prompt_tokens])
     rows = []

@@ -9,7 +9,8 @@ import torch
 from argonne import ArgonneConfig, ArgonneForCausalLM
 from argonne.config import RunConfig
 from argonne.generate import Generator, SamplingParams
-from argonne.modeling_argonne import accumulate_matmul, attention, cross_entropy_chunk
+from argonne.loss_argonne import accumulate_matmul, cross_entropy_chunk
+from argonne.modeling_argonne import attention
 from argonne.parallel import Topology, parallelize
 from argonne.train import build_optimizer, cross_entropy_objective, training_step
 
@@ -30,7 +31,7 @@ def host_synchronisation_is_an_error():
 
 
 def test_compiled_loss_chunk_matches_eager():
-    from argonne.modeling_argonne import _compiled_chunk_loss
+    from argonne.loss_argonne import _compiled_chunk_loss
 
     torch.manual_seed(0)
     logits = torch.randn(300, 5000, device="cuda", dtype=torch.bfloat16)

@@ -187,7 +187,7 @@ def _loss_and_grads(model, loss_of):
 @pytest.mark.parametrize("tied", [True, False])
 def test_training_loss_from_targets_equals_full_logits_cross_entropy(tied, monkeypatch):
     """`targets` takes the chunked linear + cross-entropy path: same loss, same gradients, no logits."""
-    import argonne.modeling_argonne as modeling
+    import argonne.loss_argonne as loss_module
 
     model = make_model(**LLAMA_STYLE, tie_word_embeddings=tied).train()
     tokens = torch.randint(0, 320, (3, 17))
@@ -196,7 +196,7 @@ def test_training_loss_from_targets_equals_full_logits_cross_entropy(tied, monke
     full_loss, full_grads = _loss_and_grads(model, lambda m: m(tokens[:, :-1], labels=torch.cat(
         [tokens[:, :1], targets], dim=1)).loss)
     # 320-token vocabulary, chunks of 7 tokens: 48 positions take 7 chunks, the last one short.
-    monkeypatch.setattr(modeling, "LOSS_CHUNK_LOGITS", 7 * 320)
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_LOGITS", 7 * 320)
     output = model(tokens[:, :-1], targets=targets, use_cache=False)
     assert output.logits is None
     chunked_loss, chunked_grads = _loss_and_grads(model, lambda m: m(tokens[:, :-1], targets=targets).loss)
@@ -208,7 +208,7 @@ def test_training_loss_from_targets_equals_full_logits_cross_entropy(tied, monke
 
 
 def test_linear_cross_entropy_under_bfloat16_autocast_matches_the_autocast_reference():
-    from argonne.modeling_argonne import linear_cross_entropy
+    from argonne.loss_argonne import linear_cross_entropy
 
     torch.manual_seed(0)
     hidden = torch.randn(40, 32, requires_grad=True)
@@ -232,7 +232,7 @@ def test_linear_cross_entropy_under_bfloat16_autocast_matches_the_autocast_refer
 @pytest.mark.parametrize("fused", [False, True])
 def test_linear_cross_entropy_with_a_padded_head_matrix_is_unchanged(fused):
     """The GPU path pads the head matrix to aligned rows (zero logits, masked): loss and gradients stay the same."""
-    from argonne.modeling_argonne import cross_entropy_chunk, linear_cross_entropy
+    from argonne.loss_argonne import cross_entropy_chunk, linear_cross_entropy
 
     torch.manual_seed(0)
     hidden = torch.randn(45, 16, requires_grad=True)
@@ -254,7 +254,7 @@ def test_linear_cross_entropy_with_a_padded_head_matrix_is_unchanged(fused):
 @pytest.mark.parametrize("fused", [False, True])
 def test_loss_chunk_of_padded_logits_equals_the_unpadded_one(fused):
     """Padding columns are left out, also for a vocabulary slice whose neighbour's targets fall where they lie."""
-    from argonne.modeling_argonne import cross_entropy_chunk
+    from argonne.loss_argonne import cross_entropy_chunk
 
     torch.manual_seed(0)
     padded = torch.randn(37, 320, dtype=torch.bfloat16)
@@ -270,7 +270,7 @@ def test_loss_chunk_of_padded_logits_equals_the_unpadded_one(fused):
 
 
 def test_linear_cross_entropy_ignores_non_finite_logits_of_ignored_positions():
-    from argonne.modeling_argonne import linear_cross_entropy
+    from argonne.loss_argonne import linear_cross_entropy
 
     hidden = torch.randn(4, 8, requires_grad=True)
     weight = torch.randn(10, 8, requires_grad=True)
@@ -284,7 +284,7 @@ def test_linear_cross_entropy_ignores_non_finite_logits_of_ignored_positions():
 
 
 def test_loss_chunk_written_for_compile_equals_the_eager_one():
-    from argonne.modeling_argonne import cross_entropy_chunk
+    from argonne.loss_argonne import cross_entropy_chunk
 
     torch.manual_seed(0)
     logits = torch.randn(37, 300, dtype=torch.bfloat16)
@@ -387,35 +387,66 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, preset, shape):
     assert loaded.config.to_diff_dict() == model.config.to_diff_dict()
 
 
+REMOTE_CODE_FILES = {"configuration_argonne.py", "modeling_argonne.py", "loss_argonne.py"}
+
+
 def test_fresh_process_loads_with_trust_remote_code(tmp_path):
+    """A saved folder carries its code (the model file and the loss file it imports relatively), and loads with
+    trust_remote_code=True in a process where the argonne package cannot be imported at all."""
+    folder = tmp_path / "model"
     model = make_model(vocab_size=8192, num_hidden_layers=2)
-    model.save_pretrained(tmp_path)
-    load_tokenizer(SAMPLE_TOKENIZER).save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
+    model.save_pretrained(folder)
+    load_tokenizer(SAMPLE_TOKENIZER).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_argonne.ArgonneConfig",
         "AutoModelForCausalLM": "modeling_argonne.ArgonneForCausalLM",
     }
+    assert REMOTE_CODE_FILES <= {path.name for path in folder.glob("*.py")}
     tokens = torch.randint(3, 8192, (1, 16))
     with torch.no_grad():
         expected = model(tokens).logits
     torch.save({"tokens": tokens, "logits": expected}, tmp_path / "expected.pt")
     script = f"""
-import sys, torch
+import importlib.abc, sys
+
+
+class NoArgonne(importlib.abc.MetaPathFinder):  # ahead of every finder, the editable install's included
+    def find_spec(self, name, path=None, target=None):
+        if name == "argonne" or name.startswith("argonne."):
+            raise ModuleNotFoundError(f"{{name}} is blocked in this process")
+        return None
+
+
+sys.meta_path.insert(0, NoArgonne())
+try:
+    import argonne
+except ModuleNotFoundError:
+    pass
+else:
+    raise AssertionError("argonne must not be importable here")
+
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-folder = {str(tmp_path)!r}
+
+folder = {str(folder)!r}
 model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
-assert "argonne" not in sys.modules, "the fresh process must not import the installed package"
+assert not any(name.split(".")[0] == "argonne" for name in sys.modules), "the installed package was imported"
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-data = torch.load(folder + "/expected.pt")
+remote = [name for name in sys.modules if name.startswith("transformers_modules")]
+assert any(name.endswith(".loss_argonne") for name in remote), remote  # the folder's copy of the loss file
+data = torch.load({str(tmp_path / "expected.pt")!r})
 with torch.no_grad():
     assert torch.equal(model(data["tokens"]).logits, data["logits"])
+targets = data["tokens"][:, 1:]
+assert torch.isfinite(model(data["tokens"][:, :-1], targets=targets).loss)  # the loss file's chunked loss
 ids = tokenizer("The database", return_tensors="pt").input_ids
 out = model.generate(ids, max_new_tokens=5, do_sample=False)
 print("ok", tokenizer.decode(out[0]))
 """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.startswith("ok The database"), result.stdout

@@ -15,7 +15,8 @@ __all__ = ["PRESETS", "ArgonneConfig", "ArgonneForCausalLM", "load_tokenizer", "
 
 AutoConfig.register("argonne", ArgonneConfig, exist_ok=True)
 AutoModelForCausalLM.register(ArgonneConfig, ArgonneForCausalLM, exist_ok=True)
-# save_pretrained then writes auto_map and copies configuration_argonne.py / modeling_argonne.py beside the weights,
-# so the folder also loads with trust_remote_code=True where Argonne is not installed.
+# save_pretrained then writes auto_map and copies configuration_argonne.py / modeling_argonne.py (and loss_argonne.py,
+# which the model file imports relatively) beside the weights, so the folder also loads with trust_remote_code=True
+# where Argonne is not installed.
 ArgonneConfig.register_for_auto_class()
 ArgonneForCausalLM.register_for_auto_class("AutoModelForCausalLM")

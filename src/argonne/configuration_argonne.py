@@ -1,8 +1,8 @@
 """Configuration and presets for the Argonne model family.
 
-This file, like `modeling_argonne.py`, imports nothing else from the `argonne` package: both are copied beside
-saved weights so that `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` works without Argonne
-installed.
+This file, like `modeling_argonne.py` and `loss_argonne.py`, imports nothing else from the `argonne` package: all
+three are copied beside saved weights so that `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`
+works without Argonne installed.
 """
 
 from __future__ import annotations
@@ -87,9 +87,10 @@ PRESETS: dict[str, dict] = {
         max_position_embeddings=4096,
         eos_token_id=QWEN_END_OF_TEXT_ID,
     ),
-    # ~4.3M parameters for CPU tests and the quickstart. The vocabulary is the 8,192-token byte-level BPE trained on
-    # the bundled sample text (data/tokenizers/sample-bpe-8k): with Qwen's 151,665 tokens the output layer alone
-    # would cost ~20x the rest of the model per token (see README, "Choosing the tiny vocabulary").
+    # 4,999,424 parameters, for CPU tests and the quickstart. The vocabulary is the 8,192-token byte-level BPE trained
+    # on the bundled sample text (data/tokenizers/sample-bpe-8k): with Qwen's 151,665 tokens the output layer alone
+    # would be ~13x the blocks' matmul work per token (training measured 11x slower; docs/model.md, "Choosing the
+    # tiny vocabulary").
     "tiny": dict(
         _ARGONNE_2_STYLE,
         vocab_size=8192,

@@ -20,7 +20,7 @@ other architectures get the plain GEMV for their linears. Inputs of more rows (p
 `decode_attention`: one program per key/value head and row (and per range of keys in long caches, combined after),
 its query heads together in tensor-core products over the keys, online softmax, and no key read after the last one
 written (its cost follows the tokens so far, not the size of the cache); there the q/k/v kernel also writes the
-keys and values into the Generator's static cache (`gemv_qkv_into_cache`): 5 kernels per layer.
+keys and values into the Generator's static cache (kv_cache.py; `gemv_qkv_into_cache`): 5 kernels per layer.
 The kernels are `torch.library.triton_op`s, so torch.compile sees through them (and writes the cache in place) and
 they are captured in the decode step's CUDA graph like any other kernel. On CPUs the kernels run under Triton's
 interpreter (TRITON_INTERPRET=1, float32), which is how the tests check them without a GPU.
@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
-from .generate import StaticKVCache
+from .kv_cache import StaticKVCache
 from .modeling_argonne import ArgonneForCausalLM, Block, MergedLinear, OutputHead, RMSNorm, SwiGLUMLP
 
 # Candidate tilings (rows per program, columns per load, warps), timed per (N, K) on first use by triton.autotune.

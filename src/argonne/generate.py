@@ -1,10 +1,10 @@
 """Text generation: a preallocated KV cache, prefill through SDPA, and a decode step that is compiled on GPUs.
 
-`Generator` holds one static cache (keys and values for every layer, batch x max_len) and decodes a batch of
-left-padded prompts: one prefill forward over the prompts, then one forward per new token for the whole batch. The
-attention mask spans the whole cache, so the decode step has fixed shapes: it compiles once and, on GPUs, is captured
-as one CUDA graph (`DecodeStep`). Sampling defaults are the original Argonne code's: temperature 0.8, top-k 50,
-top-p 0.95; temperature 0 is greedy.
+`Generator` holds one static cache (kv_cache.py: keys and values for every layer, batch x max_len) and decodes a batch
+of left-padded prompts: one prefill forward over the prompts, then one forward per new token for the whole batch. The
+attention mask spans the whole cache (the cache makes it), so the decode step has fixed shapes: it compiles once
+and, on GPUs, is captured as one CUDA graph (`DecodeStep`). Sampling defaults are the original Argonne code's:
+temperature 0.8, top-k 50, top-p 0.95; temperature 0 is greedy.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .configuration_argonne import ArgonneConfig
+from .kv_cache import StaticKVCache
 from .modeling_argonne import ArgonneForCausalLM
 from .tokenizer import load_tokenizer
 
@@ -116,36 +117,6 @@ def argmax_in_pieces(logits: torch.Tensor, pieces: int = 128) -> torch.Tensor:
     return (index_in_piece.gather(-1, best_piece) + best_piece * piece).squeeze(-1)
 
 
-class StaticKVCache:
-    """Keys and values for every layer, preallocated: one (2, B, n_kv, max_len, head_dim) tensor per layer, keys at 0
-    and values at 1, so that one write stores both.
-
-    It offers the two methods the model calls on a transformers Cache: `update` writes the new keys and values at
-    `write_positions` and returns the whole buffers (the attention mask hides what is not written yet), and
-    `get_seq_length`.
-    """
-
-    def __init__(self, config: ArgonneConfig, batch: int, max_len: int, device, dtype):
-        shape = (2, batch, config.num_key_value_heads, max_len, config.head_dim)
-        self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
-        self.batch, self.max_len, self.device = batch, max_len, torch.device(device)
-        self.write_positions = torch.zeros(1, dtype=torch.long, device=device)
-        self.length = 0
-        if self.device.type == "cuda":
-            # Static addresses: compiled code takes the buffers as they are (as transformers' StaticCache does).
-            for tensor in self.layers:
-                torch._dynamo.mark_static_address(tensor)
-
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args):
-        keys_and_values = self.layers[layer_idx]
-        new = torch.stack((key, value)).to(keys_and_values.dtype)
-        keys_and_values.index_copy_(3, self.write_positions, new)
-        return keys_and_values[0], keys_and_values[1]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.length
-
-
 FINISHED_CHECK_EVERY = 16
 
 
@@ -166,7 +137,6 @@ class DecodeStep:
         self.column = torch.zeros(1, dtype=torch.long, device=device)
         self.position_offset = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.valid = torch.zeros((batch, cache.max_len), dtype=torch.bool, device=device)
-        self.key_positions = torch.arange(cache.max_len, device=device)
         self.tokens_at = torch.zeros((batch, cache.max_len), dtype=torch.long, device=device)
         self._captured: torch.cuda.CUDAGraph | None = None
         self._logits: torch.Tensor | None = None
@@ -200,8 +170,7 @@ class DecodeStep:
 
     def _run(self) -> torch.Tensor:
         self.record()
-        logits, greedy = self.forward(self.cache, self.tokens, self.position_offset, self.column, self.valid,
-                                      self.key_positions)
+        logits, greedy = self.forward(self.cache, self.tokens, self.position_offset, self.column, self.valid)
         self.tokens.copy_(greedy[:, None])
         self.column.add_(1)
         return logits
@@ -292,12 +261,10 @@ class Generator:
                             logits_to_keep=1).logits[:, -1].float()
         return logits, argmax_in_pieces(logits)
 
-    def _decode_logits(self, cache, tokens, position_offset, column, valid, key_positions):
-        """The decode step (DecodeStep's buffers): the mask and positions for cache column `column` are made here, in
-        the compiled step, then the logits of the new tokens. The mask is additive (0 / -inf in the model's dtype):
-        SDPA would otherwise turn a boolean mask into one in every layer."""
-        allowed = ((key_positions <= column) & valid)[:, None, None, :]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill(~allowed, -math.inf)
+    def _decode_logits(self, cache, tokens, position_offset, column, valid):
+        """The decode step (DecodeStep's buffers): the mask (the cache's `decode_mask`, in the model's dtype) and
+        positions for cache column `column` are made here, in the compiled step, then the logits of the new tokens."""
+        mask = cache.decode_mask(column, valid, self.dtype)
         return self._last_logits(cache, tokens, position_offset + column, mask)
 
     @torch.no_grad()
@@ -335,14 +302,10 @@ class Generator:
             valid[row, width - len(prompt): width] = True
         valid[:, width:] = True
         positions = (valid[:, :width].long().cumsum(-1) - 1).clamp(min=0)
-        key_pos = torch.arange(L, device=device)
 
         # Prefill: queries at columns 0..width-1 see valid keys up to themselves (and always themselves).
-        query_pos = torch.arange(width, device=device)[:, None]
-        causal = key_pos[None, :] <= query_pos
-        mask = (causal[None] & valid[:, None, :]) | (key_pos[None, None, :] == query_pos[None])
         cache.write_positions = torch.arange(width, device=device)
-        logits, greedy = self._last_logits(cache, tokens, positions, mask[:, None])
+        logits, greedy = self._last_logits(cache, tokens, positions, cache.prefill_mask(valid, width))
         cache.length = width
 
         seen = torch.zeros((batch, self.config.vocab_size), dtype=torch.bool, device=device)

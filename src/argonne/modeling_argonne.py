@@ -1,20 +1,30 @@
 """The Argonne decoder-only transformer: one config-driven model for Argonne 1.0, 1.5, 2.0 and the small presets.
 
-Read top to bottom: norms, MLPs, rotary embedding, attention, the block, the decoder, and the causal-LM head.
+Read top to bottom:
+- norms (RMSNorm, LayerNorm), MergedLinear (inference's merged projections) and the MLPs (SwiGLU, GELU);
+- rotary embedding, attention (SDPA) and the block;
+- the new tokens' positions and attention mask (`positions_and_mask`), and the initialisation;
+- the decoder (ArgonneModel: embeddings, blocks, final norm), the output head (OutputHead) and the causal-LM model
+  (ArgonneForCausalLM), then the default cache.
 Architecture variants are small classes chosen by name from the config. Parameter names follow transformers' Llama
 (`model.layers.N.self_attn.q_proj`, ...) so weights map one to one.
 
-Single-device code only: no torch.distributed here. Tensor parallelism and FSDP are applied from outside; the
-model only tolerates sharding (shapes are read as `view(B, T, -1, head_dim)`, never from a global head count).
+The training loss, the chunked linear + cross-entropy behind OutputHead, is in `loss_argonne.py`. The model works
+with any cache that has a transformers Cache's `update` and `get_seq_length`; the generator's static cache and its
+masks are in `kv_cache.py`, outside the model: a caller that passes position_ids and a 4D mask is taken at its word.
 
-This file and `configuration_argonne.py` import nothing else from the `argonne` package; both are written beside
-saved weights for `trust_remote_code=True` loading.
+Single-device code only: no torch.distributed here (nor in loss_argonne.py). Tensor parallelism and FSDP are applied
+from outside (parallel.py); the model only tolerates sharding (shapes are read as `view(B, T, -1, head_dim)`, never
+from a global head count).
+
+This file, `loss_argonne.py` and `configuration_argonne.py` import nothing else from the `argonne` package; the
+loss is imported relatively, so `save_pretrained` copies all three beside saved weights for
+`trust_remote_code=True` loading.
 """
 
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +34,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_argonne import ArgonneConfig
+from .loss_argonne import linear_cross_entropy
 
 # transformers 5.x renamed the model output's `past_key_values` to `cache`; write whichever the installed version has.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -179,7 +190,7 @@ class Attention(nn.Module):
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv, S, hd), S = past + T
+            k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv, S, hd): every key the cache returns
         # Training on a GPU: pad head_dim to a multiple of 8 (cuDNN's requirement). Not with a cache, where padding
         # would copy the whole cache at every decoding step.
         pad_to = ATTENTION_HEAD_DIM_MULTIPLE if cache is None and q.is_cuda else 1
@@ -246,6 +257,45 @@ def build_attention_mask(
     return mask
 
 
+def positions_from_mask(
+    attention_mask: torch.Tensor | None, query_len: int, past_len: int, device: torch.device
+) -> torch.Tensor:
+    """Positions (B or 1, T) of the current tokens; with a padding mask, counting only real tokens (left padding)."""
+    if attention_mask is None:
+        return torch.arange(past_len, past_len + query_len, device=device)[None]
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp(min=0)[:, -query_len:]
+
+
+def cached_tokens(cache: Cache | None) -> int:
+    return 0 if cache is None else cache.get_seq_length()
+
+
+def positions_and_mask(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    cache: Cache | None,
+    query_len: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Position ids (B or 1, T) and the SDPA mask (None: causal) for T new tokens.
+
+    What the caller passes is used as given: position_ids, and a 4D mask (B, 1, T, S), boolean (True: may attend) or
+    float and added to the scores (0 or -inf, as transformers' 4D masks are). What it does not pass is derived from
+    a 2D padding mask (B, S) and the number of tokens the cache already holds, and only then is the cache asked
+    for that number: a caller that passes both depends on nothing the cache counts.
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        attn_mask = attention_mask if attention_mask.is_floating_point() else attention_mask.bool()
+        if position_ids is None:  # the tokens follow those the cache holds
+            position_ids = positions_from_mask(None, query_len, cached_tokens(cache), device)
+        return position_ids, attn_mask
+    past_len = cached_tokens(cache)
+    if position_ids is None:
+        position_ids = positions_from_mask(attention_mask, query_len, past_len, device)
+    return position_ids, build_attention_mask(attention_mask, query_len, past_len, device)
+
+
 class ArgonnePreTrainedModel(PreTrainedModel):
     config_class = ArgonneConfig
     base_model_prefix = "model"
@@ -300,222 +350,20 @@ class ArgonneModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, T) or inputs_embeds (B, T, D) -> hidden states (B, T, D)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T, _ = x.shape
-        full_mask = attention_mask is not None and attention_mask.dim() == 4
-        past_len = 0
-        if cache is not None and not (full_mask and position_ids is not None):
-            past_len = cache.get_seq_length()
-        if position_ids is None:
-            position_ids = positions_from_mask(None if full_mask else attention_mask, T, past_len, x.device)
+        position_ids, attn_mask = positions_and_mask(attention_mask, position_ids, cache, x.shape[1], x.device)
         rope = None
         if self.config.position_embedding == "rope":
             rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
         else:
             x = x + self.embed_positions(position_ids)
-        # A 4D mask (B, 1, T, S) is used as given: boolean (True: may attend), or float and added to the scores (0 or
-        # -inf, as transformers' 4D masks are). A static cache (generate.py) passes one over its whole length, with
-        # the position_ids, so nothing here depends on how many tokens the cache holds.
-        if full_mask:
-            attn_mask = attention_mask if attention_mask.is_floating_point() else attention_mask.bool()
-        else:
-            attn_mask = build_attention_mask(attention_mask, T, past_len, x.device)
         for block in self.layers:
             x = block(x, rope, attn_mask, cache)
         return self.norm(x)
 
 
-def positions_from_mask(
-    attention_mask: torch.Tensor | None, query_len: int, past_len: int, device: torch.device
-) -> torch.Tensor:
-    """Positions (B or 1, T) of the current tokens; with a padding mask, counting only real tokens (left padding)."""
-    if attention_mask is None:
-        return torch.arange(past_len, past_len + query_len, device=device)[None]
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.clamp(min=0)[:, -query_len:]
-
-
-# Logits per loss chunk. Eager chunks (CPU) hold float32 copies: 2**26 logits, 256 MiB each. On GPUs the chunk's
-# element-wise work is one compiled kernel pair (no float32 copies), so a chunk of 2**28 costs its bf16 logits and
-# gradient, 1 GiB (1,664 tokens at vocab 151,665 padded); fewer chunks mean fewer float32 accumulations of the (V, D)
-# weight gradient, each a pass over 2 x 4 x V x D bytes.
-LOSS_CHUNK_LOGITS = 2**26
-LOSS_CHUNK_LOGITS_GPU = 2**28
-# cuBLAS needs leading dimensions that are multiples of 8 half-precision elements for its fast kernels. A vocabulary
-# of 151,665 is not: on an H200 the head's three matmuls fell back to Turing-era "align1" kernels at ~100 TFLOP/s,
-# half of the 0.5B model's step time. On GPUs the head matrix is therefore zero-padded to a multiple of this many
-# rows inside the loss (the padded logits are masked out); chunks are a multiple of 128 tokens (whole matmul tiles).
-LOSS_VOCAB_MULTIPLE_GPU = 64
-
-
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_logits: int | None = None,
-    chunk_loss=None,
-    sum_over_slices=None,
-    pad_vocab_to: int | None = None,
-) -> torch.Tensor:
-    """Mean cross-entropy of the logits `hidden @ weight.T` against `targets` (-100 ignored): the value of
-    F.cross_entropy(F.linear(hidden, weight).float(), targets), without ever holding all the logits.
-
-    hidden (..., D), weight (V, D), targets (...). Logits are made `chunk_logits // V` tokens at a time
-    (LOSS_CHUNK_LOGITS by default, LOSS_CHUNK_LOGITS_GPU on GPUs), in the autocast dtype when autocast is on, and
-    soft-maxed in float32. When a gradient is wanted, each chunk's gradients for hidden and weight are computed
-    right away (d mean loss / d logits = (softmax - one_hot) / scored tokens), and the backward only scales them by
-    the incoming gradient: no logits are kept and no matmul is repeated. A batch with no scored token gives NaN
-    (0 / 0), as F.cross_entropy does. `pad_vocab_to` (default LOSS_VOCAB_MULTIPLE_GPU on GPUs, 1 on CPUs) pads the
-    matrix's rows with zeros for aligned matmuls; the result does not depend on it.
-
-    For a head sharded by vocabulary rows (tensor parallelism), `weight` is this process's slice and parallel.py
-    passes `chunk_loss` (cross_entropy_chunk's contract, combining the slices' statistics) and `sum_over_slices`
-    (which sums the slices' hidden-state gradients).
-    """
-    device_type = hidden.device.type
-    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1)
-    chunk_logits = chunk_logits or (LOSS_CHUNK_LOGITS_GPU if hidden.is_cuda else LOSS_CHUNK_LOGITS)
-    pad_vocab_to = pad_vocab_to or (LOSS_VOCAB_MULTIPLE_GPU if hidden.is_cuda else 1)
-    padded_vocab = -(-weight.shape[0] // pad_vocab_to) * pad_vocab_to
-    chunk = max(1, chunk_logits // padded_vocab)
-    if chunk >= 256:
-        chunk -= chunk % 128
-    if chunk_loss is None:
-        chunk_loss = _compiled_chunk_loss if hidden.is_cuda else cross_entropy_chunk
-    settings = chunk, compute_dtype, chunk_loss, sum_over_slices, padded_vocab
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, settings)
-    with torch.autocast(device_type, enabled=False):
-        return _chunked_cross_entropy(hidden, weight, targets, settings, with_grads=False)[0]
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, settings):
-        with torch.autocast(hidden.device.type, enabled=False):
-            loss, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, targets, settings, with_grads=True)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.dtypes = hidden.dtype, weight.dtype
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        hidden_dtype, weight_dtype = ctx.dtypes
-        return (grad_hidden * grad_loss).to(hidden_dtype), (grad_weight * grad_loss).to(weight_dtype), None, None
-
-
-def _chunked_cross_entropy(hidden, weight, targets, settings, with_grads):
-    """(mean loss, d loss / d hidden or None, d loss / d weight in float32 or None); see linear_cross_entropy."""
-    chunk, compute_dtype, chunk_loss, sum_over_slices, padded_vocab = settings
-    vocab = weight.shape[0]
-    h_all = hidden.to(compute_dtype)
-    if padded_vocab > vocab:  # one copy, converted on the way, and zero rows that the loss leaves out
-        w = weight.new_empty((padded_vocab, weight.shape[1]), dtype=compute_dtype)
-        w[:vocab] = weight
-        w[vocab:] = 0
-    else:
-        w = weight.to(compute_dtype)  # no copy at all when the dtype is already the compute dtype
-    scale = 1.0 / (targets != -100).sum()  # a tensor: no host synchronisation
-    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    grad_hidden = torch.empty_like(h_all) if with_grads else None
-    grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=weight.device) if with_grads else None
-    for start in range(0, h_all.shape[0], chunk):
-        h = h_all[start : start + chunk]
-        part, grad_logits = chunk_loss(h @ w.T, targets[start : start + chunk], scale, with_grads, columns=vocab)
-        loss_sum = loss_sum + part
-        if with_grads:
-            grad_hidden[start : start + chunk] = grad_logits @ w
-            accumulate_matmul(grad_weight, grad_logits.T, h)
-    if with_grads and sum_over_slices is not None:
-        grad_hidden = sum_over_slices(grad_hidden)
-    return loss_sum * scale, grad_hidden, grad_weight[:vocab] if with_grads else None
-
-
-def accumulate_matmul(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """total (float32) += a @ b for half-precision a and b. On GPUs one matmul that accumulates into the float32
-    total (cuBLAS's beta = 1) where the installed PyTorch offers it (addmm's out_dtype); otherwise the product is
-    made in a's dtype and added, which moves the (V, D) head gradient through memory three more times."""
-    global _fp32_accumulating_addmm
-    if _fp32_accumulating_addmm and total.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        try:
-            torch.addmm(total, a, b, out_dtype=torch.float32, out=total)
-            return
-        except (RuntimeError, TypeError):  # an older PyTorch without the kernel: fall back from now on
-            _fp32_accumulating_addmm = False
-    total += (a @ b).float()
-
-
-_fp32_accumulating_addmm = hasattr(torch.ops.aten.addmm, "dtype_out")
-
-
-def cross_entropy_chunk(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
-    scale: torch.Tensor,
-    with_grads: bool,
-    fused: bool = False,
-    vocab_start: int = 0,
-    reduce_max=None,
-    reduce_sum=None,
-    columns: int | None = None,
-):
-    """Summed float32 loss of logits (n, V) against targets (n,), and, with_grads, d(scale * loss)/d logits in the
-    logits' dtype. Ignored targets (-100) contribute nothing, even when their logits are not finite. With `columns`,
-    only the first `columns` logits of each row are real (a head matrix padded with zero rows): the rest are left
-    out of the softmax and get a zero gradient, while the rows keep their aligned length.
-
-    For a slice of the vocabulary (tensor parallelism), the logits are its rows vocab_start .. vocab_start + V - 1,
-    and `reduce_max` / `reduce_sum` combine per-token statistics over the slices' processes: every process then
-    gets the same loss and the gradient for its own slice. `fused` writes the one-hot as an index comparison, which
-    torch.compile fuses with the softmax into one pass over the logits; the default works in place, which is what
-    runs fastest eagerly.
-    """
-    columns = logits.shape[1] if columns is None else columns
-    scored = targets != -100
-    logits32 = logits.float().masked_fill(~scored[:, None], 0.0)  # a new float32 tensor, free to work in place
-    if columns < logits.shape[1]:
-        logits32 = logits32.masked_fill(torch.arange(logits.shape[1], device=logits.device) >= columns, -math.inf)
-    here = scored & (targets >= vocab_start) & (targets < vocab_start + columns)  # the target is in the slice
-    local_targets = torch.where(here, targets - vocab_start, 0)[:, None]
-    row_max = logits32.amax(dim=-1)
-    if reduce_max is not None:
-        row_max = reduce_max(row_max)
-    shifted = logits32.sub_(row_max[:, None])
-    stats = torch.stack([shifted.exp().sum(-1), torch.where(here, shifted.gather(1, local_targets).squeeze(1), 0.0)])
-    if reduce_sum is not None:
-        stats = reduce_sum(stats)
-    log_sum_exp, target_logit = stats[0].log(), stats[1]  # both relative to the row maximum
-    loss_sum = ((log_sum_exp - target_logit) * scored).sum()
-    if not with_grads:
-        return loss_sum, None
-    row_scale = (scored * scale)[:, None]
-    if fused:
-        one_hot = (local_targets == torch.arange(logits.shape[1], device=logits.device)) & here[:, None]
-        grad = (torch.exp(shifted - log_sum_exp[:, None]) - one_hot.float()) * row_scale
-    else:
-        grad = shifted.sub_(log_sum_exp[:, None]).exp_()  # softmax
-        grad.scatter_add_(1, local_targets, -here[:, None].to(grad.dtype)).mul_(row_scale)  # - one_hot
-    return loss_sum, grad.to(logits.dtype)
-
-
-def _compiled_chunk_loss(logits, targets, scale, with_grads, columns=None):
-    """cross_entropy_chunk fused by torch.compile into a reduction and one element-wise pass over the chunk's bf16
-    logits (on GPUs, where an eager chain of float32 copies over a vocabulary of 151,665 costs as much as the head's
-    matmuls)."""
-    global _compiled_cross_entropy_chunk
-    if _compiled_cross_entropy_chunk is None:
-        _compiled_cross_entropy_chunk = torch.compile(partial(cross_entropy_chunk, fused=True))
-    return _compiled_cross_entropy_chunk(logits, targets, scale, with_grads, columns=columns)
-
-
-_compiled_cross_entropy_chunk = None
-
-
 class OutputHead(nn.Module):
     """Hidden states (..., D) and the (V, D) head matrix -> logits (..., V), or with targets -> the training loss
-    (linear_cross_entropy, no logits). It holds no weights; under tensor parallelism parallel.py swaps in a
+    (loss_argonne.linear_cross_entropy, no logits). It holds no weights; under tensor parallelism parallel.py swaps in a
     vocabulary-parallel head for the sharded matrix."""
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:

@@ -24,14 +24,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 from .config import ACTIVATION_CHECKPOINTING
-from .modeling_argonne import (
-    LOSS_CHUNK_LOGITS,
-    ArgonneForCausalLM,
-    GeluMLP,
-    SwiGLUMLP,
-    cross_entropy_chunk,
-    linear_cross_entropy,
-)
+from .loss_argonne import LOSS_CHUNK_LOGITS, cross_entropy_chunk, linear_cross_entropy
+from .modeling_argonne import ArgonneForCausalLM, GeluMLP, SwiGLUMLP
 
 
 @dataclass

@@ -1,0 +1,67 @@
+"""The generator's static KV cache and its rules: preallocated keys and values, and the attention masks over them.
+
+`StaticKVCache` holds every layer's keys and values for a batch of `max_len` columns. The model uses it as it uses a
+transformers `Cache` (`update`, `get_seq_length`), but `update` returns the whole buffers, written or not, so the
+caller must pass the model a 4D mask over all `max_len` columns that hides the columns not written yet, and the
+position ids: the mask comes from here (`prefill_mask`, `decode_mask`). With both given, the model never asks the
+cache how many tokens it holds, so a compiled decoding step does not depend on that number (a Python int) and runs
+unchanged for every token.
+
+Used by generate.py (`Generator`, `DecodeStep`) and decode_kernels.py (whose fused q/k/v kernel writes straight into
+the buffers); it imports neither.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .configuration_argonne import ArgonneConfig
+
+
+class StaticKVCache:
+    """Keys and values for every layer, preallocated: one (2, B, n_kv, max_len, head_dim) tensor per layer, keys at 0
+    and values at 1, so that one write stores both.
+
+    It offers the two methods the model calls on a transformers Cache: `update` writes the new keys and values at
+    `write_positions` and returns the whole buffers (the attention mask hides what is not written yet), and
+    `get_seq_length` (`length`, kept by the caller). `columns` (max_len,) are the key columns the masks are made of.
+    """
+
+    def __init__(self, config: ArgonneConfig, batch: int, max_len: int, device, dtype):
+        shape = (2, batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.batch, self.max_len, self.device = batch, max_len, torch.device(device)
+        self.write_positions = torch.zeros(1, dtype=torch.long, device=device)
+        self.columns = torch.arange(max_len, device=device)
+        self.length = 0
+        if self.device.type == "cuda":
+            # Static addresses: compiled code takes the buffers as they are (as transformers' StaticCache does).
+            for tensor in self.layers:
+                torch._dynamo.mark_static_address(tensor)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args):
+        keys_and_values = self.layers[layer_idx]
+        new = torch.stack((key, value)).to(keys_and_values.dtype)
+        keys_and_values.index_copy_(3, self.write_positions, new)
+        return keys_and_values[0], keys_and_values[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def prefill_mask(self, valid: torch.Tensor, width: int) -> torch.Tensor:
+        """Boolean mask (B, 1, width, max_len) for queries at columns 0..width-1: each sees the keys marked in `valid`
+        (B, max_len) up to itself, and always itself (a padding query would otherwise see no key, and SDPA return
+        NaN)."""
+        query_pos = torch.arange(width, device=valid.device)[:, None]
+        causal = self.columns[None, :] <= query_pos
+        mask = (causal[None] & valid[:, None, :]) | (self.columns[None, None, :] == query_pos[None])
+        return mask[:, None]
+
+    def decode_mask(self, column: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask (B, 1, 1, max_len), 0 or -inf in `dtype`, for one query at `column` (a one-element tensor):
+        it sees the keys marked in `valid` (B, max_len) up to its own. Additive because SDPA would otherwise turn a
+        boolean mask into one in every layer."""
+        allowed = ((self.columns <= column) & valid)[:, None, None, :]
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, -math.inf)
