@@ -245,6 +245,7 @@ def test_a_garbled_marker_is_an_error(tmp_path):
 # ------------------------------------------------------------------------------------------------ pruning
 
 
+@pytest.mark.slow
 def test_pruning_deletes_only_older_checkpoints_of_the_same_run(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     for step in (10, 20, 30):  # an earlier run that went further

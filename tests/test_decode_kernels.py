@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+pytestmark = pytest.mark.slow  # every test here runs Triton's interpreter or launches processes
+
 triton = pytest.importorskip(
     "triton", reason="Triton is not installed (scripts/install.sh adds it on Linux; without a wheel for this machine "
     "its kernels cannot be checked here)")

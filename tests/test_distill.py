@@ -76,6 +76,7 @@ def test_a_student_equal_to_the_teacher_has_zero_kl_and_no_scored_token_is_nan()
     assert distillation_loss(logits, logits, torch.full_like(targets, -100), 11, 0.5, 1.0)[0].isnan()
 
 
+@pytest.mark.slow
 def test_alpha_zero_is_plain_training(tmp_path, prepared):
     teacher = save_model(tmp_path / "teacher", seed=5)
     plain = run(tmp_path, prepared, "plain", "--train.steps=6")
@@ -86,6 +87,7 @@ def test_alpha_zero_is_plain_training(tmp_path, prepared):
     assert all("kl" in r and "ce" in r for r in distilled)
 
 
+@pytest.mark.slow
 def test_a_student_identical_to_the_teacher_has_zero_kl(tmp_path, prepared):
     teacher = save_model(tmp_path / "teacher", seed=5)
     records = run(tmp_path, prepared, "same", "--train.steps=1", f"--model.init_from={str(teacher)!r}",
@@ -93,6 +95,7 @@ def test_a_student_identical_to_the_teacher_has_zero_kl(tmp_path, prepared):
     assert abs(records[0]["kl"]) < 1e-6
 
 
+@pytest.mark.slow
 def test_the_students_kl_to_the_teacher_falls(tmp_path, prepared):
     run(tmp_path, prepared, "teacher", "--train.steps=40", "--optim.lr=3e-3")  # a teacher that knows something
     teacher = tmp_path / "teacher" / "model"
@@ -103,6 +106,7 @@ def test_the_students_kl_to_the_teacher_falls(tmp_path, prepared):
     assert records[0]["loss"] == pytest.approx(4 * records[0]["kl"], rel=1e-5)  # alpha * T^2 * KL
 
 
+@pytest.mark.slow
 def test_vocabularies_padded_mismatched_or_foreign(tmp_path, prepared, qwen_tokenizer_dir):
     padded = save_model(tmp_path / "padded", seed=1, vocab_size=8192 + 64)
     assert run(tmp_path, prepared, "padded-run", "--train.steps=1", f"--distill.teacher={str(padded)!r}")

@@ -18,6 +18,8 @@ from argonne.data.prepare import PrepareSettings, prepare_dataset
 
 from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER, env, failure, free_port, torchrun
 
+pytestmark = pytest.mark.slow  # every test here launches processes or runs Triton's interpreter
+
 MODEL = ("{hidden_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, "
          "head_dim = 16, intermediate_size = 128}")
 
@@ -83,23 +85,53 @@ LAYOUTS = {
 }
 
 
+# How the trained weights are split in the layout's checkpoint: (pieces, dimensions split) for a column-parallel
+# matrix (q_proj), a row-parallel one (o_proj) and a norm. Equal losses would also come from a layout that silently
+# fell back to replication; the saved shards cannot.
+SHARDING = {
+    "one process": {"q_proj": (1, set()), "o_proj": (1, set()), "input_layernorm": (1, set())},
+    "fsdp2": {"q_proj": (2, {0}), "o_proj": (2, {0}), "input_layernorm": (2, {0})},
+    "tp2": {"q_proj": (2, {0}), "o_proj": (2, {1}), "input_layernorm": (1, set())},
+    "fsdp2xtp2": {"q_proj": (4, {0}), "o_proj": (4, {0, 1}), "input_layernorm": (2, {0})},
+}
+SHARDING["tp2-selective-checkpointing"] = SHARDING["tp2"]
+SHARDING["fsdp2-full-checkpointing"] = SHARDING["fsdp2"]
+
+
+def saved_sharding(run_dir) -> dict[str, tuple[int, set[int]]]:
+    """(number of pieces, dimensions along which they differ) of layer 0's weights in the run's last checkpoint."""
+    from argonne.checkpoint import read_checkpoint_metadata
+
+    metadata = read_checkpoint_metadata(latest_checkpoint(Path(run_dir) / "checkpoints"))
+    found = {}
+    for key, entry in metadata.state_dict_metadata.items():
+        for name in ("q_proj", "o_proj", "input_layernorm"):
+            if key.endswith(f"layers.0.self_attn.{name}.weight") or key.endswith(f"layers.0.{name}.weight"):
+                if "optim" not in key:
+                    offsets = [chunk.offsets for chunk in entry.chunks]
+                    split = {d for d in range(len(offsets[0])) if len({o[d] for o in offsets}) > 1}
+                    found[name] = (len(offsets), split)
+    return found
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_parallel_layouts_match_one_process(prepared, one_process, tmp_path, layout):
     nproc, micro, extra = LAYOUTS[layout]
     parallel = train(prepared, tmp_path, steps=10, nproc=nproc, micro=micro, extra=extra)
     assert_same_losses(one_process[0], parallel)
     assert len(parallel) == 10 and parallel[10] < parallel[1]
+    assert saved_sharding(tmp_path) == SHARDING[layout]  # the layout really sharded the weights as its plan says
+    assert saved_sharding(one_process[1]) == SHARDING["one process"]
     assert (tmp_path / "model" / "model.safetensors").is_file()  # gathered from the shards
 
 
-@pytest.mark.parametrize("head", ["tied", "untied"])
-def test_tensor_parallel_gradients_loss_and_logits_equal_one_process(head):
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--tee", "3", "--nproc-per-node", "2", "--master-port",
-         str(free_port()), str(REPO / "tests" / "distributed_grads.py"), head],
-        env=env(), capture_output=True, text=True, timeout=300)
+def test_tensor_parallel_gradients_loss_and_logits_equal_one_process():
+    """A tied and an untied head, in one launch."""
+    result = subprocess.run(torchrun(2, str(REPO / "tests" / "distributed_grads.py"), "tied", "untied"),
+                            env=env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, failure(result.stdout, result.stderr)
-    assert f"ok ({head})" in result.stdout, failure(result.stdout, result.stderr)
+    for head in ("tied", "untied"):
+        assert f"ok ({head})" in result.stdout, failure(result.stdout, result.stderr)
 
 
 def test_a_failed_launch_reports_every_rank(tmp_path):
@@ -207,12 +239,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared, tmp_path):
     assert "resume with --resume auto" in out + err
 
 
-@pytest.mark.parametrize("layout", ["fsdp2", "tp2"])
-def test_models_built_on_meta_are_initialised_after_sharding(prepared, tmp_path, layout):
+def test_models_built_on_meta_are_initialised_after_sharding(prepared, tmp_path):
+    """On the 2-D mesh (FSDP 2 x TP 2), so one launch covers both kinds of sharding."""
     import math
 
-    tp = ["--parallel.tensor_parallel=2"] if layout == "tp2" else []
-    args = command(prepared, tmp_path, steps=10, nproc=2, micro=8 if tp else 4, extra=tp)
+    args = command(prepared, tmp_path, steps=10, nproc=4, micro=4, extra=["--parallel.tensor_parallel=2"])
     script = args.index("-m", args.index("torch.distributed.run") + 1)  # the second -m runs argonne.cli
     args[script:script + 2] = [str(REPO / "tests" / "train_with_meta_init.py")]
     result = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)

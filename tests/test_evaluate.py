@@ -56,6 +56,7 @@ def brute_force_nll(model, ids: list[int], window: int, stride: int) -> float:
 
 @pytest.mark.parametrize("position_embedding", ["rope", "learned"])
 @pytest.mark.parametrize("stride", [32, 31, 8, 1])
+@pytest.mark.slow
 def test_long_documents_score_every_token_once_as_a_token_by_token_reference(tokenizer, position_embedding, stride):
     model = small_model(position_embedding, context=32)
     text = " ".join(["alpha beta gamma delta epsilon"] * 16)  # ~80 tokens, beyond the 32-token window

@@ -33,6 +33,7 @@ def logits(model, tokens):
         return model(tokens).logits
 
 
+@pytest.mark.slow
 def test_llama_export_loads_in_plain_transformers_with_equal_logits(tmp_path):
     source = saved_argonne(tmp_path / "argonne")
     assert main(["export", str(source), "--to", "llama", "--output", str(tmp_path / "llama"), "--dtype", "fp32"]) == 0
@@ -166,6 +167,7 @@ def test_import_original_argonne_folders(tmp_path, kind, pipeline, as_bin):
 
 
 @pytest.mark.parametrize("which", ["sample-bpe", "qwen"])
+@pytest.mark.slow
 def test_gguf_metadata_tokenizer_and_tensors_read_back(tmp_path, which, request):
     import gguf
     import numpy as np
@@ -207,6 +209,7 @@ def test_gguf_metadata_tokenizer_and_tensors_read_back(tmp_path, which, request)
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_gguf_holds_the_dtype_asked_for(tmp_path, dtype):
     """--dtype bf16 once wrote F32 silently: matrices must be written in the asked dtype, bit for bit, and 1-D
     tensors (norms) in F32, as llama.cpp's own converter writes them."""
@@ -236,6 +239,7 @@ def test_gguf_holds_the_dtype_asked_for(tmp_path, dtype):
             assert np.array_equal(bits, tensor.view(torch.int16).numpy().view(np.uint16)), name
 
 
+@pytest.mark.slow
 def test_a_tensor_parallel_checkpoint_exports_to_every_format(tmp_path):
     from argonne.data.prepare import PrepareSettings, prepare_dataset
     from argonne.export import gguf_tensors

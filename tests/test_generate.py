@@ -50,6 +50,7 @@ def prompts_of(lengths, seed=0):
     return [torch.randint(3, 320, (n,), generator=g).tolist() for n in lengths]
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_generate(model):
     generator = Generator(model, IdTokenizer())
     for prompt in prompts_of([5, 9, 1]):
@@ -59,6 +60,7 @@ def test_greedy_equals_transformers_generate(model):
         assert ours == theirs
 
 
+@pytest.mark.slow
 def test_cached_decoding_equals_full_recomputation(model):
     prompt = prompts_of([6])[0]
     ours = Generator(model, IdTokenizer()).generate_ids([prompt], SamplingParams(max_new_tokens=25, **GREEDY))[0]
@@ -70,6 +72,7 @@ def test_cached_decoding_equals_full_recomputation(model):
     assert len(set(ours)) > 3
 
 
+@pytest.mark.slow
 def test_batched_prompts_of_different_lengths_equal_each_alone(model):
     generator = Generator(model, IdTokenizer())
     prompts = prompts_of([3, 11, 7, 1])
@@ -95,6 +98,7 @@ def test_generation_stops_at_eos(model):
     assert stopped == free[: free.index(free[5])]
 
 
+@pytest.mark.slow
 def test_decoding_checks_for_finished_rows_only_every_few_steps(model, monkeypatch):
     """Without a per-step consumer (streaming, stop strings) the loop does not wait for the device at every step;
     a batch whose rows all stopped early still returns exactly the tokens up to each row's EOS."""
@@ -137,6 +141,7 @@ def test_the_next_step_is_queued_before_the_host_looks_at_a_token(model, monkeyp
     assert [tokens for _, tokens in seen] == [list(column) for column in zip(*expected)]
 
 
+@pytest.mark.slow
 def test_stop_strings_cut_the_text_and_streaming_matches(model):
     generator = Generator(model, IdTokenizer())
     prompt = " ".join(map(str, prompts_of([4])[0]))
@@ -185,6 +190,7 @@ def sentencepiece_style_tokenizer():
 
 
 @pytest.mark.parametrize("kind", ["qwen2.5", "sample-bpe", "sentencepiece-style"])
+@pytest.mark.slow
 def test_text_is_detokenized_incrementally_and_equals_decoding_the_whole_row(kind, request):
     """Each token's text comes from a short decode (context of the previous piece), never the whole row: the host's
     cost per token stays flat however long the generation; the text is what decoding the whole row gives, multi-byte
@@ -214,6 +220,7 @@ def test_a_stop_string_across_pieces_cuts_the_text_before_it():
 
 
 @pytest.mark.parametrize("vocab", [151_665, 151_936, 100, 7])
+@pytest.mark.slow
 def test_argmax_in_pieces_equals_argmax_ties_and_nan_included(vocab):
     logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(0))
     logits[1] = 3.0  # every logit tied: the first index
@@ -259,6 +266,7 @@ def test_bad_parameters_and_too_long_prompts_are_errors(model):
         generator.generate_ids([list(range(3, 90))], SamplingParams(max_new_tokens=10))
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_matches_eager():
     model = make_model(**{**LLAMA_STYLE, "max_position_embeddings": 64})
     prompts = prompts_of([5, 3])
@@ -267,6 +275,7 @@ def test_compiled_decode_step_matches_eager():
     assert Generator(model, IdTokenizer(), compile=True).generate_ids(prompts, params) == eager
 
 
+@pytest.mark.slow
 def test_the_generator_merges_projections_and_decodes_what_the_unmerged_model_does():
     config = {**LLAMA_STYLE, "max_position_embeddings": 64}
     unmerged = make_model(**config)
@@ -280,6 +289,7 @@ def test_the_generator_merges_projections_and_decodes_what_the_unmerged_model_do
     assert generator.generate_ids([prompt], SamplingParams(max_new_tokens=12, **GREEDY))[0] == ids[len(prompt):]
 
 
+@pytest.mark.slow
 def test_seeded_sampling_is_reproducible(model_dir):
     model, tokenizer = open_model(model_dir, "cpu")
     generator = Generator(model, tokenizer)

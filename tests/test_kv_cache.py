@@ -27,6 +27,7 @@ def modules_loaded_by(statement: str) -> set[str]:
     return set(result.stdout.split())
 
 
+@pytest.mark.slow
 def test_decode_kernels_does_not_import_the_generator():
     pytest.importorskip("triton", reason="decode_kernels needs Triton")
     loaded = modules_loaded_by("import argonne.decode_kernels")
@@ -34,6 +35,7 @@ def test_decode_kernels_does_not_import_the_generator():
     assert "argonne.generate" not in loaded
 
 
+@pytest.mark.slow
 def test_the_cache_imports_neither_the_generator_nor_the_kernels():
     loaded = modules_loaded_by("import argonne.kv_cache")
     assert not loaded & {"argonne.generate", "argonne.decode_kernels"}

@@ -22,6 +22,7 @@ def bin_folder(model_dir, folder, state=None, name="pytorch_model.bin"):
     return model
 
 
+@pytest.mark.slow
 def test_a_folder_with_pytorch_model_bin_loads(model_dir, tmp_path, capsys):
     folder = tmp_path / "bin"
     model = bin_folder(model_dir, folder)
@@ -34,6 +35,7 @@ def test_a_folder_with_pytorch_model_bin_loads(model_dir, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("Hello")
 
 
+@pytest.mark.slow
 def test_bin_weights_that_do_not_fit_or_run_code_are_refused(model_dir, tmp_path, capsys):
     model = bin_folder(model_dir, tmp_path / "shapes")
     state = dict(model.state_dict())
@@ -58,6 +60,7 @@ def test_a_folder_without_weights_says_what_it_looked_for(tmp_path, capsys):
     assert "no weights" in err and "model.safetensors" in err and "pytorch_model.bin" in err and "COMPLETE" in err
 
 
+@pytest.mark.slow
 def test_a_training_checkpoint_loads_directly(model_dir, tmp_path):
     from argonne.checkpoint import save_checkpoint
 
@@ -108,6 +111,7 @@ def test_a_folder_without_a_tokenizer_says_which_files_and_how_to_pass_one(model
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "out"]  # no staging folder left
 
 
+@pytest.mark.slow
 def test_an_export_that_fails_midway_leaves_the_earlier_output_as_it_was(model_dir, tmp_path_factory, monkeypatch):
     import argonne.export as export
 

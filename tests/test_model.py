@@ -102,9 +102,20 @@ def test_logits_equal_llama(overrides):
     assert (ours - theirs).abs().max().item() <= 1e-5
 
 
+# The two GPT-2-style presets differ only in size; shrunk to one shape they would be the same model. So each keeps
+# what sets it apart: Argonne 1.5's head_dim of 81 is no multiple of 8 (here 15), and it is deeper and has more heads.
+GPT2_SHAPES = {
+    "argonne-1.0": GPT2_STYLE,
+    "argonne-1.5": dict(GPT2_STYLE, hidden_size=90, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=6,
+                        head_dim=15, intermediate_size=360),
+}
+
+
 @pytest.mark.parametrize("preset", ["argonne-1.0", "argonne-1.5"])
 def test_logits_equal_gpt2(preset):
-    model = make_model(preset, **GPT2_STYLE)
+    model = make_model(preset, **GPT2_SHAPES[preset])
+    other = next(p for p in GPT2_SHAPES if p != preset)
+    assert model.config.to_dict() != make_model(other, **GPT2_SHAPES[other]).config.to_dict()
     gpt2 = to_gpt2(model)
     tokens = torch.randint(0, 320, (2, 45))
     with torch.no_grad():
@@ -390,6 +401,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, preset, shape):
 REMOTE_CODE_FILES = {"configuration_argonne.py", "modeling_argonne.py", "loss_argonne.py"}
 
 
+@pytest.mark.slow
 def test_fresh_process_loads_with_trust_remote_code(tmp_path):
     """A saved folder carries its code (the model file and the loss file it imports relatively), and loads with
     trust_remote_code=True in a process where the argonne package cannot be imported at all."""

@@ -23,6 +23,7 @@ def loss_grads_and_backward_flops(model, tokens):
     return loss.detach(), grads, counter.get_total_flops()
 
 
+@pytest.mark.slow
 def test_selective_checkpointing_recomputes_no_matmul_and_keeps_the_gradients():
     torch.manual_seed(0)
     plain = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **SHAPE)).train()

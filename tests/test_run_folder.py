@@ -35,6 +35,7 @@ def hold_lock_in_another_process(run_dir):
     return process
 
 
+@pytest.mark.slow
 def test_a_second_locker_is_refused_and_a_dead_ones_lock_is_free(tmp_path):
     holder = hold_lock_in_another_process(tmp_path)
     try:

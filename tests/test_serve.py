@@ -97,6 +97,7 @@ def test_chat_completion_and_streaming_agree(client):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
 
 
+@pytest.mark.slow
 def test_concurrent_requests_do_not_corrupt_each_other(client, generator):
     prompts = [f"Request number {i} about tables" for i in range(6)]
     expected = [greedy_text(generator, p, 10) for p in prompts]
@@ -595,6 +596,7 @@ def fuzz_requests(rng: random.Random, count: int) -> list[tuple[str, str, bytes]
     return requests
 
 
+@pytest.mark.slow
 def test_fuzzed_requests_never_get_a_5xx(generator):
     rng = random.Random(1234)
     app = build_app(generator, "tiny", api_key=KEY, limits=ServerLimits(max_prompt_tokens=64, max_tokens=4))

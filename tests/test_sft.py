@@ -46,6 +46,7 @@ def labelled_spans(ids, labels):
 
 
 @pytest.mark.parametrize("which", ["chatml-bpe", "qwen"])
+@pytest.mark.slow
 def test_only_assistant_tokens_carry_labels(bpe, which, request):
     tokenizer = bpe if which == "chatml-bpe" else load_tokenizer(request.getfixturevalue("qwen_tokenizer_dir"))
     ids, labels = render_with_labels(tokenizer, CONVERSATION)
@@ -137,6 +138,7 @@ def sft_args(tmp_path, base, data, *extra):
             "--train.tensorboard=false", "--optim.warmup_steps=5", "--optim.weight_decay=0", *extra]
 
 
+@pytest.mark.slow
 def test_sft_learns_a_small_instruction_set_and_chat_answers_with_it(tmp_path, base_model):
     data = write_jsonl(tmp_path / "instructions.jsonl",
                        [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
@@ -174,6 +176,7 @@ def test_tokenizers_without_a_template_get_chatml(bpe):
     assert render_with_labels(plain, CONVERSATION) == render_with_labels(bpe, CONVERSATION)  # bpe ships ChatML
 
 
+@pytest.mark.slow
 def test_sft_can_start_from_a_training_checkpoint(tmp_path, base_model):
     from argonne.checkpoint import save_checkpoint
 

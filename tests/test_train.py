@@ -104,6 +104,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert optimizer.param_groups[1]["weight_decay"] == 0.0
 
 
+@pytest.mark.slow
 def test_tiny_training_run_lowers_the_loss_and_saves_a_model(tmp_path):
     config = load_run_config(None, streaming_run_args(tmp_path, "--train.steps=30", "--train.log_every=5",
                                                  "--optim.warmup_steps=5", "--data.val_windows=8"))
@@ -116,6 +117,7 @@ def test_tiny_training_run_lowers_the_loss_and_saves_a_model(tmp_path):
     assert (tmp_path / "run" / "model" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_tokenizer_larger_than_the_vocabulary_is_an_error(tmp_path, tiny_run_args):
     config = load_run_config(None, tiny_run_args(tmp_path, "--model.overrides={vocab_size = 1000}"))
     with pytest.raises(ConfigError, match="8192 tokens but model preset 'tiny' has vocab_size 1000"):
@@ -130,6 +132,7 @@ def test_bad_text_column_names_the_file(tmp_path, tiny_run_args):
         train(config)
 
 
+@pytest.mark.slow
 def test_quickstart_run_writes_plot_checkpoint_and_tensorboard(tmp_path, tiny_run_args):
     config = load_run_config(None, tiny_run_args(tmp_path, "--train.steps=4", "--train.log_every=2"))
     train(config)
@@ -154,6 +157,7 @@ def test_plot_command(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nothing")]) == 2
 
 
+@pytest.mark.slow
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_run_args, monkeypatch):
     from argonne.modeling_argonne import ArgonneForCausalLM
     from argonne.train import TrainingStopped
@@ -187,6 +191,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, tiny_ru
         train(config)
 
 
+@pytest.mark.slow
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, tiny_run_args, monkeypatch):
     import torch.distributed.checkpoint as dcp
 
@@ -220,6 +225,7 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, tiny_run_
     ["--parallel.compile=true"],
     ["--parallel.compile=true", "--parallel.activation_checkpointing=selective"],
 ])
+@pytest.mark.slow
 def test_checkpointing_and_compile_keep_the_losses(tmp_path, tiny_run_args, options):
     def run(name, *extra):
         args = tiny_run_args(tmp_path / name, "--train.steps=3", "--train.log_every=1", "--train.tensorboard=false",
@@ -227,10 +233,18 @@ def test_checkpointing_and_compile_keep_the_losses(tmp_path, tiny_run_args, opti
         train(load_run_config(None, args))
         return [json.loads(line)["loss"] for line in (tmp_path / name / "run" / "metrics.jsonl").open()]
 
-    eager, changed = run("eager"), run("changed", *options)
+    from torch._dynamo.utils import counters
+
+    eager = run("eager")
+    counters.clear()
+    changed = run("changed", *options)
     assert changed == pytest.approx(eager, rel=1e-4)
+    # Equal losses would also come from a compile that silently stayed eager: dynamo must have made graphs.
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0 if "--parallel.compile=true" in options else compiled == 0, dict(counters["stats"])
 
 
+@pytest.mark.slow
 def test_the_loop_reads_device_values_only_at_log_steps(tmp_path, tiny_run_args, monkeypatch):
     """No host synchronisation inside a step: the number of device-to-host reads does not grow with the number
     of steps between two logs (on a GPU each read would stall the queue of work)."""
@@ -306,6 +320,7 @@ def test_a_checkpoint_resumes_into_a_differently_grouped_optimizer(tmp_path):
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0, 0.0]  # from the new config
 
 
+@pytest.mark.slow
 def test_streamed_rows_skipped_are_counted_in_the_metrics(tmp_path):
     texts = pq.read_table(SAMPLE_SHARD, columns=["text"]).column("text").to_pylist()[:40]
     bad = tmp_path / "bad-rows.parquet"
@@ -327,6 +342,7 @@ def run_steps(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl")[0]}
 
 
+@pytest.mark.slow
 def test_a_fresh_start_in_a_used_run_folder_is_refused_until_overwrite(tmp_path, tiny_run_args, capsys):
     from argonne.cli import main
     from argonne.run_folder import RunFolderError
@@ -353,6 +369,7 @@ def test_a_fresh_start_in_a_used_run_folder_is_refused_until_overwrite(tmp_path,
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000001", "step-00000002"]
 
 
+@pytest.mark.slow
 def test_resume_auto_skips_a_damaged_checkpoint_and_a_torn_metrics_line(tmp_path, tiny_run_args, capsys):
     from argonne.checkpoint import CheckpointError
 
@@ -396,6 +413,7 @@ def read_marker_step(path) -> int:
     return read_marker(path)["step"]
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path, tiny_run_args, capsys):
     import subprocess
     import sys
@@ -421,6 +439,7 @@ def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path, tiny_run_a
     assert summary["step"] == 1
 
 
+@pytest.mark.slow
 def test_mfu_is_reported_only_against_a_sound_peak(tmp_path, tiny_run_args, capsys):
     """On a CPU the matmul rate measured at start is no sound peak (MFU above 1 was printed): MFU is left out,
     saying why, unless train.peak_tflops gives the peak."""
@@ -435,6 +454,7 @@ def test_mfu_is_reported_only_against_a_sound_peak(tmp_path, tiny_run_args, caps
     assert all("mfu" not in r for r in measured) and all(0 < r["mfu"] < 1 for r in given)
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_elsewhere_resumes_only_into_an_unused_folder(tmp_path, tiny_run_args):
     from argonne.run_folder import RunFolderError
 
@@ -454,6 +474,7 @@ def test_a_checkpoint_from_elsewhere_resumes_only_into_an_unused_folder(tmp_path
     assert sorted(run_steps(tmp_path / "fresh" / "run")) == [3]
 
 
+@pytest.mark.slow
 def test_resuming_an_older_checkpoint_of_the_run_sets_the_later_one_aside(tmp_path, tiny_run_args, capsys):
     from argonne.checkpoint import read_marker
 
@@ -483,6 +504,7 @@ def test_a_sequence_longer_than_the_model_context_is_refused(tmp_path, tiny_run_
         train(config)
 
 
+@pytest.mark.slow
 def test_init_from_brings_its_tokenizer_and_another_one_is_an_error(tmp_path, qwen_tokenizer_dir):
     from argonne.train import build_tokenizer
 

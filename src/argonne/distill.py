@@ -131,7 +131,9 @@ class _DistillationLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_kl, grad_ce):
         (grad,) = ctx.saved_tensors
         scale = (grad_loss / ctx.count).to(grad.dtype)
-        return (grad * scale).view(ctx.logits_shape), None, None, None
+        # Scaled in place: a second logits-sized tensor here was the step's memory peak. (So one backward only,
+        # as training does.)
+        return grad.mul_(scale).view(ctx.logits_shape), None, None, None
 
 
 class DistillationObjective:

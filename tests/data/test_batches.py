@@ -129,6 +129,7 @@ def test_resume_state_mismatches_are_errors(prepared):
         odd.load_state_dict(state)
 
 
+@pytest.mark.slow
 def test_tokenizer_mismatch_is_an_error(prepared, qwen_tokenizer_dir):
     with pytest.raises(DataError, match=r"was tokenized with .*8192 tokens.* but training uses .*151665"):
         PreparedTokens(prepared, tokenizer=load_tokenizer(qwen_tokenizer_dir))
@@ -145,6 +146,7 @@ def streaming_steps(shards, tokenizer, world, micro, steps, state=None):
     return consumed, loaders[0].state_dict()
 
 
+@pytest.mark.slow
 def test_streaming_matches_prepared_order_and_resumes_on_other_rank_counts(shards, tokenizer, prepared):
     straight, _ = streaming_steps(shards, tokenizer, world=1, micro=8, steps=6)
     in_order = WindowBatches(TokenWindows(PreparedTokens(prepared), SEQ), 8, shuffle=False)
@@ -181,6 +183,7 @@ def streams_with_bad_input(folder, shards):
     return [str(corrupt), str(folder / "bad-rows.parquet"), digits, *shards[1:]]
 
 
+@pytest.mark.slow
 def test_streaming_counts_what_it_skips_across_worker_processes(shards, tokenizer, tmp_path):
     inputs = streams_with_bad_input(tmp_path / "in", shards)
     stream = StreamingTokens(inputs, tokenizer, DocumentSettings(on_error="skip"), workers=1)

@@ -111,6 +111,7 @@ def test_filter_thresholds_are_configurable(tmp_path, tokenizer):
     assert manifest["skipped_files"][0]["path"].endswith("a.parquet")
 
 
+@pytest.mark.slow
 def test_worker_tokenization_equals_the_transformers_tokenizer(sample_texts, qwen_tokenizer_dir):
     texts = sample_texts[0][:10]
     for folder in (SAMPLE_TOKENIZER, qwen_tokenizer_dir):
@@ -200,6 +201,7 @@ def damaged_pages(path, texts, group: int = 1):
     return str(path)
 
 
+@pytest.mark.slow
 def test_damaged_pages_are_an_error_naming_the_row_group_or_a_counted_skip(tmp_path, tokenizer, sample_texts):
     texts = sample_texts[0][:24]
     damaged = damaged_pages(tmp_path / "damaged.parquet", texts)
@@ -223,6 +225,7 @@ def dictionary_encoded(path, texts, ids):
     return str(path)
 
 
+@pytest.mark.slow
 def test_a_dictionary_encoded_text_column_is_text(tmp_path, tokenizer, sample_texts):
     texts, ids = sample_texts[0][:30], sample_texts[1][:30]
     texts[3] = texts[10]  # a repeated value, which the dictionary stores once
@@ -244,6 +247,7 @@ def test_a_dictionary_encoded_text_column_is_text(tmp_path, tokenizer, sample_te
 # ------------------------------------------------------------------------------------------- prepare
 
 
+@pytest.mark.slow
 def test_output_is_byte_identical_whatever_the_worker_count(three_shards, tokenizer, tmp_path):
     outputs = []
     for workers in (0, 2):
@@ -256,6 +260,7 @@ def test_output_is_byte_identical_whatever_the_worker_count(three_shards, tokeni
         assert (outputs[0] / rel).read_bytes() == (outputs[1] / rel).read_bytes(), rel
 
 
+@pytest.mark.slow
 def test_interrupted_prepare_resumes_without_redoing_finished_shards(three_shards, tokenizer, tmp_path,
                                                                      monkeypatch):
     import argonne.data.documents as data
@@ -286,6 +291,7 @@ def test_interrupted_prepare_resumes_without_redoing_finished_shards(three_shard
         assert (out / path.relative_to(tmp_path / "clean")).read_bytes() == path.read_bytes()
 
 
+@pytest.mark.slow
 def test_manifest_records_tokenizer_sources_and_counts(three_shards, tokenizer, tmp_path):
     manifest = prepare_dataset(three_shards, tokenizer, tmp_path / "out", settings(val_fraction=0.25),
                                progress=False)
@@ -306,6 +312,7 @@ def test_validation_split_is_by_document_id_hash(sample_texts):
     assert not any(is_held_out(i, 0.0) for i in ids)
 
 
+@pytest.mark.slow
 def test_inspect_prints_manifest_and_decodes_a_window(three_shards, tokenizer, tmp_path, capsys):
     prepare_dataset(three_shards, tokenizer, tmp_path / "out", settings(), progress=False)
     assert main(["data", "inspect", str(tmp_path / "out"), "--show-tokens", "20"]) == 0
@@ -313,6 +320,7 @@ def test_inspect_prints_manifest_and_decodes_a_window(three_shards, tokenizer, t
     assert "8,192 tokens" in out and "kept" in out and "--- window 0" in out and "part-0.parquet" in out
 
 
+@pytest.mark.slow
 def test_prepare_command_line(three_shards, tmp_path, capsys):
     code = main(["data", "prepare", *three_shards, "--tokenizer", str(SAMPLE_TOKENIZER), "--output",
                  str(tmp_path / "cli"), "--workers", "0", "--val-fraction", "0.1", "--seq-len", "128"])
@@ -326,6 +334,7 @@ def test_prepare_command_line(three_shards, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------- hub and tokenizer
 
 
+@pytest.mark.slow
 def test_hub_paths_go_through_the_hub_filesystem(tmp_path, tokenizer, monkeypatch, three_shards):
     import fsspec
 
@@ -362,6 +371,7 @@ def test_hub_paths_go_through_the_hub_filesystem(tmp_path, tokenizer, monkeypatc
     assert manifest["sources"][0]["sha256"] == "f" * 64
 
 
+@pytest.mark.slow
 def test_tokenizer_train_command(tmp_path, three_shards):
     assert main(["tokenizer", "train", *three_shards, "--vocab-size", "600", "--output", str(tmp_path / "bpe")]) == 0
     tok = load_tokenizer(tmp_path / "bpe")

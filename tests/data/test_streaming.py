@@ -53,6 +53,7 @@ NON_DEFAULT = dict(id_column="key", val_fraction=0.3, ratio_rules_min_chars=20, 
                    min_letter_space_fraction=0.8, min_tokens=30)
 
 
+@pytest.mark.slow
 def test_streaming_yields_the_prepared_token_stream(keyed_shards, tokenizer, tmp_path):
     manifest = prepare_dataset(keyed_shards, tokenizer, tmp_path / "out", settings(**NON_DEFAULT), progress=False)
     # The settings acted: documents were dropped by every filter, and held out by the `key` column.
@@ -72,6 +73,7 @@ def test_streaming_yields_the_prepared_token_stream(keyed_shards, tokenizer, tmp
         assert all(np.array_equal(next(resumed)[0], windows[j][0]) for j in range(k, min(k + 3, len(windows))))
 
 
+@pytest.mark.slow
 def test_a_run_config_streams_with_its_document_settings(keyed_shards, tokenizer, tmp_path):
     prepare_dataset(keyed_shards, tokenizer, tmp_path / "out", settings(**NON_DEFAULT), progress=False)
     overrides = [f"--data.{name}={value!r}" for name, value in NON_DEFAULT.items()]
@@ -84,6 +86,7 @@ def test_a_run_config_streams_with_its_document_settings(keyed_shards, tokenizer
     assert np.array_equal(validation[0][0].numpy(), read_window(PreparedTokens(tmp_path / "out", "val"), 0, 64))
 
 
+@pytest.mark.slow
 def test_prepared_data_refuses_other_document_settings(keyed_shards, tokenizer, tmp_path):
     prepare_dataset(keyed_shards, tokenizer, tmp_path / "out", settings(**NON_DEFAULT), progress=False)
 
@@ -107,6 +110,7 @@ def run_shared(tmp_path, settings_: DocumentSettings, files, nproc):
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]
 
 
+@pytest.mark.slow
 def test_shared_tokenization_gives_every_process_the_whole_stream(keyed_shards, tokenizer, tmp_path):
     documents = DocumentSettings(**NON_DEFAULT)
     stream = StreamingTokens(keyed_shards, tokenizer, documents)
