@@ -16,7 +16,7 @@ time of its own process while reading (gloo exchange, packing), its wall time an
 with and without sharing must match).
 
 The input's row groups are rewritten, in a temporary folder, to `--rows-per-group` documents each (the same texts in
-the same order): the shared corpus has row groups of 512 documents (1.2-1.7M Qwen2.5 tokens, 7-10 CPU-s each), so
+the same order): the shared corpus has row groups of up to 512 documents (up to 1.7M Qwen2.5 tokens, 10 CPU-s), so
 a short run would tokenize whole rounds of N of them for a fraction of their tokens. `--rows-per-group 0` reads the
 files as they are.
 """
