@@ -1,6 +1,5 @@
 """Perplexity with a sliding window, and multi-turn chat."""
 
-import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+from argonne import load_tokenizer
 from argonne.cli import main
 from argonne.loading import open_model
 from argonne.generate import (

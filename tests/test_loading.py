@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+from argonne import ArgonneConfig, ArgonneForCausalLM
 from argonne.cli import main
 from argonne.loading import ModelError, open_model, read_weights
 

@@ -19,10 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .configuration_argonne import ArgonneConfig
 from .kv_cache import StaticKVCache
 from .modeling_argonne import ArgonneForCausalLM
-from .tokenizer import load_tokenizer
 
 
 @dataclass

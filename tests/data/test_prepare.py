@@ -9,11 +9,10 @@ import pytest
 from argonne import load_tokenizer
 from argonne.cli import main
 from argonne.data import DataError, DocumentSettings
-from argonne.data.batches import read_window
 from argonne.data.documents import _encode, _init_worker, char_filter_reasons, is_held_out
 from argonne.data.parquet import iter_texts, resolve_parquet_files
 from argonne.data.prepare import PrepareSettings, PreparedTokens, load_manifest, prepare_dataset
-from argonne.data.streaming import StreamingTokens, StreamPosition, iter_stream_windows
+from argonne.data.streaming import StreamingTokens, StreamPosition
 
 from ..conftest import SAMPLE_SHARD, SAMPLE_TOKENIZER
 

@@ -13,7 +13,7 @@ from argonne import load_tokenizer
 from argonne.config import load_run_config
 from argonne.data import DataError, DocumentSettings
 from argonne.data.batches import pretraining_data, read_window
-from argonne.data.prepare import PrepareSettings, PreparedTokens, prepare_dataset
+from argonne.data.prepare import PreparedTokens, prepare_dataset
 from argonne.data.streaming import StreamingTokens, StreamPosition, held_out_tokens, iter_stream_windows
 
 from ..conftest import SAMPLE_TOKENIZER, env, failure, torchrun
