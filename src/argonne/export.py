@@ -82,7 +82,9 @@ def export_model(source: str | Path, target: str, output: str | Path, dtype: str
     output = Path(output)
     if target == "llama":
         to_llama_config(model.config)  # refuses a model Llama cannot hold, before anything is written
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent if output.parent.is_dir() else None))
+    # Staged beside the output, on its filesystem, so the final move is a rename (from /tmp it could cross devices).
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         written = _write_export(model, tokenizer, target, staging / output.name)
         return _move_into_place(written, output)
