@@ -1,6 +1,8 @@
 import os
 import re
+import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +20,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE_SHARD = REPO / "data" / "sample" / "shard-00000.parquet"
 SAMPLE_TOKENIZER = REPO / "data" / "tokenizers" / "sample-bpe-8k"
+
+
+def write_sample_head(path: Path, documents: int = 200, row_group_size: int = 25) -> Path:
+    """The sample's first documents as a parquet file of small row groups: the whole sample is 13 MB of text, and
+    tokenizing it costs seconds that a test of a few steps does not need."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pq.read_table(SAMPLE_SHARD).slice(0, documents), path, row_group_size=row_group_size)
+    return path
 
 
 @pytest.fixture
@@ -85,3 +98,28 @@ def failure(*outputs: str) -> str:
     ranks = [f"--- rank {rank} ---\n" + "\n".join(own[-40:]) for rank, own in sorted(by_rank.items())]
     launcher = [line for line in lines if not RANK_LINE.match(line)]
     return "\n".join(ranks) + "\n--- launcher ---\n" + "\n".join(launcher[-30:])
+
+
+def run_process(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run in a session of its own: on a timeout the whole group dies (torchrun's workers with the
+    launcher; killing the launcher alone once left a worker running), and the test fails with what it printed."""
+    process = subprocess.Popen(args, env=kwargs.pop("env", None) or env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        raise AssertionError(f"{' '.join(args[:6])} ... timed out after {timeout} s\n" + failure(out, err)) from None
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
+# The shared training launches (session-wide, so every module that uses them pays for them once).
+from .launches import (  # noqa: E402,F401 - registered here as fixtures
+    four_processes,
+    one_process,
+    prepared_sample,
+    streamed_one_process,
+    streaming,
+    two_processes,
+)

@@ -157,7 +157,7 @@ def test_other_architectures_get_the_plain_gemv():
 def test_generator_with_gemv_kernels_decodes_the_same_tokens(attention, monkeypatch):
     if attention == "in key ranges":
         monkeypatch.setattr(decode_kernels, "MIN_KEYS_PER_SPLIT", 8)  # the 64-key cache in 8 ranges
-    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    params = SamplingParams(max_new_tokens=4, temperature=0.0)  # each step is ~1 s of Triton's interpreter here
     for lengths in ([6], [5, 3]):  # batch 1 decodes through the kernels; batch 2 through cuBLAS / MKL
         prompts = prompts_of(lengths)
         config = {**LLAMA_STYLE, "max_position_embeddings": 64, "num_hidden_layers": 1}
@@ -308,48 +308,68 @@ def capture(gm, example_inputs):  # trace as torch.compile does (Dynamo, AOTAuto
                                  keep_inference_input_mutations=True)  # as Inductor traces inference graphs
 
 
-torch.manual_seed(0)
-model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=2)).eval()
-generator = Generator(model, IdTokenizer(), compile=False)
-if sys.argv[1] == "attention-in-key-ranges":
-    decode_kernels.MIN_KEYS_PER_SPLIT = 16  # the 256-key cache in 16 ranges
-use_gemv_kernels(model, attention=sys.argv[1] != "sdpa")
-generator._decode_forward = torch.compile(generator._decode_logits, backend=capture, fullgraph=True)
-cache = generator._cache_for(1, 16)  # a decode step after a 3-token prompt
-generator._decode.start(torch.ones(1, cache.max_len, dtype=torch.bool), torch.tensor([[2]]), 3, torch.tensor([7]))
-try:
-    generator._decode()
-except Exception:
-    pass  # running the kernels needs a GPU; the traced graph is what is checked
-graph = graphs[0].graph
-nodes = [node for node in graph.nodes if "triton_kernel_wrapper" in str(node.target)]
-written = sorted({name for node in nodes for name in node.kwargs["tensors_to_clone"]})
-reinplace_inplaceable_ops_core(graph)  # Inductor's pass: a kernel writes in place what it need not copy
-cloned = sorted({name for node in nodes for name in node.kwargs["tensors_to_clone"]})
-cache_writes = sum(node.target is torch.ops.aten.index_copy.default for node in graph.nodes)
-print(len(nodes), written, cloned, cache_writes)
+def trace(attention):
+    graphs.clear()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=2)).eval()
+    generator = Generator(model, IdTokenizer(), compile=False)
+    # the 256-key cache in 16 ranges, or (the default) whole
+    decode_kernels.MIN_KEYS_PER_SPLIT = 16 if attention == "attention-in-key-ranges" else MIN_KEYS_PER_SPLIT
+    use_gemv_kernels(model, attention=attention != "sdpa")
+    generator._decode_forward = torch.compile(generator._decode_logits, backend=capture, fullgraph=True)
+    cache = generator._cache_for(1, 16)  # a decode step after a 3-token prompt
+    generator._decode.start(torch.ones(1, cache.max_len, dtype=torch.bool), torch.tensor([[2]]), 3,
+                            torch.tensor([7]))
+    try:
+        generator._decode()
+    except Exception:
+        pass  # running the kernels needs a GPU; the traced graph is what is checked
+    graph = graphs[0].graph
+    nodes = [node for node in graph.nodes if "triton_kernel_wrapper" in str(node.target)]
+    written = sorted({name for node in nodes for name in node.kwargs["tensors_to_clone"]})
+    reinplace_inplaceable_ops_core(graph)  # Inductor's pass: a kernel writes in place what it need not copy
+    cloned = sorted({name for node in nodes for name in node.kwargs["tensors_to_clone"]})
+    cache_writes = sum(node.target is torch.ops.aten.index_copy.default for node in graph.nodes)
+    print(attention, len(nodes), written, cloned, cache_writes)
+
+
+MIN_KEYS_PER_SPLIT = decode_kernels.MIN_KEYS_PER_SPLIT
+for attention in sys.argv[1:]:  # several in one process: starting one costs more than a trace
+    trace(attention)
 """
 
 
-@pytest.mark.parametrize("attention, kernels, written, cache_writes", [
-    ("sdpa", 9, ["out_ptr"], 2),
-    ("attention", 11, ["cache_ptr", "out_ptr"], 0),  # keys and values go into the cache from the q/k/v kernel
-    ("attention-in-key-ranges", 13, ["cache_ptr", "lse_ptr", "out_ptr"], 0),  # + the ranges' outputs (fresh)
-])
-def test_the_decode_step_with_the_plan_traces_as_torch_compile_does(attention, kernels, written, cache_writes):
-    """On a GPU the decode step is compiled whole (fullgraph) with the kernels inside. Here it is traced as
-    torch.compile traces it, with a compile-only CUDA target for Triton: the trace must hold every kernel (4 GEMVs
-    per layer and the head's, with the Triton attention 1 more per layer, 2 when it splits the keys into ranges),
-    find that each writes only its output (and the cache), and after Inductor's re-inplacing pass nothing is
-    copied: the cache is written in place, by the q/k/v kernel itself with the Triton attention."""
+TRACED = {  # attention: (kernels, tensors they write, index_copy writes to the cache)
+    "sdpa": (9, ["out_ptr"], 2),
+    "attention": (11, ["cache_ptr", "out_ptr"], 0),  # keys and values go into the cache from the q/k/v kernel
+    "attention-in-key-ranges": (13, ["cache_ptr", "lse_ptr", "out_ptr"], 0),  # + the ranges' outputs (fresh)
+}
+
+
+@pytest.fixture(scope="module")
+def traced() -> dict[str, str]:
+    """TRACE_DECODE_STEP for every attention of TRACED, in one process without Triton's interpreter: its line
+    for each."""
     import os
     import subprocess
     import sys
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", TRACE_DECODE_STEP, attention], env=env, capture_output=True,
-                            text=True)
+    result = subprocess.run([sys.executable, "-c", TRACE_DECODE_STEP, *TRACED], env=env, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    last_line = result.stdout.strip().splitlines()[-1]
-    assert last_line == f"{kernels} {written} [] {cache_writes}", result.stdout + result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    return {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in lines if line.split(" ", 1)[0] in TRACED}
+
+
+@pytest.mark.parametrize("attention", TRACED)
+def test_the_decode_step_with_the_plan_traces_as_torch_compile_does(traced, attention):
+    """On a GPU the decode step is compiled whole (fullgraph) with the kernels inside. Here it is traced as
+    torch.compile traces it, with a compile-only CUDA target for Triton: the trace must hold every kernel (4 GEMVs
+    per layer and the head's, with the Triton attention 1 more per layer, 2 when it splits the keys into ranges),
+    find that each writes only its output (and the cache), and after Inductor's re-inplacing pass nothing is
+    copied: the cache is written in place, by the q/k/v kernel itself with the Triton attention."""
+    kernels, written, cache_writes = TRACED[attention]
+    assert traced[attention] == f"{kernels} {written} [] {cache_writes}", traced

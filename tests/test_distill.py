@@ -11,20 +11,10 @@ from argonne.distill import distillation_loss
 from argonne.distill import DISTILLATION
 from argonne.train import PRETRAINING, train
 
-from .conftest import SAMPLE_SHARD, SAMPLE_TOKENIZER
+from .conftest import SAMPLE_TOKENIZER
 
 SHAPE = dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              intermediate_size=128, max_position_embeddings=128)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    from argonne.data.prepare import PrepareSettings, prepare_dataset
-
-    out = tmp_path_factory.mktemp("prepared")
-    prepare_dataset([SAMPLE_SHARD], load_tokenizer(SAMPLE_TOKENIZER), out, PrepareSettings(seq_len=32, workers=0),
-                    progress=False)
-    return out
 
 
 def save_model(folder, seed=0, tokenizer=SAMPLE_TOKENIZER, **overrides):
@@ -77,10 +67,10 @@ def test_a_student_equal_to_the_teacher_has_zero_kl_and_no_scored_token_is_nan()
 
 
 @pytest.mark.slow
-def test_alpha_zero_is_plain_training(tmp_path, prepared):
+def test_alpha_zero_is_plain_training(tmp_path, prepared_sample):
     teacher = save_model(tmp_path / "teacher", seed=5)
-    plain = run(tmp_path, prepared, "plain", "--train.steps=6")
-    distilled = run(tmp_path, prepared, "alpha0", "--train.steps=6", f"--distill.teacher={str(teacher)!r}",
+    plain = run(tmp_path, prepared_sample, "plain", "--train.steps=6")
+    distilled = run(tmp_path, prepared_sample, "alpha0", "--train.steps=6", f"--distill.teacher={str(teacher)!r}",
                     "--distill.alpha=0")
     # Plain training takes the model's chunked loss, distillation its own: float32 rounding apart, the same run.
     assert [r["loss"] for r in distilled] == pytest.approx([r["loss"] for r in plain], rel=1e-5)
@@ -88,18 +78,18 @@ def test_alpha_zero_is_plain_training(tmp_path, prepared):
 
 
 @pytest.mark.slow
-def test_a_student_identical_to_the_teacher_has_zero_kl(tmp_path, prepared):
+def test_a_student_identical_to_the_teacher_has_zero_kl(tmp_path, prepared_sample):
     teacher = save_model(tmp_path / "teacher", seed=5)
-    records = run(tmp_path, prepared, "same", "--train.steps=1", f"--model.init_from={str(teacher)!r}",
+    records = run(tmp_path, prepared_sample, "same", "--train.steps=1", f"--model.init_from={str(teacher)!r}",
                   f"--distill.teacher={str(teacher)!r}", "--distill.alpha=1")
     assert abs(records[0]["kl"]) < 1e-6
 
 
 @pytest.mark.slow
-def test_the_students_kl_to_the_teacher_falls(tmp_path, prepared):
-    run(tmp_path, prepared, "teacher", "--train.steps=40", "--optim.lr=3e-3")  # a teacher that knows something
+def test_the_students_kl_to_the_teacher_falls(tmp_path, prepared_sample):
+    run(tmp_path, prepared_sample, "teacher", "--train.steps=40", "--optim.lr=3e-3")  # a teacher that knows something
     teacher = tmp_path / "teacher" / "model"
-    records = run(tmp_path, prepared, "learn", "--train.steps=30", f"--distill.teacher={str(teacher)!r}",
+    records = run(tmp_path, prepared_sample, "learn", "--train.steps=30", f"--distill.teacher={str(teacher)!r}",
                   "--distill.alpha=1", "--distill.temperature=2", "--optim.lr=3e-3", "--train.seed=1")
     first, last = records[0]["kl"], sum(r["kl"] for r in records[-5:]) / 5
     assert last < 0.5 * first, (first, last)
@@ -107,15 +97,15 @@ def test_the_students_kl_to_the_teacher_falls(tmp_path, prepared):
 
 
 @pytest.mark.slow
-def test_vocabularies_padded_mismatched_or_foreign(tmp_path, prepared, qwen_tokenizer_dir):
+def test_vocabularies_padded_mismatched_or_foreign(tmp_path, prepared_sample, qwen_tokenizer_dir):
     padded = save_model(tmp_path / "padded", seed=1, vocab_size=8192 + 64)
-    assert run(tmp_path, prepared, "padded-run", "--train.steps=1", f"--distill.teacher={str(padded)!r}")
+    assert run(tmp_path, prepared_sample, "padded-run", "--train.steps=1", f"--distill.teacher={str(padded)!r}")
     small = save_model(tmp_path / "small", seed=1, vocab_size=4096)
     with pytest.raises(ConfigError, match="teacher's output has 4096 rows for a 8192-token tokenizer"):
-        run(tmp_path, prepared, "small-run", "--train.steps=1", f"--distill.teacher={str(small)!r}")
+        run(tmp_path, prepared_sample, "small-run", "--train.steps=1", f"--distill.teacher={str(small)!r}")
     foreign = save_model(tmp_path / "foreign", seed=1, tokenizer=qwen_tokenizer_dir, vocab_size=151_665)
     with pytest.raises(ConfigError, match=r"teacher's tokenizer \(151665 tokens\) is not the training tokenizer"):
-        run(tmp_path, prepared, "foreign-run", "--train.steps=1", f"--distill.teacher={str(foreign)!r}")
+        run(tmp_path, prepared_sample, "foreign-run", "--train.steps=1", f"--distill.teacher={str(foreign)!r}")
 
 
 def test_a_teacher_asking_to_run_its_own_code_is_refused_without_a_prompt(tmp_path, monkeypatch):

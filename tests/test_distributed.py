@@ -1,8 +1,7 @@
-"""The trainer across layouts and faults, on CPU with gloo: every run is a real `argonne train` process
-(under torchrun where it has several), compared step by step through metrics.jsonl."""
+"""The trainer across layouts and faults, on CPU with gloo: every run is a real `argonne train` (under torchrun
+where it has several; the launches shared with other modules are in launches.py), compared step by step through
+metrics.jsonl."""
 
-import json
-import os
 import re
 import signal
 import subprocess
@@ -12,78 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from argonne import load_tokenizer
 from argonne.checkpoint import latest_checkpoint
-from argonne.data.prepare import PrepareSettings, prepare_dataset
 
-from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER, env, failure, free_port, torchrun
+from .conftest import env, failure, free_port
+from .launches import LAYOUTS, assert_same_losses, command, launched_run, losses, records, train, train_here
 
 pytestmark = pytest.mark.slow  # every test here launches processes or runs Triton's interpreter
-
-MODEL = ("{hidden_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, "
-         "head_dim = 16, intermediate_size = 128}")
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare_dataset([SAMPLE_SHARD], load_tokenizer(SAMPLE_TOKENIZER), out,
-                    PrepareSettings(seq_len=32, workers=0), progress=False)
-    return out
-
-
-def command(prepared, run_dir, steps=10, nproc=1, micro=8, extra=(), launcher=None):
-    args = [
-        "train", str(REPO / "configs" / "tiny.toml"),
-        f"--data.prepared={str(prepared)!r}", "--data.inputs=[]", f"--data.tokenizer={str(SAMPLE_TOKENIZER)!r}",
-        f"--model.overrides={MODEL}", "--data.seq_len=32", f"--train.steps={steps}", "--train.log_every=1",
-        "--optim.warmup_steps=2", "--data.val_windows=0", "--data.workers=0", "--train.peak_tflops=1",
-        "--train.tensorboard=false", f"--train.micro_batch_size={micro}", f"--train.run_dir={str(run_dir)!r}",
-        *extra,
-    ]
-    if launcher is not None:
-        return [sys.executable, "-m", "torch.distributed.run", "--tee", "3", *launcher, "-m", "argonne.cli", *args]
-    if nproc == 1:
-        return [sys.executable, "-m", "argonne.cli", *args]
-    return [sys.executable, "-m", "torch.distributed.run", "--tee", "3", "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port()), "-m", "argonne.cli", *args]
-
-
-def train(prepared, run_dir, **kwargs):
-    result = subprocess.run(command(prepared, run_dir, **kwargs), env=env(), capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, failure(result.stdout, result.stderr)
-    return losses(run_dir)
-
-
-def losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records}
-
-
-def assert_same_losses(a: dict, b: dict, rel=1e-4):
-    assert a.keys() == b.keys(), (sorted(a), sorted(b))
-    for step in a:
-        assert abs(a[step] - b[step]) <= rel * abs(a[step]), (step, a[step], b[step])
-
-
-@pytest.fixture(scope="module")
-def one_process(prepared, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("one")
-    return train(prepared, run_dir, steps=10, extra=["--checkpoint.every=5", "--checkpoint.keep=0"]), run_dir
-
-
-# layout: (processes, micro-batch for the same global batch of 8 sequences, options)
-LAYOUTS = {
-    "fsdp2": (2, 4, []),
-    "tp2": (2, 8, ["--parallel.tensor_parallel=2"]),
-    # Selective checkpointing keeps the tensor-parallel all-reduce outputs instead of recomputing them.
-    "tp2-selective-checkpointing": (2, 8, ["--parallel.tensor_parallel=2",
-                                           "--parallel.activation_checkpointing=selective"]),
-    "fsdp2-full-checkpointing": (2, 4, ["--parallel.activation_checkpointing=full"]),
-    "fsdp2xtp2": (4, 4, ["--parallel.tensor_parallel=2"]),  # the 2D mesh: FSDP over "dp", tensor parallel in "tp"
-}
-
 
 # How the trained weights are split in the layout's checkpoint: (pieces, dimensions split) for a column-parallel
 # matrix (q_proj), a row-parallel one (o_proj) and a norm. Equal losses would also come from a layout that silently
@@ -115,23 +48,43 @@ def saved_sharding(run_dir) -> dict[str, tuple[int, set[int]]]:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_parallel_layouts_match_one_process(prepared, one_process, tmp_path, layout):
-    nproc, micro, extra = LAYOUTS[layout]
-    parallel = train(prepared, tmp_path, steps=10, nproc=nproc, micro=micro, extra=extra)
+def test_parallel_layouts_match_one_process(one_process, request, layout):
+    launch = request.getfixturevalue("four_processes" if LAYOUTS[layout][0] == 4 else "two_processes")
+    run_dir = launched_run(launch, layout)
+    parallel = losses(run_dir)
     assert_same_losses(one_process[0], parallel)
     assert len(parallel) == 10 and parallel[10] < parallel[1]
-    assert saved_sharding(tmp_path) == SHARDING[layout]  # the layout really sharded the weights as its plan says
+    assert saved_sharding(run_dir) == SHARDING[layout]  # the layout really sharded the weights as its plan says
     assert saved_sharding(one_process[1]) == SHARDING["one process"]
-    assert (tmp_path / "model" / "model.safetensors").is_file()  # gathered from the shards
+    assert (run_dir / "model" / "model.safetensors").is_file()  # gathered from the shards
 
 
-def test_tensor_parallel_gradients_loss_and_logits_equal_one_process():
-    """A tied and an untied head, in one launch."""
-    result = subprocess.run(torchrun(2, str(REPO / "tests" / "distributed_grads.py"), "tied", "untied"),
-                            env=env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, failure(result.stdout, result.stderr)
+def test_streaming_on_two_processes_matches_one_process(streamed_one_process, two_processes):
+    """Each process tokenizes half the stream and both train on the global order: the same losses, validation
+    losses (held-out windows, also tokenized in halves) and skip counts as one process reading it all."""
+    parallel = records(launched_run(two_processes, "streaming"))
+    assert [r["step"] for r in parallel] == [r["step"] for r in streamed_one_process] == list(range(1, 11))
+    for one, two in zip(streamed_one_process, parallel):
+        for key in ("loss", "val_loss"):
+            if key in one or key in two:
+                assert abs(one[key] - two[key]) <= 1e-4 * abs(one[key]), (one, two)
+    assert parallel[-1]["loss"] < parallel[0]["loss"]
+
+
+def test_tensor_parallel_gradients_loss_and_logits_equal_one_process(two_processes):
+    """A tied and an untied head (tests/distributed_grads.py)."""
+    launched_run(two_processes, "grads")
     for head in ("tied", "untied"):
-        assert f"ok ({head})" in result.stdout, failure(result.stdout, result.stderr)
+        assert f"ok ({head})" in two_processes["stdout"], failure(two_processes["stdout"], two_processes["stderr"])
+
+
+def test_a_launch_into_a_run_folder_in_use_is_refused_by_every_rank(two_processes):
+    assert two_processes["status"]["in use"] == 2  # the CLI's status for a user's mistake
+    for rank in (0, 1):
+        assert re.search(rf"\[default{rank}\]:argonne train: error: run folder .* is in use by process "
+                         rf"{two_processes['holder']}", two_processes["stderr"]), \
+            failure(two_processes["stdout"], two_processes["stderr"])
+    assert not (two_processes["root"] / "in use" / "metrics.jsonl").exists()
 
 
 def test_a_failed_launch_reports_every_rank(tmp_path):
@@ -150,28 +103,11 @@ def test_a_failed_launch_reports_every_rank(tmp_path):
     assert "--- rank 1 ---" in report and "rank 1 gives up here" in report
 
 
-def test_a_launch_into_a_run_folder_in_use_is_refused_by_every_rank(prepared, tmp_path):
-    from .test_run_folder import hold_lock_in_another_process
-
-    holder = hold_lock_in_another_process(tmp_path)  # e.g. a worker left running by a killed launcher
-    try:
-        result = subprocess.run(command(prepared, tmp_path, steps=2, nproc=2, micro=4), env=env(),
-                                capture_output=True, text=True, timeout=300)
-    finally:
-        holder.kill()
-        holder.wait()
-    assert result.returncode != 0
-    for rank in (0, 1):
-        assert re.search(rf"\[default{rank}\]:argonne train: error: run folder .* is in use by process {holder.pid}",
-                         result.stderr), failure(result.stdout, result.stderr)
-    assert not (tmp_path / "metrics.jsonl").exists()
-
-
-def test_two_node_launch_matches_one_node(prepared, one_process, tmp_path):
+def test_two_node_launch_matches_one_node(prepared_sample, one_process, tmp_path):
     port = free_port()
     nodes = [
         subprocess.Popen(
-            command(prepared, tmp_path, steps=10, micro=4, launcher=[
+            command(prepared_sample, tmp_path, steps=10, micro=4, launcher=[
                 "--nnodes", "2", "--node-rank", str(rank), "--nproc-per-node", "1",
                 "--master-addr", "127.0.0.1", "--master-port", str(port)]),
             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -194,41 +130,36 @@ def wait_for_step(run_dir: Path, step: int, process, timeout=120):
     raise TimeoutError(f"step {step} not reached")
 
 
-def test_kill_9_then_resume_auto_equals_the_uninterrupted_run(prepared, tmp_path):
-    straight = train(prepared, tmp_path / "straight", steps=16)
+def test_kill_9_then_resume_auto_equals_the_uninterrupted_run(prepared_sample, tmp_path):
+    straight = train_here(prepared_sample, tmp_path / "straight", steps=16)
     run_dir = tmp_path / "killed"
     extra = ["--checkpoint.every=4"]
-    process = subprocess.Popen(command(prepared, run_dir, steps=16, extra=extra + ["--train.sample_every=0"]),
+    process = subprocess.Popen(command(prepared_sample, run_dir, steps=16, extra=extra + ["--train.sample_every=0"]),
                                env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for_step(run_dir, 10, process)
     process.kill()  # SIGKILL: no handler runs
     process.wait()
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     assert checkpoint is not None and checkpoint.name in ("step-00000008", "step-00000012")
-    resumed = train(prepared, run_dir, steps=16, extra=extra + ["--resume", "auto"])
+    resumed = train(prepared_sample, run_dir, steps=16, extra=extra + ["--resume", "auto"])
     assert resumed == straight  # exactly: same process count, same arithmetic
 
 
 @pytest.mark.parametrize("before,after", [("fsdp2", 1), ("tp2", 1), (1, 2)], ids=["fsdp2-to-1", "tp2-to-1", "1-to-2"])
-def test_resume_with_another_process_count(prepared, one_process, tmp_path, before, after):
-    straight, straight_dir = one_process
-    if before == 1:
-        first_dir = straight_dir
+def test_resume_with_another_process_count(prepared_sample, one_process, two_processes, tmp_path, before, after):
+    """A checkpoint at step 5 of one layout, resumed in another, continues with the uninterrupted run's losses."""
+    straight, _ = one_process
+    if after == 2:  # resumed in the two-process launch, from one_process's checkpoint
+        resumed = losses(launched_run(two_processes, "1-to-2"))
     else:
-        first_dir = tmp_path / "first"
-        tp = ["--parallel.tensor_parallel=2"] if before == "tp2" else []
-        train(prepared, first_dir, steps=10, nproc=2, micro=8 if tp else 4,
-              extra=["--checkpoint.every=5", "--checkpoint.keep=0", *tp])
-    run_dir = tmp_path / "resumed"
-    checkpoint = first_dir / "checkpoints" / "step-00000005"
-    resumed = train(prepared, run_dir, steps=10, nproc=after, micro=8 // after,
-                    extra=["--resume", str(checkpoint)])
+        checkpoint = launched_run(two_processes, before) / "checkpoints" / "step-00000005"
+        resumed = train_here(prepared_sample, tmp_path, extra=["--resume", str(checkpoint)])
     assert sorted(resumed) == list(range(6, 11))
     assert_same_losses({s: straight[s] for s in resumed}, resumed)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared, tmp_path):
-    process = subprocess.Popen(command(prepared, tmp_path, steps=100000), env=env(),
+def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared_sample, tmp_path):
+    process = subprocess.Popen(command(prepared_sample, tmp_path, steps=100000), env=env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for_step(tmp_path, 3, process)
     process.send_signal(signal.SIGTERM)
@@ -239,16 +170,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared, tmp_path):
     assert "resume with --resume auto" in out + err
 
 
-def test_models_built_on_meta_are_initialised_after_sharding(prepared, tmp_path):
-    """On the 2-D mesh (FSDP 2 x TP 2), so one launch covers both kinds of sharding."""
+def test_models_built_on_meta_are_initialised_after_sharding(four_processes):
+    """On the 2-D mesh (FSDP 2 x TP 2), so one run covers both kinds of sharding."""
     import math
 
-    args = command(prepared, tmp_path, steps=10, nproc=4, micro=4, extra=["--parallel.tensor_parallel=2"])
-    script = args.index("-m", args.index("torch.distributed.run") + 1)  # the second -m runs argonne.cli
-    args[script:script + 2] = [str(REPO / "tests" / "train_with_meta_init.py")]
-    result = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, failure(result.stdout, result.stderr)
-    steps = losses(tmp_path)
+    steps = losses(launched_run(four_processes, "meta init"))
     assert abs(steps[1] - math.log(8192)) < 0.2  # a fresh initialisation predicts near-uniformly
     assert all(math.isfinite(v) for v in steps.values())
     assert sum(steps[s] for s in (8, 9, 10)) / 3 < steps[1] - 0.1  # and it trains

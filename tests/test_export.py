@@ -240,19 +240,13 @@ def test_gguf_holds_the_dtype_asked_for(tmp_path, dtype):
 
 
 @pytest.mark.slow
-def test_a_tensor_parallel_checkpoint_exports_to_every_format(tmp_path):
-    from argonne.data.prepare import PrepareSettings, prepare_dataset
+def test_a_tensor_parallel_checkpoint_exports_to_every_format(tmp_path, two_processes):
     from argonne.export import gguf_tensors
 
-    from .conftest import SAMPLE_SHARD
-    from .test_distributed import train
+    from .launches import launched_run
 
-    prepared = tmp_path / "prepared"
-    prepare_dataset([SAMPLE_SHARD], load_tokenizer(SAMPLE_TOKENIZER), prepared, PrepareSettings(seq_len=32, workers=0),
-                    progress=False)
-    run_dir = tmp_path / "run"
-    train(prepared, run_dir, steps=3, nproc=2, extra=["--parallel.tensor_parallel=2"])
-    checkpoint = run_dir / "checkpoints" / "step-00000003"
+    run_dir = launched_run(two_processes, "tp2")  # trained with tensor parallel 2 (a launch other tests share)
+    checkpoint = run_dir / "checkpoints" / "step-00000010"
     trained = ArgonneForCausalLM.from_pretrained(run_dir / "model")  # gathered by the trainer from the shards
     tokens = torch.randint(3, 8192, (2, 16))
     expected = logits(trained, tokens)

@@ -14,7 +14,7 @@ from argonne.config import ConfigError, OptimConfig, load_run_config
 from argonne.run_folder import read_metrics
 from argonne.train import build_optimizer, lr_at, train
 
-from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER
+from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER, write_sample_head
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def prepared(tmp_path_factory):
     from argonne.data.prepare import PrepareSettings, prepare_dataset
 
     out = tmp_path_factory.mktemp("prepared")
-    prepare_dataset([SAMPLE_SHARD], load_tokenizer(SAMPLE_TOKENIZER), out,
+    prepare_dataset([write_sample_head(tmp_path_factory.mktemp("sample") / "head.parquet")], load_tokenizer(SAMPLE_TOKENIZER), out,
                     PrepareSettings(seq_len=64, workers=0, documents=DocumentSettings(val_fraction=0.02)),
                     progress=False)
     return out
@@ -32,7 +32,7 @@ def prepared(tmp_path_factory):
 
 def streaming_run_args(tmp_path, *extra):
     return [
-        f"--data.inputs=[{str(SAMPLE_SHARD)!r}]",
+        f"--data.inputs=[{str(write_sample_head(tmp_path / 'sample-head.parquet'))!r}]",
         f"--data.tokenizer={str(SAMPLE_TOKENIZER)!r}",
         f"--train.run_dir={str(tmp_path / 'run')!r}",
         "--model.overrides={num_hidden_layers = 2, hidden_size = 128, intermediate_size = 344}",

@@ -27,6 +27,8 @@ import time
 import uuid
 from pathlib import Path
 
+from .files import write_atomic
+
 LOCK_FILE = "run.lock"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
@@ -227,15 +229,6 @@ def read_run_id(run_dir: str | Path) -> str | None:
 
 def write_run_record(run_dir: str | Path, run_id: str, **details) -> None:
     write_atomic(Path(run_dir) / RUN_FILE, json.dumps({"run_id": run_id, **details}, indent=2) + "\n")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ metrics.jsonl

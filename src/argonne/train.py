@@ -465,14 +465,20 @@ def train(config: RunConfig, spec: TrainSpec = PRETRAINING, resume: str | None =
     if resume is not None and overwrite:
         raise RunFolderError("--overwrite starts a new run and --resume continues one: choose one")
     device = resolve_device(config.train.device)
+    joined_a_group = dist.is_initialized()  # a caller's process group (several runs in one launch) stays up
     topology = init_distributed(config.parallel.tensor_parallel, device)
     lock = claim_run_folder(Path(config.train.run_dir), resume, overwrite, topology)
     try:
         resume_from, run_id = choose_checkpoint(Path(config.train.run_dir), resume, topology)
-        return _train(config, spec, topology, resume_from, run_id)
+        summary = _train(config, spec, topology, resume_from, run_id)
     finally:
         if lock is not None:
             lock.release()
+    if dist.is_initialized():
+        dist.barrier()
+        if not joined_a_group:
+            dist.destroy_process_group()
+    return summary
 
 
 def claim_run_folder(run_dir: Path, resume: str | None, overwrite: bool, topology: Topology) -> RunLock | None:
@@ -568,9 +574,78 @@ def _run_id_after(run_dir: Path, path: Path, resume: str) -> str:
 
 
 def _train(config: RunConfig, spec: TrainSpec, topology: Topology, resume_from: Path | None, run_id: str) -> dict:
-    """The run, in a claimed run folder: set up, build, then the loop."""
+    """The run, in a claimed run folder: build it, loop, then export the trained model."""
+    run = build_run(config, spec, topology, resume_from, run_id)
+    sink = MetricsSink(Path(config.train.run_dir), topology.is_main, config.train.tensorboard, config.train.steps,
+                       run.start_step, run.start_step)
+    try:
+        sink.note(run.describe())
+        summary = train_loop(run, sink)
+    finally:
+        sink.close()
+    if not summary["preempted"] and summary["step"] == config.train.steps:
+        run_dir = Path(config.train.run_dir)
+        export_final_model(run.model, run.model_config, run.tokenizer, run_dir / "model", topology)
+        if topology.is_main:
+            from .plot import plot_run
+
+            plot_run(run_dir)
+    return summary
+
+
+@dataclass
+class Run:
+    """A built run: what the loop trains, on what, and where it saves."""
+
+    config: RunConfig
+    topology: Topology
+    device: torch.device
+    amp: Callable  # a context manager factory: autocast, or nothing when FSDP2 casts by itself
+    tokenizer: object
+    model_config: ArgonneConfig
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    objective: Callable
+    batches: object
+    validation: list | None
+    run_id: str
+    resume_from: Path | None
+    peak_tflops: float | None  # the MFU denominator, and how the start line names it
+    peak_note: str
+    start_step: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        tc = self.config.train
+        return tc.micro_batch_size * tc.grad_accum * self.topology.dp * self.config.data.seq_len
+
+    def save(self, step: int) -> Path:
+        return save_checkpoint(
+            Path(self.config.train.run_dir) / "checkpoints", step, self.model, self.optimizer,
+            _train_state(step, self.batches), self.topology.is_main,
+            extra_files={"run_config.json": json.dumps(self.config.to_dict(), indent=2)}, tokenizer=self.tokenizer,
+            keep=self.config.checkpoint.keep, run_id=self.run_id, group=self.topology.host_group,
+        )
+
+    def describe(self) -> str:
+        config, topology = self.config, self.topology
+        flops = training_flops_per_token(self.model_config, config.data.seq_len)
+        text = (
+            f"model {config.model.init_from or config.model.preset}: {count_parameters(self.model_config):,} "
+            f"parameters, {flops / 1e9:,.3f} GFLOPs/token | {topology.world} process(es): dp {topology.dp} x "
+            f"tp {topology.tp} | {self.tokens_per_step:,} tokens/step x {config.train.steps} steps | device "
+            f"{self.device}, {self.peak_note} | "
+            + (f"resumed from {self.resume_from} at step {self.start_step}" if self.resume_from else "from scratch")
+        )
+        if self.start_step >= config.train.steps:
+            text += (f"\nnothing to train: the checkpoint is at step {self.start_step} and train.steps is "
+                     f"{config.train.steps} (raise train.steps to continue)")
+        return text
+
+
+def build_run(config: RunConfig, spec: TrainSpec, topology: Topology, resume_from: Path | None, run_id: str) -> Run:
+    """Device, model (sharded), optimizer, objective and data; restored from `resume_from` when given."""
     run_dir = Path(config.train.run_dir)
-    checkpoints = run_dir / "checkpoints"
     device = resolve_device(config.train.device, topology.local_rank)
     dtype = compute_dtype(config.train.dtype, device)
     if device.type == "cuda":
@@ -589,130 +664,120 @@ def _train(config: RunConfig, spec: TrainSpec, topology: Topology, resume_from: 
     optimizer = build_optimizer(model, config.optim)
     objective = spec.build_objective(config, model_config, tokenizer, device)
     batches, validation = spec.build_data(config, tokenizer, topology, device.type == "cuda")
-
-    tc = config.train
-    tokens_per_step = tc.micro_batch_size * tc.grad_accum * topology.dp * config.data.seq_len
-    start_step = 0
+    run = Run(config, topology, device, amp, tokenizer, model_config, model, optimizer, objective, batches,
+              validation, run_id, resume_from, *mfu_peak(config.train.peak_tflops, device, dtype))
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, _train_state(0, batches), verify=False)
         batches.load_state_dict(json.loads(state["data"]))
         torch.set_rng_state(state["rng"])
-        start_step = int(state["step"])
-    flops_per_token = training_flops_per_token(model_config, config.data.seq_len)
-    peak_tflops, peak_note = mfu_peak(tc.peak_tflops, device, dtype)
-    sink = MetricsSink(run_dir, topology.is_main, tc.tensorboard, tc.steps, start_step, start_step)
-    sink.note(
-        f"model {config.model.init_from or config.model.preset}: {count_parameters(model_config):,} parameters, "
-        f"{flops_per_token / 1e9:,.3f} GFLOPs/token | {topology.world} process(es): dp {topology.dp} x "
-        f"tp {topology.tp} | {tokens_per_step:,} tokens/step x {tc.steps} steps | device {device}, "
-        f"{peak_note} | "
-        + (f"resumed from {resume_from} at step {start_step}" if resume_from else "from scratch")
-    )
-    if start_step >= tc.steps:
-        sink.note(f"nothing to train: the checkpoint is at step {start_step} and train.steps is {tc.steps} "
-                  f"(raise train.steps to continue)")
+        run.start_step = int(state["step"])
+    return run
 
-    def save(step: int) -> Path:
-        return save_checkpoint(
-            checkpoints, step, model, optimizer, _train_state(step, batches), topology.is_main,
-            extra_files={"run_config.json": json.dumps(config.to_dict(), indent=2)}, tokenizer=tokenizer,
-            keep=config.checkpoint.keep, run_id=run_id, group=topology.host_group,
-        )
 
-    batch_iter = iter(batches)
-    skipped = SkippedSteps(device)
-    skipped_before = 0  # the total at the last log
-    started = last_log = time.perf_counter()
-    losses_since_log: list[torch.Tensor] = []
-    parts_since_log: dict[str, list[torch.Tensor]] = {}
-    summary: dict = {"step": start_step}
-    preempted = False
-    model.train()
+def train_loop(run: Run, sink: "MetricsSink") -> dict:
+    """Steps from run.start_step to train.steps: update, log, validate, sample and checkpoint on their intervals;
+    a preemption signal saves a checkpoint and stops. Returns the last logged record, `preempted`, `elapsed_s`."""
+    config, tc, topology = run.config, run.config.train, run.topology
+    batch_iter = iter(run.batches)
+    interval = LogInterval(run)
+    summary: dict = {"step": run.start_step, "preempted": False}
+    started = time.perf_counter()
+    run.model.train()
     with PreemptionFlag() as preemption:
-        for step in range(start_step, tc.steps):
+        for step in range(run.start_step, tc.steps):
             lr = lr_at(step, config.optim, tc.steps)
-            for group in optimizer.param_groups:
+            for group in run.optimizer.param_groups:
                 group["lr"] = lr
             try:
                 step_loss, grad_norm, finite, parts = training_step(
-                    model, optimizer, lambda: next(batch_iter), objective, amp, config, topology, device
+                    run.model, run.optimizer, lambda: next(batch_iter), run.objective, run.amp, config, topology,
+                    run.device,
                 )
             except torch.OutOfMemoryError as error:
-                raise TrainingStopped(oom_message(error, device, config)) from error
-            skipped.update(finite)
-            losses_since_log.append(step_loss)
-            for name, value in parts.items():
-                parts_since_log.setdefault(name, []).append(value)
+                raise TrainingStopped(oom_message(error, run.device, config)) from error
+            interval.add(step_loss, finite, parts)
             sink.step_done()
             done = step + 1 == tc.steps
-
             if (step + 1) % tc.log_every == 0 or done:
-                # Reading values back waits for the device: done once per log interval, for everything logged.
-                loss, norm, total_skipped, longest_run = torch.stack([
-                    torch.stack(losses_since_log).mean(), grad_norm.float(),
-                    skipped.total.float(), skipped.longest_run.float(),
-                ]).tolist()
-                now = time.perf_counter()
-                tokens_per_s = len(losses_since_log) * tokens_per_step / (now - last_log)
-                if total_skipped > skipped_before:
-                    sink.note(f"steps {step + 2 - len(losses_since_log)}-{step + 1}: "
-                              f"{int(total_skipped - skipped_before)} update(s) skipped for a non-finite loss or "
-                              f"gradient norm ({int(total_skipped)} so far)")
-                if longest_run >= tc.max_nonfinite_in_a_row:
-                    raise TrainingStopped(
-                        f"{int(longest_run)} steps in a row had a non-finite loss or gradient norm (by step "
-                        f"{step + 1}); lower optim.lr, check the data, or raise train.max_nonfinite_in_a_row "
-                        f"(now {tc.max_nonfinite_in_a_row})"
-                    )
-                skipped.longest_run.zero_()
-                skipped_before = total_skipped
-                record = {
-                    "step": step + 1,
-                    "tokens": (step + 1) * tokens_per_step,
-                    "loss": loss,
-                    "lr": lr,
-                    "grad_norm": norm,
-                    "tokens_per_s": tokens_per_s,
-                    "peak_memory_gib": peak_memory_gib(device),
-                    "skipped_steps": int(total_skipped),
-                }
-                if peak_tflops:
-                    record["mfu"] = flops_per_token * tokens_per_s / (peak_tflops * 1e12 * topology.world)
-                if config.data.on_error == "skip" and hasattr(batches, "skipped"):
-                    # Streamed rows and files skipped so far, as flat numbers so TensorBoard plots them too.
-                    record.update({f"data_skipped_{kind}": n for kind, n in batches.skipped().items()})
-                for name, values in parts_since_log.items():
-                    record[name] = _mean_over_ranks(torch.stack(values).mean(), topology).item()
-                parts_since_log.clear()
-                if validation is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0) or done):
-                    record["val_loss"] = evaluate(model, validation, device, amp)
+                record = interval.record(step + 1, lr, grad_norm, sink)
+                if run.validation is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0) or done):
+                    record["val_loss"] = evaluate(run.model, run.validation, run.device, run.amp)
                 sink.log(record)
                 summary.update(record)
-                losses_since_log.clear()
-                last_log = time.perf_counter()
             if tc.sample_every and (step + 1) % tc.sample_every == 0:
-                sink.note("sample: " + sample_text(model, tokenizer, tc.sample_prompt, tc.sample_tokens, device, amp))
-            preempted = any_process(preemption.raised, topology)
+                sink.note("sample: " + sample_text(run.model, run.tokenizer, tc.sample_prompt, tc.sample_tokens,
+                                                   run.device, run.amp))
+            summary["preempted"] = any_process(preemption.raised, topology)
             every = config.checkpoint.every
-            if preempted or done or (every and (step + 1) % every == 0):
-                path = save(step + 1)
-                sink.note(f"checkpoint saved: {path}")
-            if preempted:
+            if summary["preempted"] or done or (every and (step + 1) % every == 0):
+                sink.note(f"checkpoint saved: {run.save(step + 1)}")
+            if summary["preempted"]:
                 sink.note(f"stopped by a signal after step {step + 1}; resume with --resume auto")
                 break
-    sink.close()
     summary["elapsed_s"] = time.perf_counter() - started
-    summary["preempted"] = preempted
-    if not preempted and summary["step"] == tc.steps:
-        export_final_model(model, model_config, tokenizer, run_dir / "model", topology)
-        if topology.is_main:
-            from .plot import plot_run
-
-            plot_run(run_dir)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
     return summary
+
+
+class LogInterval:
+    """What the steps since the last log left on the device (losses, loss parts, skipped updates), read back once
+    per log interval: reading waits for the device, so it is done once, for everything logged."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.skipped = SkippedSteps(run.device)
+        self.skipped_before = 0  # the total at the last log
+        self.losses: list[torch.Tensor] = []
+        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.started = time.perf_counter()
+        self.flops_per_token = training_flops_per_token(run.model_config, run.config.data.seq_len)
+
+    def add(self, step_loss: torch.Tensor, finite: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        self.skipped.update(finite)
+        self.losses.append(step_loss)
+        for name, value in parts.items():
+            self.parts.setdefault(name, []).append(value)
+
+    def record(self, step: int, lr: float, grad_norm: torch.Tensor, sink: "MetricsSink") -> dict:
+        """The record for the interval ending at `step` (1-based); stops the run after too many non-finite steps
+        in a row. Starts the next interval."""
+        run, tc = self.run, self.run.config.train
+        loss, norm, total_skipped, longest_run = torch.stack([
+            torch.stack(self.losses).mean(), grad_norm.float(),
+            self.skipped.total.float(), self.skipped.longest_run.float(),
+        ]).tolist()
+        tokens_per_s = len(self.losses) * run.tokens_per_step / (time.perf_counter() - self.started)
+        if total_skipped > self.skipped_before:
+            sink.note(f"steps {step + 1 - len(self.losses)}-{step}: {int(total_skipped - self.skipped_before)} "
+                      f"update(s) skipped for a non-finite loss or gradient norm ({int(total_skipped)} so far)")
+        if longest_run >= tc.max_nonfinite_in_a_row:
+            raise TrainingStopped(
+                f"{int(longest_run)} steps in a row had a non-finite loss or gradient norm (by step {step}); "
+                f"lower optim.lr, check the data, or raise train.max_nonfinite_in_a_row "
+                f"(now {tc.max_nonfinite_in_a_row})"
+            )
+        record = {
+            "step": step,
+            "tokens": step * run.tokens_per_step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": norm,
+            "tokens_per_s": tokens_per_s,
+            "peak_memory_gib": peak_memory_gib(run.device),
+            "skipped_steps": int(total_skipped),
+        }
+        if run.peak_tflops:
+            record["mfu"] = self.flops_per_token * tokens_per_s / (run.peak_tflops * 1e12 * run.topology.world)
+        if run.config.data.on_error == "skip" and hasattr(run.batches, "skipped"):
+            # Streamed rows and files skipped so far, as flat numbers so TensorBoard plots them too.
+            record.update({f"data_skipped_{kind}": n for kind, n in run.batches.skipped().items()})
+        for name, values in self.parts.items():
+            record[name] = _mean_over_ranks(torch.stack(values).mean(), run.topology).item()
+        self.skipped.longest_run.zero_()
+        self.skipped_before = total_skipped
+        self.losses.clear()
+        self.parts.clear()
+        self.started = time.perf_counter()
+        return record
 
 
 def _train_state(step: int, batches) -> dict:

@@ -1,5 +1,6 @@
-"""Run under torchrun (gloo): every process reads one stream with its tokenization shared, and writes what it saw
-to OUT/rankN.json. `python stream_share.py OUT SETTINGS_JSON FILE...`."""
+"""Run under torchrun (gloo): every process reads streams with their tokenization shared, and writes what it saw
+of each to OUT/NAME/rankN.json. `python stream_share.py OUT CASES_JSON`, each case {"name", "settings", "files"}:
+several cases share one launch, which costs more than reading them."""
 
 import json
 import sys
@@ -15,10 +16,19 @@ SAMPLE_TOKENIZER = Path(__file__).resolve().parents[2] / "data" / "tokenizers" /
 
 
 def main():
-    out, settings, files = Path(sys.argv[1]), DocumentSettings(**json.loads(sys.argv[2])), sys.argv[3:]
+    out, cases = Path(sys.argv[1]), json.loads(sys.argv[2])
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     share = TokenizeShare(rank, world, dist.new_group(backend="gloo"))
+    for case in cases:
+        record = read_stream(DocumentSettings(**case["settings"]), case["files"], share)
+        (out / case["name"]).mkdir(parents=True, exist_ok=True)
+        (out / case["name"] / f"rank{rank}.json").write_text(json.dumps(record))
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+def read_stream(settings: DocumentSettings, files: list[str], share: TokenizeShare) -> dict:
     stream = StreamingTokens(files, load_tokenizer(SAMPLE_TOKENIZER), settings, workers=1, share=share)
     record = {}
     try:
@@ -30,9 +40,7 @@ def main():
         record["skipped"] = stream.skipped()
     except DataError as error:
         record["error"] = str(error)
-    (out / f"rank{rank}.json").write_text(json.dumps(record))
-    dist.barrier()
-    dist.destroy_process_group()
+    return record
 
 
 if __name__ == "__main__":  # the tokenizer workers' processes import this file too

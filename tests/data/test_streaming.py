@@ -2,7 +2,6 @@
 shared across processes."""
 
 import json
-import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from argonne.data.batches import pretraining_data, read_window
 from argonne.data.prepare import PreparedTokens, prepare_dataset
 from argonne.data.streaming import StreamingTokens, StreamPosition, held_out_tokens, iter_stream_windows
 
-from ..conftest import SAMPLE_TOKENIZER, env, failure, torchrun
+from ..conftest import SAMPLE_TOKENIZER, failure, run_process, torchrun
 from .test_prepare import settings, write_parquet
 
 HERE = Path(__file__).parent
@@ -101,13 +100,14 @@ def test_prepared_data_refuses_other_document_settings(keyed_shards, tokenizer, 
         pretraining_data(data("--data.min_tokens=5", "--data.text_column='body'"), 4, 0, tokenizer)
 
 
-def run_shared(tmp_path, settings_: DocumentSettings, files, nproc):
-    out = tmp_path / f"shared-{nproc}"
-    out.mkdir(parents=True)
-    result = subprocess.run(torchrun(nproc, str(HERE / "stream_share.py"), str(out), json.dumps(asdict(settings_)),
-                                     *map(str, files)), env=env(), capture_output=True, text=True, timeout=300)
+def run_shared(out: Path, nproc: int, **cases: tuple[DocumentSettings, list]) -> dict[str, list[dict]]:
+    """Each case read by `nproc` processes sharing the tokenization, in one launch: what every rank saw of it."""
+    plan = [{"name": name, "settings": asdict(settings_), "files": list(map(str, files))}
+            for name, (settings_, files) in cases.items()]
+    result = run_process(torchrun(nproc, str(HERE / "stream_share.py"), str(out), json.dumps(plan)))
     assert result.returncode == 0, failure(result.stdout, result.stderr)
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+    return {name: [json.loads((out / name / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+            for name in cases}
 
 
 @pytest.mark.slow
@@ -117,7 +117,9 @@ def test_shared_tokenization_gives_every_process_the_whole_stream(keyed_shards, 
     alone = list(iter_stream_windows(stream, StreamPosition(), 16))
     row_groups = stream.tokenized["row_groups"]
     bad = write_parquet(tmp_path / "bad.parquet", ["A good first document with enough words in it. " * 3] * 7 + [None])
-    ranks = run_shared(tmp_path, documents, keyed_shards, 2)
+    launched = run_shared(tmp_path / "shared", 2, good=(documents, keyed_shards),
+                          bad=(DocumentSettings(), [*keyed_shards[:1], bad]))
+    ranks = launched["good"]
     for rank in ranks:
         assert rank["windows"] == [w.tolist() for w, _ in alone]
         assert rank["positions"] == [[p.file, p.row, p.offset] for _, p in alone]
@@ -126,5 +128,4 @@ def test_shared_tokenization_gives_every_process_the_whole_stream(keyed_shards, 
     counts = [rank["tokenized"]["row_groups"] for rank in ranks]
     assert abs(counts[0] - counts[1]) <= 2 and sum(counts) < 2 * row_groups + 4, (counts, row_groups)
     # A bad row that one process meets stops every process with its message (none waits forever for it).
-    failed = run_shared(tmp_path / "bad", DocumentSettings(), [*keyed_shards[:1], bad], 2)
-    assert all("bad.parquet: row 7" in rank["error"] for rank in failed), failed
+    assert all("bad.parquet: row 7" in rank["error"] for rank in launched["bad"]), launched["bad"]

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import write_atomic
 from .documents import (
     HELD_OUT,
     KEPT,
@@ -47,15 +48,6 @@ def _shard_paths(output: Path, index: int) -> dict[str, Path]:
     stem = output / "shards" / f"{index:05d}"
     return {"train": stem.with_suffix(".train.bin"), "val": stem.with_suffix(".val.bin"),
             "done": stem.with_suffix(".json")}
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def prepare_dataset(
@@ -117,7 +109,7 @@ def prepare_dataset(
         "documents": {reason: stats[reason]["documents"] for reason in stats},
         "stats": stats,
     }
-    _write_atomic(output / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+    write_atomic(output / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
     return manifest
 
 
@@ -181,7 +173,7 @@ def _write_shard(path, paths, tmps, pool: RowGroupPool, tok: DocumentSettings, r
         val_tokens=val_tokens,
         stats=stats,
     )
-    _write_atomic(paths["done"], json.dumps(record, indent=2).encode("utf-8"))
+    write_atomic(paths["done"], json.dumps(record, indent=2).encode("utf-8"))
     return record
 
 

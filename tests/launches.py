@@ -1,0 +1,176 @@
+"""Training runs the distributed tests (and export's) share: each process count is launched once per session
+(tests/launch_runs.py runs every run of that count in one process group), and one-process references run in the
+test process itself. The fixtures are registered in conftest.py so that every module gets the same launches."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from argonne import load_tokenizer
+from argonne.data.prepare import PrepareSettings, prepare_dataset
+
+from .conftest import REPO, SAMPLE_TOKENIZER, env, failure, free_port, run_process, torchrun, write_sample_head
+
+MODEL = ("{hidden_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, "
+         "head_dim = 16, intermediate_size = 128}")
+
+
+@pytest.fixture(scope="session")
+def prepared_sample(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_dataset([write_sample_head(tmp_path_factory.mktemp("sample") / "head.parquet")], load_tokenizer(SAMPLE_TOKENIZER), out,
+                    PrepareSettings(seq_len=32, workers=0), progress=False)
+    return out
+
+
+def command(prepared, run_dir, steps=10, nproc=1, micro=8, extra=(), launcher=None):
+    args = [
+        "train", str(REPO / "configs" / "tiny.toml"),
+        f"--data.prepared={str(prepared)!r}", "--data.inputs=[]", f"--data.tokenizer={str(SAMPLE_TOKENIZER)!r}",
+        f"--model.overrides={MODEL}", "--data.seq_len=32", f"--train.steps={steps}", "--train.log_every=1",
+        "--optim.warmup_steps=2", "--data.val_windows=0", "--data.workers=0", "--train.peak_tflops=1",
+        "--train.tensorboard=false", f"--train.micro_batch_size={micro}", f"--train.run_dir={str(run_dir)!r}",
+        *extra,
+    ]
+    if launcher is not None:
+        return [sys.executable, "-m", "torch.distributed.run", "--tee", "3", *launcher, "-m", "argonne.cli", *args]
+    if nproc == 1:
+        return [sys.executable, "-m", "argonne.cli", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--tee", "3", "--nproc-per-node", str(nproc),
+            "--master-port", str(free_port()), "-m", "argonne.cli", *args]
+
+
+def train(prepared, run_dir, **kwargs):
+    result = subprocess.run(command(prepared, run_dir, **kwargs), env=env(), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, failure(result.stdout, result.stderr)
+    return losses(run_dir)
+
+
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(run_dir)}
+
+
+def assert_same_losses(a: dict, b: dict, rel=1e-4):
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    for step in a:
+        assert abs(a[step] - b[step]) <= rel * abs(a[step]), (step, a[step], b[step])
+
+
+def cli_args(prepared, run_dir, steps=10, micro=8, extra=()) -> list[str]:
+    return command(prepared, run_dir, steps=steps, micro=micro, extra=extra)[3:]  # after `python -m argonne.cli`
+
+
+def train_here(prepared, run_dir, **kwargs) -> dict[int, float]:
+    """`argonne train` in this process (one process: no launch to pay for), on one thread as a launched process
+    runs (env() sets OMP_NUM_THREADS=1), so that its arithmetic is the same to the bit."""
+    import torch
+
+    from argonne.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(cli_args(prepared, run_dir, **kwargs)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return losses(run_dir)
+
+
+@pytest.fixture(scope="session")
+def one_process(prepared_sample, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one")
+    return train_here(prepared_sample, run_dir, extra=["--checkpoint.every=5", "--checkpoint.keep=0"]), run_dir
+
+
+@pytest.fixture(scope="session")
+def streaming(tmp_path_factory) -> list[str]:
+    """Options to stream 120 of the sample's documents, in row groups of 10 so that two processes share them."""
+    shard = write_sample_head(tmp_path_factory.mktemp("stream") / "small.parquet", documents=120, row_group_size=10)
+    return ["--data.prepared=''", f"--data.inputs=[{str(shard)!r}]", "--data.val_fraction=0.05",
+            "--data.val_windows=4", "--train.eval_every=5"]
+
+
+@pytest.fixture(scope="session")
+def streamed_one_process(streaming, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("streamed-one")
+    train_here(None, run_dir, extra=streaming)
+    return records(run_dir)
+
+
+# layout: (processes, micro-batch for the same global batch of 8 sequences, options)
+LAYOUTS = {
+    "fsdp2": (2, 4, []),
+    "tp2": (2, 8, ["--parallel.tensor_parallel=2"]),
+    # Selective checkpointing keeps the tensor-parallel all-reduce outputs instead of recomputing them.
+    "tp2-selective-checkpointing": (2, 8, ["--parallel.tensor_parallel=2",
+                                           "--parallel.activation_checkpointing=selective"]),
+    "fsdp2-full-checkpointing": (2, 4, ["--parallel.activation_checkpointing=full"]),
+    "fsdp2xtp2": (4, 4, ["--parallel.tensor_parallel=2"]),  # the 2D mesh: FSDP over "dp", tensor parallel in "tp"
+}
+
+
+def launch_runs(folder: Path, nproc: int, plan: list[dict]) -> dict:
+    """Every run of `plan` in one torchrun launch (tests/launch_runs.py); returns the launch's output and each
+    run's exit status."""
+    folder.mkdir(parents=True, exist_ok=True)
+    plan_file = folder / "plan.json"
+    plan_file.write_text(json.dumps(plan))
+    result = run_process(torchrun(nproc, str(REPO / "tests" / "launch_runs.py"), str(plan_file)), timeout=600)
+    assert result.returncode == 0, failure(result.stdout, result.stderr)
+    status = json.loads((folder / "plan.json.status.json").read_text())
+    return {"status": status, "stdout": result.stdout, "stderr": result.stderr}
+
+
+@pytest.fixture(scope="session")
+def two_processes(prepared_sample, one_process, streaming, tmp_path_factory):
+    """One launch of two processes for every two-process run of this module; a folder lock held by another
+    process is in place for the "in use" run."""
+    from .test_run_folder import hold_lock_in_another_process
+
+    root = tmp_path_factory.mktemp("two")
+    plan = [
+        {"name": layout, "argv": cli_args(prepared_sample, root / layout, micro=micro,
+                                          extra=[*extra, "--checkpoint.every=5", "--checkpoint.keep=0"])}
+        for layout, (nproc, micro, extra) in LAYOUTS.items() if nproc == 2
+    ]
+    checkpoint = one_process[1] / "checkpoints" / "step-00000005"
+    plan += [
+        {"name": "1-to-2",
+         "argv": cli_args(prepared_sample, root / "1-to-2", micro=4, extra=["--resume", str(checkpoint)])},
+        {"name": "streaming", "argv": cli_args(None, root / "streaming", micro=4, extra=streaming)},
+        {"name": "in use", "argv": cli_args(prepared_sample, root / "in use", steps=2, micro=4)},
+        {"name": "grads", "grads": ["tied", "untied"]},
+    ]
+    (root / "in use").mkdir()
+    holder = hold_lock_in_another_process(root / "in use")  # e.g. a worker left running by a killed launcher
+    try:
+        launched = launch_runs(root, 2, plan)
+    finally:
+        holder.kill()
+        holder.wait()
+    return {**launched, "root": root, "holder": holder.pid}
+
+
+@pytest.fixture(scope="session")
+def four_processes(prepared_sample, tmp_path_factory):
+    """One launch of four processes: the 2-D mesh, and the large-model path (built on meta) on it."""
+    root = tmp_path_factory.mktemp("four")
+    nproc, micro, extra = LAYOUTS["fsdp2xtp2"]
+    plan = [{"name": "fsdp2xtp2", "argv": cli_args(prepared_sample, root / "fsdp2xtp2", micro=micro, extra=extra)},
+            {"name": "meta init", "argv": cli_args(prepared_sample, root / "meta init", micro=micro, extra=extra),
+             "meta_init": True}]
+    return {**launch_runs(root, nproc, plan), "root": root}
+
+
+def launched_run(launch: dict, name: str) -> Path:
+    assert launch["status"][name] == 0, f"{name}: {launch['status'][name]}\n" + failure(launch["stdout"],
+                                                                                        launch["stderr"])
+    return launch["root"] / name
