@@ -207,12 +207,37 @@ def _add_serve(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    evaluate = _command(sub, "eval", "evaluate a model (perplexity)",
-                        "Evaluate a model folder or training checkpoint. `argonne eval perplexity MODEL --data FILES` "
-                        "scores parquet rows or text files with a sliding window and prints the perplexity, the "
-                        "token and document counts and the mean negative log-likelihood per token. Run `argonne "
-                        "eval perplexity --help` for its options.")
+    evaluate = _command(sub, "eval", "evaluate a model (benchmark tasks with lm-eval, perplexity)",
+                        "Evaluate a model folder or training checkpoint. `argonne eval tasks MODEL --tasks ...` runs "
+                        "EleutherAI's lm-evaluation-harness tasks (HellaSwag, ARC, PIQA, LAMBADA, MMLU... by their "
+                        "lm-eval names, or your own task YAML files) on Argonne's model and prints lm-eval's results "
+                        "table. `argonne eval perplexity MODEL --data FILES` scores parquet rows or text files with "
+                        "a sliding window and prints the perplexity, the token and document counts and the mean "
+                        "negative log-likelihood per token. Run `argonne eval tasks --help` or `argonne eval "
+                        "perplexity --help` for their options.")
     eval_sub = evaluate.add_subparsers(dest="eval_command", metavar="EVAL_COMMAND", required=True)
+    tasks = _command(eval_sub, "tasks", "lm-evaluation-harness tasks (HellaSwag, ARC, MMLU... or your own YAML)",
+                     "Run lm-evaluation-harness tasks on a model: an Argonne folder, a training checkpoint of any "
+                     "parallel layout, or a Llama / Qwen2 folder. Tasks by their lm-eval names download their "
+                     "datasets from the Hugging Face hub; --include-path adds a folder of your own task YAML files "
+                     "(as lm_eval's --include_path). Prints lm-eval's results table and, with --output, writes its "
+                     "results JSON. Log-likelihood requests are length-sorted and batched, one forward per batch; "
+                     "generation requests use Argonne's generator, greedy. bf16 on GPUs, float32 on CPUs.",
+                     "cmd_eval_tasks")
+    tasks.add_argument("model", help="model folder, Llama/Qwen2 folder or training checkpoint folder")
+    tasks.add_argument("--tasks", required=True,
+                       help="comma-separated lm-eval task or group names, e.g. hellaswag,arc_easy,piqa")
+    tasks.add_argument("--include-path", default=None, help="folder of extra task YAML files")
+    tasks.add_argument("--num-fewshot", type=int, default=None,
+                       help="few-shot examples per prompt (default: each task's own, usually 0)")
+    tasks.add_argument("--limit", type=float, default=None,
+                       help="documents per task: a count, or a fraction below 1 (default: all)")
+    tasks.add_argument("--batch-size", type=int, default=16, help="requests per forward pass")
+    tasks.add_argument("--output", default=None, help="write lm-eval's results JSON to this file")
+    _tokenizer_option(tasks)
+    tasks.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    tasks.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="auto: bf16 on GPUs, float32 on CPUs")
     parser = _command(eval_sub, "perplexity", "perplexity over parquet or text files, with a sliding window",
                       "Perplexity of a model over parquet files (one document per row) or text files (one document "
                       "per file), with a sliding window of configurable stride: every token but a document's "

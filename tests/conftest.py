@@ -11,6 +11,7 @@ import torch
 
 # The tests never touch the network: hub look-ups fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():
     # Triton kernels (decode_kernels.py) run on the CPU under Triton's interpreter; it must be chosen before they load.
@@ -74,7 +75,8 @@ def free_port() -> int:
 
 def env():
     """The environment of a launched process: offline, one thread per process (2 cores here)."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false"}
 
 
 def torchrun(nproc: int, *args: str) -> list[str]:

@@ -368,10 +368,10 @@ def argonne_config_from_hf(hf: dict) -> ArgonneConfig:
     )
 
 
-def import_model(source: str | Path, output: str | Path) -> Path:
-    """A transformers Llama / Qwen2 folder or an original Argonne 1.x / 2.0 folder -> an Argonne folder (weights,
-    config with auto_map, code, tokenizer)."""
-    source, output = Path(source), Path(output)
+def converted_model(source: str | Path) -> ArgonneForCausalLM:
+    """A transformers Llama / Qwen2 folder or an original Argonne 1.x / 2.0 folder as an Argonne model, in memory
+    (its weights as stored)."""
+    source = Path(source)
     config_file = source / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{source}: no config.json")
@@ -388,7 +388,14 @@ def import_model(source: str | Path, output: str | Path) -> Path:
     if problems:
         raise ConversionError(f"{source}: weights do not match the config: {problems}")
     model.load_state_dict(state, strict=True, assign=True)
-    model.save_pretrained(output)
+    return model
+
+
+def import_model(source: str | Path, output: str | Path) -> Path:
+    """A transformers Llama / Qwen2 folder or an original Argonne 1.x / 2.0 folder -> an Argonne folder (weights,
+    config with auto_map, code, tokenizer)."""
+    source, output = Path(source), Path(output)
+    converted_model(source).save_pretrained(output)
     if (source / "tokenizer_config.json").is_file() or (source / "tokenizer.json").is_file():
         from .tokenizer import load_tokenizer
 

@@ -1,0 +1,355 @@
+"""Argonne in EleutherAI's lm-evaluation-harness (`lm_eval`): the `argonne` model class and `argonne eval tasks`.
+
+`ArgonneLM` answers lm-eval's three request types on Argonne's own model:
+- loglikelihood: requests sorted by length (longest first) and batched, one forward per batch, left-padded so that
+  every row's continuation ends at the last position, and logits made for the continuation positions only (lm-eval's
+  `hf` backend makes and soft-maxes (batch, length, vocabulary) logits); requests with the same model input (the
+  one-token answers of a multiple-choice question) share a row;
+- loglikelihood_rolling: the document cut into lm-eval's own rolling windows, all windows batched as above;
+- generate_until: Argonne's generator (static KV cache, CUDA graphs on GPUs), greedy, batched, with the request's
+  stop strings and max_gen_toks.
+Token handling follows the `hf` backend (the same context/continuation split, left truncation to max_length, prefix
+token for an empty context), so both score a request the same way. The class is registered with lm-eval as
+"argonne" when this module is imported: `python -m argonne.lm_eval_command` is lm_eval's own command with it
+(released lm-eval does not yet discover plugins; versions that do find it through the package's entry point).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from .generate import Generator, SamplingParams
+from .modeling_argonne import ArgonneForCausalLM
+
+DEFAULT_BATCH_SIZE = 16
+DEFAULT_MAX_LENGTH = 2048  # lm-eval's default where a model states no context length
+DEFAULT_MAX_GEN_TOKS = 256  # lm-eval's `hf` default
+
+
+class HarnessError(ValueError):
+    """A bad task, task file or model argument: the message names it."""
+
+
+def open_model_for_evaluation(path: str | Path, device: str, dtype: str, tokenizer: str | Path | None):
+    """(model, tokenizer) from an Argonne folder, a training checkpoint of any layout, or a transformers Llama /
+    Qwen2 folder (converted in memory, as `argonne import` converts it)."""
+    from .loading import open_model, require_tokenizer_files
+
+    path = Path(path)
+    config_file = path / "config.json"
+    model_type = None
+    if config_file.is_file():
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except (json.JSONDecodeError, AttributeError) as error:
+            raise HarnessError(f"{config_file}: not a JSON object ({error})") from None
+    if model_type in (None, "argonne"):
+        return open_model(path, device, dtype, tokenizer)
+    from .device import resolve_device, resolve_dtype
+    from .export import converted_model
+    from .tokenizer import load_tokenizer
+
+    if tokenizer is None:
+        require_tokenizer_files(path)
+    target = resolve_device(device)
+    model = converted_model(path).to(device=target, dtype=resolve_dtype(dtype, target))
+    return model.eval(), load_tokenizer(tokenizer if tokenizer is not None else path)
+
+
+@register_model("argonne")
+class ArgonneLM(TemplateLM):
+    """lm-eval's LM interface on an Argonne model.
+
+    lm-eval arguments (`--model_args`): pretrained (an Argonne folder, a training checkpoint, or a Llama / Qwen2
+    folder), tokenizer (another tokenizer folder), device ("auto", "cpu", "cuda", "cuda:1"), dtype ("auto": bf16
+    on GPUs, float32 on CPUs; "float32", "bfloat16", "float16"), batch_size (requests per forward; lm-eval's
+    "auto" means Argonne's default, 16), max_length (tokens of context; default the model's
+    max_position_embeddings), max_gen_toks (default 256, as lm-eval's `hf`). A model already in memory is passed
+    as `model=` with its `tokenizer`.
+    """
+
+    def __init__(self, pretrained: str | None = None, tokenizer=None, device: str = "auto", dtype: str = "auto",
+                 batch_size: int | str = DEFAULT_BATCH_SIZE, max_length: int | None = None,
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, model: ArgonneForCausalLM | None = None,
+                 max_batch_size: int | None = None):
+        super().__init__()
+        if model is None:
+            if pretrained is None:
+                raise HarnessError("model argument pretrained is missing: pretrained=FOLDER (an Argonne or "
+                                   "Llama/Qwen2 folder, or a training checkpoint)")
+            model, tokenizer = open_model_for_evaluation(pretrained, device or "auto", dtype, tokenizer)
+        elif tokenizer is None or isinstance(tokenizer, (str, Path)):
+            raise HarnessError("a model passed in memory needs its tokenizer object")
+        self.model, self.tokenizer = model, tokenizer
+        self._device = next(model.parameters()).device
+        self.batch_size = self._batch_size(batch_size, max_batch_size)
+        self._max_length = int(max_length) if max_length else int(
+            getattr(model.config, "max_position_embeddings", 0) or DEFAULT_MAX_LENGTH)
+        self.max_gen_toks = int(max_gen_toks)
+        if self.max_gen_toks < 1 or self._max_length < 2:
+            raise HarnessError(f"max_gen_toks must be >= 1 and max_length >= 2, got {self.max_gen_toks} and "
+                               f"{self._max_length}")
+        self._generator: Generator | None = None
+
+    @staticmethod
+    def _batch_size(batch_size: int | str, max_batch_size: int | None) -> int:
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+            size = DEFAULT_BATCH_SIZE
+        else:
+            try:
+                size = int(batch_size)
+            except (TypeError, ValueError):
+                raise HarnessError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}") from None
+        if size < 1:
+            raise HarnessError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+        return min(size, int(max_batch_size)) if max_batch_size else size
+
+    # ------------------------------------------------------------------------------------------ lm-eval's API
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        # As the `hf` backend: BOS where the tokenizer has one, else EOS.
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "argonne").replace("/", "__")
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """(sum of log-probabilities of the continuation, whether greedy decoding would produce it) per request;
+        requests are ((context, continuation), context tokens, continuation tokens)."""
+        return self.score_windows([self._window(context, continuation) for _, context, continuation in requests])
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        windows, owners = [], []
+        for index, (text,) in enumerate(request.args for request in requests):
+            for context, continuation in map(make_disjoint_window, get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append(self._window(context, continuation))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self.score_windows(windows)):
+            totals[owner] += logprob
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy continuations, cut at the first of the request's `until` strings (and EOS), at most max_gen_toks
+        tokens; requests with the same generation settings are batched, longest prompt first."""
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        settings = []
+        for index, request in enumerate(requests):
+            context, gen_kwargs = request.args
+            until, max_new = self._generation_settings(gen_kwargs)
+            settings.append((context, until, max_new))
+            groups.setdefault(json.dumps([until, max_new]), []).append(index)
+        generator = self.generator()
+        for indices in groups.values():
+            until, max_new = settings[indices[0]][1:]
+            prompts = {i: self.tok_encode(settings[i][0])[-(self.max_length - max_new):] or [self.prefix_token_id]
+                       for i in indices}
+            order = sorted(indices, key=lambda i: -len(prompts[i]))
+            params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop=tuple(until))
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                for i, completion in zip(batch, generator.complete_ids([prompts[i] for i in batch], params)):
+                    text = completion.text
+                    for stop in until:  # as the `hf` backend cuts its output
+                        if stop:
+                            text = text.split(stop)[0]
+                    results[i] = text
+        return results
+
+    # ------------------------------------------------------------------------------------------------ ours
+
+    def _window(self, context, continuation) -> tuple[list[int], list[int]]:
+        """(model inputs, scored tokens) for a context and continuation, cut from the left to max_length inputs as
+        the `hf` backend cuts them."""
+        whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+        scored = min(len(continuation), len(whole) - 1)
+        return whole[:-1], whole[len(whole) - scored:]
+
+    def _generation_settings(self, gen_kwargs: dict) -> tuple[list[str], int]:
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+        sampling = kwargs.pop("do_sample", False) or float(kwargs.pop("temperature", 0.0) or 0.0) > 0
+        kwargs.pop("temperature", None)
+        if sampling:
+            raise HarnessError(f"generation settings {gen_kwargs}: the argonne model decodes greedily only "
+                               "(do_sample false, temperature 0), as evaluation needs reproducible outputs")
+        if max_new < 1 or max_new >= self.max_length:
+            raise HarnessError(f"generation settings {gen_kwargs}: max_gen_toks must be in 1..{self.max_length - 1}")
+        return until, max_new
+
+    def generator(self) -> Generator:
+        if self._generator is None:
+            self._generator = Generator(self.model, self.tokenizer)
+        return self._generator
+
+    @torch.no_grad()
+    def score_windows(self, windows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """For each (inputs, continuation) — continuation the tokens that inputs[-len(continuation):] predict —
+        the continuation's summed log-probability (float32) and whether each of its tokens is the argmax.
+
+        Windows with the same inputs share one row (a multiple-choice question's one-token answers all read the
+        logits at its last token); rows go longest first, batch_size per forward."""
+        row_of: dict[tuple[int, ...], int] = {}
+        for inputs, _ in windows:
+            row_of.setdefault(tuple(inputs), len(row_of))
+        rows = list(row_of)
+        keep = [0] * len(rows)
+        readers: list[list[int]] = [[] for _ in rows]
+        for index, (inputs, continuation) in enumerate(windows):
+            row = row_of[tuple(inputs)]
+            keep[row] = max(keep[row], len(continuation))
+            readers[row].append(index)
+        order = sorted(range(len(rows)), key=lambda row: -len(rows[row]))
+        results: list[tuple[float, bool] | None] = [None] * len(windows)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            logprobs = self._last_logprobs([rows[row] for row in batch], max(keep[row] for row in batch))
+            for slot, row in enumerate(batch):
+                for index in readers[row]:
+                    continuation = windows[index][1]
+                    scored = logprobs[slot, logprobs.shape[1] - len(continuation):]
+                    target = torch.tensor(continuation, device=scored.device)
+                    picked = scored.gather(-1, target[:, None]).squeeze(-1)
+                    results[index] = (float(picked.sum()), bool((scored.argmax(-1) == target).all()))
+        return results
+
+    def _last_logprobs(self, rows: list[tuple[int, ...]], keep: int) -> torch.Tensor:
+        """Log-probabilities (float32) at the last `keep` positions of each row: (rows, keep, vocabulary). One
+        forward; rows are left-padded so that they all end at the last position."""
+        width = max(len(row) for row in rows)
+        tokens = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for slot, row in enumerate(rows):
+            tokens[slot, width - len(row):] = torch.tensor(row)
+            mask[slot, width - len(row):] = 1
+        padded = bool((mask == 0).any())
+        logits = self.model(tokens.to(self.device), attention_mask=mask.to(self.device) if padded else None,
+                            use_cache=False, logits_to_keep=keep).logits
+        return F.log_softmax(logits.float(), dim=-1)
+
+
+# ------------------------------------------------------------------------------------------------- running tasks
+
+
+_TASK_MANAGERS: dict[tuple[str | None, bool], object] = {}
+
+
+def task_manager(include_path: str | Path | None = None, tasks: list[str] | None = None):
+    """lm-eval's TaskManager for `include_path`; one per process and folder (indexing lm-eval's thousands of task
+    files takes seconds). When every one of `tasks` is in `include_path`, lm-eval's own tasks are not indexed."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None and not Path(include_path).is_dir():
+        raise HarnessError(f"--include-path {include_path}: not a folder of task YAML files")
+    folder = str(Path(include_path).resolve()) if include_path is not None else None
+    if folder is not None and tasks:
+        own = _TASK_MANAGERS.get((folder, False)) or TaskManager(include_path=folder, include_defaults=False)
+        _TASK_MANAGERS[(folder, False)] = own
+        if all(task in own.all_tasks for task in tasks):
+            return own
+    if (folder, True) not in _TASK_MANAGERS:
+        _TASK_MANAGERS[(folder, True)] = TaskManager(include_path=folder)
+    return _TASK_MANAGERS[(folder, True)]
+
+
+def check_tasks(tasks: list[str], manager) -> None:
+    """Every task name known to lm-eval (its own, and those under include_path): else an error naming the unknown
+    ones and where to look."""
+    unknown = [task for task in tasks if task not in manager.all_tasks]
+    if unknown:
+        broken = [f"{path}: {problem}" for path, problem in unreadable_task_files(manager)]
+        raise HarnessError(f"unknown task(s): {', '.join(unknown)} (`lm_eval ls tasks` lists lm-eval's own; "
+                           "--include-path adds a folder of task YAML files)"
+                           + ("; task files that do not parse: " + "; ".join(broken) if broken else ""))
+
+
+def unreadable_task_files(manager) -> list[tuple[Path, str]]:
+    """The YAML files under the manager's include paths that lm-eval cannot read (lm-eval skips them with a log
+    line, and their tasks are then simply unknown). Read without running their `!function`s."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    folders = getattr(manager, "include_path", None) or []
+    found = []
+    for folder in [folders] if isinstance(folders, (str, Path)) else folders:
+        for path in sorted(Path(folder).rglob("*.yaml")):
+            try:
+                load_yaml(path, resolve_func=False)
+            except Exception as error:  # noqa: BLE001 - yaml, include and type errors alike: reported, not raised
+                found.append((path, " ".join(str(error).split())))
+    return found
+
+
+def evaluate_tasks(lm, tasks: list[str], include_path: str | Path | None = None, num_fewshot: int | None = None,
+                   limit: int | float | None = None, manager=None, log_samples: bool = False) -> dict:
+    """lm-eval's `simple_evaluate` on the model (any lm-eval LM): its results dictionary (lm-eval's layout), with
+    every request's responses under "samples" when `log_samples`. Seeds fixed, no bootstrap: the same model gives
+    the same numbers."""
+    from lm_eval import simple_evaluate
+
+    manager = manager or task_manager(include_path, tasks)
+    check_tasks(tasks, manager)
+    try:
+        return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                               log_samples=log_samples, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
+                               torch_random_seed=0, fewshot_random_seed=0)
+    except Exception as error:  # lm-eval raises many kinds for a task it cannot build
+        if isinstance(error, (HarnessError, torch.OutOfMemoryError)):
+            raise
+        raise HarnessError(f"tasks {', '.join(tasks)}: lm-eval could not run them: "
+                           f"{type(error).__name__}: {error}") from error
+
+
+def write_results(results: dict, output: str | Path) -> Path:
+    """lm-eval's results dictionary as JSON (what `lm_eval --output_path` writes), atomically."""
+    from lm_eval.utils import handle_non_serializable
+
+    from .files import write_atomic
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(output, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    return output
+
+
+def results_table(results: dict) -> str:
+    from lm_eval.utils import make_table
+
+    return make_table(results)

@@ -1,0 +1,203 @@
+"""lm-evaluation-harness: Argonne's model class against lm-eval's own `hf` backend, checkpoints against their
+exported folders, `argonne eval tasks`, and bad input. Tasks are local JSONL fixtures (tests/harness_tasks.py)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+from argonne.harness import ArgonneLM, HarnessError, evaluate_tasks
+
+from .conftest import SAMPLE_TOKENIZER
+from .harness_tasks import TASKS, write_tasks
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """An Argonne folder, its Llama export, and a training checkpoint of the same weights; the task files."""
+    from argonne.checkpoint import save_checkpoint
+    from argonne.export import export_model
+
+    root = tmp_path_factory.mktemp("harness")
+    torch.manual_seed(0)
+    config = ArgonneConfig.from_preset("tiny", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                       num_key_value_heads=2, head_dim=16, intermediate_size=128,
+                                       max_position_embeddings=128, initializer_range=0.2)
+    model = ArgonneForCausalLM(config)
+    tokenizer = load_tokenizer(SAMPLE_TOKENIZER)
+    model.save_pretrained(root / "argonne")
+    tokenizer.save_pretrained(root / "argonne")
+    export_model(root / "argonne", "llama", root / "llama", "fp32")
+    checkpoint = save_checkpoint(root / "checkpoints", 7, model, torch.optim.AdamW(model.parameters()),
+                                 {"step": 7}, is_main=True, tokenizer=tokenizer)
+    return {"argonne": root / "argonne", "llama": root / "llama", "checkpoint": checkpoint,
+            "tasks": write_tasks(root / "tasks")}
+
+
+def per_request(results: dict) -> dict[tuple[str, int], list]:
+    """(task, document) -> the responses to each of its requests, as lm-eval logged them."""
+    return {(task, sample["doc_id"]): sample["resps"] for task, samples in results["samples"].items()
+            for sample in samples}
+
+
+def metrics(results: dict) -> dict[str, float]:
+    """task/metric -> value."""
+    return {f"{task}/{name}": float(value) for task, values in results["results"].items()
+            for name, value in values.items() if "," in name and "stderr" not in name}
+
+
+def assert_same_responses(ours: dict, theirs: dict, tolerance=1e-4):
+    assert ours.keys() == theirs.keys() and ours
+    for key in ours:
+        for a, b in zip(ours[key], theirs[key], strict=True):
+            a, b = a[0], b[0]
+            if isinstance(a, str):  # generation
+                assert a == b, (key, a, b)
+            elif isinstance(a, (list, tuple)):  # loglikelihood: (log-probability, greedy)
+                assert abs(a[0] - b[0]) <= tolerance and a[1] == b[1], (key, a, b)
+            else:  # loglikelihood_rolling: log-probability
+                assert abs(a - b) <= tolerance, (key, a, b)
+
+
+@pytest.mark.slow
+def test_argonne_and_lm_evals_hf_backend_agree_on_every_request(folders):
+    from lm_eval.models.huggingface import HFLM
+
+    tasks = list(TASKS)
+    ours = evaluate_tasks(ArgonneLM(pretrained=str(folders["llama"]), device="cpu", dtype="float32", batch_size=3),
+                          tasks, include_path=folders["tasks"], log_samples=True)
+    theirs = evaluate_tasks(HFLM(pretrained=str(folders["llama"]), device="cpu", dtype="float32", batch_size=3),
+                            tasks, include_path=folders["tasks"], log_samples=True)
+    assert_same_responses(per_request(ours), per_request(theirs))
+    assert metrics(ours) == pytest.approx(metrics(theirs), rel=1e-5)
+    # The fixtures exercise each kind of request: several choices, documents longer than one window, generation.
+    assert {task: len(samples) for task, samples in ours["samples"].items()} == {
+        "argonne_choice": 6, "argonne_rolling": 4, "argonne_generate": 5}
+
+
+@pytest.mark.slow
+def test_a_checkpoint_scores_as_its_model_folder(folders):
+    tasks = ["argonne_choice", "argonne_rolling"]
+    results = [evaluate_tasks(ArgonneLM(pretrained=str(folders[kind]), device="cpu", dtype="float32"), tasks,
+                              include_path=folders["tasks"], log_samples=True)
+               for kind in ("checkpoint", "argonne")]
+    assert_same_responses(per_request(results[0]), per_request(results[1]), tolerance=0)
+    assert metrics(results[0]) == metrics(results[1])
+
+
+def test_one_forward_per_batch_longest_first(folders):
+    """Log-likelihood requests are sorted by length and batched: ceil(n / batch_size) forwards, each as wide as
+    its longest row, requests with the same inputs share a row, and the scores equal scoring each alone."""
+    lm = ArgonneLM(pretrained=str(folders["argonne"]), device="cpu", dtype="float32", batch_size=4)
+    torch.manual_seed(1)
+    windows = [(torch.randint(3, 8192, (n,)).tolist(), None) for n in (5, 17, 9, 30, 2, 12, 7, 21, 3, 4)]
+    windows = [(inputs, inputs[-min(3, len(inputs)):]) for inputs, _ in windows]
+    windows += [(windows[3][0], [5]), (windows[3][0], [6, 7])]  # other answers to the longest row's question
+    widths = []
+    hook = lm.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape
+                                                                                          if "input_ids" in kwargs
+                                                                                          else args[0].shape),
+                                              with_kwargs=True)
+    try:
+        batched = lm.score_windows(windows)
+    finally:
+        hook.remove()
+    assert widths == [(4, 30), (4, 9), (2, 3)]
+    lm.batch_size = 1
+    alone = lm.score_windows(windows)
+    for (a, greedy_a), (b, greedy_b) in zip(batched, alone):
+        assert abs(a - b) <= 1e-4 and greedy_a == greedy_b
+
+
+def test_a_continuation_longer_than_the_context_window_is_cut_from_the_left(folders):
+    lm = ArgonneLM(pretrained=str(folders["argonne"]), device="cpu", dtype="float32", max_length=8)
+    inputs, scored = lm._window(list(range(10, 16)), list(range(20, 30)))
+    assert inputs == list(range(21, 29))  # the last 9 tokens, less the one nothing follows
+    assert scored == list(range(22, 30))  # what those 8 inputs predict
+
+
+def test_eval_tasks_prints_lm_evals_table_and_writes_its_results_json(folders, tmp_path, capsys):
+    from argonne.cli import main
+
+    output = tmp_path / "results" / "tasks.json"
+    assert main(["eval", "tasks", str(folders["checkpoint"]), "--tasks", "argonne_choice,argonne_rolling",
+                 "--include-path", str(folders["tasks"]), "--limit", "3", "--batch-size", "2", "--device", "cpu",
+                 "--output", str(output)]) == 0
+    printed = capsys.readouterr().out
+    assert "|argonne_choice " in printed and "acc_norm" in printed and "word_perplexity" in printed
+    written = json.loads(output.read_text())
+    assert {"results", "configs", "versions", "n-shot", "n-samples"} <= written.keys()  # lm-eval's layout
+    assert written["n-samples"]["argonne_choice"] == {"original": 6, "effective": 3}
+    assert 0 <= written["results"]["argonne_choice"]["acc,none"] <= 1
+    assert math.isfinite(written["results"]["argonne_rolling"]["word_perplexity,none"])
+
+
+@pytest.mark.parametrize("problem", [
+    pytest.param("unknown task", marks=pytest.mark.slow),  # lm-eval indexes its own thousands of task files
+    pytest.param("task file that does not parse", marks=pytest.mark.slow),
+    "no tokenizer", "bad limit", "not a folder"])
+def test_bad_input_is_a_clear_error(folders, tmp_path, capsys, problem):
+    import shutil
+
+    from argonne.cli import main
+
+    model, tasks, include = str(folders["argonne"]), "argonne_choice", str(folders["tasks"])
+    extra = []
+    if problem == "unknown task":
+        tasks, expected = "argonne_choice,hellaswagg", "unknown task(s): hellaswagg"
+    elif problem == "task file that does not parse":
+        include = str(shutil.copytree(folders["tasks"], tmp_path / "tasks"))
+        (tmp_path / "tasks" / "mine.yaml").write_text("task: mine\ndataset_path: json\n  bad: [indent\n")
+        tasks, expected = "mine", "mine.yaml: mapping values are not allowed in this context"
+    elif problem == "no tokenizer":
+        model = str(tmp_path / "bare")
+        (tmp_path / "bare").mkdir()
+        for name in ("config.json", "model.safetensors"):
+            shutil.copy(folders["argonne"] / name, tmp_path / "bare" / name)
+        expected = "has no tokenizer: neither tokenizer.json nor tokenizer_config.json"
+    elif problem == "bad limit":
+        extra, expected = ["--limit", "2.5"], "--limit must be a count (1, 2, ...) or a fraction in (0, 1), got 2.5"
+    else:
+        include, expected = str(tmp_path / "missing"), "not a folder of task YAML files"
+    code = main(["eval", "tasks", model, "--tasks", tasks, "--include-path", include, "--device", "cpu", *extra])
+    error = capsys.readouterr().err
+    assert code == 2 and "argonne eval: error:" in error and expected in " ".join(error.split()), error
+
+
+def test_sampled_generation_is_refused_naming_the_settings(folders):
+    lm = ArgonneLM(pretrained=str(folders["argonne"]), device="cpu")
+    with pytest.raises(HarnessError, match="decodes greedily only"):
+        lm._generation_settings({"until": ["\n"], "do_sample": True, "temperature": 0.7})
+    assert lm._generation_settings({"until": "\n\n", "max_gen_toks": 5}) == (["\n\n"], 5)
+
+
+@pytest.mark.slow
+def test_lm_evals_own_command_line_runs_the_argonne_model(folders, tmp_path):
+    """`python -m argonne.lm_eval_command` is `lm_eval` with Argonne's class registered: lm_eval's options work."""
+    import subprocess
+    import sys
+
+    from .conftest import env
+
+    result = subprocess.run(
+        [sys.executable, "-m", "argonne.lm_eval_command", "--model", "argonne", "--model_args",
+         f"pretrained={folders['argonne']},dtype=float32", "--device", "cpu", "--tasks", "argonne_choice",
+         "--include_path", str(folders["tasks"]), "--batch_size", "4", "--output_path", str(tmp_path / "out")],
+        env={**env(), "HF_DATASETS_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "argonne_choice" in result.stdout and "acc_norm" in result.stdout
+    written = list((tmp_path / "out").rglob("results_*.json"))
+    assert written and json.loads(written[0].read_text())["config"]["model"] == "argonne"
+
+
+def test_the_package_declares_the_model_for_lm_evals_plugin_discovery():
+    """lm-eval versions that discover plugins (the `lm_eval.models` entry-point group) find `argonne` with no
+    import; lm-eval resolves such an entry point to the registered class."""
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group="lm_eval.models") if ep.name == "argonne"]
+    assert found and found[0].load() is ArgonneLM
