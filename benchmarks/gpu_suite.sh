@@ -16,7 +16,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 started=$SECONDS
 wanted=" $* "
-# Result file of each part (default: the part's name); seven files in all with summary.txt and profiles.txt.
+# Result file of each part (default: the part's name); eight files in all with summary.txt and profiles.txt.
 declare -A FILE_OF=([train-small]=train [train-2.0]=train [decode-b1]=decode [decode-accuracy]=decode
                     [decode-long]=decode [decode-b16]=decode)
 run() {  # run LIMIT_S NAME COMMAND...
@@ -54,9 +54,11 @@ run 180 decode-b16 $PY benchmarks/decode_throughput.py --preset small --batches 
 run 60 gemv $PY benchmarks/gemv_kernels.py
 run 200 decode-variants $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 --skip-transformers \
     --variants gemv+efficient-attention gemv+native-matmul unmerged efficient-attention gemv+max-autotune
+# lm-eval (issue 19): Argonne's class against lm-eval's hf backend on the 0.5B shape, bf16, same run.
+run 240 eval $PY benchmarks/eval_throughput.py --preset 0.5b --device cuda --dtype bfloat16 --repeat 40
 echo "=== summary"
 cat "$OUT/summary.txt"
-for file in gpu-tests train decode gemv decode-variants; do
+for file in gpu-tests train decode gemv decode-variants eval; do
     [[ -f "$OUT/$file.txt" ]] || continue
     echo "--- $file"
     grep -v -E "^[WIE][0-9]{4} |[Ww]arn|^ *$|^ *(from|import|File) |^\.+|USDT" "$OUT/$file.txt" | tail -n 24 |
