@@ -118,6 +118,8 @@ def run_process(args: list[str], timeout: float = 300, **kwargs) -> subprocess.C
 
 # The shared training launches (session-wide, so every module that uses them pays for them once).
 from .launches import (  # noqa: E402,F401 - registered here as fixtures
+    eval_one_process,
+    eval_tasks,
     four_processes,
     one_process,
     prepared_sample,

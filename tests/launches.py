@@ -130,7 +130,25 @@ def launch_runs(folder: Path, nproc: int, plan: list[dict]) -> dict:
 
 
 @pytest.fixture(scope="session")
-def two_processes(prepared_sample, one_process, streaming, tmp_path_factory):
+def eval_tasks(tmp_path_factory) -> list[str]:
+    """Options for in-loop lm-eval tasks (tests/harness_tasks.py's three) at steps 5 and 10, 4 requests per
+    forward (so that processes with different shares run different numbers of forwards)."""
+    from .harness_tasks import TASKS, write_tasks
+
+    folder = write_tasks(tmp_path_factory.mktemp("eval-tasks"))
+    return [f"--eval.tasks={list(TASKS)!r}", "--eval.every=5", f"--eval.include_path={str(folder)!r}",
+            "--eval.batch_size=4"]
+
+
+@pytest.fixture(scope="session")
+def eval_one_process(prepared_sample, eval_tasks, tmp_path_factory) -> list[dict]:
+    run_dir = tmp_path_factory.mktemp("eval-one")
+    train_here(prepared_sample, run_dir, extra=eval_tasks)
+    return records(run_dir)
+
+
+@pytest.fixture(scope="session")
+def two_processes(prepared_sample, one_process, streaming, eval_tasks, tmp_path_factory):
     """One launch of two processes for every two-process run of this module; a folder lock held by another
     process is in place for the "in use" run."""
     from .test_run_folder import hold_lock_in_another_process
@@ -148,6 +166,9 @@ def two_processes(prepared_sample, one_process, streaming, tmp_path_factory):
         {"name": "streaming", "argv": cli_args(None, root / "streaming", micro=4, extra=streaming)},
         {"name": "in use", "argv": cli_args(prepared_sample, root / "in use", steps=2, micro=4)},
         {"name": "grads", "grads": ["tied", "untied"]},
+        {"name": "eval fsdp2", "argv": cli_args(prepared_sample, root / "eval fsdp2", micro=4, extra=eval_tasks)},
+        {"name": "eval tp2", "argv": cli_args(prepared_sample, root / "eval tp2", micro=8,
+                                              extra=["--parallel.tensor_parallel=2", *eval_tasks])},
     ]
     (root / "in use").mkdir()
     holder = hold_lock_in_another_process(root / "in use")  # e.g. a worker left running by a killed launcher
@@ -160,13 +181,15 @@ def two_processes(prepared_sample, one_process, streaming, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def four_processes(prepared_sample, tmp_path_factory):
+def four_processes(prepared_sample, eval_tasks, tmp_path_factory):
     """One launch of four processes: the 2-D mesh, and the large-model path (built on meta) on it."""
     root = tmp_path_factory.mktemp("four")
     nproc, micro, extra = LAYOUTS["fsdp2xtp2"]
     plan = [{"name": "fsdp2xtp2", "argv": cli_args(prepared_sample, root / "fsdp2xtp2", micro=micro, extra=extra)},
             {"name": "meta init", "argv": cli_args(prepared_sample, root / "meta init", micro=micro, extra=extra),
-             "meta_init": True}]
+             "meta_init": True},
+            {"name": "eval fsdp2xtp2", "argv": cli_args(prepared_sample, root / "eval fsdp2xtp2", micro=micro,
+                                                        extra=[*extra, *eval_tasks])}]
     return {**launch_runs(root, nproc, plan), "root": root}
 
 

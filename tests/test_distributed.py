@@ -178,3 +178,19 @@ def test_models_built_on_meta_are_initialised_after_sharding(four_processes):
     assert abs(steps[1] - math.log(8192)) < 0.2  # a fresh initialisation predicts near-uniformly
     assert all(math.isfinite(v) for v in steps.values())
     assert sum(steps[s] for s in (8, 9, 10)) / 3 < steps[1] - 0.1  # and it trains
+
+
+@pytest.mark.parametrize("layout", ["fsdp2", "tp2", "fsdp2xtp2"])
+def test_in_loop_task_metrics_on_the_sharded_model_equal_one_process(eval_one_process, request, layout):
+    """lm-eval tasks at steps 5 and 10 on the model as it trains, every process taking part with its shard:
+    the metrics of one process (accuracies exactly, perplexities to 1e-4), and the same losses."""
+    launch = request.getfixturevalue("four_processes" if layout == "fsdp2xtp2" else "two_processes")
+    parallel = records(launched_run(launch, f"eval {layout}"))
+    assert_same_losses({r["step"]: r["loss"] for r in eval_one_process}, {r["step"]: r["loss"] for r in parallel})
+    one = {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in eval_one_process}
+    many = {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in parallel}
+    assert [step for step in one if one[step]] == [step for step in many if many[step]] == [5, 10]
+    for step in (5, 10):
+        assert one[step].keys() == many[step].keys() and "eval/argonne_choice/acc" in one[step]
+        for key, value in one[step].items():
+            assert abs(many[step][key] - value) <= 1e-4 * max(1.0, abs(value)), (step, key, value, many[step][key])

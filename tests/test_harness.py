@@ -201,3 +201,42 @@ def test_the_package_declares_the_model_for_lm_evals_plugin_discovery():
 
     found = [ep for ep in entry_points(group="lm_eval.models") if ep.name == "argonne"]
     assert found and found[0].load() is ArgonneLM
+
+
+@pytest.mark.slow
+def test_in_loop_tasks_leave_training_untouched_and_resume_exactly(prepared_sample, eval_tasks, eval_one_process,
+                                                                   tmp_path):
+    """A run with [eval] tasks trains exactly as one without (data position and random state untouched), resumes
+    to the same losses and task metrics, and its plot draws the task scores beside the loss."""
+    import matplotlib.image
+
+    from .launches import losses, records, train_here
+
+    with_tasks = {r["step"]: r for r in eval_one_process}
+    plain = train_here(prepared_sample, tmp_path / "plain", extra=["--data.val_windows=0"])
+    assert plain == {step: r["loss"] for step, r in with_tasks.items()}  # bit for bit
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-00000005"
+    train_here(prepared_sample, tmp_path / "straight", extra=[*eval_tasks, "--checkpoint.every=5",
+                                                              "--checkpoint.keep=0"])
+    resumed = {r["step"]: r for r in records(train_here(prepared_sample, tmp_path / "resumed",
+                                                        extra=[*eval_tasks, "--resume", str(checkpoint)])
+                                             and tmp_path / "resumed")}
+    assert sorted(resumed) == list(range(6, 11))
+    for step, record in resumed.items():
+        assert record["loss"] == with_tasks[step]["loss"]
+    assert {k: v for k, v in resumed[10].items() if k.startswith("eval/")} == \
+        {k: v for k, v in with_tasks[10].items() if k.startswith("eval/")}
+    assert losses(tmp_path / "straight") == plain
+    assert matplotlib.image.imread(tmp_path / "resumed" / "loss.png").shape[1] == 14 * 120  # loss and tasks
+    assert matplotlib.image.imread(tmp_path / "plain" / "loss.png").shape[1] == 8 * 120  # loss alone
+
+
+@pytest.mark.slow  # an unknown name makes lm-eval index its own thousands of task files
+def test_in_loop_tasks_are_checked_when_training_starts(prepared_sample, tmp_path):
+    from .launches import cli_args
+
+    from argonne.cli import main
+
+    code = main(cli_args(prepared_sample, tmp_path / "run", extra=["--eval.tasks=['argonne_choise']",
+                                                                   f"--eval.include_path={str(tmp_path)!r}"]))
+    assert code == 2 and not (tmp_path / "run" / "metrics.jsonl").exists()

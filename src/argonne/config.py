@@ -125,6 +125,24 @@ class DistillConfig:
 
 
 @dataclass
+class EvalConfig:
+    """lm-evaluation-harness tasks run on the model as it trains (sharded as it is), see docs/evaluation.md."""
+
+    tasks: list[str] = field(default_factory=list)
+    """lm-eval task names, e.g. ["hellaswag", "arc_easy"] (empty: no task evaluation during training)."""
+    every: int = 0
+    """Steps between task evaluations (0: only at the end); there is always one at the end."""
+    limit: float = 0.0
+    """Documents per task: a count, or a fraction below 1 (0: all)."""
+    num_fewshot: int = -1
+    """Few-shot examples per prompt (-1: each task's own)."""
+    include_path: str = ""
+    """Folder of extra task YAML files."""
+    batch_size: int = 16
+    """Requests per forward pass."""
+
+
+@dataclass
 class TrainConfig:
     run_dir: str = "runs/tiny"
     """Output folder: checkpoints/, metrics.jsonl, TensorBoard events, loss.png and the final model/."""
@@ -163,6 +181,7 @@ class RunConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -170,7 +189,7 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig,
-            "checkpoint": CheckpointConfig, "distill": DistillConfig, "train": TrainConfig}
+            "checkpoint": CheckpointConfig, "distill": DistillConfig, "eval": EvalConfig, "train": TrainConfig}
 
 
 def _unknown_names(unknown: list[str], known) -> str:
@@ -278,6 +297,10 @@ RANGES = {
     "distill.alpha": _fraction(include_one=True),
     "distill.temperature": _above(0),
     "distill.chunk": _above(0),
+    "eval.every": _at_least(0),
+    "eval.limit": _at_least(0),
+    "eval.num_fewshot": _at_least(-1),
+    "eval.batch_size": _above(0),
     "train.steps": _above(0),
     "train.micro_batch_size": _above(0),
     "train.grad_accum": _above(0),
@@ -361,6 +384,8 @@ def validate(config: RunConfig, problems: list[str] | None = None) -> None:
     problems.extend(document_problems(config.data, "data.", skip=wrong_type))
     if not {"optim.lr", "optim.min_lr"} & wrong_type and config.optim.min_lr > config.optim.lr:
         problems.append(f"optim.min_lr ({config.optim.min_lr}) must not exceed optim.lr ({config.optim.lr})")
+    if "eval.limit" not in wrong_type and config.eval.limit >= 1 and config.eval.limit != int(config.eval.limit):
+        problems.append(f"eval.limit must be a count (1, 2, ...) or a fraction below 1, got {config.eval.limit}")
     if "train.run_dir" not in wrong_type and not config.train.run_dir.strip():
         problems.append("train.run_dir is empty (an unset variable?): name the run's folder")
     if sum(map(bool, (config.data.inputs, config.data.prepared, config.data.sft))) != 1:

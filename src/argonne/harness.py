@@ -77,8 +77,16 @@ class ArgonneLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, tokenizer=None, device: str = "auto", dtype: str = "auto",
                  batch_size: int | str = DEFAULT_BATCH_SIZE, max_length: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, model: ArgonneForCausalLM | None = None,
-                 max_batch_size: int | None = None):
+                 max_batch_size: int | None = None, topology=None):
         super().__init__()
+        # A model being trained, sharded over a ("dp", "tp") mesh: lm-eval gives each data-parallel rank its share
+        # of the documents; tensor-parallel peers take the same share and run the same forwards.
+        self.topology = topology if topology is not None and topology.world > 1 else None
+        if self.topology is not None:
+            self._rank = self.topology.mesh.get_local_rank("dp")
+            self._world_size = self.topology.dp
+        # Argonne's generator merges the model's projections and keeps a static cache: only for a model opened here.
+        self._owns_model = model is None
         if model is None:
             if pretrained is None:
                 raise HarnessError("model argument pretrained is missing: pretrained=FOLDER (an Argonne or "
@@ -130,6 +138,28 @@ class ArgonneLM(TemplateLM):
     def device(self) -> torch.device:
         return self._device
 
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.topology is None:
+            return tensor
+        group = self.topology.mesh.get_group("dp")
+        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
+
+    def gather_object(self, obj, dst: int = 0):
+        if self.topology is None:
+            return [obj]
+        parts = [None] * self.world_size
+        torch.distributed.all_gather_object(parts, obj, group=self.topology.mesh.get_group("dp"))
+        return parts if self.rank == dst else None
+
+    def barrier(self) -> None:
+        if self.topology is not None:
+            torch.distributed.barrier()
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=True)
+
     @property
     def tokenizer_name(self) -> str:
         return getattr(self.tokenizer, "name_or_path", "argonne").replace("/", "__")
@@ -175,7 +205,9 @@ class ArgonneLM(TemplateLM):
             until, max_new = self._generation_settings(gen_kwargs)
             settings.append((context, until, max_new))
             groups.setdefault(json.dumps([until, max_new]), []).append(index)
-        generator = self.generator()
+        # A sharded model decodes every batch for max_gen_toks steps, so every process knows its forwards now.
+        steps = sum(-(-len(indices) // self.batch_size) * settings[indices[0]][2] for indices in groups.values())
+        extra = self._forwards_to_add(steps)
         for indices in groups.values():
             until, max_new = settings[indices[0]][1:]
             prompts = {i: self.tok_encode(settings[i][0])[-(self.max_length - max_new):] or [self.prefix_token_id]
@@ -184,12 +216,12 @@ class ArgonneLM(TemplateLM):
             params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop=tuple(until))
             for start in range(0, len(order), self.batch_size):
                 batch = order[start:start + self.batch_size]
-                for i, completion in zip(batch, generator.complete_ids([prompts[i] for i in batch], params)):
-                    text = completion.text
+                for i, text in zip(batch, self._continuations([prompts[i] for i in batch], params)):
                     for stop in until:  # as the `hf` backend cuts its output
                         if stop:
                             text = text.split(stop)[0]
                     results[i] = text
+        self._dummy_forwards(extra)
         return results
 
     # ------------------------------------------------------------------------------------------------ ours
@@ -220,6 +252,61 @@ class ArgonneLM(TemplateLM):
             self._generator = Generator(self.model, self.tokenizer)
         return self._generator
 
+    def _continuations(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+        """Greedy texts for a batch: Argonne's generator for a model opened here (it merges the projections and
+        keeps a static cache); for a model passed in (being trained, maybe sharded) a plain loop that recomputes the
+        whole batch at each step, which runs on any sharding and leaves the model as it is."""
+        if self._owns_model:
+            return [completion.text for completion in self.generator().complete_ids(prompts, params)]
+        eos = {self.tokenizer.eos_token_id} - {None}
+        rows = [list(prompt) for prompt in prompts]
+        made: list[list[int]] = [[] for _ in prompts]
+        done = [False] * len(prompts)
+        texts = [""] * len(prompts)
+        for _ in range(params.max_new_tokens):
+            logits = self._forward(rows, keep=1)[:, -1]
+            for row, token in enumerate(logits.argmax(-1).tolist()):
+                if done[row]:
+                    continue
+                if token in eos:
+                    done[row] = True
+                    continue
+                made[row].append(token)
+                rows[row].append(token)
+                texts[row] = self.tokenizer.decode(made[row], skip_special_tokens=True)
+                cut = [texts[row].index(stop) for stop in params.stop if stop and stop in texts[row]]
+                if cut:
+                    texts[row], done[row] = texts[row][:min(cut)], True
+            if all(done) and self.topology is None:  # sharded: every process runs max_new_tokens steps
+                break
+        return texts
+
+    def _forward(self, rows: list[list[int]] | list[tuple[int, ...]], keep: int) -> torch.Tensor:
+        """Logits (float32) at the last `keep` positions of each row, rows left-padded to end together."""
+        width = max(len(row) for row in rows)
+        tokens = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for slot, row in enumerate(rows):
+            tokens[slot, width - len(row):] = torch.tensor(row)
+            mask[slot, width - len(row):] = 1
+        padded = bool((mask == 0).any())
+        logits = self.model(tokens.to(self.device), attention_mask=mask.to(self.device) if padded else None,
+                            use_cache=False, logits_to_keep=keep).logits
+        return logits.float()
+
+    def _forwards_to_add(self, planned: int) -> int:
+        """How many one-token forwards this process adds to its `planned` ones so that every process runs the same
+        number (FSDP gathers each layer's weights from all of them at every forward): agreed before any runs."""
+        if self.topology is None:
+            return 0
+        count = torch.tensor([planned], dtype=torch.long)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX, group=self.topology.host_group)
+        return int(count.item()) - planned
+
+    def _dummy_forwards(self, count: int) -> None:
+        for _ in range(count):
+            self._forward([[self.prefix_token_id]], keep=1)
+
     @torch.no_grad()
     def score_windows(self, windows: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """For each (inputs, continuation) — continuation the tokens that inputs[-len(continuation):] predict —
@@ -238,6 +325,7 @@ class ArgonneLM(TemplateLM):
             keep[row] = max(keep[row], len(continuation))
             readers[row].append(index)
         order = sorted(range(len(rows)), key=lambda row: -len(rows[row]))
+        extra = self._forwards_to_add(-(-len(order) // self.batch_size))
         results: list[tuple[float, bool] | None] = [None] * len(windows)
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
@@ -249,21 +337,13 @@ class ArgonneLM(TemplateLM):
                     target = torch.tensor(continuation, device=scored.device)
                     picked = scored.gather(-1, target[:, None]).squeeze(-1)
                     results[index] = (float(picked.sum()), bool((scored.argmax(-1) == target).all()))
+        self._dummy_forwards(extra)
         return results
 
     def _last_logprobs(self, rows: list[tuple[int, ...]], keep: int) -> torch.Tensor:
         """Log-probabilities (float32) at the last `keep` positions of each row: (rows, keep, vocabulary). One
         forward; rows are left-padded so that they all end at the last position."""
-        width = max(len(row) for row in rows)
-        tokens = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for slot, row in enumerate(rows):
-            tokens[slot, width - len(row):] = torch.tensor(row)
-            mask[slot, width - len(row):] = 1
-        padded = bool((mask == 0).any())
-        logits = self.model(tokens.to(self.device), attention_mask=mask.to(self.device) if padded else None,
-                            use_cache=False, logits_to_keep=keep).logits
-        return F.log_softmax(logits.float(), dim=-1)
+        return F.log_softmax(self._forward(rows, keep), dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------- running tasks
@@ -353,3 +433,80 @@ def results_table(results: dict) -> str:
     from lm_eval.utils import make_table
 
     return make_table(results)
+
+
+# ------------------------------------------------------------------------------------------ during training
+
+
+def flat_metrics(results: dict | None) -> dict[str, float]:
+    """lm-eval's results as flat numbers: {"eval/TASK/METRIC": value} (the filter named when it is not "none")."""
+    metrics = {}
+    for task, values in (results or {}).get("results", {}).items():
+        for name, value in values.items():
+            if "," not in name or "stderr" in name or not isinstance(value, (int, float)):
+                continue
+            metric, filter_name = name.split(",", 1)
+            key = metric if filter_name == "none" else f"{metric}_{filter_name}"
+            metrics[f"eval/{task}/{key}"] = float(value)
+    return metrics
+
+
+class TaskEvaluator:
+    """The run config's [eval] tasks on the model as it trains: every process takes part with its shard of the
+    model (tensor parallel x FSDP2: nothing is gathered to one process, nothing converted). Training is not
+    disturbed: the random generators (torch, CUDA, Python, NumPy; lm-eval seeds them) are restored afterwards, the
+    data stream is not touched, and the model goes back to training mode."""
+
+    def __init__(self, settings, tokenizer, topology):
+        self.settings, self.tokenizer, self.topology = settings, tokenizer, topology
+        self.tasks = list(settings.tasks)
+        self.manager = task_manager(settings.include_path or None, self.tasks)
+        check_tasks(self.tasks, self.manager)  # at start, not after hours of training
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or bool(self.settings.every and step % self.settings.every == 0)
+
+    def __call__(self, model, amp) -> dict[str, float]:
+        """{"eval/TASK/METRIC": value, ...} on the main process ({} on the others), and "eval_seconds"."""
+        import time
+
+        limit = self.settings.limit or None
+        started = time.perf_counter()
+        state = _random_state()
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), amp():
+                lm = ArgonneLM(model=model, tokenizer=self.tokenizer, batch_size=self.settings.batch_size,
+                               topology=self.topology)
+                results = evaluate_tasks(lm, self.tasks, manager=self.manager,
+                                         num_fewshot=None if self.settings.num_fewshot < 0 else
+                                         self.settings.num_fewshot,
+                                         limit=int(limit) if limit is not None and limit >= 1 else limit)
+        finally:
+            _restore_random_state(state)
+            model.train(training)
+        return {**flat_metrics(results), "eval_seconds": time.perf_counter() - started}
+
+
+def _random_state() -> dict:
+    import random
+
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_random_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])

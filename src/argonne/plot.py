@@ -1,4 +1,5 @@
-"""`argonne plot RUN_DIR`: training and validation loss against tokens seen, as RUN_DIR/loss.png."""
+"""`argonne plot RUN_DIR`: training and validation loss against tokens seen, and beside them the [eval] tasks'
+metrics when the run has them, as RUN_DIR/loss.png."""
 
 from __future__ import annotations
 
@@ -26,7 +27,12 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     run_dir = Path(run_dir)
     records = read_metrics(run_dir)
     output = Path(output) if output else run_dir / "loss.png"
-    fig, ax = plt.subplots(figsize=(8, 5))
+    # Accuracies and other [0, 1] scores of the [eval] tasks (perplexities have scales of their own: metrics.jsonl
+    # and TensorBoard have them).
+    task_metrics = sorted(key for key in {k for record in records for k in record if k.startswith("eval/")}
+                          if all(0 <= record[key] <= 1 for record in records if key in record))
+    fig, axes = plt.subplots(1, 2 if task_metrics else 1, figsize=(14 if task_metrics else 8, 5), squeeze=False)
+    ax = axes[0][0]
     ax.plot([r["tokens"] for r in records], [r["loss"] for r in records], label="training loss")
     validation = [r for r in records if "val_loss" in r]
     if validation:
@@ -36,6 +42,16 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
     ax.set_title(f"{run_dir.name}: loss vs tokens")
     ax.grid(alpha=0.3)
     ax.legend()
+    if task_metrics:  # the [eval] tasks' metrics (accuracies, perplexities...) against tokens, beside the loss
+        tasks_ax = axes[0][1]
+        for key in task_metrics:
+            points = [(r["tokens"], r[key]) for r in records if key in r]
+            tasks_ax.plot(*zip(*points), "o-", label=key[len("eval/"):])
+        tasks_ax.set_xlabel("tokens")
+        tasks_ax.set_title("task scores (lm-evaluation-harness)")
+        tasks_ax.set_ylim(0, 1)
+        tasks_ax.grid(alpha=0.3)
+        tasks_ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(output, dpi=120)
     plt.close(fig)

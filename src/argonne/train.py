@@ -339,7 +339,8 @@ class MetricsSink:
         if self.writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{key}", value, record["step"])
+                    # eval/TASK/METRIC under its own heading; the rest under train/
+                    self.writer.add_scalar(key if "/" in key else f"train/{key}", value, record["step"])
             self.writer.flush()
         self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         self.bar.write(format_record(record))
@@ -365,6 +366,9 @@ def format_record(record: dict) -> str:
     )
     if "val_loss" in record:
         text += f" | val loss {record['val_loss']:.4f}"
+    tasks = [f"{key[5:]} {value:.4g}" for key, value in record.items() if key.startswith("eval/")]
+    if tasks:
+        text += f"\n  tasks ({record['eval_seconds']:.1f} s): " + ", ".join(tasks)
     return text
 
 
@@ -613,6 +617,7 @@ class Run:
     peak_tflops: float | None  # the MFU denominator, and how the start line names it
     peak_note: str
     start_step: int = 0
+    tasks: object = None  # harness.TaskEvaluator for the [eval] tasks, or None
 
     @property
     def tokens_per_step(self) -> int:
@@ -666,6 +671,10 @@ def build_run(config: RunConfig, spec: TrainSpec, topology: Topology, resume_fro
     batches, validation = spec.build_data(config, tokenizer, topology, device.type == "cuda")
     run = Run(config, topology, device, amp, tokenizer, model_config, model, optimizer, objective, batches,
               validation, run_id, resume_from, *mfu_peak(config.train.peak_tflops, device, dtype))
+    if config.eval.tasks:
+        from .harness import TaskEvaluator
+
+        run.tasks = TaskEvaluator(config.eval, tokenizer, topology)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, _train_state(0, batches), verify=False)
         batches.load_state_dict(json.loads(state["data"]))
@@ -698,10 +707,14 @@ def train_loop(run: Run, sink: "MetricsSink") -> dict:
             interval.add(step_loss, finite, parts)
             sink.step_done()
             done = step + 1 == tc.steps
-            if (step + 1) % tc.log_every == 0 or done:
+            tasks_due = run.tasks is not None and run.tasks.due(step + 1, done)
+            if (step + 1) % tc.log_every == 0 or done or tasks_due:
                 record = interval.record(step + 1, lr, grad_norm, sink)
                 if run.validation is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0) or done):
                     record["val_loss"] = evaluate(run.model, run.validation, run.device, run.amp)
+                if tasks_due:
+                    record.update(run.tasks(run.model, run.amp))
+                    interval.started += record["eval_seconds"]  # not training time
                 sink.log(record)
                 summary.update(record)
             if tc.sample_every and (step + 1) % tc.sample_every == 0:
