@@ -141,10 +141,14 @@ def eval_tasks(tmp_path_factory) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def eval_one_process(prepared_sample, eval_tasks, tmp_path_factory) -> list[dict]:
-    run_dir = tmp_path_factory.mktemp("eval-one")
-    train_here(prepared_sample, run_dir, extra=eval_tasks)
-    return records(run_dir)
+def eval_one_process(prepared_sample, eval_tasks, tmp_path_factory) -> dict[str, list[dict]]:
+    """One process's records with the eval tasks: "all" documents, and "limit 1"."""
+    runs = {}
+    for name, extra in (("all", []), ("limit 1", ["--eval.limit=1"])):
+        run_dir = tmp_path_factory.mktemp("eval-one")
+        train_here(prepared_sample, run_dir, extra=[*eval_tasks, *extra])
+        runs[name] = records(run_dir)
+    return runs
 
 
 @pytest.fixture(scope="session")
@@ -169,6 +173,9 @@ def two_processes(prepared_sample, one_process, streaming, eval_tasks, tmp_path_
         {"name": "eval fsdp2", "argv": cli_args(prepared_sample, root / "eval fsdp2", micro=4, extra=eval_tasks)},
         {"name": "eval tp2", "argv": cli_args(prepared_sample, root / "eval tp2", micro=8,
                                               extra=["--parallel.tensor_parallel=2", *eval_tasks])},
+        # One document per task: one process has no request of its own.
+        {"name": "eval fsdp2 limit 1", "argv": cli_args(prepared_sample, root / "eval fsdp2 limit 1", micro=4,
+                                                        extra=[*eval_tasks, "--eval.limit=1"])},
     ]
     (root / "in use").mkdir()
     holder = hold_lock_in_another_process(root / "in use")  # e.g. a worker left running by a killed launcher

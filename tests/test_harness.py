@@ -212,7 +212,7 @@ def test_in_loop_tasks_leave_training_untouched_and_resume_exactly(prepared_samp
 
     from .launches import losses, records, train_here
 
-    with_tasks = {r["step"]: r for r in eval_one_process}
+    with_tasks = {r["step"]: r for r in eval_one_process["all"]}
     plain = train_here(prepared_sample, tmp_path / "plain", extra=["--data.val_windows=0"])
     assert plain == {step: r["loss"] for step, r in with_tasks.items()}  # bit for bit
     checkpoint = tmp_path / "straight" / "checkpoints" / "step-00000005"

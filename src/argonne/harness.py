@@ -71,7 +71,9 @@ class ArgonneLM(TemplateLM):
     on GPUs, float32 on CPUs; "float32", "bfloat16", "float16"), batch_size (requests per forward; lm-eval's
     "auto" means Argonne's default, 16), max_length (tokens of context; default the model's
     max_position_embeddings), max_gen_toks (default 256, as lm-eval's `hf`). A model already in memory is passed
-    as `model=` with its `tokenizer`.
+    as `model=` with its `tokenizer`, and with the `topology` of the processes it is sharded over (training):
+    every process then gets every request and scores its data-parallel share, the processes agree on the number
+    of forwards before running them (FSDP gathers each layer's weights at every forward), and results are gathered.
     """
 
     def __init__(self, pretrained: str | None = None, tokenizer=None, device: str = "auto", dtype: str = "auto",
@@ -79,12 +81,10 @@ class ArgonneLM(TemplateLM):
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, model: ArgonneForCausalLM | None = None,
                  max_batch_size: int | None = None, topology=None):
         super().__init__()
-        # A model being trained, sharded over a ("dp", "tp") mesh: lm-eval gives each data-parallel rank its share
-        # of the documents; tensor-parallel peers take the same share and run the same forwards.
+        # A model being trained, sharded over a ("dp", "tp") mesh. lm-eval sees one process: every process gets
+        # every request (so each calls each request type, whatever the documents), computes its data-parallel
+        # share and gathers the rest; tensor-parallel peers take the same share and run the same forwards.
         self.topology = topology if topology is not None and topology.world > 1 else None
-        if self.topology is not None:
-            self._rank = self.topology.mesh.get_local_rank("dp")
-            self._world_size = self.topology.dp
         # Argonne's generator merges the model's projections and keeps a static cache: only for a model opened here.
         self._owns_model = model is None
         if model is None:
@@ -138,25 +138,6 @@ class ArgonneLM(TemplateLM):
     def device(self) -> torch.device:
         return self._device
 
-    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.topology is None:
-            return tensor
-        group = self.topology.mesh.get_group("dp")
-        parts = [torch.zeros_like(tensor) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.stack(parts) if tensor.dim() == 0 else torch.cat(parts)
-
-    def gather_object(self, obj, dst: int = 0):
-        if self.topology is None:
-            return [obj]
-        parts = [None] * self.world_size
-        torch.distributed.all_gather_object(parts, obj, group=self.topology.mesh.get_group("dp"))
-        return parts if self.rank == dst else None
-
-    def barrier(self) -> None:
-        if self.topology is not None:
-            torch.distributed.barrier()
-
     def loglikelihood(self, requests, disable_tqdm: bool = False):
         return super().loglikelihood(requests, disable_tqdm=True)
 
@@ -205,10 +186,14 @@ class ArgonneLM(TemplateLM):
             until, max_new = self._generation_settings(gen_kwargs)
             settings.append((context, until, max_new))
             groups.setdefault(json.dumps([until, max_new]), []).append(index)
+        groups = {key: self._my_share(indices) for key, indices in groups.items()}
         # A sharded model decodes every batch for max_gen_toks steps, so every process knows its forwards now.
-        steps = sum(-(-len(indices) // self.batch_size) * settings[indices[0]][2] for indices in groups.values())
+        steps = sum(-(-len(indices) // self.batch_size) * settings[indices[0]][2]
+                    for indices in groups.values() if indices)
         extra = self._forwards_to_add(steps)
         for indices in groups.values():
+            if not indices:
+                continue
             until, max_new = settings[indices[0]][1:]
             prompts = {i: self.tok_encode(settings[i][0])[-(self.max_length - max_new):] or [self.prefix_token_id]
                        for i in indices}
@@ -222,7 +207,7 @@ class ArgonneLM(TemplateLM):
                             text = text.split(stop)[0]
                     results[i] = text
         self._dummy_forwards(extra)
-        return results
+        return self._gather(results)
 
     # ------------------------------------------------------------------------------------------------ ours
 
@@ -294,6 +279,21 @@ class ArgonneLM(TemplateLM):
                             use_cache=False, logits_to_keep=keep).logits
         return logits.float()
 
+    def _my_share(self, items: list) -> list:
+        """This process's part of `items` (all of them unsharded): every dp-th, so that with items sorted by length
+        every process gets rows of every length."""
+        if self.topology is None:
+            return items
+        return items[self.topology.mesh.get_local_rank("dp")::self.topology.dp]
+
+    def _gather(self, results: list) -> list:
+        """Every process's results merged (each filled its share, None elsewhere), in every process."""
+        if self.topology is None:
+            return results
+        parts = [None] * self.topology.dp
+        torch.distributed.all_gather_object(parts, results, group=self.topology.mesh.get_group("dp"))
+        return [next((part[i] for part in parts if part[i] is not None), None) for i in range(len(results))]
+
     def _forwards_to_add(self, planned: int) -> int:
         """How many one-token forwards this process adds to its `planned` ones so that every process runs the same
         number (FSDP gathers each layer's weights from all of them at every forward): agreed before any runs."""
@@ -324,7 +324,7 @@ class ArgonneLM(TemplateLM):
             row = row_of[tuple(inputs)]
             keep[row] = max(keep[row], len(continuation))
             readers[row].append(index)
-        order = sorted(range(len(rows)), key=lambda row: -len(rows[row]))
+        order = self._my_share(sorted(range(len(rows)), key=lambda row: -len(rows[row])))
         extra = self._forwards_to_add(-(-len(order) // self.batch_size))
         results: list[tuple[float, bool] | None] = [None] * len(windows)
         for start in range(0, len(order), self.batch_size):
@@ -338,7 +338,7 @@ class ArgonneLM(TemplateLM):
                     picked = scored.gather(-1, target[:, None]).squeeze(-1)
                     results[index] = (float(picked.sum()), bool((scored.argmax(-1) == target).all()))
         self._dummy_forwards(extra)
-        return results
+        return self._gather(results)
 
     def _last_logprobs(self, rows: list[tuple[int, ...]], keep: int) -> torch.Tensor:
         """Log-probabilities (float32) at the last `keep` positions of each row: (rows, keep, vocabulary). One
