@@ -102,15 +102,36 @@ def failure(*outputs: str) -> str:
     return "\n".join(ranks) + "\n--- launcher ---\n" + "\n".join(launcher[-30:])
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, theirs, ...), from `ps`."""
+    table = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    children: dict[int, list[int]] = {}
+    for child, parent in zip(table[::2], table[1::2]):
+        children.setdefault(int(parent), []).append(int(child))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def run_process(args: list[str], timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
-    """subprocess.run in a session of its own: on a timeout the whole group dies (torchrun's workers with the
-    launcher; killing the launcher alone once left a worker running), and the test fails with what it printed."""
+    """subprocess.run in a session of its own: on a timeout the launcher and every process below it are killed
+    (torchrun's workers too: killing the launcher alone once left workers running), and the test fails with what
+    it printed."""
     process = subprocess.Popen(args, env=kwargs.pop("env", None) or env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True, **kwargs)
     try:
         out, err = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        # torchrun starts each worker in a session of its own: kill the launcher's whole tree, found before the
+        # launcher dies (its orphans would be re-parented and lost).
+        for pid in [*descendants(process.pid), process.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         out, err = process.communicate()
         raise AssertionError(f"{' '.join(args[:6])} ... timed out after {timeout} s\n" + failure(out, err)) from None
     return subprocess.CompletedProcess(args, process.returncode, out, err)

@@ -196,3 +196,16 @@ def test_in_loop_task_metrics_on_the_sharded_model_equal_one_process(eval_one_pr
         assert one[step].keys() == many[step].keys() and "eval/argonne_choice/acc" in one[step]
         for key, value in one[step].items():
             assert abs(many[step][key] - value) <= 1e-4 * max(1.0, abs(value)), (step, key, value, many[step][key])
+
+
+def test_a_launch_that_times_out_leaves_no_worker_behind(tmp_path):
+    """torchrun starts each worker in a session of its own; a hung launch must not leave them running."""
+    from .conftest import run_process, torchrun
+
+    script = tmp_path / "hangs.py"
+    script.write_text("import time\ntime.sleep(600)\n")
+    with pytest.raises(AssertionError, match="timed out after 8 s"):
+        run_process(torchrun(2, str(script)), timeout=8)
+    time.sleep(0.5)
+    left = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout.split()
+    assert left == [], f"workers still running: {left}"
