@@ -219,13 +219,13 @@ class ArgonneLM(TemplateLM):
         return whole[:-1], whole[len(whole) - scored:]
 
     def _generation_settings(self, gen_kwargs: dict) -> tuple[list[str], int]:
-        kwargs = dict(gen_kwargs or {})
-        until = kwargs.pop("until", None) or []
+        """(stop strings, max new tokens) of a request's generation settings; sampling is refused. Settings that
+        only matter when sampling (top_p, top_k...) are left to lm-eval's task files."""
+        kwargs = gen_kwargs or {}
+        until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
-        sampling = kwargs.pop("do_sample", False) or float(kwargs.pop("temperature", 0.0) or 0.0) > 0
-        kwargs.pop("temperature", None)
-        if sampling:
+        max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
+        if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0:
             raise HarnessError(f"generation settings {gen_kwargs}: the argonne model decodes greedily only "
                                "(do_sample false, temperature 0), as evaluation needs reproducible outputs")
         if max_new < 1 or max_new >= self.max_length:
