@@ -55,7 +55,15 @@ def records(run_dir) -> list[dict]:
 
 
 def losses(run_dir) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir)}
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}  # not the [eval] tasks' records
+
+
+def by_step(records_: list[dict]) -> dict[int, dict]:
+    """A step's records merged (training figures, then the [eval] tasks' metrics logged after the checkpoint)."""
+    merged: dict[int, dict] = {}
+    for record in records_:
+        merged.setdefault(record["step"], {}).update(record)
+    return merged
 
 
 def assert_same_losses(a: dict, b: dict, rel=1e-4):

@@ -139,7 +139,7 @@ def test_eval_tasks_prints_lm_evals_table_and_writes_its_results_json(folders, t
 @pytest.mark.parametrize("problem", [
     pytest.param("unknown task", marks=pytest.mark.slow),  # lm-eval indexes its own thousands of task files
     pytest.param("task file that does not parse", marks=pytest.mark.slow),
-    "no tokenizer", "bad limit", "not a folder"])
+    "no tokenizer", "bad limit", "infinite limit", "not a folder"])
 def test_bad_input_is_a_clear_error(folders, tmp_path, capsys, problem):
     import shutil
 
@@ -161,6 +161,8 @@ def test_bad_input_is_a_clear_error(folders, tmp_path, capsys, problem):
         expected = "has no tokenizer: neither tokenizer.json nor tokenizer_config.json"
     elif problem == "bad limit":
         extra, expected = ["--limit", "2.5"], "--limit must be a count (1, 2, ...) or a fraction in (0, 1), got 2.5"
+    elif problem == "infinite limit":
+        extra, expected = ["--limit", "inf"], "--limit must be a count (1, 2, ...) or a fraction in (0, 1), got inf"
     else:
         include, expected = str(tmp_path / "missing"), "not a folder of task YAML files"
     code = main(["eval", "tasks", model, "--tasks", tasks, "--include-path", include, "--device", "cpu", *extra])
@@ -168,11 +170,43 @@ def test_bad_input_is_a_clear_error(folders, tmp_path, capsys, problem):
     assert code == 2 and "argonne eval: error:" in error and expected in " ".join(error.split()), error
 
 
-def test_sampled_generation_is_refused_naming_the_settings(folders):
+def test_generation_settings_are_read_as_the_hf_backend_reads_them_and_sampling_is_refused(folders):
     lm = ArgonneLM(pretrained=str(folders["argonne"]), device="cpu")
     with pytest.raises(HarnessError, match="decodes greedily only"):
         lm._generation_settings({"until": ["\n"], "do_sample": True, "temperature": 0.7})
     assert lm._generation_settings({"until": "\n\n", "max_gen_toks": 5}) == (["\n\n"], 5)
+    assert lm._generation_settings({"until": ["."], "max_new_tokens": 7}) == (["."], 7)  # an alias lm-eval takes
+    assert lm._generation_settings({"do_sample": False, "temperature": 0.7, "max_gen_toks": 9}) == ([], 9)  # greedy
+
+
+def test_a_tokenizer_that_adds_bos_encodes_as_in_the_hf_backend(folders):
+    """Llama tokenizers put BOS in front of every text they encode; lm-eval's `hf` backend keeps it, and so must
+    Argonne's class, or every score differs."""
+    import types
+
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.models.huggingface import HFLM
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = load_tokenizer(SAMPLE_TOKENIZER)
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    theirs = types.SimpleNamespace(tokenizer=tokenizer, add_bos_token=None, backend="causal",
+                                   prefix_token_id=tokenizer.bos_token_id)
+    theirs.tok_encode = types.MethodType(HFLM.tok_encode, theirs)
+    ours = ArgonneLM(model=ArgonneForCausalLM.from_pretrained(folders["argonne"]), tokenizer=tokenizer)
+    assert ours.tok_encode("Question: hi")[0] == tokenizer.bos_token_id
+    assert ours.tok_encode("Question: hi") == theirs.tok_encode("Question: hi")
+    assert ours._encode_pair("Question: hi\nAnswer:", " blue") == \
+        TemplateLM._encode_pair(theirs, "Question: hi\nAnswer:", " blue")
+
+
+def test_empty_contexts_and_continuations(folders):
+    lm = ArgonneLM(pretrained=str(folders["argonne"]), device="cpu")
+    assert lm._window([], [5, 6]) == ([lm.prefix_token_id, 5], [5, 6])  # a context that tokenizes to nothing
+    with pytest.raises(HarnessError, match="empty continuation"):
+        lm._window([1, 2], [])
 
 
 @pytest.mark.slow
@@ -210,17 +244,16 @@ def test_in_loop_tasks_leave_training_untouched_and_resume_exactly(prepared_samp
     to the same losses and task metrics, and its plot draws the task scores beside the loss."""
     import matplotlib.image
 
-    from .launches import losses, records, train_here
+    from .launches import by_step, losses, records, train_here
 
-    with_tasks = {r["step"]: r for r in eval_one_process["all"]}
+    with_tasks = by_step(eval_one_process["all"])
     plain = train_here(prepared_sample, tmp_path / "plain", extra=["--data.val_windows=0"])
     assert plain == {step: r["loss"] for step, r in with_tasks.items()}  # bit for bit
     checkpoint = tmp_path / "straight" / "checkpoints" / "step-00000005"
     train_here(prepared_sample, tmp_path / "straight", extra=[*eval_tasks, "--checkpoint.every=5",
                                                               "--checkpoint.keep=0"])
-    resumed = {r["step"]: r for r in records(train_here(prepared_sample, tmp_path / "resumed",
-                                                        extra=[*eval_tasks, "--resume", str(checkpoint)])
-                                             and tmp_path / "resumed")}
+    train_here(prepared_sample, tmp_path / "resumed", extra=[*eval_tasks, "--resume", str(checkpoint)])
+    resumed = by_step(records(tmp_path / "resumed"))
     assert sorted(resumed) == list(range(6, 11))
     for step, record in resumed.items():
         assert record["loss"] == with_tasks[step]["loss"]

@@ -8,6 +8,7 @@ The library progress bars are switched off once, in `argonne_cli.main`, before a
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -226,7 +227,7 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     if not tasks:
         raise ValueError("--tasks: no task names given")
     limit = args.limit
-    if limit is not None and (limit <= 0 or (limit >= 1 and limit != int(limit))):
+    if limit is not None and (not math.isfinite(limit) or limit <= 0 or (limit >= 1 and limit != int(limit))):
         raise ValueError(f"--limit must be a count (1, 2, ...) or a fraction in (0, 1), got {limit:g}")
     manager = task_manager(args.include_path, tasks)
     check_tasks(tasks, manager)  # before the model loads

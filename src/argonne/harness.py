@@ -150,7 +150,10 @@ class ArgonneLM(TemplateLM):
                                                   add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+        # As the `hf` backend: unless told otherwise, the tokenizer's own special tokens (a Llama tokenizer's BOS).
+        if add_special_tokens is None:
+            return self.tokenizer.encode(string)
+        return self.tokenizer.encode(string, add_special_tokens=add_special_tokens)
 
     def tok_decode(self, tokens) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -214,7 +217,11 @@ class ArgonneLM(TemplateLM):
     def _window(self, context, continuation) -> tuple[list[int], list[int]]:
         """(model inputs, scored tokens) for a context and continuation, cut from the left to max_length inputs as
         the `hf` backend cuts them."""
-        whole = (list(context) + list(continuation))[-(self.max_length + 1):]
+        if not continuation:
+            raise HarnessError("a request with an empty continuation: nothing to score (lm-eval's `hf` backend "
+                               "refuses it too); check the task's doc_to_choice / doc_to_target")
+        context = list(context) or [self.prefix_token_id]  # a context that tokenizes to nothing: as an empty one
+        whole = (context + list(continuation))[-(self.max_length + 1):]
         scored = min(len(continuation), len(whole) - 1)
         return whole[:-1], whole[len(whole) - scored:]
 
@@ -224,10 +231,13 @@ class ArgonneLM(TemplateLM):
         kwargs = gen_kwargs or {}
         until = kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
-        max_new = int(kwargs.get("max_gen_toks", self.max_gen_toks))
-        if kwargs.get("do_sample") or float(kwargs.get("temperature") or 0.0) > 0:
+        aliases = [kwargs[name] for name in ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+                   if kwargs.get(name) is not None]
+        max_new = int(aliases[0]) if aliases else self.max_gen_toks
+        # As the `hf` backend, a temperature without do_sample is greedy decoding.
+        if kwargs.get("do_sample"):
             raise HarnessError(f"generation settings {gen_kwargs}: the argonne model decodes greedily only "
-                               "(do_sample false, temperature 0), as evaluation needs reproducible outputs")
+                               "(do_sample: false), as evaluation needs reproducible outputs")
         if max_new < 1 or max_new >= self.max_length:
             raise HarnessError(f"generation settings {gen_kwargs}: max_gen_toks must be in 1..{self.max_length - 1}")
         return until, max_new
@@ -266,6 +276,7 @@ class ArgonneLM(TemplateLM):
                 break
         return texts
 
+    @torch.no_grad()
     def _forward(self, rows: list[list[int]] | list[tuple[int, ...]], keep: int) -> torch.Tensor:
         """Logits (float32) at the last `keep` positions of each row, rows left-padded to end together."""
         width = max(len(row) for row in rows)
@@ -363,7 +374,7 @@ def task_manager(include_path: str | Path | None = None, tasks: list[str] | None
     if folder is not None and tasks:
         own = _TASK_MANAGERS.get((folder, False)) or TaskManager(include_path=folder, include_defaults=False)
         _TASK_MANAGERS[(folder, False)] = own
-        if all(task in own.all_tasks for task in tasks):
+        if all(task in own.all_subtasks for task in tasks):  # tasks, not groups (a group may name lm-eval's own)
             return own
     if (folder, True) not in _TASK_MANAGERS:
         _TASK_MANAGERS[(folder, True)] = TaskManager(include_path=folder)
@@ -410,9 +421,9 @@ def evaluate_tasks(lm, tasks: list[str], include_path: str | Path | None = None,
         return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
                                log_samples=log_samples, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
                                torch_random_seed=0, fewshot_random_seed=0)
-    except Exception as error:  # lm-eval raises many kinds for a task it cannot build
-        if isinstance(error, (HarnessError, torch.OutOfMemoryError)):
-            raise
+    except (HarnessError, RuntimeError, MemoryError):  # ours already clear; torch's (OOM, collectives) are not
+        raise  # the user's to fix by a message
+    except Exception as error:  # lm-eval raises many kinds for a task it cannot build (files, fields, datasets)
         raise HarnessError(f"tasks {', '.join(tasks)}: lm-eval could not run them: "
                            f"{type(error).__name__}: {error}") from error
 

@@ -10,11 +10,14 @@ from .run_folder import read_metrics as read_records
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The run's records in step order; a resumed run's record replaces the interrupted one's."""
+    """The run's records in step order, one per step: a step's records merged (training figures, then the [eval]
+    tasks' metrics, logged after the step's checkpoint)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a training run folder?)")
-    by_step = {record["step"]: record for record in read_records(path)[0]}
+    by_step: dict[int, dict] = {}
+    for record in read_records(path)[0]:
+        by_step.setdefault(record["step"], {}).update(record)
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -33,7 +36,8 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
                           if all(0 <= record[key] <= 1 for record in records if key in record))
     fig, axes = plt.subplots(1, 2 if task_metrics else 1, figsize=(14 if task_metrics else 8, 5), squeeze=False)
     ax = axes[0][0]
-    ax.plot([r["tokens"] for r in records], [r["loss"] for r in records], label="training loss")
+    trained = [r for r in records if "loss" in r]
+    ax.plot([r["tokens"] for r in trained], [r["loss"] for r in trained], label="training loss")
     validation = [r for r in records if "val_loss" in r]
     if validation:
         ax.plot([r["tokens"] for r in validation], [r["val_loss"] for r in validation], "o-", label="validation loss")

@@ -342,7 +342,8 @@ class MetricsSink:
                     # eval/TASK/METRIC under its own heading; the rest under train/
                     self.writer.add_scalar(key if "/" in key else f"train/{key}", value, record["step"])
             self.writer.flush()
-        self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+        if "loss" in record:
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
         self.bar.write(format_record(record))
 
     def note(self, text: str) -> None:
@@ -358,6 +359,10 @@ class MetricsSink:
 
 
 def format_record(record: dict) -> str:
+    """A console line: the training step's figures, or the [eval] tasks' metrics (a record of their own)."""
+    tasks = [f"{key[5:]} {value:.4g}" for key, value in record.items() if key.startswith("eval/")]
+    if "loss" not in record:
+        return f"step {record['step']:>6} | tasks ({record.get('eval_seconds', 0):.1f} s): " + ", ".join(tasks)
     text = (
         f"step {record['step']:>6} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
         f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
@@ -366,9 +371,6 @@ def format_record(record: dict) -> str:
     )
     if "val_loss" in record:
         text += f" | val loss {record['val_loss']:.4f}"
-    tasks = [f"{key[5:]} {value:.4g}" for key, value in record.items() if key.startswith("eval/")]
-    if tasks:
-        text += f"\n  tasks ({record['eval_seconds']:.1f} s): " + ", ".join(tasks)
     return text
 
 
@@ -707,14 +709,12 @@ def train_loop(run: Run, sink: "MetricsSink") -> dict:
             interval.add(step_loss, finite, parts)
             sink.step_done()
             done = step + 1 == tc.steps
-            tasks_due = run.tasks is not None and run.tasks.due(step + 1, done)
-            if (step + 1) % tc.log_every == 0 or done or tasks_due:
+            if (step + 1) % tc.log_every == 0 or done:
                 record = interval.record(step + 1, lr, grad_norm, sink)
                 if run.validation is not None and ((tc.eval_every and (step + 1) % tc.eval_every == 0) or done):
+                    started_validation = time.perf_counter()
                     record["val_loss"] = evaluate(run.model, run.validation, run.device, run.amp)
-                if tasks_due:
-                    record.update(run.tasks(run.model, run.amp))
-                    interval.started += record["eval_seconds"]  # not training time
+                    interval.started += time.perf_counter() - started_validation  # not training time
                 sink.log(record)
                 summary.update(record)
             if tc.sample_every and (step + 1) % tc.sample_every == 0:
@@ -727,6 +727,13 @@ def train_loop(run: Run, sink: "MetricsSink") -> dict:
             if summary["preempted"]:
                 sink.note(f"stopped by a signal after step {step + 1}; resume with --resume auto")
                 break
+            if run.tasks is not None and run.tasks.due(step + 1, done):
+                # After the checkpoint: an evaluation that fails (a download, memory) costs no training.
+                record = {"step": step + 1, "tokens": (step + 1) * run.tokens_per_step,
+                          **run.tasks(run.model, run.amp)}
+                interval.started += record["eval_seconds"]  # not training time
+                sink.log(record)
+                summary.update(record)
     summary["elapsed_s"] = time.perf_counter() - started
     return summary
 
