@@ -478,7 +478,7 @@ class TaskEvaluator:
         return last or bool(self.settings.every and step % self.settings.every == 0)
 
     def __call__(self, model, amp) -> dict[str, float]:
-        """{"eval/TASK/METRIC": value, ...} on the main process ({} on the others), and "eval_seconds"."""
+        """{"eval/TASK/METRIC": value, ...} and "eval_seconds" (every process gets the results; the main one logs)."""
         import time
 
         limit = self.settings.limit or None
