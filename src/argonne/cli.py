@@ -8,7 +8,6 @@ The library progress bars are switched off once, in `argonne_cli.main`, before a
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -221,20 +220,18 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
 
 def cmd_eval_tasks(args: argparse.Namespace) -> int:
     """lm-evaluation-harness tasks on a model: lm-eval's results table, and its results JSON with --output."""
-    from .harness import ArgonneLM, check_tasks, evaluate_tasks, results_table, task_manager, write_results
+    from .harness import (ArgonneLM, check_tasks, evaluate_tasks, results_table, task_limit, task_manager,
+                          write_results)
 
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks:
         raise ValueError("--tasks: no task names given")
-    limit = args.limit
-    if limit is not None and (not math.isfinite(limit) or limit <= 0 or (limit >= 1 and limit != int(limit))):
-        raise ValueError(f"--limit must be a count (1, 2, ...) or a fraction in (0, 1), got {limit:g}")
+    limit = task_limit(args.limit, "--limit")
     manager = task_manager(args.include_path, tasks)
     check_tasks(tasks, manager)  # before the model loads
     lm = ArgonneLM(pretrained=args.model, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
                    batch_size=args.batch_size)
-    results = evaluate_tasks(lm, tasks, num_fewshot=args.num_fewshot,
-                             limit=int(limit) if limit is not None and limit >= 1 else limit, manager=manager)
+    results = evaluate_tasks(lm, tasks, num_fewshot=args.num_fewshot, limit=limit, manager=manager)
     print(results_table(results))
     if args.output:
         print(f"results written to {write_results(results, args.output)}")

@@ -17,6 +17,7 @@ token for an empty context), so both score a request the same way. The class is 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ class HarnessError(ValueError):
 def open_model_for_evaluation(path: str | Path, device: str, dtype: str, tokenizer: str | Path | None):
     """(model, tokenizer) from an Argonne folder, a training checkpoint of any layout, or a transformers Llama /
     Qwen2 folder (converted in memory, as `argonne import` converts it)."""
-    from .loading import open_model, require_tokenizer_files
+    from .loading import open_model, ready_for_use, require_tokenizer_files
 
     path = Path(path)
     config_file = path / "config.json"
@@ -51,15 +52,13 @@ def open_model_for_evaluation(path: str | Path, device: str, dtype: str, tokeniz
             raise HarnessError(f"{config_file}: not a JSON object ({error})") from None
     if model_type in (None, "argonne"):
         return open_model(path, device, dtype, tokenizer)
-    from .device import resolve_device, resolve_dtype
+    from .device import resolve_device
     from .export import converted_model
-    from .tokenizer import load_tokenizer
 
+    target = resolve_device(device)
     if tokenizer is None:
         require_tokenizer_files(path)
-    target = resolve_device(device)
-    model = converted_model(path).to(device=target, dtype=resolve_dtype(dtype, target))
-    return model.eval(), load_tokenizer(tokenizer if tokenizer is not None else path)
+    return ready_for_use(converted_model(path), target, dtype, tokenizer if tokenizer is not None else path)
 
 
 @register_model("argonne")
@@ -340,7 +339,9 @@ class ArgonneLM(TemplateLM):
         results: list[tuple[float, bool] | None] = [None] * len(windows)
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            logprobs = self._last_logprobs([rows[row] for row in batch], max(keep[row] for row in batch))
+            # (rows, positions kept, vocabulary), rows left-padded so that they all end at the last position
+            logprobs = F.log_softmax(self._forward([rows[row] for row in batch], max(keep[row] for row in batch)),
+                                     dim=-1)
             for slot, row in enumerate(batch):
                 for index in readers[row]:
                     continuation = windows[index][1]
@@ -350,11 +351,6 @@ class ArgonneLM(TemplateLM):
                     results[index] = (float(picked.sum()), bool((scored.argmax(-1) == target).all()))
         self._dummy_forwards(extra)
         return self._gather(results)
-
-    def _last_logprobs(self, rows: list[tuple[int, ...]], keep: int) -> torch.Tensor:
-        """Log-probabilities (float32) at the last `keep` positions of each row: (rows, keep, vocabulary). One
-        forward; rows are left-padded so that they all end at the last position."""
-        return F.log_softmax(self._forward(rows, keep), dim=-1)
 
 
 # ------------------------------------------------------------------------------------------------- running tasks
@@ -406,6 +402,16 @@ def unreadable_task_files(manager) -> list[tuple[Path, str]]:
             except Exception as error:  # noqa: BLE001 - yaml, include and type errors alike: reported, not raised
                 found.append((path, " ".join(str(error).split())))
     return found
+
+
+def task_limit(value: float | None, name: str) -> int | float | None:
+    """lm-eval's `limit` from a count or a fraction below 1 (None: every document); `name` says where it came
+    from in the error."""
+    if value is None:
+        return None
+    if not math.isfinite(value) or value <= 0 or (value >= 1 and value != int(value)):
+        raise HarnessError(f"{name} must be a count (1, 2, ...) or a fraction in (0, 1), got {value:g}")
+    return int(value) if value >= 1 else value
 
 
 def evaluate_tasks(lm, tasks: list[str], include_path: str | Path | None = None, num_fewshot: int | None = None,
@@ -481,7 +487,7 @@ class TaskEvaluator:
         """{"eval/TASK/METRIC": value, ...} and "eval_seconds" (every process gets the results; the main one logs)."""
         import time
 
-        limit = self.settings.limit or None
+        limit = task_limit(self.settings.limit or None, "eval.limit")
         started = time.perf_counter()
         state = _random_state()
         training = model.training
@@ -493,7 +499,7 @@ class TaskEvaluator:
                 results = evaluate_tasks(lm, self.tasks, manager=self.manager,
                                          num_fewshot=None if self.settings.num_fewshot < 0 else
                                          self.settings.num_fewshot,
-                                         limit=int(limit) if limit is not None and limit >= 1 else limit)
+                                         limit=limit)
         finally:
             _restore_random_state(state)
             model.train(training)

@@ -33,8 +33,7 @@ def open_model(path: str | Path, device: str = "auto", dtype: str = "auto", toke
     """(model in eval mode on `device` in `dtype`, tokenizer) from a model folder or a training checkpoint folder.
     The tokenizer is the folder's own unless `tokenizer` (a folder or hub name) is given; a folder without one is
     an error that says which files are missing and how to pass one, before any weight is read."""
-    from .device import resolve_device, resolve_dtype
-    from .tokenizer import load_tokenizer
+    from .device import resolve_device
 
     path = Path(path)
     target = resolve_device(device)
@@ -44,8 +43,16 @@ def open_model(path: str | Path, device: str = "auto", dtype: str = "auto", toke
         require_tokenizer_files(path)  # before any weight is read
     model = ArgonneForCausalLM(config)
     load_weights(model, path, verify=False)  # verified by open_config
+    return ready_for_use(model, target, dtype, tokenizer if tokenizer is not None else path)
+
+
+def ready_for_use(model: ArgonneForCausalLM, target: torch.device, dtype: str, tokenizer: str | Path):
+    """(model on `target` in `dtype` ("auto": device.resolve_dtype), in eval mode, tokenizer from `tokenizer`)."""
+    from .device import resolve_dtype
+    from .tokenizer import load_tokenizer
+
     model.to(device=target, dtype=resolve_dtype(dtype, target))
-    return model.eval(), load_tokenizer(tokenizer if tokenizer is not None else path)
+    return model.eval(), load_tokenizer(tokenizer)
 
 
 def open_config(path: str | Path) -> ArgonneConfig:

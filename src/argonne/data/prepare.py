@@ -109,7 +109,7 @@ def prepare_dataset(
         "documents": {reason: stats[reason]["documents"] for reason in stats},
         "stats": stats,
     }
-    write_atomic(output / MANIFEST, json.dumps(manifest, indent=2).encode("utf-8"))
+    write_atomic(output / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -173,7 +173,7 @@ def _write_shard(path, paths, tmps, pool: RowGroupPool, tok: DocumentSettings, r
         val_tokens=val_tokens,
         stats=stats,
     )
-    write_atomic(paths["done"], json.dumps(record, indent=2).encode("utf-8"))
+    write_atomic(paths["done"], json.dumps(record, indent=2))
     return record
 
 
