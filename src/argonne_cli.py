@@ -202,6 +202,22 @@ def _add_serve(sub) -> None:
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20,
                         help="largest request body; larger ones get 413 before they are read "
                              "(default: %(default)s bytes = 1 MiB)")
+    parser.add_argument("--max-batch", type=int, default=16,
+                        help="most requests decoded together: the KV cache's slots (default: %(default)s)")
+    parser.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
+                        help="GiB for the KV cache; fewer slots than --max-batch if they would not fit "
+                             "(default: what --max-batch slots take)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="tokens one slot holds, prompt and completion together (default: the model's context)")
+    parser.add_argument("--max-queue", type=int, default=256,
+                        help="most requests waiting for a slot; past it requests get 429 with Retry-After "
+                             "(default: %(default)s)")
+    parser.add_argument("--prefill-chunk", type=int, default=512,
+                        help="most prompt tokens prefilled between two decode steps, so a long prompt does not "
+                             "stall the running requests (default: %(default)s)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGTERM or Ctrl-C, seconds to let requests in flight finish before cancelling "
+                             "them (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     _kernels_option(parser)
 

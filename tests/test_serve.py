@@ -1,6 +1,8 @@
-"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn on 127.0.0.1."""
+"""The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn on 127.0.0.1, with
+the serving engine behind it; what it generates is checked against the Generator on a copy of the same model."""
 
 import contextlib
+import copy
 import http.client
 import json
 import math
@@ -20,6 +22,7 @@ from fastapi.testclient import TestClient
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, cli, load_tokenizer
 from argonne.chat import render
+from argonne.engine import Engine, EngineSettings
 from argonne.generate import Generator, SamplingParams
 from argonne.serve import API_KEY_ENV, ServerLimits, build_app
 
@@ -29,16 +32,30 @@ KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
-def generator():
+def model():
     torch.manual_seed(0)
     config = ArgonneConfig.from_preset("tiny", num_hidden_layers=2, max_position_embeddings=128,
                                        initializer_range=0.1)
-    return Generator(ArgonneForCausalLM(config), load_tokenizer(SAMPLE_TOKENIZER))
+    return ArgonneForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
-def app(generator):
-    return build_app(generator, "tiny", api_key=KEY, limits=ServerLimits(max_prompt_tokens=120, max_tokens=32))
+def generator(model):
+    """The reference: one request at a time, on a copy of the served model."""
+    return Generator(copy.deepcopy(model), load_tokenizer(SAMPLE_TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+    engine = Engine(model, load_tokenizer(SAMPLE_TOKENIZER), EngineSettings(max_batch=8, prefill_chunk=32))
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def app(engine):
+    return build_app(engine, "tiny", api_key=KEY, limits=ServerLimits(max_prompt_tokens=120, max_tokens=32))
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +164,9 @@ def raw_post(server, path, body: bytes, key=KEY):
         (b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
         (json.dumps({"prompt": "hi", "stream": "yes"}).encode(), 400, "stream"),
         (json.dumps({"prompt": "hi", "stream_options": {"include_usage": True}}).encode(), 400, "stream_options"),
-        (json.dumps({"prompt": "hi", "n": 2}).encode(), 400, "n"),
+        (json.dumps({"prompt": "hi", "n": 0}).encode(), 400, "n"),
+            (json.dumps({"prompt": ["a", "b"], "n": 9}).encode(), 400, "n"),  # 18 choices: over max_prompts
+            (json.dumps({"prompt": "hi", "logprobs": 21}).encode(), 400, "logprobs"),
         (json.dumps({"prompt": "hi", "echo": True}).encode(), 400, "echo"),
         (json.dumps({"prompt": "a\ud800b"}).encode(), 400, "prompt"),  # a lone surrogate the tokenizer refuses
         (json.dumps({"prompt": [1, -1]}).encode(), 400, "prompt"),
@@ -162,7 +181,8 @@ def raw_post(server, path, body: bytes, key=KEY):
     ids=["malformed-json", "unknown-model", "prompt-too-long", "max-tokens", "temperature", "top-p",
          "prompt-type", "stop-type", "top-k-negative", "repetition-penalty-0", "repetition-penalty-negative",
          "repetition-penalty-tiny", "seed-string", "seed-float", "seed-1e23", "seed-2**64", "max-tokens-inf",
-         "temperature-nan", "stream-string", "stream-options-without-stream", "n", "echo", "lone-surrogate",
+         "temperature-nan", "stream-string", "stream-options-without-stream", "n-0", "n-times-prompts",
+             "logprobs-21", "echo", "lone-surrogate",
          "token-id-negative", "token-id-outside-vocabulary", "token-id-bool", "prompt-list-mixed",
          "prompt-list-empty", "too-many-prompts", "deep-nesting", "huge-integer"],
 )
@@ -201,9 +221,12 @@ def test_api_key_is_required_except_for_health(server):
         ({"messages": [{"role": "user", "content": "hi"}], "top_p": 1e400}, "top_p"),
         ({"messages": [{"role": "user", "content": "hi"}], "stream": True, "stream_options": {"include_usage": 1}},
          "stream_options"),
+        ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "hi"}], "logprobs": 1}, "logprobs"),
     ],
     ids=["max-completion-tokens", "content-list", "lone-surrogate", "messages-string", "top-p-inf",
-         "include-usage-type"],
+         "include-usage-type", "top-logprobs-without-logprobs", "top-logprobs-21", "logprobs-integer"],
 )
 def test_bad_chat_requests_get_4xx_json_errors(server, body, param):
     code, reply = raw_post(server, "/v1/chat/completions", json.dumps(body).encode())
@@ -217,12 +240,12 @@ def test_a_tiny_temperature_decodes_greedily(client, generator):
     assert result.choices[0].text == greedy_text(generator, "The database", 6)
 
 
-def test_an_unexpected_server_error_answers_500_in_openai_shape(generator, monkeypatch):
+def test_an_unexpected_server_error_answers_500_in_openai_shape(engine, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(generator, "generate_ids", broken)
-    with TestClient(build_app(generator, "tiny"), raise_server_exceptions=False) as test_client:
+    monkeypatch.setattr(engine, "_decode", broken)
+    with TestClient(build_app(engine, "tiny"), raise_server_exceptions=False) as test_client:
         reply = test_client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert reply.status_code == 500
         assert reply.json()["error"]["type"] == "server_error"
@@ -230,6 +253,8 @@ def test_an_unexpected_server_error_answers_500_in_openai_shape(generator, monke
         events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
         assert "error" in json.loads(events[-2]) and events[-1] == "[DONE]"  # the stream says so and ends
         assert test_client.get("/health").json() == {"status": "ok"}
+    assert "engine step failed" in caplog.text  # the traceback is in the log
+    assert engine.active == 0  # the failed sequences gave their slots back
 
 
 def raw_connection(server) -> http.client.HTTPConnection:
@@ -289,9 +314,9 @@ class GatedTokenizer:
     ("/v1/completions", {"prompt": "tables", "max_tokens": 2}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "tables"}], "max_tokens": 2}),
 ])
-def test_health_answers_while_a_prompt_is_tokenized(server, generator, monkeypatch, route, body):
-    gated = GatedTokenizer(generator.tokenizer)
-    monkeypatch.setattr(generator, "tokenizer", gated)
+def test_health_answers_while_a_prompt_is_tokenized(server, engine, monkeypatch, route, body):
+    gated = GatedTokenizer(engine.tokenizer)
+    monkeypatch.setattr(engine, "tokenizer", gated)
     with ThreadPoolExecutor(1) as pool:
         pending = pool.submit(raw_post, server, route, json.dumps(body).encode())
         try:
@@ -366,8 +391,8 @@ def test_completion_without_max_tokens_gets_16_or_what_fits(server, generator):
     assert reply["usage"]["completion_tokens"] == 128 - prompt_tokens
 
 
-def test_a_prompt_that_leaves_no_room_is_refused(generator):
-    app = build_app(generator, "tiny", limits=ServerLimits(max_prompt_tokens=1000))
+def test_a_prompt_that_leaves_no_room_is_refused(engine):
+    app = build_app(engine, "tiny", limits=ServerLimits(max_prompt_tokens=1000))
     with TestClient(app) as test_client:
         reply = test_client.post("/v1/completions", json={"prompt": [7] * 128})
         assert reply.status_code == 400 and reply.json()["error"]["code"] == "context_length_exceeded"
@@ -417,11 +442,11 @@ def test_usage_counts_the_generated_tokens_and_length_is_reported(client, genera
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_eos_ends_with_stop_and_counts_as_a_generated_token(client, generator, monkeypatch, stream):
+def test_eos_ends_with_stop_and_counts_as_a_generated_token(client, generator, engine, monkeypatch, stream):
     prompt_ids = generator.tokenizer("The database", add_special_tokens=False).input_ids
     ids = greedy_ids(generator, prompt_ids, 12)
     eos = ids[4]
-    monkeypatch.setattr(generator, "eos_ids", [eos])  # the model "ends" at the first occurrence of this token
+    monkeypatch.setattr(engine, "eos_ids", [eos])  # the model "ends" at the first occurrence of this token
     made = ids.index(eos) + 1  # the tokens before it and the EOS itself
     chunks = list(client.completions.create(model="tiny", prompt="The database", max_tokens=12, temperature=0,
                                             stream=True, stream_options={"include_usage": True})) if stream else None
@@ -470,17 +495,26 @@ def test_unknown_routes_and_methods_answer_in_openai_shape(server, method, path,
     assert json.loads(error.value.read())["error"]["message"]
 
 
-def test_closing_a_stream_cancels_its_generation(server, app, generator, monkeypatch):
-    generate_ids = generator.generate_ids
+def pace(engine, monkeypatch, seconds: float = 0.1):
+    """Each decode step takes `seconds` longer, as on a big model: 32 tokens take 3.2 s."""
+    decode = engine._decode
 
-    def slow(prompts, params, on_tokens=None):  # 0.1 s a token, as a big model: 32 tokens would take 3.2 s
-        def paced(tokens):
-            time.sleep(0.1)
-            return on_tokens(tokens)
+    def slow():
+        time.sleep(seconds)
+        decode()
 
-        return generate_ids(prompts, params, paced if on_tokens else None)
+    monkeypatch.setattr(engine, "_decode", slow)
 
-    monkeypatch.setattr(generator, "generate_ids", slow)
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_closing_a_stream_cancels_its_generation(server, app, engine, monkeypatch):
+    pace(engine, monkeypatch)
     before = dict(app.state.stats.__dict__)
     connection = raw_connection(server)
     body = json.dumps({"prompt": "The database", "max_tokens": 32, "temperature": 0, "stream": True})
@@ -492,25 +526,15 @@ def test_closing_a_stream_cancels_its_generation(server, app, generator, monkeyp
         events += response.fp.readline().startswith(b"data: ")
     response.close()
     connection.close()
-    # This request waits for the lock: once it is answered, the closed stream's generation has ended.
-    assert raw_post(server, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 1}).encode())[0] == 200
     stats = app.state.stats
-    assert stats.cancelled == before["cancelled"] + 1
-    assert stats.completion_tokens - before["completion_tokens"] - 1 < 32
+    wait_until(lambda: stats.cancelled == before["cancelled"] + 1)
+    assert engine.active == 0  # its slot is free
+    assert stats.completion_tokens - before["completion_tokens"] < 32
 
 
-def test_hanging_up_on_a_request_cancels_its_generation(server, app, generator, monkeypatch):
+def test_hanging_up_on_a_request_cancels_its_generation(server, app, engine, monkeypatch):
     """Not streamed: the server notices the closed connection while it generates and stops at the next token."""
-    generate_ids = generator.generate_ids
-
-    def slow(prompts, params, on_tokens=None):
-        def paced(tokens):
-            time.sleep(0.1)
-            return on_tokens(tokens)
-
-        return generate_ids(prompts, params, paced if on_tokens else None)
-
-    monkeypatch.setattr(generator, "generate_ids", slow)
+    pace(engine, monkeypatch)
     before = dict(app.state.stats.__dict__)
     connection = raw_connection(server)
     body = json.dumps({"prompt": "The database", "max_tokens": 32, "temperature": 0})
@@ -518,11 +542,10 @@ def test_hanging_up_on_a_request_cancels_its_generation(server, app, generator, 
                                                           "Authorization": f"Bearer {KEY}"})
     time.sleep(0.5)  # generating, a token every 0.1 s
     connection.close()
-    # This request waits for the lock: once it is answered, the abandoned generation has ended.
-    assert raw_post(server, "/v1/completions", json.dumps({"prompt": "hi", "max_tokens": 1}).encode())[0] == 200
     stats = app.state.stats
-    assert stats.cancelled == before["cancelled"] + 1
-    assert stats.completion_tokens - before["completion_tokens"] - 1 < 32
+    wait_until(lambda: stats.cancelled == before["cancelled"] + 1)
+    assert engine.active == 0
+    assert stats.completion_tokens - before["completion_tokens"] < 32
 
 
 FUZZ_ROUTES = [("POST", "/v1/completions")] * 6 + [("POST", "/v1/chat/completions")] * 6 + [
@@ -597,9 +620,9 @@ def fuzz_requests(rng: random.Random, count: int) -> list[tuple[str, str, bytes]
 
 
 @pytest.mark.slow
-def test_fuzzed_requests_never_get_a_5xx(generator):
+def test_fuzzed_requests_never_get_a_5xx(engine):
     rng = random.Random(1234)
-    app = build_app(generator, "tiny", api_key=KEY, limits=ServerLimits(max_prompt_tokens=64, max_tokens=4))
+    app = build_app(engine, "tiny", api_key=KEY, limits=ServerLimits(max_prompt_tokens=64, max_tokens=4))
     statuses = {}
     with TestClient(app, raise_server_exceptions=False) as test_client:
         for method, path, body in fuzz_requests(rng, 150):

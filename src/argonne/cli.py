@@ -240,11 +240,19 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions with streaming)."""
+    from .engine import EngineSettings
     from .serve import ServerLimits, serve
 
     limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
                           max_body_bytes=args.max_body_bytes)
-    serve(args.model, args.host, args.port, args.api_key, limits, args.device, args.kernels, args.tokenizer)
+    settings = EngineSettings(max_batch=args.max_batch, max_len=args.max_model_len,
+                              kv_cache_memory=args.kv_cache_memory, max_queue=args.max_queue,
+                              prefill_chunk=args.prefill_chunk)
+    settings.check()  # before the model loads
+    if not args.drain_timeout >= 0:
+        raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
+    serve(args.model, args.host, args.port, args.api_key, limits, args.device, args.kernels, args.tokenizer,
+          settings, args.drain_timeout)
     return 0
 
 

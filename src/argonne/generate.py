@@ -67,6 +67,18 @@ class Completion:
     completed a stop string), as vLLM counts; not the tokens a batch goes on making after the row has ended."""
     finish_reason: str
     """"stop" (EOS, a stop token or a stop string), "length" (max_new_tokens made) or "cancelled" (`should_stop`)."""
+    logprobs: list[TokenLogprob] | None = None
+    """With the engine's `top_logprobs`: one entry per token of the text (an ending EOS or stop token has none)."""
+
+
+@dataclass
+class TokenLogprob:
+    """A generated token's log-probability under the model (its raw logits: before temperature, top-k/p and the
+    repetition penalty, as vLLM and OpenAI report them), and the `top` most likely tokens at that step."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -205,6 +217,24 @@ def default_kernels(device: torch.device) -> str:
     return "torch"
 
 
+def prepare_for_inference(model: ArgonneForCausalLM, kernels: str | None) -> str:
+    """Merges the model's projections in place and puts the decode kernels (DECODE_KERNELS; None: the device's
+    default) in; returns the kernels' name."""
+    device = next(model.parameters()).device
+    kernels = kernels or default_kernels(device)
+    if kernels not in DECODE_KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(DECODE_KERNELS)}; got {kernels!r}")
+    if kernels != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"kernels {kernels!r} are Triton kernels for CUDA GPUs; the model is on {device} "
+                         "(on CPUs they run only under Triton's interpreter, TRITON_INTERPRET=1, for tests)")
+    model.merge_projections()
+    if kernels != "torch":
+        from .decode_kernels import use_gemv_kernels
+
+        use_gemv_kernels(model, attention=kernels == "gemv+attention")
+    return kernels
+
+
 class Generator:
     """Batched generation with a static KV cache. `compile` defaults to True on CUDA (the decode step becomes one
     CUDA graph) and False on CPUs, where compiling costs more than a short generation saves.
@@ -215,19 +245,8 @@ class Generator:
     """
 
     def __init__(self, model: ArgonneForCausalLM, tokenizer, compile: bool | None = None, kernels: str | None = None):
+        self.kernels = prepare_for_inference(model, kernels)
         device = next(model.parameters()).device
-        kernels = kernels or default_kernels(device)
-        if kernels not in DECODE_KERNELS:
-            raise ValueError(f"kernels must be one of {', '.join(DECODE_KERNELS)}; got {kernels!r}")
-        if kernels != "torch" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"kernels {kernels!r} are Triton kernels for CUDA GPUs; the model is on {device} "
-                             "(on CPUs they run only under Triton's interpreter, TRITON_INTERPRET=1, for tests)")
-        model.merge_projections()
-        if kernels != "torch":
-            from .decode_kernels import use_gemv_kernels
-
-            use_gemv_kernels(model, attention=kernels == "gemv+attention")
-        self.kernels = kernels
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = device
@@ -438,8 +457,9 @@ class StopStrings:
         self.read_from = [0] * rows
         self.streamed = 0
 
-    def add(self, new: torch.Tensor) -> bool:
-        for row, token in enumerate(new.tolist()):
+    def add(self, new: torch.Tensor | Sequence[int]) -> bool:
+        """Takes each row's next token (B,); True once every row has ended."""
+        for row, token in enumerate(new.tolist() if isinstance(new, torch.Tensor) else new):
             if self.done[row]:
                 continue
             self.token_counts[row] += 1

@@ -7,8 +7,10 @@ position ids: the mask comes from here (`prefill_mask`, `decode_mask`). With bot
 cache how many tokens it holds, so a compiled decoding step does not depend on that number (a Python int) and runs
 unchanged for every token.
 
-Used by generate.py (`Generator`, `DecodeStep`) and decode_kernels.py (whose fused q/k/v kernel writes straight into
-the buffers); it imports neither.
+`SlotKVCache` is the serving engine's (engine.py): a row (slot) per sequence, each at its own length.
+
+Used by generate.py (`Generator`, `DecodeStep`), engine.py and decode_kernels.py (whose fused q/k/v kernel writes
+straight into the static cache's buffers); it imports none of them.
 """
 
 from __future__ import annotations
@@ -64,4 +66,56 @@ class StaticKVCache:
         it sees the keys marked in `valid` (B, max_len) up to its own. Additive because SDPA would otherwise turn a
         boolean mask into one in every layer."""
         allowed = ((self.columns <= column) & valid)[:, None, None, :]
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, -math.inf)
+
+
+class SlotKVCache:
+    """The serving engine's cache: keys and values for `slots` sequences of up to `max_len` tokens each, one
+    (2, slots, n_kv, max_len + 1, head_dim) tensor per layer. A sequence owns one slot (a row) from its admission to
+    its end, its token at position p in column p: no padding, and a row never sees another's keys. Column `max_len`
+    is scratch: rows that take part in a decode step without a sequence to decode (an idle slot, or one still
+    prefilling) write there, leaving every real column as its owner wrote it."""
+
+    def __init__(self, config: ArgonneConfig, slots: int, max_len: int, device, dtype):
+        shape = (2, slots, config.num_key_value_heads, max_len + 1, config.head_dim)
+        self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.slots, self.max_len, self.scratch, self.device = slots, max_len, max_len, torch.device(device)
+
+    @staticmethod
+    def bytes_per_slot(config: ArgonneConfig, max_len: int, dtype: torch.dtype) -> int:
+        elements = 2 * config.num_key_value_heads * (max_len + 1) * config.head_dim * config.num_hidden_layers
+        return elements * torch.empty((), dtype=dtype).element_size()
+
+    def rows(self, first: int, count: int, columns: torch.Tensor) -> SlotRows:
+        return SlotRows(self, first, count, columns)
+
+
+class SlotRows:
+    """Slots first..first+count-1 of a SlotKVCache, as the model's cache for one forward: row b's new tokens go to
+    columns `columns[b]` ((count, T): a decode step's one column per row, or a prefill chunk's consecutive columns),
+    and each query sees its own row's keys up to its own column (`mask`). Positions are the columns."""
+
+    def __init__(self, cache: SlotKVCache, first: int, count: int, columns: torch.Tensor):
+        self.layers = [keys_and_values[:, first:first + count] for keys_and_values in cache.layers]
+        self.columns = columns
+        self.row_index = torch.arange(count, device=cache.device)[:, None]
+        self.key_columns = torch.arange(cache.max_len + 1, device=cache.device)
+        if count == 1:
+            # Where this row's keys end: decode_attention (the "gemv+attention" kernels) reads no further.
+            self.write_positions = columns[0]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args):
+        keys_and_values = self.layers[layer_idx]
+        # key, value (B, n_kv, T, head_dim) -> (B, T, 2, n_kv, head_dim), the shape of the indexed cache entries.
+        new = torch.stack((key, value)).to(keys_and_values.dtype).permute(1, 3, 0, 2, 4)
+        keys_and_values[:, self.row_index, :, self.columns] = new
+        return keys_and_values[0], keys_and_values[1]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0  # never asked: callers pass positions and a 4D mask
+
+    def mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask (B, 1, T, max_len + 1), 0 or -inf in `dtype`: each query sees its row's keys up to its own
+        column (additive because SDPA would otherwise convert a boolean one in every layer)."""
+        allowed = (self.key_columns <= self.columns[..., None])[:, None]
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, -math.inf)

@@ -1,12 +1,14 @@
-"""`argonne serve MODEL`: an OpenAI-compatible HTTP server on FastAPI + uvicorn.
+"""`argonne serve MODEL`: an OpenAI-compatible HTTP server on FastAPI + uvicorn, in front of the serving engine.
 
-Routes: /v1/completions, /v1/chat/completions (`stream: true` sends server-sent events), /v1/models, /health.
-Every request is checked whole before anything is queued: its size (`max_body_bytes`, from Content-Length or while a
-chunked body arrives), its JSON, and each parameter's type and range. Tokenizing and rendering the chat template run
-in worker threads, so a long prompt never stalls the event loop. Requests are served one generation at a time by the
-single model (a lock), so concurrent requests never share a cache or a sampler; a client that closes its stream ends
-its generation at the next token. Bad requests get a 4xx JSON error in OpenAI's shape ({"error": {"message", "type",
-"param", "code"}}, `param` naming the parameter); a bug in the server answers 500 in the same shape.
+Routes: /v1/completions, /v1/chat/completions (`stream: true` sends server-sent events), /v1/models, /health and
+/metrics (Prometheus' text format). Every request is checked whole before anything is queued: its size
+(`max_body_bytes`, from Content-Length or while a chunked body arrives), its JSON, and each parameter's type and range.
+Tokenizing and rendering the chat template run in worker threads, so a long prompt never stalls the event loop.
+Generation is the engine's (engine.py: continuous batching, its own thread); this module only turns HTTP into engine
+requests and updates into OpenAI's objects. When the engine's queue is full a request gets 429 with `Retry-After`;
+a client that closes its stream or hangs up has its sequences cancelled, freeing their slots at the next step.
+Bad requests get a 4xx JSON error in OpenAI's shape ({"error": {"message", "type", "param", "code"}}, `param` naming
+the parameter); a bug in the server answers 500 in the same shape.
 With an API key (`--api-key` or ARGONNE_API_KEY) every route but /health needs `Authorization: Bearer <key>`.
 """
 
@@ -18,21 +20,23 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from functools import partial
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2.exceptions import TemplateError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .chat import end_of_turn_ids, render
-from .generate import Completion, Generator, SamplingParams
+from .engine import (MAX_TOP_LOGPROBS, Engine, EngineRequest, EngineSettings, EngineStopped, QueueFull, Timing,
+                     Update)
+from .generate import Completion, SamplingParams, TokenLogprob
+from .server_metrics import ServerMetrics
 
 API_KEY_ENV = "ARGONNE_API_KEY"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat's is "as many as fit")
@@ -46,7 +50,7 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 ROLES = ("system", "user", "assistant")
 PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of lists of token ids"
-UNSUPPORTED = {"echo": False, "logprobs": False, "best_of": 1, "suffix": "", "tools": []}
+UNSUPPORTED = {"echo": False, "best_of": 1, "suffix": "", "tools": []}
 """Fields this server cannot honour, each with the value that asks for nothing (null does too): anything else is
 refused rather than silently ignored. Other fields OpenAI defines (user, presence_penalty, ...) are ignored."""
 
@@ -64,7 +68,7 @@ class ServerLimits:
     conversations and several prompts fit, while reading and tokenizing one request stays short (1 MiB of English
     takes 1.1 s with the sample BPE on this project's CPU, in a worker thread)."""
     max_prompts: int = 16
-    """Most prompts one /v1/completions request may list (one choice each)."""
+    """Most choices one request may ask for: prompts listed (in /v1/completions) times `n`."""
 
     def __post_init__(self):
         problems = [f"{name} must be an integer >= 1, got {value!r}" for name, value in vars(self).items()
@@ -76,21 +80,28 @@ class ServerLimits:
 @dataclass
 class ServerStats:
     """Running totals (app.state.stats): what the server generated, and how many generations ended early because
-    their client closed the stream."""
+    their client went away (or the server shut down)."""
 
     completions: int = 0
     completion_tokens: int = 0
     cancelled: int = 0
 
+    def add(self, timing: Timing) -> None:
+        self.completions += 1
+        self.completion_tokens += timing.completion_tokens
+        self.cancelled += timing.finish_reason == "cancelled"
+
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
 def _error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    kind = {401: "authentication_error", 404: "not_found_error"}.get(status, "invalid_request_error")
+    kind = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}.get(
+        status, "invalid_request_error")
     kind = "server_error" if status >= 500 else kind
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
@@ -209,6 +220,26 @@ class GenerationRequest:
     max_tokens_param: str
     stream: bool
     include_usage: bool
+    n: int = 1
+    """Choices per prompt; choice j > 0 samples with seed + j when a seed is given."""
+    top_logprobs: int | None = None
+    """None: no logprobs; k: each token's logprob and the k most likely tokens'."""
+
+    def choice_params(self, params: SamplingParams, choice: int) -> SamplingParams:
+        if choice == 0 or params.seed is None:
+            return params
+        return replace(params, seed=(params.seed + choice) % 2**64)
+
+
+def read_logprobs(body: dict, chat: bool) -> int | None:
+    """Chat: `logprobs: true` and `top_logprobs` k; completions: `logprobs` k (OpenAI's two forms)."""
+    if not chat:
+        return None if body.get("logprobs") is False else integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+    wanted = boolean(body, "logprobs")
+    top = integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    if top is not None and not wanted:
+        raise RequestError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    return (top or 0) if wanted else None
 
 
 def read_generation(body: dict, limits: ServerLimits, chat: bool, vocab_size: int) -> GenerationRequest:
@@ -217,8 +248,7 @@ def read_generation(body: dict, limits: ServerLimits, chat: bool, vocab_size: in
     asked = {name: integer(body, name, None, 1, limits.max_tokens)
              for name in (("max_completion_tokens", "max_tokens") if chat else ("max_tokens",))}
     max_tokens_param, max_tokens = next(((k, v) for k, v in asked.items() if v is not None), ("max_tokens", None))
-    if integer(body, "n", 1, 1) != 1:
-        raise RequestError(400, f"only n = 1 is supported, got {body['n']!r}", "n")
+    n = integer(body, "n", 1, 1, limits.max_prompts)
     temperature = number(body, "temperature", 1.0, 0, 2)
     params = SamplingParams(
         max_new_tokens=1,  # set per prompt (fit_prompt)
@@ -241,7 +271,8 @@ def read_generation(body: dict, limits: ServerLimits, chat: bool, vocab_size: in
                            "stream_options")
     include_usage = bool(options and options.get("include_usage"))
     default = limits.max_tokens if chat else min(COMPLETIONS_DEFAULT_MAX_TOKENS, limits.max_tokens)
-    return GenerationRequest(params, max_tokens, default, max_tokens_param, stream, include_usage)
+    return GenerationRequest(params, max_tokens, default, max_tokens_param, stream, include_usage, n,
+                             read_logprobs(body, chat))
 
 
 def read_prompts(body: dict, vocab_size: int, max_prompts: int) -> list[str | list[int]]:
@@ -340,20 +371,42 @@ class CompletionAnswer:
 
     prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, tokenizer):
         self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model_name, int(time.time())
+        self.tokenizer = tokenizer
+        self.offsets: dict[int, int] = {}  # per choice: where the next token's text starts (text_offset)
 
-    def choice(self, index: int, text: str, finish: str | None) -> dict:
-        return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
-    def chunk_choice(self, index: int, piece: str, first: bool, finish: str | None) -> dict:
-        return self.choice(index, piece, finish)
+    def logprobs(self, index: int, entries: list[TokenLogprob] | None) -> dict | None:
+        """The legacy completions form: tokens, token_logprobs, top_logprobs ({token: logprob}), text_offset."""
+        if entries is None:
+            return None
+        block = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for entry in entries:
+            text = self.token_text(entry.token)
+            block["tokens"].append(text)
+            block["token_logprobs"].append(entry.logprob)
+            block["top_logprobs"].append({self.token_text(t): lp for t, lp in entry.top})
+            block["text_offset"].append(self.offsets.get(index, 0))
+            self.offsets[index] = self.offsets.get(index, 0) + len(text)
+        return block
+
+    def choice(self, index: int, completion: Completion) -> dict:
+        return {"index": index, "text": completion.text, "logprobs": self.logprobs(index, completion.logprobs),
+                "finish_reason": completion.finish_reason}
+
+    def chunk_choice(self, index: int, update: Update, first: bool, with_logprobs: bool) -> dict:
+        finish = update.completion.finish_reason if update.completion else None
+        return {"index": index, "text": update.text,
+                "logprobs": self.logprobs(index, update.logprobs) if with_logprobs else None, "finish_reason": finish}
 
     def head(self, kind: str) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
 
     def whole(self, completions: list[Completion], prompt_tokens: int) -> dict:
-        choices = [self.choice(i, c.text, c.finish_reason) for i, c in enumerate(completions)]
+        choices = [self.choice(i, c) for i, c in enumerate(completions)]
         return {**self.head(self.object), "choices": choices, "usage": usage(prompt_tokens, completions)}
 
     def chunk(self, choices: list[dict], **extra) -> dict:
@@ -365,12 +418,26 @@ class ChatAnswer(CompletionAnswer):
 
     prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
 
-    def choice(self, index: int, text: str, finish: str | None) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+    def entry(self, token: int, logprob: float) -> dict:
+        text = self.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
-    def chunk_choice(self, index: int, piece: str, first: bool, finish: str | None) -> dict:
+    def logprobs(self, index: int, entries: list[TokenLogprob] | None) -> dict | None:
+        if entries is None:
+            return None
+        return {"content": [{**self.entry(e.token, e.logprob), "top_logprobs": [self.entry(t, lp) for t, lp in e.top]}
+                            for e in entries]}
+
+    def choice(self, index: int, completion: Completion) -> dict:
+        return {"index": index, "message": {"role": "assistant", "content": completion.text},
+                "logprobs": self.logprobs(index, completion.logprobs), "finish_reason": completion.finish_reason}
+
+    def chunk_choice(self, index: int, update: Update, first: bool, with_logprobs: bool) -> dict:
+        piece = update.text
         delta = {"role": "assistant", "content": piece} if first else {"content": piece} if piece else {}
-        return {"index": index, "delta": delta, "finish_reason": finish}
+        return {"index": index, "delta": delta,
+                "logprobs": self.logprobs(index, update.logprobs) if with_logprobs else None,
+                "finish_reason": update.completion.finish_reason if update.completion else None}
 
 
 def usage(prompt_tokens: int, completions: list[Completion]) -> dict:
@@ -383,27 +450,43 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def build_app(generator: Generator, model_name: str, api_key: str | None = None,
-              limits: ServerLimits | None = None):
+ENGINE_FAILED = "internal server error (the engine's step failed; see the server's log)"
+
+
+def build_app(engine: Engine, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None):
+    """The app in front of `engine`. Its lifespan starts the engine's thread if it is not running, and at shutdown
+    stops what it started (cancelling what still runs)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty; pass None to serve without authentication")
     limits = limits or ServerLimits()
-    app = FastAPI(title="Argonne", description="OpenAI-compatible API for an Argonne model")
-    app.state.stats = stats = ServerStats()
-    lock = threading.Lock()  # one generation at a time: the generator owns one cache and one sampler
-    context, vocab_size = generator.config.max_position_embeddings, generator.config.vocab_size
+    stats, metrics = ServerStats(), ServerMetrics(engine)
+    engine.listeners += [stats.add, metrics.observe]
+
+    @asynccontextmanager
+    async def lifespan(_):
+        started = not engine.running
+        if started:
+            engine.start()
+        yield
+        if started:  # uvicorn has let the requests in flight finish, or cancelled them after --drain-timeout
+            await asyncio.to_thread(engine.shutdown, True)
+
+    app = FastAPI(title="Argonne", description="OpenAI-compatible API for an Argonne model", lifespan=lifespan)
+    app.state.stats, app.state.engine, app.state.metrics = stats, engine, metrics
+    context, vocab_size = engine.max_len, engine.config.vocab_size
     created = int(time.time())
     if api_key is not None:
         app.add_middleware(RequireApiKey, api_key=api_key)
 
     @app.exception_handler(RequestError)
     async def request_error(_, error: RequestError):
-        return JSONResponse(_error_body(error.status, error.message, error.param, error.code), error.status)
+        return JSONResponse(_error_body(error.status, error.message, error.param, error.code), error.status,
+                            headers=error.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException):
         message = {404: f"no route {request.method} {request.url.path}; this server has POST /v1/completions, "
-                        "POST /v1/chat/completions, GET /v1/models and GET /health",
+                        "POST /v1/chat/completions, GET /v1/models, GET /metrics and GET /health",
                    405: f"{request.url.path} does not take {request.method}"}.get(error.status_code, error.detail)
         return JSONResponse(_error_body(error.status_code, message), error.status_code, headers=error.headers)
 
@@ -418,69 +501,75 @@ def build_app(generator: Generator, model_name: str, api_key: str | None = None,
         read_model(body, model_name)
         return body
 
-    def generate(jobs: list[tuple[list[int], SamplingParams]], cancelled: threading.Event,
-                 on_piece: Callable[[int, str], None] | None = None,
-                 on_end: Callable[[int, Completion], None] | None = None) -> list[Completion]:
-        """Each prompt in turn, under the lock (in a worker thread); stops at the next token once `cancelled`."""
-        completions = []
-        for index, (ids, params) in enumerate(jobs):
-            with lock:
-                if cancelled.is_set():
-                    break
-                write = partial(on_piece, index) if on_piece else None
-                completion = generator.complete_ids([ids], params, write, should_stop=cancelled.is_set)[0]
-                stats.completions += 1
-                stats.completion_tokens += completion.token_count
-                stats.cancelled += int(completion.finish_reason == "cancelled")
-            completions.append(completion)
-            if on_end:
-                on_end(index, completion)
-        return completions
+    def submit(jobs: list[tuple[list[int], SamplingParams]], top_logprobs: int | None):
+        """The jobs (one per choice) queued in the engine, all or none; their updates arrive on the returned
+        asyncio queue as (choice index, Update)."""
+        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
 
-    async def respond(jobs, answer: CompletionAnswer, request: GenerationRequest, http_request: Request):
-        prompt_tokens = sum(len(ids) for ids, _ in jobs)
+        def sink(index: int):
+            return lambda update: loop.call_soon_threadsafe(updates.put_nowait, (index, update))
+
+        requests = [EngineRequest(ids, params, top_logprobs, sink(i)) for i, (ids, params) in enumerate(jobs)]
+        try:
+            return engine.submit(requests), updates
+        except QueueFull as full:
+            metrics.rejected.inc()
+            raise RequestError(429, f"{full}; the queue holds {engine.settings.max_queue} requests "
+                               "(argonne serve --max-queue)", code="queue_full",
+                               headers={"Retry-After": str(full.retry_after)})
+        except EngineStopped:
+            raise RequestError(503, "the server is shutting down", code="shutting_down")
+
+    async def respond(jobs, answer: CompletionAnswer, request: GenerationRequest, http_request: Request,
+                      prompt_tokens: int):
+        handles, updates = submit(jobs, request.top_logprobs)
+        completions: list[Completion | None] = [None] * len(jobs)
+        with_logprobs = request.top_logprobs is not None
+
+        def cancel_all():
+            for handle in handles:
+                handle.cancel()
+
         if not request.stream:
-            cancelled = threading.Event()
-            work = asyncio.ensure_future(asyncio.to_thread(generate, jobs, cancelled))
-            while not work.done():  # a client that hangs up frees the server at its generation's next token
-                await asyncio.wait({work}, timeout=DISCONNECT_POLL_S)
-                if not work.done() and await http_request.is_disconnected():
-                    cancelled.set()
-            return JSONResponse(answer.whole(await work, prompt_tokens))
+            loop = asyncio.get_running_loop()
+            check_at = loop.time() + DISCONNECT_POLL_S
+            try:
+                while None in completions:
+                    try:
+                        index, update = await asyncio.wait_for(updates.get(), max(0.0, check_at - loop.time()))
+                        completions[index] = update.completion
+                    except asyncio.TimeoutError:
+                        pass
+                    if loop.time() >= check_at:  # a client that hangs up frees its slots at the next step
+                        if await http_request.is_disconnected():
+                            cancel_all()
+                        check_at = loop.time() + DISCONNECT_POLL_S
+            finally:
+                cancel_all()  # (nothing, once all have ended)
+            if any(c.finish_reason == "error" for c in completions):
+                return JSONResponse(_error_body(500, ENGINE_FAILED), 500)
+            return JSONResponse(answer.whole(completions, prompt_tokens))
         no_usage = {"usage": None} if request.include_usage else {}
-        cancelled = threading.Event()
 
         async def events() -> AsyncIterator[str]:
-            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-            def put(index: int, piece: str, completion: Completion | None = None):
-                loop.call_soon_threadsafe(queue.put_nowait, (index, piece, completion))
-
-            def work():
-                try:
-                    return generate(jobs, cancelled, put, lambda index, completion: put(index, "", completion))
-                finally:
-                    loop.call_soon_threadsafe(queue.put_nowait, None)
-
-            worker = asyncio.ensure_future(asyncio.to_thread(work))
             started = set()
             try:
-                while (event := await queue.get()) is not None:
-                    index, piece, completion = event
-                    finish = completion.finish_reason if completion else None
-                    yield sse(answer.chunk([answer.chunk_choice(index, piece, index not in started, finish)],
-                                           **no_usage))
-                    started.add(index)
-                completions = await worker
-                if request.include_usage:  # OpenAI's last chunk: no choices, the whole request's usage
-                    yield sse(answer.chunk([], usage=usage(prompt_tokens, completions)))
-            except Exception as error:  # a bug after the answer began (status 200 is sent): say so in the stream
-                log.exception("generation failed")
-                yield sse(_error_body(500, f"internal server error ({type(error).__name__})"))
+                while None in completions:
+                    index, update = await updates.get()
+                    if update.completion and update.completion.finish_reason == "error":
+                        yield sse(_error_body(500, ENGINE_FAILED))
+                        break
+                    if update.text or update.logprobs or update.completion or index not in started:
+                        choice = answer.chunk_choice(index, update, index not in started, with_logprobs)
+                        yield sse(answer.chunk([choice], **no_usage))
+                        started.add(index)
+                    completions[index] = update.completion
+                else:
+                    if request.include_usage:  # OpenAI's last chunk: no choices, the whole request's usage
+                        yield sse(answer.chunk([], usage=usage(prompt_tokens, completions)))
             finally:
-                # Also when the client went away: Starlette cancels this stream, and the generation stops at its
-                # next token, releasing the lock for the next request.
-                cancelled.set()
+                # Also when the client went away (Starlette cancels this stream): its sequences end at the next step.
+                cancel_all()
             yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -489,14 +578,28 @@ def build_app(generator: Generator, model_name: str, api_key: str | None = None,
     async def health():
         return {"status": "ok"}
 
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.exposition(), media_type=metrics.content_type)
+
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                              "owned_by": "argonne"}]}
 
     def encode(prompts: list[str | list[int]]) -> list[list[int]]:
-        tokenizer = generator.tokenizer
-        return [tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts]
+        return [engine.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts]
+
+    def choices(prompts: list[list[int]], generation: GenerationRequest, param: str) -> list:
+        if len(prompts) * generation.n > limits.max_prompts:
+            raise RequestError(400, f"{len(prompts)} prompts x n = {generation.n} asks for "
+                               f"{len(prompts) * generation.n} choices; this server makes at most "
+                               f"{limits.max_prompts} per request", "n")
+        jobs = []
+        for ids in prompts:  # OpenAI's order: each prompt's n choices together
+            params = fit_prompt(ids, generation, limits, context, param)
+            jobs += [(ids, generation.choice_params(params, j)) for j in range(generation.n)]
+        return jobs
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -504,28 +607,32 @@ def build_app(generator: Generator, model_name: str, api_key: str | None = None,
         prompts = read_prompts(body, vocab_size, limits.max_prompts)
         generation = read_generation(body, limits, chat=False, vocab_size=vocab_size)
         ids = await asyncio.to_thread(encode, prompts)  # off the event loop: a long prompt takes a while
-        jobs = [(prompt, fit_prompt(prompt, generation, limits, context, "prompt")) for prompt in ids]
-        return await respond(jobs, CompletionAnswer(model_name), generation, request)
+        jobs = choices(ids, generation, "prompt")
+        return await respond(jobs, CompletionAnswer(model_name, engine.tokenizer), generation, request,
+                             sum(map(len, ids)))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         body = await read_json(request)
         messages = read_messages(body)
         generation = read_generation(body, limits, chat=True, vocab_size=vocab_size)
-        generation.params = replace(generation.params, stop_token_ids=tuple(end_of_turn_ids(generator.tokenizer)))
+        generation.params = replace(generation.params, stop_token_ids=tuple(end_of_turn_ids(engine.tokenizer)))
         try:
-            ids = await asyncio.to_thread(render, generator.tokenizer, messages)
+            ids = await asyncio.to_thread(render, engine.tokenizer, messages)
         except TemplateError as error:  # a template may refuse a conversation (roles that do not alternate, ...)
             raise RequestError(400, f"the chat template refused these messages: {error}", "messages")
-        jobs = [(ids, fit_prompt(ids, generation, limits, context, "messages"))]
-        return await respond(jobs, ChatAnswer(model_name), generation, request)
+        jobs = choices([ids], generation, "messages")
+        return await respond(jobs, ChatAnswer(model_name, engine.tokenizer), generation, request, len(ids))
 
     return app
 
 
 def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          limits: ServerLimits | None = None, device: str = "auto",
-          kernels: str | None = None, tokenizer: str | None = None) -> None:  # pragma: no cover - blocking
+          limits: ServerLimits | None = None, device: str = "auto", kernels: str | None = None,
+          tokenizer: str | None = None, settings: EngineSettings | None = None,
+          drain_timeout: float = 30.0) -> None:  # pragma: no cover - blocking
+    """Serves until SIGTERM or Ctrl-C: uvicorn then stops taking connections and lets the requests in flight
+    finish for up to `drain_timeout` seconds (cancelling those still running), and the engine stops."""
     import uvicorn
 
     from .loading import open_model
@@ -533,5 +640,7 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     api_key = resolve_api_key(api_key)  # before the model loads: a refused key should not wait for it
     model, tokenizer = open_model(model_path, device, tokenizer=tokenizer)
     name = os.path.basename(os.path.normpath(model_path))
-    app = build_app(Generator(model, tokenizer, kernels=kernels), name, api_key, limits)
-    uvicorn.run(app, host=host, port=port)
+    engine = Engine(model, tokenizer, settings, kernels=kernels)
+    log.info("serving with %d KV cache slots of %d tokens", engine.slots, engine.max_len)
+    app = build_app(engine, name, api_key, limits)
+    uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout)
