@@ -58,8 +58,9 @@ def app(engine):
     return build_app(engine, "tiny", api_key=KEY, limits=ServerLimits(max_prompt_tokens=120, max_tokens=32))
 
 
-@pytest.fixture(scope="module")
-def server(app):
+@contextlib.contextmanager
+def serving(app):
+    """The app on a real uvicorn at 127.0.0.1, in a thread: its base URL."""
     port = free_port()
     instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
@@ -68,9 +69,17 @@ def server(app):
     while not instance.started:
         assert time.time() < deadline, "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    instance.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(app):
+    with serving(app) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -642,3 +651,178 @@ def test_fuzzed_requests_never_get_a_5xx(engine):
 def test_limits_below_1_are_refused_at_start(capsys):
     assert cli.main(["serve", "no/such/model", "--max-body-bytes", "0"]) == 2
     assert "max_body_bytes must be an integer >= 1" in capsys.readouterr().err
+
+
+# --- many users at once: the engine behind the server ----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_32_concurrent_streams_each_get_what_they_get_alone(client, generator, engine):
+    prompts = [f"Request {i}: " + " ".join(["tables"] * (i % 9)) for i in range(32)]
+    lengths = [4 + i % 13 for i in range(32)]  # they finish at different times
+
+    def ask(index):
+        chunks = client.completions.create(model="tiny", prompt=prompts[index], max_tokens=lengths[index],
+                                           temperature=0, stream=True)
+        return "".join(c.choices[0].text for c in chunks)
+
+    with ThreadPoolExecutor(32) as pool:
+        texts = list(pool.map(ask, range(32)))
+    assert texts == [greedy_text(generator, p, n) for p, n in zip(prompts, lengths)]
+    wait_until(lambda: engine.active == 0 and engine.queue_length == 0)
+
+
+def test_cancelling_a_stream_with_the_openai_client_frees_its_slot(client, app, engine, monkeypatch):
+    pace(engine, monkeypatch, 0.05)
+    before = app.state.stats.cancelled
+    stream = client.completions.create(model="tiny", prompt="The database", max_tokens=32, temperature=0,
+                                       stream=True)
+    for _, _ in zip(range(3), stream):
+        pass
+    stream.close()
+    wait_until(lambda: app.state.stats.cancelled == before + 1)
+    assert engine.active == 0
+    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices[0].finish_reason == "length"
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_the_server_recovers(model, monkeypatch):
+    engine = Engine(copy.deepcopy(model), load_tokenizer(SAMPLE_TOKENIZER), EngineSettings(max_batch=1, max_queue=1))
+    pace(engine, monkeypatch, 0.05)
+    with serving(build_app(engine, "tiny")) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+
+        def ask(_):
+            return client.completions.create(model="tiny", prompt="The table", max_tokens=20, temperature=0)
+
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(ask, 0)
+            wait_until(lambda: engine.active == 1)
+            queued = pool.submit(ask, 1)
+            wait_until(lambda: engine.queue_length == 1)
+            with pytest.raises(openai.RateLimitError) as refused:
+                ask(2)
+            assert running.result().choices[0].text == queued.result().choices[0].text
+        response = refused.value.response
+        assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+        assert response.json()["error"]["code"] == "queue_full"
+        assert "--max-queue" in response.json()["error"]["message"]
+        assert ask(3).choices[0].finish_reason == "length"  # healthy afterwards
+        metrics = urllib.request.urlopen(f"{url}/metrics").read().decode()
+        assert "argonne_rejected_requests_total 1.0" in metrics
+
+
+def test_n_choices_and_their_seeds(client):
+    greedy = client.completions.create(model="tiny", prompt="The database", max_tokens=6, temperature=0, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert len({c.text for c in greedy.choices}) == 1 and greedy.usage.completion_tokens == 18
+    sampled = client.completions.create(model="tiny", prompt=["The database", "A table"], max_tokens=8,
+                                        temperature=1.0, seed=7, n=2)
+    alone = client.completions.create(model="tiny", prompt="A table", max_tokens=8, temperature=1.0, seed=7)
+    assert [c.index for c in sampled.choices] == [0, 1, 2, 3]  # each prompt's n choices together
+    assert sampled.choices[2].text == alone.choices[0].text  # choice 0 keeps the seed; choice j takes seed + j
+    again = client.completions.create(model="tiny", prompt="A table", max_tokens=8, temperature=1.0, seed=8)
+    assert sampled.choices[3].text == again.choices[0].text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0, n=2)
+    assert len(chat.choices) == 2 and chat.choices[0].message.content == chat.choices[1].message.content
+
+
+def test_completion_logprobs(client, generator, engine):
+    result = client.completions.create(model="tiny", prompt="The database", max_tokens=8, temperature=0,
+                                       logprobs=2)
+    logprobs = result.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 8
+    assert "".join(logprobs.tokens) == result.choices[0].text
+    assert logprobs.text_offset == [sum(map(len, logprobs.tokens[:i])) for i in range(8)]
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert len(top) == 2 and logprob <= 0
+        assert max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the most likely
+    # The engine's own figures (test_engine checks them against the model's log-softmax), and the stream's.
+    ids = engine.tokenizer("The database", add_special_tokens=False).input_ids
+    mine = engine.complete([ids], SamplingParams(max_new_tokens=8, **{"temperature": 0}), top_logprobs=2)[0]
+    assert logprobs.token_logprobs == pytest.approx([entry.logprob for entry in mine.logprobs])
+    chunks = list(client.completions.create(model="tiny", prompt="The database", max_tokens=8, temperature=0,
+                                            logprobs=2, stream=True))
+    streamed = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(logprobs.token_logprobs)
+    plain = client.completions.create(model="tiny", prompt="The database", max_tokens=2, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_chat_logprobs_and_top_logprobs(client):
+    messages = [{"role": "user", "content": "Hello"}]
+    result = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0,
+                                            logprobs=True, top_logprobs=3)
+    content = result.choices[0].logprobs.content
+    assert 1 <= len(content) <= 6 and all(len(entry.top_logprobs) == 3 for entry in content)
+    assert all(entry.top_logprobs[0].logprob == pytest.approx(entry.logprob) for entry in content)
+    assert all(bytes(entry.bytes).decode("utf-8", "replace") == entry.token for entry in content)
+    without_top = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, logprobs=True)
+    assert all(entry.top_logprobs == [] for entry in without_top.choices[0].logprobs.content)
+
+
+def test_metrics_in_prometheus_format(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model="tiny", prompt="The database", max_tokens=4, temperature=0)
+    request = urllib.request.Request(f"{server}/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(request) as response:
+        assert response.headers["content-type"].startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+    value = {s.name: s.value for f in families.values() for s in f.samples}
+    assert value["argonne_kv_cache_slots"] == 8 and value["argonne_queue_length"] == 0
+    assert value["argonne_running_requests"] == 0
+    assert value["argonne_time_to_first_token_seconds_count"] >= 1
+    assert value["argonne_time_per_output_token_seconds_count"] >= 1
+    assert value["argonne_generation_tokens_total"] >= 4 and value["argonne_prompt_tokens_total"] >= 2
+    assert "argonne_generation_tokens_per_second" in value
+    assert {s.labels["finish_reason"] for s in families["argonne_requests"].samples
+            if s.name == "argonne_requests_total"} >= {"length"}
+    with pytest.raises(urllib.error.HTTPError) as error:  # behind the key, as every route but /health
+        urllib.request.urlopen(f"{server}/metrics")
+    assert error.value.code == 401
+
+
+@pytest.mark.parametrize("flag,value,message", [("--max-batch", "0", "max_batch must be an integer >= 1"),
+                                                ("--prefill-chunk", "-1", "prefill_chunk must be"),
+                                                ("--kv-cache-memory", "nan", "kv_cache_memory must be"),
+                                                ("--drain-timeout", "-1", "--drain-timeout must be")])
+def test_engine_flags_are_checked_at_start(capsys, flag, value, message):
+    assert cli.main(["serve", "no/such/model", flag, value]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sigterm_lets_the_request_in_flight_finish_and_exits_cleanly(model_dir):
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import env
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "argonne.cli", "serve", str(model_dir), "--port", str(port),
+                                "--max-batch", "2", "--drain-timeout", "60"], env=env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.time() < deadline, "the server did not start"
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        stream = client.completions.create(model=model_dir.name, prompt="The database", max_tokens=200,
+                                           temperature=0, stream=True)
+        chunks = [next(iter(stream))]
+        process.send_signal(signal.SIGTERM)
+        chunks += list(stream)
+        assert chunks[-1].choices[0].finish_reason in ("length", "stop")  # finished, not cut
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

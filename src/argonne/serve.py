@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -643,4 +644,9 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     engine = Engine(model, tokenizer, settings, kernels=kernels)
     log.info("serving with %d KV cache slots of %d tokens", engine.slots, engine.max_len)
     app = build_app(engine, name, api_key, limits)
+    # uvicorn drains on SIGTERM / SIGINT, then raises the signal again for the handler it found: a handler of ours
+    # takes it, so a drained server exits with status 0 rather than as killed by the signal.
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: None)
     uvicorn.run(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout)
+    log.info("drained and stopped")

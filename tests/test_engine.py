@@ -1,0 +1,277 @@
+"""The serving engine (continuous batching): every request in a mixed batch gets what it gets alone, token for token
+(float32, CPU), and the Generator's greedy output too; seeded sampling ignores its batch; slots are sized, freed and
+never leak; prefill is chunked between decode steps."""
+
+import copy
+import gc
+import threading
+
+import pytest
+import torch
+
+from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+from argonne.engine import (Engine, EngineRequest, EngineSettings, EngineStopped, QueueFull, _Sequence,
+                            batch_buckets, plan_slots)
+from argonne.generate import Generator, SamplingParams
+from argonne.kv_cache import SlotKVCache
+
+from .conftest import SAMPLE_TOKENIZER
+
+GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(SAMPLE_TOKENIZER)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = ArgonneConfig.from_preset("tiny", num_hidden_layers=2, max_position_embeddings=128,
+                                       initializer_range=0.1)
+    return ArgonneForCausalLM(config)
+
+
+def new_engine(model, tokenizer, **settings) -> Engine:
+    return Engine(copy.deepcopy(model), tokenizer, EngineSettings(**{"max_batch": 8, **settings}))
+
+
+@pytest.fixture(scope="module")
+def engine(model, tokenizer):
+    return new_engine(model, tokenizer, prefill_chunk=16)
+
+
+def prompts_of(tokenizer) -> list[list[int]]:
+    """Prompts of 1, a few, 40 and 90 tokens (the long ones take several prefill chunks of 16)."""
+    texts = ["The database", "A table of contents lists", " ".join(["tables and chairs"] * 14)]
+    prompts = [[7], *[tokenizer(t, add_special_tokens=False).input_ids for t in texts]]
+    return prompts + [list(range(100, 190))]
+
+
+def run(engine: Engine, arrivals: list[tuple[int, EngineRequest]]) -> list:
+    """Steps the engine (in this thread), submitting each request at its step; returns the handles in order."""
+    handles = [None] * len(arrivals)
+    step = 0
+    while step <= max(at for at, _ in arrivals) or not all(h.completion for h in handles):
+        for index, (at, request) in enumerate(arrivals):
+            if at == step:
+                handles[index] = engine.submit([request])[0]
+        engine.step()
+        step += 1
+    return handles
+
+
+def test_a_mixed_batch_equals_each_request_alone(engine, model, tokenizer):
+    prompts = prompts_of(tokenizer)
+    # Different lengths, arriving at different steps, finishing at different times (max tokens and a stop string).
+    params = [SamplingParams(max_new_tokens=n, **GREEDY) for n in (30, 5, 17, 24)]
+    arrivals = [(0, EngineRequest(prompts[0], params[0])), (0, EngineRequest(prompts[2], params[2])),
+                (3, EngineRequest(prompts[3], params[3])), (6, EngineRequest(prompts[1], params[1]))]
+    together = [h.completion for h in run(engine, arrivals)]
+    alone = [engine.complete([request.prompt], request.params)[0] for _, request in arrivals]
+    assert together == alone
+    assert {c.finish_reason for c in together} == {"length"}
+    assert [c.token_count for c in together] == [30, 17, 24, 5]
+    # ... and what the Generator (one static batch of one) makes.
+    reference = Generator(copy.deepcopy(model), tokenizer)
+    assert [c.text for c in together] == [reference.complete_ids([r.prompt], r.params)[0].text for _, r in arrivals]
+
+
+def test_the_batch_runs_together_and_prefill_is_chunked(model, tokenizer):
+    """While a 90-token prompt is prefilled 16 tokens a step, the running request keeps getting a token every
+    step; then both decode in one forward."""
+    engine = new_engine(model, tokenizer, prefill_chunk=16)
+    batches = []
+    decode = engine._decode
+    engine._decode = lambda: (batches.append(sorted(engine._running)), decode())[1]
+    running = engine.submit([EngineRequest([7, 8, 9], SamplingParams(max_new_tokens=20, **GREEDY))])[0]
+    engine.step()
+    long = engine.submit([EngineRequest(list(range(100, 190)), SamplingParams(max_new_tokens=4, **GREEDY))])[0]
+    made = []
+    for _ in range(6):
+        engine.step()
+        made.append(running._sequence.made)
+    assert made == [3, 4, 5, 6, 7, 8]  # one token a step, however long the other prompt
+    assert long._sequence.prefilled == 90 and long._sequence.made >= 1  # 6 steps of 16 tokens
+    assert batches[:7] == [[0]] * 6 + [[0, 1]]  # prefilling slots are not decoded; then both in one step
+
+
+def test_a_seeded_request_samples_the_same_whatever_shares_its_batch(engine, tokenizer):
+    prompts = prompts_of(tokenizer)
+    seeded = EngineRequest(prompts[1], SamplingParams(max_new_tokens=24, temperature=1.0, top_k=40, top_p=0.9,
+                                                      repetition_penalty=1.2, seed=1234))
+    alone = engine.complete([seeded.prompt], seeded.params)[0]
+    companions = [EngineRequest(prompts[0], SamplingParams(max_new_tokens=30, temperature=0.7, seed=5)),
+                  EngineRequest(prompts[3], SamplingParams(max_new_tokens=10, **GREEDY)),
+                  EngineRequest(prompts[2], SamplingParams(max_new_tokens=20, temperature=1.3, top_k=5))]
+    for at in (0, 2):
+        handles = run(engine, [(0, companions[0]), (at, seeded), (1, companions[1]), (0, companions[2])])
+        assert handles[1].completion == alone
+    other_seed = engine.complete([seeded.prompt], SamplingParams(**{**vars(seeded.params), "seed": 99}))[0]
+    assert other_seed.text != alone.text  # the seed is what decides
+
+
+def test_sampling_follows_top_k_and_temperature(engine):
+    # top_k 1 is greedy whatever the temperature; the same seed twice gives the same text.
+    greedy = engine.complete([[7, 8]], SamplingParams(max_new_tokens=12, **GREEDY))[0]
+    top1 = engine.complete([[7, 8]], SamplingParams(max_new_tokens=12, temperature=1.5, top_k=1, seed=3))[0]
+    assert top1.text == greedy.text
+    twice = engine.complete([[7, 8]] * 2, SamplingParams(max_new_tokens=12, temperature=1.0, seed=3))
+    assert twice[0] == twice[1]
+
+
+def test_logprobs_are_the_models_log_softmax(engine, model, tokenizer):
+    prompt = prompts_of(tokenizer)[1]
+    completion = engine.complete([prompt], SamplingParams(max_new_tokens=6, **GREEDY), top_logprobs=3)[0]
+    tokens = [entry.token for entry in completion.logprobs]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1].float()
+    expected = logits.log_softmax(-1)
+    for row, entry in enumerate(completion.logprobs):
+        assert entry.logprob == pytest.approx(expected[row, entry.token].item(), abs=1e-4)
+        assert [t for t, _ in entry.top] == expected[row].topk(3).indices.tolist()
+        assert entry.top[0] == (entry.token, pytest.approx(entry.logprob))  # greedy: the chosen one is the top one
+    assert len(tokens) == 6 and engine.complete([prompt], SamplingParams(max_new_tokens=2))[0].logprobs is None
+
+
+def test_eos_and_stop_strings_end_a_sequence(engine, tokenizer, monkeypatch):
+    prompt = prompts_of(tokenizer)[2]
+    full = engine.complete([prompt], SamplingParams(max_new_tokens=20, **GREEDY), top_logprobs=0)[0]
+    ids = [entry.token for entry in full.logprobs]
+    stop = full.text.split()[3]
+    cut = engine.complete([prompt], SamplingParams(max_new_tokens=20, stop=[stop], **GREEDY))[0]
+    assert cut.text == full.text[:full.text.index(stop)] and cut.finish_reason == "stop"
+    monkeypatch.setattr(engine, "eos_ids", [ids[2]])
+    ended = engine.complete([prompt], SamplingParams(max_new_tokens=20, **GREEDY))[0]
+    assert ended.finish_reason == "stop" and ended.token_count == 3  # two tokens, then the "EOS"
+
+
+def test_slots_come_from_the_memory_budget(model):
+    config = model.config
+    per_slot = SlotKVCache.bytes_per_slot(config, 128, torch.float32)
+    assert per_slot == 2 * config.num_key_value_heads * 129 * config.head_dim * config.num_hidden_layers * 4
+    assert plan_slots(config, EngineSettings(max_batch=64), torch.float32) == (64, 128)
+    budget = 5.5 * per_slot / 2**30
+    assert plan_slots(config, EngineSettings(max_batch=64, kv_cache_memory=budget), torch.float32) == (5, 128)
+    assert plan_slots(config, EngineSettings(max_batch=4, kv_cache_memory=budget), torch.float32) == (4, 128)
+    assert plan_slots(config, EngineSettings(max_len=64), torch.float32) == (16, 64)
+    with pytest.raises(ValueError, match="holds no sequence"):
+        plan_slots(config, EngineSettings(kv_cache_memory=per_slot / 2 / 2**30), torch.float32)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        plan_slots(config, EngineSettings(max_len=129), torch.float32)
+    with pytest.raises(ValueError, match="max_batch must be an integer >= 1"):
+        plan_slots(config, EngineSettings(max_batch=0), torch.float32)
+    assert batch_buckets(1) == [1] and batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(12) == [1, 2, 4, 8, 12]
+
+
+def test_the_decode_batch_is_the_smallest_bucket_holding_the_highest_slot(model, tokenizer):
+    engine = new_engine(model, tokenizer, max_batch=8)
+    handles = engine.submit([EngineRequest([5 + i], SamplingParams(max_new_tokens=7 - 2 * i, **GREEDY))
+                             for i in range(3)])
+    while not all(h.completion for h in handles):
+        engine.step()
+    assert sorted(engine._steps) == [1, 2, 4]  # slots 0-2: a batch of 4, then slots 0-1: 2, then slot 0: 1
+    assert engine.active == 0 and sorted(engine._free) == list(range(8))
+
+
+def test_a_full_queue_refuses_all_or_nothing(model, tokenizer):
+    engine = new_engine(model, tokenizer, max_batch=1, max_queue=2)
+    request = EngineRequest([5], SamplingParams(max_new_tokens=2, **GREEDY))
+    engine.submit([request, request])
+    with pytest.raises(QueueFull) as full:
+        engine.submit([request])
+    assert full.value.retry_after >= 1 and engine.queue_length == 2
+    engine.step()  # one admitted
+    with pytest.raises(QueueFull):
+        engine.submit([request, request])  # room for one only: neither is queued
+    assert engine.queue_length == 1
+    assert engine.submit([request], queue_limit=False)
+
+
+def test_bad_requests_are_refused_before_queueing(engine):
+    for prompt, params, message in [([], SamplingParams(), "empty"),
+                                    ([5] * 120, SamplingParams(max_new_tokens=9), "exceeds the engine's max length"),
+                                    ([8192], SamplingParams(), "prompt token ids"),
+                                    ([5], SamplingParams(top_p=0), "top_p")]:
+        with pytest.raises(ValueError, match=message):
+            engine.submit([EngineRequest(prompt, params)])
+    assert engine.queue_length == 0
+
+
+def test_cancelling_frees_the_slot_at_the_next_step(model, tokenizer):
+    engine = new_engine(model, tokenizer, max_batch=2)
+    params = SamplingParams(max_new_tokens=50, **GREEDY)
+    first, second, waiting = engine.submit([EngineRequest([5, 6], params)] * 3)
+    engine.step()
+    engine.step()
+    assert engine.active == 2 and engine.queue_length == 1
+    first.cancel()
+    waiting.cancel()
+    engine.step()
+    assert first.completion.finish_reason == "cancelled" and first.completion.token_count == 3  # 2 steps: 1 + 2
+    assert waiting.completion.finish_reason == "cancelled" and waiting.completion.token_count == 0
+    assert engine.active == 1 and engine.queue_length == 0
+    while not second.completion:
+        engine.step()
+    assert second.completion.finish_reason == "length" and engine.active == 0
+
+
+def test_the_engine_thread_serves_and_shuts_down(model, tokenizer):
+    engine = new_engine(model, tokenizer, max_batch=4)
+    updates = []
+    done = threading.Event()
+
+    def sink(update):
+        updates.append(update)
+        if update.completion:
+            done.set()
+
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=10, **GREEDY)
+        engine.submit([EngineRequest([5, 6], params, sink=sink)])
+        assert done.wait(30)
+        assert "".join(u.text for u in updates) == updates[-1].completion.text
+        assert engine.complete([[5, 6]], params)[0] == updates[-1].completion  # complete() waits on the thread
+        long = engine.submit([EngineRequest([5, 6], SamplingParams(max_new_tokens=100, **GREEDY))])[0]
+    finally:
+        engine.shutdown(cancel=True, timeout=30)
+    assert not engine.running
+    assert long.wait(5).finish_reason in ("cancelled", "length")
+    with pytest.raises(EngineStopped):
+        engine.submit([EngineRequest([5], SamplingParams(max_new_tokens=2))])
+
+
+def test_a_failed_step_ends_the_running_requests_and_frees_their_slots(model, tokenizer, monkeypatch, caplog):
+    engine = new_engine(model, tokenizer, max_batch=2)
+    monkeypatch.setattr(engine, "_decode", lambda: 1 / 0)
+    engine.start()
+    try:
+        handle = engine.submit([EngineRequest([5, 6], SamplingParams(max_new_tokens=10, **GREEDY))])[0]
+        assert handle.wait(30).finish_reason == "error"
+        assert engine.active == 0 and engine.running
+    finally:
+        engine.shutdown()
+    assert "engine step failed" in caplog.text
+
+
+@pytest.mark.slow
+def test_no_slot_or_sequence_leaks_after_many_requests(model, tokenizer):
+    engine = new_engine(model, tokenizer, max_batch=4)
+    prompts = prompts_of(tokenizer)
+    handles = []
+    for i in range(200):
+        params = SamplingParams(max_new_tokens=1 + i % 5, temperature=(i % 3) * 0.5, seed=i)
+        handles += engine.submit([EngineRequest(prompts[i % 4], params, top_logprobs=i % 2 or None)],
+                                 queue_limit=False)
+        if i % 7 == 0:
+            handles[-1].cancel()
+        engine.step()
+    while not all(h.completion for h in handles):
+        engine.step()
+    assert engine.active == 0 and engine.queue_length == 0 and sorted(engine._free) == [0, 1, 2, 3]
+    assert not engine._running and not engine._prefilling
+    del handles
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is _Sequence]
