@@ -18,7 +18,7 @@ started=$SECONDS
 wanted=" $* "
 # Result file of each part (default: the part's name); eight files in all with summary.txt and profiles.txt.
 declare -A FILE_OF=([train-small]=train [train-2.0]=train [decode-b1]=decode [decode-accuracy]=decode
-                    [decode-long]=decode [decode-b16]=decode)
+                    [decode-long]=decode [decode-b16]=decode [gemv]=decode [serve-load]=eval)
 run() {  # run LIMIT_S NAME COMMAND...
     local limit=$1 name=$2
     shift 2
@@ -56,9 +56,15 @@ run 200 decode-variants $PY benchmarks/decode_throughput.py --preset small --bat
     --variants gemv+efficient-attention gemv+native-matmul unmerged efficient-attention gemv+max-autotune
 # lm-eval (issue 19): Argonne's class against lm-eval's hf backend on the 0.5B shape, bf16, same run.
 run 240 eval $PY benchmarks/eval_throughput.py --preset 0.5b --device cuda --dtype bfloat16 --repeat 40
+# argonne serve under load: continuous batching against one request at a time (--max-batch 1), the 0.5B shape (serve
+# loads bf16 on GPUs), streamed greedy requests of 64 tokens. Its log shares eval.txt (eight files), the numbers go to
+# serve-load.json. Most of its time is the servers' start and compiling one decode step per batch size (warm-up).
+# The server needs fastapi and uvicorn (and pydantic, starlette), which the H200 image may lack: carry their wheels.
+run 300 serve-load $PY benchmarks/serve_load.py --preset small --device cuda --concurrency 1,4,16,64 \
+    --output "$OUT/serve-load.json"
 echo "=== summary"
 cat "$OUT/summary.txt"
-for file in gpu-tests train decode gemv decode-variants eval; do
+for file in gpu-tests train decode decode-variants eval; do
     [[ -f "$OUT/$file.txt" ]] || continue
     echo "--- $file"
     grep -v -E "^[WIE][0-9]{4} |[Ww]arn|^ *$|^ *(from|import|File) |^\.+|USDT" "$OUT/$file.txt" | tail -n 24 |
