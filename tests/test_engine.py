@@ -147,6 +147,16 @@ def test_eos_and_stop_strings_end_a_sequence(engine, tokenizer, monkeypatch):
     assert ended.finish_reason == "stop" and ended.token_count == 3  # two tokens, then the "EOS"
 
 
+@pytest.mark.slow
+def test_the_compiled_decode_step_equals_the_eager_one(engine, model, tokenizer):
+    """torch.compile traces the step whole (fullgraph: the slot cache's scattered writes, the masks), one
+    compilation per batch bucket; on CUDA the same function is what each bucket's graph captures (test_gpu.py)."""
+    compiled = Engine(copy.deepcopy(model), tokenizer, EngineSettings(max_batch=4, prefill_chunk=16), compile=True)
+    prompts = prompts_of(tokenizer)[:3]
+    params = SamplingParams(max_new_tokens=10, **GREEDY)
+    assert compiled.complete(prompts, params) == engine.complete(prompts, params)
+
+
 def test_slots_come_from_the_memory_budget(model):
     config = model.config
     per_slot = SlotKVCache.bytes_per_slot(config, 128, torch.float32)

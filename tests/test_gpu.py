@@ -1,6 +1,7 @@
 """GPU-only paths (skipped without CUDA): the compiled loss chunk, head_dim padding under cuDNN/flash, the
 sync-free training step, and the CUDA-graph decode step. Run on a GPU machine: `python -m pytest tests/test_gpu.py`."""
 
+import copy
 from contextlib import contextmanager
 
 import pytest
@@ -110,6 +111,25 @@ def test_cuda_graph_decode_equals_eager_decode():
     streamed = []
     graphed.generate_ids(prompts, params, on_tokens=lambda tokens: streamed.append(tokens.tolist()))
     assert [row[: len(ours)] for row, ours in zip(zip(*streamed), eager)] == [tuple(ours) for ours in eager]
+
+
+def test_engine_cuda_graphs_per_bucket_equal_the_eager_engine():
+    from argonne.engine import Engine, EngineRequest, EngineSettings
+
+    model = make_model(**{**LLAMA_STYLE, "max_position_embeddings": 96}).cuda()
+    prompts = prompts_of([5, 9, 2, 30, 1])
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (24, 7, 15, 3, 20)]
+    settings = EngineSettings(max_batch=8, prefill_chunk=8)
+    eager = Engine(copy.deepcopy(model), IdTokenizer(), settings, compile=False, kernels="torch")
+    expected = [eager.complete([p], q)[0] for p, q in zip(prompts, params)]
+    graphed = Engine(copy.deepcopy(model), IdTokenizer(), settings, kernels="torch")
+    assert graphed._graphs
+    handles = graphed.submit([EngineRequest(p, q) for p, q in zip(prompts, params)])
+    while not all(h.completion for h in handles):
+        graphed.step()
+    assert [h.completion for h in handles] == expected  # buckets 8, 4, 2, 1 as requests end
+    assert [graphed.complete([p], q)[0] for p, q in zip(prompts, params)] == expected  # replayed graphs
+    assert {1, 2, 4, 8} >= set(graphed._steps) and len(graphed._steps) >= 2
 
 
 def test_gemv_kernels_in_bfloat16_are_as_close_as_cublas():

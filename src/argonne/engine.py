@@ -39,6 +39,9 @@ from .modeling_argonne import ArgonneForCausalLM
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
+KEY_BLOCK = 64
+"""Without graphs, attention reads the key columns up to the highest in use, rounded up to this: a cache of 4,096
+columns holding sequences of 100 tokens costs the attention of 128."""
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
@@ -214,7 +217,7 @@ class Engine:
         self._seen = torch.zeros((self.slots, self.config.vocab_size), dtype=torch.bool, device=self.device)
         self.buckets = batch_buckets(self.slots)
         compile = self.device.type == "cuda" if compile is None else compile
-        self._forward = self._decode_logits
+        self._forward, self._compiled = self._decode_logits, compile
         if compile:
             self._forward = torch.compile(self._decode_logits, fullgraph=True, dynamic=False)
             limit = len(self.buckets) + 8  # one compilation per bucket
@@ -386,6 +389,7 @@ class Engine:
         count = min(budget, len(sequence.prompt) - start)
         columns = torch.arange(start, start + count, device=self.device)[None]
         rows = self.cache.rows(sequence.slot, 1, columns)
+        rows.keys = self._keys(start + count)
         tokens = torch.tensor([list(sequence.prompt[start:start + count])], device=self.device)
         logits = self.model(tokens, attention_mask=rows.mask(self.dtype), position_ids=columns, cache=rows,
                             use_cache=True, logits_to_keep=1).logits[:, -1].float()
@@ -407,9 +411,16 @@ class Engine:
         self._tokens[:batch, 0].copy_(tokens)
         self._columns[:batch, 0].copy_(columns)
         step = self._steps.get(batch) or self._steps.setdefault(batch, _BucketStep(self, batch))
+        if not self._compiled:  # a compiled step (a CUDA graph) keeps its shapes: every column
+            step.rows.keys = self._keys(max(self._running[slot].column for slot in slots) + 1)
         logits, greedy = step()
         rows = torch.tensor(slots, device=self.device)
         self._accept([self._running[slot] for slot in slots], logits[rows], greedy[rows])
+
+    def _keys(self, needed: int) -> int:
+        """Key columns for queries below column `needed`: rounded up to KEY_BLOCK, at most all."""
+        return self.cache.max_len + 1 if self._compiled else min(-(-needed // KEY_BLOCK) * KEY_BLOCK,
+                                                                   self.cache.max_len + 1)
 
     def _decode_logits(self, rows: SlotRows, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode step: float32 logits (B, V) of each row's next token, and their argmax."""

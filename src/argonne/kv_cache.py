@@ -100,6 +100,9 @@ class SlotRows:
         self.columns = columns
         self.row_index = torch.arange(count, device=cache.device)[:, None]
         self.key_columns = torch.arange(cache.max_len + 1, device=cache.device)
+        self.keys = cache.max_len + 1
+        """Key columns the attention reads: fewer than all when every query's column is below them (the rest would
+        be masked out anyway). Writes may go to any column, the scratch one included."""
         if count == 1:
             # Where this row's keys end: decode_attention (the "gemv+attention" kernels) reads no further.
             self.write_positions = columns[0]
@@ -109,13 +112,13 @@ class SlotRows:
         # key, value (B, n_kv, T, head_dim) -> (B, T, 2, n_kv, head_dim), the shape of the indexed cache entries.
         new = torch.stack((key, value)).to(keys_and_values.dtype).permute(1, 3, 0, 2, 4)
         keys_and_values[:, self.row_index, :, self.columns] = new
-        return keys_and_values[0], keys_and_values[1]
+        return keys_and_values[0, :, :, :self.keys], keys_and_values[1, :, :, :self.keys]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # never asked: callers pass positions and a 4D mask
 
     def mask(self, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask (B, 1, T, max_len + 1), 0 or -inf in `dtype`: each query sees its row's keys up to its own
-        column (additive because SDPA would otherwise convert a boolean one in every layer)."""
-        allowed = (self.key_columns <= self.columns[..., None])[:, None]
+        """Additive mask (B, 1, T, keys), 0 or -inf in `dtype`: each query sees its row's keys up to its own column
+        (additive because SDPA would otherwise convert a boolean one in every layer)."""
+        allowed = (self.key_columns[:self.keys] <= self.columns[..., None])[:, None]
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, -math.inf)

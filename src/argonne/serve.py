@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -451,6 +452,28 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+class Handoff:
+    """Engine updates into the event loop's queues, one wakeup of the loop per batch of updates (an engine step
+    makes one per running request) rather than one per token: each wakeup writes to the loop's self-pipe and
+    takes the interpreter lock from the engine's thread."""
+
+    def __init__(self):
+        self.lock, self.pending, self.loop = threading.Lock(), [], None
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        with self.lock:
+            self.pending.append((queue, item))
+            if len(self.pending) > 1:
+                return  # a flush is already on its way
+        self.loop.call_soon_threadsafe(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, item in pending:
+            queue.put_nowait(item)
+
+
 ENGINE_FAILED = "internal server error (the engine's step failed; see the server's log)"
 
 
@@ -460,7 +483,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None, limit
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty; pass None to serve without authentication")
     limits = limits or ServerLimits()
-    stats, metrics = ServerStats(), ServerMetrics(engine)
+    stats, metrics, handoff = ServerStats(), ServerMetrics(engine), Handoff()
     engine.listeners += [stats.add, metrics.observe]
 
     @asynccontextmanager
@@ -505,10 +528,10 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None, limit
     def submit(jobs: list[tuple[list[int], SamplingParams]], top_logprobs: int | None):
         """The jobs (one per choice) queued in the engine, all or none; their updates arrive on the returned
         asyncio queue as (choice index, Update)."""
-        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        handoff.loop, updates = asyncio.get_running_loop(), asyncio.Queue()
 
         def sink(index: int):
-            return lambda update: loop.call_soon_threadsafe(updates.put_nowait, (index, update))
+            return lambda update: handoff.put(updates, (index, update))
 
         requests = [EngineRequest(ids, params, top_logprobs, sink(i)) for i, (ids, params) in enumerate(jobs)]
         try:
