@@ -6,8 +6,8 @@
   `hf` backend makes and soft-maxes (batch, length, vocabulary) logits); requests with the same model input (the
   one-token answers of a multiple-choice question) share a row;
 - loglikelihood_rolling: the document cut into lm-eval's own rolling windows, all windows batched as above;
-- generate_until: Argonne's generator (static KV cache, CUDA graphs on GPUs), greedy, batched, with the request's
-  stop strings and max_gen_toks.
+- generate_until: Argonne's serving engine (engine.py: continuous batching, batch_size rows at a time, CUDA graphs
+  on GPUs), greedy, with the request's stop strings and max_gen_toks.
 Token handling follows the `hf` backend (the same context/continuation split, left truncation to max_length, prefix
 token for an empty context), so both score a request the same way. The class is registered with lm-eval as
 "argonne" when this module is imported: `python -m argonne.lm_eval_command` is lm_eval's own command with it
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from .generate import Generator, SamplingParams
+from .engine import Engine, EngineSettings
+from .generate import SamplingParams
 from .modeling_argonne import ArgonneForCausalLM
 
 DEFAULT_BATCH_SIZE = 16
@@ -102,7 +103,7 @@ class ArgonneLM(TemplateLM):
         if self.max_gen_toks < 1 or self._max_length < 2:
             raise HarnessError(f"max_gen_toks must be >= 1 and max_length >= 2, got {self.max_gen_toks} and "
                                f"{self._max_length}")
-        self._generator: Generator | None = None
+        self._engine: Engine | None = None
 
     @staticmethod
     def _batch_size(batch_size: int | str, max_batch_size: int | None) -> int:
@@ -201,13 +202,17 @@ class ArgonneLM(TemplateLM):
                        for i in indices}
             order = sorted(indices, key=lambda i: -len(prompts[i]))
             params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop=tuple(until))
-            for start in range(0, len(order), self.batch_size):
-                batch = order[start:start + self.batch_size]
-                for i, text in zip(batch, self._continuations([prompts[i] for i in batch], params)):
-                    for stop in until:  # as the `hf` backend cuts its output
-                        if stop:
-                            text = text.split(stop)[0]
-                    results[i] = text
+            if self._owns_model:  # the serving engine: batch_size rows at a time, a finished row's slot refilled
+                texts = [c.text for c in self.engine().complete([prompts[i] for i in order], params)]
+            else:
+                texts = [text for start in range(0, len(order), self.batch_size)
+                         for text in self._recomputed([prompts[i] for i in order[start:start + self.batch_size]],
+                                                      params)]
+            for i, text in zip(order, texts):
+                for stop in until:  # as the `hf` backend cuts its output
+                    if stop:
+                        text = text.split(stop)[0]
+                results[i] = text
         self._dummy_forwards(extra)
         return self._gather(results)
 
@@ -241,17 +246,17 @@ class ArgonneLM(TemplateLM):
             raise HarnessError(f"generation settings {gen_kwargs}: max_gen_toks must be in 1..{self.max_length - 1}")
         return until, max_new
 
-    def generator(self) -> Generator:
-        if self._generator is None:
-            self._generator = Generator(self.model, self.tokenizer)
-        return self._generator
+    def engine(self) -> Engine:
+        if self._engine is None:
+            max_len = min(self.max_length, self.model.config.max_position_embeddings)
+            self._engine = Engine(self.model, self.tokenizer, EngineSettings(max_batch=self.batch_size,
+                                                                             max_len=max_len))
+        return self._engine
 
-    def _continuations(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
-        """Greedy texts for a batch: Argonne's generator for a model opened here (it merges the projections and
-        keeps a static cache); for a model passed in (being trained, maybe sharded) a plain loop that recomputes the
-        whole batch at each step, which runs on any sharding and leaves the model as it is."""
-        if self._owns_model:
-            return [completion.text for completion in self.generator().complete_ids(prompts, params)]
+    def _recomputed(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
+        """Greedy texts for a batch on a model passed in (being trained, maybe sharded): a plain loop that
+        recomputes the whole batch at each step, which runs on any sharding and leaves the model as it is (the
+        engine, for a model opened here, merges its projections and keeps a cache)."""
         eos = {self.tokenizer.eos_token_id} - {None}
         rows = [list(prompt) for prompt in prompts]
         made: list[list[int]] = [[] for _ in prompts]
