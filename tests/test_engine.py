@@ -112,6 +112,46 @@ def test_a_seeded_request_samples_the_same_whatever_shares_its_batch(engine, tok
     assert other_seed.text != alone.text  # the seed is what decides
 
 
+def test_a_reused_slot_forgets_its_last_requests_tokens(model, tokenizer):
+    """The repetition penalty's record of seen tokens is per slot: a request in a slot a penalized request used
+    before samples as in a fresh engine."""
+    penalized = SamplingParams(max_new_tokens=16, temperature=0.0, repetition_penalty=1.5)
+    prompt = prompts_of(tokenizer)[1]
+    fresh = new_engine(model, tokenizer, max_batch=1).complete([prompt], penalized)[0]
+    used = new_engine(model, tokenizer, max_batch=1)
+    assert used.complete([prompt], penalized)[0] == fresh
+    assert used.complete([prompt], penalized)[0] == fresh  # the same slot: its first run's tokens are forgotten
+
+
+def test_a_model_with_learned_positions_batches_too(tokenizer):
+    """Rows without a sequence sit at the scratch column, one past the last position: a model with learned
+    position embeddings must not look it up."""
+    torch.manual_seed(0)
+    config = ArgonneConfig.from_preset("tiny", num_hidden_layers=2, max_position_embeddings=64,
+                                       position_embedding="learned", initializer_range=0.1)
+    engine = new_engine(ArgonneForCausalLM(config), tokenizer, prefill_chunk=8)
+    # Slot 0 ends first, so slot 1 decodes beside an empty row.
+    requests = [EngineRequest([5, 6, 7], SamplingParams(max_new_tokens=4, **GREEDY)),
+                EngineRequest(list(range(100, 130)), SamplingParams(max_new_tokens=20, **GREEDY))]
+    together = [h.completion for h in run(engine, [(0, requests[0]), (2, requests[1])])]
+    assert together == [engine.complete([r.prompt], r.params)[0] for r in requests]
+    assert [c.finish_reason for c in together] == ["length", "length"]
+
+
+def test_a_failing_sink_cancels_its_own_request_only(model, tokenizer, caplog):
+    engine = new_engine(model, tokenizer)
+
+    def broken(update):
+        raise RuntimeError("a client's bug")
+
+    params = SamplingParams(max_new_tokens=10, **GREEDY)
+    failing, healthy = engine.submit([EngineRequest([5, 6], params, sink=broken), EngineRequest([5, 6], params)])
+    while not (failing.completion and healthy.completion):
+        engine.step()
+    assert failing.completion.finish_reason == "cancelled" and healthy.completion.finish_reason == "length"
+    assert engine.active == 0 and "sink failed" in caplog.text
+
+
 def test_sampling_follows_top_k_and_temperature(engine):
     # top_k 1 is greedy whatever the temperature; the same seed twice gives the same text.
     greedy = engine.complete([[7, 8]], SamplingParams(max_new_tokens=12, **GREEDY))[0]
@@ -152,6 +192,8 @@ def test_the_compiled_decode_step_equals_the_eager_one(engine, model, tokenizer)
     """torch.compile traces the step whole (fullgraph: the slot cache's scattered writes, the masks), one
     compilation per batch bucket; on CUDA the same function is what each bucket's graph captures (test_gpu.py)."""
     compiled = Engine(copy.deepcopy(model), tokenizer, EngineSettings(max_batch=4, prefill_chunk=16), compile=True)
+    compiled.warm_up()  # every bucket compiled before the first request, writing only the scratch column
+    assert sorted(compiled._steps) == [1, 2, 4]
     prompts = prompts_of(tokenizer)[:3]
     params = SamplingParams(max_new_tokens=10, **GREEDY)
     assert compiled.complete(prompts, params) == engine.complete(prompts, params)
@@ -197,6 +239,9 @@ def test_a_full_queue_refuses_all_or_nothing(model, tokenizer):
         engine.submit([request, request])  # room for one only: neither is queued
     assert engine.queue_length == 1
     assert engine.submit([request], queue_limit=False)
+    while engine.queue_length or engine.active:
+        engine.step()
+    assert len(engine.submit([request] * 3)) == 3  # more than the queue holds enters an empty queue (n choices)
 
 
 def test_bad_requests_are_refused_before_queueing(engine):
@@ -281,6 +326,7 @@ def test_no_slot_or_sequence_leaks_after_many_requests(model, tokenizer):
     while not all(h.completion for h in handles):
         engine.step()
     assert engine.active == 0 and engine.queue_length == 0 and sorted(engine._free) == [0, 1, 2, 3]
+    assert engine.tokens_per_second(window=60) * 60 == engine.generated_tokens  # all made within the minute
     assert not engine._running and not engine._prefilling
     del handles
     gc.collect()

@@ -826,3 +826,13 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_cleanly(model_dir):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_a_stopped_engine_fails_health_and_refuses_requests(model):
+    engine = Engine(copy.deepcopy(model), load_tokenizer(SAMPLE_TOKENIZER), EngineSettings(max_batch=2))
+    with TestClient(build_app(engine, "tiny")) as test_client:  # the app's lifespan starts the engine
+        assert test_client.get("/health").json() == {"status": "ok"}
+        engine.shutdown()
+        assert test_client.get("/health").status_code == 503
+        reply = test_client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "shutting_down"

@@ -20,6 +20,7 @@ per token and a last one carrying the Completion.
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import logging
 import math
@@ -43,6 +44,7 @@ KEY_BLOCK = 64
 """Without graphs, attention reads the key columns up to the highest in use, rounded up to this: a cache of 4,096
 columns holding sequences of 100 tokens costs the attention of 128."""
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+TOKEN_WINDOW = 60.0  # seconds of token counts kept for tokens_per_second
 
 
 class QueueFull(Exception):
@@ -229,10 +231,10 @@ class Engine:
         self._prefilling: list[_Sequence] = []
         self._running: dict[int, _Sequence] = {}
         self._lock = threading.Condition()
-        self._accepting, self._stopping = True, False
+        self._accepting, self._stopping, self._cancel_all = True, False, False
         self._thread: threading.Thread | None = None
         self._recent_seconds: collections.deque[float] = collections.deque(maxlen=64)
-        self._token_times: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)
+        self._token_times: collections.deque[tuple[float, int]] = collections.deque()  # the last TOKEN_WINDOW s
         self.generated_tokens = 0
         self.prompt_tokens = 0
 
@@ -251,7 +253,7 @@ class Engine:
         """Tokens generated per second over the last `window` seconds."""
         now = time.perf_counter()
         made = sum(count for at, count in list(self._token_times) if now - at <= window)
-        return made / window
+        return made / window if window <= TOKEN_WINDOW else math.nan
 
     def retry_after(self) -> int:
         """Seconds a refused client might wait: the queue ahead of it, at the recent pace of requests per slot."""
@@ -279,9 +281,10 @@ class Engine:
             self.check(request)
         sequences = [self._sequence(request) for request in requests]
         with self._lock:
-            if not self._accepting:
+            if not self._accepting or (self._thread is not None and not self._thread.is_alive()):
                 raise EngineStopped("the server is shutting down")
-            if queue_limit and len(self._waiting) + len(sequences) > self.settings.max_queue:
+            # A request of more sequences than the queue holds (n choices) still enters an empty queue.
+            if queue_limit and self._waiting and len(self._waiting) + len(sequences) > self.settings.max_queue:
                 raise QueueFull(self.retry_after())
             self._waiting.extend(sequences)
             self._lock.notify()
@@ -292,10 +295,28 @@ class Engine:
         """Each prompt's completion, batched continuously (a batch for `argonne generate` or the harness): in the
         engine's thread when it runs, else in this one."""
         handles = self.submit([EngineRequest(p, params, top_logprobs) for p in prompts], queue_limit=False)
-        if self._thread is None:
-            while not all(h.completion for h in handles):
-                self.step()
-        return [handle.wait() for handle in handles]
+        try:
+            if self._thread is None:
+                while not all(h.completion for h in handles):
+                    self.step()
+            return [handle.wait() for handle in handles]
+        except BaseException:  # (a failed step, Ctrl-C): none of them stays in the engine
+            for handle in handles:
+                handle.cancel()
+            if self._thread is None:
+                self._retire_cancelled()
+            raise
+
+    def warm_up(self) -> None:
+        """Compiles (and on GPUs captures) the decode step of every batch bucket now, rather than when traffic
+        first reaches each size and stalls every stream meanwhile. Its rows write the scratch column only."""
+        if not self._compiled:
+            return
+        with torch.no_grad(), self._on_device():
+            self._tokens.zero_()
+            self._columns.fill_(self.cache.scratch)
+            for batch in self.buckets:
+                self._steps.setdefault(batch, _BucketStep(self, batch))()
 
     @property
     def running(self) -> bool:
@@ -303,6 +324,8 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
+        if self._stopping:
+            raise EngineStopped("this engine was shut down; make a new one")
         self._thread = threading.Thread(target=self._loop, name="argonne-engine", daemon=True)
         self._thread.start()
 
@@ -310,10 +333,7 @@ class Engine:
         """Takes no new request; with `cancel` ends the queued and running ones ("cancelled") at the next step,
         else lets them finish; then stops the engine's thread."""
         with self._lock:
-            self._accepting, self._stopping = False, True
-            if cancel:
-                for sequence in [*self._waiting, *self._prefilling, *self._running.values()]:
-                    sequence.cancelled = True
+            self._accepting, self._stopping, self._cancel_all = False, True, cancel
             self._lock.notify()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -328,22 +348,27 @@ class Engine:
         return bool(self._waiting or self._prefilling or self._running)
 
     def _loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._has_work() and not self._stopping:
-                    self._lock.wait()
-                if not self._has_work():
-                    return
-            try:
-                self.step()
-            except Exception as error:  # a bug or out of memory: end what runs, keep serving
-                log.exception("engine step failed")
-                self._fail_all(error)
+        with self._on_device():
+            while True:
+                with self._lock:
+                    while not self._has_work() and not self._stopping:
+                        self._lock.wait()
+                    if not self._has_work():
+                        return
+                try:
+                    self.step()
+                except Exception:  # a bug or out of memory: end what runs, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all()
+
+    def _on_device(self):
+        """The model's GPU as the current device (CUDA streams and graphs are made on the current one)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def step(self) -> None:
         """One scheduling step: retire cancelled requests, admit waiting ones into free slots, prefill up to
         `prefill_chunk` prompt tokens, then decode one token for every running sequence."""
-        with torch.no_grad():
+        with torch.no_grad(), self._on_device():
             self._retire_cancelled()
             self._admit()
             budget = self.settings.prefill_chunk
@@ -365,11 +390,11 @@ class Engine:
 
     def _retire_cancelled(self) -> None:
         with self._lock:
-            cancelled = [s for s in self._waiting if s.cancelled]
+            cancelled = [s for s in self._waiting if s.cancelled or self._cancel_all]
             for sequence in cancelled:
                 self._waiting.remove(sequence)
-        for sequence in [*cancelled, *[s for s in self._prefilling if s.cancelled],
-                         *[s for s in self._running.values() if s.cancelled]]:
+        for sequence in [*cancelled, *[s for s in self._prefilling if s.cancelled or self._cancel_all],
+                         *[s for s in self._running.values() if s.cancelled or self._cancel_all]]:
             self._finish(sequence, "cancelled")
 
     def _admit(self) -> None:
@@ -424,7 +449,10 @@ class Engine:
 
     def _decode_logits(self, rows: SlotRows, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode step: float32 logits (B, V) of each row's next token, and their argmax."""
-        logits = self.model(tokens, attention_mask=rows.mask(self.dtype), position_ids=rows.columns, cache=rows,
+        # Rows without a sequence sit at the scratch column, past the last position a model with learned position
+        # embeddings has: they take that last one (their outputs are thrown away).
+        positions = rows.columns.clamp(max=self.max_len - 1)
+        logits = self.model(tokens, attention_mask=rows.mask(self.dtype), position_ids=positions, cache=rows,
                             use_cache=True, logits_to_keep=1).logits[:, -1].float()
         return logits, argmax_in_pieces(logits)
 
@@ -440,6 +468,8 @@ class Engine:
         logprobs = self._logprobs(sequences, logits, tokens)
         now = time.perf_counter()
         self._token_times.append((now, len(sequences)))
+        while now - self._token_times[0][0] > TOKEN_WINDOW:
+            self._token_times.popleft()
         self.generated_tokens += len(sequences)
         for sequence, token in zip(sequences, tokens.tolist()):
             self._hand_on(sequence, token, logprobs.get(id(sequence)), now)
@@ -474,7 +504,7 @@ class Engine:
         if ended or sequence.made == sequence.params.max_new_tokens:
             self._finish(sequence, "length", fresh)
         elif sequence.request.sink:
-            sequence.request.sink(Update("".join(sequence.pieces), fresh))
+            self._tell(sequence, Update("".join(sequence.pieces), fresh))
             sequence.pieces.clear()
 
     def _finish(self, sequence: _Sequence, unfinished_reason: str, fresh: list[TokenLogprob] = ()) -> None:
@@ -490,10 +520,10 @@ class Engine:
             heapq.heappush(self._free, sequence.slot)
             sequence.slot = -1
         sequence.completion = completion
-        if sequence.request.sink:
-            sequence.request.sink(Update("".join(sequence.pieces), list(fresh), completion))
-        sequence.pieces.clear()
         sequence.ended.set()
+        if sequence.request.sink:
+            self._tell(sequence, Update("".join(sequence.pieces), list(fresh), completion))
+        sequence.pieces.clear()
         now = time.perf_counter()
         self._recent_seconds.append(now - sequence.submitted)
         made = completion.token_count
@@ -502,12 +532,24 @@ class Engine:
                         sequence.first_token - sequence.submitted if made else None,
                         (now - sequence.first_token) / (made - 1) if made > 1 else None)
         for listener in self.listeners:
-            listener(timing)
+            try:
+                listener(timing)
+            except Exception:
+                log.exception("a listener of finished requests failed")
 
-    def _fail_all(self, error: Exception) -> None:
+    def _tell(self, sequence: _Sequence, update: Update) -> None:
+        """Hands the update to the request's sink; a sink that fails cancels its own request, nobody else's."""
+        try:
+            sequence.request.sink(update)
+        except Exception:
+            log.exception("a request's sink failed; cancelling the request")
+            sequence.cancelled = True
+
+    def _fail_all(self) -> None:
         """After a failed step: every sequence in a slot ends ("error") and its slot is freed."""
         for sequence in [*self._prefilling, *self._running.values()]:
-            self._finish(sequence, "error")
+            if sequence.slot >= 0:
+                self._finish(sequence, "error")
 
 
 class _BucketStep:
@@ -533,9 +575,11 @@ class _BucketStep:
                 for _ in range(2):
                     self.engine._forward(self.rows, self.tokens)
             torch.cuda.current_stream().wait_stream(stream)
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._outputs = self.engine._forward(self.rows, self.tokens)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the event loop's thread may touch CUDA (a tokenizer, a metric) during the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                outputs = self.engine._forward(self.rows, self.tokens)
+            self._graph, self._outputs = graph, outputs  # only once captured: a failed capture is tried again
         self._graph.replay()
         return self._outputs
 
@@ -566,5 +610,6 @@ def sample_rows(logits: torch.Tensor, sequences: Sequence[_Sequence], seen: torc
     drop = torch.zeros_like(drop_ordered).scatter(1, order, drop_ordered)
     probs = scaled.masked_fill(drop, -math.inf).softmax(dim=-1)
     noise = torch.stack([torch.empty(vocab, device=device).exponential_(generator=s.generator) for s in sequences])
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # a draw of 0 would make 0 / 0 = NaN, which argmax picks
     drawn = (probs / noise).argmax(dim=-1)
     return torch.where(greedy[:, 0], logits.argmax(dim=-1), drawn)

@@ -68,7 +68,7 @@ class Completion:
     finish_reason: str
     """"stop" (EOS, a stop token or a stop string), "length" (max_new_tokens made) or "cancelled" (`should_stop`)."""
     logprobs: list[TokenLogprob] | None = None
-    """With the engine's `top_logprobs`: one entry per token of the text (an ending EOS or stop token has none)."""
+    """With the engine's `top_logprobs`: one entry per generated token but an ending EOS or stop token."""
 
 
 @dataclass

@@ -543,6 +543,8 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None, limit
                                headers={"Retry-After": str(full.retry_after)})
         except EngineStopped:
             raise RequestError(503, "the server is shutting down", code="shutting_down")
+        except ValueError as error:  # what the engine cannot take and the checks above let through
+            raise RequestError(400, str(error))
 
     async def respond(jobs, answer: CompletionAnswer, request: GenerationRequest, http_request: Request,
                       prompt_tokens: int):
@@ -600,6 +602,8 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None, limit
 
     @app.get("/health")
     async def health():
+        if not engine.running:  # (its thread ended: shut down, or a bug it could not survive)
+            return JSONResponse({"status": "engine stopped"}, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -666,6 +670,9 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     name = os.path.basename(os.path.normpath(model_path))
     engine = Engine(model, tokenizer, settings, kernels=kernels)
     log.info("serving with %d KV cache slots of %d tokens", engine.slots, engine.max_len)
+    started = time.perf_counter()
+    engine.warm_up()  # on GPUs: one compiled, captured decode step per batch size, before the first request
+    log.info("decode steps ready in %.1f s", time.perf_counter() - started)
     app = build_app(engine, name, api_key, limits)
     # uvicorn drains on SIGTERM / SIGINT, then raises the signal again for the handler it found: a handler of ours
     # takes it, so a drained server exits with status 0 rather than as killed by the signal.
