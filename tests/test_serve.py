@@ -174,6 +174,7 @@ def raw_post(server, path, body: bytes, key=KEY):
         (json.dumps({"prompt": "hi", "stream": "yes"}).encode(), 400, "stream"),
         (json.dumps({"prompt": "hi", "stream_options": {"include_usage": True}}).encode(), 400, "stream_options"),
         (json.dumps({"prompt": "hi", "n": 0}).encode(), 400, "n"),
+            (json.dumps({"prompt": "hi", "stop": ["x" * 1001]}).encode(), 400, "stop"),
             (json.dumps({"prompt": ["a", "b"], "n": 9}).encode(), 400, "n"),  # 18 choices: over max_prompts
             (json.dumps({"prompt": "hi", "logprobs": 21}).encode(), 400, "logprobs"),
         (json.dumps({"prompt": "hi", "echo": True}).encode(), 400, "echo"),
@@ -190,7 +191,7 @@ def raw_post(server, path, body: bytes, key=KEY):
     ids=["malformed-json", "unknown-model", "prompt-too-long", "max-tokens", "temperature", "top-p",
          "prompt-type", "stop-type", "top-k-negative", "repetition-penalty-0", "repetition-penalty-negative",
          "repetition-penalty-tiny", "seed-string", "seed-float", "seed-1e23", "seed-2**64", "max-tokens-inf",
-         "temperature-nan", "stream-string", "stream-options-without-stream", "n-0", "n-times-prompts",
+         "temperature-nan", "stream-string", "stream-options-without-stream", "n-0", "stop-too-long", "n-times-prompts",
              "logprobs-21", "echo", "lone-surrogate",
          "token-id-negative", "token-id-outside-vocabulary", "token-id-bool", "prompt-list-mixed",
          "prompt-list-empty", "too-many-prompts", "deep-nesting", "huge-integer"],

@@ -49,6 +49,9 @@ REPETITION_PENALTY_RANGE = (0.01, 100.0)
 """1 is no penalty. Positive logits are divided by the penalty: one near 0 would overflow them to inf."""
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_LENGTH = 1000
+"""Characters in one stop string: the engine's thread checks, at every token of the request, whether the text ends in
+the start of one (a cost that grows with its length squared, paid by every request sharing the batch)."""
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 ROLES = ("system", "user", "assistant")
 PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of lists of token ids"
@@ -198,9 +201,10 @@ def check_text(text: str, param: str) -> None:
 def stop_strings(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     stop = [] if stop in (None, "") else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(isinstance(s, str) and s for s in stop):
-        raise RequestError(400, f"stop must be a string or a list of up to {MAX_STOP_STRINGS} non-empty strings, "
-                           f"got {_show(body.get('stop'))}", "stop")
+    if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
+            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stop)):
+        raise RequestError(400, f"stop must be a string or a list of up to {MAX_STOP_STRINGS} strings of 1 to "
+                           f"{MAX_STOP_LENGTH} characters, got {_show(body.get('stop'))}", "stop")
     return tuple(stop)
 
 
