@@ -97,6 +97,24 @@ def test_the_batch_runs_together_and_prefill_is_chunked(model, tokenizer):
     assert batches[:7] == [[0]] * 6 + [[0, 1]]  # prefilling slots are not decoded; then both in one step
 
 
+def test_prompts_admitted_together_are_prefilled_in_one_forward(model, tokenizer):
+    engine = new_engine(model, tokenizer, prefill_chunk=64)
+    forwards = []
+    forward = engine.model.forward
+    engine.model.forward = lambda input_ids, **kwargs: (forwards.append(tuple(input_ids.shape)),
+                                                        forward(input_ids, **kwargs))[1]
+    prompts = prompts_of(tokenizer)[:3]  # 1, 2 and 5 tokens
+    handles = engine.submit([EngineRequest(p, SamplingParams(max_new_tokens=3, **GREEDY)) for p in prompts])
+    engine.step()
+    assert forwards == [(3, max(map(len, prompts))), (4, 1)]  # one left-padded prefill, then one decode step
+    assert [h._sequence.made for h in handles] == [2, 2, 2]
+    while not all(h.completion for h in handles):
+        engine.step()
+    alone = [new_engine(model, tokenizer).complete([p], SamplingParams(max_new_tokens=3, **GREEDY))[0]
+             for p in prompts]
+    assert [h.completion for h in handles] == alone
+
+
 def test_a_seeded_request_samples_the_same_whatever_shares_its_batch(engine, tokenizer):
     prompts = prompts_of(tokenizer)
     seeded = EngineRequest(prompts[1], SamplingParams(max_new_tokens=24, temperature=1.0, top_k=40, top_p=0.9,

@@ -371,11 +371,8 @@ class Engine:
         with torch.no_grad(), self._on_device():
             self._retire_cancelled()
             self._admit()
-            budget = self.settings.prefill_chunk
-            for sequence in list(self._prefilling):
-                if budget == 0:
-                    break
-                budget -= self._prefill(sequence, budget)
+            if self._prefilling:
+                self._prefill()
             if self._running:
                 self._decode()
 
@@ -407,24 +404,41 @@ class Engine:
                     self._seen[sequence.slot] = False
                     self._seen[sequence.slot, torch.tensor(list(sequence.prompt), device=self.device)] = True
 
-    def _prefill(self, sequence: _Sequence, budget: int) -> int:
-        """Prefills the next chunk of the sequence's prompt into its slot; the last chunk's logits give its first
-        token, and it joins the decoding sequences. Returns the prompt tokens prefilled."""
-        start = sequence.prefilled
-        count = min(budget, len(sequence.prompt) - start)
-        columns = torch.arange(start, start + count, device=self.device)[None]
-        rows = self.cache.rows(sequence.slot, 1, columns)
-        rows.keys = self._keys(start + count)
-        tokens = torch.tensor([list(sequence.prompt[start:start + count])], device=self.device)
-        logits = self.model(tokens, attention_mask=rows.mask(self.dtype), position_ids=columns, cache=rows,
-                            use_cache=True, logits_to_keep=1).logits[:, -1].float()
-        sequence.prefilled += count
-        self.prompt_tokens += count
-        if sequence.prefilled == len(sequence.prompt):
-            self._prefilling.remove(sequence)
-            self._running[sequence.slot] = sequence
-            self._accept([sequence], logits, argmax_in_pieces(logits))
-        return count
+    def _prefill(self) -> None:
+        """Prefills the next chunks of the waiting prompts (in order of admission, `prefill_chunk` tokens in all) in
+        one forward, left-padded to the longest chunk (padding writes the scratch column); a prompt's last chunk
+        gives its first token, and it joins the decoding sequences."""
+        budget, chunks = self.settings.prefill_chunk, []
+        for sequence in self._prefilling:
+            count = min(budget, len(sequence.prompt) - sequence.prefilled)
+            chunks.append((sequence, sequence.prefilled, count))
+            budget -= count
+            if budget == 0:
+                break
+        width = max(count for _, _, count in chunks)
+        tokens = torch.zeros((len(chunks), width), dtype=torch.long)
+        columns = torch.full((len(chunks), width), self.cache.scratch, dtype=torch.long)
+        for row, (sequence, start, count) in enumerate(chunks):
+            tokens[row, width - count:] = torch.tensor(list(sequence.prompt[start:start + count]))
+            columns[row, width - count:] = torch.arange(start, start + count)
+        columns = columns.to(self.device)
+        slots = [sequence.slot for sequence, _, _ in chunks]
+        rows = self.cache.rows(range(slots[0], slots[0] + 1) if len(slots) == 1 else slots, columns)
+        rows.keys = self._keys(max(start + count for _, start, count in chunks))
+        logits = self.model(tokens.to(self.device), attention_mask=rows.mask(self.dtype),
+                            position_ids=columns.clamp(max=self.max_len - 1), cache=rows, use_cache=True,
+                            logits_to_keep=1).logits[:, -1].float()
+        done = []
+        for row, (sequence, start, count) in enumerate(chunks):
+            sequence.prefilled += count
+            self.prompt_tokens += count
+            if sequence.prefilled == len(sequence.prompt):
+                self._prefilling.remove(sequence)
+                self._running[sequence.slot] = sequence
+                done.append(row)
+        if done:
+            first = logits[torch.tensor(done, device=self.device)]
+            self._accept([chunks[row][0] for row in done], first, argmax_in_pieces(first))
 
     def _decode(self) -> None:
         slots = sorted(self._running)
@@ -558,7 +572,7 @@ class _BucketStep:
 
     def __init__(self, engine: Engine, batch: int):
         self.engine = engine
-        self.rows = engine.cache.rows(0, batch, engine._columns[:batch])
+        self.rows = engine.cache.rows(range(batch), engine._columns[:batch])
         self.tokens = engine._tokens[:batch]
         self._graph: torch.cuda.CUDAGraph | None = None
         self._outputs: tuple[torch.Tensor, torch.Tensor] | None = None

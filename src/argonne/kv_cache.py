@@ -86,24 +86,31 @@ class SlotKVCache:
         elements = 2 * config.num_key_value_heads * (max_len + 1) * config.head_dim * config.num_hidden_layers
         return elements * torch.empty((), dtype=dtype).element_size()
 
-    def rows(self, first: int, count: int, columns: torch.Tensor) -> SlotRows:
-        return SlotRows(self, first, count, columns)
+    def rows(self, slots: range | list[int], columns: torch.Tensor) -> SlotRows:
+        return SlotRows(self, slots, columns)
 
 
 class SlotRows:
-    """Slots first..first+count-1 of a SlotKVCache, as the model's cache for one forward: row b's new tokens go to
-    columns `columns[b]` ((count, T): a decode step's one column per row, or a prefill chunk's consecutive columns),
-    and each query sees its own row's keys up to its own column (`mask`). Positions are the columns."""
+    """Some slots of a SlotKVCache as the model's cache for one forward: row b (slot `slots[b]`) writes its new
+    tokens' keys and values to columns `columns[b]` ((B, T): a decode step's one column per row, or a prefill chunk's
+    columns), and each query sees its own row's keys up to its own column (`mask`). A range of slots is a view of
+    the cache (a decode step's rows 0..B-1: nothing copied); other slots (prefill chunks of several sequences) are
+    gathered for the attention."""
 
-    def __init__(self, cache: SlotKVCache, first: int, count: int, columns: torch.Tensor):
-        self.layers = [keys_and_values[:, first:first + count] for keys_and_values in cache.layers]
+    def __init__(self, cache: SlotKVCache, slots: range | list[int], columns: torch.Tensor):
         self.columns = columns
-        self.row_index = torch.arange(count, device=cache.device)[:, None]
         self.key_columns = torch.arange(cache.max_len + 1, device=cache.device)
         self.keys = cache.max_len + 1
         """Key columns the attention reads: fewer than all when every query's column is below them (the rest would
         be masked out anyway). Writes may go to any column, the scratch one included."""
-        if count == 1:
+        if isinstance(slots, range) and slots.step == 1:
+            self.layers = [keys_and_values[:, slots.start:slots.stop] for keys_and_values in cache.layers]
+            self.row_index, self.gather = torch.arange(len(slots), device=cache.device)[:, None], None
+        else:
+            self.layers = cache.layers
+            self.gather = torch.tensor(list(slots), device=cache.device)
+            self.row_index = self.gather[:, None]
+        if len(slots) == 1:
             # Where this row's keys end: decode_attention (the "gemv+attention" kernels) reads no further.
             self.write_positions = columns[0]
 
@@ -112,7 +119,10 @@ class SlotRows:
         # key, value (B, n_kv, T, head_dim) -> (B, T, 2, n_kv, head_dim), the shape of the indexed cache entries.
         new = torch.stack((key, value)).to(keys_and_values.dtype).permute(1, 3, 0, 2, 4)
         keys_and_values[:, self.row_index, :, self.columns] = new
-        return keys_and_values[0, :, :, :self.keys], keys_and_values[1, :, :, :self.keys]
+        keys_and_values = keys_and_values[:, :, :, :self.keys]
+        if self.gather is not None:
+            keys_and_values = keys_and_values[:, self.gather]
+        return keys_and_values[0], keys_and_values[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # never asked: callers pass positions and a 4D mask
