@@ -243,6 +243,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .engine import EngineSettings
     from .serve import ServerLimits, serve
 
+    _configure_logging()  # the engine's slots, the warm-up's time, a failed step's traceback
+
     limits = ServerLimits(max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens_limit,
                           max_body_bytes=args.max_body_bytes)
     settings = EngineSettings(max_batch=args.max_batch, max_len=args.max_model_len,

@@ -2,8 +2,9 @@
 
 Requests wait in a queue (`submit`; a full queue raises QueueFull). Between decode steps the scheduler admits them
 into free slots of the KV cache (kv_cache.SlotKVCache: one row per sequence, sized from a memory budget), prefills
-their prompts in chunks (at most `prefill_chunk` prompt tokens per step, so a long prompt holds the running batch up
-for one chunk at a time, not for its whole length), and retires every sequence the step it ends, freeing its slot.
+their prompts in chunks (at most `prefill_chunk` prompt tokens per step, the chunks of several prompts in one
+forward, so a long prompt holds the running batch up for one chunk at a time, not for its whole length), and
+retires every sequence the step it ends, freeing its slot.
 Each decode step then advances every running sequence by one token in one forward over the first B slots, B the
 smallest batch bucket that holds the highest slot in use (slots are handed out lowest first). On GPUs each bucket's
 step is compiled and captured once as a CUDA graph; a one-row step keeps the GEMV kernels (generate.DECODE_KERNELS).
@@ -219,7 +220,7 @@ class Engine:
         self._seen = torch.zeros((self.slots, self.config.vocab_size), dtype=torch.bool, device=self.device)
         self.buckets = batch_buckets(self.slots)
         compile = self.device.type == "cuda" if compile is None else compile
-        self._forward, self._compiled = self._decode_logits, compile
+        self._forward, self.compiled = self._decode_logits, compile
         if compile:
             self._forward = torch.compile(self._decode_logits, fullgraph=True, dynamic=False)
             limit = len(self.buckets) + 8  # one compilation per bucket
@@ -310,7 +311,7 @@ class Engine:
     def warm_up(self) -> None:
         """Compiles (and on GPUs captures) the decode step of every batch bucket now, rather than when traffic
         first reaches each size and stalls every stream meanwhile. Its rows write the scratch column only."""
-        if not self._compiled:
+        if not self.compiled:
             return
         with torch.no_grad(), self._on_device():
             self._tokens.zero_()
@@ -450,7 +451,7 @@ class Engine:
         self._tokens[:batch, 0].copy_(tokens)
         self._columns[:batch, 0].copy_(columns)
         step = self._steps.get(batch) or self._steps.setdefault(batch, _BucketStep(self, batch))
-        if not self._compiled:  # a compiled step (a CUDA graph) keeps its shapes: every column
+        if not self.compiled:  # a compiled step (a CUDA graph) keeps its shapes: every column
             step.rows.keys = self._keys(max(self._running[slot].column for slot in slots) + 1)
         logits, greedy = step()
         rows = torch.tensor(slots, device=self.device)
@@ -458,7 +459,7 @@ class Engine:
 
     def _keys(self, needed: int) -> int:
         """Key columns for queries below column `needed`: rounded up to KEY_BLOCK, at most all."""
-        return self.cache.max_len + 1 if self._compiled else min(-(-needed // KEY_BLOCK) * KEY_BLOCK,
+        return self.cache.max_len + 1 if self.compiled else min(-(-needed // KEY_BLOCK) * KEY_BLOCK,
                                                                    self.cache.max_len + 1)
 
     def _decode_logits(self, rows: SlotRows, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -674,9 +674,10 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     name = os.path.basename(os.path.normpath(model_path))
     engine = Engine(model, tokenizer, settings, kernels=kernels)
     log.info("serving with %d KV cache slots of %d tokens", engine.slots, engine.max_len)
-    started = time.perf_counter()
-    engine.warm_up()  # on GPUs: one compiled, captured decode step per batch size, before the first request
-    log.info("decode steps ready in %.1f s", time.perf_counter() - started)
+    if engine.compiled:  # on GPUs: one compiled, captured decode step per batch size, before the first request
+        started = time.perf_counter()
+        engine.warm_up()
+        log.info("decode steps for batches of %s ready in %.1f s", engine.buckets, time.perf_counter() - started)
     app = build_app(engine, name, api_key, limits)
     # uvicorn drains on SIGTERM / SIGINT, then raises the signal again for the handler it found: a handler of ours
     # takes it, so a drained server exits with status 0 rather than as killed by the signal.
