@@ -89,6 +89,37 @@ def test_lr_schedule_warms_up_then_decays_to_min():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_wsd_schedule_warms_up_holds_then_decays_linearly():
+    optim = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    assert lr_at(0, optim, 100) == pytest.approx(0.1)  # the same warmup as cosine
+    assert [lr_at(s, optim, 100) for s in (9, 10, 50, 80)] == [1.0, 1.0, 1.0, 1.0]  # stable until the last 20%
+    assert lr_at(90, optim, 100) == pytest.approx(0.55)
+    assert lr_at(100, optim, 100) == pytest.approx(0.1)
+    values = [lr_at(s, optim, 100) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert lr_at(99, OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.0), 100) == 1.0
+    whole = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="wsd", decay_fraction=1.0)
+    assert lr_at(55, whole, 100) == pytest.approx(0.55)  # decaying from the end of the warmup
+    with pytest.raises(ConfigError, match="optim.schedule must be cosine or wsd, got 'linear'"):
+        load_run_config(None, ["--optim.schedule=linear"])
+    with pytest.raises(ConfigError, match=r"optim.decay_fraction must be in \[0, 1\]"):
+        load_run_config(None, ["--optim.decay_fraction=1.5"])
+
+
+@pytest.mark.slow
+def test_a_wsd_run_resumed_mid_decay_equals_the_uninterrupted_run(prepared_sample, tmp_path):
+    from .launches import records, train_here
+
+    wsd = ["--optim.schedule=wsd", "--optim.decay_fraction=0.5", "--checkpoint.every=3", "--checkpoint.keep=0"]
+    straight = train_here(prepared_sample, tmp_path / "straight", steps=10, extra=wsd)
+    checkpoint = tmp_path / "straight" / "checkpoints" / "step-00000006"  # the decay runs from step 5
+    resumed = train_here(prepared_sample, tmp_path / "resumed", steps=10, extra=[*wsd, "--resume", str(checkpoint)])
+    lrs = [{r["step"]: r["lr"] for r in records(tmp_path / run) if "lr" in r} for run in ("straight", "resumed")]
+    assert {s: l for s, l in straight.items() if s > 6} == resumed and min(resumed) == 7
+    assert {s: l for s, l in lrs[0].items() if s > 6} == lrs[1]
+    assert lrs[0][4] == lrs[0][5] > lrs[0][7] > lrs[0][10]  # held, then decaying
+
+
 def test_no_weight_decay_on_norms_biases_and_embeddings():
     from argonne import ArgonneConfig, ArgonneForCausalLM
 

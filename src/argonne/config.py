@@ -73,14 +73,23 @@ class DataConfig(DocumentSettings):
     """Background processes: DataLoader workers (prepared) or tokenizer workers (streaming)."""
 
 
+LR_SCHEDULES = ("cosine", "wsd")
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-3
     """Peak learning rate, reached after warmup_steps."""
     min_lr: float = 3e-4
-    """Learning rate at the end of the cosine decay."""
+    """Learning rate at the end of the decay."""
     warmup_steps: int = 20
     """Steps of linear warmup from 0 to lr."""
+    schedule: str = "cosine"
+    """After the warmup: "cosine" decays to min_lr over the remaining steps (the original recipe); "wsd"
+    (warmup-stable-decay, as MiniCPM and OLMo 2) holds lr, then decays linearly to min_lr over the last
+    decay_fraction of the steps."""
+    decay_fraction: float = 0.2
+    """"wsd" only: the share of train.steps spent decaying (0.2: the last 20%)."""
     weight_decay: float = 0.1
     """Decoupled weight decay for matrices; norms, biases and embeddings get none."""
     beta1: float = 0.9
@@ -286,6 +295,7 @@ RANGES = {
     "optim.lr": _above(0),
     "optim.min_lr": _at_least(0),
     "optim.warmup_steps": _at_least(0),
+    "optim.decay_fraction": _fraction(include_one=True),
     "optim.weight_decay": _at_least(0),
     "optim.beta1": _fraction(),
     "optim.beta2": _fraction(),
@@ -317,6 +327,7 @@ RANGES = {
 CHOICES = {
     "train.dtype": ("auto", "bfloat16", "float32"),
     "parallel.activation_checkpointing": ACTIVATION_CHECKPOINTING,
+    "optim.schedule": LR_SCHEDULES,
 }
 
 

@@ -73,9 +73,17 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
-    """Linear warmup from 0 to lr over warmup_steps, then cosine decay to min_lr at total_steps."""
+    """Linear warmup from 0 to lr over warmup_steps, then the schedule's decay to min_lr at total_steps: cosine over
+    all the remaining steps, or ("wsd") lr held until the last decay_fraction of the steps, then linear. A function
+    of the step alone, so a resumed run, in any phase, continues the same schedule."""
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
+    if optim.schedule == "wsd":
+        decay_start = max(optim.warmup_steps, total_steps - round(optim.decay_fraction * total_steps))
+        if step < decay_start:
+            return optim.lr
+        progress = (step - decay_start) / max(1, total_steps - decay_start)
+        return optim.lr + (optim.min_lr - optim.lr) * min(1.0, progress)
     progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return optim.min_lr + (optim.lr - optim.min_lr) * cosine
