@@ -85,7 +85,7 @@ class ArgonneLM(TemplateLM):
         # every request (so each calls each request type, whatever the documents), computes its data-parallel
         # share and gathers the rest; tensor-parallel peers take the same share and run the same forwards.
         self.topology = topology if topology is not None and topology.world > 1 else None
-        # Argonne's generator merges the model's projections and keeps a static cache: only for a model opened here.
+        # The serving engine merges the model's projections and keeps a KV cache: only for a model opened here.
         self._owns_model = model is None
         if model is None:
             if pretrained is None:
