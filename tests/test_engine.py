@@ -43,7 +43,7 @@ def engine(model, tokenizer):
 
 
 def prompts_of(tokenizer) -> list[list[int]]:
-    """Prompts of 1, a few, 40 and 90 tokens (the long ones take several prefill chunks of 16)."""
+    """Prompts of 1, 2, 5, 56 and 90 tokens (the long ones take several prefill chunks of 16)."""
     texts = ["The database", "A table of contents lists", " ".join(["tables and chairs"] * 14)]
     prompts = [[7], *[tokenizer(t, add_special_tokens=False).input_ids for t in texts]]
     return prompts + [list(range(100, 190))]
@@ -67,7 +67,7 @@ def test_a_mixed_batch_equals_each_request_alone(engine, model, tokenizer):
     # Different lengths, arriving at different steps, finishing at different times (max tokens and a stop string).
     params = [SamplingParams(max_new_tokens=n, **GREEDY) for n in (30, 5, 17, 24)]
     arrivals = [(0, EngineRequest(prompts[0], params[0])), (0, EngineRequest(prompts[2], params[2])),
-                (3, EngineRequest(prompts[3], params[3])), (6, EngineRequest(prompts[1], params[1]))]
+                (3, EngineRequest(prompts[4], params[3])), (6, EngineRequest(prompts[1], params[1]))]
     together = [h.completion for h in run(engine, arrivals)]
     alone = [engine.complete([request.prompt], request.params)[0] for _, request in arrivals]
     assert together == alone
@@ -113,6 +113,20 @@ def test_prompts_admitted_together_are_prefilled_in_one_forward(model, tokenizer
     alone = [new_engine(model, tokenizer).complete([p], SamplingParams(max_new_tokens=3, **GREEDY))[0]
              for p in prompts]
     assert [h.completion for h in handles] == alone
+
+
+def test_the_same_prompt_submitted_together_is_prefilled_once(model, tokenizer):
+    """n choices of one prompt: one prefill, its keys and values copied into the others' slots; each choice still
+    samples as it would alone."""
+    engine = new_engine(model, tokenizer, prefill_chunk=16)
+    prompt = prompts_of(tokenizer)[4]  # 90 tokens: six chunks
+    params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed) for seed in (1, 2, 3)]
+    handles = engine.submit([EngineRequest(prompt, p) for p in params])
+    while not all(h.completion for h in handles):
+        engine.step()
+    assert engine.prompt_tokens == 90  # not 270
+    alone = [new_engine(model, tokenizer).complete([prompt], p)[0] for p in params]
+    assert [h.completion for h in handles] == alone and len({c.text for c in alone}) > 1
 
 
 def test_a_seeded_request_samples_the_same_whatever_shares_its_batch(engine, tokenizer):

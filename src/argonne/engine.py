@@ -173,6 +173,8 @@ class _Sequence:
     made: int = 0
     next_token: int = 0
     cancelled: bool = False
+    leader: _Sequence | None = None
+    """The sequence of the same submission and prompt that prefills for both (itself, for the first)."""
     completion: Completion | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
@@ -281,6 +283,9 @@ class Engine:
         for request in requests:
             self.check(request)
         sequences = [self._sequence(request) for request in requests]
+        leaders = {}
+        for sequence in sequences:  # the same prompt more than once (n choices): prefilled once, its cache copied
+            sequence.leader = leaders.setdefault(tuple(sequence.prompt), sequence)
         with self._lock:
             if not self._accepting or (self._thread is not None and not self._thread.is_alive()):
                 raise EngineStopped("the server is shutting down")
@@ -411,11 +416,15 @@ class Engine:
         gives its first token, and it joins the decoding sequences."""
         budget, chunks = self.settings.prefill_chunk, []
         for sequence in self._prefilling:
+            if sequence.leader is not sequence and sequence.leader in self._prefilling:
+                continue  # its leader's prefill will be copied into its slot
             count = min(budget, len(sequence.prompt) - sequence.prefilled)
             chunks.append((sequence, sequence.prefilled, count))
             budget -= count
             if budget == 0:
                 break
+        if not chunks:
+            return
         width = max(count for _, _, count in chunks)
         tokens = torch.zeros((len(chunks), width), dtype=torch.long)
         columns = torch.full((len(chunks), width), self.cache.scratch, dtype=torch.long)
@@ -429,17 +438,30 @@ class Engine:
         logits = self.model(tokens.to(self.device), attention_mask=rows.mask(self.dtype),
                             position_ids=columns.clamp(max=self.max_len - 1), cache=rows, use_cache=True,
                             logits_to_keep=1).logits[:, -1].float()
-        done = []
+        done, rows_done = [], []
         for row, (sequence, start, count) in enumerate(chunks):
             sequence.prefilled += count
             self.prompt_tokens += count
             if sequence.prefilled == len(sequence.prompt):
-                self._prefilling.remove(sequence)
-                self._running[sequence.slot] = sequence
-                done.append(row)
+                for follower in [sequence, *self._followers(sequence)]:
+                    self._prefilling.remove(follower)
+                    self._running[follower.slot] = follower
+                    done.append(follower)
+                    rows_done.append(row)
         if done:
-            first = logits[torch.tensor(done, device=self.device)]
-            self._accept([chunks[row][0] for row in done], first, argmax_in_pieces(first))
+            first = logits[torch.tensor(rows_done, device=self.device)]
+            self._accept(done, first, argmax_in_pieces(first))
+
+    def _followers(self, leader: _Sequence) -> list[_Sequence]:
+        """The admitted sequences waiting for `leader`'s prefill, given a copy of its prompt's keys and values."""
+        followers = [s for s in self._prefilling
+                     if s.leader is leader and s is not leader and s.prefilled == 0 and not s.cancelled]
+        length = len(leader.prompt)
+        for follower in followers:
+            for keys_and_values in self.cache.layers:
+                keys_and_values[:, follower.slot, :, :length] = keys_and_values[:, leader.slot, :, :length]
+            follower.prefilled = length
+        return followers
 
     def _decode(self) -> None:
         slots = sorted(self._running)
