@@ -3,7 +3,8 @@
 Requests wait in a queue (`submit`; a full queue raises QueueFull). Between decode steps the scheduler admits them
 into free slots of the KV cache (kv_cache.SlotKVCache: one row per sequence, sized from a memory budget), prefills
 their prompts in chunks (at most `prefill_chunk` prompt tokens per step, the chunks of several prompts in one
-forward, so a long prompt holds the running batch up for one chunk at a time, not for its whole length), and
+forward, so a long prompt holds the running batch up for one chunk at a time, not for its whole length; the same
+prompt submitted several times together, as n choices, is prefilled once and its keys and values copied), and
 retires every sequence the step it ends, freeing its slot.
 Each decode step then advances every running sequence by one token in one forward over the first B slots, B the
 smallest batch bucket that holds the highest slot in use (slots are handed out lowest first). On GPUs each bucket's
