@@ -175,7 +175,7 @@ class _Sequence:
     next_token: int = 0
     cancelled: bool = False
     leader: _Sequence | None = None
-    """The sequence of the same submission and prompt that prefills for both (itself, for the first)."""
+    """The first sequence of the same submission and prompt, whose prefill this one copies (None for the first)."""
     completion: Completion | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
     pieces: list[str] = field(default_factory=list)
@@ -286,7 +286,8 @@ class Engine:
         sequences = [self._sequence(request) for request in requests]
         leaders = {}
         for sequence in sequences:  # the same prompt more than once (n choices): prefilled once, its cache copied
-            sequence.leader = leaders.setdefault(tuple(sequence.prompt), sequence)
+            first = leaders.setdefault(tuple(sequence.prompt), sequence)
+            sequence.leader = first if first is not sequence else None
         with self._lock:
             if not self._accepting or (self._thread is not None and not self._thread.is_alive()):
                 raise EngineStopped("the server is shutting down")
@@ -417,7 +418,7 @@ class Engine:
         gives its first token, and it joins the decoding sequences."""
         budget, chunks = self.settings.prefill_chunk, []
         for sequence in self._prefilling:
-            if sequence.leader is not sequence and sequence.leader in self._prefilling:
+            if sequence.leader is not None and sequence.leader in self._prefilling:
                 continue  # its leader's prefill will be copied into its slot
             count = min(budget, len(sequence.prompt) - sequence.prefilled)
             chunks.append((sequence, sequence.prefilled, count))
@@ -455,8 +456,7 @@ class Engine:
 
     def _followers(self, leader: _Sequence) -> list[_Sequence]:
         """The admitted sequences waiting for `leader`'s prefill, given a copy of its prompt's keys and values."""
-        followers = [s for s in self._prefilling
-                     if s.leader is leader and s is not leader and s.prefilled == 0 and not s.cancelled]
+        followers = [s for s in self._prefilling if s.leader is leader and s.prefilled == 0 and not s.cancelled]
         length = len(leader.prompt)
         for follower in followers:
             for keys_and_values in self.cache.layers:
