@@ -52,6 +52,16 @@ def restore_torch_state():
     torch.set_rng_state(rng)
 
 
+def small_model(**overrides):
+    """A random tiny-preset model, seeded: 2 layers and a context of 128 unless `overrides` say otherwise (the
+    engine's and the server's tests serve it)."""
+    from argonne import ArgonneConfig, ArgonneForCausalLM
+
+    torch.manual_seed(0)
+    settings = {"num_hidden_layers": 2, "max_position_embeddings": 128, "initializer_range": 0.1, **overrides}
+    return ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **settings))
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     """A small random Argonne model saved as a Hugging Face folder, with the sample tokenizer."""

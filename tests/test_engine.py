@@ -9,13 +9,13 @@ import threading
 import pytest
 import torch
 
-from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+from argonne import load_tokenizer
 from argonne.engine import (Engine, EngineRequest, EngineSettings, EngineStopped, QueueFull, _Sequence,
                             batch_buckets, plan_slots)
 from argonne.generate import Generator, SamplingParams
 from argonne.kv_cache import SlotKVCache
 
-from .conftest import SAMPLE_TOKENIZER
+from .conftest import SAMPLE_TOKENIZER, small_model
 
 GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0)
 
@@ -27,10 +27,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = ArgonneConfig.from_preset("tiny", num_hidden_layers=2, max_position_embeddings=128,
-                                       initializer_range=0.1)
-    return ArgonneForCausalLM(config)
+    return small_model()
 
 
 def new_engine(model, tokenizer, **settings) -> Engine:
@@ -158,10 +155,8 @@ def test_a_reused_slot_forgets_its_last_requests_tokens(model, tokenizer):
 def test_a_model_with_learned_positions_batches_too(tokenizer):
     """Rows without a sequence sit at the scratch column, one past the last position: a model with learned
     position embeddings must not look it up."""
-    torch.manual_seed(0)
-    config = ArgonneConfig.from_preset("tiny", num_hidden_layers=2, max_position_embeddings=64,
-                                       position_embedding="learned", initializer_range=0.1)
-    engine = new_engine(ArgonneForCausalLM(config), tokenizer, prefill_chunk=8)
+    engine = new_engine(small_model(max_position_embeddings=64, position_embedding="learned"), tokenizer,
+                        prefill_chunk=8)
     # Slot 0 ends first, so slot 1 decodes beside an empty row.
     requests = [EngineRequest([5, 6, 7], SamplingParams(max_new_tokens=4, **GREEDY)),
                 EngineRequest(list(range(100, 130)), SamplingParams(max_new_tokens=20, **GREEDY))]
@@ -223,9 +218,7 @@ def test_eos_and_stop_strings_end_a_sequence(engine, tokenizer, monkeypatch):
 def test_the_compiled_decode_step_equals_the_eager_one(tokenizer):
     """torch.compile traces the step whole (fullgraph: the slot cache's scattered writes, the masks), one
     compilation per batch bucket; on CUDA the same function is what each bucket's graph captures (test_gpu.py)."""
-    torch.manual_seed(0)
-    model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=1, max_position_embeddings=128,
-                                                         initializer_range=0.1))  # one layer: half the compiling
+    model = small_model(num_hidden_layers=1)  # one layer: half the compiling
     engine = new_engine(model, tokenizer)
     compiled = Engine(copy.deepcopy(model), tokenizer, EngineSettings(max_batch=2, prefill_chunk=16), compile=True)
     compiled.warm_up()  # every bucket compiled before the first request, writing only the scratch column

@@ -16,27 +16,23 @@ from urllib.parse import urlparse
 
 import openai
 import pytest
-import torch
 import uvicorn
 from fastapi.testclient import TestClient
 
-from argonne import ArgonneConfig, ArgonneForCausalLM, cli, load_tokenizer
+from argonne import cli, load_tokenizer
 from argonne.chat import render
 from argonne.engine import Engine, EngineSettings
 from argonne.generate import Generator, SamplingParams
 from argonne.serve import API_KEY_ENV, ServerLimits, build_app
 
-from .conftest import SAMPLE_TOKENIZER, free_port
+from .conftest import SAMPLE_TOKENIZER, free_port, small_model
 
 KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = ArgonneConfig.from_preset("tiny", num_hidden_layers=2, max_position_embeddings=128,
-                                       initializer_range=0.1)
-    return ArgonneForCausalLM(config)
+    return small_model()
 
 
 @pytest.fixture(scope="module")
