@@ -435,7 +435,7 @@ class Engine:
             columns[row, width - count:] = torch.arange(start, start + count)
         columns = columns.to(self.device)
         slots = [sequence.slot for sequence, _, _ in chunks]
-        rows = self.cache.rows(range(slots[0], slots[0] + 1) if len(slots) == 1 else slots, columns)
+        rows = self.cache.rows(slots, columns)
         rows.keys = self._keys(max(start + count for _, start, count in chunks))
         logits = self.model(tokens.to(self.device), attention_mask=rows.mask(self.dtype),
                             position_ids=columns.clamp(max=self.max_len - 1), cache=rows, use_cache=True,

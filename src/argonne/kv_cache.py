@@ -103,6 +103,8 @@ class SlotRows:
         self.keys = cache.max_len + 1
         """Key columns the attention reads: fewer than all when every query's column is below them (the rest would
         be masked out anyway). Writes may go to any column, the scratch one included."""
+        if not isinstance(slots, range) and len(slots) == 1:  # one slot is a range too: a view, nothing gathered
+            slots = range(slots[0], slots[0] + 1)
         if isinstance(slots, range) and slots.step == 1:
             self.layers = [keys_and_values[:, slots.start:slots.stop] for keys_and_values in cache.layers]
             self.row_index, self.gather = torch.arange(len(slots), device=cache.device)[:, None], None
