@@ -1,7 +1,8 @@
 """Run under torchrun with 2 processes: tensor parallel 2 must give every rank identical gradients for the
 parameters it replicates (norms), the sharded ones (blocks, and the vocabulary-split embedding and head) must
 assemble to the one-process gradients, and the loss and the gathered logits must equal the one-process ones.
-The vocabulary (515) does not divide by 2, so the two vocabulary slices differ in size."""
+The vocabulary (515) does not divide by 2, so the two vocabulary slices differ in size. "tied+z_loss" adds the z-loss
+(computed per vocabulary slice from the combined row statistics) to the tied head's loss."""
 
 import sys
 
@@ -28,7 +29,8 @@ def main():
 
 
 def check(topology, head: str) -> None:
-    tied = head == "tied"
+    tied = head.startswith("tied")
+    z_loss = 0.05 if head.endswith("+z_loss") else None
     config = ArgonneConfig.from_preset("tiny", vocab_size=515, hidden_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                        intermediate_size=128, tie_word_embeddings=tied)
@@ -40,13 +42,17 @@ def check(topology, head: str) -> None:
     tokens = torch.randint(0, 515, (4, 33), generator=torch.Generator().manual_seed(1))
     targets = tokens[:, 1:].clone()
     targets[0, :7] = -100
-    losses = [m(tokens[:, :-1], targets=targets, use_cache=False).loss for m in (reference, model)]
+    outputs = [m(tokens[:, :-1], targets=targets, use_cache=False, z_loss=z_loss) for m in (reference, model)]
+    losses = [output.loss for output in outputs]
     for loss in losses:
         loss.backward()
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    if z_loss is not None:
+        torch.testing.assert_close(outputs[1].z_loss, outputs[0].z_loss, rtol=1e-6, atol=1e-6)
     with torch.no_grad():  # the vocabulary-parallel head gathers whole logits for generation and evaluation
         torch.testing.assert_close(model(tokens).logits, reference(tokens).logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(model(tokens[:, :-1], targets=targets).loss, losses[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model(tokens[:, :-1], targets=targets, z_loss=z_loss).loss, losses[0],
+                                   rtol=1e-6, atol=1e-6)
     ours, expected = gradients(model), gradients(reference)
     replicated = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
     assert replicated and all("norm" in n for n in replicated), replicated

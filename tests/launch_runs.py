@@ -4,7 +4,7 @@ other in one process group. `python launch_runs.py PLAN.json`; PLAN is a list of
 
   {"name": ..., "argv": [...]}                 `argonne ...` (the CLI's own main), its exit status recorded
   {"name": ..., "argv": [...], "meta_init": true}   the same with the large-model path forced (built on meta)
-  {"name": ..., "grads": ["tied", "untied"]}   tests/distributed_grads.py's checks
+  {"name": ..., "grads": ["tied", ...]}   tests/distributed_grads.py's checks
 
 Rank 0 writes each run's exit status to PLAN.json.status.json; a run that raises records its error and the launch
 goes on to the next.

@@ -263,6 +263,51 @@ def test_linear_cross_entropy_with_a_padded_head_matrix_is_unchanged(fused):
 
 
 @pytest.mark.parametrize("fused", [False, True])
+def test_z_loss_inside_the_chunked_loss_equals_the_reference_from_whole_logits(fused):
+    """loss = cross-entropy + c * mean(logsumexp(logits)^2) over scored tokens, its gradients those of autograd on
+    the whole logits, and z returned apart without a gradient; also over chunks and a padded head matrix."""
+    from argonne.loss_argonne import cross_entropy_chunk, linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(45, 16, requires_grad=True)
+    weight = torch.randn(300, 16, requires_grad=True)
+    targets = torch.randint(0, 300, (45,))
+    targets[:4] = -100
+    coefficient = 0.05
+    logits = F.linear(hidden, weight)
+    z_reference = logits[4:].logsumexp(-1).square().mean()
+    reference = F.cross_entropy(logits, targets) + coefficient * z_reference
+    expected = torch.autograd.grad(reference, (hidden, weight))
+    loss, z = linear_cross_entropy(hidden, weight, targets, chunk_logits=10 * 320, pad_vocab_to=64,
+                                   chunk_loss=partial(cross_entropy_chunk, fused=fused), z_loss=coefficient)
+    assert not z.requires_grad
+    torch.testing.assert_close(z, z_reference)
+    torch.testing.assert_close(loss, reference)
+    for grad, reference_grad in zip(torch.autograd.grad(loss, (hidden, weight)), expected):
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the evaluation path gives the same pair
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, z_loss=coefficient)[0], reference)
+    plain, z = linear_cross_entropy(hidden, weight, targets, z_loss=0.0)  # a coefficient of 0: z still reported
+    torch.testing.assert_close(plain, F.cross_entropy(logits, targets))
+    torch.testing.assert_close(z, z_reference)
+
+
+def test_the_model_returns_its_z_loss_only_with_targets():
+    from .conftest import small_model
+
+    model = small_model()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9))
+    output = model(tokens[:, :-1], targets=tokens[:, 1:], use_cache=False, z_loss=1e-2)
+    logits = model(tokens[:, :-1], use_cache=False).logits
+    torch.testing.assert_close(output.z_loss, logits.logsumexp(-1).square().mean(), rtol=1e-5, atol=1e-5)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    torch.testing.assert_close(output.loss, ce + 1e-2 * output.z_loss, rtol=1e-5, atol=1e-5)
+    assert model(tokens[:, :-1], targets=tokens[:, 1:], use_cache=False).z_loss is None
+    with pytest.raises(ValueError, match="z_loss .* with targets"):
+        model(tokens, labels=tokens, z_loss=1e-2)
+
+
+@pytest.mark.parametrize("fused", [False, True])
 def test_loss_chunk_of_padded_logits_equals_the_unpadded_one(fused):
     """Padding columns are left out, also for a vocabulary slice whose neighbour's targets fall where they lie."""
     from argonne.loss_argonne import cross_entropy_chunk

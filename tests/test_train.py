@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
-from argonne.config import ConfigError, OptimConfig, load_run_config
+from argonne.config import ConfigError, OptimConfig, check_command, load_run_config
 from argonne.run_folder import read_metrics
 from argonne.train import build_optimizer, lr_at, train
 
@@ -118,6 +118,23 @@ def test_a_wsd_run_resumed_mid_decay_equals_the_uninterrupted_run(prepared_sampl
     assert {s: l for s, l in straight.items() if s > 6} == resumed and min(resumed) == 7
     assert {s: l for s, l in lrs[0].items() if s > 6} == lrs[1]
     assert lrs[0][4] == lrs[0][5] > lrs[0][7] > lrs[0][10]  # held, then decaying
+
+
+def test_z_loss_trains_with_the_cross_entropy_and_is_logged_apart(prepared_sample, one_process, tmp_path):
+    """The first step's cross-entropy is the plain run's loss (same weights, same batch); the logged loss is
+    ce + c * z; distillation, whose loss has no z term, refuses the option."""
+    from .launches import records, train_here
+
+    train_here(prepared_sample, tmp_path / "z", steps=3, extra=["--train.z_loss=0.01"])
+    logged = [r for r in records(tmp_path / "z") if "loss" in r]
+    plain, _ = one_process
+    assert abs(logged[0]["ce"] - plain[1]) <= 1e-6 * plain[1]
+    for record in logged:
+        assert record["z_loss"] > 1.0  # log(vocab)^2 at the start, about 81
+        assert abs(record["loss"] - (record["ce"] + 0.01 * record["z_loss"])) <= 1e-5 * record["loss"]
+    with pytest.raises(ConfigError, match="train.z_loss is not part of the distillation loss"):
+        check_command(load_run_config(None, ["--distill.teacher=t", "--train.z_loss=1e-4", "--data.prepared=x"]),
+                      "distill")
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():

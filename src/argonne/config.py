@@ -172,6 +172,9 @@ class TrainConfig:
     """Steps between validation losses (0: only at the end)."""
     max_nonfinite_in_a_row: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient norm (each one is skipped)."""
+    z_loss: float = 0.0
+    """Coefficient of the z-loss (PaLM, OLMo: 1e-4) added to the cross-entropy: the mean squared log-partition of
+    the logits, logged apart as `z_loss` (and the cross-entropy alone as `ce`). 0: off (the original recipe)."""
     peak_tflops: float = 0.0
     """Peak matmul TFLOP/s of one device for MFU; 0 measures it at start."""
     tensorboard: bool = True
@@ -318,6 +321,7 @@ RANGES = {
     "train.log_every": _above(0),
     "train.eval_every": _at_least(0),
     "train.max_nonfinite_in_a_row": _at_least(1),
+    "train.z_loss": _at_least(0),
     "train.peak_tflops": _at_least(0),
     "train.sample_every": _at_least(0),
     "train.sample_tokens": _at_least(0),
@@ -427,6 +431,8 @@ def command_problems(config: RunConfig, command: str) -> list[str]:
     elif command == "distill":
         if not config.distill.teacher:
             problems.append("a distill config needs distill.teacher")
+        if config.train.z_loss:
+            problems.append("train.z_loss is not part of the distillation loss: remove it (or set it to 0)")
     else:
         raise ValueError(f"no training command {command!r}; known: {COMMANDS}")
     return problems

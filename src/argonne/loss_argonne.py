@@ -2,7 +2,9 @@
 
 `linear_cross_entropy(hidden, weight, targets)` is the value and gradients of
 `F.cross_entropy(F.linear(hidden, weight).float(), targets)`, computed a chunk of tokens at a time with each chunk's
-gradients made right away (the backward only scales them). `cross_entropy_chunk` is one chunk's loss and logit
+gradients made right away (the backward only scales them). With `z_loss=c` it adds PaLM's z-loss, c times the mean
+squared log-partition log(sum(exp(logits)))^2 per scored token, which keeps the logits' normaliser near 1 (and the
+softmax well conditioned in low precision); its gradient joins the same per-chunk gradient, so no logits are kept. `cross_entropy_chunk` is one chunk's loss and logit
 gradient; its `vocab_start` / `reduce_max` / `reduce_sum` let parallel.py run it on a vocabulary slice under tensor
 parallelism. No torch.distributed here: the reductions are passed in.
 
@@ -38,7 +40,8 @@ def linear_cross_entropy(
     chunk_loss=None,
     sum_over_slices=None,
     pad_vocab_to: int | None = None,
-) -> torch.Tensor:
+    z_loss: float | None = None,
+):
     """Mean cross-entropy of the logits `hidden @ weight.T` against `targets` (-100 ignored): the value of
     F.cross_entropy(F.linear(hidden, weight).float(), targets), without ever holding all the logits.
 
@@ -53,6 +56,10 @@ def linear_cross_entropy(
     For a head sharded by vocabulary rows (tensor parallelism), `weight` is this process's slice and parallel.py
     passes `chunk_loss` (cross_entropy_chunk's contract, combining the slices' statistics) and `sum_over_slices`
     (which sums the slices' hidden-state gradients).
+
+    With `z_loss` (a coefficient, 0 included) the result is a pair: (mean cross-entropy + z_loss * mean z, mean z),
+    where z = log(sum(exp(logits)))^2 per scored token; only the first carries a gradient. Without it, the mean
+    cross-entropy alone.
     """
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
@@ -66,32 +73,37 @@ def linear_cross_entropy(
         chunk -= chunk % 128
     if chunk_loss is None:
         chunk_loss = _compiled_chunk_loss if hidden.is_cuda else cross_entropy_chunk
-    settings = chunk, compute_dtype, chunk_loss, sum_over_slices, padded_vocab
+    settings = chunk, compute_dtype, chunk_loss, sum_over_slices, padded_vocab, z_loss or 0.0
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, settings)
-    with torch.autocast(device_type, enabled=False):
-        return _chunked_cross_entropy(hidden, weight, targets, settings, with_grads=False)[0]
+        loss, z = _LinearCrossEntropy.apply(hidden, weight, targets, settings)
+    else:
+        with torch.autocast(device_type, enabled=False):
+            loss, z = _chunked_cross_entropy(hidden, weight, targets, settings, with_grads=False)[0]
+    return loss if z_loss is None else (loss, z)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, settings):
         with torch.autocast(hidden.device.type, enabled=False):
-            loss, grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, targets, settings, with_grads=True)
+            (loss, z), grad_hidden, grad_weight = _chunked_cross_entropy(hidden, weight, targets, settings,
+                                                                         with_grads=True)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = hidden.dtype, weight.dtype
-        return loss
+        ctx.mark_non_differentiable(z)
+        return loss, z
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, grad_z):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         return (grad_hidden * grad_loss).to(hidden_dtype), (grad_weight * grad_loss).to(weight_dtype), None, None
 
 
 def _chunked_cross_entropy(hidden, weight, targets, settings, with_grads):
-    """(mean loss, d loss / d hidden or None, d loss / d weight in float32 or None); see linear_cross_entropy."""
-    chunk, compute_dtype, chunk_loss, sum_over_slices, padded_vocab = settings
+    """((mean loss with z-loss, mean z), d loss / d hidden or None, d loss / d weight in float32 or None); see
+    linear_cross_entropy."""
+    chunk, compute_dtype, chunk_loss, sum_over_slices, padded_vocab, z_loss = settings
     vocab = weight.shape[0]
     h_all = hidden.to(compute_dtype)
     if padded_vocab > vocab:  # one copy, converted on the way, and zero rows that the loss leaves out
@@ -101,19 +113,21 @@ def _chunked_cross_entropy(hidden, weight, targets, settings, with_grads):
     else:
         w = weight.to(compute_dtype)  # no copy at all when the dtype is already the compute dtype
     scale = 1.0 / (targets != -100).sum()  # a tensor: no host synchronisation
-    loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    sums = torch.zeros(2, dtype=torch.float32, device=hidden.device)  # cross-entropy, z
     grad_hidden = torch.empty_like(h_all) if with_grads else None
     grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=weight.device) if with_grads else None
     for start in range(0, h_all.shape[0], chunk):
         h = h_all[start : start + chunk]
-        part, grad_logits = chunk_loss(h @ w.T, targets[start : start + chunk], scale, with_grads, columns=vocab)
-        loss_sum = loss_sum + part
+        part, grad_logits = chunk_loss(h @ w.T, targets[start : start + chunk], scale, with_grads, columns=vocab,
+                                       z_loss=z_loss)
+        sums = sums + part
         if with_grads:
             grad_hidden[start : start + chunk] = grad_logits @ w
             accumulate_matmul(grad_weight, grad_logits.T, h)
     if with_grads and sum_over_slices is not None:
         grad_hidden = sum_over_slices(grad_hidden)
-    return loss_sum * scale, grad_hidden, grad_weight[:vocab] if with_grads else None
+    cross_entropy, z = (sums * scale).unbind()
+    return (cross_entropy + z_loss * z, z), grad_hidden, grad_weight[:vocab] if with_grads else None
 
 
 def accumulate_matmul(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -143,11 +157,13 @@ def cross_entropy_chunk(
     reduce_max=None,
     reduce_sum=None,
     columns: int | None = None,
+    z_loss: float = 0.0,
 ):
-    """Summed float32 loss of logits (n, V) against targets (n,), and, with_grads, d(scale * loss)/d logits in the
-    logits' dtype. Ignored targets (-100) contribute nothing, even when their logits are not finite. With `columns`,
-    only the first `columns` logits of each row are real (a head matrix padded with zero rows): the rest are left
-    out of the softmax and get a zero gradient, while the rows keep their aligned length.
+    """Summed float32 loss and z of logits (n, V) against targets (n,), as one tensor [loss, z], and, with_grads,
+    d(scale * (loss + z_loss * z))/d logits in the logits' dtype; z is log(sum(exp(logits)))^2 per scored row.
+    Ignored targets (-100) contribute nothing, even when their logits are not finite. With `columns`, only the first
+    `columns` logits of each row are real (a head matrix padded with zero rows): the rest are left out of the softmax
+    and get a zero gradient, while the rows keep their aligned length.
 
     For a slice of the vocabulary (tensor parallelism), the logits are its rows vocab_start .. vocab_start + V - 1,
     and `reduce_max` / `reduce_sum` combine per-token statistics over the slices' processes: every process then
@@ -170,27 +186,33 @@ def cross_entropy_chunk(
     if reduce_sum is not None:
         stats = reduce_sum(stats)
     log_sum_exp, target_logit = stats[0].log(), stats[1]  # both relative to the row maximum
-    loss_sum = ((log_sum_exp - target_logit) * scored).sum()
+    partition = torch.where(scored, log_sum_exp + row_max, 0.0)  # the absolute log-partition, for the z-loss
+    sums = torch.stack([((log_sum_exp - target_logit) * scored).sum(), partition.square().sum()])
     if not with_grads:
-        return loss_sum, None
+        return sums, None
+    # d z / d logits = 2 * partition * softmax: the z-loss scales each row's softmax term.
     row_scale = (scored * scale)[:, None]
+    softmax_scale = row_scale * (1 + 2 * z_loss * partition[:, None]) if z_loss else row_scale
     if fused:
         one_hot = (local_targets == torch.arange(logits.shape[1], device=logits.device)) & here[:, None]
-        grad = (torch.exp(shifted - log_sum_exp[:, None]) - one_hot.float()) * row_scale
+        grad = torch.exp(shifted - log_sum_exp[:, None]) * softmax_scale - one_hot.float() * row_scale
     else:
         grad = shifted.sub_(log_sum_exp[:, None]).exp_()  # softmax
-        grad.scatter_add_(1, local_targets, -here[:, None].to(grad.dtype)).mul_(row_scale)  # - one_hot
-    return loss_sum, grad.to(logits.dtype)
+        if z_loss:
+            grad.mul_(softmax_scale).scatter_add_(1, local_targets, -(here[:, None] * row_scale).to(grad.dtype))
+        else:
+            grad.scatter_add_(1, local_targets, -here[:, None].to(grad.dtype)).mul_(row_scale)  # - one_hot
+    return sums, grad.to(logits.dtype)
 
 
-def _compiled_chunk_loss(logits, targets, scale, with_grads, columns=None):
+def _compiled_chunk_loss(logits, targets, scale, with_grads, columns=None, z_loss=0.0):
     """cross_entropy_chunk fused by torch.compile into a reduction and one element-wise pass over the chunk's bf16
     logits (on GPUs, where an eager chain of float32 copies over a vocabulary of 151,665 costs as much as the head's
     matmuls)."""
     global _compiled_cross_entropy_chunk
     if _compiled_cross_entropy_chunk is None:
         _compiled_cross_entropy_chunk = torch.compile(partial(cross_entropy_chunk, fused=True))
-    return _compiled_cross_entropy_chunk(logits, targets, scale, with_grads, columns=columns)
+    return _compiled_cross_entropy_chunk(logits, targets, scale, with_grads, columns=columns, z_loss=z_loss)
 
 
 _compiled_cross_entropy_chunk = None

@@ -25,6 +25,7 @@ loss is imported relatively, so `save_pretrained` copies all three beside saved 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,14 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_argonne import ArgonneConfig
 from .loss_argonne import linear_cross_entropy
+
+@dataclass
+class ArgonneCausalLMOutput(CausalLMOutputWithPast):
+    """transformers' causal-LM output, plus the mean z (squared log-partition) when the loss was asked for with a
+    z-loss coefficient (training logs it apart from the loss)."""
+
+    z_loss: torch.Tensor | None = None
+
 
 # transformers 5.x renamed the model output's `past_key_values` to `cache`; write whichever the installed version has.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -366,10 +375,11 @@ class OutputHead(nn.Module):
     (loss_argonne.linear_cross_entropy, no logits). It holds no weights; under tensor parallelism parallel.py swaps in a
     vocabulary-parallel head for the sharded matrix."""
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None = None,
+                z_loss: float | None = None):
         if targets is None:
             return F.linear(hidden, weight)
-        return linear_cross_entropy(hidden, weight, targets)
+        return linear_cross_entropy(hidden, weight, targets, z_loss=z_loss)
 
 
 class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
@@ -424,14 +434,18 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
         past_key_values: Cache | None = None,
+        z_loss: float | None = None,
         **kwargs,
-    ) -> CausalLMOutputWithPast:
+    ) -> ArgonneCausalLMOutput:
         """Logits (B, T, V) and, with `labels` (B, T), the next-token cross-entropy: position t predicts labels[t+1],
         positions labelled -100 are ignored. A non-finite loss is returned as it is.
 
         `targets` (B, T) are labels already shifted (position t predicts targets[t]), as training windows of T + 1
         tokens give them. With targets only the loss is returned (logits None): it is computed by
         `linear_cross_entropy` without ever holding the (B * T, V) logits.
+
+        `z_loss` (a coefficient, with `targets` only) adds the z-loss to the returned loss and returns the mean z
+        itself as `z_loss` (see loss_argonne.linear_cross_entropy).
 
         `cache` (`past_key_values` before transformers 5) is a transformers `Cache`; with `use_cache` and none
         given, a `DynamicCache` is created. `logits_to_keep=k` computes logits for the last k positions only.
@@ -443,6 +457,8 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if labels is not None and targets is not None:
             raise ValueError("pass labels (shifted inside) or targets (already shifted), not both")
+        if z_loss is not None and targets is None:
+            raise ValueError("z_loss is a term of the training loss: pass it with targets")
         if labels is not None:
             targets = labels[:, 1:]
         if use_cache and cache is None and targets is None:
@@ -454,8 +470,10 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         if labels is None and targets is not None:
             # The training path: the loss straight from the hidden states, chunk by chunk; no logits are returned.
-            loss = self.output_head(hidden[:, : targets.shape[1]], self.output_weight, targets.to(hidden.device))
-            return CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: cache})
+            loss = self.output_head(hidden[:, : targets.shape[1]], self.output_weight, targets.to(hidden.device),
+                                    z_loss=z_loss)
+            loss, z = loss if z_loss is not None else (loss, None)
+            return ArgonneCausalLMOutput(loss=loss, logits=None, z_loss=z, **{_CACHE_FIELD: cache})
         logits = self.output_head(hidden, self.output_weight)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -463,7 +481,7 @@ class ArgonneForCausalLM(ArgonnePreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(
                 predicting.float().reshape(-1, logits.shape[-1]), targets.reshape(-1).to(logits.device), ignore_index=-100
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
+        return ArgonneCausalLMOutput(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
 
 def _new_dynamic_cache(config: ArgonneConfig) -> DynamicCache:

@@ -162,7 +162,8 @@ class VocabParallelHead(nn.Module):
         super().__init__()
         self.tp_mesh = tp_mesh
 
-    def forward(self, hidden: torch.Tensor, weight: DTensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, weight: DTensor, targets: torch.Tensor | None = None,
+                z_loss: float | None = None):
         local = weight.to_local()  # (rows of this slice, D); the gradient flows back into the sharded parameter
         if targets is None:
             logits = F.linear(hidden, local)
@@ -178,7 +179,7 @@ class VocabParallelHead(nn.Module):
                              reduce_max=partial(_all_reduce, op=dist.ReduceOp.MAX, group=group))
         return linear_cross_entropy(
             hidden, local, targets, chunk_logits=LOSS_CHUNK_LOGITS,  # the eager chunk size: float32 copies
-            chunk_loss=slice_loss, sum_over_slices=all_sum,
+            chunk_loss=slice_loss, sum_over_slices=all_sum, z_loss=z_loss,
         )
 
 

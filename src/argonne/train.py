@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -405,7 +406,15 @@ def cross_entropy_objective(model, inputs: torch.Tensor, targets: torch.Tensor):
     return model(inputs, targets=targets, use_cache=False).loss, {}
 
 
+def z_loss_objective(model, inputs: torch.Tensor, targets: torch.Tensor, coefficient: float):
+    """Cross-entropy + coefficient * z, computed inside the chunked loss; the parts are logged apart."""
+    output = model(inputs, targets=targets, use_cache=False, z_loss=coefficient)
+    return output.loss, {"ce": output.loss.detach() - coefficient * output.z_loss, "z_loss": output.z_loss}
+
+
 def build_cross_entropy(config: RunConfig, model_config: ArgonneConfig, tokenizer, device):
+    if config.train.z_loss:
+        return partial(z_loss_objective, coefficient=config.train.z_loss)
     return cross_entropy_objective
 
 
