@@ -1,8 +1,9 @@
 """Run under torchrun with 2 processes: tensor parallel 2 must give every rank identical gradients for the
 parameters it replicates (norms), the sharded ones (blocks, and the vocabulary-split embedding and head) must
 assemble to the one-process gradients, and the loss and the gathered logits must equal the one-process ones.
-The vocabulary (515) does not divide by 2, so the two vocabulary slices differ in size. "tied+z_loss" adds the z-loss
-(computed per vocabulary slice from the combined row statistics) to the tied head's loss."""
+The vocabulary (515) does not divide by 2, so the two vocabulary slices differ in size. Options after a "+": "z_loss"
+adds the z-loss (computed per vocabulary slice from the combined row statistics), "document" attends within
+documents (the windows hold several, closed by token 3)."""
 
 import sys
 
@@ -29,17 +30,21 @@ def main():
 
 
 def check(topology, head: str) -> None:
-    tied = head.startswith("tied")
-    z_loss = 0.05 if head.endswith("+z_loss") else None
+    kind, *options = head.split("+")
+    tied = kind == "tied"
+    z_loss = 0.05 if "z_loss" in options else None
+    scope = "document" if "document" in options else "causal"
     config = ArgonneConfig.from_preset("tiny", vocab_size=515, hidden_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                       intermediate_size=128, tie_word_embeddings=tied)
+                                       intermediate_size=128, tie_word_embeddings=tied, attention_scope=scope,
+                                       eos_token_id=3)
     torch.manual_seed(0)
     reference = ArgonneForCausalLM(config)
     model = ArgonneForCausalLM(config)
     model.load_state_dict(reference.state_dict())
     parallelize(model, topology, activation_checkpointing="none", compile=False, param_dtype=None)
     tokens = torch.randint(0, 515, (4, 33), generator=torch.Generator().manual_seed(1))
+    tokens[:, ::5] = 3  # documents of 5 tokens (their attention differs from causal only with "document")
     targets = tokens[:, 1:].clone()
     targets[0, :7] = -100
     outputs = [m(tokens[:, :-1], targets=targets, use_cache=False, z_loss=z_loss) for m in (reference, model)]

@@ -177,7 +177,7 @@ def two_processes(prepared_sample, one_process, streaming, eval_tasks, tmp_path_
          "argv": cli_args(prepared_sample, root / "1-to-2", micro=4, extra=["--resume", str(checkpoint)])},
         {"name": "streaming", "argv": cli_args(None, root / "streaming", micro=4, extra=streaming)},
         {"name": "in use", "argv": cli_args(prepared_sample, root / "in use", steps=2, micro=4)},
-        {"name": "grads", "grads": ["tied", "untied", "tied+z_loss"]},
+        {"name": "grads", "grads": ["tied", "untied", "tied+z_loss", "untied+document"]},
         {"name": "eval fsdp2", "argv": cli_args(prepared_sample, root / "eval fsdp2", micro=4, extra=eval_tasks)},
         {"name": "eval tp2", "argv": cli_args(prepared_sample, root / "eval tp2", micro=8,
                                               extra=["--parallel.tensor_parallel=2", *eval_tasks])},

@@ -74,9 +74,10 @@ def test_streaming_on_two_processes_matches_one_process(streamed_one_process, tw
 
 
 def test_tensor_parallel_gradients_loss_and_logits_equal_one_process(two_processes):
-    """A tied and an untied head, and the z-loss on the vocabulary-parallel head (tests/distributed_grads.py)."""
+    """A tied and an untied head, the z-loss on the vocabulary-parallel head, and document attention
+    (tests/distributed_grads.py)."""
     launched_run(two_processes, "grads")
-    for head in ("tied", "untied", "tied+z_loss"):
+    for head in ("tied", "untied", "tied+z_loss", "untied+document"):
         assert f"ok ({head})" in two_processes["stdout"], failure(two_processes["stdout"], two_processes["stderr"])
 
 

@@ -372,6 +372,69 @@ def test_attention_with_head_dim_padding_is_the_same_math(masked):
         torch.testing.assert_close(padded, plain, rtol=1e-12, atol=1e-12)
 
 
+def packed_documents(lengths: list[int], vocab: int, seed: int) -> list[torch.Tensor]:
+    """Random documents of these lengths, each closed by the boundary token 0 (the tiny preset's eos_token_id)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.cat([torch.randint(1, vocab, (n - 1,), generator=generator), torch.zeros(1, dtype=torch.long)])
+            for n in lengths]
+
+
+@pytest.mark.parametrize("preset,shape,restart", [
+    ("tiny", LLAMA_STYLE, False), ("tiny", LLAMA_STYLE, True), ("argonne-1.0", GPT2_STYLE, True),
+], ids=["rope", "rope-restart", "learned-restart"])
+def test_a_packed_window_with_document_attention_equals_each_document_alone(preset, shape, restart):
+    """Logits of every document of a packed window (two rows, split differently; the last document cut off) equal
+    the document run alone, and the window's loss is the loss of those logits. With causal attention they do not."""
+    model = make_model(preset, **shape, attention_scope="document", restart_positions=restart, eos_token_id=0)
+    rows = [packed_documents([7, 12, 9, 4], 320, seed=1), packed_documents([20, 3, 9], 320, seed=2)]
+    window = torch.stack([torch.cat(row) for row in rows])  # (2, 32)
+    with torch.no_grad():
+        packed = model(window).logits
+        alone = torch.stack([torch.cat([model(doc[None]).logits[0] for doc in row]) for row in rows])
+        torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+        loss = model(window[:, :-1], targets=window[:, 1:], use_cache=False).loss
+        torch.testing.assert_close(loss, F.cross_entropy(alone[:, :-1].reshape(-1, 320), window[:, 1:].reshape(-1)))
+        causal = make_model(preset, **shape, eos_token_id=0)(window).logits
+    assert not torch.allclose(causal[:, 7:], alone[:, 7:], atol=1e-3)  # the later documents saw the earlier ones
+
+
+def test_learned_positions_need_restarting_for_a_packed_document_to_equal_it_alone():
+    model = make_model("argonne-1.0", **GPT2_STYLE, attention_scope="document", eos_token_id=0)
+    first, second = packed_documents([7, 12], 320, seed=1)
+    with torch.no_grad():
+        packed = model(torch.cat([first, second])[None]).logits[0, 7:]
+        assert not torch.allclose(packed, model(second[None]).logits[0], atol=1e-3)
+
+
+def test_document_attention_options_are_checked():
+    with pytest.raises(ValueError, match="attention_scope is 'documents'"):
+        ArgonneConfig.from_preset("tiny", attention_scope="documents")
+    with pytest.raises(ValueError, match='restart_positions needs attention_scope "document"'):
+        ArgonneConfig.from_preset("tiny", restart_positions=True)
+    with pytest.raises(ValueError, match="needs eos_token_id"):
+        ArgonneConfig.from_preset("tiny", attention_scope="document", eos_token_id=None)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_attention_block_mask_of_documents_equals_the_boolean_mask(monkeypatch):
+    """The GPU path (a flex attention BlockMask built from same_document_causal) is the same math as the CPU path's
+    boolean mask; run here with flex attention's uncompiled reference implementation, on a length that leaves a
+    partial block."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from argonne import modeling_argonne
+    from argonne.modeling_argonne import attention, document_ids, document_mask, same_document_causal
+
+    monkeypatch.setattr(modeling_argonne, "_compiled_flex_attention", flex_attention)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 6, (2, 150))  # boundary token 0: documents of a few tokens each
+    documents = document_ids(tokens, 0)
+    q, k, v = torch.randn(2, 4, 150, 16), torch.randn(2, 2, 150, 16), torch.randn(2, 2, 150, 16)
+    block_mask = create_block_mask(same_document_causal(documents), 2, None, 150, 150, device="cpu")
+    torch.testing.assert_close(attention(q, k, v, block_mask), attention(q, k, v, document_mask(documents)),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "argonne-1.0"])
 def test_forward_backward_on_cpu(preset):
     overrides = {} if preset == "tiny" else dict(GPT2_STYLE)

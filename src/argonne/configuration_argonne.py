@@ -15,6 +15,7 @@ from transformers import PretrainedConfig
 NORM_TYPES = ("rmsnorm", "layernorm")
 MLP_TYPES = ("swiglu", "gelu")
 POSITION_EMBEDDINGS = ("rope", "learned")
+ATTENTION_SCOPES = ("causal", "document")
 
 # Qwen2.5 tokenizer: 151,643 BPE tokens + 22 added tokens. <|endoftext|> (151643) ends every document.
 QWEN_VOCAB_SIZE = 151_665
@@ -118,6 +119,13 @@ class ArgonneConfig(PretrainedConfig):
         head_dim: width of one head; independent of hidden_size / num_attention_heads (Argonne 2.0: 24 x 170 = 4080).
         intermediate_size: hidden width of the MLP.
         max_position_embeddings: longest sequence; the size of the learned position table when there is one.
+        attention_scope: "causal" (a token attends to every earlier token of its window) or "document" (only to
+            earlier tokens of its own document: packed training windows hold several, each closed by the boundary
+            token, `eos_token_id`). Document scope applies to forwards over whole windows (no cache holding earlier
+            tokens, no padding mask); generation attends causally, a prompt being one document.
+        restart_positions: with attention_scope "document", each document's positions count from 0 as if it were
+            alone. With RoPE this changes only rounding (rotary attention depends on distances alone); with learned
+            positions it is what makes a packed document equal to the document alone.
         norm_type: "rmsnorm" or "layernorm" (LayerNorm has a bias).
         norm_eps: epsilon of every norm.
         mlp_type: "swiglu" (gate/up/down) or "gelu" (up/down with exact erf GELU).
@@ -144,6 +152,8 @@ class ArgonneConfig(PretrainedConfig):
         head_dim: int | None = 170,
         intermediate_size: int = 11008,
         max_position_embeddings: int = 4096,
+        attention_scope: str = "causal",
+        restart_positions: bool = False,
         norm_type: str = "rmsnorm",
         norm_eps: float = 1e-6,
         mlp_type: str = "swiglu",
@@ -168,6 +178,8 @@ class ArgonneConfig(PretrainedConfig):
         self.head_dim = head_dim or hidden_size // num_attention_heads
         self.intermediate_size = intermediate_size
         self.max_position_embeddings = max_position_embeddings
+        self.attention_scope = attention_scope
+        self.restart_positions = restart_positions
         self.norm_type = norm_type
         self.norm_eps = norm_eps
         self.mlp_type = mlp_type
@@ -194,6 +206,7 @@ class ArgonneConfig(PretrainedConfig):
             ("norm_type", NORM_TYPES),
             ("mlp_type", MLP_TYPES),
             ("position_embedding", POSITION_EMBEDDINGS),
+            ("attention_scope", ATTENTION_SCOPES),
         ):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} is {getattr(self, name)!r}; expected one of {allowed}")
@@ -215,6 +228,10 @@ class ArgonneConfig(PretrainedConfig):
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "
                 f"num_attention_heads ({self.num_attention_heads})"
             )
+        if self.attention_scope == "document" and self.eos_token_id is None:
+            problems.append('attention_scope "document" needs eos_token_id, the token that closes each document')
+        if self.restart_positions and self.attention_scope != "document":
+            problems.append('restart_positions needs attention_scope "document"')
         if not problems and self.position_embedding == "rope" and self.head_dim % 2:
             problems.append(f"RoPE needs an even head_dim, got {self.head_dim}")
         if problems:

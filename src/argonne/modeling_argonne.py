@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -213,15 +214,19 @@ ATTENTION_HEAD_DIM_MULTIPLE = 8
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None, pad_to: int = 1
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | BlockMask | None, pad_to: int = 1
 ) -> torch.Tensor:
-    """SDPA over q (B, nh, T, hd) and k, v (B, n_kv, S, hd); causal when attn_mask is None.
+    """SDPA over q (B, nh, T, hd) and k, v (B, n_kv, S, hd); causal when attn_mask is None, flex attention when it
+    is a BlockMask (see document_mask).
 
     With `pad_to` > 1, q, k and v are zero-padded along head_dim to a multiple of it and the softmax scale stays
     1/sqrt(hd): the zeros add nothing to q.k, and the padded value columns (zeros) are cut off again, so the result
     is the same math, computed by whichever kernel the padded shape unlocks.
     """
     head_dim = q.shape[-1]
+    if isinstance(attn_mask, BlockMask):  # document attention on a GPU: flex attention skips the masked blocks
+        return _flex_attention(q, k, v, block_mask=attn_mask, scale=1.0 / math.sqrt(head_dim),
+                               enable_gqa=q.shape[1] != k.shape[1])
     pad = -head_dim % pad_to
     if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
@@ -230,6 +235,18 @@ def attention(
         enable_gqa=q.shape[1] != k.shape[1],
     )
     return y[..., :head_dim] if pad else y
+
+
+def _flex_attention(q, k, v, **kwargs) -> torch.Tensor:
+    """flex_attention, compiled once on first use: uncompiled it runs a reference implementation that materialises
+    the whole score matrix."""
+    global _compiled_flex_attention
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention(q, k, v, **kwargs)
+
+
+_compiled_flex_attention = None
 
 
 class Block(nn.Module):
@@ -274,6 +291,40 @@ def positions_from_mask(
         return torch.arange(past_len, past_len + query_len, device=device)[None]
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.clamp(min=0)[:, -query_len:]
+
+
+def document_ids(input_ids: torch.Tensor, boundary: int) -> torch.Tensor:
+    """(B, T) -> (B, T): the index of each token's document within its window. The boundary token closes a
+    document, so it belongs to the one it ends."""
+    ends = (input_ids == boundary).int()
+    return ends.cumsum(-1) - ends
+
+
+def positions_in_documents(documents: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> each token's position counted from its document's first token."""
+    index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(-1).values
+
+
+def same_document_causal(documents: torch.Tensor):
+    """flex attention's mask_mod for document attention: query q of row b may see key k of the same document."""
+    def mask_mod(b, h, q, k):
+        return (q >= k) & (documents[b, q] == documents[b, k])
+
+    return mask_mod
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor | BlockMask:
+    """Causal attention within each document: a (B, 1, T, T) boolean mask for SDPA, or on GPUs a flex attention
+    BlockMask, which never builds the T x T mask and lets the kernel skip blocks no query may see."""
+    B, T = documents.shape
+    if documents.is_cuda:
+        return create_block_mask(same_document_causal(documents), B, None, T, T, device=documents.device,
+                                 _compile=True)
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    return (causal & (documents[:, :, None] == documents[:, None, :]))[:, None]
 
 
 def cached_tokens(cache: Cache | None) -> int:
@@ -359,7 +410,15 @@ class ArgonneModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, T) or inputs_embeds (B, T, D) -> hidden states (B, T, D)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        position_ids, attn_mask = positions_and_mask(attention_mask, position_ids, cache, x.shape[1], x.device)
+        if self.config.attention_scope == "document" and input_ids is not None and attention_mask is None \
+                and cached_tokens(cache) == 0:
+            documents = document_ids(input_ids, self.config.eos_token_id)
+            attn_mask = document_mask(documents)
+            if position_ids is None:
+                position_ids = (positions_in_documents(documents) if self.config.restart_positions
+                                else positions_from_mask(None, x.shape[1], 0, x.device))
+        else:
+            position_ids, attn_mask = positions_and_mask(attention_mask, position_ids, cache, x.shape[1], x.device)
         rope = None
         if self.config.position_embedding == "rope":
             rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)
