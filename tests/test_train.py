@@ -137,6 +137,83 @@ def test_z_loss_trains_with_the_cross_entropy_and_is_logged_apart(prepared_sampl
                       "distill")
 
 
+class WithBadBatches:
+    """The training batches with a batch of random tokens (a finite loss spike) drawn in place at each draw number
+    in `bad`, the clean batches moving one draw later each time: the stream a run that never saw the bad batches
+    would have read, with them inserted. The draw count is part of the data state, as a stream's position is."""
+
+    def __init__(self, batches, bad: set[int]):
+        self.batches, self.bad, self.drawn = batches, bad, 0
+
+    def __iter__(self):
+        clean = iter(self.batches)
+        while True:
+            self.drawn += 1
+            if self.drawn - 1 in self.bad:
+                yield torch.randint(0, 8192, (8, 33), generator=torch.Generator().manual_seed(self.drawn))
+            else:
+                yield next(clean)
+
+    def state_dict(self):
+        return {"clean": self.batches.state_dict(), "drawn": self.drawn}
+
+    def load_state_dict(self, state):
+        self.batches.load_state_dict(state["clean"])
+        self.drawn = state["drawn"]
+
+
+SPIKES = ["--train.spike_threshold=3", "--train.spike_window=4", "--train.spike_rollback_after=2",
+          "--checkpoint.every=4", "--checkpoint.keep=0"]
+
+
+def test_loss_spikes_roll_back_and_skip_their_batches_to_end_as_a_run_that_never_saw_them(
+        prepared_sample, tmp_path, monkeypatch):
+    """Bad batches at steps 12 and 13 are spikes (updates skipped); the second rolls the run back to step 8's
+    checkpoint with those two draws skipped; it ends where the clean run ends. A resume from the re-saved step-8
+    checkpoint makes the same decision by itself."""
+    import argonne.train
+
+    from .launches import records, train_here
+
+    clean = train_here(prepared_sample, tmp_path / "clean", steps=16, extra=SPIKES)
+    assert records(tmp_path / "clean")[-1]["spikes"] == 0
+    real_data = argonne.train.pretraining_data
+    monkeypatch.setattr(argonne.train, "pretraining_data",
+                        lambda *args, **kwargs: (WithBadBatches(real_data(*args, **kwargs)[0], {11, 12}), None))
+    recovered = train_here(prepared_sample, tmp_path / "spiky", steps=16, extra=SPIKES)
+    log = records(tmp_path / "spiky")
+    rollback = next(r for r in log if "rolled_back_from" in r)
+    assert rollback == {"step": 8, "rolled_back_from": 13, "spike_steps": [12, 13], "skipped_batches": [11, 13],
+                        "rollbacks": 1}
+    assert recovered == clean  # to the bit: from step 8 on the same weights see the same batches
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, 17))  # the replaced records are gone
+    checkpoints = tmp_path / "spiky" / "checkpoints"
+    assert (checkpoints / "step-00000012.rolled-back-1").is_dir()  # saved after a spike: set aside, not resumed
+    resumed = train_here(prepared_sample, tmp_path / "resumed", steps=16,
+                         extra=[*SPIKES, "--resume", str(checkpoints / "step-00000008")])
+    assert resumed == {step: loss for step, loss in clean.items() if step > 8}
+    assert records(tmp_path / "resumed")[-1]["spikes"] == 0
+
+
+def test_spike_rollback_needs_checkpoints_and_spike_settings_are_checked():
+    with pytest.raises(ConfigError, match="train.spike_rollback_after needs checkpoint.every > 0"):
+        load_run_config(None, ["--train.spike_threshold=6", "--data.prepared=x"])
+    with pytest.raises(ConfigError, match="train.spike_window must be >= 2"):
+        load_run_config(None, ["--train.spike_window=1", "--data.prepared=x"])
+    load_run_config(None, ["--train.spike_threshold=6", "--train.spike_rollback_after=0", "--data.prepared=x"])
+
+
+def test_the_spike_detector_skips_finite_spikes_and_keeps_them_out_of_its_window():
+    from argonne.train import SpikeDetector
+
+    detector = SpikeDetector(window=4, threshold=3.0, device="cpu")
+    finite = torch.tensor(True)
+    flags = [bool(detector(torch.tensor(loss), finite)) for loss in [5.0, 4.9, 5.1, 5.0, 5.05, 9.0, 9.0, 5.0]]
+    assert flags == [False, False, False, False, False, True, True, False]
+    assert sorted(detector.losses.tolist()) == pytest.approx([5.0, 5.0, 5.05, 5.1])  # the last 4 accepted
+    assert not detector(torch.tensor(float("nan")), torch.tensor(False))  # non-finite: skipped elsewhere
+
+
 def test_no_weight_decay_on_norms_biases_and_embeddings():
     from argonne import ArgonneConfig, ArgonneForCausalLM
 

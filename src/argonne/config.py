@@ -172,6 +172,19 @@ class TrainConfig:
     """Steps between validation losses (0: only at the end)."""
     max_nonfinite_in_a_row: int = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient norm (each one is skipped)."""
+    spike_threshold: float = 0.0
+    """Loss-spike detection (0: off; e.g. 6): a finite step loss above the mean of the last spike_window accepted
+    losses by this many standard deviations (the spread floored at 1% of the mean) is a spike, and its update is
+    skipped like a non-finite one's."""
+    spike_window: int = 50
+    """Accepted step losses the mean and spread are taken over (detection starts once that many are seen); also
+    the span of steps within which spike_rollback_after spikes roll the run back."""
+    spike_rollback_after: int = 3
+    """Spikes within spike_window steps that roll the run back to its last checkpoint saved before the first of
+    them, skipping the batches of the steps from the first spike to the last (recorded in the checkpoints, so a
+    resume skips them too). 0: never roll back, only skip the spikes' updates."""
+    spike_max_rollbacks: int = 3
+    """Stop the run rather than roll back more often than this."""
     z_loss: float = 0.0
     """Coefficient of the z-loss (PaLM, OLMo: 1e-4) added to the cross-entropy: the mean squared log-partition of
     the logits, logged apart as `z_loss` (and the cross-entropy alone as `ce`). 0: off (the original recipe)."""
@@ -322,6 +335,10 @@ RANGES = {
     "train.eval_every": _at_least(0),
     "train.max_nonfinite_in_a_row": _at_least(1),
     "train.z_loss": _at_least(0),
+    "train.spike_threshold": _at_least(0),
+    "train.spike_window": _at_least(2),
+    "train.spike_rollback_after": _at_least(0),
+    "train.spike_max_rollbacks": _at_least(0),
     "train.peak_tflops": _at_least(0),
     "train.sample_every": _at_least(0),
     "train.sample_tokens": _at_least(0),
@@ -401,6 +418,10 @@ def validate(config: RunConfig, problems: list[str] | None = None) -> None:
         problems.append(f"optim.min_lr ({config.optim.min_lr}) must not exceed optim.lr ({config.optim.lr})")
     if "eval.limit" not in wrong_type and config.eval.limit >= 1 and config.eval.limit != int(config.eval.limit):
         problems.append(f"eval.limit must be a count (1, 2, ...) or a fraction below 1, got {config.eval.limit}")
+    if (config.train.spike_threshold and config.train.spike_rollback_after and not config.checkpoint.every
+            and not {"train.spike_threshold", "train.spike_rollback_after", "checkpoint.every"} & wrong_type):
+        problems.append("train.spike_rollback_after needs checkpoint.every > 0: a rollback returns to the last "
+                        "checkpoint saved before the spikes (or set train.spike_rollback_after = 0)")
     if "train.run_dir" not in wrong_type and not config.train.run_dir.strip():
         problems.append("train.run_dir is empty (an unset variable?): name the run's folder")
     if sum(map(bool, (config.data.inputs, config.data.prepared, config.data.sft))) != 1:

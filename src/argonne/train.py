@@ -26,6 +26,7 @@ from .checkpoint import (
     checkpoint_step,
     complete_checkpoints,
     load_checkpoint,
+    read_checkpoint_metadata,
     read_marker,
     run_id_of,
     save_checkpoint,
@@ -336,6 +337,21 @@ class MetricsSink:
         if repaired:
             self.note(f"{self.path}: dropped its torn last line (written when the earlier run was cut off)")
 
+    def rewind(self, step: int) -> None:
+        """Back to `step` after a rollback: the records and TensorBoard events after it go, the bar returns."""
+        if not self.enabled:
+            return
+        self.file.close()
+        keep_metrics_until(self.path, step)
+        self.file = open(self.path, "a")
+        if self.writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer.close()
+            self.writer = SummaryWriter(self.writer.log_dir, purge_step=step + 1)
+        self.bar.n = step
+        self.bar.refresh()
+
     def step_done(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
@@ -369,6 +385,10 @@ class MetricsSink:
 
 def format_record(record: dict) -> str:
     """A console line: the training step's figures, or the [eval] tasks' metrics (a record of their own)."""
+    if "rolled_back_from" in record:
+        return (f"step {record['step']:>6} | rolled back from step {record['rolled_back_from']} after loss spikes at "
+                f"steps {record['spike_steps']}; batches {record['skipped_batches'][0]}-"
+                f"{record['skipped_batches'][1] - 1} are skipped (rollback {record['rollbacks']})")
     tasks = [f"{key[5:]} {value:.4g}" for key, value in record.items() if key.startswith("eval/")]
     if "loss" not in record:
         return f"step {record['step']:>6} | tasks ({record.get('eval_seconds', 0):.1f} s): " + ", ".join(tasks)
@@ -436,12 +456,14 @@ PRETRAINING = TrainSpec("train", pretraining_batches)
 SFT = TrainSpec("sft", sft_batches)
 
 
-def training_step(model, optimizer, next_batch, objective, amp, config: RunConfig, topology: Topology, device):
+def training_step(model, optimizer, next_batch, objective, amp, config: RunConfig, topology: Topology, device,
+                  spikes: "SpikeDetector | None" = None):
     """One optimizer step: grad_accum micro-batches forward and backward, the global gradient norm clipped, and an
-    AdamW update that the fused optimizer skips by itself when the loss or the gradient norm is not finite.
+    AdamW update that the fused optimizer skips by itself when the loss or the gradient norm is not finite, or
+    when `spikes` finds the loss a spike.
 
-    Returns device tensors (loss, grad_norm, finite, parts). Nothing here reads a value back to the host, so the
-    host queues the next step (and fetches its batch) while the device still computes this one.
+    Returns device tensors (loss, grad_norm, finite, parts, spike). Nothing here reads a value back to the host, so
+    the host queues the next step (and fetches its batch) while the device still computes this one.
     """
     accumulate = config.train.grad_accum
     step_loss = torch.zeros((), device=device)
@@ -457,10 +479,11 @@ def training_step(model, optimizer, next_batch, objective, amp, config: RunConfi
     grad_norm = clip_grad_norm(model.parameters(), config.optim.grad_clip).to(device)
     step_loss = _mean_over_ranks(step_loss, topology)  # every process then agrees on skipping
     finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
-    optimizer.found_inf = (~finite).float()  # fused AdamW's on-device skip (what GradScaler uses)
+    spike = spikes(step_loss, finite) if spikes is not None else torch.zeros_like(finite)
+    optimizer.found_inf = (~finite | spike).float()  # fused AdamW's on-device skip (what GradScaler uses)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return step_loss, grad_norm, finite, parts
+    return step_loss, grad_norm, finite, parts, spike
 
 
 class SkippedSteps:
@@ -477,6 +500,66 @@ class SkippedSteps:
         self.total += bad
         self.in_a_row = (self.in_a_row + 1) * bad
         self.longest_run = torch.maximum(self.longest_run, self.in_a_row)
+
+
+class SpikeDetector:
+    """Finite loss spikes, found on the device (no host read): a step loss is a spike when it exceeds the mean of
+    the last `window` accepted losses by `threshold` standard deviations, the spread floored at 1% of the mean so
+    that a flat stretch does not turn noise into spikes. Detection starts once `window` losses are seen; spikes and
+    non-finite losses are not accepted into the window."""
+
+    def __init__(self, window: int, threshold: float, device):
+        self.threshold = threshold
+        self.losses = torch.zeros(window, device=device)
+        self.seen = torch.zeros((), dtype=torch.long, device=device)
+
+    def __call__(self, loss: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+        window = self.losses.shape[0]
+        mean = self.losses.mean()
+        spread = torch.maximum(self.losses.std(), 0.01 * mean)
+        spike = finite & (self.seen >= window) & (loss > mean + self.threshold * spread)
+        accept = finite & ~spike
+        slot = (self.seen % window).view(1)
+        self.losses.index_copy_(0, slot, torch.where(accept, loss.float(), self.losses[slot]))
+        self.seen += accept.long()
+        return spike
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses.tolist(), "seen": int(self.seen)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["losses"]) != self.losses.shape[0]:  # train.spike_window changed: start the window again
+            return
+        self.losses.copy_(torch.tensor(state["losses"]))
+        self.seen.fill_(state["seen"])
+
+
+class Draws:
+    """The training batches, drawn one at a time and counted; the ranges of draws in `skipped` (the batches of
+    loss spikes a rollback left out) are drawn and dropped. Counting every draw, the position survives rollbacks
+    and resumes: a checkpoint records it with the ranges."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.iterator = None  # made at the first draw: a data loader's iterator starts its worker processes
+        self.drawn = 0
+        self.skipped: list[list[int]] = []
+
+    def __call__(self) -> torch.Tensor:
+        if self.iterator is None:
+            self.iterator = iter(self.batches)
+        while any(start <= self.drawn < end for start, end in self.skipped):
+            next(self.iterator)
+            self.drawn += 1
+        self.drawn += 1
+        return next(self.iterator)
+
+    def restart(self, data_state: dict, drawn: int, skipped: list[list[int]]) -> None:
+        """Continue from a checkpoint's data position, with its count of draws and its skipped ranges."""
+        self.batches.load_state_dict(data_state)
+        self.iterator = None
+        self.drawn = drawn
+        self.skipped = [list(span) for span in skipped]
 
 
 def train(config: RunConfig, spec: TrainSpec = PRETRAINING, resume: str | None = None,
@@ -637,6 +720,41 @@ class Run:
     peak_note: str
     start_step: int = 0
     tasks: object = None  # harness.TaskEvaluator for the [eval] tasks, or None
+    draws: Draws | None = None  # the batches as the loop draws them (built in __post_init__)
+    spikes: SpikeDetector | None = None  # train.spike_threshold > 0
+    rollbacks: int = 0
+
+    def __post_init__(self):
+        self.draws = Draws(self.batches)
+        tc = self.config.train
+        if tc.spike_threshold:
+            self.spikes = SpikeDetector(tc.spike_window, tc.spike_threshold, self.device)
+
+    def train_state(self, step: int) -> dict:
+        """What a checkpoint holds besides weights and optimizer: the step, the data position, the RNG, and the
+        spike recovery's record (draws counted and skipped, the detector's window, rollbacks so far)."""
+        recovery = {"drawn": self.draws.drawn, "skipped": self.draws.skipped, "rollbacks": self.rollbacks,
+                    "spikes": self.spikes.state_dict() if self.spikes is not None else None}
+        return {"step": step, "data": json.dumps(self.batches.state_dict()), "rng": torch.get_rng_state(),
+                "recovery": json.dumps(recovery)}
+
+    def load(self, path: Path, verify: bool) -> int:
+        """Weights, optimizer and train state from the checkpoint at `path`; returns its step. Checkpoints written
+        before spike recovery existed hold no record: no draw was skipped, and grad_accum were drawn per step."""
+        template = self.train_state(0)
+        if "train.recovery" not in read_checkpoint_metadata(path).state_dict_metadata:
+            del template["recovery"]
+        state = load_checkpoint(path, self.model, self.optimizer, template, verify=verify,
+                                group=self.topology.host_group)
+        step = int(state["step"])
+        recovery = json.loads(state.get("recovery", "{}"))
+        self.draws.restart(json.loads(state["data"]), recovery.get("drawn", step * self.config.train.grad_accum),
+                           recovery.get("skipped", []))
+        torch.set_rng_state(state["rng"])
+        self.rollbacks = recovery.get("rollbacks", 0)
+        if self.spikes is not None and recovery.get("spikes"):
+            self.spikes.load_state_dict(recovery["spikes"])
+        return step
 
     @property
     def tokens_per_step(self) -> int:
@@ -646,7 +764,7 @@ class Run:
     def save(self, step: int) -> Path:
         return save_checkpoint(
             Path(self.config.train.run_dir) / "checkpoints", step, self.model, self.optimizer,
-            _train_state(step, self.batches), self.topology.is_main,
+            self.train_state(step), self.topology.is_main,
             extra_files={"run_config.json": json.dumps(self.config.to_dict(), indent=2)}, tokenizer=self.tokenizer,
             keep=self.config.checkpoint.keep, run_id=self.run_id, group=self.topology.host_group,
         )
@@ -695,35 +813,35 @@ def build_run(config: RunConfig, spec: TrainSpec, topology: Topology, resume_fro
 
         run.tasks = TaskEvaluator(config.eval, tokenizer, topology)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, _train_state(0, batches), verify=False)
-        batches.load_state_dict(json.loads(state["data"]))
-        torch.set_rng_state(state["rng"])
-        run.start_step = int(state["step"])
+        run.start_step = run.load(resume_from, verify=False)
     return run
 
 
 def train_loop(run: Run, sink: "MetricsSink") -> dict:
     """Steps from run.start_step to train.steps: update, log, validate, sample and checkpoint on their intervals;
-    a preemption signal saves a checkpoint and stops. Returns the last logged record, `preempted`, `elapsed_s`."""
+    a preemption signal saves a checkpoint and stops; loss spikes may roll the run back (roll_back). Returns the
+    last logged record, `preempted`, `elapsed_s`."""
     config, tc, topology = run.config, run.config.train, run.topology
-    batch_iter = iter(run.batches)
     interval = LogInterval(run)
     summary: dict = {"step": run.start_step, "preempted": False}
+    recent_spikes: list[tuple[int, int, int]] = []  # (step index, first draw, end draw) within spike_window
     started = time.perf_counter()
     run.model.train()
+    step = run.start_step
     with PreemptionFlag() as preemption:
-        for step in range(run.start_step, tc.steps):
+        while step < tc.steps:
             lr = lr_at(step, config.optim, tc.steps)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
+            first_draw = run.draws.drawn
             try:
-                step_loss, grad_norm, finite, parts = training_step(
-                    run.model, run.optimizer, lambda: next(batch_iter), run.objective, run.amp, config, topology,
-                    run.device,
+                step_loss, grad_norm, finite, parts, spike = training_step(
+                    run.model, run.optimizer, run.draws, run.objective, run.amp, config, topology, run.device,
+                    run.spikes,
                 )
             except torch.OutOfMemoryError as error:
                 raise TrainingStopped(oom_message(error, run.device, config)) from error
-            interval.add(step_loss, finite, parts)
+            interval.add(step_loss, finite, parts, spike, (step, first_draw, run.draws.drawn))
             sink.step_done()
             done = step + 1 == tc.steps
             if (step + 1) % tc.log_every == 0 or done:
@@ -734,6 +852,11 @@ def train_loop(run: Run, sink: "MetricsSink") -> dict:
                     interval.started += time.perf_counter() - started_validation  # not training time
                 sink.log(record)
                 summary.update(record)
+                recent_spikes = [s for s in recent_spikes + interval.spikes if s[0] > step - tc.spike_window]
+                if tc.spike_rollback_after and len(recent_spikes) >= tc.spike_rollback_after:
+                    step = roll_back(run, sink, recent_spikes, step + 1)
+                    recent_spikes, interval = [], LogInterval(run)
+                    continue
             if tc.sample_every and (step + 1) % tc.sample_every == 0:
                 sink.note("sample: " + sample_text(run.model, run.tokenizer, tc.sample_prompt, tc.sample_tokens,
                                                    run.device, run.amp))
@@ -751,8 +874,43 @@ def train_loop(run: Run, sink: "MetricsSink") -> dict:
                 interval.started += record["eval_seconds"]  # not training time
                 sink.log(record)
                 summary.update(record)
+            step += 1
     summary["elapsed_s"] = time.perf_counter() - started
     return summary
+
+
+def roll_back(run: Run, sink: "MetricsSink", spikes: list[tuple[int, int, int]], now: int) -> int:
+    """Return to the newest checkpoint of this run saved before the first spike, with the batches drawn from the
+    first spike's step to the last one's left out from then on; returns the step to continue from.
+
+    The checkpoint is saved again with the skipped range in its record, so a resume from it (or from any later
+    one) skips the same batches. This run's checkpoints after it are set aside as `step-N.rolled-back-K`, never
+    resumed from and not deleted; the metrics log loses the records after it, and gains one for the rollback."""
+    tc, checkpoints = run.config.train, Path(run.config.train.run_dir) / "checkpoints"
+    first_step = spikes[0][0]
+    before = [c for c in complete_checkpoints(checkpoints)
+              if checkpoint_step(c) <= first_step and run_id_of(c) == run.run_id]
+    spike_steps = [s[0] + 1 for s in spikes]
+    if not before:
+        raise TrainingStopped(f"loss spikes at steps {spike_steps} and no checkpoint of this run before step "
+                              f"{first_step + 1} to roll back to: save more often (checkpoint.every)")
+    if run.rollbacks >= tc.spike_max_rollbacks:
+        raise TrainingStopped(f"loss spikes at steps {spike_steps} after {run.rollbacks} rollback(s) "
+                              f"(train.spike_max_rollbacks): lower optim.lr or check the data")
+    skipped = run.draws.skipped + [[spikes[0][1], spikes[-1][2]]]
+    rollbacks = run.rollbacks + 1
+    target = before[-1]
+    step = run.load(target, verify=True)
+    run.draws.skipped, run.rollbacks = skipped, rollbacks
+    if run.topology.is_main:
+        for later in complete_checkpoints(checkpoints):
+            if checkpoint_step(later) > step and run_id_of(later) == run.run_id:
+                later.rename(later.with_name(f"{later.name}.rolled-back-{rollbacks}"))
+    run.save(step)  # the barrier inside lets no process read the folder before the renames
+    sink.rewind(step)
+    sink.log({"step": step, "rolled_back_from": now, "spike_steps": spike_steps,
+              "skipped_batches": skipped[-1], "rollbacks": rollbacks})
+    return step
 
 
 class LogInterval:
@@ -765,12 +923,20 @@ class LogInterval:
         self.skipped_before = 0  # the total at the last log
         self.losses: list[torch.Tensor] = []
         self.parts: dict[str, list[torch.Tensor]] = {}
+        self.spike_flags: list[torch.Tensor] = []
+        self.steps: list[tuple[int, int, int]] = []
+        self.spikes: list[tuple[int, int, int]] = []  # the last read interval's spikes: (step index, draws)
+        self.spike_total = 0
         self.started = time.perf_counter()
         self.flops_per_token = training_flops_per_token(run.model_config, run.config.data.seq_len)
 
-    def add(self, step_loss: torch.Tensor, finite: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+    def add(self, step_loss: torch.Tensor, finite: torch.Tensor, parts: dict[str, torch.Tensor],
+            spike: torch.Tensor, where: tuple[int, int, int]) -> None:
+        """One step's figures; `where` is (step index, first draw, end draw) of its batches."""
         self.skipped.update(finite)
         self.losses.append(step_loss)
+        self.spike_flags.append(spike)
+        self.steps.append(where)
         for name, value in parts.items():
             self.parts.setdefault(name, []).append(value)
 
@@ -778,10 +944,15 @@ class LogInterval:
         """The record for the interval ending at `step` (1-based); stops the run after too many non-finite steps
         in a row. Starts the next interval."""
         run, tc = self.run, self.run.config.train
-        loss, norm, total_skipped, longest_run = torch.stack([
-            torch.stack(self.losses).mean(), grad_norm.float(),
-            self.skipped.total.float(), self.skipped.longest_run.float(),
-        ]).tolist()
+        losses = torch.stack(self.losses).float()
+        loss, norm, total_skipped, longest_run, *flags = torch.cat([torch.stack([
+            losses.mean(), grad_norm.float(), self.skipped.total.float(), self.skipped.longest_run.float(),
+        ]), torch.stack(self.spike_flags).float()]).tolist()
+        self.spikes = [where for where, flag in zip(self.steps, flags) if flag]
+        if self.spikes:
+            values = losses[[i for i, flag in enumerate(flags) if flag]].tolist()
+            sink.note("loss spike(s), update skipped: " + ", ".join(
+                f"step {where[0] + 1} loss {value:.4f}" for where, value in zip(self.spikes, values)))
         tokens_per_s = len(self.losses) * run.tokens_per_step / (time.perf_counter() - self.started)
         if total_skipped > self.skipped_before:
             sink.note(f"steps {step + 1 - len(self.losses)}-{step}: {int(total_skipped - self.skipped_before)} "
@@ -802,6 +973,9 @@ class LogInterval:
             "peak_memory_gib": peak_memory_gib(run.device),
             "skipped_steps": int(total_skipped),
         }
+        if run.spikes is not None:
+            self.spike_total += len(self.spikes)
+            record["spikes"] = self.spike_total
         if run.peak_tflops:
             record["mfu"] = self.flops_per_token * tokens_per_s / (run.peak_tflops * 1e12 * run.topology.world)
         if run.config.data.on_error == "skip" and hasattr(run.batches, "skipped"):
@@ -813,12 +987,10 @@ class LogInterval:
         self.skipped_before = total_skipped
         self.losses.clear()
         self.parts.clear()
+        self.spike_flags.clear()
+        self.steps.clear()
         self.started = time.perf_counter()
         return record
-
-
-def _train_state(step: int, batches) -> dict:
-    return {"step": step, "data": json.dumps(batches.state_dict()), "rng": torch.get_rng_state()}
 
 
 def export_final_model(model, model_config: ArgonneConfig, tokenizer, output: Path, topology: Topology) -> None:

@@ -1,0 +1,363 @@
+"""Recipe ablation (issue 21, "a better recipe per token"): validation loss at equal tokens for the tiny preset's
+original recipe, each recipe option alone and a combination of them, over several seeds, with a plain transformers
+LlamaForCausalLM of the same shape, trained by a minimal loop, as a reference for the original recipe.
+
+    python benchmarks/recipe_ablation.py                                  # original wsd z_loss document, seeds 0 1 2
+    python benchmarks/recipe_ablation.py --combo wsd,document             # + that combination, as "best"
+    python benchmarks/recipe_ablation.py --variants original qk_norm muon # once those options are on main
+
+Every run is the real trainer (`argonne train configs/tiny.toml`, in this process) with the variant's options on top
+of configs/tiny.toml. A seed fixes both the initial weights and the data order (train.seed), so seed k of every
+variant starts from the same weights and sees the same batches; every run is validated on the same held-out windows.
+
+Budget, sized for the project's 2-core CPU machine (3 seeds x 5 variants + the reference in ~15 minutes): the whole
+bundled sample, seq_len 128, micro-batch 16 (2,048 tokens a step), 200 steps (409,600 tokens), warmup 20 and lr
+3e-3 -> 3e-4 as in configs/tiny.toml; validation every 25 steps on 32 held-out windows (4,096 tokens). That is a
+short run: options whose gains come late in training (or at scale) may not show here.
+
+The reference mirrors the original recipe outside Argonne: Argonne's freshly initialised weights for the seed copied
+into transformers' LlamaForCausalLM (parameter names match one to one), the trainer's own batches (pretraining_data,
+split_batch) in the same order, AdamW with the trainer's three parameter groups, the same lr schedule (lr_at),
+clipping, float32, F.cross_entropy on the logits. Its step-1 loss must equal the original's (same weights, same
+batch) and its final validation loss must lie within the original's seed spread.
+
+The table (markdown) goes to --output and the raw curves to --json. Finished runs are kept in --workdir and reused
+when a later call asks for the same run (same trainer options), so a combination can be chosen after the
+single-option runs without training those again (--no-reuse trains everything afresh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny.toml"
+TOKENIZER = REPO / "data" / "tokenizers" / "sample-bpe-8k"
+
+# Each recipe option: the trainer options that turn it on, on top of configs/tiny.toml. Model fields go one by one
+# into model.overrides, so options that set different fields combine.
+VARIANTS = {
+    "original": [],
+    "wsd": ["--optim.schedule='wsd'"],
+    "z_loss": ["--train.z_loss=1e-4"],
+    "document": ["--model.overrides.attention_scope='document'"],  # the tiny preset's boundary: eos_token_id 0
+    "qk_norm": ["--model.overrides.qk_norm=true"],
+    "muon": ["--optim.optimizer='muon'"],
+}
+REFERENCE = "llama reference"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=["original", "wsd", "z_loss", "document"],
+                        help=f"options to train alone, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--combo", default="", help="options trained together as the variant 'best', e.g. "
+                                                    "wsd,z_loss,document")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=16)
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--val-windows", type=int, default=32)
+    parser.add_argument("--data", nargs="+", default=[str(REPO / "data" / "sample")],
+                        help="parquet inputs, tokenized once into the work dir (1%% of documents held out)")
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                        help="train the transformers Llama reference of the original recipe")
+    parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
+                        help="reuse finished runs of the work dir that had the same trainer options")
+    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "recipe-ablation")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "recipe_ablation.md")
+    parser.add_argument("--json", type=Path, default=None, help="raw curves (default: WORKDIR/results.json)")
+    return parser.parse_args(argv)
+
+
+def chosen_variants(args) -> dict[str, list[str]]:
+    """name -> trainer options, for --variants and --combo (as "best"); unknown names end the script."""
+    combo = [name for name in args.combo.split(",") if name]
+    unknown = [name for name in [*args.variants, *combo] if name not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    variants = {"original": []}  # the baseline every other variant is measured against
+    variants.update({name: VARIANTS[name] for name in args.variants})
+    if combo:
+        variants["best"] = [option for name in combo for option in VARIANTS[name]]
+    return variants
+
+
+def trainer_options(args, prepared: Path, seed: int, run_dir: Path) -> list[str]:
+    """The run settings every variant shares (the budget above), as trainer overrides."""
+    return [
+        f"--data.prepared={str(prepared)!r}", "--data.inputs=[]", f"--data.tokenizer={str(TOKENIZER)!r}",
+        f"--data.seq_len={args.seq_len}", f"--data.val_windows={args.val_windows}", "--data.workers=0",
+        f"--train.steps={args.steps}", f"--train.micro_batch_size={args.micro_batch}", f"--train.seed={seed}",
+        f"--train.eval_every={args.eval_every}", "--train.log_every=1",  # every step's loss: step 1 is compared
+        "--train.tensorboard=false", "--train.peak_tflops=1", f"--train.run_dir={str(run_dir)!r}",
+    ]
+
+
+def check_variants(variants: dict[str, list[str]], args, prepared: Path) -> None:
+    """Every variant's config loads on this checkout before anything trains (qk_norm and muon need their branches)."""
+    from argonne import ArgonneConfig
+    from argonne.config import load_run_config
+
+    for name, options in variants.items():
+        try:
+            config = load_run_config(CONFIG, [*trainer_options(args, prepared, 0, args.workdir), *options], "train")
+            ArgonneConfig.from_preset(config.model.preset, **config.model.overrides)
+        except ValueError as error:
+            raise SystemExit(f"variant {name!r} ({' '.join(options)}) does not run on this checkout: {error}")
+
+
+def prepare_sample(args) -> Path:
+    """The inputs tokenized once into the work dir (windows are cut at training time: any seq_len reads them)."""
+    from argonne import load_tokenizer
+    from argonne.data import DocumentSettings
+    from argonne.data.prepare import PrepareSettings, prepare_dataset
+
+    folder = args.workdir / "sample-tokens"
+    settings = PrepareSettings(seq_len=args.seq_len, workers=0, documents=DocumentSettings(val_fraction=0.01))
+    prepare_dataset(args.data, load_tokenizer(TOKENIZER), folder, settings, progress=False)  # resumes: done once
+    return folder
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+
+def train_variant(name: str, options: list[str], seed: int, args, prepared: Path) -> dict:
+    """One trainer run (or the work dir's finished one with the same options), read from its metrics.jsonl."""
+    from argonne.cli import main as argonne
+
+    run_dir = args.workdir / "runs" / f"{name}-seed{seed}"
+    argv = ["train", "--overwrite", str(CONFIG), *trainer_options(args, prepared, seed, run_dir), *options]
+    finished = run_dir / "ablation-argv.json"  # written last: the run completed with these options
+    if not (args.reuse and finished.is_file() and json.loads(finished.read_text()) == argv):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):  # a line per step
+            status = argonne(argv)
+        if status != 0:
+            raise SystemExit(f"{name} seed {seed}: the trainer exited with {status} (see above and {run_dir})")
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 60 MB a run, and nothing here resumes
+        finished.write_text(json.dumps(argv))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    if not any("val_loss" in r for r in steps):
+        raise SystemExit(f"{name} seed {seed}: no validation loss: the prepared data holds no held-out window")
+    rates = [r["tokens_per_s"] for r in steps[1:]]  # the first step pays for warming up
+    return {
+        "step_losses": [r["loss"] for r in steps],
+        "val": [[r["tokens"], r["val_loss"]] for r in steps if "val_loss" in r],
+        "tokens_per_s": len(rates) / sum(1 / r for r in rates),  # = tokens / seconds: every step has the same tokens
+    }
+
+
+def llama_mirror(config):
+    """transformers' LlamaForCausalLM of the Argonne config's shape (as benchmarks/train_throughput.py's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta, tie_word_embeddings=config.tie_word_embeddings,
+        attention_bias=config.attention_bias, mlp_bias=config.mlp_bias, attn_implementation="sdpa",
+    ))
+
+
+def next_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=inputs, use_cache=False).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def train_reference(seed: int, args, prepared: Path) -> dict:
+    """The original recipe's run, done by hand on transformers' Llama (see the module docstring)."""
+    from argonne import ArgonneForCausalLM
+    from argonne.config import load_run_config
+    from argonne.data.batches import pretraining_data, split_batch
+    from argonne.train import build_model_config, build_tokenizer, lr_at
+
+    config = load_run_config(CONFIG, trainer_options(args, prepared, seed, args.workdir / "unused"), "train")
+    optim, steps, eval_every = config.optim, config.train.steps, config.train.eval_every
+    tokenizer = build_tokenizer(config)
+    model_config = build_model_config(config, tokenizer)
+    torch.manual_seed(seed)  # as the trainer's build_model: Argonne's initial weights for this seed
+    argonne_weights = ArgonneForCausalLM(model_config).state_dict()
+    model = llama_mirror(model_config)
+    missing, unexpected = model.load_state_dict(argonne_weights, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # the tied head is embed
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+    # The trainer's groups: linear weights decayed; the embedding (the tied head) and the norms not.
+    embedding = model.get_input_embeddings().weight
+    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight is not embedding]
+    norms = [p for p in model.parameters() if p is not embedding and all(p is not w for w in linear)]
+    optimizer = torch.optim.AdamW(
+        [{"params": linear, "weight_decay": optim.weight_decay}, {"params": [embedding], "weight_decay": 0.0},
+         {"params": norms, "weight_decay": 0.0}],
+        lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True,
+    )
+    batches, validation = pretraining_data(config.data, config.train.micro_batch_size, seed, tokenizer)
+    batch_iter = iter(batches)
+    tokens_per_step = config.train.micro_batch_size * config.data.seq_len
+    step_losses, val, seconds = [], [], 0.0
+    model.train()
+    for step in range(steps):
+        started = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, optim, steps)
+        loss = next_token_loss(model, *split_batch(next(batch_iter)))
+        loss.backward()
+        if optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_losses.append(loss.item())
+        seconds += (time.perf_counter() - started) if step else 0.0  # as the trainer's figure: not the first step
+        if (eval_every and (step + 1) % eval_every == 0) or step + 1 == steps:
+            with torch.no_grad():
+                model.eval()
+                val_loss = torch.stack([next_token_loss(model, *split_batch(b)) for b in validation]).mean().item()
+                model.train()
+            val.append([(step + 1) * tokens_per_step, val_loss])
+    return {"step_losses": step_losses, "val": val, "tokens_per_s": (steps - 1) * tokens_per_step / seconds}
+
+
+# ------------------------------------------------------------------------------------------------------ report
+
+
+def tokens_to_reach(curve: list[list[float]], target: float) -> float | None:
+    """Tokens at which a (tokens, loss) curve first gets down to `target`, linear between evaluations."""
+    for i, (tokens, loss) in enumerate(curve):
+        if loss <= target:
+            if i == 0:
+                return tokens
+            before_tokens, before_loss = curve[i - 1]
+            return before_tokens + (tokens - before_tokens) * (before_loss - target) / (before_loss - loss)
+    return None
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per variant: final validation loss over seeds, the mean curve, the tokens to reach the original's final mean
+    validation loss and tokens/s; and against the original, whether it helped beyond the seeds' spread."""
+    summary = {}
+    for name, seeds in runs.items():
+        finals = [run["val"][-1][1] for run in seeds]
+        curve = [[point[0], statistics.fmean(run["val"][i][1] for run in seeds)] for i, point in
+                 enumerate(seeds[0]["val"])]
+        summary[name] = {"final_mean": statistics.fmean(finals), "final_std": spread(finals), "curve": curve,
+                         "tokens_per_s": statistics.fmean(run["tokens_per_s"] for run in seeds)}
+    original = summary["original"]
+    total_tokens = original["curve"][-1][0]
+    for name, row in summary.items():
+        row["tokens_to_original_final"] = tokens_to_reach(row["curve"], original["final_mean"])
+        row["fraction"] = row["tokens_to_original_final"] and row["tokens_to_original_final"] / total_tokens
+        difference = row["final_mean"] - original["final_mean"]
+        noise = (row["final_std"] ** 2 + original["final_std"] ** 2) ** 0.5
+        row["verdict"] = ("baseline" if name == "original" else "reference" if name == REFERENCE
+                          else "within the seeds' spread" if abs(difference) <= noise
+                          else "better" if difference < 0 else "worse")
+    return summary
+
+
+def reference_check(runs: dict[str, list[dict]], summary: dict) -> dict:
+    """How far the Llama reference is from the original recipe: step 1 (same weights and batch: equal to float32
+    rounding) and the final validation loss (within the original's seed spread)."""
+    pairs = list(zip(runs["original"], runs[REFERENCE]))
+    step1 = max(abs(a["step_losses"][0] - b["step_losses"][0]) for a, b in pairs)
+    final = max(abs(a["val"][-1][1] - b["val"][-1][1]) for a, b in pairs)
+    means = abs(summary[REFERENCE]["final_mean"] - summary["original"]["final_mean"])
+    return {"step1_max_abs_diff": step1, "final_max_abs_diff": final, "final_mean_abs_diff": means,
+            "matched": step1 < 1e-4 and means <= max(summary["original"]["final_std"], 1e-3)}
+
+
+def markdown(summary: dict, check: dict | None, variants: dict, args, wall_s: float) -> str:
+    tokens_per_step = args.micro_batch * args.seq_len
+    total = args.steps * tokens_per_step
+
+    def loss(row):
+        return f"{row['final_mean']:.4f} ± {row['final_std']:.4f}"
+
+    def reached(row):
+        tokens = row["tokens_to_original_final"]
+        return ("not reached", "–") if tokens is None else (f"{tokens:,.0f}", f"{row['fraction']:.2f}")
+
+    lines = [
+        "# Recipe ablation: tiny preset, bundled sample (CPU)", "",
+        f"`python benchmarks/recipe_ablation.py --variants {' '.join(args.variants)}"
+        + (f" --combo {args.combo}" if args.combo else "") + f" --seeds {' '.join(map(str, args.seeds))}"
+        + f" --steps {args.steps}`: {args.steps} steps x {tokens_per_step:,} tokens (seq_len {args.seq_len}, "
+        f"micro-batch {args.micro_batch}) = {total:,} tokens per run, seeds {', '.join(map(str, args.seeds))}; "
+        f"validation every {args.eval_every} steps on {args.val_windows} held-out windows. Wall time "
+        f"{wall_s / 60:.1f} min.", "",
+        "| variant | options | final val loss (mean ± std) | vs original | tokens to original's final | fraction "
+        "| tokens/s |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
+    for name, row in summary.items():
+        options = " ".join(variants.get(name, [])) or ("configs/tiny.toml" if name == "original" else
+                                                         "transformers, minimal loop")
+        lines.append(f"| {name} | `{options}` | {loss(row)} | {row['verdict']} | {' | '.join(reached(row))} | "
+                     f"{row['tokens_per_s']:,.0f} |")
+    points = next(iter(summary.values()))["curve"]
+    lines += ["", "Validation loss, mean over seeds, by tokens trained:", "",
+              "| variant | " + " | ".join(f"{tokens / 1000:,.0f}k" for tokens, _ in points) + " |",
+              "|---|" + "---:|" * len(points)]
+    lines += [f"| {name} | " + " | ".join(f"{value:.4f}" for _, value in row["curve"]) + " |"
+              for name, row in summary.items()]
+    if check is not None:
+        lines += ["", f"Reference: step-1 loss differs from the original's by at most {check['step1_max_abs_diff']:.1e}"
+                      f" (same weights, same batch); final validation loss by at most "
+                      f"{check['final_max_abs_diff']:.4f} per seed and {check['final_mean_abs_diff']:.4f} in the "
+                      f"mean, against the original's seed std {summary['original']['final_std']:.4f}: "
+                      + ("**matches**." if check["matched"] else "**does not match**.")]
+    if "best" in summary:
+        fraction = summary["best"]["fraction"]
+        lines += ["", f"Goal (best = {args.combo} reaches the original's final validation loss in at most 75% of "
+                      f"its tokens): " + ("**met**" if fraction is not None and fraction <= 0.75 else "**not met**")
+                  + (f" ({fraction:.2f})." if fraction is not None else " (not reached).")]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    variants = chosen_variants(args)
+    started = time.perf_counter()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_sample(args)
+    check_variants(variants, args, prepared)
+    runs: dict[str, list[dict]] = {name: [] for name in [*variants, *([REFERENCE] if args.reference else [])]}
+    for seed in args.seeds:  # seeds outermost: a machine slower for a while slows every variant alike
+        for name, options in variants.items():
+            print(f"seed {seed}: {name}", flush=True)
+            runs[name].append(train_variant(name, options, seed, args, prepared))
+        if args.reference:
+            print(f"seed {seed}: {REFERENCE}", flush=True)
+            runs[REFERENCE].append(train_reference(seed, args, prepared))
+    summary = summarize(runs)
+    check = reference_check(runs, summary) if args.reference else None
+    table = markdown(summary, check, variants, args, time.perf_counter() - started)
+    print(table)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(table)
+    json_path = args.json or args.workdir / "results.json"
+    json_path.write_text(json.dumps({"variants": variants, "runs": runs, "summary": summary,
+                                     "reference_check": check, "settings": {k: str(v) for k, v in
+                                                                             vars(args).items()}}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
