@@ -17,7 +17,7 @@ mkdir -p "$OUT"
 started=$SECONDS
 wanted=" $* "
 # Result file of each part (default: the part's name); eight files in all with summary.txt and profiles.txt.
-declare -A FILE_OF=([train-small]=train [train-2.0]=train [decode-b1]=decode [decode-accuracy]=decode
+declare -A FILE_OF=([train-small]=train [train-documents]=train [train-2.0]=train [decode-b1]=decode [decode-accuracy]=decode
                     [decode-long]=decode [decode-b16]=decode [gemv]=decode [serve-load]=eval)
 run() {  # run LIMIT_S NAME COMMAND...
     local limit=$1 name=$2
@@ -40,6 +40,9 @@ run() {  # run LIMIT_S NAME COMMAND...
 run 180 gpu-tests $PY -m pytest -p no:cacheprovider -rfEs tests/test_gpu.py
 run 150 train-small $PY benchmarks/train_throughput.py --preset small --batch 8 --seq-len 4096 --compile \
     --checkpointing none selective --check-syncs --steps 5 --warmup 2 --profile "$OUT/profiles.txt"
+# Document attention (flex attention, issue 21) against causal on the same windows: goal at most 10% slower.
+run 120 train-documents $PY benchmarks/train_throughput.py --preset small --batch 8 --seq-len 4096 --compile \
+    --steps 5 --warmup 2 --document-length 1024 --skip-transformers
 run 100 train-2.0 $PY benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \
     --checkpointing selective --steps 3 --warmup 2
 run 270 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 \

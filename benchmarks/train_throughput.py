@@ -6,6 +6,8 @@ in the same process: tokens/s, MFU over the bf16 matmul rate measured in the sam
         --checkpointing selective
     python benchmarks/train_throughput.py --preset small --compile --checkpointing none selective  # two variants
     python benchmarks/train_throughput.py --preset tiny --batch 2 --seq-len 128                  # CPU-sized
+    python benchmarks/train_throughput.py --preset small --compile --document-length 1024 --skip-transformers
+                                        # document attention beside causal, on the same windows of documents
 
 Argonne's step is the trainer's own `training_step` (chunked linear + cross-entropy, clipping, fused AdamW that skips
 non-finite updates on the device) on a model prepared by the trainer's `parallelize` (activation checkpointing,
@@ -152,6 +154,9 @@ def main() -> None:
     parser.add_argument("--profile", metavar="FILE",
                         help="append the kernel table of one step of the first Argonne row")
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--document-length", type=int, default=0, metavar="N",
+                        help="windows of documents of N tokens on average (random lengths, each closed by the "
+                             "boundary token), and one more Argonne row with attention_scope = \"document\"")
     args = parser.parse_args()
     if args.transformers_checkpointing is None:
         args.transformers_checkpointing = args.checkpointing[0] != "none"
@@ -166,6 +171,9 @@ def main() -> None:
     flops_per_token = training_flops_per_token(config, args.seq_len)
     peak = measure_peak_tflops(device, dtype) * 1e12
     batch = torch.randint(0, config.vocab_size, (args.batch, args.seq_len + 1), device=device)
+    if args.document_length:  # a boundary after each token with probability 1/N: geometric lengths of mean N
+        ends = torch.rand(batch.shape, generator=torch.Generator().manual_seed(0)) < 1 / args.document_length
+        batch[ends.to(device)] = config.eos_token_id
     print(f"{args.preset}: batch {args.batch} x {args.seq_len}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
           f"measured peak {peak / 1e12:,.1f} TFLOP/s, {flops_per_token / 1e9:,.2f} GFLOPs/token")
@@ -178,6 +186,14 @@ def main() -> None:
         ours[label] = measure(label, lambda: argonne_step(config, args, checkpointing, batch, device, amp), args,
                               device, flops_per_token, peak, tokens, args.check_syncs,
                               args.profile if index == 0 else None)
+    if args.document_length:
+        documents = ArgonneConfig.from_preset(args.preset, max_position_embeddings=max(args.seq_len, 128),
+                                              attention_scope="document")
+        label = "argonne" + (", compiled blocks" if args.compile else "") + ", document attention"
+        ours[label] = measure(label, lambda: argonne_step(documents, args, args.checkpointing[0], batch, device, amp),
+                              args, device, flops_per_token, peak, tokens)
+        causal = next(iter(ours))
+        print(f"document attention / causal ({causal}) tokens/s: {ours[label] / ours[causal]:.3f}")
     if not args.skip_transformers:
         label = "transformers Llama" + (", checkpointing" if args.transformers_checkpointing else "")
         theirs = measure(label, lambda: transformers_step(config, args, batch, device, amp), args, device,
