@@ -1,5 +1,5 @@
 """GPU-only paths (skipped without CUDA): the compiled loss chunk, head_dim padding under cuDNN/flash, the
-sync-free training step, and the CUDA-graph decode step. Run on a GPU machine: `python -m pytest tests/test_gpu.py`."""
+sync-free training step, document attention through flex attention, and the CUDA-graph decode step. Run on a GPU machine: `python -m pytest tests/test_gpu.py`."""
 
 import copy
 from contextlib import contextmanager
@@ -95,6 +95,26 @@ def test_training_step_never_waits_for_the_gpu(compile):
     with host_synchronisation_is_an_error():
         losses = [step()[0] for _ in range(3)]
     assert torch.stack(losses).isfinite().all() and losses[-1].item() < first
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_document_attention_through_flex_attention_equals_the_cpu_boolean_mask(compile):
+    """On a GPU document attention runs flex attention with a BlockMask (inside compiled blocks with compile);
+    its loss and gradients equal the CPU path's boolean mask, float32."""
+    torch.manual_seed(0)
+    tokens = torch.randint(1, 320, (2, 300))
+    tokens[torch.rand(tokens.shape) < 0.02] = 0  # documents of ~50 tokens, closed by token 0
+    reference = make_model("tiny", **LLAMA_STYLE, attention_scope="document", eos_token_id=0, max_position_embeddings=512)
+    model = copy.deepcopy(reference).cuda()
+    parallelize(model, Topology(), "none", compile, None)
+    results = []
+    for net, device in ((reference, "cpu"), (model, "cuda")):
+        loss = net(tokens[:, :-1].to(device), targets=tokens[:, 1:].to(device), use_cache=False).loss
+        loss.backward()
+        results.append((loss.cpu(), {n: p.grad.cpu() for n, p in net.named_parameters()}))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-4)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_cuda_graph_decode_equals_eager_decode():
