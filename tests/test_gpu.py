@@ -104,7 +104,8 @@ def test_document_attention_through_flex_attention_equals_the_cpu_boolean_mask(c
     torch.manual_seed(0)
     tokens = torch.randint(1, 320, (2, 300))
     tokens[torch.rand(tokens.shape) < 0.02] = 0  # documents of ~50 tokens, closed by token 0
-    reference = make_model("tiny", **LLAMA_STYLE, attention_scope="document", eos_token_id=0, max_position_embeddings=512)
+    shape = {**LLAMA_STYLE, "max_position_embeddings": 512}
+    reference = make_model("tiny", **shape, attention_scope="document", eos_token_id=0).train()
     model = copy.deepcopy(reference).cuda()
     parallelize(model, Topology(), "none", compile, None)
     results = []
