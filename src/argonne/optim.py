@@ -126,7 +126,9 @@ def orthogonalized(update: torch.Tensor, param: torch.Tensor, steps: int, dtype:
     if not isinstance(param, DTensor):
         return newton_schulz(update, steps, dtype)
     mesh, placements = param.device_mesh, param.placements
-    whole = DTensor.from_local(update, mesh, placements, shape=param.shape, stride=param.stride()).full_tensor()
+    # Gathered in Newton-Schulz's dtype (its first step casts anyway): bfloat16 on GPUs halves the traffic.
+    whole = DTensor.from_local(update.to(dtype), mesh, placements, shape=param.shape,
+                               stride=param.stride()).full_tensor()
     replicated = DTensor.from_local(newton_schulz(whole, steps, dtype), mesh, [Replicate()] * mesh.ndim,
                                     run_check=False)
     return replicated.redistribute(mesh, placements).to_local()  # a local slice: no communication
