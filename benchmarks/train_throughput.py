@@ -29,8 +29,9 @@ import torch
 from argonne import ArgonneConfig, ArgonneForCausalLM
 from argonne.config import RunConfig
 from argonne.metrics import training_flops_per_token
+from argonne.optim import build_optimizer
 from argonne.parallel import ACTIVATION_CHECKPOINTING, Topology, parallelize
-from argonne.train import build_optimizer, cross_entropy_objective, measure_peak_tflops, training_step
+from argonne.train import cross_entropy_objective, measure_peak_tflops, training_step
 
 
 def llama_like(config: ArgonneConfig, checkpointing: bool):

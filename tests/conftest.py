@@ -152,6 +152,7 @@ from .launches import (  # noqa: E402,F401 - registered here as fixtures
     eval_one_process,
     eval_tasks,
     four_processes,
+    muon_one_process,
     one_process,
     prepared_sample,
     streamed_one_process,

@@ -125,6 +125,24 @@ LAYOUTS = {
 }
 
 
+# Muon runs (optim.py) in the layouts that shard its matrices differently, each named "muon LAYOUT" in its launch.
+MUON = ["--optim.optimizer=muon"]
+MUON_LAYOUTS = ("fsdp2", "tp2", "fsdp2xtp2")
+
+
+def muon_run(prepared, root: Path, layout: str) -> dict:
+    _, micro, extra = LAYOUTS[layout]
+    return {"name": f"muon {layout}", "argv": cli_args(prepared, root / f"muon {layout}", micro=micro, extra=[
+        *extra, *MUON, "--checkpoint.every=5", "--checkpoint.keep=0"])}
+
+
+@pytest.fixture(scope="session")
+def muon_one_process(prepared_sample, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("muon-one")
+    extra = [*MUON, "--checkpoint.every=5", "--checkpoint.keep=0"]
+    return train_here(prepared_sample, run_dir, extra=extra), run_dir
+
+
 def launch_runs(folder: Path, nproc: int, plan: list[dict]) -> dict:
     """Every run of `plan` in one torchrun launch (tests/launch_runs.py); returns the launch's output and each
     run's exit status."""
@@ -160,7 +178,7 @@ def eval_one_process(prepared_sample, eval_tasks, tmp_path_factory) -> dict[str,
 
 
 @pytest.fixture(scope="session")
-def two_processes(prepared_sample, one_process, streaming, eval_tasks, tmp_path_factory):
+def two_processes(prepared_sample, one_process, muon_one_process, streaming, eval_tasks, tmp_path_factory):
     """One launch of two processes for every two-process run of this module; a folder lock held by another
     process is in place for the "in use" run."""
     from .test_run_folder import hold_lock_in_another_process
@@ -184,6 +202,9 @@ def two_processes(prepared_sample, one_process, streaming, eval_tasks, tmp_path_
         # One document per task: one process has no request of its own.
         {"name": "eval fsdp2 limit 1", "argv": cli_args(prepared_sample, root / "eval fsdp2 limit 1", micro=4,
                                                         extra=[*eval_tasks, "--eval.limit=1"])},
+        *(muon_run(prepared_sample, root, layout) for layout in MUON_LAYOUTS if LAYOUTS[layout][0] == 2),
+        {"name": "muon 1-to-fsdp2", "argv": cli_args(prepared_sample, root / "muon 1-to-fsdp2", micro=4, extra=[
+            *MUON, "--resume", str(muon_one_process[1] / "checkpoints" / "step-00000005")])},
     ]
     (root / "in use").mkdir()
     holder = hold_lock_in_another_process(root / "in use")  # e.g. a worker left running by a killed launcher
@@ -197,14 +218,15 @@ def two_processes(prepared_sample, one_process, streaming, eval_tasks, tmp_path_
 
 @pytest.fixture(scope="session")
 def four_processes(prepared_sample, eval_tasks, tmp_path_factory):
-    """One launch of four processes: the 2-D mesh, and the large-model path (built on meta) on it."""
+    """One launch of four processes: the 2-D mesh, the large-model path (built on meta) and Muon on it."""
     root = tmp_path_factory.mktemp("four")
     nproc, micro, extra = LAYOUTS["fsdp2xtp2"]
     plan = [{"name": "fsdp2xtp2", "argv": cli_args(prepared_sample, root / "fsdp2xtp2", micro=micro, extra=extra)},
             {"name": "meta init", "argv": cli_args(prepared_sample, root / "meta init", micro=micro, extra=extra),
              "meta_init": True},
             {"name": "eval fsdp2xtp2", "argv": cli_args(prepared_sample, root / "eval fsdp2xtp2", micro=micro,
-                                                        extra=[*extra, *eval_tasks])}]
+                                                        extra=[*extra, *eval_tasks])},
+            muon_run(prepared_sample, root, "fsdp2xtp2")]
     return {**launch_runs(root, nproc, plan), "root": root}
 
 

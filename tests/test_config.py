@@ -71,12 +71,21 @@ def test_ints_are_accepted_as_floats_and_a_single_input_as_a_list():
     ("--optim.eps=0", "optim.eps must be > 0"),
     ("--optim.grad_clip=-1", "optim.grad_clip must be >= 0"),
     ("--optim.min_lr=-1", "optim.min_lr must be >= 0"),
+    ("--optim.muon_momentum=1", "optim.muon_momentum must be in [0, 1), got 1"),
+    ("--optim.muon_ns_steps=0", "optim.muon_ns_steps must be in [1, 20], got 0"),
     ("--distill.alpha=1.5", "distill.alpha must be in [0, 1], got 1.5"),
     ("--distill.temperature=0", "distill.temperature must be > 0"),
     ("--distill.chunk=0", "distill.chunk must be > 0"),
 ])
 def test_numeric_fields_are_range_checked(override, expected):
     assert expected in run_config_error(override)
+
+
+def test_the_optimizer_is_one_the_trainer_knows():
+    assert load_run_config(None, [INPUTS]).optim.optimizer == "adamw"  # every preset trains as before
+    assert load_run_config(None, [INPUTS, "--optim.optimizer=muon"]).optim.optimizer == "muon"
+    assert "optim.optimizer must be adamw or muon, got 'sgd'" in run_config_error("--optim.optimizer=sgd")
+    assert "optim.muon_nesterov must be true or false, got 1" in run_config_error("--optim.muon_nesterov=1")
 
 
 def test_unknown_sections_and_fields_suggest_the_close_match():

@@ -12,8 +12,9 @@ from argonne.config import RunConfig
 from argonne.generate import Generator, SamplingParams
 from argonne.loss_argonne import accumulate_matmul, cross_entropy_chunk
 from argonne.modeling_argonne import attention
+from argonne.optim import build_optimizer
 from argonne.parallel import Topology, parallelize
-from argonne.train import build_optimizer, cross_entropy_objective, training_step
+from argonne.train import cross_entropy_objective, training_step
 
 from .test_generate import IdTokenizer, prompts_of
 from .test_model import LLAMA_STYLE, make_model
@@ -76,13 +77,15 @@ def test_padded_head_dim_attention_matches_in_bfloat16():
         assert padded_error < 1e-2 and padded_error < 2 * plain_error + 1e-3, (padded_error, plain_error)
 
 
-@pytest.mark.parametrize("compile", [False, True])
-def test_training_step_never_waits_for_the_gpu(compile):
+@pytest.mark.parametrize("compile,optimizer", [(False, "adamw"), (True, "adamw"), (False, "muon")])
+def test_training_step_never_waits_for_the_gpu(compile, optimizer):
+    """Muon too: its skip of a non-finite step is a mask on the device, like fused AdamW's."""
     device = torch.device("cuda")
     torch.manual_seed(0)
     model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=2)).to(device)
     parallelize(model, Topology(), "selective", compile, None)
     run = RunConfig()
+    run.optim.optimizer = optimizer
     optimizer = build_optimizer(model, run.optim)
     batch = torch.randint(0, 8192, (4, 129), device=device)
 

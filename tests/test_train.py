@@ -12,7 +12,8 @@ import torch
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.config import ConfigError, OptimConfig, check_command, load_run_config
 from argonne.run_folder import read_metrics
-from argonne.train import build_optimizer, lr_at, train
+from argonne.optim import build_optimizer
+from argonne.train import train
 
 from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER, write_sample_head
 
@@ -77,33 +78,6 @@ def test_overrides_are_typed_and_checked(tmp_path):
         assert config.parallel.activation_checkpointing == meant
     with pytest.raises(ConfigError, match="activation_checkpointing must be none, full or selective, got 'some'"):
         load_run_config(None, [inputs, "--parallel.activation_checkpointing=some"])
-
-
-def test_lr_schedule_warms_up_then_decays_to_min():
-    optim = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
-    assert lr_at(0, optim, 100) == pytest.approx(0.1)
-    assert lr_at(9, optim, 100) == pytest.approx(1.0)
-    assert lr_at(55, optim, 100) == pytest.approx(0.1 + 0.9 * 0.5)
-    assert lr_at(100, optim, 100) == pytest.approx(0.1)
-    values = [lr_at(s, optim, 100) for s in range(10, 100)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
-
-
-def test_wsd_schedule_warms_up_holds_then_decays_linearly():
-    optim = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
-    assert lr_at(0, optim, 100) == pytest.approx(0.1)  # the same warmup as cosine
-    assert [lr_at(s, optim, 100) for s in (9, 10, 50, 80)] == [1.0, 1.0, 1.0, 1.0]  # stable until the last 20%
-    assert lr_at(90, optim, 100) == pytest.approx(0.55)
-    assert lr_at(100, optim, 100) == pytest.approx(0.1)
-    values = [lr_at(s, optim, 100) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
-    assert lr_at(99, OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.0), 100) == 1.0
-    whole = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="wsd", decay_fraction=1.0)
-    assert lr_at(55, whole, 100) == pytest.approx(0.55)  # decaying from the end of the warmup
-    with pytest.raises(ConfigError, match="optim.schedule must be cosine or wsd, got 'linear'"):
-        load_run_config(None, ["--optim.schedule=linear"])
-    with pytest.raises(ConfigError, match=r"optim.decay_fraction must be in \[0, 1\]"):
-        load_run_config(None, ["--optim.decay_fraction=1.5"])
 
 
 @pytest.mark.slow
@@ -214,19 +188,65 @@ def test_the_spike_detector_skips_finite_spikes_and_keeps_them_out_of_its_window
     assert not detector(torch.tensor(float("nan")), torch.tensor(False))  # non-finite: skipped elsewhere
 
 
-def test_no_weight_decay_on_norms_biases_and_embeddings():
-    from argonne import ArgonneConfig, ArgonneForCausalLM
+@pytest.mark.slow
+def test_a_muon_run_resumed_mid_run_equals_the_uninterrupted_run(prepared_sample, muon_one_process, tmp_path,
+                                                                  capsys):
+    """Muon's momentum buffers are in the checkpoint (the uninterrupted run is the distributed tests' one-process
+    reference, checkpointed at step 5); an AdamW run may not resume its state."""
+    from argonne.cli import main
 
-    model = ArgonneForCausalLM(ArgonneConfig.from_preset("argonne-1.0", hidden_size=32, head_dim=8,
-                                                         num_attention_heads=4, num_key_value_heads=4,
-                                                         num_hidden_layers=1, intermediate_size=64))
-    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1))
-    names = {id(p): n for n, p in model.named_parameters()}
-    decayed = {names[id(p)] for p in optimizer.param_groups[0]["params"]}
-    assert decayed == {n for n, p in model.named_parameters()
-                       if p.ndim == 2 and "embed_" not in n}
-    assert "lm_head.weight" in decayed and "model.embed_tokens.weight" not in decayed
-    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+    from .launches import MUON, cli_args, train_here
+
+    straight, run_dir = muon_one_process
+    checkpoint = run_dir / "checkpoints" / "step-00000005"
+    resumed = train_here(prepared_sample, tmp_path / "resumed", extra=[*MUON, "--resume", str(checkpoint)])
+    assert {s: l for s, l in straight.items() if s > 5} == resumed and min(resumed) == 6
+    assert straight[10] < straight[1]
+
+    assert main(cli_args(prepared_sample, tmp_path / "as adamw", extra=["--resume", str(checkpoint)])) == 2
+    assert "its optimizer state is muon's (written with optim.optimizer = 'muon') and this run has " \
+           "optim.optimizer = 'adamw'" in capsys.readouterr().err
+    assert not (tmp_path / "as adamw" / "metrics.jsonl").exists()
+
+
+def test_a_non_finite_step_leaves_every_weight_and_optimizer_state_unchanged():
+    """For both optimizers of a Muon run (AdamW's moments and step count, Muon's momentum), on the device."""
+    from contextlib import nullcontext
+
+    from argonne.config import RunConfig
+    from argonne.parallel import Topology
+    from argonne.train import cross_entropy_objective, training_step
+
+    torch.manual_seed(0)
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset(
+        "tiny", num_hidden_layers=2, vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16))
+    config = RunConfig()
+    config.optim.optimizer = "muon"
+    optimizers = build_optimizer(model, config.optim)
+    batch = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+
+    def step(objective):
+        return training_step(model, optimizers, lambda: batch, objective, nullcontext, config, Topology(),
+                             torch.device("cpu"))
+
+    def snapshot():
+        states = [{k: v.clone() for k, v in o.state[p].items()} for o in optimizers for g in o.param_groups
+                  for p in g["params"]]
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, states
+
+    step(cross_entropy_objective)  # optimizer state to keep
+    before = snapshot()
+    assert any("momentum_buffer" in state for state in before[1])
+    finite = step(lambda *args: (cross_entropy_objective(*args)[0] * float("nan"), {}))[2]
+    assert not finite
+    after = snapshot()
+    assert after[0].keys() == before[0].keys() and all(torch.equal(after[0][n], before[0][n]) for n in before[0])
+    for old, new in zip(before[1], after[1]):
+        assert old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+    finite = step(cross_entropy_objective)[2]
+    assert finite and not torch.equal(model.model.layers[0].self_attn.q_proj.weight, before[0][
+        "model.layers.0.self_attn.q_proj.weight"])
 
 
 @pytest.mark.slow
@@ -437,7 +457,7 @@ def test_a_checkpoint_resumes_into_a_differently_grouped_optimizer(tmp_path):
     path = save_checkpoint(tmp_path, 1, saved_model, saved_optimizer, {"step": 1}, is_main=True)
 
     model = ArgonneForCausalLM(config)
-    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    [optimizer] = build_optimizer(model, OptimConfig(weight_decay=0.1))
     assert load_checkpoint(path, model, optimizer, {"step": 0})["step"] == 1
     for (name, param), saved in zip(model.named_parameters(), params):
         assert torch.equal(param, saved), name

@@ -363,7 +363,7 @@ def save_checkpoint(
     checkpoints: Path,
     step: int,
     model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
     train_state: dict,
     is_main: bool,
     extra_files: dict[str, str] | None = None,
@@ -372,7 +372,8 @@ def save_checkpoint(
     run_id: str | None = None,
     group=None,
 ) -> Path:
-    """Save on every rank; returns the final folder. `keep` > 0 then deletes this run's (`run_id`'s) checkpoints
+    """Save on every rank; returns the final folder. `optimizer`: one, or a list (AdamW and Muon), whose states are
+    saved together, keyed by parameter name. `keep` > 0 then deletes this run's (`run_id`'s) checkpoints
     older than this one beyond the newest `keep`; checkpoints of other runs are never touched. `group`: a process
     group for the checksums' host-side gathering (default: the world)."""
     final = step_dir(checkpoints, step)
@@ -431,9 +432,11 @@ def prune_checkpoints(checkpoints: Path, keep: int, run_id: str, newest_step: in
     return doomed
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train_state: dict,
+def load_checkpoint(path: Path, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer], train_state: dict,
                     verify: bool = True, group=None) -> dict:
-    """Load a checkpoint into an already built (and parallelized) model and optimizer; returns the train state.
+    """Load a checkpoint into an already built (and parallelized) model and optimizer (or list of optimizers, as
+    saved); returns the train state.
 
     `train_state` gives the structure to read into (same keys as saved). `verify=False` when the caller has just
     verified the checkpoint itself."""

@@ -2,7 +2,7 @@
 
     [model]            preset and field overrides
     [data]             where the tokens come from
-    [optim]            AdamW and the learning-rate schedule
+    [optim]            the optimizer (AdamW, or Muon with AdamW) and the learning-rate schedule
     [parallel]         tensor parallel degree, activation checkpointing, compile
     [checkpoint]       how often to save and how many to keep
     [distill]          teacher, alpha and temperature (argonne distill)
@@ -74,10 +74,15 @@ class DataConfig(DocumentSettings):
 
 
 LR_SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
 class OptimConfig:
+    optimizer: str = "adamw"
+    """"adamw": fused AdamW for every parameter. "muon": Muon for the weight matrices of the transformer blocks
+    (q/k/v/o, gate/up/down) and AdamW for the embeddings, the output head, norms and biases; both take lr, the
+    schedule and weight_decay (Muon's update is scaled to AdamW's RMS, so no second lr is needed)."""
     lr: float = 3e-3
     """Peak learning rate, reached after warmup_steps."""
     min_lr: float = 3e-4
@@ -97,6 +102,12 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     """Global gradient-norm clipping threshold (0 disables)."""
+    muon_momentum: float = 0.95
+    """"muon" only: momentum of Muon's gradient average."""
+    muon_nesterov: bool = True
+    """"muon" only: orthogonalise the Nesterov look-ahead of the momentum rather than the momentum itself."""
+    muon_ns_steps: int = 5
+    """"muon" only: Newton-Schulz iterations per matrix and step (5 brings the singular values near 1)."""
 
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
@@ -317,6 +328,8 @@ RANGES = {
     "optim.beta2": _fraction(),
     "optim.eps": _above(0),
     "optim.grad_clip": _at_least(0),
+    "optim.muon_momentum": _fraction(),
+    "optim.muon_ns_steps": ((lambda value: 1 <= value <= 20), "in [1, 20]"),
     "parallel.tensor_parallel": _above(0),
     "checkpoint.every": _at_least(0),
     "checkpoint.keep": _at_least(0),
@@ -349,6 +362,7 @@ CHOICES = {
     "train.dtype": ("auto", "bfloat16", "float32"),
     "parallel.activation_checkpointing": ACTIVATION_CHECKPOINTING,
     "optim.schedule": LR_SCHEDULES,
+    "optim.optimizer": OPTIMIZERS,
 }
 
 

@@ -32,13 +32,14 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .config import ConfigError, OptimConfig, RunConfig, check_command
+from .config import ConfigError, RunConfig, check_command
 from .configuration_argonne import ArgonneConfig
 from .data.batches import pretraining_data, split_batch
 from .loading import load_weights, open_config
 from .device import resolve_device, resolve_dtype
 from .metrics import count_parameters, training_flops_per_token
 from .modeling_argonne import ArgonneForCausalLM
+from .optim import build_optimizer, check_resumable, lr_at, set_lr
 from .parallel import Topology, any_process, clip_grad_norm, from_main_process, init_distributed, parallelize
 from .run_folder import (
     METRICS_FILE,
@@ -72,23 +73,6 @@ def compute_dtype(name: str, device: torch.device) -> torch.dtype | None:
     """bfloat16 for mixed precision, or None for plain float32 (see device.resolve_dtype for "auto")."""
     dtype = resolve_dtype(name, device)
     return None if dtype == torch.float32 else dtype
-
-
-def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
-    """Linear warmup from 0 to lr over warmup_steps, then the schedule's decay to min_lr at total_steps: cosine over
-    all the remaining steps, or ("wsd") lr held until the last decay_fraction of the steps, then linear. A function
-    of the step alone, so a resumed run, in any phase, continues the same schedule."""
-    if step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    if optim.schedule == "wsd":
-        decay_start = max(optim.warmup_steps, total_steps - round(optim.decay_fraction * total_steps))
-        if step < decay_start:
-            return optim.lr
-        progress = (step - decay_start) / max(1, total_steps - decay_start)
-        return optim.lr + (optim.min_lr - optim.lr) * min(1.0, progress)
-    progress = (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return optim.min_lr + (optim.lr - optim.min_lr) * cosine
 
 
 # ------------------------------------------------------------------------------------------------------- build
@@ -155,30 +139,6 @@ def build_model(model_config: ArgonneConfig, config: RunConfig, topology: Topolo
         torch.manual_seed(config.train.seed)
         model.reset_parameters()
     return model
-
-
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """Fused AdamW with weight decay on matrices only: norms, biases and embeddings are not decayed.
-
-    Three groups — linear weights (decayed); the token embedding and linear biases; norms and position tables —
-    hold the same kinds of tensors in every parallel layout (tensor parallelism shards the first two and replicates
-    the third), so the fused kernel never mixes DTensors with plain tensors, and checkpoints resume across layouts.
-    """
-    groups: list[list[torch.nn.Parameter]] = [[], [], []]
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if isinstance(module, torch.nn.Linear):
-                groups[0 if name == "weight" else 1].append(param)
-            elif module is model.get_input_embeddings():
-                groups[1].append(param)
-            else:
-                groups[2].append(param)
-    decays = (optim.weight_decay, 0.0, 0.0)
-    # Fused on every device: one kernel per group, and an update it skips on the device (`found_inf`).
-    return torch.optim.AdamW(
-        [{"params": params, "weight_decay": decay} for params, decay in zip(groups, decays) if params],
-        lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=True,
-    )
 
 
 def pretraining_batches(config: RunConfig, tokenizer, topology: Topology, pin_memory: bool = False):
@@ -456,11 +416,11 @@ PRETRAINING = TrainSpec("train", pretraining_batches)
 SFT = TrainSpec("sft", sft_batches)
 
 
-def training_step(model, optimizer, next_batch, objective, amp, config: RunConfig, topology: Topology, device,
+def training_step(model, optimizers, next_batch, objective, amp, config: RunConfig, topology: Topology, device,
                   spikes: "SpikeDetector | None" = None):
     """One optimizer step: grad_accum micro-batches forward and backward, the global gradient norm clipped, and an
-    AdamW update that the fused optimizer skips by itself when the loss or the gradient norm is not finite, or
-    when `spikes` finds the loss a spike.
+    update of each optimizer (optim.build_optimizer's list), which each skips on the device when the loss or the
+    gradient norm is not finite, or when `spikes` finds the loss a spike.
 
     Returns device tensors (loss, grad_norm, finite, parts, spike). Nothing here reads a value back to the host, so
     the host queues the next step (and fetches its batch) while the device still computes this one.
@@ -480,9 +440,11 @@ def training_step(model, optimizer, next_batch, objective, amp, config: RunConfi
     step_loss = _mean_over_ranks(step_loss, topology)  # every process then agrees on skipping
     finite = torch.isfinite(step_loss) & torch.isfinite(grad_norm)
     spike = spikes(step_loss, finite) if spikes is not None else torch.zeros_like(finite)
-    optimizer.found_inf = (~finite | spike).float()  # fused AdamW's on-device skip (what GradScaler uses)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    found_inf = (~finite | spike).float()
+    for optimizer in optimizers:
+        optimizer.found_inf = found_inf  # fused AdamW's on-device skip (what GradScaler uses), and Muon's
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return step_loss, grad_norm, finite, parts, spike
 
 
@@ -710,7 +672,7 @@ class Run:
     tokenizer: object
     model_config: ArgonneConfig
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # AdamW, and Muon for the block matrices (optim.py)
     objective: Callable
     batches: object
     validation: list | None
@@ -744,7 +706,7 @@ class Run:
         template = self.train_state(0)
         if "train.recovery" not in read_checkpoint_metadata(path).state_dict_metadata:
             del template["recovery"]
-        state = load_checkpoint(path, self.model, self.optimizer, template, verify=verify,
+        state = load_checkpoint(path, self.model, self.optimizers, template, verify=verify,
                                 group=self.topology.host_group)
         step = int(state["step"])
         recovery = json.loads(state.get("recovery", "{}"))
@@ -763,7 +725,7 @@ class Run:
 
     def save(self, step: int) -> Path:
         return save_checkpoint(
-            Path(self.config.train.run_dir) / "checkpoints", step, self.model, self.optimizer,
+            Path(self.config.train.run_dir) / "checkpoints", step, self.model, self.optimizers,
             self.train_state(step), self.topology.is_main,
             extra_files={"run_config.json": json.dumps(self.config.to_dict(), indent=2)}, tokenizer=self.tokenizer,
             keep=self.config.checkpoint.keep, run_id=self.run_id, group=self.topology.host_group,
@@ -803,16 +765,17 @@ def build_run(config: RunConfig, spec: TrainSpec, topology: Topology, resume_fro
     fsdp_mixed_precision = topology.dp > 1 and dtype is not None
     # FSDP2 casts parameters itself; otherwise autocast does the mixed precision.
     amp = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype and not fsdp_mixed_precision else nullcontext
-    optimizer = build_optimizer(model, config.optim)
+    optimizers = build_optimizer(model, config.optim)
     objective = spec.build_objective(config, model_config, tokenizer, device)
     batches, validation = spec.build_data(config, tokenizer, topology, device.type == "cuda")
-    run = Run(config, topology, device, amp, tokenizer, model_config, model, optimizer, objective, batches,
+    run = Run(config, topology, device, amp, tokenizer, model_config, model, optimizers, objective, batches,
               validation, run_id, resume_from, *mfu_peak(config.train.peak_tflops, device, dtype))
     if config.eval.tasks:
         from .harness import TaskEvaluator
 
         run.tasks = TaskEvaluator(config.eval, tokenizer, topology)
     if resume_from is not None:
+        check_resumable(resume_from, config.optim)
         run.start_step = run.load(resume_from, verify=False)
     return run
 
@@ -831,12 +794,11 @@ def train_loop(run: Run, sink: "MetricsSink") -> dict:
     with PreemptionFlag() as preemption:
         while step < tc.steps:
             lr = lr_at(step, config.optim, tc.steps)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(run.optimizers, lr)
             first_draw = run.draws.drawn
             try:
                 step_loss, grad_norm, finite, parts, spike = training_step(
-                    run.model, run.optimizer, run.draws, run.objective, run.amp, config, topology, run.device,
+                    run.model, run.optimizers, run.draws, run.objective, run.amp, config, topology, run.device,
                     run.spikes,
                 )
             except torch.OutOfMemoryError as error:
