@@ -155,7 +155,8 @@ class _SumGradient(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         from torch.distributed import _functional_collectives as funcol
 
-        return funcol.all_reduce(grad.contiguous(), "sum", ctx.group), None
+        summed = funcol.all_reduce(grad.contiguous(), "sum", ctx.group)
+        return funcol.wait_tensor(summed), None  # a plain tensor for the optimizer, not a pending collective
 
 
 # Selective checkpointing keeps the outputs of matmuls, attention and tensor-parallel all-reduces (so the recompute
