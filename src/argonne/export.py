@@ -427,11 +427,9 @@ def refuse_unrepresentable(hf: dict) -> None:
     problems = []
     if hf.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act is {hf['hidden_act']!r} (Argonne's SwiGLU: silu)")
+    # Qwen2 and Qwen3 layers marked "sliding_attention" attend to every key unless use_sliding_window is set.
     if hf.get("use_sliding_window"):
         problems.append("sliding-window attention (use_sliding_window) is not supported")
-    other_layers = sorted(set(hf.get("layer_types") or []) - {"full_attention"})
-    if other_layers:
-        problems.append(f"layer_types {other_layers} are not supported (Argonne: full_attention only)")
     if problems:
         raise ConversionError(f"{hf['model_type']} model cannot be imported: " + "; ".join(problems))
 

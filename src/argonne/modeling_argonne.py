@@ -2,12 +2,13 @@
 
 Read top to bottom:
 - norms (RMSNorm, LayerNorm), MergedLinear (inference's merged projections) and the MLPs (SwiGLU, GELU);
-- rotary embedding, attention (SDPA) and the block;
+- rotary embedding, attention (SDPA, with optional QK-norm) and the block;
 - the new tokens' positions and attention mask (`positions_and_mask`), and the initialisation;
 - the decoder (ArgonneModel: embeddings, blocks, final norm), the output head (OutputHead) and the causal-LM model
   (ArgonneForCausalLM), then the default cache.
 Architecture variants are small classes chosen by name from the config. Parameter names follow transformers' Llama
-(`model.layers.N.self_attn.q_proj`, ...) so weights map one to one.
+(`model.layers.N.self_attn.q_proj`, ...), and QK-norm's Qwen3's (`self_attn.q_norm`, `self_attn.k_norm`), so weights
+map one to one.
 
 The training loss, the chunked linear + cross-entropy behind OutputHead, is in `loss_argonne.py`. The model works
 with any cache that has a transformers Cache's `update` and `get_seq_length`; the generator's static cache and its
