@@ -275,37 +275,42 @@ def _add_eval(sub) -> None:
 
 def _add_export(sub) -> None:
     parser = _command(
-        sub, "export", "export a model folder or checkpoint (hf, llama or gguf)",
+        sub, "export", "export a model folder or checkpoint (hf, llama, qwen3 or gguf)",
         "Export a model folder or a training checkpoint (any parallel layout; its shards are consolidated on "
-        "the CPU) in one of three formats:\n\n"
+        "the CPU) in one of four formats:\n\n"
         "  hf     an Argonne folder: safetensors, config.json with auto_map, the modeling\n"
         "         code, the tokenizer and generation_config.json; loads with\n"
         "         AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)\n"
         "  llama  a plain transformers LlamaForCausalLM folder (no remote code), for models\n"
         "         Llama can express (RMSNorm, SwiGLU, RoPE, one attention-bias setting: the\n"
         "         argonne-2.0, small and tiny presets); vLLM, lm-eval and llama.cpp's\n"
-        "         converters read it\n"
+        "         converters read it; a model with qk_norm is refused (Llama has no QK-norm)\n"
+        "  qwen3  a plain transformers Qwen3ForCausalLM folder (no remote code), for the same\n"
+        "         architecture with qk_norm = true (Qwen3 always has QK-norm)\n"
         "  gguf   OUTPUT/model.gguf (or OUTPUT itself when it ends in .gguf) for llama.cpp:\n"
         "         llama architecture, the byte-level BPE tokenizer and chat template, q/k\n"
-        "         rows reordered for llama.cpp's RoPE",
+        "         rows reordered for llama.cpp's RoPE; models llama cannot hold are refused",
         "cmd_export")
     parser.add_argument("source", help="model folder or training checkpoint folder")
     _tokenizer_option(parser)
-    parser.add_argument("--to", required=True, choices=("hf", "llama", "gguf"), help="output format (see above)")
+    parser.add_argument("--to", required=True, choices=("hf", "llama", "qwen3", "gguf"),
+                        help="output format (see above)")
     parser.add_argument("--output", required=True,
                         help="output folder (gguf: a folder for model.gguf, or a path ending in .gguf)")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
-                        help="weight dtype, one for every format: hf and llama save the weights in it; gguf writes "
-                             "BF16, F16 or F32 matrices (norm weights and biases always F32)")
+                        help="weight dtype, one for every format: hf, llama and qwen3 save the weights in it; gguf "
+                             "writes BF16, F16 or F32 matrices (norm weights and biases always F32)")
 
 
 def _add_import(sub) -> None:
     parser = _command(
-        sub, "import", "import a Llama, Qwen2 or original Argonne 1.x / 2.0 folder",
+        sub, "import", "import a Llama, Qwen2, Qwen3 or original Argonne 1.x / 2.0 folder",
         "Import a model folder as an Argonne folder (weights, config.json with auto_map, the modeling code and, "
         "when the source has one, the tokenizer), to continue pretraining or fine-tune it. Sources:\n\n"
         "  - a transformers Llama folder (model_type \"llama\")\n"
         "  - a transformers Qwen2 folder (model_type \"qwen2\"; its q/k/v biases are kept;\n"
+        "    sliding-window attention is refused)\n"
+        "  - a transformers Qwen3 folder (model_type \"qwen3\"; imported with qk_norm = true;\n"
         "    sliding-window attention is refused)\n"
         "  - an original Argonne 1.x folder (model_type \"argonne\" with GPT-2-style names,\n"
         "    including 1.0's pipeline_stages.<stage>.<block> layout)\n"

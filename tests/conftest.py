@@ -62,6 +62,17 @@ def small_model(**overrides):
     return ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **settings))
 
 
+def scramble_norms(model, seed: int = 1):
+    """Every norm weight (QK-norm's too) drawn from [0.5, 1.5] instead of ones, so that a norm skipped, misplaced or
+    mapped to the wrong tensor changes the logits. Returns the model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) + 0.5)
+    return model
+
+
 @pytest.fixture
 def model_dir(tmp_path):
     """A small random Argonne model saved as a Hugging Face folder, with the sample tokenizer."""

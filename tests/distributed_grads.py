@@ -30,16 +30,21 @@ def main():
 
 
 def check(topology, head: str) -> None:
+    """`head`: "tied", "untied" or "qk-norm" (tied, with QK-norm, whose replicated weights see each rank's heads),
+    with options after a "+" (see the module docstring)."""
     kind, *options = head.split("+")
-    tied = kind == "tied"
+    tied, qk_norm = kind != "untied", kind == "qk-norm"
     z_loss = 0.05 if "z_loss" in options else None
     scope = "document" if "document" in options else "causal"
     config = ArgonneConfig.from_preset("tiny", vocab_size=515, hidden_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                       intermediate_size=128, tie_word_embeddings=tied, attention_scope=scope,
-                                       eos_token_id=3)
+                                       intermediate_size=128, tie_word_embeddings=tied, qk_norm=qk_norm,
+                                       attention_scope=scope, eos_token_id=3)
     torch.manual_seed(0)
     reference = ArgonneForCausalLM(config)
+    for name, parameter in reference.named_parameters():  # norm weights other than ones, so that they count
+        if "norm" in name:
+            torch.nn.init.uniform_(parameter, 0.5, 1.5)
     model = ArgonneForCausalLM(config)
     model.load_state_dict(reference.state_dict())
     parallelize(model, topology, activation_checkpointing="none", compile=False, param_dtype=None)
@@ -59,12 +64,15 @@ def check(topology, head: str) -> None:
         torch.testing.assert_close(model(tokens[:, :-1], targets=targets, z_loss=z_loss).loss, losses[0],
                                    rtol=1e-6, atol=1e-6)
     ours, expected = gradients(model), gradients(reference)
-    replicated = [n for n, p in model.named_parameters() if not isinstance(p, DTensor)]
-    assert replicated and all("norm" in n for n in replicated), replicated
+    replicated = {n: p for n, p in model.named_parameters()
+                  if not isinstance(p, DTensor) or all(place.is_replicate() for place in p.placements)}
+    assert replicated and all("norm" in n for n in replicated), list(replicated)
+    assert any("q_norm" in n for n in replicated) == qk_norm
     assert isinstance(model.model.embed_tokens.weight, DTensor) and isinstance(model.output_weight, DTensor)
-    for name in replicated:
-        gathered = [torch.empty_like(ours[name]) for _ in range(2)]
-        dist.all_gather(gathered, ours[name].contiguous())
+    for name, parameter in replicated.items():  # what each rank's optimizer steps with
+        grad = parameter.grad.to_local() if isinstance(parameter.grad, DTensor) else parameter.grad
+        gathered = [torch.empty_like(grad) for _ in range(2)]
+        dist.all_gather(gathered, grad.contiguous())
         assert torch.equal(gathered[0], gathered[1]), f"{name}: gradients differ between ranks"
     for name, grad in ours.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=f"{name}")

@@ -195,7 +195,7 @@ def two_processes(prepared_sample, one_process, muon_one_process, streaming, eva
          "argv": cli_args(prepared_sample, root / "1-to-2", micro=4, extra=["--resume", str(checkpoint)])},
         {"name": "streaming", "argv": cli_args(None, root / "streaming", micro=4, extra=streaming)},
         {"name": "in use", "argv": cli_args(prepared_sample, root / "in use", steps=2, micro=4)},
-        {"name": "grads", "grads": ["tied", "untied", "tied+z_loss", "untied+document"]},
+        {"name": "grads", "grads": ["tied", "untied", "qk-norm", "tied+z_loss", "untied+document"]},
         {"name": "eval fsdp2", "argv": cli_args(prepared_sample, root / "eval fsdp2", micro=4, extra=eval_tasks)},
         {"name": "eval tp2", "argv": cli_args(prepared_sample, root / "eval tp2", micro=8,
                                               extra=["--parallel.tensor_parallel=2", *eval_tasks])},
@@ -218,11 +218,13 @@ def two_processes(prepared_sample, one_process, muon_one_process, streaming, eva
 
 @pytest.fixture(scope="session")
 def four_processes(prepared_sample, eval_tasks, tmp_path_factory):
-    """One launch of four processes: the 2-D mesh, the large-model path (built on meta) and Muon on it."""
+    """One launch of four processes: the 2-D mesh, the large-model path (built on meta) and Muon on it, with QK-norm
+    (whose replicated weights see each tensor-parallel rank's own heads)."""
     root = tmp_path_factory.mktemp("four")
     nproc, micro, extra = LAYOUTS["fsdp2xtp2"]
+    meta_init = [*extra, "--model.overrides.qk_norm=true"]
     plan = [{"name": "fsdp2xtp2", "argv": cli_args(prepared_sample, root / "fsdp2xtp2", micro=micro, extra=extra)},
-            {"name": "meta init", "argv": cli_args(prepared_sample, root / "meta init", micro=micro, extra=extra),
+            {"name": "meta init", "argv": cli_args(prepared_sample, root / "meta init", micro=micro, extra=meta_init),
              "meta_init": True},
             {"name": "eval fsdp2xtp2", "argv": cli_args(prepared_sample, root / "eval fsdp2xtp2", micro=micro,
                                                         extra=[*extra, *eval_tasks])},

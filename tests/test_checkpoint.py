@@ -188,6 +188,27 @@ def test_a_saved_checkpoint_records_every_file_and_loads_back(tmp_path):
     assert torch.equal(model.model.embed_tokens.weight, build()[0].model.embed_tokens.weight)
 
 
+def test_a_qk_norm_model_and_its_optimizer_state_load_back(tmp_path):
+    """QK-norm's weights and their AdamW moments are in the checkpoint like every other parameter's."""
+    torch.manual_seed(0)
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **CONFIG, qk_norm=True))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    tokens = torch.randint(0, 8192, (2, 9))
+    model(tokens, labels=tokens).loss.backward()
+    optimizer.step()  # moves the norms off ones and gives them moments
+    path = save_checkpoint(tmp_path / "checkpoints", 1, model, optimizer, {"step": 1, "data": "{}"}, is_main=True,
+                           tokenizer=load_tokenizer(SAMPLE_TOKENIZER))
+    fresh = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **CONFIG, qk_norm=True))
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    assert load_checkpoint(path, fresh, fresh_optimizer, {"step": 0, "data": ""})["step"] == 1
+    for name in ("q_norm", "k_norm"):
+        saved_norm, loaded = (getattr(m.model.layers[0].self_attn, name).weight for m in (model, fresh))
+        assert not torch.equal(saved_norm, torch.ones_like(saved_norm)) and torch.equal(loaded, saved_norm)
+        moments = optimizer.state[saved_norm]["exp_avg_sq"], fresh_optimizer.state[loaded]["exp_avg_sq"]
+        assert torch.equal(*moments)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+
+
 def shard(path):
     return next(path.glob("*.distcp"))
 

@@ -112,6 +112,17 @@ def test_unknown_model_overrides_in_a_run_config_stop_training(tmp_path, capsys)
     assert "unknown model field 'num_layerz' (did you mean 'num_hidden_layers'?)" in capsys.readouterr().err
 
 
+def test_a_model_override_of_the_wrong_type_stops_training(tmp_path, capsys):
+    from argonne.cli import main
+
+    from .conftest import REPO
+
+    code = main(["train", str(REPO / "configs" / "tiny.toml"), f"--train.run_dir={str(tmp_path)!r}",
+                 "--model.overrides={qk_norm = 'yes'}"])
+    assert code == 2
+    assert "qk_norm must be true or false, got 'yes'" in capsys.readouterr().err
+
+
 def test_each_training_command_checks_what_it_needs_and_refuses_what_it_would_ignore():
     from argonne.config import check_command
 

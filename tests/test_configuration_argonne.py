@@ -83,3 +83,20 @@ def test_unknown_model_fields_suggest_the_close_match():
     # transformers' own fields are still accepted
     config = ArgonneConfig.from_preset("tiny", pad_token_id=0, bos_token_id=0, output_hidden_states=True)
     assert config.pad_token_id == 0
+
+
+def test_qk_norm_is_off_by_default_and_in_configs_saved_without_it():
+    assert not any(ArgonneConfig.from_preset(name).qk_norm for name in PRESETS)
+    saved_before = {k: v for k, v in ArgonneConfig.from_preset("tiny").to_dict().items() if k != "qk_norm"}
+    assert ArgonneConfig.from_dict(saved_before).qk_norm is False
+    config = ArgonneConfig.from_preset("tiny", qk_norm=True)
+    assert ArgonneConfig.from_dict(config.to_dict()).qk_norm is True
+    # one weight of head_dim for the queries and one for the keys, per layer
+    assert count_parameters(config) == EXACT_PARAMETERS["tiny"] + 2 * config.head_dim * config.num_hidden_layers
+
+
+def test_switches_must_be_booleans():
+    with pytest.raises(ValueError) as error:
+        ArgonneConfig.from_preset("tiny", qk_norm="false", mlp_bias=1)
+    assert "qk_norm must be true or false, got 'false'" in str(error.value)
+    assert "mlp_bias must be true or false, got 1" in str(error.value)

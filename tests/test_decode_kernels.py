@@ -16,7 +16,8 @@ from argonne.decode_kernels import attention_splits, decode_attention, gemv, use
 from argonne.generate import Generator, SamplingParams  # noqa: E402
 from argonne.modeling_argonne import RMSNorm, apply_rope, rope_cos_sin  # noqa: E402
 
-from .test_generate import IdTokenizer, prompts_of  # noqa: E402
+from .conftest import scramble_norms  # noqa: E402
+from .test_generate import IdTokenizer, full_recomputation, prompts_of  # noqa: E402
 from .test_model import LLAMA_STYLE, make_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,6 +167,19 @@ def test_generator_with_gemv_kernels_decodes_the_same_tokens(attention, monkeypa
         kernels = "gemv+attention" if attention else "gemv"
         with_kernels = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False, kernels=kernels)
         assert with_kernels.generate_ids(prompts, params) == expected
+
+
+@pytest.mark.parametrize("attention", [False, True])
+def test_a_qk_norm_model_decodes_with_the_kernels_what_full_recomputation_gives(attention):
+    """QK-norm comes before RoPE, so the q/k/v kernel must not rotate and its keys must not go into the cache
+    unnormed: the one-row greedy tokens (static cache, batch 1) equal the plain forward's."""
+    config = {**LLAMA_STYLE, "max_position_embeddings": 64, "num_hidden_layers": 1, "qk_norm": True}
+    prompt = prompts_of([6])[0]
+    expected = full_recomputation(scramble_norms(make_model(**config)), prompt, 4)
+    model = scramble_norms(make_model(**config)).to(DEVICE)
+    generator = Generator(model, IdTokenizer(), compile=False, kernels="gemv+attention" if attention else "gemv")
+    assert type(model.model.layers[0]).__name__ == "GemvBlock"
+    assert generator.generate_ids([prompt], SamplingParams(max_new_tokens=4, temperature=0.0))[0] == expected
 
 
 def test_transformers_generate_with_the_plan_and_its_dynamic_cache_gives_the_same_tokens(monkeypatch):

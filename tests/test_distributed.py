@@ -110,10 +110,10 @@ def test_streaming_on_two_processes_matches_one_process(streamed_one_process, tw
 
 
 def test_tensor_parallel_gradients_loss_and_logits_equal_one_process(two_processes):
-    """A tied and an untied head, the z-loss on the vocabulary-parallel head, and document attention
+    """A tied and an untied head, QK-norm, the z-loss on the vocabulary-parallel head, and document attention
     (tests/distributed_grads.py)."""
     launched_run(two_processes, "grads")
-    for head in ("tied", "untied", "tied+z_loss", "untied+document"):
+    for head in ("tied", "untied", "qk-norm", "tied+z_loss", "untied+document"):
         assert f"ok ({head})" in two_processes["stdout"], failure(two_processes["stdout"], two_processes["stderr"])
 
 
@@ -210,13 +210,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared_sample, tmp_path):
 
 
 def test_models_built_on_meta_are_initialised_after_sharding(four_processes):
-    """On the 2-D mesh (FSDP 2 x TP 2), so one run covers both kinds of sharding."""
+    """On the 2-D mesh (FSDP 2 x TP 2), so one run covers both kinds of sharding; with QK-norm, whose weights are
+    sharded by FSDP and see each tensor-parallel rank's own heads."""
+    import json
     import math
 
-    steps = losses(launched_run(four_processes, "meta init"))
+    import torch
+
+    from argonne.loading import read_weights
+
+    run_dir = launched_run(four_processes, "meta init")
+    steps = losses(run_dir)
     assert abs(steps[1] - math.log(8192)) < 0.2  # a fresh initialisation predicts near-uniformly
     assert all(math.isfinite(v) for v in steps.values())
     assert sum(steps[s] for s in (8, 9, 10)) / 3 < steps[1] - 0.1  # and it trains
+    assert json.loads((run_dir / "model" / "config.json").read_text())["qk_norm"] is True
+    q_norm = read_weights(run_dir / "model")["model.layers.0.self_attn.q_norm.weight"]
+    assert q_norm.shape == (16,) and not torch.equal(q_norm, torch.ones(16))  # initialised to ones, then trained
 
 
 @pytest.mark.parametrize("layout", ["fsdp2", "tp2", "fsdp2xtp2", "fsdp2 limit 1"])

@@ -15,7 +15,7 @@ from argonne.engine import (Engine, EngineRequest, EngineSettings, EngineStopped
 from argonne.generate import Generator, SamplingParams
 from argonne.kv_cache import SlotKVCache
 
-from .conftest import SAMPLE_TOKENIZER, small_model
+from .conftest import SAMPLE_TOKENIZER, scramble_norms, small_model
 
 GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0)
 
@@ -163,6 +163,24 @@ def test_a_model_with_learned_positions_batches_too(tokenizer):
     together = [h.completion for h in run(engine, [(0, requests[0]), (2, requests[1])])]
     assert together == [engine.complete([r.prompt], r.params)[0] for r in requests]
     assert [c.finish_reason for c in together] == ["length", "length"]
+
+
+def test_a_qk_norm_model_batched_gives_the_plain_forwards_tokens(tokenizer):
+    """QK-norm on the engine's slot cache and chunked prefill: each request of a mixed batch gets the greedy tokens
+    of the plain forward over its whole sequence (no cache)."""
+    plain = scramble_norms(small_model(qk_norm=True)).eval()
+    engine = new_engine(plain, tokenizer, prefill_chunk=8)
+    requests = [EngineRequest([5, 6, 7], SamplingParams(max_new_tokens=6, **GREEDY)),
+                EngineRequest(list(range(100, 120)), SamplingParams(max_new_tokens=10, **GREEDY))]
+    together = [h.completion for h in run(engine, [(0, requests[0]), (1, requests[1])])]
+    for request, completion in zip(requests, together):
+        made = []
+        with torch.no_grad():
+            while len(made) < request.params.max_new_tokens and not set(made[-1:]) & set(engine.eos_ids):
+                ids = torch.tensor([request.prompt + made])
+                made.append(int(plain(ids, use_cache=False).logits[0, -1].argmax()))
+        assert completion.token_count == len(made) and len(set(made)) > 2
+        assert completion.text == tokenizer.decode([t for t in made if t not in engine.eos_ids])
 
 
 def test_a_failing_sink_cancels_its_own_request_only(model, tokenizer, caplog):

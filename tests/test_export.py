@@ -1,4 +1,5 @@
-"""Export to Argonne and Llama folders, import from Llama and Qwen2, and safe loading of third-party files."""
+"""Export to Argonne, Llama and Qwen3 folders, import from Llama, Qwen2 and Qwen3, and safe loading of third-party
+files."""
 
 import json
 import os
@@ -7,23 +8,25 @@ import sys
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.cli import main
 from argonne.export import ConversionError, export_model, import_model
 from argonne.loading import read_weights
 
-from .conftest import SAMPLE_TOKENIZER
+from .conftest import SAMPLE_TOKENIZER, scramble_norms
 
 SHAPE = dict(vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=24, intermediate_size=128, max_position_embeddings=128)
 
 
 def saved_argonne(folder, preset="tiny", **overrides):
+    """A random model saved with the sample tokenizer; its norm weights are not ones, so that they are compared."""
     torch.manual_seed(0)
-    ArgonneForCausalLM(ArgonneConfig.from_preset(preset, **{**SHAPE, **overrides}, initializer_range=0.1)) \
-        .save_pretrained(folder)
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset(preset, **{**SHAPE, **overrides}, initializer_range=0.1))
+    scramble_norms(model).save_pretrained(folder)
     load_tokenizer(SAMPLE_TOKENIZER).save_pretrained(folder)
     return folder
 
@@ -64,6 +67,58 @@ def test_gpt2_style_models_do_not_fit_llama(tmp_path):
         export_model(source, "llama", tmp_path / "out")
 
 
+def test_qwen3_export_loads_in_plain_transformers_and_imports_back_identically(tmp_path):
+    source = saved_argonne(tmp_path / "argonne", qk_norm=True)
+    assert main(["export", str(source), "--to", "qwen3", "--output", str(tmp_path / "qwen3"), "--dtype", "fp32"]) == 0
+    config = json.loads((tmp_path / "qwen3" / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and "auto_map" not in config and config["head_dim"] == 24
+    theirs = Qwen3ForCausalLM.from_pretrained(tmp_path / "qwen3").eval()  # transformers' own code
+    ours = ArgonneForCausalLM.from_pretrained(source).eval()
+    tokens = torch.randint(3, 8192, (2, 20))
+    expected = logits(ours, tokens)
+    assert (logits(theirs, tokens) - expected).abs().max() <= 1e-5
+    assert main(["import", str(tmp_path / "qwen3"), "--output", str(tmp_path / "back")]) == 0
+    back = ArgonneForCausalLM.from_pretrained(tmp_path / "back")
+    assert back.config.qk_norm and (tmp_path / "back" / "tokenizer.json").is_file()
+    assert torch.equal(logits(back, tokens), expected)
+    original, again = ours.state_dict(), back.state_dict()
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+
+
+@pytest.mark.parametrize("target", ["llama", "gguf"])
+def test_llama_and_gguf_refuse_a_qk_norm_model_before_writing_anything(tmp_path, target):
+    source = saved_argonne(tmp_path / "argonne", qk_norm=True)
+    with pytest.raises(ConversionError, match=r"qk_norm is True \(Llama has no query/key norms; export it --to qwen3"):
+        export_model(source, target, tmp_path / "out" / "model")
+    assert not (tmp_path / "out").exists()  # not even the staging folder beside the output
+
+
+@pytest.mark.parametrize("overrides,reasons", [
+    ({}, r"qk_norm is False \(Qwen3 always normalises queries and keys; export it --to llama\)"),
+    ({"qk_norm": True, "mlp_bias": True, "attention_out_bias": True},
+     r"o_proj bias differs from q/k/v bias \(Qwen3 .*mlp_bias is True \(Qwen3's MLP has no biases\)"),
+    ({"preset": "argonne-1.0", "num_key_value_heads": 4, "qk_norm": True},
+     r"norm_type is 'layernorm' \(Qwen3: rmsnorm\).*mlp_type is 'gelu'.*position_embedding is 'learned'"),
+], ids=["no-qk-norm", "biases", "gpt2-style"])
+def test_qwen3_refuses_what_it_cannot_hold(tmp_path, overrides, reasons):
+    source = saved_argonne(tmp_path / "argonne", **overrides)
+    with pytest.raises(ConversionError, match="this model does not fit the Qwen3 architecture: " + reasons):
+        export_model(source, "qwen3", tmp_path / "out" / "model")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_qk_norm_checkpoint_exports_to_qwen3_equal_to_the_model(tmp_path):
+    from argonne.checkpoint import save_checkpoint
+    from argonne.loading import open_model
+
+    model, tokenizer = open_model(saved_argonne(tmp_path / "argonne", qk_norm=True), "cpu")
+    checkpoint = save_checkpoint(tmp_path / "ckpt", 1, model, torch.optim.AdamW(model.parameters()), {"step": 1},
+                                 is_main=True, tokenizer=tokenizer)
+    export_model(checkpoint, "qwen3", tmp_path / "qwen3", "fp32")
+    tokens = torch.randint(3, 8192, (1, 16))
+    assert torch.equal(logits(Qwen3ForCausalLM.from_pretrained(tmp_path / "qwen3"), tokens), logits(model, tokens))
+
+
 def test_hf_export_of_a_checkpoint_equals_the_model(tmp_path):
     from argonne.checkpoint import save_checkpoint
     from argonne.loading import open_model
@@ -97,6 +152,38 @@ def test_import_llama_and_qwen2_with_equal_logits_and_identity_round_trip(tmp_pa
         original, again = read_weights(tmp_path / kind), read_weights(tmp_path / "again")
         assert original.keys() == again.keys()
         assert all(torch.equal(original[k], again[k]) for k in original)
+
+
+def test_import_qwen3_with_equal_logits(tmp_path):
+    """A Qwen3 folder made by transformers alone (q/k/v/o biases, untied head, its own QK-norm weights)."""
+    torch.manual_seed(0)
+    theirs = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, intermediate_size=128, max_position_embeddings=128, rope_theta=1e6, attention_bias=True,
+        tie_word_embeddings=False, rms_norm_eps=1e-5)).eval()
+    for p in theirs.parameters():  # biases and norm weights too, so that every one is really compared
+        torch.nn.init.normal_(p, mean=1.0 if p.dim() == 1 else 0.0, std=0.05)
+    theirs.save_pretrained(tmp_path / "qwen3")
+    assert main(["import", str(tmp_path / "qwen3"), "--output", str(tmp_path / "ours")]) == 0
+    ours = ArgonneForCausalLM.from_pretrained(tmp_path / "ours")
+    c = ours.config
+    assert c.qk_norm and c.attention_bias and c.attention_out_bias and not c.tie_word_embeddings
+    assert (c.head_dim, c.norm_eps, c.rope_theta) == (32, 1e-5, 1e6)
+    tokens = torch.randint(0, 8192, (2, 24))
+    assert (logits(ours, tokens) - logits(theirs, tokens)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("change,reason", [
+    (dict(use_sliding_window=True, sliding_window=16, max_window_layers=1), r"sliding-window attention"),
+    (dict(hidden_act="gelu"), r"hidden_act is 'gelu'"),
+    (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}), r"RoPE scaling 'linear'"),
+], ids=["sliding-window", "gelu", "rope-scaling"])
+def test_qwen3_folders_argonne_cannot_represent_are_refused(tmp_path, change, reason):
+    Qwen3Config(vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                head_dim=16, intermediate_size=128, **change).save_pretrained(tmp_path / "qwen3")
+    with pytest.raises(ConversionError, match=reason):
+        import_model(tmp_path / "qwen3", tmp_path / "ours")  # refused from its config, before any weight is read
+    assert not (tmp_path / "ours").exists()
 
 
 def legacy_folder(folder, model: ArgonneForCausalLM, kind: str, pipeline: bool = False, as_bin: bool = False):

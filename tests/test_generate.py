@@ -21,7 +21,7 @@ from argonne.generate import (
     sample_next,
 )
 
-from .conftest import SAMPLE_TOKENIZER
+from .conftest import SAMPLE_TOKENIZER, scramble_norms
 from .test_model import GPT2_STYLE, LLAMA_STYLE, make_model
 
 GREEDY = dict(temperature=0.0)
@@ -287,6 +287,26 @@ def test_the_generator_merges_projections_and_decodes_what_the_unmerged_model_do
         for _ in range(12):
             ids.append(int(unmerged(torch.tensor([ids])).logits[0, -1].argmax()))
     assert generator.generate_ids([prompt], SamplingParams(max_new_tokens=12, **GREEDY))[0] == ids[len(prompt):]
+
+
+def full_recomputation(model, prompt: list[int], steps: int) -> list[int]:
+    """Greedy tokens from the plain forward over the whole sequence at each step (no cache)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids]), use_cache=False).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_a_qk_norm_model_decodes_what_full_recomputation_gives():
+    """QK-norm on the cached path (keys normed before they are cached), for a batch of prompts of two lengths."""
+    config = {**LLAMA_STYLE, "max_position_embeddings": 64, "qk_norm": True}
+    unmerged = scramble_norms(make_model(**config))
+    generator = Generator(scramble_norms(make_model(**config)), IdTokenizer())
+    prompts = prompts_of([6, 3])
+    ours = generator.generate_ids(prompts, SamplingParams(max_new_tokens=12, **GREEDY))
+    assert ours == [full_recomputation(unmerged, prompt, 12) for prompt in prompts]
+    assert len(set(ours[0])) > 3
 
 
 @pytest.mark.slow

@@ -176,13 +176,14 @@ def test_gemv_kernels_in_bfloat16_are_as_close_as_cublas():
         assert ours_error <= cublas_error * 1.05 + 1e-6, (rows, columns, ours_error, cublas_error)
 
 
-@pytest.mark.parametrize("kernels", ["gemv", "gemv+attention", "gemv+attention in key ranges"])
+@pytest.mark.parametrize("kernels", ["gemv", "gemv+attention", "gemv+attention in key ranges",
+                                     "gemv+attention with qk-norm"])
 def test_cuda_graph_decode_with_triton_kernels_equals_eager_decode(kernels, monkeypatch):
     from argonne import decode_kernels
 
     if kernels.endswith("in key ranges"):
         monkeypatch.setattr(decode_kernels, "MIN_KEYS_PER_SPLIT", 16)  # the 96-key cache in 6 ranges
-    config = {**LLAMA_STYLE, "max_position_embeddings": 96}
+    config = {**LLAMA_STYLE, "max_position_embeddings": 96, "qk_norm": kernels.endswith("qk-norm")}
     prompts = prompts_of([7])  # batch 1: every decode matmul goes through the kernels
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
     eager = Generator(make_model(**config).cuda(), IdTokenizer(), compile=False).generate_ids(prompts, params)

@@ -10,11 +10,12 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          Qwen3Config, Qwen3ForCausalLM)
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 
-from .conftest import SAMPLE_TOKENIZER
+from .conftest import SAMPLE_TOKENIZER, scramble_norms
 
 # Small shapes that still exercise every option: head_dim independent of hidden / heads, grouped-query attention.
 LLAMA_STYLE = dict(
@@ -99,6 +100,38 @@ def test_logits_equal_llama(overrides):
     tokens = torch.randint(0, 320, (3, 37))
     with torch.no_grad():
         ours, theirs = model(tokens).logits, llama(tokens).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def to_qwen3(model: ArgonneForCausalLM) -> Qwen3ForCausalLM:
+    """transformers' own Qwen3 (QK-norm per head before RoPE) with the model's weights, built here from the config
+    rather than by export.py, so that it checks the model independently."""
+    c = model.config
+    qwen3 = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
+        intermediate_size=c.intermediate_size, max_position_embeddings=c.max_position_embeddings,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, attention_bias=c.attention_bias,
+        tie_word_embeddings=c.tie_word_embeddings,
+    )).eval()
+    missing, unexpected = qwen3.load_state_dict(model.state_dict(), strict=False)
+    assert not unexpected and missing == ([] if not c.tie_word_embeddings else ["lm_head.weight"])
+    return qwen3
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True, "tie_word_embeddings": False}],
+                         ids=["tied", "biases-untied"])
+def test_qk_norm_logits_equal_qwen3(overrides):
+    model = scramble_norms(make_model(**{**LLAMA_STYLE, **overrides, "qk_norm": True}))
+    assert {"model.layers.1.self_attn.q_norm.weight", "model.layers.1.self_attn.k_norm.weight"} <= \
+        set(model.state_dict())
+    qwen3 = to_qwen3(model)
+    without_qk_norm = make_model(**{**LLAMA_STYLE, **overrides})
+    without_qk_norm.load_state_dict(model.state_dict(), strict=False)  # the same weights but QK-norm's
+    tokens = torch.randint(0, 320, (3, 37))
+    with torch.no_grad():
+        ours, theirs = model(tokens).logits, qwen3(tokens).logits
+        assert (without_qk_norm(tokens).logits - theirs).abs().max().item() > 1e-2  # so the norms matter here
     assert (ours - theirs).abs().max().item() <= 1e-5
 
 
@@ -493,9 +526,11 @@ def test_auto_classes_resolve_after_import(tmp_path):
     assert type(loaded) is ArgonneForCausalLM
 
 
-@pytest.mark.parametrize("preset,shape", [("tiny", LLAMA_STYLE), ("argonne-1.5", GPT2_STYLE)])
+@pytest.mark.parametrize("preset,shape", [("tiny", LLAMA_STYLE), ("argonne-1.5", GPT2_STYLE),
+                                          ("tiny", {**LLAMA_STYLE, "qk_norm": True})],
+                         ids=["llama-style", "gpt2-style", "qk-norm"])
 def test_save_load_round_trip_is_bit_exact(tmp_path, preset, shape):
-    model = make_model(preset, **shape)
+    model = scramble_norms(make_model(preset, **shape))
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
     loaded = ArgonneForCausalLM.from_pretrained(tmp_path)
@@ -512,9 +547,10 @@ REMOTE_CODE_FILES = {"configuration_argonne.py", "modeling_argonne.py", "loss_ar
 @pytest.mark.slow
 def test_fresh_process_loads_with_trust_remote_code(tmp_path):
     """A saved folder carries its code (the model file and the loss file it imports relatively), and loads with
-    trust_remote_code=True in a process where the argonne package cannot be imported at all."""
+    trust_remote_code=True in a process where the argonne package cannot be imported at all (with QK-norm, so the
+    copied code must have it too)."""
     folder = tmp_path / "model"
-    model = make_model(vocab_size=8192, num_hidden_layers=2)
+    model = scramble_norms(make_model(vocab_size=8192, num_hidden_layers=2, qk_norm=True))
     model.save_pretrained(folder)
     load_tokenizer(SAMPLE_TOKENIZER).save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
@@ -554,6 +590,7 @@ model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
 assert not any(name.split(".")[0] == "argonne" for name in sys.modules), "the installed package was imported"
 assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+assert model.config.qk_norm and model.model.layers[1].self_attn.k_norm is not None
 remote = [name for name in sys.modules if name.startswith("transformers_modules")]
 assert any(name.endswith(".loss_argonne") for name in remote), remote  # the folder's copy of the loss file
 data = torch.load({str(tmp_path / "expected.pt")!r})
@@ -572,11 +609,13 @@ print("ok", tokenizer.decode(out[0]))
     assert result.stdout.startswith("ok The database"), result.stdout
 
 
-@pytest.mark.parametrize("style", ["llama", "gpt2"])
+@pytest.mark.parametrize("style", ["llama", "gpt2", "qk-norm"])
 def test_merged_projections_give_the_same_logits_and_state_dict(style):
     """merge_projections (inference): one matmul for q/k/v and for gate/up, same results, nothing stored twice."""
-    overrides = {**LLAMA_STYLE, "attention_bias": True} if style == "llama" else GPT2_STYLE
-    model = make_model(**overrides) if style == "llama" else make_model("argonne-1.0", **overrides)
+    if style == "gpt2":
+        model = make_model("argonne-1.0", **GPT2_STYLE)
+    else:
+        model = scramble_norms(make_model(**LLAMA_STYLE, attention_bias=True, qk_norm=style == "qk-norm"))
     tokens = torch.randint(0, 320, (2, 11))
     expected = model(tokens).logits
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}

@@ -31,7 +31,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     fields = (
         "vocab_size hidden_size num_hidden_layers num_attention_heads num_key_value_heads head_dim "
         "intermediate_size max_position_embeddings norm_type norm_eps mlp_type position_embedding rope_theta "
-        "attention_bias attention_out_bias mlp_bias tie_word_embeddings"
+        "attention_bias attention_out_bias mlp_bias qk_norm tie_word_embeddings"
     ).split()
     print(f"{args.preset}")
     for name in fields:
@@ -260,7 +260,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export an HF folder or a training checkpoint (any parallel layout) as an Argonne folder (hf), a plain
-    transformers Llama folder (llama) or a llama.cpp GGUF file (gguf)."""
+    transformers Llama (llama) or Qwen3 (qwen3) folder, or a llama.cpp GGUF file (gguf)."""
     from .export import export_model
 
     print(export_model(args.source, args.to, args.output, args.dtype, args.tokenizer))
@@ -268,8 +268,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    """Import a transformers Llama or Qwen2 folder, or an original Argonne 1.x / 2.0 folder, as an Argonne folder (to
-    continue pretraining or fine-tune)."""
+    """Import a transformers Llama, Qwen2 or Qwen3 folder, or an original Argonne 1.x / 2.0 folder, as an Argonne
+    folder (to continue pretraining or fine-tune)."""
     from .export import import_model
 
     print(import_model(args.source, args.output))

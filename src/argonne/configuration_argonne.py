@@ -134,6 +134,9 @@ class ArgonneConfig(PretrainedConfig):
         attention_bias: biases on the q/k/v projections (and on o_proj unless attention_out_bias says otherwise).
         attention_out_bias: bias on the o projection; None follows attention_bias (Qwen2: q/k/v biases, none on o).
         mlp_bias: biases on the MLP projections.
+        qk_norm: an RMSNorm (weight of head_dim, norm_eps) on each query and key head before RoPE, as OLMo 2 and
+            Qwen3 have (`self_attn.q_norm` / `self_attn.k_norm`); it bounds the attention logits. Always an RMSNorm,
+            whatever norm_type says. False (the default, and what a config.json without the field means): none.
         tie_word_embeddings: the output head reuses the token embedding.
         initializer_range: std of the normal initialisation; residual output projections (o_proj, down_proj) use
             initializer_range / sqrt(2 * num_hidden_layers), as GPT-2 does.
@@ -162,6 +165,7 @@ class ArgonneConfig(PretrainedConfig):
         attention_bias: bool = False,
         attention_out_bias: bool | None = None,
         mlp_bias: bool = False,
+        qk_norm: bool = False,
         tie_word_embeddings: bool = True,
         initializer_range: float = 0.02,
         use_cache: bool = True,
@@ -188,6 +192,7 @@ class ArgonneConfig(PretrainedConfig):
         self.attention_bias = attention_bias
         self.attention_out_bias = attention_bias if attention_out_bias is None else attention_out_bias
         self.mlp_bias = mlp_bias
+        self.qk_norm = qk_norm
         self.initializer_range = initializer_range
         self.use_cache = use_cache
         super().__init__(
@@ -223,6 +228,10 @@ class ArgonneConfig(PretrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
+        # A string such as "false" would be truthy: switches must be real booleans.
+        for name in ("attention_bias", "attention_out_bias", "mlp_bias", "qk_norm", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not problems and self.num_attention_heads % self.num_key_value_heads:
             problems.append(
                 f"num_key_value_heads ({self.num_key_value_heads}) must divide "

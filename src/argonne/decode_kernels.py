@@ -344,8 +344,9 @@ def one_row(x: torch.Tensor) -> bool:
 
 class GemvBlock(Block):
     """An RMSNorm + SwiGLU block (merged projections): for one row, each norm runs inside the matmul after it, each
-    residual add inside the matmul before it, and RoPE inside the q/k/v matmul. With `triton_attention` (set by
-    use_gemv_kernels) the attention over a cache is `decode_attention` instead of SDPA."""
+    residual add inside the matmul before it, and RoPE inside the q/k/v matmul (with QK-norm, RoPE follows the
+    per-head norms outside it). With `triton_attention` (set by use_gemv_kernels) the attention over a cache is
+    `decode_attention` instead of SDPA."""
 
     triton_attention = False
 
@@ -354,15 +355,16 @@ class GemvBlock(Block):
             return super().forward(x, rope, attn_mask, cache)
         attention, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
-        rotation = {}
-        if rope is not None:  # q and k come out of the kernel rotated
+        # q and k come out of the kernel rotated, unless QK-norm must come first: then `attention.heads` does both.
+        rotation, rope_left = {}, rope
+        if rope is not None and attention.q_norm is None:
             q_and_k_rows = attention.q_proj.out_features + attention.k_proj.out_features
-            rotation = dict(rope_cos=rope[0], rope_sin=rope[1], rotated_rows=q_and_k_rows)
+            rotation, rope_left = dict(rope_cos=rope[0], rope_sin=rope[1], rotated_rows=q_and_k_rows), None
         # one query over the cache, whose mask (if any) is one row of keys per row
         triton_attention = (self.triton_attention and cache is not None
                             and (attn_mask is None or attn_mask.shape[-2] == 1))
         scale = 1.0 / math.sqrt(attention.head_dim)
-        if triton_attention and rope is not None and isinstance(cache, StaticKVCache) and cache.batch == 1:
+        if triton_attention and rotation and isinstance(cache, StaticKVCache) and cache.batch == 1:
             # keys and values go from the q/k/v kernel straight into the cache
             keys_and_values, column = cache.layers[attention.layer_idx], cache.write_positions[-1:]
             qkv = gemv_qkv_into_cache(x, attention.qkv.weight, attention.qkv.bias, norm1.weight, norm1.eps, rope[0],
@@ -374,14 +376,13 @@ class GemvBlock(Block):
                        **rotation)
             q, k, v = qkv.split(attention.qkv.sizes, dim=-1)
             if triton_attention:
-                batch, head_dim = x.shape[0], attention.head_dim
-                keys, values = cache.update(k.view(batch, 1, -1, head_dim).transpose(1, 2),
-                                            v.view(batch, 1, -1, head_dim).transpose(1, 2), attention.layer_idx)
+                q, k, v = attention.heads(q, k, v, rope_left)  # (B, heads, 1, hd)
+                keys, values = cache.update(k, v, attention.layer_idx)
                 written = getattr(cache, "write_positions", None)  # a static cache: keys after it are not there yet
                 last_key = None if written is None else written[-1:]
-                y = decode_attention(q, keys, values, attn_mask, scale, last_key)
+                y = decode_attention(q.transpose(1, 2).flatten(2), keys, values, attn_mask, scale, last_key)
             else:
-                y = attention.attend(q, k, v, None, attn_mask, cache)
+                y = attention.attend(q, k, v, rope_left, attn_mask, cache)
         h = gemv(y, attention.o_proj.weight, attention.o_proj.bias, residual=x)
         hidden = gemv(h, mlp.gate_up.weight, mlp.gate_up.bias, swiglu=True, norm_weight=norm2.weight, eps=norm2.eps)
         return gemv(hidden, mlp.down_proj.weight, mlp.down_proj.bias, residual=h)

@@ -3,10 +3,11 @@
 Export sources are Hugging Face folders or training checkpoints of any parallel layout (DCP consolidates them on the
 CPU). Targets: an Argonne folder (`hf`: loads with trust_remote_code=True); `llama`: a plain `LlamaForCausalLM`
 folder for presets whose architecture Llama can express (RMSNorm, SwiGLU, RoPE) — so vLLM, lm-eval and llama.cpp's
-converters accept it (parameter names are already Llama's); and `gguf`: a llama-architecture GGUF file with the
+converters accept it (parameter names are already Llama's); `qwen3`: a plain `Qwen3ForCausalLM` folder for the same
+architecture with QK-norm (`qk_norm`, which Llama lacks); and `gguf`: a llama-architecture GGUF file with the
 tokenizer, through the `gguf` package.
 
-Imports read transformers Llama and Qwen2 folders and the original Argonne code's folders: 1.x (model_type
+Imports read transformers Llama, Qwen2 and Qwen3 folders and the original Argonne code's folders: 1.x (model_type
 "argonne", GPT-2-style names, including 1.0's `pipeline_stages.<stage>.<block>` layout) and 2.0 (model_type
 "argonne2"). Loading third-party files never runs their code: safetensors, or
 `torch.load(weights_only=True)` for .bin/.pth files; a file that needs arbitrary unpickling is refused.
@@ -37,16 +38,34 @@ class ConversionError(ModelError):
 # ------------------------------------------------------------------------------------------------------- export
 
 
-def llama_incompatibilities(config: ArgonneConfig) -> list[str]:
+def _decoder_incompatibilities(config: ArgonneConfig, architecture: str) -> list[str]:
+    """What a Llama-like decoder (RMSNorm, SwiGLU, RoPE, one bias setting for q/k/v/o) cannot hold."""
     problems = []
     if config.norm_type != "rmsnorm":
-        problems.append(f"norm_type is {config.norm_type!r} (Llama: rmsnorm)")
+        problems.append(f"norm_type is {config.norm_type!r} ({architecture}: rmsnorm)")
     if config.mlp_type != "swiglu":
-        problems.append(f"mlp_type is {config.mlp_type!r} (Llama: swiglu)")
+        problems.append(f"mlp_type is {config.mlp_type!r} ({architecture}: swiglu)")
     if config.position_embedding != "rope":
-        problems.append(f"position_embedding is {config.position_embedding!r} (Llama: rope)")
+        problems.append(f"position_embedding is {config.position_embedding!r} ({architecture}: rope)")
     if config.attention_out_bias != config.attention_bias:
-        problems.append("o_proj bias differs from q/k/v bias (Llama has one attention_bias for all four)")
+        problems.append(f"o_proj bias differs from q/k/v bias ({architecture} has one attention_bias for all four)")
+    return problems
+
+
+def llama_incompatibilities(config: ArgonneConfig) -> list[str]:
+    problems = _decoder_incompatibilities(config, "Llama")
+    if config.qk_norm:
+        problems.append("qk_norm is True (Llama has no query/key norms; export it --to qwen3)")
+    return problems
+
+
+def qwen3_incompatibilities(config: ArgonneConfig) -> list[str]:
+    problems = _decoder_incompatibilities(config, "Qwen3")
+    if config.mlp_bias:
+        problems.append("mlp_bias is True (Qwen3's MLP has no biases)")
+    # Norms of weight one would not make the model exact: they still divide each head by its RMS.
+    if not config.qk_norm:
+        problems.append("qk_norm is False (Qwen3 always normalises queries and keys; export it --to llama)")
     return problems
 
 
@@ -67,6 +86,38 @@ def to_llama_config(config: ArgonneConfig):
     )
 
 
+def to_qwen3_config(config: ArgonneConfig):
+    from transformers import Qwen3Config
+
+    problems = qwen3_incompatibilities(config)
+    if problems:
+        raise ConversionError("this model does not fit the Qwen3 architecture: " + "; ".join(problems))
+    return Qwen3Config(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act="silu",
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta, attention_bias=config.attention_bias, use_sliding_window=False,
+        tie_word_embeddings=config.tie_word_embeddings, bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+    )
+
+
+# Plain transformers targets: (model class, its config from ours). Parameter names are the same as ours.
+TRANSFORMERS_TARGETS = {"llama": ("LlamaForCausalLM", to_llama_config), "qwen3": ("Qwen3ForCausalLM", to_qwen3_config)}
+EXPORT_TARGETS = ("hf", "llama", "qwen3", "gguf")
+
+
+def refuse_unfit(config: ArgonneConfig, target: str) -> None:
+    """Raise ConversionError, naming every difference, for a model the target's architecture cannot hold."""
+    if target in TRANSFORMERS_TARGETS:
+        TRANSFORMERS_TARGETS[target][1](config)
+    elif target == "gguf":
+        problems = llama_incompatibilities(config)
+        if problems:
+            raise ConversionError("GGUF export needs the Llama architecture: " + "; ".join(problems))
+
+
 def export_model(source: str | Path, target: str, output: str | Path, dtype: str = "bf16",
                  tokenizer: str | Path | None = None) -> Path:
     """Write `source` (a model folder or checkpoint) as `target` into `output`. Everything is written into a
@@ -75,13 +126,12 @@ def export_model(source: str | Path, target: str, output: str | Path, dtype: str
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if target not in ("hf", "llama", "gguf"):
-        raise ConversionError(f"unknown export target {target!r}; use hf, llama or gguf")
+    if target not in EXPORT_TARGETS:
+        raise ConversionError(f"unknown export target {target!r}; use one of {', '.join(EXPORT_TARGETS)}")
     model, tokenizer = open_model(source, "cpu", "float32", tokenizer)
     model.to(DTYPES[dtype])
     output = Path(output)
-    if target == "llama":
-        to_llama_config(model.config)  # refuses a model Llama cannot hold, before anything is written
+    refuse_unfit(model.config, target)  # before anything is written
     # Staged beside the output, on its filesystem, so the final move is a rename (from /tmp it could cross devices).
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
@@ -107,16 +157,8 @@ def _move_into_place(written: Path, output: Path) -> Path:
 def _write_export(model, tokenizer, target: str, output: Path) -> Path:
     if target == "hf":
         model.save_pretrained(output)
-    elif target == "llama":
-        from transformers import LlamaForCausalLM
-
-        with torch.device("meta"):
-            llama = LlamaForCausalLM(to_llama_config(model.config))
-        state = model.state_dict()
-        if model.config.tie_word_embeddings:
-            state["lm_head.weight"] = state["model.embed_tokens.weight"]
-        llama.load_state_dict(state, strict=True, assign=True)
-        llama.save_pretrained(output)
+    elif target in TRANSFORMERS_TARGETS:
+        save_as_transformers(model, target, output)
     else:
         path = output / "model.gguf" if output.suffix != ".gguf" else output
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -125,6 +167,20 @@ def _write_export(model, tokenizer, target: str, output: Path) -> Path:
             return path
     tokenizer.save_pretrained(output)
     return output
+
+
+def save_as_transformers(model: ArgonneForCausalLM, target: str, output: Path) -> None:
+    """The model as a plain transformers folder of `target` (TRANSFORMERS_TARGETS): the same weights, one to one."""
+    import transformers
+
+    class_name, to_config = TRANSFORMERS_TARGETS[target]
+    with torch.device("meta"):
+        theirs = getattr(transformers, class_name)(to_config(model.config))
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    theirs.load_state_dict(state, strict=True, assign=True)
+    theirs.save_pretrained(output)
 
 
 def permute_for_gguf_rope(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -172,9 +228,7 @@ def write_gguf(model: ArgonneForCausalLM, tokenizer, path: Path) -> Path:
     import numpy as np
 
     c = model.config
-    problems = llama_incompatibilities(c)
-    if problems:
-        raise ConversionError("GGUF export needs the Llama architecture: " + "; ".join(problems))
+    refuse_unfit(c, "gguf")
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name(path.stem)
@@ -347,13 +401,12 @@ def argonne_config_from_hf(hf: dict) -> ArgonneConfig:
         return legacy_argonne_config(hf)
     if kind == "argonne":  # already ours
         return ArgonneConfig.from_dict(hf)
-    if kind not in ("llama", "qwen2"):
+    if kind not in ("llama", "qwen2", "qwen3"):
         raise ConversionError(
-            f"model_type {kind!r} cannot be imported (supported: llama, qwen2, argonne 1.x, argonne2)"
+            f"model_type {kind!r} cannot be imported (supported: llama, qwen2, qwen3, argonne 1.x, argonne2)"
         )
+    refuse_unrepresentable(hf)
     heads = hf["num_attention_heads"]
-    if kind == "qwen2" and hf.get("use_sliding_window"):
-        raise ConversionError("Qwen2 sliding-window attention is not supported")
     qkv_bias = True if kind == "qwen2" else hf.get("attention_bias", False)
     return ArgonneConfig(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=hf["num_hidden_layers"],
@@ -363,14 +416,27 @@ def argonne_config_from_hf(hf: dict) -> ArgonneConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6), mlp_type="swiglu", position_embedding="rope",
         rope_theta=_rope_theta(hf), attention_bias=qkv_bias,
         attention_out_bias=False if kind == "qwen2" else qkv_bias, mlp_bias=hf.get("mlp_bias", False),
-        tie_word_embeddings=hf.get("tie_word_embeddings", False), bos_token_id=hf.get("bos_token_id"),
-        eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
+        qk_norm=kind == "qwen3", tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"), pad_token_id=hf.get("pad_token_id"),
     )
 
 
+def refuse_unrepresentable(hf: dict) -> None:
+    """A transformers Llama / Qwen2 / Qwen3 config with what Argonne's model does not have: raise ConversionError
+    naming each (RoPE scaling is refused by _rope_theta)."""
+    problems = []
+    if hf.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act is {hf['hidden_act']!r} (Argonne's SwiGLU: silu)")
+    # Qwen2 and Qwen3 layers marked "sliding_attention" attend to every key unless use_sliding_window is set.
+    if hf.get("use_sliding_window"):
+        problems.append("sliding-window attention (use_sliding_window) is not supported")
+    if problems:
+        raise ConversionError(f"{hf['model_type']} model cannot be imported: " + "; ".join(problems))
+
+
 def converted_model(source: str | Path) -> ArgonneForCausalLM:
-    """A transformers Llama / Qwen2 folder or an original Argonne 1.x / 2.0 folder as an Argonne model, in memory
-    (its weights as stored)."""
+    """A transformers Llama / Qwen2 / Qwen3 folder or an original Argonne 1.x / 2.0 folder as an Argonne model, in
+    memory (its weights as stored)."""
     source = Path(source)
     config_file = source / "config.json"
     if not config_file.is_file():
@@ -392,8 +458,8 @@ def converted_model(source: str | Path) -> ArgonneForCausalLM:
 
 
 def import_model(source: str | Path, output: str | Path) -> Path:
-    """A transformers Llama / Qwen2 folder or an original Argonne 1.x / 2.0 folder -> an Argonne folder (weights,
-    config with auto_map, code, tokenizer)."""
+    """A transformers Llama / Qwen2 / Qwen3 folder or an original Argonne 1.x / 2.0 folder -> an Argonne folder
+    (weights, config with auto_map, code, tokenizer)."""
     source, output = Path(source), Path(output)
     converted_model(source).save_pretrained(output)
     if (source / "tokenizer_config.json").is_file() or (source / "tokenizer.json").is_file():

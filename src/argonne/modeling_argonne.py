@@ -2,12 +2,13 @@
 
 Read top to bottom:
 - norms (RMSNorm, LayerNorm), MergedLinear (inference's merged projections) and the MLPs (SwiGLU, GELU);
-- rotary embedding, attention (SDPA) and the block;
+- rotary embedding, attention (SDPA, with optional QK-norm) and the block;
 - the new tokens' positions and attention mask (`positions_and_mask`), and the initialisation;
 - the decoder (ArgonneModel: embeddings, blocks, final norm), the output head (OutputHead) and the causal-LM model
   (ArgonneForCausalLM), then the default cache.
 Architecture variants are small classes chosen by name from the config. Parameter names follow transformers' Llama
-(`model.layers.N.self_attn.q_proj`, ...) so weights map one to one.
+(`model.layers.N.self_attn.q_proj`, ...), and QK-norm's Qwen3's (`self_attn.q_norm`, `self_attn.k_norm`), so weights
+map one to one.
 
 The training loss, the chunked linear + cross-entropy behind OutputHead, is in `loss_argonne.py`. The model works
 with any cache that has a transformers Cache's `update` and `get_seq_length`; the generator's static cache and its
@@ -59,9 +60,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 def build_norm(config: ArgonneConfig) -> nn.Module:
@@ -171,6 +176,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, config.num_key_value_heads * hd, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * hd, d, bias=config.attention_out_bias)
         self.o_proj.writes_residual = True  # see init_module
+        # QK-norm (config.qk_norm): one RMSNorm over head_dim, shared by every query head, and one by every key head.
+        self.q_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(hd, config.norm_eps) if config.qk_norm else None
         self.qkv: MergedLinear | None = None  # see merge_projections
 
     def merge_projections(self) -> None:
@@ -189,16 +197,26 @@ class Attention(nn.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         return self.o_proj(self.attend(q, k, v, rope, attn_mask, cache))
 
-    def attend(self, q, k, v, rope, attn_mask, cache) -> torch.Tensor:
-        """The attention between the projections: q (B, T, nh * hd), k and v (B, T, n_kv * hd) -> (B, T, nh * hd),
-        through RoPE, the cache and SDPA."""
+    def heads(self, q, k, v, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The projections q (B, T, nh * hd), k and v (B, T, n_kv * hd) as heads (B, heads, T, hd), q and k normed
+        (QK-norm, Qwen3's order: per head, before RoPE) and rotated."""
         B, T, _ = q.shape
-        q = q.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = k.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+        q = q.view(B, T, -1, self.head_dim)  # (B, T, nh, hd)
+        k = k.view(B, T, -1, self.head_dim)  # (B, T, n_kv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
         if rope is not None:  # None: no RoPE in this model, or q and k come rotated
             cos, sin = rope
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def attend(self, q, k, v, rope, attn_mask, cache) -> torch.Tensor:
+        """The attention between the projections: q (B, T, nh * hd), k and v (B, T, n_kv * hd) -> (B, T, nh * hd),
+        through QK-norm, RoPE, the cache and SDPA."""
+        B, T, _ = q.shape
+        q, k, v = self.heads(q, k, v, rope)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, n_kv, S, hd): every key the cache returns
         # Training on a GPU: pad head_dim to a multiple of 8 (cuDNN's requirement). Not with a cache, where padding

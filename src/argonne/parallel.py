@@ -5,7 +5,8 @@ The device mesh has two dimensions, ("dp", "tp"). Tensor parallelism shards each
 did — q/k/v and gate/up column-wise, o and down row-wise — through DTensor's `parallelize_module`, and splits the
 vocabulary: the token embedding and the output head by rows, with a vocabulary-parallel loss (VocabParallelHead).
 Norms (and learned position embeddings) stay replicated over "tp": they see identical activations on every
-tensor-parallel rank, so their gradients are identical there. FSDP2 (`fully_shard`) shards every parameter over
+tensor-parallel rank, so their gradients are identical there; QK-norm's see each rank's own heads, so theirs are
+summed over "tp" (HeadShardedRMSNorm). FSDP2 (`fully_shard`) shards every parameter over
 "dp", per block and then the root, with bf16 compute and fp32 gradient reduction on GPUs.
 """
 
@@ -25,7 +26,7 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 from .config import ACTIVATION_CHECKPOINTING
 from .loss_argonne import LOSS_CHUNK_LOGITS, cross_entropy_chunk, linear_cross_entropy
-from .modeling_argonne import ArgonneForCausalLM, GeluMLP, SwiGLUMLP
+from .modeling_argonne import ArgonneForCausalLM, GeluMLP, RMSNorm, SwiGLUMLP, rms_norm
 
 
 @dataclass
@@ -120,11 +121,42 @@ def apply_tensor_parallel(model: ArgonneForCausalLM, tp_mesh: DeviceMesh) -> Non
             "mlp.up_proj": ColwiseParallel(),
             "mlp.down_proj": RowwiseParallel(),
         }
+        if block.self_attn.q_norm is not None:
+            for norm in (block.self_attn.q_norm, block.self_attn.k_norm):
+                norm.__class__, norm.tp_group = HeadShardedRMSNorm, tp_mesh.get_group()
         if isinstance(block.mlp, SwiGLUMLP):
             plan["mlp.gate_proj"] = ColwiseParallel()
         else:
             assert isinstance(block.mlp, GeluMLP)
         parallelize_module(block, tp_mesh, plan)
+
+
+class HeadShardedRMSNorm(RMSNorm):
+    """QK-norm under tensor parallelism: its weight is replicated (a plain tensor, like the other norms), but each
+    rank normalises only its own heads, so each rank's gradient is its heads' share: summed over "tp" in the
+    backward. The state dict is unchanged."""
+
+    tp_group: dist.ProcessGroup
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, _SumGradient.apply(self.weight, self.tp_group), self.eps)
+
+
+class _SumGradient(torch.autograd.Function):
+    """The identity, whose backward sums the gradient over `group` (functional collective: torch.compile traces
+    it)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from torch.distributed import _functional_collectives as funcol
+
+        summed = funcol.all_reduce(grad.contiguous(), "sum", ctx.group)
+        return funcol.wait_tensor(summed), None  # a plain tensor for the optimizer, not a pending collective
 
 
 # Selective checkpointing keeps the outputs of matmuls, attention and tensor-parallel all-reduces (so the recompute
