@@ -10,10 +10,13 @@ Every run is the real trainer (`argonne train configs/tiny.toml`, in this proces
 of configs/tiny.toml. A seed fixes both the initial weights and the data order (train.seed), so seed k of every
 variant starts from the same weights and sees the same batches; every run is validated on the same held-out windows.
 
-Budget, sized for the project's 2-core CPU machine (3 seeds x 5 variants + the reference in ~15 minutes): the whole
-bundled sample, seq_len 128, micro-batch 16 (2,048 tokens a step), 200 steps (409,600 tokens), warmup 20 and lr
-3e-3 -> 3e-4 as in configs/tiny.toml; validation every 25 steps on 32 held-out windows (4,096 tokens). That is a
-short run: options whose gains come late in training (or at scale) may not show here.
+Budget, sized for the project's shared 2-core CPU machine, where one run trained at ~850 tokens/s on one thread
+(3 seeds x 4 variants + the reference: ~15 minutes): the whole bundled sample, seq_len 64, micro-batch 8 (512
+tokens a step), 80 steps (40,960 tokens per run), warmup 8 (a tenth of the steps, as configs/tiny.toml's 20 of 200),
+lr 3e-3 -> 3e-4 and everything else as in configs/tiny.toml; validation every 10 steps on 32 held-out windows (2,048
+tokens). That is a very short run (configs/tiny.toml trains 20x the tokens): it ranks options on early training
+only, and options whose gains come late or at scale may not show. Windows of 64 tokens rarely hold a document
+boundary (the sample's documents average ~3,800 tokens), so document attention has little to change here.
 
 The reference mirrors the original recipe outside Argonne: Argonne's freshly initialised weights for the seed copied
 into transformers' LlamaForCausalLM (parameter names match one to one), the trainer's own batches (pretraining_data,
@@ -63,13 +66,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--combo", default="", help="options trained together as the variant 'best', e.g. "
                                                     "wsd,z_loss,document")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default: a tenth of --steps, as "
+                                                                 "configs/tiny.toml's 20 of 200)")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--val-windows", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; on shared cores, a thread waiting for a descheduled partner stalls "
+                             "every op (2 threads ran 4x slower than 1 on the busy 2-core machine)")
     parser.add_argument("--data", nargs="+", default=[str(REPO / "data" / "sample")],
-                        help="parquet inputs, tokenized once into the work dir (1%% of documents held out)")
+                        help="parquet inputs, tokenized once into the work dir")
+    parser.add_argument("--val-fraction", type=float, default=0.01, help="documents held out for validation")
     parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                         help="train the transformers Llama reference of the original recipe")
     parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
@@ -81,16 +90,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def chosen_variants(args) -> dict[str, list[str]]:
-    """name -> trainer options, for --variants and --combo (as "best"); unknown names end the script."""
+    """name -> the options it combines, for --variants and --combo (as "best"); unknown names end the script."""
     combo = [name for name in args.combo.split(",") if name]
     unknown = [name for name in [*args.variants, *combo] if name not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
     variants = {"original": []}  # the baseline every other variant is measured against
-    variants.update({name: VARIANTS[name] for name in args.variants})
+    variants.update({name: [name] for name in args.variants if name != "original"})
     if combo:
-        variants["best"] = [option for name in combo for option in VARIANTS[name]]
+        variants["best"] = combo
     return variants
+
+
+def options_of(parts: list[str]) -> list[str]:
+    return [option for name in parts for option in VARIANTS[name]]
 
 
 def trainer_options(args, prepared: Path, seed: int, run_dir: Path) -> list[str]:
@@ -98,7 +111,8 @@ def trainer_options(args, prepared: Path, seed: int, run_dir: Path) -> list[str]
     return [
         f"--data.prepared={str(prepared)!r}", "--data.inputs=[]", f"--data.tokenizer={str(TOKENIZER)!r}",
         f"--data.seq_len={args.seq_len}", f"--data.val_windows={args.val_windows}", "--data.workers=0",
-        f"--train.steps={args.steps}", f"--train.micro_batch_size={args.micro_batch}", f"--train.seed={seed}",
+        f"--train.steps={args.steps}", f"--optim.warmup_steps={args.warmup}",
+        f"--train.micro_batch_size={args.micro_batch}", f"--train.seed={seed}",
         f"--train.eval_every={args.eval_every}", "--train.log_every=1",  # every step's loss: step 1 is compared
         "--train.tensorboard=false", "--train.peak_tflops=1", f"--train.run_dir={str(run_dir)!r}",
     ]
@@ -109,12 +123,14 @@ def check_variants(variants: dict[str, list[str]], args, prepared: Path) -> None
     from argonne import ArgonneConfig
     from argonne.config import load_run_config
 
-    for name, options in variants.items():
+    for name, parts in variants.items():
         try:
-            config = load_run_config(CONFIG, [*trainer_options(args, prepared, 0, args.workdir), *options], "train")
+            options = [*trainer_options(args, prepared, 0, args.workdir), *options_of(parts)]
+            config = load_run_config(CONFIG, options, "train")
             ArgonneConfig.from_preset(config.model.preset, **config.model.overrides)
         except ValueError as error:
-            raise SystemExit(f"variant {name!r} ({' '.join(options)}) does not run on this checkout: {error}")
+            raise SystemExit(f"variant {name!r} ({' '.join(options_of(parts))}) does not run on this checkout: "
+                             f"{error}")
 
 
 def prepare_sample(args) -> Path:
@@ -124,7 +140,8 @@ def prepare_sample(args) -> Path:
     from argonne.data.prepare import PrepareSettings, prepare_dataset
 
     folder = args.workdir / "sample-tokens"
-    settings = PrepareSettings(seq_len=args.seq_len, workers=0, documents=DocumentSettings(val_fraction=0.01))
+    documents = DocumentSettings(val_fraction=args.val_fraction)
+    settings = PrepareSettings(seq_len=args.seq_len, workers=0, documents=documents)
     prepare_dataset(args.data, load_tokenizer(TOKENIZER), folder, settings, progress=False)  # resumes: done once
     return folder
 
@@ -132,25 +149,42 @@ def prepare_sample(args) -> Path:
 # ------------------------------------------------------------------------------------------------------ training
 
 
-def train_variant(name: str, options: list[str], seed: int, args, prepared: Path) -> dict:
-    """One trainer run (or the work dir's finished one with the same options), read from its metrics.jsonl."""
+def cached(run_dir: Path, key: list[str], args, compute) -> dict:
+    """compute()'s result, or the one an earlier call with the same key (the run's options) left in `run_dir`."""
+    kept = run_dir / "ablation-result.json"  # written last: the run finished
+    if args.reuse and kept.is_file() and json.loads(kept.read_text())["key"] == key:
+        return json.loads(kept.read_text())["result"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = {**compute(), "run": run_dir.name, "wall_s": time.perf_counter() - started}
+    kept.write_text(json.dumps({"key": key, "result": result}))
+    return result
+
+
+def train_variant(parts: list[str], seed: int, args, prepared: Path) -> dict:
+    """One trainer run of the options `parts` together. Its folder is named by them, so "best" reuses the runs of
+    a single option, or of the same combination, that an earlier call trained."""
+    run_dir = args.workdir / "runs" / f"{'+'.join(parts) or 'original'}-seed{seed}"
+    argv = ["train", "--overwrite", str(CONFIG), *trainer_options(args, prepared, seed, run_dir), *options_of(parts)]
+    return cached(run_dir, argv, args, lambda: run_trainer(argv, run_dir))
+
+
+def run_trainer(argv: list[str], run_dir: Path) -> dict:
     from argonne.cli import main as argonne
 
-    run_dir = args.workdir / "runs" / f"{name}-seed{seed}"
-    argv = ["train", "--overwrite", str(CONFIG), *trainer_options(args, prepared, seed, run_dir), *options]
-    finished = run_dir / "ablation-argv.json"  # written last: the run completed with these options
-    if not (args.reuse and finished.is_file() and json.loads(finished.read_text()) == argv):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):  # a line per step
-            status = argonne(argv)
-        if status != 0:
-            raise SystemExit(f"{name} seed {seed}: the trainer exited with {status} (see above and {run_dir})")
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 60 MB a run, and nothing here resumes
-        finished.write_text(json.dumps(argv))
+    with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):  # a line per step
+        status = argonne(argv)
+    if status != 0:
+        raise SystemExit(f"{run_dir.name}: the trainer exited with {status} (see above and {run_dir})")
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # 60 MB a run, and nothing here resumes
+    return read_metrics(run_dir)
+
+
+def read_metrics(run_dir: Path) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     if not any("val_loss" in r for r in steps):
-        raise SystemExit(f"{name} seed {seed}: no validation loss: the prepared data holds no held-out window")
+        raise SystemExit(f"{run_dir.name}: no validation loss: the prepared data holds no held-out window")
     rates = [r["tokens_per_s"] for r in steps[1:]]  # the first step pays for warming up
     return {
         "step_losses": [r["loss"] for r in steps],
@@ -179,13 +213,19 @@ def next_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch
 
 
 def train_reference(seed: int, args, prepared: Path) -> dict:
+    run_dir = args.workdir / "runs" / f"llama-reference-seed{seed}"
+    options = trainer_options(args, prepared, seed, run_dir)
+    return cached(run_dir, ["reference", *options], args, lambda: reference_run(options, seed))
+
+
+def reference_run(options: list[str], seed: int) -> dict:
     """The original recipe's run, done by hand on transformers' Llama (see the module docstring)."""
     from argonne import ArgonneForCausalLM
     from argonne.config import load_run_config
     from argonne.data.batches import pretraining_data, split_batch
     from argonne.train import build_model_config, build_tokenizer, lr_at
 
-    config = load_run_config(CONFIG, trainer_options(args, prepared, seed, args.workdir / "unused"), "train")
+    config = load_run_config(CONFIG, options, "train")
     optim, steps, eval_every = config.optim, config.train.steps, config.train.eval_every
     tokenizer = build_tokenizer(config)
     model_config = build_model_config(config, tokenizer)
@@ -249,9 +289,24 @@ def spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+# Student's t, two-sided 95%, by degrees of freedom (seeds - 1); about 2 beyond.
+T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+
+
+def verdict(deltas: list[float]) -> str:
+    """Paired t-test of the per-seed final-loss differences to the original (seed k of both starts from the same
+    weights and sees the same batches, so the pairs cancel most of what a seed changes)."""
+    if len(deltas) < 2:
+        return "untested (one seed)"
+    mean, sem = statistics.fmean(deltas), spread(deltas) / len(deltas) ** 0.5
+    if abs(mean) <= T_95.get(len(deltas) - 1, 2.0) * sem:
+        return "no clear difference"
+    return "better" if mean < 0 else "worse"
+
+
 def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
-    """Per variant: final validation loss over seeds, the mean curve, the tokens to reach the original's final mean
-    validation loss and tokens/s; and against the original, whether it helped beyond the seeds' spread."""
+    """Per variant: final validation loss over seeds and its paired difference to the original's, the mean curve,
+    the tokens to reach the original's final mean validation loss, and tokens/s."""
     summary = {}
     for name, seeds in runs.items():
         finals = [run["val"][-1][1] for run in seeds]
@@ -264,11 +319,9 @@ def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
     for name, row in summary.items():
         row["tokens_to_original_final"] = tokens_to_reach(row["curve"], original["final_mean"])
         row["fraction"] = row["tokens_to_original_final"] and row["tokens_to_original_final"] / total_tokens
-        difference = row["final_mean"] - original["final_mean"]
-        noise = (row["final_std"] ** 2 + original["final_std"] ** 2) ** 0.5
-        row["verdict"] = ("baseline" if name == "original" else "reference" if name == REFERENCE
-                          else "within the seeds' spread" if abs(difference) <= noise
-                          else "better" if difference < 0 else "worse")
+        deltas = [run["val"][-1][1] - base["val"][-1][1] for run, base in zip(runs[name], runs["original"])]
+        row.update(delta_mean=statistics.fmean(deltas), delta_std=spread(deltas),
+                   verdict="baseline" if name == "original" else verdict(deltas))
     return summary
 
 
@@ -283,7 +336,7 @@ def reference_check(runs: dict[str, list[dict]], summary: dict) -> dict:
             "matched": step1 < 1e-4 and means <= max(summary["original"]["final_std"], 1e-3)}
 
 
-def markdown(summary: dict, check: dict | None, variants: dict, args, wall_s: float) -> str:
+def markdown(runs: dict, summary: dict, check: dict | None, variants: dict, args, wall_s: float) -> str:
     tokens_per_step = args.micro_batch * args.seq_len
     total = args.steps * tokens_per_step
 
@@ -300,17 +353,22 @@ def markdown(summary: dict, check: dict | None, variants: dict, args, wall_s: fl
         + (f" --combo {args.combo}" if args.combo else "") + f" --seeds {' '.join(map(str, args.seeds))}"
         + f" --steps {args.steps}`: {args.steps} steps x {tokens_per_step:,} tokens (seq_len {args.seq_len}, "
         f"micro-batch {args.micro_batch}) = {total:,} tokens per run, seeds {', '.join(map(str, args.seeds))}; "
-        f"validation every {args.eval_every} steps on {args.val_windows} held-out windows. Wall time "
-        f"{wall_s / 60:.1f} min.", "",
-        "| variant | options | final val loss (mean ± std) | vs original | tokens to original's final | fraction "
-        "| tokens/s |",
-        "|---|---|---:|---|---:|---:|---:|",
+        f"validation every {args.eval_every} steps on {args.val_windows} held-out windows. The runs took "
+        f"{sum({run['run']: run['wall_s'] for seeds in runs.values() for run in seeds}.values()) / 60:.1f} min; "
+        f"this call "
+        f"{wall_s / 60:.1f} min (it reuses finished runs).", "",
+        "| variant | options | final val loss (mean ± std) | − original, same seeds (mean ± std) | verdict "
+        "| tokens to original's final | fraction | tokens/s |",
+        "|---|---|---:|---:|---|---:|---:|---:|",
     ]
     for name, row in summary.items():
-        options = " ".join(variants.get(name, [])) or ("configs/tiny.toml" if name == "original" else
-                                                         "transformers, minimal loop")
-        lines.append(f"| {name} | `{options}` | {loss(row)} | {row['verdict']} | {' | '.join(reached(row))} | "
-                     f"{row['tokens_per_s']:,.0f} |")
+        options = (" ".join(options_of(variants[name])) if name in variants else "transformers, minimal loop") \
+            or "configs/tiny.toml"
+        delta = "–" if name == "original" else f"{row['delta_mean']:+.4f} ± {row['delta_std']:.4f}"
+        lines.append(f"| {name} | `{options}` | {loss(row)} | {delta} | {row['verdict']} | "
+                     f"{' | '.join(reached(row))} | {row['tokens_per_s']:,.0f} |")
+    lines += ["", "Verdict: a paired t-test (95%) of each seed's final validation loss against the original's of the "
+                  "same seed. The reference's row is what float rounding alone does to a run (same recipe)."]
     points = next(iter(summary.values()))["curve"]
     lines += ["", "Validation loss, mean over seeds, by tokens trained:", "",
               "| variant | " + " | ".join(f"{tokens / 1000:,.0f}k" for tokens, _ in points) + " |",
@@ -333,27 +391,39 @@ def markdown(summary: dict, check: dict | None, variants: dict, args, wall_s: fl
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.warmup = args.steps // 10 if args.warmup is None else args.warmup
+    args.workdir = args.workdir.resolve()  # runs are reused by their options, which hold its paths
     variants = chosen_variants(args)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run_ablation(args, variants)
+    finally:
+        torch.set_num_threads(threads)  # main() is also called in-process (tests)
+
+
+def run_ablation(args, variants: dict[str, list[str]]) -> int:
     started = time.perf_counter()
     args.workdir.mkdir(parents=True, exist_ok=True)
     prepared = prepare_sample(args)
     check_variants(variants, args, prepared)
     runs: dict[str, list[dict]] = {name: [] for name in [*variants, *([REFERENCE] if args.reference else [])]}
     for seed in args.seeds:  # seeds outermost: a machine slower for a while slows every variant alike
-        for name, options in variants.items():
+        for name, parts in variants.items():
             print(f"seed {seed}: {name}", flush=True)
-            runs[name].append(train_variant(name, options, seed, args, prepared))
+            runs[name].append(train_variant(parts, seed, args, prepared))
         if args.reference:
             print(f"seed {seed}: {REFERENCE}", flush=True)
             runs[REFERENCE].append(train_reference(seed, args, prepared))
     summary = summarize(runs)
     check = reference_check(runs, summary) if args.reference else None
-    table = markdown(summary, check, variants, args, time.perf_counter() - started)
+    table = markdown(runs, summary, check, variants, args, time.perf_counter() - started)
     print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(table)
     json_path = args.json or args.workdir / "results.json"
-    json_path.write_text(json.dumps({"variants": variants, "runs": runs, "summary": summary,
+    json_path.write_text(json.dumps({"variants": {name: options_of(parts) for name, parts in variants.items()},
+                                     "runs": runs, "summary": summary,
                                      "reference_check": check, "settings": {k: str(v) for k, v in
                                                                              vars(args).items()}}, indent=1))
     return 0
