@@ -2,20 +2,20 @@
 original recipe, each recipe option alone and a combination of them, over several seeds, with a plain transformers
 LlamaForCausalLM of the same shape, trained by a minimal loop, as a reference for the original recipe.
 
-    python benchmarks/recipe_ablation.py                                  # original wsd z_loss document, seeds 0 1 2
-    python benchmarks/recipe_ablation.py --combo wsd,document             # + that combination, as "best"
-    python benchmarks/recipe_ablation.py --variants original qk_norm muon # once those options are on main
+    python benchmarks/recipe_ablation.py --combo muon,qk_norm    # every option alone, + that combination as "best"
+    python benchmarks/recipe_ablation.py --variants original muon --seeds 0   # a quick look
 
 Every run is the real trainer (`argonne train configs/tiny.toml`, in this process) with the variant's options on top
 of configs/tiny.toml. A seed fixes both the initial weights and the data order (train.seed), so seed k of every
 variant starts from the same weights and sees the same batches; every run is validated on the same held-out windows.
 
-Budget, sized for the project's shared 2-core CPU machine, where one run trained at ~850 tokens/s on one thread
-(3 seeds x 4 variants + the reference: ~15 minutes): the whole bundled sample, seq_len 64, micro-batch 8 (512
-tokens a step), 80 steps (40,960 tokens per run), warmup 8 (a tenth of the steps, as configs/tiny.toml's 20 of 200),
-lr 3e-3 -> 3e-4 and everything else as in configs/tiny.toml; validation every 10 steps on 32 held-out windows (2,048
-tokens). That is a very short run (configs/tiny.toml trains 20x the tokens): it ranks options on early training
-only, and options whose gains come late or at scale may not show. Windows of 64 tokens rarely hold a document
+Budget, sized for the project's shared 2-core CPU machine, where one run trains at ~1,000 tokens/s on one thread:
+the whole bundled sample, seq_len 128, micro-batch 8 (1,024 tokens a step), 150 steps (153,600 tokens per run, a
+fifth of configs/tiny.toml's), warmup 15 (a tenth of the steps, as configs/tiny.toml's 20 of 200), lr 3e-3 -> 3e-4
+and everything else as in configs/tiny.toml; validation every 15 steps on 32 held-out windows. 3 seeds x 7 variants
+and the reference took 72 minutes of runs (two at a time: a driver can call train_variant for other variants in a
+second process on the same --workdir, as long as no two processes train the same run). It ranks options on early
+training: options whose gains come late or at scale may not show. Windows of 128 tokens rarely hold a document
 boundary (the sample's documents average ~3,800 tokens), so document attention has little to change here.
 
 The reference mirrors the original recipe outside Argonne: Argonne's freshly initialised weights for the seed copied
@@ -61,17 +61,17 @@ REFERENCE = "llama reference"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variants", nargs="+", default=["original", "wsd", "z_loss", "document"],
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                         help=f"options to train alone, of: {', '.join(VARIANTS)}")
     parser.add_argument("--combo", default="", help="options trained together as the variant 'best', e.g. "
                                                     "wsd,z_loss,document")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=80)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--warmup", type=int, default=None, help="warmup steps (default: a tenth of --steps, as "
                                                                  "configs/tiny.toml's 20 of 200)")
-    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--eval-every", type=int, default=15)
     parser.add_argument("--val-windows", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; on shared cores, a thread waiting for a descheduled partner stalls "
@@ -84,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reuse", action=argparse.BooleanOptionalAction, default=True,
                         help="reuse finished runs of the work dir that had the same trainer options")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "recipe-ablation")
-    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "recipe_ablation.md")
+    parser.add_argument("--output", type=Path, default=None, help="the table (default: WORKDIR/ablation.md)")
     parser.add_argument("--json", type=Path, default=None, help="raw curves (default: WORKDIR/results.json)")
     return parser.parse_args(argv)
 
@@ -419,8 +419,9 @@ def run_ablation(args, variants: dict[str, list[str]]) -> int:
     check = reference_check(runs, summary) if args.reference else None
     table = markdown(runs, summary, check, variants, args, time.perf_counter() - started)
     print(table)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(table)
+    output = args.output or args.workdir / "ablation.md"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(table)
     json_path = args.json or args.workdir / "results.json"
     json_path.write_text(json.dumps({"variants": {name: options_of(parts) for name, parts in variants.items()},
                                      "runs": runs, "summary": summary,

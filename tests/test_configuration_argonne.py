@@ -11,7 +11,17 @@ EXACT_PARAMETERS = {
     "argonne-1.0": 275_827_680,
     "small": 493_762_304,
     "tiny": 4_999_424,
+    "tiny-plus": 4_999_936,  # + QK-norm: 2 x head_dim per layer
+    "small-plus": 493_765_376,
 }
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_the_plus_presets_are_their_originals_with_qk_norm(name):
+    """The recipe ablation's winner ships as new presets; the originals stay as they were."""
+    original, plus = ArgonneConfig.from_preset(name), ArgonneConfig.from_preset(f"{name}-plus")
+    assert plus.qk_norm and not original.qk_norm
+    assert {**plus.to_diff_dict(), "qk_norm": False} == original.to_diff_dict()
 
 
 def test_every_preset_has_a_pinned_parameter_count():

@@ -428,7 +428,7 @@ def test_out_of_memory_is_explained(tmp_path, tiny_run_args, monkeypatch):
 def test_shipped_configs_load_and_fit_their_presets():
     from argonne import ArgonneConfig
 
-    for name in ("tiny", "small", "argonne-2.0"):
+    for name in ("tiny", "small", "argonne-2.0", "tiny-plus", "small-plus"):
         config = load_run_config(REPO / "configs" / f"{name}.toml")
         model = ArgonneConfig.from_preset(config.model.preset, **config.model.overrides)
         tp = config.parallel.tensor_parallel
@@ -437,6 +437,13 @@ def test_shipped_configs_load_and_fit_their_presets():
     assert (original.parallel.tensor_parallel, original.train.grad_accum, original.data.seq_len) == (8, 4, 4096)
     assert (original.optim.lr, original.optim.min_lr, original.optim.warmup_steps) == (1e-4, 1e-5, 2000)
     assert (original.optim.weight_decay, original.optim.grad_clip) == (0.1, 1.0)
+    for name in ("tiny", "small"):  # the -plus configs: the original's, with the ablation's winner
+        plain, plus = (load_run_config(REPO / "configs" / f"{n}.toml").to_dict() for n in (name, f"{name}-plus"))
+        assert plus["model"]["preset"] == f"{name}-plus" and plus["optim"]["optimizer"] == "muon"
+        assert plain["optim"]["optimizer"] == "adamw"
+        for section, field in (("model", "preset"), ("optim", "optimizer"), ("train", "run_dir")):
+            plus[section][field] = plain[section][field]
+        assert plus == plain
 
 
 def test_a_checkpoint_resumes_into_a_differently_grouped_optimizer(tmp_path):

@@ -105,6 +105,10 @@ PRESETS: dict[str, dict] = {
         eos_token_id=0,
     ),
 }
+# The recipe ablation's winner (benchmarks/RESULTS.md, "Recipe ablation"): the architecture part, QK-norm, on the
+# tiny and small shapes; the training part, Muon, is in configs/tiny-plus.toml and configs/small-plus.toml.
+PRESETS["tiny-plus"] = dict(PRESETS["tiny"], qk_norm=True)  # 4,999,936 parameters
+PRESETS["small-plus"] = dict(PRESETS["small"], qk_norm=True)  # 493,765,376 parameters
 
 
 class ArgonneConfig(PretrainedConfig):
