@@ -21,7 +21,7 @@ from collections.abc import Callable
 DECODE_KERNELS = ("torch", "gemv", "gemv+attention")
 CUDA_DEFAULT_KERNELS = "gemv"
 # Mirror of argonne.configuration_argonne.PRESETS' names, checked the same way.
-PRESET_NAMES = ("argonne-2.0", "argonne-1.5", "argonne-1.0", "small", "tiny")
+PRESET_NAMES = ("argonne-2.0", "argonne-1.5", "argonne-1.0", "small", "tiny", "small-plus", "tiny-plus")
 
 
 class HelpFormatter(argparse.HelpFormatter):

@@ -171,14 +171,3 @@ from .launches import (  # noqa: E402,F401 - registered here as fixtures
     two_processes,
 )
 
-
-# Under pytest-xdist (the README's `-n 2 --dist loadgroup`) every worker has a session of its own: the tests that
-# share the session's training runs and launches go to one worker together, so that no launch is paid twice.
-SHARED_RUNS = {"one_process", "two_processes", "four_processes", "muon_one_process", "eval_one_process",
-               "streamed_one_process"}
-
-
-def pytest_collection_modifyitems(items):
-    for item in items:
-        if SHARED_RUNS & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.xdist_group("shared-runs"))
