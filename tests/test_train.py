@@ -169,6 +169,24 @@ def test_loss_spikes_roll_back_and_skip_their_batches_to_end_as_a_run_that_never
     assert records(tmp_path / "resumed")[-1]["spikes"] == 0
 
 
+def test_a_checkpoint_written_before_spike_recovery_still_resumes_exactly(prepared_sample, one_process, tmp_path,
+                                                                          monkeypatch):
+    """Checkpoints of earlier versions hold no `recovery` record: they resume, as having skipped nothing."""
+    import argonne.train
+
+    from .launches import train_here
+
+    with_record = argonne.train.Run.train_state
+    monkeypatch.setattr(argonne.train.Run, "train_state",
+                        lambda self, step: {k: v for k, v in with_record(self, step).items() if k != "recovery"})
+    train_here(prepared_sample, tmp_path / "old", extra=["--checkpoint.every=5", "--checkpoint.keep=0"])
+    monkeypatch.undo()
+    checkpoint = tmp_path / "old" / "checkpoints" / "step-00000005"
+    resumed = train_here(prepared_sample, tmp_path / "resumed", extra=["--resume", str(checkpoint)])
+    straight, _ = one_process
+    assert resumed == {step: loss for step, loss in straight.items() if step > 5}
+
+
 def test_spike_rollback_needs_checkpoints_and_spike_settings_are_checked():
     with pytest.raises(ConfigError, match="train.spike_rollback_after needs checkpoint.every > 0"):
         load_run_config(None, ["--train.spike_threshold=6", "--data.prepared=x"])
