@@ -69,21 +69,26 @@ def qwen3_incompatibilities(config: ArgonneConfig) -> list[str]:
     return problems
 
 
+def _decoder_fields(config: ArgonneConfig) -> dict:
+    """The fields transformers' Llama-family configs share with ours (shape, norm, RoPE, tokens)."""
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta, attention_bias=config.attention_bias,
+        tie_word_embeddings=config.tie_word_embeddings, bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+    )
+
+
 def to_llama_config(config: ArgonneConfig):
     from transformers import LlamaConfig
 
     problems = llama_incompatibilities(config)
     if problems:
         raise ConversionError("this model does not fit the Llama architecture: " + "; ".join(problems))
-    return LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim,
-        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_theta, attention_bias=config.attention_bias, mlp_bias=config.mlp_bias,
-        tie_word_embeddings=config.tie_word_embeddings, bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-    )
+    return LlamaConfig(**_decoder_fields(config), mlp_bias=config.mlp_bias)
 
 
 def to_qwen3_config(config: ArgonneConfig):
@@ -92,15 +97,7 @@ def to_qwen3_config(config: ArgonneConfig):
     problems = qwen3_incompatibilities(config)
     if problems:
         raise ConversionError("this model does not fit the Qwen3 architecture: " + "; ".join(problems))
-    return Qwen3Config(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, head_dim=config.head_dim, hidden_act="silu",
-        max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.norm_eps,
-        rope_theta=config.rope_theta, attention_bias=config.attention_bias, use_sliding_window=False,
-        tie_word_embeddings=config.tie_word_embeddings, bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-    )
+    return Qwen3Config(**_decoder_fields(config), hidden_act="silu", use_sliding_window=False)
 
 
 # Plain transformers targets: (model class, its config from ours). Parameter names are the same as ours.
