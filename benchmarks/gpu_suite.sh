@@ -17,7 +17,8 @@ mkdir -p "$OUT"
 started=$SECONDS
 wanted=" $* "
 # Result file of each part (default: the part's name); eight files in all with summary.txt and profiles.txt.
-declare -A FILE_OF=([train-small]=train [train-documents]=train [train-2.0]=train [decode-b1]=decode [decode-accuracy]=decode
+declare -A FILE_OF=([train-small]=train [train-documents]=train [train-2.0]=train [train-float8]=train
+                    [float8-loss]=train [decode-b1]=decode [decode-accuracy]=decode
                     [decode-long]=decode [decode-b16]=decode [gemv]=decode [serve-load]=eval)
 run() {  # run LIMIT_S NAME COMMAND...
     local limit=$1 name=$2
@@ -45,6 +46,12 @@ run 120 train-documents $PY benchmarks/train_throughput.py --preset small --batc
     --steps 5 --warmup 2 --document-length 1024 --skip-transformers
 run 100 train-2.0 $PY benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \
     --checkpointing selective --steps 3 --warmup 2
+# FP8 (issue 22): Argonne 2.0 with selective checkpointing, bf16 beside each FP8 recipe and transformers in one run
+# (goal: FP8 >= 1.3x our bf16 tokens/s); then the tiny recipe's loss curves in bf16 and FP8 (goal: within noise).
+run 300 train-float8 $PY benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \
+    --checkpointing selective --steps 3 --warmup 2 --float8 tensorwise rowwise
+run 240 float8-loss $PY benchmarks/recipe_ablation.py --variants original float8_tensorwise float8_rowwise \
+    --seeds 0 1 --steps 150 --seq-len 128 --micro-batch 8 --eval-every 15 --no-reference
 run 270 decode-b1 $PY benchmarks/decode_throughput.py --preset small --batches 1 --repeats 2 \
     --variants torch gemv+attention --profile "$OUT/profiles.txt"
 # Logits of each kernel setting against float32 (greedy tokens of two bf16 decoders part early on random weights),

@@ -55,6 +55,9 @@ VARIANTS = {
     "document": ["--model.overrides.attention_scope='document'"],  # the tiny preset's boundary: eos_token_id 0
     "qk_norm": ["--model.overrides.qk_norm=true"],
     "muon": ["--optim.optimizer='muon'"],
+    # FP8 (issue 22): not a recipe change but a precision one; emulated on CPUs, FP8 tensor cores on H100/H200.
+    "float8_tensorwise": ["--parallel.float8='tensorwise'"],
+    "float8_rowwise": ["--parallel.float8='rowwise'"],
 }
 REFERENCE = "llama reference"
 

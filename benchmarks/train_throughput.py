@@ -6,6 +6,8 @@ in the same process: tokens/s, MFU over the bf16 matmul rate measured in the sam
         --checkpointing selective
     python benchmarks/train_throughput.py --preset small --compile --checkpointing none selective  # two variants
     python benchmarks/train_throughput.py --preset tiny --batch 2 --seq-len 128                  # CPU-sized
+    python benchmarks/train_throughput.py --preset argonne-2.0 --batch 2 --seq-len 4096 --compile \
+        --checkpointing selective --float8 tensorwise rowwise       # FP8 rows beside bf16 and transformers
     python benchmarks/train_throughput.py --preset small --compile --document-length 1024 --skip-transformers
                                         # document attention beside causal, on the same windows of documents
 
@@ -30,7 +32,7 @@ from argonne import ArgonneConfig, ArgonneForCausalLM
 from argonne.config import RunConfig
 from argonne.metrics import training_flops_per_token
 from argonne.optim import build_optimizer
-from argonne.parallel import ACTIVATION_CHECKPOINTING, Topology, parallelize
+from argonne.parallel import ACTIVATION_CHECKPOINTING, Float8Plan, Topology, parallelize
 from argonne.train import cross_entropy_objective, measure_peak_tflops, training_step
 
 
@@ -49,10 +51,11 @@ def llama_like(config: ArgonneConfig, checkpointing: bool):
     return model
 
 
-def argonne_step(config: ArgonneConfig, args, checkpointing: str, batch, device, amp):
+def argonne_step(config: ArgonneConfig, args, checkpointing: str, batch, device, amp, float8: str = "off"):
     with device:  # initialised on the device: a 4.9B model would take minutes on the CPU
         model = ArgonneForCausalLM(config)
-    parallelize(model, Topology(), checkpointing, args.compile, None)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    parallelize(model, Topology(), checkpointing, args.compile, None, Float8Plan.for_device(float8, [], device, dtype))
     run = RunConfig()  # the defaults: one micro-batch per step, clipping at 1.0
     optimizer = build_optimizer(model, run.optim)
 
@@ -154,6 +157,9 @@ def main() -> None:
                         help="on a GPU, fail on any host synchronisation inside Argonne's timed steps")
     parser.add_argument("--profile", metavar="FILE",
                         help="append the kernel table of one step of the first Argonne row")
+    parser.add_argument("--float8", choices=("tensorwise", "rowwise"), nargs="+", default=[],
+                        help="one more Argonne row per FP8 recipe (the first --checkpointing mode); MFU stays over "
+                             "the bf16 peak, so FP8 rows can pass 1")
     parser.add_argument("--skip-transformers", action="store_true")
     parser.add_argument("--document-length", type=int, default=0, metavar="N",
                         help="windows of documents of N tokens on average (random lengths, each closed by the "
@@ -187,6 +193,13 @@ def main() -> None:
         ours[label] = measure(label, lambda: argonne_step(config, args, checkpointing, batch, device, amp), args,
                               device, flops_per_token, peak, tokens, args.check_syncs,
                               args.profile if index == 0 else None)
+    for recipe in args.float8:
+        label = "argonne" + (", compiled blocks" if args.compile else "") + (
+            f", {args.checkpointing[0]} ckpt" if args.checkpointing[0] != "none" else "") + f", float8 {recipe}"
+        ours[label] = measure(label, lambda: argonne_step(config, args, args.checkpointing[0], batch, device, amp,
+                                                          recipe), args, device, flops_per_token, peak, tokens)
+        bf16 = next(iter(ours))
+        print(f"float8 {recipe} / bf16 ({bf16}) tokens/s: {ours[label] / ours[bf16]:.3f}")
     if args.document_length:
         documents = ArgonneConfig.from_preset(args.preset, max_position_embeddings=max(args.seq_len, 128),
                                               attention_scope="document")

@@ -162,6 +162,7 @@ def run_process(args: list[str], timeout: float = 300, **kwargs) -> subprocess.C
 from .launches import (  # noqa: E402,F401 - registered here as fixtures
     eval_one_process,
     eval_tasks,
+    float8_one_process,
     four_processes,
     muon_one_process,
     one_process,

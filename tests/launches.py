@@ -143,6 +143,24 @@ def muon_one_process(prepared_sample, tmp_path_factory):
     return train_here(prepared_sample, run_dir, extra=extra), run_dir
 
 
+# FP8 (emulated on CPU) in the layouts that shard its linears differently, each named "float8 LAYOUT"; tensorwise is
+# the recipe whose scales span processes (tensor-parallel inputs, FSDP2's FP8 weight all-gather).
+FLOAT8 = ["--parallel.float8=tensorwise"]
+FLOAT8_LAYOUTS = ("fsdp2", "tp2", "fsdp2xtp2")
+
+
+def float8_run(prepared, root: Path, layout: str) -> dict:
+    _, micro, extra = LAYOUTS[layout]
+    return {"name": f"float8 {layout}", "argv": cli_args(prepared, root / f"float8 {layout}", micro=micro, extra=[
+        *extra, *FLOAT8, "--checkpoint.every=5", "--checkpoint.keep=0"])}
+
+
+@pytest.fixture(scope="session")
+def float8_one_process(prepared_sample, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("float8-one")
+    return train_here(prepared_sample, run_dir, extra=[*FLOAT8, "--checkpoint.every=5", "--checkpoint.keep=0"]), run_dir
+
+
 def launch_runs(folder: Path, nproc: int, plan: list[dict]) -> dict:
     """Every run of `plan` in one torchrun launch (tests/launch_runs.py); returns the launch's output and each
     run's exit status."""
@@ -205,6 +223,7 @@ def two_processes(prepared_sample, one_process, muon_one_process, streaming, eva
         *(muon_run(prepared_sample, root, layout) for layout in MUON_LAYOUTS if LAYOUTS[layout][0] == 2),
         {"name": "muon 1-to-fsdp2", "argv": cli_args(prepared_sample, root / "muon 1-to-fsdp2", micro=4, extra=[
             *MUON, "--resume", str(muon_one_process[1] / "checkpoints" / "step-00000005")])},
+        *(float8_run(prepared_sample, root, layout) for layout in FLOAT8_LAYOUTS if LAYOUTS[layout][0] == 2),
     ]
     (root / "in use").mkdir()
     holder = hold_lock_in_another_process(root / "in use")  # e.g. a worker left running by a killed launcher
@@ -218,8 +237,8 @@ def two_processes(prepared_sample, one_process, muon_one_process, streaming, eva
 
 @pytest.fixture(scope="session")
 def four_processes(prepared_sample, eval_tasks, tmp_path_factory):
-    """One launch of four processes: the 2-D mesh, the large-model path (built on meta) and Muon on it, with QK-norm
-    (whose replicated weights see each tensor-parallel rank's own heads)."""
+    """One launch of four processes: the 2-D mesh, the large-model path (built on meta), Muon and FP8 on it, with
+    QK-norm (whose replicated weights see each tensor-parallel rank's own heads)."""
     root = tmp_path_factory.mktemp("four")
     nproc, micro, extra = LAYOUTS["fsdp2xtp2"]
     meta_init = [*extra, "--model.overrides.qk_norm=true"]
@@ -228,7 +247,7 @@ def four_processes(prepared_sample, eval_tasks, tmp_path_factory):
              "meta_init": True},
             {"name": "eval fsdp2xtp2", "argv": cli_args(prepared_sample, root / "eval fsdp2xtp2", micro=micro,
                                                         extra=[*extra, *eval_tasks])},
-            muon_run(prepared_sample, root, "fsdp2xtp2")]
+            muon_run(prepared_sample, root, "fsdp2xtp2"), float8_run(prepared_sample, root, "fsdp2xtp2")]
     return {**launch_runs(root, nproc, plan), "root": root}
 
 

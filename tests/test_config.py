@@ -88,6 +88,16 @@ def test_the_optimizer_is_one_the_trainer_knows():
     assert "optim.muon_nesterov must be true or false, got 1" in run_config_error("--optim.muon_nesterov=1")
 
 
+def test_float8_is_off_by_default_and_its_fields_are_checked():
+    assert load_run_config(None, [INPUTS]).parallel.float8 == "off"
+    config = load_run_config(None, [INPUTS, "--parallel.float8=rowwise", "--parallel.float8_skip=['first', 'last']"])
+    assert (config.parallel.float8, config.parallel.float8_skip) == ("rowwise", ["first", "last"])
+    assert "parallel.float8 must be off, tensorwise or rowwise, got 'fp8'" in run_config_error("--parallel.float8=fp8")
+    assert "parallel.float8_skip must be a list of strings" in run_config_error("--parallel.float8_skip=0")
+    assert "parallel.float8_skip is set but parallel.float8 is \"off\"" in run_config_error(
+        "--parallel.float8_skip=['first']")
+
+
 def test_unknown_sections_and_fields_suggest_the_close_match():
     assert "[optim] has unknown field(s) ['lrr'] (did you mean 'lr'?)" in run_config_error("--optim.lrr=1")
     assert "unknown section(s) ['trian'] (did you mean 'train'?)" in run_config_error("--trian.steps=1")

@@ -16,7 +16,7 @@ from argonne.checkpoint import latest_checkpoint
 
 from .conftest import env, failure, free_port
 from .launches import (
-    LAYOUTS, MUON, MUON_LAYOUTS, assert_same_losses, by_step, command, launched_run, losses, records, train,
+    FLOAT8_LAYOUTS, LAYOUTS, MUON, MUON_LAYOUTS, assert_same_losses, by_step, command, launched_run, losses, records, train,
     train_here,
 )
 
@@ -95,6 +95,37 @@ def test_a_muon_checkpoint_resumes_in_another_layout(prepared_sample, muon_one_p
         resumed = train_here(prepared_sample, tmp_path, extra=[*MUON, "--resume", str(checkpoint / "step-00000005")])
     assert sorted(resumed) == list(range(6, 11))
     assert_same_losses({s: straight[s] for s in resumed}, resumed)
+
+
+# FP8 scales are maxima over what each process quantises: the same over tensor-parallel ranks (torchao takes them
+# over the whole DTensor), so tensor parallel differs by float32 summation order only (which can still flip a value
+# across an FP8 rounding boundary); each data-parallel rank scales its own batch's activations.
+# Measured: 4.7e-5 (tp2), 2.3e-4 (fsdp2), 3.3e-4 (fsdp2xtp2); FP8 against float32 in one process: 4.9e-4.
+FLOAT8_TOLERANCE = {"tp2": 1e-4, "fsdp2": 1e-3, "fsdp2xtp2": 1e-3}
+
+
+@pytest.mark.parametrize("layout", FLOAT8_LAYOUTS)
+def test_float8_in_parallel_layouts_matches_one_process(float8_one_process, request, layout):
+    """Emulated FP8 composes with tensor parallel and FSDP2 (FP8 weight all-gather): the losses equal one FP8
+    process's (tensor parallel) or differ by the data-parallel scaling only; the weights are sharded as without
+    FP8; the runs really quantise (their losses differ from the full-precision run's)."""
+    launch = request.getfixturevalue("four_processes" if LAYOUTS[layout][0] == 4 else "two_processes")
+    run_dir = launched_run(launch, f"float8 {layout}")
+    parallel, float8 = losses(run_dir), float8_one_process[0]
+    assert_same_losses(float8, parallel, rel=FLOAT8_TOLERANCE[layout])
+    without = losses(launched_run(launch, layout))  # the same layout in full precision (equal to one process)
+    assert max(abs(parallel[s] - without[s]) / without[s] for s in parallel) > 1e-5  # FP8 really applied
+    assert saved_sharding(run_dir) == SHARDING[layout]
+
+
+def test_a_float8_checkpoint_resumes_in_one_process_without_float8(prepared_sample, float8_one_process,
+                                                                   four_processes, tmp_path):
+    """The checkpoint of FP8 training on the 2-D mesh holds plain full-precision weights: one process resumes it
+    with FP8 off, and its losses stay within FP8's distance of the FP8 run's."""
+    checkpoint = launched_run(four_processes, "float8 fsdp2xtp2") / "checkpoints" / "step-00000005"
+    resumed = train_here(prepared_sample, tmp_path, extra=["--resume", str(checkpoint)])
+    assert sorted(resumed) == list(range(6, 11))
+    assert_same_losses({s: float8_one_process[0][s] for s in resumed}, resumed, rel=5e-3)
 
 
 def test_streaming_on_two_processes_matches_one_process(streamed_one_process, two_processes):

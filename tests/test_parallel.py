@@ -45,3 +45,107 @@ def test_unknown_checkpointing_mode_is_refused():
     model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **SHAPE))
     with pytest.raises(ValueError, match="must be one of"):
         apply_activation_checkpointing(model, "some")
+
+
+# ------------------------------------------------------------------------------------------------ FP8 (float8)
+
+
+def float8_linear():
+    from argonne.parallel import import_torchao_float8
+
+    return import_torchao_float8().float8_linear.Float8Linear
+
+
+def block_linears(model) -> dict:
+    return {name: module for name, module in model.named_modules()
+            if name.startswith("model.layers.") and isinstance(module, torch.nn.Linear)}
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_float8_swaps_the_block_linears_and_keeps_the_state_dict(recipe):
+    """Every linear of the blocks computes in (emulated) FP8 and nothing else does; the parameters are the same
+    objects, so the state dict (names, shapes, dtypes, values) and a checkpoint are unchanged; the loss moves by
+    FP8's rounding only."""
+    from argonne.parallel import Float8Plan, apply_float8
+
+    torch.manual_seed(0)
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **SHAPE, tie_word_embeddings=False))
+    tokens = torch.randint(0, 320, (2, 33))
+    expected_loss = model(tokens[:, :-1], targets=tokens[:, 1:]).loss
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    parameters = dict(model.named_parameters())
+    assert apply_float8(model, Float8Plan(recipe, emulate=True)) == []
+    linears = block_linears(model)
+    assert len(linears) == 2 * 7 and all(isinstance(m, float8_linear()) for m in linears.values())
+    assert not isinstance(model.lm_head, float8_linear())  # the output head stays in high precision
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for name, tensor in before.items():
+        assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
+    assert all(parameters[name] is p for name, p in model.named_parameters())
+    assert model.model.layers[0].self_attn.o_proj.writes_residual and model.model.layers[1].mlp.down_proj.writes_residual
+    loss = model(tokens[:, :-1], targets=tokens[:, 1:]).loss
+    assert loss != expected_loss and abs(loss - expected_loss) < 1e-2 * expected_loss
+
+
+def test_float8_skip_keeps_named_linears_and_refuses_patterns_that_match_none():
+    from argonne.parallel import Float8Plan, apply_float8
+
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **SHAPE))
+    kept = apply_float8(model, Float8Plan("rowwise", ("first", "*.down_proj"), emulate=True))
+    names = block_linears(model)
+    assert kept == sorted([n for n in names if n.startswith("model.layers.0.")] + ["model.layers.1.mlp.down_proj"])
+    assert all(isinstance(m, float8_linear()) != (n in kept) for n, m in names.items())
+    # "last" names the last block; a pattern that matches nothing is a typo, not a silent no-op
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **SHAPE))
+    assert all(n.startswith("model.layers.1.") for n in apply_float8(model, Float8Plan("tensorwise", ("last",), True)))
+    with pytest.raises(ValueError, match=r"parallel.float8_skip: \['model.layer.1.\*'\] match no linear"):
+        apply_float8(ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **SHAPE)),
+                     Float8Plan("tensorwise", ("model.layer.1.*",), True))
+
+
+def test_float8_keeps_linears_whose_tensor_parallel_shard_is_not_a_multiple_of_16():
+    """FP8 matmuls need both dimensions of the local weight to divide by 16: under tensor parallel 4 the MLP's 160
+    columns (gate, up) or rows (down) are 40 per rank; the attention's (4 heads x 64 = 256, 2 x 64 = 128) stay FP8."""
+    from argonne.parallel import Float8Plan, apply_float8
+
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **SHAPE))
+    kept = apply_float8(model, Float8Plan("tensorwise", emulate=True), tp=4)
+    assert kept == sorted(f"model.layers.{i}.mlp.{name}" for i in range(2) for name in ("gate_proj", "up_proj",
+                                                                                          "down_proj"))
+    assert apply_float8(ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **SHAPE)),
+                        Float8Plan("tensorwise", emulate=True), tp=2) == []
+
+
+def test_the_plan_applies_float8_before_tensor_parallel_checkpointing_compile_and_fsdp(monkeypatch):
+    """torchtitan's order: FP8 modules first, so that the tensor-parallel styles, the checkpoint wrappers, the
+    compiled graph and FSDP2's FP8 all-gather all see them."""
+    import argonne.parallel as parallel
+
+    applied = []
+    for step in ("float8", "tensor_parallel", "activation_checkpointing", "compile", "fsdp"):
+        monkeypatch.setattr(parallel, f"apply_{step}", lambda *args, step=step: applied.append(step))
+    topology = parallel.Topology(world=4, mesh={"dp": "dp mesh", "tp": "tp mesh"}, dp=2, tp=2)
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", **SHAPE))
+    parallel.parallelize(model, topology, "selective", True, torch.bfloat16, parallel.Float8Plan("rowwise"))
+    assert applied == ["float8", "tensor_parallel", "activation_checkpointing", "compile", "fsdp"]
+    applied.clear()
+    parallel.parallelize(model, topology, "none", False, None)  # float8 off by default
+    assert applied == ["tensor_parallel", "activation_checkpointing", "fsdp"]
+
+
+def test_float8_is_emulated_on_cpus_and_refused_on_gpus_without_fp8(monkeypatch):
+    from argonne.parallel import Float8Plan
+
+    assert Float8Plan.for_device("rowwise", ["last"], torch.device("cpu"), None) == Float8Plan("rowwise", ("last",),
+                                                                                               emulate=True)
+    with pytest.raises(ValueError, match="parallel.float8 must be one of"):
+        Float8Plan.for_device("fp8", [], torch.device("cpu"), None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match=r"compute capability 8.9\+.*NVIDIA A100 has 8.0"):
+        Float8Plan.for_device("tensorwise", [], torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with pytest.raises(ValueError, match="computes in bf16"):
+        Float8Plan.for_device("tensorwise", [], torch.device("cuda"), None)
+    assert not Float8Plan.for_device("tensorwise", [], torch.device("cuda"), torch.bfloat16).emulate

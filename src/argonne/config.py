@@ -111,6 +111,7 @@ class OptimConfig:
 
 
 ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
+FLOAT8_RECIPES = ("off", "tensorwise", "rowwise")
 
 
 @dataclass
@@ -122,6 +123,14 @@ class ParallelConfig:
     or "selective" (keep matmul and attention outputs, recompute element-wise ops). true/false mean full/none."""
     compile: bool = False
     """torch.compile each transformer block."""
+    float8: str = "off"
+    """FP8 matmuls in the blocks' linears (torchao's float8 training): "off", "tensorwise" (one scale per tensor;
+    FSDP2 all-gathers the weights in FP8) or "rowwise" (one scale per row: more accurate, a little slower). Needs a
+    GPU of compute capability 8.9+ (H100, H200, L40S) and bf16; emulated (slowly) on CPUs. Weights stay in full
+    precision: checkpoints are the same with or without it. The output head is never FP8."""
+    float8_skip: list[str] = field(default_factory=list)
+    """Linears kept in high precision under float8, by module name or pattern ("model.layers.0.*", "*.down_proj");
+    "first" and "last" name the first and last blocks. A pattern that matches no linear is an error."""
 
 
 @dataclass
@@ -361,6 +370,7 @@ RANGES = {
 CHOICES = {
     "train.dtype": ("auto", "bfloat16", "float32"),
     "parallel.activation_checkpointing": ACTIVATION_CHECKPOINTING,
+    "parallel.float8": FLOAT8_RECIPES,
     "optim.schedule": LR_SCHEDULES,
     "optim.optimizer": OPTIMIZERS,
 }
@@ -430,6 +440,9 @@ def validate(config: RunConfig, problems: list[str] | None = None) -> None:
     problems.extend(document_problems(config.data, "data.", skip=wrong_type))
     if not {"optim.lr", "optim.min_lr"} & wrong_type and config.optim.min_lr > config.optim.lr:
         problems.append(f"optim.min_lr ({config.optim.min_lr}) must not exceed optim.lr ({config.optim.lr})")
+    if config.parallel.float8 == "off" and config.parallel.float8_skip:
+        problems.append("parallel.float8_skip is set but parallel.float8 is \"off\": set parallel.float8 to "
+                        "\"tensorwise\" or \"rowwise\", or remove float8_skip")
     if "eval.limit" not in wrong_type and config.eval.limit >= 1 and config.eval.limit != int(config.eval.limit):
         problems.append(f"eval.limit must be a count (1, 2, ...) or a fraction below 1, got {config.eval.limit}")
     if (config.train.spike_threshold and config.train.spike_rollback_after and not config.checkpoint.every

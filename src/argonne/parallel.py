@@ -1,5 +1,5 @@
 """Parallelism applied to a built model from outside, in torchtitan's fixed order:
-tensor parallel -> activation checkpointing -> torch.compile -> FSDP2.
+FP8 linears -> tensor parallel -> activation checkpointing -> torch.compile -> FSDP2.
 
 The device mesh has two dimensions, ("dp", "tp"). Tensor parallelism shards each block as the original Argonne code
 did — q/k/v and gate/up column-wise, o and down row-wise — through DTensor's `parallelize_module`, and splits the
@@ -7,13 +7,15 @@ vocabulary: the token embedding and the output head by rows, with a vocabulary-p
 Norms (and learned position embeddings) stay replicated over "tp": they see identical activations on every
 tensor-parallel rank, so their gradients are identical there; QK-norm's see each rank's own heads, so theirs are
 summed over "tp" (HeadShardedRMSNorm). FSDP2 (`fully_shard`) shards every parameter over
-"dp", per block and then the root, with bf16 compute and fp32 gradient reduction on GPUs.
+"dp", per block and then the root, with bf16 compute and fp32 gradient reduction on GPUs. FP8 (torchao's float8
+training) swaps the blocks' linears first, so that tensor parallel, compile and FSDP2 all see the FP8 modules.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatch
 from functools import partial
 
 import torch
@@ -24,7 +26,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from .config import ACTIVATION_CHECKPOINTING
+from .config import ACTIVATION_CHECKPOINTING, FLOAT8_RECIPES
 from .loss_argonne import LOSS_CHUNK_LOGITS, cross_entropy_chunk, linear_cross_entropy
 from .modeling_argonne import ArgonneForCausalLM, GeluMLP, RMSNorm, SwiGLUMLP, rms_norm
 
@@ -113,22 +115,145 @@ def apply_tensor_parallel(model: ArgonneForCausalLM, tp_mesh: DeviceMesh) -> Non
         parallelize_module(model, tp_mesh, {"lm_head": ColwiseParallel()})
     model.output_head = VocabParallelHead(tp_mesh)
     for block in model.model.layers:
+        column, row = partial(_column_parallel, block), partial(_row_parallel, block)
         plan = {
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(),
+            "self_attn.q_proj": column("self_attn.q_proj"),
+            "self_attn.k_proj": column("self_attn.k_proj"),
+            "self_attn.v_proj": column("self_attn.v_proj"),
+            "self_attn.o_proj": row("self_attn.o_proj"),
+            "mlp.up_proj": column("mlp.up_proj"),
+            "mlp.down_proj": row("mlp.down_proj"),
         }
         if block.self_attn.q_norm is not None:
             for norm in (block.self_attn.q_norm, block.self_attn.k_norm):
                 norm.__class__, norm.tp_group = HeadShardedRMSNorm, tp_mesh.get_group()
         if isinstance(block.mlp, SwiGLUMLP):
-            plan["mlp.gate_proj"] = ColwiseParallel()
+            plan["mlp.gate_proj"] = column("mlp.gate_proj")
         else:
             assert isinstance(block.mlp, GeluMLP)
         parallelize_module(block, tp_mesh, plan)
+
+
+def _tensorwise_float8(module: nn.Module) -> bool:
+    """A Float8Linear with one scale per tensor: its tensor-parallel inputs and gradients are cast to FP8 with
+    scales over the whole (not the local) tensor, so the run equals one process and the all-gathers move FP8."""
+    config = getattr(module, "config", None)
+    granularity = getattr(getattr(config, "cast_config_input", None), "scaling_granularity", None)
+    return granularity is not None and granularity.value == "tensorwise"
+
+
+def _column_parallel(block: nn.Module, name: str):
+    if _tensorwise_float8(block.get_submodule(name)):
+        from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel
+
+        return Float8ColwiseParallel()
+    return ColwiseParallel()
+
+
+def _row_parallel(block: nn.Module, name: str):
+    if _tensorwise_float8(block.get_submodule(name)):
+        from torchao.float8.float8_tensor_parallel import Float8RowwiseParallel
+
+        return Float8RowwiseParallel()
+    return RowwiseParallel()
+
+
+@dataclass(frozen=True)
+class Float8Plan:
+    """Which FP8 recipe the blocks' linears train with (parallel.float8), which stay in high precision
+    (parallel.float8_skip) and whether the matmuls are emulated (any device without FP8 tensor cores: the CPU)."""
+
+    recipe: str = "off"
+    skip: tuple[str, ...] = field(default_factory=tuple)
+    emulate: bool = False
+
+    @classmethod
+    def for_device(cls, recipe: str, skip, device: torch.device, dtype: torch.dtype | None) -> "Float8Plan":
+        if recipe not in FLOAT8_RECIPES:
+            raise ValueError(f"parallel.float8 must be one of {FLOAT8_RECIPES}, got {recipe!r}")
+        if recipe != "off" and device.type == "cuda":
+            capability = torch.cuda.get_device_capability(device)
+            if capability < (8, 9):
+                raise ValueError(
+                    f"parallel.float8={recipe!r} needs FP8 tensor cores (compute capability 8.9+: H100, H200, L40S); "
+                    f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: set parallel.float8 "
+                    "to \"off\"")
+            if dtype != torch.bfloat16:
+                raise ValueError(f"parallel.float8={recipe!r} computes in bf16: set train.dtype to \"auto\" or "
+                                 "\"bfloat16\"")
+        return cls(recipe, tuple(skip), emulate=device.type != "cuda")
+
+
+def import_torchao_float8():
+    """torchao.float8, imported without the warnings its import logs about optional compiled kernels that float8
+    training does not use (MX formats, CUTLASS) and about an enum registration newer torch versions no longer need."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        import torchao.float8
+    except ImportError as error:
+        raise ValueError("parallel.float8 needs torchao: pip install 'argonne[float8]' (or torchao)") from error
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+    return torchao.float8
+
+
+# torch._scaled_mm multiplies FP8 matrices only when both dimensions of the (local) weight divide by 16.
+FLOAT8_DIVISOR = 16
+
+
+def apply_float8(model: ArgonneForCausalLM, plan: Float8Plan, tp: int = 1, dp: int = 1) -> list[str]:
+    """Swap the blocks' nn.Linear modules for torchao's Float8Linear (dynamic scaling: the same weight parameters,
+    so the state dict, the optimizer and checkpoints are unchanged); returns the names of the linears kept in high
+    precision (plan.skip, and those whose local shard under tensor parallel does not divide by 16).
+
+    The output head is never converted: the chunked loss multiplies by its weight slice by slice (no nn.Linear
+    call), and FP8 recipes keep the last projection into the vocabulary in high precision (as torchtitan does).
+    Under FSDP2, "tensorwise" all-gathers the weights in FP8 (torchao's weight wrapper casts before the gather).
+    """
+    float8 = import_torchao_float8()
+    layers = len(model.model.layers)
+    patterns = [{"first": "model.layers.0.*", "last": f"model.layers.{layers - 1}.*"}.get(p, p) for p in plan.skip]
+    linears = {name: module for name, module in model.named_modules()
+               if name.startswith("model.layers.") and isinstance(module, nn.Linear)}
+    unmatched = [given for given, pattern in zip(plan.skip, patterns)
+                 if not any(name == pattern or fnmatch(name, pattern) for name in linears)]
+    if unmatched:
+        raise ValueError(f"parallel.float8_skip: {unmatched} match no linear of the blocks (names look like "
+                         f"{next(iter(linears))!r}; \"first\" and \"last\" name the first and last blocks)")
+
+    def local_shape(name: str, linear: nn.Linear) -> tuple[int, int]:
+        row_parallel = name.endswith(("o_proj", "down_proj"))  # split along their input under tensor parallel
+        return linear.out_features // (1 if row_parallel else tp), linear.in_features // (tp if row_parallel else 1)
+
+    kept = sorted(name for name, linear in linears.items()
+                  if any(name == p or fnmatch(name, p) for p in patterns)
+                  or any(size % FLOAT8_DIVISOR for size in local_shape(name, linear)))
+    residual = [name for name, linear in linears.items() if getattr(linear, "writes_residual", False)]
+    config = replace(float8.Float8LinearConfig.from_recipe_name(plan.recipe), emulate=plan.emulate,
+                     enable_fsdp_float8_all_gather=plan.recipe == "tensorwise" and dp > 1)
+    float8.convert_to_float8_training(model, config=config,
+                                      module_filter_fn=lambda module, name: name in linears and name not in kept)
+    for name in residual:  # Float8Linear is a new module: keep the mark that init_module reads (meta init)
+        model.get_submodule(name).writes_residual = True
+    return kept
+
+
+def describe_float8(model: nn.Module, recipe: str, emulated: bool) -> str:
+    """One line for the run's start: the recipe, and which of the blocks' linears compute in FP8."""
+    Float8Linear = import_torchao_float8().float8_linear.Float8Linear
+    names = [name for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and ".layers." in name]
+    high = [name.removeprefix("_orig_mod.") for name in names
+            if not isinstance(model.get_submodule(name), Float8Linear)]
+    return (f"float8 {recipe}{' (emulated: no FP8 matmuls on this device)' if emulated else ''}: "
+            f"{len(names) - len(high)} of {len(names)} block linears in FP8"
+            + (f"; high precision: {', '.join(high)}" if high else "") + "; the output head in high precision")
 
 
 class HeadShardedRMSNorm(RMSNorm):
@@ -159,11 +284,11 @@ class _SumGradient(torch.autograd.Function):
         return funcol.wait_tensor(summed), None  # a plain tensor for the optimizer, not a pending collective
 
 
-# Selective checkpointing keeps the outputs of matmuls, attention and tensor-parallel all-reduces (so the recompute
+# Selective checkpointing keeps the outputs of matmuls (FP8 ones too), attention and tensor-parallel all-reduces (so the recompute
 # never communicates) and recomputes every other op of a block (norms, RoPE, SiLU, products, casts: memory-bound and
 # cheap) in the backward pass.
 _SAVED_ATEN_OPS = (
-    "mm", "addmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "mm", "addmm", "_scaled_mm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
 )
 
@@ -261,7 +386,10 @@ def parallelize(
     activation_checkpointing: str,
     compile: bool,
     param_dtype: torch.dtype | None,
+    float8: Float8Plan = Float8Plan(),
 ) -> ArgonneForCausalLM:
+    if float8.recipe != "off":
+        apply_float8(model, float8, topology.tp, topology.dp)
     if topology.tp > 1:
         apply_tensor_parallel(model, topology.mesh["tp"])
     apply_activation_checkpointing(model, activation_checkpointing)

@@ -40,7 +40,10 @@ from .device import resolve_device, resolve_dtype
 from .metrics import count_parameters, training_flops_per_token
 from .modeling_argonne import ArgonneForCausalLM
 from .optim import build_optimizer, check_resumable, lr_at, set_lr
-from .parallel import Topology, any_process, clip_grad_norm, from_main_process, init_distributed, parallelize
+from .parallel import (
+    Float8Plan, Topology, any_process, clip_grad_norm, describe_float8, from_main_process, init_distributed,
+    parallelize,
+)
 from .run_folder import (
     METRICS_FILE,
     RunFolderError,
@@ -133,7 +136,8 @@ def build_model(model_config: ArgonneConfig, config: RunConfig, topology: Topolo
         load_weights(model, config.model.init_from, verify=False)  # verified by build_model_config
     if not on_meta:
         model.to(device)
-    parallelize(model, topology, config.parallel.activation_checkpointing, config.parallel.compile, dtype)
+    float8 = Float8Plan.for_device(config.parallel.float8, config.parallel.float8_skip, device, dtype)
+    parallelize(model, topology, config.parallel.activation_checkpointing, config.parallel.compile, dtype, float8)
     if on_meta:
         model.to_empty(device=device)
         torch.manual_seed(config.train.seed)
@@ -741,6 +745,8 @@ class Run:
             f"{self.device}, {self.peak_note} | "
             + (f"resumed from {self.resume_from} at step {self.start_step}" if self.resume_from else "from scratch")
         )
+        if config.parallel.float8 != "off":
+            text += "\n" + describe_float8(self.model, config.parallel.float8, self.device.type != "cuda")
         if self.start_step >= config.train.steps:
             text += (f"\nnothing to train: the checkpoint is at step {self.start_step} and train.steps is "
                      f"{config.train.steps} (raise train.steps to continue)")
