@@ -133,7 +133,8 @@ def build_model(model_config: ArgonneConfig, config: RunConfig, topology: Topolo
         load_weights(model, config.model.init_from, verify=False)  # verified by build_model_config
     if not on_meta:
         model.to(device)
-    parallelize(model, topology, config.parallel.activation_checkpointing, config.parallel.compile, dtype)
+    parallelize(model, topology, config.parallel.activation_checkpointing, config.parallel.compile, dtype,
+                sequence_parallel=config.parallel.sequence_parallel, async_tp=config.parallel.async_tp)
     if on_meta:
         model.to_empty(device=device)
         torch.manual_seed(config.train.seed)
