@@ -116,13 +116,19 @@ def streamed_one_process(streaming, tmp_path_factory):
 # layout: (processes, micro-batch for the same global batch of 8 sequences, options)
 LAYOUTS = {
     "fsdp2": (2, 4, []),
-    "tp2": (2, 8, ["--parallel.tensor_parallel=2"]),
-    # Selective checkpointing keeps the tensor-parallel all-reduce outputs instead of recomputing them.
+    "tp2": (2, 8, ["--parallel.tensor_parallel=2"]),  # sequence parallel on (the default)
+    "tp2-sequence-parallel-off": (2, 8, ["--parallel.tensor_parallel=2", "--parallel.sequence_parallel=false"]),
+    # Selective checkpointing keeps the tensor-parallel collectives' outputs instead of recomputing them.
     "tp2-selective-checkpointing": (2, 8, ["--parallel.tensor_parallel=2",
                                            "--parallel.activation_checkpointing=selective"]),
     "fsdp2-full-checkpointing": (2, 4, ["--parallel.activation_checkpointing=full"]),
     "fsdp2xtp2": (4, 4, ["--parallel.tensor_parallel=2"]),  # the 2D mesh: FSDP over "dp", tensor parallel in "tp"
 }
+
+
+# tests/distributed_grads.py's checks in the two-process launch: sequence parallel is on unless "sp_off".
+GRADS = ("tied", "tied+sp_off", "untied", "qk-norm", "tied+z_loss", "untied+document", "learned",
+         "qk-norm+selective", "saved-activations")
 
 
 # Muon runs (optim.py) in the layouts that shard its matrices differently, each named "muon LAYOUT" in its launch.
@@ -213,7 +219,12 @@ def two_processes(prepared_sample, one_process, muon_one_process, streaming, eva
          "argv": cli_args(prepared_sample, root / "1-to-2", micro=4, extra=["--resume", str(checkpoint)])},
         {"name": "streaming", "argv": cli_args(None, root / "streaming", micro=4, extra=streaming)},
         {"name": "in use", "argv": cli_args(prepared_sample, root / "in use", steps=2, micro=4)},
-        {"name": "grads", "grads": ["tied", "untied", "qk-norm", "tied+z_loss", "untied+document"]},
+        {"name": "grads", "grads": list(GRADS)},
+        # tp2's checkpoint (run above, sequence parallel on) resumed with sequence parallel off.
+        {"name": "tp2-to-tp2-sequence-parallel-off", "argv": cli_args(
+            prepared_sample, root / "tp2-to-tp2-sequence-parallel-off", micro=8, extra=[
+                *LAYOUTS["tp2-sequence-parallel-off"][2], "--resume",
+                str(root / "tp2" / "checkpoints" / "step-00000005")])},
         {"name": "eval fsdp2", "argv": cli_args(prepared_sample, root / "eval fsdp2", micro=4, extra=eval_tasks)},
         {"name": "eval tp2", "argv": cli_args(prepared_sample, root / "eval tp2", micro=8,
                                               extra=["--parallel.tensor_parallel=2", *eval_tasks])},

@@ -155,3 +155,24 @@ def test_document_settings_are_range_checked_like_every_field():
     with pytest.raises(ConfigError, match=r"data.max_digit_fraction must be in \[0, 1\], got 1.5; "
                                           r"data.min_tokens must be >= 0, got -1"):
         load_run_config(None, ["--data.inputs=['a.parquet']", "--data.max_digit_fraction=1.5", "--data.min_tokens=-1"])
+
+
+def test_sequence_parallel_is_on_by_default_and_needs_a_sequence_that_divides_by_tp():
+    config = load_run_config(None, [INPUTS, "--parallel.tensor_parallel=2", "--data.seq_len=32"])
+    assert config.parallel.sequence_parallel and not config.parallel.async_tp
+    assert ("data.seq_len (33) must divide by parallel.tensor_parallel (2) with parallel.sequence_parallel = true"
+            in run_config_error("--parallel.tensor_parallel=2", "--data.seq_len=33"))
+    load_run_config(None, [INPUTS, "--parallel.tensor_parallel=2", "--data.seq_len=33",
+                           "--parallel.sequence_parallel=false"])
+    load_run_config(None, [INPUTS, "--data.seq_len=33"])  # no tensor parallel: nothing is sharded
+
+
+def test_async_tp_names_every_field_it_needs():
+    assert ("parallel.async_tp needs parallel.compile = true, parallel.tensor_parallel > 1 (and CUDA)"
+            in run_config_error("--parallel.async_tp=true"))
+    assert "parallel.async_tp needs parallel.sequence_parallel = true (and CUDA)" in run_config_error(
+        "--parallel.async_tp=true", "--parallel.compile=true", "--parallel.tensor_parallel=2",
+        "--parallel.sequence_parallel=false")
+    config = load_run_config(None, [INPUTS, "--parallel.async_tp=true", "--parallel.compile=true",
+                                    "--parallel.tensor_parallel=2", "--data.seq_len=32"])
+    assert config.parallel.async_tp  # CUDA is checked when the model is parallelized

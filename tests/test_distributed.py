@@ -16,7 +16,7 @@ from argonne.checkpoint import latest_checkpoint
 
 from .conftest import env, failure, free_port
 from .launches import (
-    FLOAT8_LAYOUTS, LAYOUTS, MUON, MUON_LAYOUTS, assert_same_losses, by_step, command, launched_run, losses, records, train,
+    FLOAT8_LAYOUTS, GRADS, LAYOUTS, MUON, MUON_LAYOUTS, assert_same_losses, by_step, command, launched_run, losses, records, train,
     train_here,
 )
 
@@ -31,7 +31,7 @@ SHARDING = {
     "tp2": {"q_proj": (2, {0}), "o_proj": (2, {1}), "input_layernorm": (1, set())},
     "fsdp2xtp2": {"q_proj": (4, {0}), "o_proj": (4, {0, 1}), "input_layernorm": (2, {0})},
 }
-SHARDING["tp2-selective-checkpointing"] = SHARDING["tp2"]
+SHARDING["tp2-selective-checkpointing"] = SHARDING["tp2-sequence-parallel-off"] = SHARDING["tp2"]
 SHARDING["fsdp2-full-checkpointing"] = SHARDING["fsdp2"]
 
 
@@ -141,11 +141,31 @@ def test_streaming_on_two_processes_matches_one_process(streamed_one_process, tw
 
 
 def test_tensor_parallel_gradients_loss_and_logits_equal_one_process(two_processes):
-    """A tied and an untied head, QK-norm, the z-loss on the vocabulary-parallel head, and document attention
-    (tests/distributed_grads.py)."""
+    """A tied and an untied head, QK-norm, the z-loss on the vocabulary-parallel head, document attention and
+    GPT-2's layout (learned positions, LayerNorm, biases), with sequence parallel (and once without): each rank's
+    norms see half the tokens, evaluation and KV-cache forwards equal one process's, and selective checkpointing's
+    recompute adds no collective to the backward (tests/distributed_grads.py)."""
     launched_run(two_processes, "grads")
-    for head in ("tied", "untied", "qk-norm", "tied+z_loss", "untied+document"):
+    for head in GRADS:
         assert f"ok ({head})" in two_processes["stdout"], failure(two_processes["stdout"], two_processes["stderr"])
+
+
+def test_sequence_parallel_saves_activation_memory_per_rank(two_processes):
+    """The bytes one forward saves for the backward on each rank, sequence parallel on against off (both printed;
+    benchmarks/sp_memory.py measures it at a larger shape)."""
+    launched_run(two_processes, "grads")
+    found = re.search(r"ok \(saved-activations\): .* off (\d+), on (\d+)", two_processes["stdout"])
+    assert found, failure(two_processes["stdout"], two_processes["stderr"])
+    off, on = map(int, found.groups())
+    assert on < 0.9 * off, (on, off)
+
+
+def test_a_tensor_parallel_checkpoint_resumes_with_sequence_parallel_off(one_process, two_processes):
+    """Sequence parallel changes no weight: tp2's checkpoint (sequence parallel on) at step 5 continues with it off
+    with the uninterrupted run's losses."""
+    resumed = losses(launched_run(two_processes, "tp2-to-tp2-sequence-parallel-off"))
+    assert sorted(resumed) == list(range(6, 11))
+    assert_same_losses({s: one_process[0][s] for s in resumed}, resumed)
 
 
 def test_a_launch_into_a_run_folder_in_use_is_refused_by_every_rank(two_processes):

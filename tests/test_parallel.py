@@ -149,3 +149,44 @@ def test_float8_is_emulated_on_cpus_and_refused_on_gpus_without_fp8(monkeypatch)
     with pytest.raises(ValueError, match="computes in bf16"):
         Float8Plan.for_device("tensorwise", [], torch.device("cuda"), None)
     assert not Float8Plan.for_device("tensorwise", [], torch.device("cuda"), torch.bfloat16).emulate
+
+
+def test_selective_checkpointing_knows_the_collectives_it_keeps():
+    """Their names in torch's functional collectives (a rename would leave sequence parallel's recomputed)."""
+    from argonne.parallel import _SAVED_COLLECTIVES
+
+    for name in _SAVED_COLLECTIVES:
+        assert hasattr(torch.ops._c10d_functional, name), name
+
+
+class FakeTensorParallelMesh:
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+
+    def get_group(self):
+        return type("Group", (), {"group_name": "tp-group"})()
+
+
+def test_async_tp_is_refused_off_cuda():
+    from argonne.parallel import enable_async_tensor_parallel
+
+    with pytest.raises(ValueError, match="parallel.async_tp needs CUDA devices .* not 'cpu'"):
+        enable_async_tensor_parallel(FakeTensorParallelMesh("cpu"))
+
+
+@pytest.mark.parametrize("has_enable", [True, False], ids=["torch-2.11-to-2.13", "symmetric-memory-on-first-use"])
+def test_async_tp_turns_on_inductors_micro_pipelining_and_symmetric_memory(monkeypatch, has_enable):
+    import torch._inductor.config
+    from torch.distributed import _symmetric_memory
+
+    from argonne.parallel import enable_async_tensor_parallel
+
+    enabled = []
+    if has_enable:
+        monkeypatch.setattr(_symmetric_memory, "enable_symm_mem_for_group", enabled.append)
+    else:
+        monkeypatch.delattr(_symmetric_memory, "enable_symm_mem_for_group", raising=False)
+    with torch._inductor.config.patch(_micro_pipeline_tp=False):  # restored on leaving
+        enable_async_tensor_parallel(FakeTensorParallelMesh("cuda"))
+        assert torch._inductor.config._micro_pipeline_tp is True
+    assert enabled == (["tp-group"] if has_enable else [])

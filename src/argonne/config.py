@@ -3,7 +3,7 @@
     [model]            preset and field overrides
     [data]             where the tokens come from
     [optim]            the optimizer (AdamW, or Muon with AdamW) and the learning-rate schedule
-    [parallel]         tensor parallel degree, activation checkpointing, compile
+    [parallel]         tensor parallel degree, sequence parallel, async TP, activation checkpointing, compile
     [checkpoint]       how often to save and how many to keep
     [distill]          teacher, alpha and temperature (argonne distill)
     [train]            the loop: steps, batch, device, logging, output
@@ -131,6 +131,14 @@ class ParallelConfig:
     float8_skip: list[str] = field(default_factory=list)
     """Linears kept in high precision under float8, by module name or pattern ("model.layers.0.*", "*.down_proj");
     "first" and "last" name the first and last blocks. A pattern that matches no linear is an error."""
+    sequence_parallel: bool = True
+    """Under tensor parallel, shard the activations between the tensor-parallel regions (the residual stream, the
+    norms) along the sequence: 1/tensor_parallel of them per rank, all-gather + reduce-scatter instead of all-reduce.
+    No effect without tensor_parallel > 1; data.seq_len must then divide by tensor_parallel."""
+    async_tp: bool = False
+    """Async tensor parallel: inductor overlaps sequence parallel's all-gathers and reduce-scatters with the matmuls
+    (micro-pipelined, over symmetric memory). Needs CUDA, compile = true, tensor_parallel > 1 and
+    sequence_parallel = true. Off by default: unmeasured on GPUs."""
 
 
 @dataclass
@@ -449,6 +457,7 @@ def validate(config: RunConfig, problems: list[str] | None = None) -> None:
             and not {"train.spike_threshold", "train.spike_rollback_after", "checkpoint.every"} & wrong_type):
         problems.append("train.spike_rollback_after needs checkpoint.every > 0: a rollback returns to the last "
                         "checkpoint saved before the spikes (or set train.spike_rollback_after = 0)")
+    problems.extend(parallel_problems(config, wrong_type))
     if "train.run_dir" not in wrong_type and not config.train.run_dir.strip():
         problems.append("train.run_dir is empty (an unset variable?): name the run's folder")
     if sum(map(bool, (config.data.inputs, config.data.prepared, config.data.sft))) != 1:
@@ -456,6 +465,27 @@ def validate(config: RunConfig, problems: list[str] | None = None) -> None:
                         "and data.sft (instruction data)")
     if problems:
         raise ConfigError("invalid run config: " + "; ".join(problems))
+
+
+def parallel_problems(config: RunConfig, wrong_type: set[str]) -> list[str]:
+    """What sequence parallel and async TP need of the other fields (async TP's CUDA is checked by parallelize)."""
+    names = ("parallel.tensor_parallel", "parallel.sequence_parallel", "parallel.async_tp", "parallel.compile",
+             "data.seq_len")
+    if set(names) & wrong_type:
+        return []
+    parallel, problems = config.parallel, []
+    if parallel.sequence_parallel and parallel.tensor_parallel > 1 and config.data.seq_len % parallel.tensor_parallel:
+        problems.append(f"data.seq_len ({config.data.seq_len}) must divide by parallel.tensor_parallel "
+                        f"({parallel.tensor_parallel}) with parallel.sequence_parallel = true (each rank keeps "
+                        f"1/tensor_parallel of the tokens), or set parallel.sequence_parallel = false")
+    if parallel.async_tp:
+        missing = [need for need, ok in (("parallel.compile = true", parallel.compile),
+                                         ("parallel.tensor_parallel > 1", parallel.tensor_parallel > 1),
+                                         ("parallel.sequence_parallel = true", parallel.sequence_parallel)) if not ok]
+        if missing:
+            problems.append(f"parallel.async_tp needs {', '.join(missing)} (and CUDA), or set "
+                            f"parallel.async_tp = false")
+    return problems
 
 
 # What each training command needs of a run config, and what would make it silently train something else.

@@ -428,15 +428,17 @@ class ArgonneModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids (B, T) or inputs_embeds (B, T, D) -> hidden states (B, T, D)."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        # The whole sequence's length, read from the inputs: x may hold only a shard of it (sequence parallel).
+        T = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
         if self.config.attention_scope == "document" and input_ids is not None and attention_mask is None \
                 and cached_tokens(cache) == 0:
             documents = document_ids(input_ids, self.config.eos_token_id)
             attn_mask = document_mask(documents)
             if position_ids is None:
                 position_ids = (positions_in_documents(documents) if self.config.restart_positions
-                                else positions_from_mask(None, x.shape[1], 0, x.device))
+                                else positions_from_mask(None, T, 0, x.device))
         else:
-            position_ids, attn_mask = positions_and_mask(attention_mask, position_ids, cache, x.shape[1], x.device)
+            position_ids, attn_mask = positions_and_mask(attention_mask, position_ids, cache, T, x.device)
         rope = None
         if self.config.position_embedding == "rope":
             rope = rope_cos_sin(position_ids, self.config.head_dim, self.config.rope_theta, x.dtype)

@@ -4,11 +4,14 @@ FP8 linears -> tensor parallel -> activation checkpointing -> torch.compile -> F
 The device mesh has two dimensions, ("dp", "tp"). Tensor parallelism shards each block as the original Argonne code
 did — q/k/v and gate/up column-wise, o and down row-wise — through DTensor's `parallelize_module`, and splits the
 vocabulary: the token embedding and the output head by rows, with a vocabulary-parallel loss (VocabParallelHead).
-Norms (and learned position embeddings) stay replicated over "tp": they see identical activations on every
-tensor-parallel rank, so their gradients are identical there; QK-norm's see each rank's own heads, so theirs are
-summed over "tp" (HeadShardedRMSNorm). FSDP2 (`fully_shard`) shards every parameter over
-"dp", per block and then the root, with bf16 compute and fp32 gradient reduction on GPUs. FP8 (torchao's float8
-training) swaps the blocks' linears first, so that tensor parallel, compile and FSDP2 all see the FP8 modules.
+Norms (and learned position embeddings) keep replicated weights over "tp"; QK-norm's see each rank's own heads, so
+their gradients are summed over "tp" (HeadShardedRMSNorm). With sequence parallelism (apply_sequence_parallel, on by
+default) the residual stream between the tensor-parallel regions is sharded along the sequence: each rank norms only
+its share of the tokens, so those norms' gradients are summed over "tp" too (SequenceShardedRMSNorm). Async TP
+(enable_async_tensor_parallel) lets inductor overlap those collectives with the matmuls. FSDP2 (`fully_shard`) shards
+every parameter over "dp", per block and then the root, with bf16 compute and fp32 gradient reduction on GPUs. FP8
+(torchao's float8 training) swaps the blocks' linears first, so that tensor parallel, compile and FSDP2 all see the
+FP8 modules; torchao takes its scales over a whole DTensor, so the plain parallel styles keep one process's scaling.
 """
 
 from __future__ import annotations
@@ -104,58 +107,176 @@ def check_tensor_parallel(model: ArgonneForCausalLM, tp: int) -> None:
         raise ValueError("; ".join(problems))
 
 
-def apply_tensor_parallel(model: ArgonneForCausalLM, tp_mesh: DeviceMesh) -> None:
+def apply_tensor_parallel(model: ArgonneForCausalLM, tp_mesh: DeviceMesh, sequence_parallel: bool = True) -> None:
     check_tensor_parallel(model, tp_mesh.size())
-    # The vocabulary is split over "tp" by rows: the token embedding (one all-reduce of its output) and the head
-    # matrix (the tied embedding or lm_head), which the vocabulary-parallel head below uses slice by slice.
-    parallelize_module(model.model, tp_mesh, {
-        "embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
-    })
+    sharding = SequenceSharding(tp_mesh.size()) if sequence_parallel else None
+    # Row-parallel outputs are partial sums over "tp": all-reduced (Replicate), or reduce-scattered along the
+    # sequence when the forward is sequence-sharded (SequenceShardedOutput).
+    rowwise = partial(SequenceShardedOutput, sharding) if sharding else RowwiseParallel
+    # The vocabulary is split over "tp" by rows: the token embedding (one all-reduce or reduce-scatter of its output)
+    # and the head matrix (the tied embedding or lm_head), which the vocabulary-parallel head below uses slice by slice.
+    parallelize_module(model.model, tp_mesh, {"embed_tokens": rowwise(input_layouts=Replicate())})
     if not model.config.tie_word_embeddings:
         parallelize_module(model, tp_mesh, {"lm_head": ColwiseParallel()})
     model.output_head = VocabParallelHead(tp_mesh)
     for block in model.model.layers:
-        column, row = partial(_column_parallel, block), partial(_row_parallel, block)
         plan = {
-            "self_attn.q_proj": column("self_attn.q_proj"),
-            "self_attn.k_proj": column("self_attn.k_proj"),
-            "self_attn.v_proj": column("self_attn.v_proj"),
-            "self_attn.o_proj": row("self_attn.o_proj"),
-            "mlp.up_proj": column("mlp.up_proj"),
-            "mlp.down_proj": row("mlp.down_proj"),
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": rowwise(),
+            "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": rowwise(),
         }
         if block.self_attn.q_norm is not None:
             for norm in (block.self_attn.q_norm, block.self_attn.k_norm):
                 norm.__class__, norm.tp_group = HeadShardedRMSNorm, tp_mesh.get_group()
         if isinstance(block.mlp, SwiGLUMLP):
-            plan["mlp.gate_proj"] = column("mlp.gate_proj")
+            plan["mlp.gate_proj"] = ColwiseParallel()
         else:
             assert isinstance(block.mlp, GeluMLP)
         parallelize_module(block, tp_mesh, plan)
+    if sharding:
+        apply_sequence_parallel(model, tp_mesh, sharding)
 
 
-def _tensorwise_float8(module: nn.Module) -> bool:
-    """A Float8Linear with one scale per tensor: its tensor-parallel inputs and gradients are cast to FP8 with
-    scales over the whole (not the local) tensor, so the run equals one process and the all-gathers move FP8."""
-    config = getattr(module, "config", None)
-    granularity = getattr(getattr(config, "cast_config_input", None), "scaling_granularity", None)
-    return granularity is not None and granularity.value == "tensorwise"
+# ------------------------------------------------------------------------------------------ sequence parallel
 
 
-def _column_parallel(block: nn.Module, name: str):
-    if _tensorwise_float8(block.get_submodule(name)):
-        from torchao.float8.float8_tensor_parallel import Float8ColwiseParallel
+class SequenceSharding:
+    """Whether the current forward runs sequence-sharded: set by a hook at the start of every decoder forward, read
+    by the hooks and norms inside it. Only a sequence that divides by tp is sharded; other forwards (decoding one
+    token with a KV cache, evaluation batches of any length, inputs_embeds) run as plain tensor parallel, with the
+    same weights. A block's recompute (activation checkpointing) reads the flag its own forward set: every
+    backward runs before the next forward of the model."""
 
-        return Float8ColwiseParallel()
-    return ColwiseParallel()
+    def __init__(self, tp: int):
+        self.tp = tp
+        self.active = False
+
+    def decide(self, module, args, kwargs) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds", args[4] if len(args) > 4 else None)
+        self.active = input_ids is not None and embeds is None and input_ids.shape[1] % self.tp == 0
 
 
-def _row_parallel(block: nn.Module, name: str):
-    if _tensorwise_float8(block.get_submodule(name)):
-        from torchao.float8.float8_tensor_parallel import Float8RowwiseParallel
+class SequenceShardedOutput(RowwiseParallel):
+    """RowwiseParallel whose partial output is reduce-scattered along the sequence (Shard(1)) in a sequence-sharded
+    forward: the same bytes as the all-reduce's reduce-scatter half, and no all-gather (the next region gathers);
+    all-reduced (Replicate) otherwise."""
 
-        return Float8RowwiseParallel()
-    return RowwiseParallel()
+    def __init__(self, sharding: SequenceSharding, **kwargs):
+        super().__init__(**kwargs)
+        self.sharding = sharding
+
+    def _prepare_output_fn(self, output_layouts, use_local_output, mod, outputs, device_mesh):
+        layouts = (Shard(1),) if self.sharding.active else output_layouts
+        return RowwiseParallel._prepare_output_fn(layouts, use_local_output, mod, outputs, device_mesh)
+
+
+def apply_sequence_parallel(model: ArgonneForCausalLM, tp_mesh: DeviceMesh, sharding: SequenceSharding) -> None:
+    """Between the tensor-parallel regions (the residual stream, the norms) each rank keeps 1/tp of the tokens:
+    attention's and the MLP's input is all-gathered along the sequence (its gradient reduce-scattered), o_proj and
+    down_proj reduce-scatter (SequenceShardedOutput), and the final hidden states are gathered whole for the
+    vocabulary-parallel head (whose hidden-state gradient is already summed over the slices). Weights, and so the
+    state dict, are those of plain tensor parallel."""
+    decoder = model.model
+    decoder.register_forward_pre_hook(sharding.decide, with_kwargs=True)
+    gather = partial(_gather_sequence_input, sharding, tp_mesh)
+    for block in decoder.layers:
+        block.self_attn.register_forward_pre_hook(gather)
+        block.mlp.register_forward_pre_hook(gather)
+    for norm in _residual_norms(decoder):
+        norm.__class__ = SEQUENCE_SHARDED_NORMS[type(norm)]
+        norm.sharding, norm.tp_group = sharding, tp_mesh.get_group()
+    if hasattr(decoder, "embed_positions"):  # learned positions: each rank adds its own tokens' rows
+        decoder.embed_positions.register_forward_hook(partial(_sequence_shard_output, sharding, tp_mesh))
+    decoder.register_forward_hook(partial(_gather_sequence_output, sharding, tp_mesh))
+
+
+def _residual_norms(decoder) -> list[nn.Module]:
+    return [decoder.norm, *(norm for block in decoder.layers
+                            for norm in (block.input_layernorm, block.post_attention_layernorm))]
+
+
+def _gather_sequence_input(sharding: SequenceSharding, mesh: DeviceMesh, module, args):
+    """Attention's or the MLP's input (B, T / tp, D) -> a Replicate DTensor (B, T, D): the column-parallel
+    projections' partial input gradients are then reduce-scattered back to the sequence shards."""
+    if not sharding.active:
+        return None
+    x, *rest = args
+    return (DTensor.from_local(x, mesh, [Shard(1)], run_check=False).redistribute(mesh, [Replicate()]), *rest)
+
+
+def _sequence_shard_output(sharding: SequenceSharding, mesh: DeviceMesh, module, args, output):
+    """A replicated output (B, T, D) -> this rank's sequence shard; its gradient is all-gathered, so the replicated
+    weight's gradient is whole (and identical) on every rank."""
+    if not sharding.active:
+        return None
+    return DTensor.from_local(output, mesh, [Replicate()], run_check=False).redistribute(mesh, [Shard(1)]).to_local()
+
+
+def _gather_sequence_output(sharding: SequenceSharding, mesh: DeviceMesh, module, args, output):
+    """The final hidden states' shard -> (B, T, D) whole; the backward keeps this rank's rows of the (already
+    summed) gradient."""
+    if not sharding.active:
+        return None
+    return DTensor.from_local(output, mesh, [Shard(1)], run_check=False).full_tensor()
+
+
+class SequenceShardedRMSNorm(RMSNorm):
+    """A residual-stream RMSNorm under sequence parallelism: its weight is replicated (a plain tensor), and in a
+    sequence-sharded forward each rank norms its own tokens, so the gradient is summed over "tp". The state dict
+    is unchanged."""
+
+    sharding: SequenceSharding
+    tp_group: dist.ProcessGroup
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, _summed_if_sharded(self.weight, self), self.eps)
+
+
+class SequenceShardedLayerNorm(nn.LayerNorm):
+    """SequenceShardedRMSNorm's LayerNorm (weight and bias)."""
+
+    sharding: SequenceSharding
+    tp_group: dist.ProcessGroup
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, self.normalized_shape, _summed_if_sharded(self.weight, self),
+                            _summed_if_sharded(self.bias, self), self.eps)
+
+
+def _summed_if_sharded(weight: torch.Tensor | None, norm) -> torch.Tensor | None:
+    if weight is None or not norm.sharding.active:
+        return weight
+    return _SumGradient.apply(weight, norm.tp_group)
+
+
+SEQUENCE_SHARDED_NORMS = {RMSNorm: SequenceShardedRMSNorm, nn.LayerNorm: SequenceShardedLayerNorm}
+
+
+# ---------------------------------------------------------------------------------------------- async TP
+
+
+def check_async_tensor_parallel(device_type: str) -> None:
+    """Async TP (inductor's micro-pipelined collective matmuls) runs on symmetric memory: CUDA only."""
+    if device_type != "cuda":
+        raise ValueError(f"parallel.async_tp needs CUDA devices (symmetric memory), not {device_type!r}: set "
+                         f"parallel.async_tp = false")
+
+
+def enable_async_tensor_parallel(tp_mesh: DeviceMesh) -> None:
+    """Let inductor split each all-gather -> matmul and matmul -> reduce-scatter of the compiled blocks into
+    pieces that overlap communication with compute (torchtitan's async TP), over symmetric memory of the TP group."""
+    check_async_tensor_parallel(tp_mesh.device_type)
+    import torch._inductor.config
+    from torch.distributed import _symmetric_memory
+
+    torch._inductor.config._micro_pipeline_tp = True
+    enable = getattr(_symmetric_memory, "enable_symm_mem_for_group", None)
+    if enable is not None:  # torch 2.11 to 2.13 need it; a later torch may enable symmetric memory on first use
+        enable(tp_mesh.get_group().group_name)
 
 
 @dataclass(frozen=True)
@@ -284,20 +405,23 @@ class _SumGradient(torch.autograd.Function):
         return funcol.wait_tensor(summed), None  # a plain tensor for the optimizer, not a pending collective
 
 
-# Selective checkpointing keeps the outputs of matmuls (FP8 ones too), attention and tensor-parallel all-reduces (so the recompute
-# never communicates) and recomputes every other op of a block (norms, RoPE, SiLU, products, casts: memory-bound and
-# cheap) in the backward pass.
+# Selective checkpointing keeps the outputs of matmuls (FP8 ones too), attention and tensor-parallel collectives (plain TP's
+# all-reduces, sequence parallel's all-gathers and reduce-scatters: the recompute never communicates; the waits on
+# kept outputs it reruns wait for nothing) and recomputes every other op of a block (norms, RoPE, SiLU, products,
+# casts: memory-bound and cheap) in the backward pass.
 _SAVED_ATEN_OPS = (
     "mm", "addmm", "_scaled_mm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
 )
+
+_SAVED_COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor")
 
 
 def _selective_checkpoint_context():
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     saved = {getattr(torch.ops.aten, name).default for name in _SAVED_ATEN_OPS if hasattr(torch.ops.aten, name)}
-    saved.add(torch.ops._c10d_functional.all_reduce.default)
+    saved.update(getattr(torch.ops._c10d_functional, name).default for name in _SAVED_COLLECTIVES)
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
@@ -387,11 +511,17 @@ def parallelize(
     compile: bool,
     param_dtype: torch.dtype | None,
     float8: Float8Plan = Float8Plan(),
+    sequence_parallel: bool = True,
+    async_tp: bool = False,
 ) -> ArgonneForCausalLM:
+    """`sequence_parallel` and `async_tp` act only with tensor parallelism (async TP: compiled, sequence-parallel
+    blocks on CUDA; config.validate checks the rest)."""
     if float8.recipe != "off":
         apply_float8(model, float8, topology.tp, topology.dp)
     if topology.tp > 1:
-        apply_tensor_parallel(model, topology.mesh["tp"])
+        apply_tensor_parallel(model, topology.mesh["tp"], sequence_parallel)
+        if async_tp:
+            enable_async_tensor_parallel(topology.mesh["tp"])
     apply_activation_checkpointing(model, activation_checkpointing)
     if compile:
         apply_compile(model)

@@ -137,7 +137,8 @@ def build_model(model_config: ArgonneConfig, config: RunConfig, topology: Topolo
     if not on_meta:
         model.to(device)
     float8 = Float8Plan.for_device(config.parallel.float8, config.parallel.float8_skip, device, dtype)
-    parallelize(model, topology, config.parallel.activation_checkpointing, config.parallel.compile, dtype, float8)
+    parallelize(model, topology, config.parallel.activation_checkpointing, config.parallel.compile, dtype, float8,
+                sequence_parallel=config.parallel.sequence_parallel, async_tp=config.parallel.async_tp)
     if on_meta:
         model.to_empty(device=device)
         torch.manual_seed(config.train.seed)
