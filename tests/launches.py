@@ -252,7 +252,7 @@ def four_processes(prepared_sample, eval_tasks, tmp_path_factory):
     QK-norm (whose replicated weights see each tensor-parallel rank's own heads)."""
     root = tmp_path_factory.mktemp("four")
     nproc, micro, extra = LAYOUTS["fsdp2xtp2"]
-    meta_init = [*extra, "--model.overrides.qk_norm=true"]
+    meta_init = [*extra, "--model.overrides.qk_norm=true", *FLOAT8]  # FP8 weights initialised after FSDP2 wraps them
     plan = [{"name": "fsdp2xtp2", "argv": cli_args(prepared_sample, root / "fsdp2xtp2", micro=micro, extra=extra)},
             {"name": "meta init", "argv": cli_args(prepared_sample, root / "meta init", micro=micro, extra=meta_init),
              "meta_init": True},

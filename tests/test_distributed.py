@@ -262,7 +262,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared_sample, tmp_path):
 
 def test_models_built_on_meta_are_initialised_after_sharding(four_processes):
     """On the 2-D mesh (FSDP 2 x TP 2), so one run covers both kinds of sharding; with QK-norm, whose weights are
-    sharded by FSDP and see each tensor-parallel rank's own heads."""
+    sharded by FSDP and see each tensor-parallel rank's own heads, and with FP8 (tensorwise), whose weights FSDP2
+    holds in torchao's FP8 all-gather wrapper when they are initialised."""
     import json
     import math
 

@@ -117,7 +117,7 @@ FLOAT8_LOSS_TOLERANCE = 0.01
 
 
 def test_float8_trains_within_tolerance_of_bf16_and_its_checkpoints_resume_and_export_without_it(prepared_sample,
-                                                                                                tmp_path):
+                                                                                                tmp_path, capsys):
     """20 steps in bf16 with each FP8 recipe (emulated) stay within FLOAT8_LOSS_TOLERANCE of bf16 at every step
     and are not bf16 (FP8 really rounds); the FP8 run's checkpoint holds the same tensors as bf16's, resumes with
     FP8 off (and bf16's with FP8 on) and exports to a Hugging Face folder equal to the trained weights."""
@@ -136,6 +136,11 @@ def test_float8_trains_within_tolerance_of_bf16_and_its_checkpoints_resume_and_e
         float8 = run(recipe, f"--parallel.float8={recipe}")
         distance = [abs(float8[s] - bf16[s]) / bf16[s] for s in bf16]
         assert len(distance) == 20 and max(distance) < FLOAT8_LOSS_TOLERANCE and max(distance) > 0, distance
+        assert (f"float8 {recipe} (emulated: no FP8 matmuls on this device): 14 of 14 block linears in FP8; the "
+                "output head in high precision") in capsys.readouterr().out
+    run("skip", "--parallel.float8=rowwise", "--parallel.float8_skip=['last']", steps=1)
+    assert ("float8 rowwise (emulated: no FP8 matmuls on this device): 7 of 14 block linears in FP8; high precision: "
+            "model.layers.1.self_attn.q_proj,") in capsys.readouterr().out
     step_10 = {name: tmp_path / name / "checkpoints" / "step-00000010" for name in ("bf16", "tensorwise")}
     saved = {name: {key: (entry.size, entry.properties.dtype) for key, entry in
                     read_checkpoint_metadata(path).state_dict_metadata.items() if key.startswith("model.")}

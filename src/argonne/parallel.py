@@ -370,7 +370,7 @@ def describe_float8(model: nn.Module, recipe: str, emulated: bool) -> str:
     Float8Linear = import_torchao_float8().float8_linear.Float8Linear
     names = [name for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and ".layers." in name]
-    high = [name.removeprefix("_orig_mod.") for name in names
+    high = [name.replace("._checkpoint_wrapped_module", "") for name in names
             if not isinstance(model.get_submodule(name), Float8Linear)]
     return (f"float8 {recipe}{' (emulated: no FP8 matmuls on this device)' if emulated else ''}: "
             f"{len(names) - len(high)} of {len(names)} block linears in FP8"
