@@ -4,7 +4,8 @@
 # returns at most eight files: parts share them, see FILE_OF; kernel profiles in profiles.txt). Parts run in priority
 # order, each under its own time limit, and all within SUITE_SECONDS: a part that no longer fits is skipped (named in
 # the summary) rather than cut off.
-#   bash benchmarks/gpu_suite.sh                        # everything, about 13 minutes on one H100/H200
+#   bash benchmarks/gpu_suite.sh                        # everything, about 20 minutes on one H100/H200
+#   bash benchmarks/gpu_suite.sh gpu-tests train-float8   # issue 22's FP8 figures first, on a 15-minute loan
 #   SUITE_SECONDS=400 bash benchmarks/gpu_suite.sh      # what fits in 400 s
 #   bash benchmarks/gpu_suite.sh decode-b16 train-2.0   # only these parts
 set -u

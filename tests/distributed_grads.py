@@ -7,8 +7,11 @@ Heads: "tied", "untied", "qk-norm" (tied, with QK-norm) and "learned" (GPT-2's l
 LayerNorm, GELU, biases). Options after a "+": "z_loss" adds the z-loss (computed per vocabulary slice from the
 combined row statistics), "document" attends within documents (the windows hold several, closed by token 3),
 "sp_off" turns sequence parallel off (it is on by default), "selective" adds selective activation checkpointing
-and checks that its recompute communicates nothing. "saved-activations" alone compares the activation memory of
-sequence parallel on and off."""
+and checks that its recompute communicates nothing, "full" adds full activation checkpointing (the recompute runs
+sequence-sharded like its forward), "logits" takes the loss on the gathered logits as distillation does (the
+vocabulary slices' shares of the hidden states' gradient are summed). "saved-activations" alone compares the
+activation memory of sequence parallel on and off; "gathered-dtype" alone checks that under bf16 autocast the
+sequence-parallel all-gathers move bf16."""
 
 import importlib.util
 import sys
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -75,15 +79,17 @@ def check(topology, head: str) -> None:
     """`head`: a kind of model and options after a "+" (see the module docstring)."""
     if head == "saved-activations":
         return check_saved_activations(topology)
+    if head == "gathered-dtype":
+        return check_gathered_dtype(topology)
     kind, *options = head.split("+")
     z_loss = 0.05 if "z_loss" in options else None
     sequence_parallel = "sp_off" not in options
-    checkpointing = "selective" if "selective" in options else "none"
+    checkpointing = next((mode for mode in ("selective", "full") if mode in options), "none")
     config = build_config(kind, "document" if "document" in options else "causal")
     reference, model = reference_and_parallel(topology, config, sequence_parallel, checkpointing)
     tokens, targets = batch()
     with norm_input_lengths(model) as lengths:
-        outputs = [m(tokens[:, :-1], targets=targets, use_cache=False, z_loss=z_loss) for m in (reference, model)]
+        outputs = [forward_loss(m, tokens, targets, z_loss, "logits" in options) for m in (reference, model)]
     # The feature is on, not only the numbers equal: each rank's norms see 1/tp of the tokens.
     assert set(lengths) == {SEQ // 2 if sequence_parallel else SEQ}, lengths
     losses = [output.loss for output in outputs]
@@ -121,6 +127,36 @@ def check(topology, head: str) -> None:
     if topology.is_main:
         print(f"ok ({head}): {len(replicated)} replicated parameters have identical gradients on both ranks",
               flush=True)
+
+
+class LossOnLogits:
+    """Distillation's path: the model returns gathered logits and the loss is taken on them."""
+
+    def __init__(self, logits, targets):
+        self.loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        self.z_loss = None
+
+
+def forward_loss(model, tokens, targets, z_loss, through_logits: bool):
+    if through_logits:
+        return LossOnLogits(model(tokens[:, :-1], use_cache=False).logits, targets)
+    return model(tokens[:, :-1], targets=targets, use_cache=False, z_loss=z_loss)
+
+
+def check_gathered_dtype(topology) -> None:
+    """Under bf16 autocast without FSDP (tensor parallel on one node) the residual stream is float32; what the
+    sequence-parallel all-gather hands attention and the MLP is what their matmuls read, bf16: half the bytes."""
+    _, model = reference_and_parallel(topology, build_config("tied"))
+    seen = []
+    for block in model.model.layers:
+        for linear in (block.self_attn.q_proj, block.mlp.up_proj):
+            linear.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    tokens, targets = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens[:, :-1], targets=targets, use_cache=False).loss.backward()
+    assert seen and set(seen) == {torch.bfloat16}, seen
+    if topology.is_main:
+        print("ok (gathered-dtype): sequence parallel gathers bf16 under autocast", flush=True)
 
 
 def check_evaluation_forwards(model, reference, tokens) -> None:

@@ -128,7 +128,8 @@ LAYOUTS = {
 
 # tests/distributed_grads.py's checks in the two-process launch: sequence parallel is on unless "sp_off".
 GRADS = ("tied", "tied+sp_off", "untied", "qk-norm", "tied+z_loss", "untied+document", "learned",
-         "qk-norm+selective", "saved-activations")
+         "qk-norm+selective", "tied+full", "untied+logits", "tied+logits+sp_off", "saved-activations",
+         "gathered-dtype")
 
 
 # Muon runs (optim.py) in the layouts that shard its matrices differently, each named "muon LAYOUT" in its launch.
@@ -252,7 +253,7 @@ def four_processes(prepared_sample, eval_tasks, tmp_path_factory):
     QK-norm (whose replicated weights see each tensor-parallel rank's own heads)."""
     root = tmp_path_factory.mktemp("four")
     nproc, micro, extra = LAYOUTS["fsdp2xtp2"]
-    meta_init = [*extra, "--model.overrides.qk_norm=true", *FLOAT8]  # FP8 weights initialised after FSDP2 wraps them
+    meta_init = [*extra, "--model.overrides.qk_norm=true"]
     plan = [{"name": "fsdp2xtp2", "argv": cli_args(prepared_sample, root / "fsdp2xtp2", micro=micro, extra=extra)},
             {"name": "meta init", "argv": cli_args(prepared_sample, root / "meta init", micro=micro, extra=meta_init),
              "meta_init": True},

@@ -96,6 +96,16 @@ def test_float8_is_off_by_default_and_its_fields_are_checked():
     assert "parallel.float8_skip must be a list of strings" in run_config_error("--parallel.float8_skip=0")
     assert "parallel.float8_skip is set but parallel.float8 is \"off\"" in run_config_error(
         "--parallel.float8_skip=['first']")
+    assert "parallel.float8 needs train.micro_batch_size x data.seq_len (3 x 100 = 300) to divide by 16" in \
+        run_config_error("--parallel.float8=tensorwise", "--train.micro_batch_size=3", "--data.seq_len=100")
+
+
+def test_float8_without_torchao_is_refused_before_training(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else find_spec(name, *a))
+    assert "parallel.float8 needs torchao: pip install 'argonne[float8]'" in run_config_error("--parallel.float8=rowwise")
 
 
 def test_unknown_sections_and_fields_suggest_the_close_match():

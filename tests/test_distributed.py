@@ -16,8 +16,8 @@ from argonne.checkpoint import latest_checkpoint
 
 from .conftest import env, failure, free_port
 from .launches import (
-    FLOAT8_LAYOUTS, GRADS, LAYOUTS, MUON, MUON_LAYOUTS, assert_same_losses, by_step, command, launched_run, losses, records, train,
-    train_here,
+    FLOAT8_LAYOUTS, GRADS, LAYOUTS, MUON, MUON_LAYOUTS, assert_same_losses, by_step, command, launched_run, losses,
+    records, train, train_here,
 )
 
 pytestmark = pytest.mark.slow  # every test here launches processes or runs Triton's interpreter
@@ -262,8 +262,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared_sample, tmp_path):
 
 def test_models_built_on_meta_are_initialised_after_sharding(four_processes):
     """On the 2-D mesh (FSDP 2 x TP 2), so one run covers both kinds of sharding; with QK-norm, whose weights are
-    sharded by FSDP and see each tensor-parallel rank's own heads, and with FP8 (tensorwise), whose weights FSDP2
-    holds in torchao's FP8 all-gather wrapper when they are initialised."""
+    sharded by FSDP and see each tensor-parallel rank's own heads."""
     import json
     import math
 

@@ -83,9 +83,34 @@ def test_float8_swaps_the_block_linears_and_keeps_the_state_dict(recipe):
     for name, tensor in before.items():
         assert after[name].dtype == tensor.dtype and torch.equal(after[name], tensor), name
     assert all(parameters[name] is p for name, p in model.named_parameters())
-    assert model.model.layers[0].self_attn.o_proj.writes_residual and model.model.layers[1].mlp.down_proj.writes_residual
+    assert all(block.self_attn.o_proj.writes_residual and block.mlp.down_proj.writes_residual
+               for block in model.model.layers)
     loss = model(tokens[:, :-1], targets=tokens[:, 1:]).loss
     assert loss != expected_loss and abs(loss - expected_loss) < 1e-2 * expected_loss
+
+
+def test_float8_weights_built_on_meta_are_initialised_as_documented():
+    """The large-model path: built on meta, FP8 linears whose weights torchao wraps for FSDP2's FP8 all-gather
+    (tensorwise, data parallel), then materialised and initialised; the residual projections keep their smaller
+    std (init_module reads a mark that the swap must carry over)."""
+    from argonne.parallel import Float8Plan, apply_float8
+
+    config = ArgonneConfig.from_preset("tiny", **{**SHAPE, "num_hidden_layers": 4, "hidden_size": 256,
+                                                  "intermediate_size": 512})
+    with torch.device("meta"):
+        model = ArgonneForCausalLM(config)
+    apply_float8(model, Float8Plan("tensorwise", emulate=True), dp=2)
+    model.to_empty(device="cpu")
+    torch.manual_seed(0)
+    model.reset_parameters()
+    block = model.model.layers[0]
+    assert isinstance(block.self_attn.q_proj, float8_linear())
+    residual_std = config.initializer_range / (2 * config.num_hidden_layers) ** 0.5
+    for linear, std in ((block.self_attn.q_proj, config.initializer_range), (block.self_attn.o_proj, residual_std),
+                        (block.mlp.down_proj, residual_std)):
+        weight = linear.weight.detach()
+        weight = getattr(weight, "_tensor", weight)  # the FP8 all-gather wrapper holds the full-precision weight
+        assert abs(weight.float().std().item() - std) < 0.1 * std
 
 
 def test_float8_skip_keeps_named_linears_and_refuses_patterns_that_match_none():

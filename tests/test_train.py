@@ -131,10 +131,10 @@ def test_float8_trains_within_tolerance_of_bf16_and_its_checkpoints_resume_and_e
         options = ["--train.dtype=bfloat16", "--checkpoint.every=10", "--checkpoint.keep=0", *extra]
         return train_here(prepared_sample, tmp_path / name, steps=steps, micro=4, extra=options)
 
-    bf16 = run("bf16")
+    bf16, float8 = run("bf16"), {}
     for recipe in ("tensorwise", "rowwise"):
-        float8 = run(recipe, f"--parallel.float8={recipe}")
-        distance = [abs(float8[s] - bf16[s]) / bf16[s] for s in bf16]
+        float8[recipe] = run(recipe, f"--parallel.float8={recipe}")
+        distance = [abs(float8[recipe][s] - bf16[s]) / bf16[s] for s in bf16]
         assert len(distance) == 20 and max(distance) < FLOAT8_LOSS_TOLERANCE and max(distance) > 0, distance
         assert (f"float8 {recipe} (emulated: no FP8 matmuls on this device): 14 of 14 block linears in FP8; the "
                 "output head in high precision") in capsys.readouterr().out
@@ -146,11 +146,11 @@ def test_float8_trains_within_tolerance_of_bf16_and_its_checkpoints_resume_and_e
                     read_checkpoint_metadata(path).state_dict_metadata.items() if key.startswith("model.")}
              for name, path in step_10.items()}
     assert saved["tensorwise"] == saved["bf16"]
-    resumed = run("fp8 to bf16", "--resume", str(step_10["tensorwise"]))
-    assert sorted(resumed) == list(range(11, 21))
-    assert all(abs(resumed[s] - float8[s]) < FLOAT8_LOSS_TOLERANCE * float8[s] for s in resumed)
-    assert sorted(run("bf16 to fp8", "--parallel.float8=rowwise", "--resume", str(step_10["bf16"]))) == \
-        list(range(11, 21))
+    for name, resume_from, extra, straight in (("fp8 to bf16", "tensorwise", [], float8["tensorwise"]),
+                                                ("bf16 to fp8", "bf16", ["--parallel.float8=rowwise"], bf16)):
+        resumed = run(name, *extra, "--resume", str(step_10[resume_from]))
+        assert sorted(resumed) == list(range(11, 21))
+        assert all(abs(resumed[s] - straight[s]) < FLOAT8_LOSS_TOLERANCE * straight[s] for s in resumed)
     export_model(step_10["tensorwise"], "hf", tmp_path / "hf", "fp32")
     exported, _ = open_model(tmp_path / "hf", "cpu", "float32")
     trained, _ = open_model(step_10["tensorwise"], "cpu", "float32")

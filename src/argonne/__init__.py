@@ -4,11 +4,32 @@ Importing the package registers the model with transformers' Auto classes, so `A
 `AutoModelForCausalLM` resolve model_type "argonne" without remote code.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+import logging
 
-from .configuration_argonne import PRESETS, ArgonneConfig
-from .modeling_argonne import ArgonneForCausalLM
-from .tokenizer import load_tokenizer
+
+class _DropMessages(logging.Filter):
+    """Drops records whose message contains one of `parts`."""
+
+    def __init__(self, *parts: str):
+        super().__init__()
+        self.parts = parts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(part in message for part in self.parts)
+
+
+# transformers imports torchao whenever it is installed (argonne[float8], the tests), and torchao's import logs that
+# its optional compiled kernels (MX formats, CUTLASS) do not load on this machine, and torch that torchao registers
+# enums it no longer needs to: noise on every command, about kernels FP8 training does not use.
+logging.getLogger("torchao").addFilter(_DropMessages("Failed to load "))
+logging.getLogger("torch.utils._pytree").addFilter(_DropMessages("is an Enum subclass and is now natively supported"))
+
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from .configuration_argonne import PRESETS, ArgonneConfig  # noqa: E402
+from .modeling_argonne import ArgonneForCausalLM  # noqa: E402
+from .tokenizer import load_tokenizer  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["PRESETS", "ArgonneConfig", "ArgonneForCausalLM", "load_tokenizer", "__version__"]

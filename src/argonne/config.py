@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import sys
 import typing
@@ -448,6 +449,7 @@ def validate(config: RunConfig, problems: list[str] | None = None) -> None:
     problems.extend(document_problems(config.data, "data.", skip=wrong_type))
     if not {"optim.lr", "optim.min_lr"} & wrong_type and config.optim.min_lr > config.optim.lr:
         problems.append(f"optim.min_lr ({config.optim.min_lr}) must not exceed optim.lr ({config.optim.lr})")
+    problems.extend(float8_problems(config, wrong_type))
     if config.parallel.float8 == "off" and config.parallel.float8_skip:
         problems.append("parallel.float8_skip is set but parallel.float8 is \"off\": set parallel.float8 to "
                         "\"tensorwise\" or \"rowwise\", or remove float8_skip")
@@ -465,6 +467,21 @@ def validate(config: RunConfig, problems: list[str] | None = None) -> None:
                         "and data.sft (instruction data)")
     if problems:
         raise ConfigError("invalid run config: " + "; ".join(problems))
+
+
+def float8_problems(config: RunConfig, wrong_type: set[str]) -> list[str]:
+    """FP8 matmuls (torch._scaled_mm) need every dimension to divide by 16, the tokens of a micro-batch too (the
+    inner dimension of the weight gradient); and torchao, checked before the run folder is touched."""
+    if config.parallel.float8 == "off" or {"parallel.float8", "train.micro_batch_size", "data.seq_len"} & wrong_type:
+        return []
+    problems = []
+    tokens = config.train.micro_batch_size * config.data.seq_len
+    if tokens % 16:
+        problems.append(f"parallel.float8 needs train.micro_batch_size x data.seq_len ({config.train.micro_batch_size}"
+                        f" x {config.data.seq_len} = {tokens}) to divide by 16 (FP8 matmuls multiply by the tokens)")
+    if importlib.util.find_spec("torchao") is None:
+        problems.append("parallel.float8 needs torchao: pip install 'argonne[float8]' (or torchao)")
+    return problems
 
 
 def parallel_problems(config: RunConfig, wrong_type: set[str]) -> list[str]:

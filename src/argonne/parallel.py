@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, replace
-from fnmatch import fnmatch
+from fnmatch import fnmatchcase
 from functools import partial
 
 import torch
@@ -205,6 +205,8 @@ def _gather_sequence_input(sharding: SequenceSharding, mesh: DeviceMesh, module,
     if not sharding.active:
         return None
     x, *rest = args
+    if torch.is_autocast_enabled(x.device.type):  # gather what the matmuls read: bf16, not the float32 residual stream
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     return (DTensor.from_local(x, mesh, [Shard(1)], run_check=False).redistribute(mesh, [Replicate()]), *rest)
 
 
@@ -217,8 +219,8 @@ def _sequence_shard_output(sharding: SequenceSharding, mesh: DeviceMesh, module,
 
 
 def _gather_sequence_output(sharding: SequenceSharding, mesh: DeviceMesh, module, args, output):
-    """The final hidden states' shard -> (B, T, D) whole; the backward keeps this rank's rows of the (already
-    summed) gradient."""
+    """The final hidden states' shard -> (B, T, D) whole; the backward keeps this rank's rows of the gradient,
+    which the vocabulary-parallel head has already summed over its slices (on both of its paths)."""
     if not sharding.active:
         return None
     return DTensor.from_local(output, mesh, [Shard(1)], run_check=False).full_tensor()
@@ -306,21 +308,11 @@ class Float8Plan:
 
 
 def import_torchao_float8():
-    """torchao.float8, imported without the warnings its import logs about optional compiled kernels that float8
-    training does not use (MX formats, CUTLASS) and about an enum registration newer torch versions no longer need."""
-    import logging
-
-    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+    """torchao.float8 (the package's import silences torchao's notes about kernels float8 training does not use)."""
     try:
         import torchao.float8
     except ImportError as error:
         raise ValueError("parallel.float8 needs torchao: pip install 'argonne[float8]' (or torchao)") from error
-    finally:
-        for logger, level in zip(loggers, levels):
-            logger.setLevel(level)
     return torchao.float8
 
 
@@ -343,7 +335,7 @@ def apply_float8(model: ArgonneForCausalLM, plan: Float8Plan, tp: int = 1, dp: i
     linears = {name: module for name, module in model.named_modules()
                if name.startswith("model.layers.") and isinstance(module, nn.Linear)}
     unmatched = [given for given, pattern in zip(plan.skip, patterns)
-                 if not any(name == pattern or fnmatch(name, pattern) for name in linears)]
+                 if not any(name == pattern or fnmatchcase(name, pattern) for name in linears)]
     if unmatched:
         raise ValueError(f"parallel.float8_skip: {unmatched} match no linear of the blocks (names look like "
                          f"{next(iter(linears))!r}; \"first\" and \"last\" name the first and last blocks)")
@@ -353,7 +345,7 @@ def apply_float8(model: ArgonneForCausalLM, plan: Float8Plan, tp: int = 1, dp: i
         return linear.out_features // (1 if row_parallel else tp), linear.in_features // (tp if row_parallel else 1)
 
     kept = sorted(name for name, linear in linears.items()
-                  if any(name == p or fnmatch(name, p) for p in patterns)
+                  if any(name == p or fnmatchcase(name, p) for p in patterns)
                   or any(size % FLOAT8_DIVISOR for size in local_shape(name, linear)))
     residual = [name for name, linear in linears.items() if getattr(linear, "writes_residual", False)]
     config = replace(float8.Float8LinearConfig.from_recipe_name(plan.recipe), emulate=plan.emulate,
@@ -405,10 +397,10 @@ class _SumGradient(torch.autograd.Function):
         return funcol.wait_tensor(summed), None  # a plain tensor for the optimizer, not a pending collective
 
 
-# Selective checkpointing keeps the outputs of matmuls (FP8 ones too), attention and tensor-parallel collectives (plain TP's
-# all-reduces, sequence parallel's all-gathers and reduce-scatters: the recompute never communicates; the waits on
-# kept outputs it reruns wait for nothing) and recomputes every other op of a block (norms, RoPE, SiLU, products,
-# casts: memory-bound and cheap) in the backward pass.
+# Selective checkpointing keeps the outputs of matmuls (FP8 ones too), attention and tensor-parallel collectives
+# (plain TP's all-reduces, sequence parallel's all-gathers and reduce-scatters: the recompute never communicates; the
+# waits on kept outputs it reruns wait for nothing) and recomputes every other op of a block (norms, RoPE, SiLU,
+# products, casts: memory-bound and cheap) in the backward pass.
 _SAVED_ATEN_OPS = (
     "mm", "addmm", "_scaled_mm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
@@ -447,6 +439,8 @@ class VocabParallelHead(nn.Module):
                 z_loss: float | None = None):
         local = weight.to_local()  # (rows of this slice, D); the gradient flows back into the sharded parameter
         if targets is None:
+            if hidden.requires_grad:  # a loss on the logits (distillation): each slice gives part of hidden's gradient
+                hidden = _SumGradient.apply(hidden, self.tp_mesh.get_group())
             logits = F.linear(hidden, local)
             shape = (*logits.shape[:-1], weight.shape[0])
             stride = tuple(torch.empty(shape, device="meta").stride())
