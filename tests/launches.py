@@ -132,40 +132,37 @@ GRADS = ("tied", "tied+sp_off", "untied", "qk-norm", "tied+z_loss", "untied+docu
          "gathered-dtype")
 
 
-# Muon runs (optim.py) in the layouts that shard its matrices differently, each named "muon LAYOUT" in its launch.
+# Options trained in the layouts that shard them differently, each named "LABEL LAYOUT" in its launch, beside one
+# process's run of the same options; checkpoints every 5 steps, for the resume tests.
+# Muon (optim.py): its matrices are orthogonalised whole whatever their sharding.
 MUON = ["--optim.optimizer=muon"]
 MUON_LAYOUTS = ("fsdp2", "tp2", "fsdp2xtp2")
+# FP8 (emulated on CPU); tensorwise is the recipe whose scales span processes (tensor-parallel inputs, FSDP2's FP8
+# weight all-gather).
+FLOAT8 = ["--parallel.float8=tensorwise"]
+FLOAT8_LAYOUTS = ("fsdp2", "tp2", "fsdp2xtp2")
+EVERY_5 = ["--checkpoint.every=5", "--checkpoint.keep=0"]
 
 
-def muon_run(prepared, root: Path, layout: str) -> dict:
+def layout_run(prepared, root: Path, label: str, options: list[str], layout: str) -> dict:
     _, micro, extra = LAYOUTS[layout]
-    return {"name": f"muon {layout}", "argv": cli_args(prepared, root / f"muon {layout}", micro=micro, extra=[
-        *extra, *MUON, "--checkpoint.every=5", "--checkpoint.keep=0"])}
+    name = f"{label} {layout}"
+    return {"name": name, "argv": cli_args(prepared, root / name, micro=micro, extra=[*extra, *options, *EVERY_5])}
+
+
+def one_process_run(prepared, tmp_path_factory, label: str, options: list[str]):
+    run_dir = tmp_path_factory.mktemp(f"{label}-one")
+    return train_here(prepared, run_dir, extra=[*options, *EVERY_5]), run_dir
 
 
 @pytest.fixture(scope="session")
 def muon_one_process(prepared_sample, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("muon-one")
-    extra = [*MUON, "--checkpoint.every=5", "--checkpoint.keep=0"]
-    return train_here(prepared_sample, run_dir, extra=extra), run_dir
-
-
-# FP8 (emulated on CPU) in the layouts that shard its linears differently, each named "float8 LAYOUT"; tensorwise is
-# the recipe whose scales span processes (tensor-parallel inputs, FSDP2's FP8 weight all-gather).
-FLOAT8 = ["--parallel.float8=tensorwise"]
-FLOAT8_LAYOUTS = ("fsdp2", "tp2", "fsdp2xtp2")
-
-
-def float8_run(prepared, root: Path, layout: str) -> dict:
-    _, micro, extra = LAYOUTS[layout]
-    return {"name": f"float8 {layout}", "argv": cli_args(prepared, root / f"float8 {layout}", micro=micro, extra=[
-        *extra, *FLOAT8, "--checkpoint.every=5", "--checkpoint.keep=0"])}
+    return one_process_run(prepared_sample, tmp_path_factory, "muon", MUON)
 
 
 @pytest.fixture(scope="session")
 def float8_one_process(prepared_sample, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("float8-one")
-    return train_here(prepared_sample, run_dir, extra=[*FLOAT8, "--checkpoint.every=5", "--checkpoint.keep=0"]), run_dir
+    return one_process_run(prepared_sample, tmp_path_factory, "float8", FLOAT8)
 
 
 def launch_runs(folder: Path, nproc: int, plan: list[dict]) -> dict:
@@ -232,10 +229,12 @@ def two_processes(prepared_sample, one_process, muon_one_process, streaming, eva
         # One document per task: one process has no request of its own.
         {"name": "eval fsdp2 limit 1", "argv": cli_args(prepared_sample, root / "eval fsdp2 limit 1", micro=4,
                                                         extra=[*eval_tasks, "--eval.limit=1"])},
-        *(muon_run(prepared_sample, root, layout) for layout in MUON_LAYOUTS if LAYOUTS[layout][0] == 2),
+        *(layout_run(prepared_sample, root, "muon", MUON, layout) for layout in MUON_LAYOUTS
+          if LAYOUTS[layout][0] == 2),
         {"name": "muon 1-to-fsdp2", "argv": cli_args(prepared_sample, root / "muon 1-to-fsdp2", micro=4, extra=[
             *MUON, "--resume", str(muon_one_process[1] / "checkpoints" / "step-00000005")])},
-        *(float8_run(prepared_sample, root, layout) for layout in FLOAT8_LAYOUTS if LAYOUTS[layout][0] == 2),
+        *(layout_run(prepared_sample, root, "float8", FLOAT8, layout) for layout in FLOAT8_LAYOUTS
+          if LAYOUTS[layout][0] == 2),
     ]
     (root / "in use").mkdir()
     holder = hold_lock_in_another_process(root / "in use")  # e.g. a worker left running by a killed launcher
@@ -259,7 +258,8 @@ def four_processes(prepared_sample, eval_tasks, tmp_path_factory):
              "meta_init": True},
             {"name": "eval fsdp2xtp2", "argv": cli_args(prepared_sample, root / "eval fsdp2xtp2", micro=micro,
                                                         extra=[*extra, *eval_tasks])},
-            muon_run(prepared_sample, root, "fsdp2xtp2"), float8_run(prepared_sample, root, "fsdp2xtp2")]
+            layout_run(prepared_sample, root, "muon", MUON, "fsdp2xtp2"),
+            layout_run(prepared_sample, root, "float8", FLOAT8, "fsdp2xtp2")]
     return {**launch_runs(root, nproc, plan), "root": root}
 
 

@@ -450,9 +450,6 @@ def validate(config: RunConfig, problems: list[str] | None = None) -> None:
     if not {"optim.lr", "optim.min_lr"} & wrong_type and config.optim.min_lr > config.optim.lr:
         problems.append(f"optim.min_lr ({config.optim.min_lr}) must not exceed optim.lr ({config.optim.lr})")
     problems.extend(float8_problems(config, wrong_type))
-    if config.parallel.float8 == "off" and config.parallel.float8_skip:
-        problems.append("parallel.float8_skip is set but parallel.float8 is \"off\": set parallel.float8 to "
-                        "\"tensorwise\" or \"rowwise\", or remove float8_skip")
     if "eval.limit" not in wrong_type and config.eval.limit >= 1 and config.eval.limit != int(config.eval.limit):
         problems.append(f"eval.limit must be a count (1, 2, ...) or a fraction below 1, got {config.eval.limit}")
     if (config.train.spike_threshold and config.train.spike_rollback_after and not config.checkpoint.every
@@ -471,8 +468,12 @@ def validate(config: RunConfig, problems: list[str] | None = None) -> None:
 
 def float8_problems(config: RunConfig, wrong_type: set[str]) -> list[str]:
     """FP8 matmuls (torch._scaled_mm) need every dimension to divide by 16, the tokens of a micro-batch too (the
-    inner dimension of the weight gradient); and torchao, checked before the run folder is touched."""
-    if config.parallel.float8 == "off" or {"parallel.float8", "train.micro_batch_size", "data.seq_len"} & wrong_type:
+    inner dimension of the weight gradient); and torchao, checked before the run folder is touched. float8_skip
+    means nothing with FP8 off."""
+    if config.parallel.float8 == "off":
+        return ["parallel.float8_skip is set but parallel.float8 is \"off\": set parallel.float8 to \"tensorwise\" "
+                "or \"rowwise\", or remove float8_skip"] if config.parallel.float8_skip else []
+    if {"parallel.float8", "train.micro_batch_size", "data.seq_len"} & wrong_type:
         return []
     problems = []
     tokens = config.train.micro_batch_size * config.data.seq_len
