@@ -63,6 +63,12 @@ def _command(sub, name: str, summary: str, description: str | None = None, func:
     return parser
 
 
+def _overwrite_option(parser, what: str = "the output") -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {what} when it already exists; without it an existing output is refused "
+                             "and left as it is")
+
+
 def _add_info(sub) -> None:
     parser = _command(sub, "info", "architecture, exact parameter count and training FLOPs per token",
                       "Print a preset's (or a saved model folder's) architecture, exact parameter count, matmul "
@@ -125,7 +131,9 @@ def _add_plot(sub) -> None:
                       "Plot a run's training and validation loss against tokens seen, from RUN_DIR/metrics.jsonl, "
                       "and print the image's path.", "cmd_plot")
     parser.add_argument("run_dir", help="run folder (train.run_dir) holding metrics.jsonl")
-    parser.add_argument("--output", default=None, help="image file to write (default: RUN_DIR/loss.png)")
+    parser.add_argument("--output", default=None,
+                        help="image file to write (default: RUN_DIR/loss.png, the run's own plot, redrawn)")
+    _overwrite_option(parser, "the --output image")
 
 
 def _add_generate(sub) -> None:
@@ -250,6 +258,7 @@ def _add_eval(sub) -> None:
                        help="documents per task: a count, or a fraction below 1 (default: all)")
     tasks.add_argument("--batch-size", type=int, default=16, help="requests per forward pass")
     tasks.add_argument("--output", default=None, help="write lm-eval's results JSON to this file")
+    _overwrite_option(tasks, "the --output file")
     _tokenizer_option(tasks)
     tasks.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     tasks.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -270,6 +279,9 @@ def _add_eval(sub) -> None:
                              "(default: the window, no overlap)")
     parser.add_argument("--max-documents", type=int, default=None, help="stop after N documents (default: all)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    parser.add_argument("--output", default=None,
+                        help="also write the result (perplexity, tokens, documents, NLL, settings) as JSON to this file")
+    _overwrite_option(parser, "the --output file")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
@@ -297,6 +309,7 @@ def _add_export(sub) -> None:
                         help="output format (see above)")
     parser.add_argument("--output", required=True,
                         help="output folder (gguf: a folder for model.gguf, or a path ending in .gguf)")
+    _overwrite_option(parser, "an existing output (the source itself too: it is read whole first)")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                         help="weight dtype, one for every format: hf, llama and qwen3 save the weights in it; gguf "
                              "writes BF16, F16 or F32 matrices (norm weights and biases always F32)")
@@ -321,6 +334,7 @@ def _add_import(sub) -> None:
         "cmd_import")
     parser.add_argument("source", help="folder with config.json and weights (see above)")
     parser.add_argument("--output", required=True, help="folder to write the Argonne model to")
+    _overwrite_option(parser, "an existing output folder")
 
 
 def _document_settings_class():
@@ -370,7 +384,10 @@ def _add_data(sub) -> None:
                        "cmd_data_prepare")
     prepare.add_argument("inputs", nargs="+", help="parquet files, folders, globs or hf://datasets/... paths")
     prepare.add_argument("--tokenizer", required=True, help="tokenizer folder or Hugging Face hub name")
-    prepare.add_argument("--output", required=True, help="output folder (rerun to resume)")
+    prepare.add_argument("--output", required=True,
+                         help="output folder; rerun the same command (same inputs and settings) to resume")
+    _overwrite_option(prepare, "a dataset prepared from other inputs or settings (it stays usable until the new "
+                               "one is complete)")
     prepare.add_argument("--seq-len", type=int, default=4096,
                          help="window length recorded in the manifest (data inspect's; training uses the run "
                               "config's data.seq_len)")
@@ -403,6 +420,7 @@ def _add_tokenizer(sub) -> None:
     train.add_argument("inputs", nargs="+", help="parquet files, folders or globs")
     train.add_argument("--vocab-size", type=int, required=True, help="tokens in the vocabulary, special ones included")
     train.add_argument("--output", required=True, help="folder to save the tokenizer in")
+    _overwrite_option(train, "an existing output folder")
     train.add_argument("--text-column", default="text", help="parquet column holding the text")
 
 

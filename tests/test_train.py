@@ -735,3 +735,77 @@ def test_init_from_brings_its_tokenizer_and_another_one_is_an_error(tmp_path, qw
     with pytest.raises(ConfigError, match=rf"data.tokenizer '{qwen_tokenizer_dir}' \(151,665 tokens\) is not the "
                                           rf"tokenizer of model.init_from '{base}' \(8,192 tokens\)"):
         build_tokenizer(config)
+
+
+def folder_state(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` with its bytes (but the lock's owner record, rewritten by every trainer that takes
+    it): equal before and after means nothing was touched."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "run.lock"}
+
+
+@pytest.mark.slow
+def test_a_refused_resume_or_an_unsaved_branch_leaves_the_run_and_auto_never_starts_over_on_its_traces(
+        tmp_path, tiny_run_args, monkeypatch, capsys):
+    from argonne.checkpoint import CheckpointError
+    from argonne.run_folder import RunFolderError
+    from argonne.train import Run
+
+    def args(steps, *extra):
+        return tiny_run_args(tmp_path, f"--train.steps={steps}", "--train.log_every=1", "--checkpoint.every=2",
+                             "--checkpoint.keep=0", "--train.tensorboard=false", "--data.val_windows=0", *extra)
+
+    train(load_run_config(None, args(4)))
+    run, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    finished = folder_state(run)
+
+    # A resume refused for its optimizer writes nothing (config.json was rewritten before).
+    with pytest.raises(CheckpointError, match="optimizer state is adamw's"):
+        train(load_run_config(None, args(6, "--optim.optimizer=muon")), resume="auto")
+    assert folder_state(run) == finished
+
+    # A branch killed before its first save: auto then finds what it found before the branch began.
+    def killed(self, step):
+        raise KeyboardInterrupt("killed before the branch's first save")
+
+    monkeypatch.setattr(Run, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_run_config(None, args(6)), resume=str(checkpoints / "step-00000002"))
+    assert not (checkpoints / "step-00000004").exists()  # set aside by the branch
+    monkeypatch.undo()
+    capsys.readouterr()
+    train(load_run_config(None, args(4)), resume="auto")
+    out = capsys.readouterr().out
+    assert "stopped before its first checkpoint; restored" in out
+    assert "resumed from" in out and "step-00000004 at step 4" in out and "nothing to train" in out
+    assert (run / "metrics.jsonl").read_bytes() == finished["metrics.jsonl"]
+    assert (run / "model" / "model.safetensors").read_bytes() == finished["model/model.safetensors"]
+    assert list(run.glob("metrics.run-*.jsonl"))  # the branch's own records, kept aside
+
+    # No complete checkpoint, but traces of a run: --resume auto is an error naming them, and touches nothing.
+    for marker in checkpoints.glob("step-*/COMPLETE"):
+        marker.unlink()
+    before = folder_state(run)
+    with pytest.raises(RunFolderError, match=r"no complete checkpoint.*holds an earlier run \(2 checkpoint folder"
+                                             r"\(s\), metrics\.jsonl.*a trained model/, loss\.png\).*--overwrite"):
+        train(load_run_config(None, args(4)), resume="auto")
+    import shutil
+
+    shutil.rmtree(checkpoints)
+    with pytest.raises(RunFolderError, match=r"holds an earlier run \(metrics\.jsonl"):
+        train(load_run_config(None, args(4)), resume="auto")
+    assert folder_state(run) == {k: v for k, v in before.items() if not k.startswith("checkpoints/")}
+
+
+def test_a_run_dir_that_is_a_file_or_a_link_is_a_clear_error(tmp_path, tiny_run_args, capsys):
+    from argonne.cli import main
+
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    for run_dir, expected in (("file", "is a file"), ("file/run", "is a file, not a folder"),
+                              ("link", "is a symbolic link")):
+        args = tiny_run_args(tmp_path, f"--train.run_dir={str(tmp_path / run_dir)!r}")
+        assert main(["train", str(REPO / "configs" / "tiny.toml"), *args]) == 2
+        err = capsys.readouterr().err
+        assert f"train.run_dir {tmp_path / run_dir}" in err and expected in err and "Traceback" not in err
+    assert (tmp_path / "file").read_text() == "not a folder" and not (tmp_path / "elsewhere").exists()

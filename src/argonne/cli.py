@@ -86,7 +86,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     """Plot training and validation loss against tokens seen (RUN_DIR/loss.png)."""
     from .plot import plot_run
 
-    print(plot_run(args.run_dir, args.output))
+    print(plot_run(args.run_dir, args.output, overwrite=args.overwrite))
     return 0
 
 
@@ -120,7 +120,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     if problems:
         raise DataError("; ".join(p.replace("_", "-") for p in problems))
     settings = PrepareSettings(seq_len=args.seq_len, workers=args.workers, documents=documents)
-    manifest = prepare_dataset(args.inputs, load_tokenizer(args.tokenizer), args.output, settings)
+    manifest = prepare_dataset(args.inputs, load_tokenizer(args.tokenizer), args.output, settings,
+                               overwrite=args.overwrite)
     print(
         f"{manifest['train_tokens']:,} training and {manifest['val_tokens']:,} validation tokens from "
         f"{len(manifest['shards'])} shard(s) in {args.output}"
@@ -169,12 +170,14 @@ def _print_stats(manifest: dict) -> None:
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     """Train a byte-level BPE tokenizer on parquet text and save it in Hugging Face format."""
     from .data.parquet import iter_texts, resolve_parquet_files
+    from .outputs import FOLDER, Output
     from .tokenizer import train_bpe_tokenizer
 
-    tokenizer = train_bpe_tokenizer(
-        iter_texts(resolve_parquet_files(args.inputs), args.text_column), args.vocab_size, args.output
-    )
-    print(f"{len(tokenizer):,}-token BPE saved to {args.output}")
+    output = Output(args.output, FOLDER, args.overwrite)
+    texts = iter_texts(resolve_parquet_files(args.inputs), args.text_column)
+    with output.staged() as staging:
+        tokenizer = train_bpe_tokenizer(texts, args.vocab_size, staging)
+    print(f"{len(tokenizer):,}-token BPE saved to {output.path}")
     return 0
 
 
@@ -207,14 +210,23 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
     """Perplexity of a model over parquet or text files, with a sliding window of configurable stride."""
+    import json
+
     from .evaluate import iter_documents, perplexity
     from .loading import open_model
+    from .outputs import FILE, Output
 
+    output = Output(args.output, FILE, args.overwrite) if args.output else None  # refused before the work
     model, tokenizer = open_model(args.model, args.device, tokenizer=args.tokenizer)
     result = perplexity(model, tokenizer, iter_documents(args.data, args.text_column), args.window, args.stride,
                         args.max_documents, args.batch_size, progress=True)
     print(f"perplexity {result.value:.4f} over {result.tokens:,} tokens in {result.documents:,} documents "
           f"(mean NLL {result.nll / result.tokens:.4f} nats/token)")
+    if output is not None:
+        record = {"model": str(args.model), "data": args.data, "window": args.window, "stride": args.stride,
+                  "perplexity": result.value, "tokens": result.tokens, "documents": result.documents,
+                  "nll": result.nll, "mean_nll": result.nll / result.tokens}
+        print(f"result written to {output.write(json.dumps(record, indent=2) + chr(10))}")
     return 0
 
 
@@ -223,9 +235,12 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     from .harness import (ArgonneLM, check_tasks, evaluate_tasks, results_table, task_limit, task_manager,
                           write_results)
 
+    from .outputs import FILE, Output
+
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks:
         raise ValueError("--tasks: no task names given")
+    output = Output(args.output, FILE, args.overwrite) if args.output else None  # refused before the work
     limit = task_limit(args.limit, "--limit")
     manager = task_manager(args.include_path, tasks)
     check_tasks(tasks, manager)  # before the model loads
@@ -233,8 +248,8 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
                    batch_size=args.batch_size)
     results = evaluate_tasks(lm, tasks, num_fewshot=args.num_fewshot, limit=limit, manager=manager)
     print(results_table(results))
-    if args.output:
-        print(f"results written to {write_results(results, args.output)}")
+    if output is not None:
+        print(f"results written to {write_results(results, output)}")
     return 0
 
 
@@ -263,7 +278,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     transformers Llama (llama) or Qwen3 (qwen3) folder, or a llama.cpp GGUF file (gguf)."""
     from .export import export_model
 
-    print(export_model(args.source, args.to, args.output, args.dtype, args.tokenizer))
+    print(export_model(args.source, args.to, args.output, args.dtype, args.tokenizer, overwrite=args.overwrite))
     return 0
 
 
@@ -272,7 +287,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     folder (to continue pretraining or fine-tune)."""
     from .export import import_model
 
-    print(import_model(args.source, args.output))
+    print(import_model(args.source, args.output, overwrite=args.overwrite))
     return 0
 
 

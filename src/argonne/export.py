@@ -16,10 +16,7 @@ Imports read transformers Llama, Qwen2 and Qwen3 folders and the original Argonn
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -116,54 +113,38 @@ def refuse_unfit(config: ArgonneConfig, target: str) -> None:
 
 
 def export_model(source: str | Path, target: str, output: str | Path, dtype: str = "bf16",
-                 tokenizer: str | Path | None = None) -> Path:
-    """Write `source` (a model folder or checkpoint) as `target` into `output`. Everything is written into a
-    temporary folder beside it first and moved into place at the end, so a failed export leaves nothing behind."""
+                 tokenizer: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Write `source` (a model folder or checkpoint) as `target` into `output` through the output policy
+    (outputs.py): an existing output is refused unless `overwrite`, everything is written into staging beside it and
+    renamed into place at the end, so a failed or killed export leaves the earlier output as it was."""
     from .loading import open_model
+    from .outputs import FILE, FOLDER, Output
 
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if target not in EXPORT_TARGETS:
         raise ConversionError(f"unknown export target {target!r}; use one of {', '.join(EXPORT_TARGETS)}")
-    model, tokenizer = open_model(source, "cpu", "float32", tokenizer)
+    output = Output(output, FILE if target == "gguf" and Path(output).suffix == ".gguf" else FOLDER, overwrite)
+    model, tokenizer = open_model(source, "cpu", "float32", tokenizer)  # read whole: the output may be the source
     model.to(DTYPES[dtype])
-    output = Path(output)
     refuse_unfit(model.config, target)  # before anything is written
-    # Staged beside the output, on its filesystem, so the final move is a rename (from /tmp it could cross devices).
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        written = _write_export(model, tokenizer, target, staging / output.name)
-        return _move_into_place(written, output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with output.staged() as staging:
+        _write_export(model, tokenizer, target, staging, name=output.path.stem)
+    return output.path
 
 
-def _move_into_place(written: Path, output: Path) -> Path:
-    """The finished export at `output`: a file or new folder is renamed there; files of an existing folder are
-    replaced one by one (other files in it stay)."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if written.is_file() or not output.exists():
-        os.replace(written, output)
-        return output
-    for item in written.iterdir():
-        os.replace(item, output / item.name)
-    return output
-
-
-def _write_export(model, tokenizer, target: str, output: Path) -> Path:
-    if target == "hf":
+def _write_export(model, tokenizer, target: str, output: Path, name: str) -> None:
+    """The export into `output`: a new folder, or for gguf a file path when the output ends in .gguf."""
+    if target == "gguf" and not output.is_dir():
+        write_gguf(model, tokenizer, output, name)
+        return
+    if target == "gguf":
+        write_gguf(model, tokenizer, output / "model.gguf", name)
+    elif target == "hf":
         model.save_pretrained(output)
-    elif target in TRANSFORMERS_TARGETS:
-        save_as_transformers(model, target, output)
     else:
-        path = output / "model.gguf" if output.suffix != ".gguf" else output
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_gguf(model, tokenizer, path)
-        if output.suffix == ".gguf":
-            return path
+        save_as_transformers(model, target, output)
     tokenizer.save_pretrained(output)
-    return output
 
 
 def save_as_transformers(model: ArgonneForCausalLM, target: str, output: Path) -> None:
@@ -218,7 +199,7 @@ def gguf_tensors(model: ArgonneForCausalLM) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def write_gguf(model: ArgonneForCausalLM, tokenizer, path: Path) -> Path:
+def write_gguf(model: ArgonneForCausalLM, tokenizer, path: Path, name: str | None = None) -> Path:
     """A llama-architecture GGUF file with the model's weights in their dtype (bf16, fp16 or fp32; 1-D tensors in
     fp32) and the byte-level BPE tokenizer llama.cpp needs."""
     import gguf
@@ -228,7 +209,7 @@ def write_gguf(model: ArgonneForCausalLM, tokenizer, path: Path) -> Path:
     refuse_unfit(c, "gguf")
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_name(path.stem)
+    writer.add_name(name or path.stem)
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
     writer.add_block_count(c.num_hidden_layers)
@@ -454,13 +435,21 @@ def converted_model(source: str | Path) -> ArgonneForCausalLM:
     return model
 
 
-def import_model(source: str | Path, output: str | Path) -> Path:
+def import_model(source: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """A transformers Llama / Qwen2 / Qwen3 folder or an original Argonne 1.x / 2.0 folder -> an Argonne folder
-    (weights, config with auto_map, code, tokenizer)."""
-    source, output = Path(source), Path(output)
-    converted_model(source).save_pretrained(output)
+    (weights, config with auto_map, code, tokenizer), written through the output policy (outputs.py): everything is
+    read and checked first, then written into staging and renamed into place."""
+    from .outputs import FOLDER, Output
+
+    source, output = Path(source), Output(output, FOLDER, overwrite)
+    model = converted_model(source)
+    tokenizer = None
     if (source / "tokenizer_config.json").is_file() or (source / "tokenizer.json").is_file():
         from .tokenizer import load_tokenizer
 
-        load_tokenizer(source).save_pretrained(output)
-    return output
+        tokenizer = load_tokenizer(source)
+    with output.staged() as staging:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    return output.path

@@ -439,16 +439,15 @@ def evaluate_tasks(lm, tasks: list[str], include_path: str | Path | None = None,
                            f"{type(error).__name__}: {error}") from error
 
 
-def write_results(results: dict, output: str | Path) -> Path:
-    """lm-eval's results dictionary as JSON (what `lm_eval --output_path` writes), atomically."""
+def write_results(results: dict, output) -> Path:
+    """lm-eval's results dictionary as JSON (what `lm_eval --output_path` writes) to `output` (an outputs.Output, or
+    a path: refused if it exists)."""
     from lm_eval.utils import handle_non_serializable
 
-    from .files import write_atomic
+    from .outputs import FILE, Output
 
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(output, json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
-    return output
+    output = output if isinstance(output, Output) else Output(output, FILE)
+    return output.write(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
 
 
 def results_table(results: dict) -> str:

@@ -21,15 +21,20 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
-def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
+def plot_run(run_dir: str | Path, output: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Draw the run's losses (and task scores) into `output`, through the output policy: an existing `output` is
+    refused unless `overwrite`. The default, RUN_DIR/loss.png, is the run's own plot and is always redrawn."""
     import matplotlib
+
+    from .outputs import FILE, Output
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
+    target = Output(output, FILE, overwrite) if output else Output(run_dir / "loss.png", FILE, overwrite=True,
+                                                                     option="the run's plot")
     records = read_metrics(run_dir)
-    output = Path(output) if output else run_dir / "loss.png"
     # Accuracies and other [0, 1] scores of the [eval] tasks (perplexities have scales of their own: metrics.jsonl
     # and TensorBoard have them).
     task_metrics = sorted(key for key in {k for record in records for k in record if k.startswith("eval/")}
@@ -57,6 +62,9 @@ def plot_run(run_dir: str | Path, output: str | Path | None = None) -> Path:
         tasks_ax.grid(alpha=0.3)
         tasks_ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
-    return output
+    try:
+        with target.staged() as staging:  # the format from the target's name: the staging's name has no suffix
+            fig.savefig(staging, dpi=120, format=target.path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
+    return target.path

@@ -9,7 +9,10 @@
 * `earlier_run`: what a fresh start would overwrite. `argonne train` without `--resume` refuses a folder that holds
   another run's checkpoints, metrics or model, unless `--overwrite` asks to delete them (`clear_earlier_run`).
 * `run.json` names the run (`run_id`): a fresh start makes a new id, a resume continues the checkpoint's. Its
-  checkpoints carry the id, and pruning deletes only checkpoints of the same id.
+  checkpoints carry the id, and pruning deletes only checkpoints of the same id. A branch (a resume from a
+  checkpoint older than the run's newest) records what it set aside (`branched_from`); a branch stopped before its
+  first checkpoint is undone by the next `--resume auto` (`undo_unsaved_branch`), which then finds the checkpoint it
+  would have found before the branch began.
 * `metrics.jsonl` holds one JSON object per line; NaN and infinities are written as the strings "NaN",
   "Infinity" and "-Infinity" (JSON has no such numbers) and read back as floats. A torn last line — a crash in
   mid-write — is dropped on reading and repaired on resume.
@@ -221,10 +224,41 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+def read_run_record(run_dir: str | Path) -> dict:
+    """run.json's record ({} when there is none or it is unreadable: a folder without a run's name)."""
+    return _read_owner(Path(run_dir) / RUN_FILE) or {}  # same shape: a small JSON object, or None when unreadable
+
+
 def read_run_id(run_dir: str | Path) -> str | None:
-    record = _read_owner(Path(run_dir) / RUN_FILE)  # same shape: a small JSON object, or None when unreadable
-    run_id = record.get("run_id") if record else None
+    run_id = read_run_record(run_dir).get("run_id")
     return run_id if isinstance(run_id, str) else None
+
+
+def undo_unsaved_branch(run_dir: str | Path, has_checkpoint) -> str | None:
+    """A branch that stopped before its first checkpoint is undone: what it set aside goes back under its old
+    names (the branch's own metrics are kept as metrics.run-BRANCH.jsonl), and run.json names the run it branched
+    from again. `has_checkpoint(run_id)` says whether a run id has a complete checkpoint. Returns a line saying what
+    was restored, or None when there is no such branch."""
+    run_dir = Path(run_dir)
+    record = read_run_record(run_dir)
+    branch, run_id = record.get("branched_from"), record.get("run_id")
+    if not isinstance(branch, dict) or not isinstance(run_id, str) or has_checkpoint(run_id):
+        return None
+    restored = []
+    for moved in branch.get("set_aside", []):
+        aside, suffix = run_dir / moved, f".run-{branch.get('run_id')}"
+        if moved.startswith(f"metrics{suffix}"):
+            original = run_dir / METRICS_FILE
+            if original.is_file():
+                original.rename(run_dir / f"metrics.run-{run_id}.jsonl")
+        else:
+            original = aside.with_name(aside.name.removesuffix(suffix))
+        if aside.exists() and not original.exists():
+            aside.rename(original)
+            restored.append(str(original.relative_to(run_dir)))
+    write_run_record(run_dir, branch.get("run_id"), restored_after_unsaved_branch=run_id)
+    return (f"the branch {run_id} stopped before its first checkpoint; restored the run it branched from: "
+            f"{', '.join(restored) or 'nothing was set aside'}")
 
 
 def write_run_record(run_dir: str | Path, run_id: str, **details) -> None:

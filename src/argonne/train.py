@@ -37,6 +37,7 @@ from .configuration_argonne import ArgonneConfig
 from .data.batches import pretraining_data, split_batch
 from .loading import load_weights, open_config
 from .device import resolve_device, resolve_dtype
+from .files import write_atomic
 from .metrics import count_parameters, training_flops_per_token
 from .modeling_argonne import ArgonneForCausalLM
 from .optim import build_optimizer, check_resumable, lr_at, set_lr
@@ -56,6 +57,7 @@ from .run_folder import (
     read_run_id,
     refuse_fresh_start,
     set_aside_run,
+    undo_unsaved_branch,
     write_run_record,
 )
 from .tokenizer import document_boundary_id, load_tokenizer
@@ -542,8 +544,8 @@ def train(config: RunConfig, spec: TrainSpec = PRETRAINING, resume: str | None =
     topology = init_distributed(config.parallel.tensor_parallel, device)
     lock = claim_run_folder(Path(config.train.run_dir), resume, overwrite, topology)
     try:
-        resume_from, run_id = choose_checkpoint(Path(config.train.run_dir), resume, topology)
-        summary = _train(config, spec, topology, resume_from, run_id)
+        resume_from, run_id, newer = choose_checkpoint(Path(config.train.run_dir), resume, topology)
+        summary = _train(config, spec, topology, resume_from, run_id, newer)
     finally:
         if lock is not None:
             lock.release()
@@ -558,10 +560,13 @@ def claim_run_folder(run_dir: Path, resume: str | None, overwrite: bool, topolog
     """Lock the run folder (main process) and check that the run overwrites no other: a fresh start needs a folder
     without an earlier run (or `overwrite`, which deletes it), and a checkpoint from elsewhere resumes only into
     such a folder. Every process raises the same RunFolderError when the folder cannot be used."""
+    from .outputs import FOLDER, check_place
+
     lock, problem = None, None
     if topology.is_main:
         lock = RunLock(run_dir)
         try:
+            check_place(run_dir, FOLDER, option="train.run_dir")
             lock.acquire()
             found = earlier_run(run_dir)
             if found and resume is None and not overwrite:
@@ -575,7 +580,7 @@ def claim_run_folder(run_dir: Path, resume: str | None, overwrite: bool, topolog
                     f"run folder {run_dir} holds an earlier run ({', '.join(found)}), and {resume} is not one of "
                     f"its checkpoints: resume it into an empty train.run_dir, or continue this folder's own run "
                     f"with --resume auto")
-        except RunFolderError as error:
+        except (RunFolderError, ValueError) as error:  # outputs.OutputError: a file, a link
             lock.release()
             lock, problem = None, str(error)
     problem = from_main_process(problem, topology)
@@ -584,31 +589,59 @@ def claim_run_folder(run_dir: Path, resume: str | None, overwrite: bool, topolog
     return lock
 
 
-def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> tuple[Path | None, str]:
-    """The checkpoint to resume from (None: a fresh start) and the run's id, the same in every process (the main
-    process lists the folder; verification is shared by all).
+def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> tuple[Path | None, str, list[Path]]:
+    """The checkpoint to resume from (None: a fresh start), the run's id, and the checkpoints a branch sets aside,
+    the same in every process (the main process lists the folder; verification is shared by all). Nothing is
+    written here but the undoing of a branch that never saved (below): the run folder changes only once the run is
+    built (`start_run_folder`), so a refused resume leaves it as it was.
 
     `auto`: the newest checkpoint of this folder's run that verifies; one that does not is skipped, saying why, and
-    none verifying is an error (starting over would bury the run). A path: it must verify. The run id continues
-    the checkpoint's. It is new for a fresh start, and for a resume from a checkpoint of this folder older than its
-    run's newest: a branch, for which the newer checkpoints, the metrics log and the model are set aside under the
-    old run's id (`set_aside_run`), never deleted. Newer checkpoints that `auto` skipped failed verification: the
-    run replaces them as it reaches their steps."""
+    none verifying is an error (starting over would bury the run). No checkpoint at all starts a new run only in a
+    folder with no trace of one; a branch stopped before its first checkpoint is undone first, so auto finds what it
+    found before the branch. A path: it must verify. The run id continues the checkpoint's. It is new for a fresh
+    start, and for a resume from a checkpoint of this folder older than its run's newest: a branch, for which the
+    newer checkpoints, the metrics log and the model are set aside under the old run's id (`set_aside_run`), never
+    deleted. Newer checkpoints that `auto` skipped failed verification: the run replaces them as it reaches
+    their steps."""
     checkpoints = run_dir / "checkpoints"
     if resume is None:
-        return None, from_main_process(new_run_id(), topology)
+        return None, from_main_process(new_run_id(), topology), []
     if resume == "auto":
-        listed = _auto_candidates(checkpoints, read_run_id(run_dir)) if topology.is_main else None
-        path = _first_verified(from_main_process(listed, topology), checkpoints, topology)
+        listed = _auto_listing(run_dir) if topology.is_main else None
+        listed, problem = from_main_process(listed, topology)
+        if problem is not None:
+            raise RunFolderError(problem)
+        path = _first_verified(listed, checkpoints, topology)
         if path is None:
-            return None, from_main_process(new_run_id(), topology)
+            return None, from_main_process(new_run_id(), topology), []
     else:
         path = Path(resume)
         if not path.is_dir():
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
         if not verify_checkpoint(path, topology.host_group):
             log_main(topology.rank, f"{path}: written before checkpoints recorded checksums, not verified")
-    return path, from_main_process(_run_id_after(run_dir, path, resume) if topology.is_main else None, topology)
+    run_id, newer = from_main_process(_branch_of(run_dir, path, resume) if topology.is_main else None, topology)
+    return path, run_id, newer
+
+
+def _auto_listing(run_dir: Path) -> tuple[list[Path], str | None]:
+    """(Main process.) --resume auto's candidates, newest first, or the problem when there are none but the folder
+    holds traces of a run (checkpoints without their COMPLETE marker, metrics, a model...)."""
+    checkpoints = run_dir / "checkpoints"
+
+    def has_checkpoint(run_id: str) -> bool:
+        return any(run_id_of(c) == run_id for c in complete_checkpoints(checkpoints))
+
+    undone = undo_unsaved_branch(run_dir, has_checkpoint)
+    if undone:
+        log_main(0, f"--resume auto: {undone}")
+    candidates = _auto_candidates(checkpoints, read_run_id(run_dir))
+    found = earlier_run(run_dir) if not candidates else []
+    if found:
+        return [], (f"--resume auto: no complete checkpoint of this run in {checkpoints} to continue from, but "
+                    f"{run_dir} holds an earlier run ({', '.join(found)}). Resume a checkpoint with --resume PATH, "
+                    f"delete the run and start over with --overwrite, or choose another train.run_dir")
+    return candidates, None
 
 
 def _auto_candidates(checkpoints: Path, run_id: str | None) -> list[Path]:
@@ -632,23 +665,37 @@ def _first_verified(candidates: list[Path], checkpoints: Path, topology: Topolog
     return None
 
 
-def _run_id_after(run_dir: Path, path: Path, resume: str) -> str:
-    """(Main process.) The run id of a run resumed from `path`; a branch sets the branched-from run's later
-    checkpoints and records aside first."""
+def _branch_of(run_dir: Path, path: Path, resume: str) -> tuple[str, list[Path]]:
+    """(Main process.) The run id of a run resumed from `path`, and the same run's newer checkpoints that a branch
+    sets aside once it starts (`start_run_folder`)."""
     run_id = read_marker(path).get("run_id")
     checkpoints = run_dir / "checkpoints"
     newer = [c for c in complete_checkpoints(checkpoints) if checkpoint_step(c) > checkpoint_step(path)
              and run_id_of(c) == run_id] if resume != "auto" and path.resolve().parent == checkpoints.resolve() else []
+    return (new_run_id() if run_id is None or newer else run_id), newer
+
+
+def start_run_folder(run: "Run", newer: list[Path]) -> None:
+    """(Main process, once the run is built and restored.) Set a branch's newer checkpoints aside, then record the
+    run: config.json and run.json (with what a branch set aside, so that it can be undone if it never saves)."""
+    run_dir, branch = Path(run.config.train.run_dir), None
     if newer:
-        moved = set_aside_run(run_dir, run_id or "unnamed", newer)
-        log_main(0, f"resuming from {path.name}, older than {len(newer)} checkpoint(s) of the same run: a branch. "
-                    f"Kept under the old run's name: {', '.join(moved)}")
-    return new_run_id() if run_id is None or newer else run_id
+        old_id = run_id_of(run.resume_from) or "unnamed"
+        moved = set_aside_run(run_dir, old_id, newer)
+        branch = {"run_id": old_id, "step": checkpoint_step(run.resume_from), "set_aside": moved}
+        log_main(0, f"resuming from {run.resume_from.name}, older than {len(newer)} checkpoint(s) of the same run: a "
+                    f"branch. Kept under the old run's name: {', '.join(moved)}")
+    write_atomic(run_dir / "config.json", json.dumps(run.config.to_dict(), indent=2))
+    write_run_record(run_dir, run.run_id, resumed_from=str(run.resume_from) if run.resume_from else None,
+                     **({"branched_from": branch} if branch else {}))
 
 
-def _train(config: RunConfig, spec: TrainSpec, topology: Topology, resume_from: Path | None, run_id: str) -> dict:
-    """The run, in a claimed run folder: build it, loop, then export the trained model."""
+def _train(config: RunConfig, spec: TrainSpec, topology: Topology, resume_from: Path | None, run_id: str,
+           newer: list[Path]) -> dict:
+    """The run, in a claimed run folder: build it, record it in the folder, loop, then export the trained model."""
     run = build_run(config, spec, topology, resume_from, run_id)
+    if topology.is_main:
+        start_run_folder(run, newer)
     sink = MetricsSink(Path(config.train.run_dir), topology.is_main, config.train.tensorboard, config.train.steps,
                        run.start_step, run.start_step)
     try:
@@ -755,17 +802,13 @@ class Run:
 
 
 def build_run(config: RunConfig, spec: TrainSpec, topology: Topology, resume_from: Path | None, run_id: str) -> Run:
-    """Device, model (sharded), optimizer, objective and data; restored from `resume_from` when given."""
-    run_dir = Path(config.train.run_dir)
+    """Device, model (sharded), optimizer, objective and data; restored from `resume_from` when given. Writes
+    nothing to the run folder: a run refused here leaves it as it was."""
     device = resolve_device(config.train.device, topology.local_rank)
     dtype = compute_dtype(config.train.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if topology.is_main:
-        (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        write_run_record(run_dir, run_id, resumed_from=str(resume_from) if resume_from else None)
-
     tokenizer = build_tokenizer(config)
     model_config = build_model_config(config, tokenizer)
     model = build_model(model_config, config, topology, device, dtype)
@@ -969,7 +1012,12 @@ def export_final_model(model, model_config: ArgonneConfig, tokenizer, output: Pa
     sharded = topology.mesh is not None
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=sharded, cpu_offload=sharded))
     if topology.is_main:
+        from .outputs import FOLDER, Output
+
         plain = ArgonneForCausalLM(model_config)
         plain.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
-        plain.save_pretrained(output)
-        tokenizer.save_pretrained(output)
+        # The run's own model/ (an earlier run's was refused or set aside before training): replaced whole, never
+        # left half-written by a crash.
+        with Output(output, FOLDER, overwrite=True, option="the run's model").staged() as staging:
+            plain.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)

@@ -4,13 +4,20 @@ them back as one memory-mapped token stream.
 Input file i becomes shard i. Rows are tokenized by `tokenize_row_group` in worker processes, so the result is
 byte-identical whatever the number of workers; a shard counts as finished once its NNNNN.json is written (last,
 atomically), so an interrupted run resumes without redoing finished shards.
+
+The output folder follows the output policy (outputs.py) with one addition, resuming: `prepare.json`, written
+first, records what the dataset is made of (every input's size and sha256, the tokenizer, the document settings,
+seq_len). The same command again resumes in place; a folder holding anything else — another dataset, a dataset
+prepared from other inputs or settings — is refused without `--overwrite`, and with it the new dataset is prepared
+in staging beside the old one, which stays usable until the new one replaces it whole.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +41,8 @@ from .parquet import check_text_column, describe_source, open_parquet, resolve_p
 from .settings import DataError, DocumentSettings
 
 MANIFEST = "manifest.json"
+PLAN = "prepare.json"
+PLAN_FORMAT = "argonne-prepare-v1"
 
 
 @dataclass
@@ -51,25 +60,75 @@ def _shard_paths(output: Path, index: int) -> dict[str, Path]:
 
 
 def prepare_dataset(
-    inputs: Sequence[str], tokenizer, output: str | Path, settings: PrepareSettings, progress: bool = True
+    inputs: Sequence[str], tokenizer, output: str | Path, settings: PrepareSettings, progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Tokenize parquet inputs into `output`: shards/NNNNN.{train,val}.bin (uint32) and manifest.json.
 
     Input file i becomes shard i; a shard counts as finished once its NNNNN.json is written (last, atomically), so a
-    rerun after an interruption skips finished shards whose source is unchanged. Returns the manifest.
+    rerun after an interruption skips finished shards. `output` holding anything but this very dataset (its
+    prepare.json) is refused unless `overwrite`. Returns the manifest.
     """
-    from tqdm.auto import tqdm
-
     from ..tokenizer import document_boundary_id
 
-    output = Path(output)
-    (output / "shards").mkdir(parents=True, exist_ok=True)
     files = resolve_parquet_files(inputs)
     tok = settings.documents
     boundary = document_boundary_id(tokenizer)
     fingerprint = tokenizer_fingerprint(tokenizer)
     config_record = {"tokenizer": fingerprint, "boundary_token_id": boundary,
                      "document_settings": tok.tokens_record()}
+    plan = {"format": PLAN_FORMAT, "seq_len": settings.seq_len, **config_record,
+            "sources": [describe_source(path) for path in files]}
+    with dataset_folder(Path(output), plan, overwrite) as folder:
+        return _prepare_into(folder, files, plan, config_record, tokenizer, boundary, settings, progress)
+
+
+@contextmanager
+def dataset_folder(output: Path, plan: dict, overwrite: bool) -> Iterator[Path]:
+    """The folder to prepare into: `output` itself when it is new, empty or an unfinished (or finished) prepare of
+    the same plan (resumed); staging beside it, moved into place at the end, when `overwrite` replaces another
+    dataset. Anything else is refused, naming what differs."""
+    from ..outputs import FOLDER, Output, check_place, describe_contents, recover
+
+    check_place(output, FOLDER)
+    recover(output)
+    earlier = _read_plan(output / PLAN)
+    if not output.exists() or not any(output.iterdir()) or earlier == plan:
+        (output / "shards").mkdir(parents=True, exist_ok=True)
+        write_atomic(output / PLAN, json.dumps(plan, indent=2))
+        yield output
+        return
+    if not overwrite:
+        what = (f"a dataset prepared with other {', '.join(_plan_differences(earlier, plan))}" if earlier
+                else describe_contents(output))
+        raise DataError(f"--output {output} already holds {what}; rerun with the same inputs and settings to "
+                        f"resume it, pass --overwrite to replace it, or choose another --output")
+    with Output(output, FOLDER, overwrite=True).staged() as staging:
+        (staging / "shards").mkdir()
+        write_atomic(staging / PLAN, json.dumps(plan, indent=2))
+        yield staging
+
+
+def _read_plan(path: Path) -> dict | None:
+    try:
+        plan = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return plan if isinstance(plan, dict) else None
+
+
+def _plan_differences(earlier: dict, plan: dict) -> list[str]:
+    names = {"sources": "inputs (paths, sizes or contents)", "tokenizer": "tokenizer",
+             "boundary_token_id": "document boundary token", "document_settings": "document settings",
+             "seq_len": "--seq-len", "format": "Argonne version"}
+    return [names.get(key, key) for key in plan if earlier.get(key) != plan[key]] or ["settings"]
+
+
+def _prepare_into(output: Path, files: list[str], plan: dict, config_record: dict, tokenizer, boundary: int,
+                  settings: PrepareSettings, progress: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    tok = settings.documents
     shards, skipped_files, stats = [], [], empty_stats()
     bar = tqdm(total=len(files), unit="file", disable=not progress, desc="prepare")
     progress_counts = {"documents": 0, "tokens": 0}
@@ -80,8 +139,7 @@ def prepare_dataset(
         bar.set_postfix({k: f"{v:,}" for k, v in progress_counts.items()})
 
     with RowGroupPool(tokenizer, boundary, settings.workers) as pool:
-        for index, path in enumerate(files):
-            source = describe_source(path)
+        for index, (path, source) in enumerate(zip(files, plan["sources"])):
             paths = _shard_paths(output, index)
             record = _finished_shard(paths["done"], source, config_record)
             if record is None:

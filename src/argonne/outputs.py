@@ -1,0 +1,172 @@
+"""Where every command writes: one output policy, so that no command loses an earlier output.
+
+Every command that writes a file or a folder (export, import, `data prepare`, `tokenizer train`, `eval ... --output`,
+`plot --output`, the trained `model/` of a run) goes through `Output`:
+
+* `Output(path, kind, overwrite)` checks the target before any work is done: an existing file or non-empty folder is
+  refused without `--overwrite`, naming what is there; a symbolic link is refused (a write never follows one); a
+  file where a folder is asked for (or the reverse), or a parent that is a file, is a clear error.
+* `with output.staged() as path:` the command writes into a staging path beside the target (same filesystem), and
+  the finished result is renamed into place. With `--overwrite` the earlier output is renamed aside first and
+  deleted only once the new one is in place. A failure removes the staging; nothing half-written is ever at the
+  target.
+* Staging named after a process that is gone (killed with -9, a machine that lost power mid-write) is deleted the
+  next time anything writes to the same target; an earlier output left aside by a process that died between its two
+  renames is put back, so the target is never found missing.
+
+The run folder of `argonne train` has its own rules on top of these (resume, branches): run_folder.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+FOLDER, FILE = "folder", "file"
+# .NAME.staging-HOST-PID (the new output) and .NAME.replaced-HOST-PID (the earlier one, while the new one moves in)
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|replaced)-(?P<host>.+)-(?P<pid>\d+)$")
+
+
+class OutputError(ValueError):
+    """An output that cannot be written as asked; the message names the path and what to do."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def describe_contents(path: Path, limit: int = 4) -> str:
+    """What a folder holds, for an error message: its first names and how many there are."""
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return f"{len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"
+
+
+def check_place(path: Path, kind: str, option: str = "--output") -> None:
+    """Refuse a target that is a link, of the wrong kind, or below a file; raises OutputError naming it."""
+    if path.is_symlink():
+        raise OutputError(f"{option} {path} is a symbolic link; Argonne never writes through links "
+                          f"(give the path it points to, {os.path.realpath(path)}, if that is what you mean)")
+    if kind == FOLDER and path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {path} is a file; a folder is written there: give a folder path")
+    if kind == FILE and path.is_dir():
+        raise OutputError(f"{option} {path} is a folder; a file is written there: give a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{option} {path}: {parent} is a file, not a folder")
+            break
+
+
+def leftovers(path: Path) -> list[tuple[Path, str, bool]]:
+    """Staging and set-aside entries beside `path`: (entry, "staging" | "replaced", whether its writer is gone).
+    A writer on another host is never taken for gone."""
+    found = []
+    if not path.parent.is_dir():
+        return found
+    for entry in path.parent.iterdir():
+        match = _LEFTOVER.match(entry.name)
+        if match and match["name"] == path.name:
+            gone = match["host"] == socket.gethostname() and not _pid_alive(int(match["pid"]))
+            found.append((entry, match["kind"], gone))
+    return found
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def recover(path: Path) -> None:
+    """Tidy what dead writers left beside `path`: an earlier output set aside is put back when the target is
+    missing (the writer died between its two renames), and their staging is deleted."""
+    for entry, kind, gone in leftovers(path):
+        if not gone:
+            continue
+        if kind == "replaced" and not path.exists() and not path.is_symlink():
+            os.replace(entry, path)
+        else:
+            _remove(entry)
+
+
+class Output:
+    """A file or folder a command writes. The constructor checks the target (call it before the command's work);
+    `staged()` gives the path to write and moves the result into place."""
+
+    def __init__(self, path: str | Path, kind: str = FOLDER, overwrite: bool = False, option: str = "--output"):
+        self.path, self.kind, self.overwrite, self.option = Path(path), kind, overwrite, option
+        self.check()
+
+    def existing(self) -> str | None:
+        """What is at the target and would be replaced, or None (nothing, or an empty folder)."""
+        path = self.path
+        if path.is_dir() and not path.is_symlink():
+            return describe_contents(path) if any(path.iterdir()) else None
+        if path.exists():
+            return f"a file of {path.stat().st_size:,} bytes"
+        return None
+
+    def check(self) -> None:
+        check_place(self.path, self.kind, self.option)
+        recover(self.path)
+        found = self.existing()
+        if found and not self.overwrite:
+            raise OutputError(f"{self.option} {self.path} already exists and holds {found}; pass --overwrite to "
+                              f"replace it, or choose another {self.option}")
+
+    def _staging_path(self, kind: str) -> Path:
+        return self.path.with_name(f".{self.path.name}.{kind}-{socket.gethostname()}-{os.getpid()}")
+
+    @contextmanager
+    def staged(self):
+        """Yield the staging path (a new empty folder, or a file path not yet created); when the block ends without
+        an error, the result replaces the target. On an error the staging is removed and the target is untouched."""
+        self.check()  # again: the target may have changed during the command's work
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            staging = self._staging_path("staging")
+            _remove(staging)
+            if self.kind == FOLDER:
+                staging.mkdir()
+        except OSError as error:
+            raise OutputError(f"{self.option} {self.path}: cannot write there ({error.strerror or error})") from None
+        try:
+            yield staging
+            if not staging.exists():
+                raise OutputError(f"{self.option} {self.path}: nothing was written")
+            self.publish(staging)
+        except BaseException:
+            _remove(staging)
+            raise
+
+    def publish(self, staging: Path) -> None:
+        """Rename `staging` to the target; an earlier output is set aside first and deleted after."""
+        replaced = None
+        if self.path.exists():
+            replaced = self._staging_path("replaced")
+            _remove(replaced)
+            os.replace(self.path, replaced)
+        os.replace(staging, self.path)
+        if replaced is not None:
+            _remove(replaced)
+
+    def write(self, data: str | bytes) -> Path:
+        """Write a small file whole (results JSON, and the like) through `staged()`; returns the target."""
+        with self.staged() as staging:
+            with open(staging, "wb") as f:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+                f.flush()
+                os.fsync(f.fileno())
+        return self.path
