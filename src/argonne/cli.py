@@ -209,7 +209,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_perplexity(args: argparse.Namespace) -> int:
-    """Perplexity of a model over parquet or text files, with a sliding window of configurable stride."""
+    """Perplexity of a model over parquet or text files, with a sliding window of configurable stride; with
+    --output, the result as JSON too."""
     import json
 
     from .evaluate import iter_documents, perplexity
@@ -232,15 +233,15 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
 
 def cmd_eval_tasks(args: argparse.Namespace) -> int:
     """lm-evaluation-harness tasks on a model: lm-eval's results table, and its results JSON with --output."""
-    from .harness import (ArgonneLM, check_tasks, evaluate_tasks, results_table, task_limit, task_manager,
-                          write_results)
-
     from .outputs import FILE, Output
 
     tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
     if not tasks:
         raise ValueError("--tasks: no task names given")
     output = Output(args.output, FILE, args.overwrite) if args.output else None  # refused before the work
+    from .harness import (ArgonneLM, check_tasks, evaluate_tasks, results_table, task_limit, task_manager,
+                          write_results)
+
     limit = task_limit(args.limit, "--limit")
     manager = task_manager(args.include_path, tasks)
     check_tasks(tasks, manager)  # before the model loads

@@ -65,7 +65,19 @@ def check_place(path: Path, kind: str, option: str = "--output") -> None:
         if parent.exists():
             if not parent.is_dir():
                 raise OutputError(f"{option} {path}: {parent} is a file, not a folder")
+            _probe(parent, path, option)
             break
+
+
+def _probe(folder: Path, path: Path, option: str) -> None:
+    """Fail now, not after hours of work, where nothing can be written: make and remove a hidden folder there
+    (permission bits say little to root; a read-only filesystem or /sys only tell when tried)."""
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".argonne-probe-", dir=folder))
+    except OSError as error:
+        raise OutputError(f"{option} {path}: cannot write in {folder} ({error.strerror or error})") from None
 
 
 def leftovers(path: Path) -> list[tuple[Path, str, bool]]:
@@ -140,6 +152,8 @@ class Output:
             _remove(staging)
             if self.kind == FOLDER:
                 staging.mkdir()
+            else:
+                staging.touch()  # the command writes it; made here so that a refusal is this clear error
         except OSError as error:
             raise OutputError(f"{self.option} {self.path}: cannot write there ({error.strerror or error})") from None
         try:
