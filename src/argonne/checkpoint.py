@@ -92,6 +92,20 @@ def read_marker(path: Path) -> dict:
     return record
 
 
+def read_state_record(path: Path, text, what: str) -> dict:
+    """A JSON record stored as a string in a checkpoint's train state (the data-loader state `train.data`, the
+    spike recovery's `train.recovery`): anything but a JSON object is a CheckpointError naming the checkpoint."""
+    if not isinstance(text, str):
+        raise CheckpointError(f"{path}: its {what} is {type(text).__name__}, not a JSON string")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: its {what} is not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: its {what} is a JSON {type(record).__name__}, not an object")
+    return record
+
+
 # ------------------------------------------------------------------------------------------------ reading safely
 
 # Every global a DCP `.metadata` pickle refers to (torch 2.6 - 2.13): the metadata dataclasses, torch.Size, dtypes

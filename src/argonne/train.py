@@ -28,6 +28,7 @@ from .checkpoint import (
     load_checkpoint,
     read_checkpoint_metadata,
     read_marker,
+    read_state_record,
     run_id_of,
     save_checkpoint,
     verify_checkpoint,
@@ -35,6 +36,7 @@ from .checkpoint import (
 from .config import ConfigError, RunConfig, check_command
 from .configuration_argonne import ArgonneConfig
 from .data.batches import pretraining_data, split_batch
+from .data.settings import DataError
 from .loading import load_weights, open_config
 from .device import resolve_device, resolve_dtype
 from .metrics import count_parameters, training_flops_per_token
@@ -714,14 +716,28 @@ class Run:
         state = load_checkpoint(path, self.model, self.optimizers, template, verify=verify,
                                 group=self.topology.host_group)
         step = int(state["step"])
-        recovery = json.loads(state.get("recovery", "{}"))
-        self.draws.restart(json.loads(state["data"]), recovery.get("drawn", step * self.config.train.grad_accum),
-                           recovery.get("skipped", []))
+        recovery = read_state_record(path, state.get("recovery", "{}"), "spike-recovery record (train.recovery)")
+        self.restore_data_position(path, read_state_record(path, state["data"], "data-loader state (train.data)"),
+                                   recovery.get("drawn", step * self.config.train.grad_accum),
+                                   recovery.get("skipped", []))
         torch.set_rng_state(state["rng"])
         self.rollbacks = recovery.get("rollbacks", 0)
         if self.spikes is not None and recovery.get("spikes"):
             self.spikes.load_state_dict(recovery["spikes"])
         return step
+
+    def restore_data_position(self, path: Path, data_state: dict, drawn: int, skipped: list) -> None:
+        """The batches' position from a checkpoint's data-loader state; a state that lacks a field or holds one of
+        the wrong type (a damaged or foreign checkpoint) is a CheckpointError naming the checkpoint, and one that
+        does not fit this run's data a DataError naming it too."""
+        try:
+            self.draws.restart(data_state, drawn, skipped)
+        except DataError as error:
+            raise DataError(f"{path}: {error}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            detail = f"no {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+            raise CheckpointError(f"{path}: its data-loader state (train.data) is not one this run's batches "
+                                  f"read ({detail}); resume from another checkpoint") from None
 
     @property
     def tokens_per_step(self) -> int:
