@@ -735,3 +735,39 @@ def test_init_from_brings_its_tokenizer_and_another_one_is_an_error(tmp_path, qw
     with pytest.raises(ConfigError, match=rf"data.tokenizer '{qwen_tokenizer_dir}' \(151,665 tokens\) is not the "
                                           rf"tokenizer of model.init_from '{base}' \(8,192 tokens\)"):
         build_tokenizer(config)
+
+
+def test_a_rollback_sets_aside_under_a_free_name_when_an_earlier_branch_used_it(tmp_path):
+    """A run resumed from before its rollback rolls back again with the same count: the folder the first branch set
+    aside stays, and the new one takes the next free name (it crashed with 'Directory not empty')."""
+    from argonne.train import set_aside_name
+
+    later = tmp_path / "step-00000012"
+    later.mkdir()
+    first = set_aside_name(later, "rolled-back-1")
+    later.rename(first)
+    (first / "COMPLETE").write_text("{}")
+    later.mkdir()
+    second = set_aside_name(later, "rolled-back-1")
+    later.rename(second)
+    assert (first.name, second.name) == ("step-00000012.rolled-back-1", "step-00000012.rolled-back-1-2")
+    assert (first / "COMPLETE").is_file()
+
+
+def test_an_evaluation_task_that_fails_stops_the_run_with_one_line_naming_it():
+    from types import SimpleNamespace
+
+    from argonne.train import TrainingStopped, evaluate_tasks_or_stop
+
+    class FailingTasks:
+        tasks = ["arc_easy", "broken"]
+
+        def __call__(self, model, amp):
+            raise RuntimeError("dataset 'broken' not found\nmore lines of lm-eval's")
+
+    run = SimpleNamespace(tasks=FailingTasks(), model=None, amp=None,
+                          config=SimpleNamespace(checkpoint=SimpleNamespace(every=5), train=SimpleNamespace(steps=10)))
+    with pytest.raises(TrainingStopped, match=r"the evaluation task\(s\) arc_easy, broken failed at step 5 "
+                                              r"\(RuntimeError: dataset 'broken' not found\); its checkpoint is saved: "
+                                              r".*--resume auto"):
+        evaluate_tasks_or_stop(run, 5)

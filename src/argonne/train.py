@@ -855,13 +855,29 @@ def train_loop(run: Run, sink: "MetricsSink") -> dict:
             if run.tasks is not None and run.tasks.due(step + 1, done):
                 # After the checkpoint: an evaluation that fails (a download, memory) costs no training.
                 record = {"step": step + 1, "tokens": (step + 1) * run.tokens_per_step,
-                          **run.tasks(run.model, run.amp)}
+                          **evaluate_tasks_or_stop(run, step + 1)}
                 interval.started += record["eval_seconds"]  # not training time
                 sink.log(record)
                 summary.update(record)
             step += 1
     summary["elapsed_s"] = time.perf_counter() - started
     return summary
+
+
+def evaluate_tasks_or_stop(run: Run, step: int) -> dict:
+    """The [eval] tasks' results at `step`; a task that fails (a download, its data, memory) stops the run with
+    one line naming the tasks and the cause. The checkpoint of the step is already saved, so nothing is lost."""
+    try:
+        return run.tasks(run.model, run.amp)
+    except Exception as error:
+        every = run.config.checkpoint.every
+        kept = "its checkpoint is saved" if every and step % every == 0 or step == run.config.train.steps \
+            else "the last checkpoint is kept"
+        raise TrainingStopped(
+            f"the evaluation task(s) {', '.join(run.tasks.tasks)} failed at step {step} "
+            f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+            f"{kept}: fix eval.tasks (or remove them) and resume with --resume auto"
+        ) from error
 
 
 def roll_back(run: Run, sink: "MetricsSink", spikes: list[tuple[int, int, int]], now: int) -> int:
@@ -890,12 +906,22 @@ def roll_back(run: Run, sink: "MetricsSink", spikes: list[tuple[int, int, int]],
     if run.topology.is_main:
         for later in complete_checkpoints(checkpoints):
             if checkpoint_step(later) > step and run_id_of(later) == run.run_id:
-                later.rename(later.with_name(f"{later.name}.rolled-back-{rollbacks}"))
+                later.rename(set_aside_name(later, f"rolled-back-{rollbacks}"))
     run.save(step)  # the barrier inside lets no process read the folder before the renames
     sink.rewind(step)
     sink.log({"step": step, "rolled_back_from": now, "spike_steps": spike_steps,
               "skipped_batches": skipped[-1], "rollbacks": rollbacks})
     return step
+
+
+def set_aside_name(path: Path, suffix: str) -> Path:
+    """`path.suffix` for a folder set aside, or `path.suffix-2`, `-3`... where an earlier branch of the run already
+    set one aside under that name (a run resumed before its rollback rolls back again): never replaced."""
+    candidate, number = path.with_name(f"{path.name}.{suffix}"), 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{suffix}-{number}")
+    return candidate
 
 
 class LogInterval:
