@@ -153,19 +153,30 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{folder}: no .safetensors, .bin or .pth weights")
     state = {}
     for file in files:
-        try:
-            loaded = torch.load(file, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, AttributeError) as error:
-            raise ModelError(
-                f"{file}: refused — it needs unpickling of arbitrary Python objects, which could run code. "
-                f"Convert it to safetensors where you trust it. ({error})"
-            ) from None
+        loaded = read_torch_weights(file)
         if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
             loaded = loaded["state_dict"]
         if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise ModelError(f"{file}: not a state dict of tensors")
         state.update(loaded)
     return state
+
+
+def read_torch_weights(file: Path):
+    """What a torch.save file holds, loaded with weights_only=True: a pickle that needs any other object is
+    refused (reading runs no code), and a truncated or damaged file is a ModelError naming it."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise ModelError(f"{file}: not a valid torch weights file ({_first_line(error)})") from None
+        raise ModelError(
+            f"{file}: refused — it needs unpickling of arbitrary Python objects, which could run code. "
+            f"Convert it to safetensors where you trust it. ({error})"
+        ) from None
+    except (RuntimeError, AttributeError, EOFError, OSError, ValueError) as error:  # a damaged zip or pickle
+        raise ModelError(f"{file}: not a valid torch weights file ({_first_line(error)}); it may be truncated or "
+                         f"damaged: copy or download it again") from None
 
 
 def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
