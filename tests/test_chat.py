@@ -75,3 +75,18 @@ def test_an_interrupted_reply_leaves_the_session_as_it_was():
     with pytest.raises(KeyboardInterrupt):
         session.reply("second", interrupt)
     assert [m["content"] for m in session.messages] == ["first", "Hello there"]
+
+
+def test_a_chat_template_that_raises_is_one_error_naming_it_before_the_first_turn():
+    from argonne.chat import ChatTemplateError
+
+    generator = ScriptedGenerator()
+    generator.tokenizer.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ChatTemplateError, match=r"the chat template of .*sample-bpe-8k fails on a one-question "
+                                                r"conversation \(TemplateError: roles must alternate\)"):
+        run_chat(generator, PARAMS, None, read=scripted("hi", "/quit"), write=lambda text: None)
+    generator.tokenizer.chat_template = "{% if messages | length > 1 %}{{ raise_exception('one only') }}{% endif %}x"
+    written = []
+    session = run_chat(generator, PARAMS, None, read=scripted("hi", "again", "/quit"), write=written.append)
+    assert "the chat template refused this conversation (one only)" in "".join(written)
+    assert [m["content"] for m in session.messages] == ["hi", "Hello there"]  # the refused question is left out

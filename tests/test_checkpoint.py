@@ -291,3 +291,25 @@ def test_saving_a_step_that_another_run_saved_keeps_that_one_aside(tmp_path):
     kept = checkpoints / "step-00000004.run-abandoned"
     assert read_marker(kept)["run_id"] == "abandoned" and verify_checkpoint(kept)
     shutil.rmtree(kept)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ('{"bogus": 1}', r"is not one this run's batches read \(no 'samples'\)"),
+    ("{not json", r"is not valid JSON"),
+    ("[1, 2]", r"is a JSON list, not an object"),
+], ids=["missing-field", "not-json", "wrong-type"])
+def test_a_bad_data_loader_state_is_an_error_naming_the_checkpoint(tmp_path, text, problem):
+    """The data-loader state is a JSON string inside the DCP checkpoint (train.data): read by the one reader of
+    that record, then restored into the run's batches."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from argonne.checkpoint import read_state_record
+    from argonne.data.batches import InMemoryTokens, TokenWindows, WindowBatches
+    from argonne.train import Draws, Run
+
+    path = tmp_path / "step-00000002"
+    run = SimpleNamespace(draws=Draws(WindowBatches(TokenWindows(InMemoryTokens(np.arange(100)), 8), 2)))
+    with pytest.raises(CheckpointError, match=rf"{path}: its data-loader state \(train.data\) {problem}"):
+        Run.restore_data_position(run, path, read_state_record(path, text, "data-loader state (train.data)"), 0, [])

@@ -371,3 +371,18 @@ def test_llama_cpp_runs_the_gguf_export_like_argonne(tmp_path):
     greedy = llm.create_completion("The database stores", max_tokens=10, temperature=0.0, top_k=1)
     params = SamplingParams(max_new_tokens=10, temperature=0)
     assert greedy["choices"][0]["text"] == Generator(model, tokenizer).generate(["The database stores"], params)[0]
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"model_type": "llama", "vocab_size": 8192, "hidden_size": 64, "num_hidden_layers": 2, '
+     '"intermediate_size": 128}', r"needs positive integers for num_attention_heads \(missing or None\)"),
+    ('{"model_type": "qwen3", "vocab_size": "8192", "hidden_size": 64, "num_hidden_layers": 2, '
+     '"num_attention_heads": 4, "intermediate_size": 128}', r"needs positive integers for vocab_size"),
+    ('[{"model_type": "llama"}]', r"not a valid model config \(a JSON array, not a JSON object\)"),
+    ('{"model_type": "llama", "vocab', r"not a valid model config \(not JSON, or cut off"),
+], ids=["missing-field", "mistyped-field", "json-list", "truncated"])
+def test_an_import_config_that_is_not_valid_names_the_file_and_field(tmp_path, content, problem):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "config.json").write_text(content)
+    with pytest.raises(ConversionError, match=rf"{tmp_path}/in/config\.json: .*{problem}"):
+        import_model(tmp_path / "in", tmp_path / "ours")

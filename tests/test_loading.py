@@ -128,3 +128,25 @@ def test_an_export_that_fails_midway_leaves_the_earlier_output_as_it_was(model_d
         export.export_model(model_dir, "gguf", out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def lying_header(file):
+    """Rewrite a safetensors file's header so that its first tensor claims 4 KB more than the file holds."""
+    raw = file.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"][1] += 4096
+    text = json.dumps(header).encode()
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + size:])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "lying-header"])
+def test_a_damaged_safetensors_file_is_an_error_naming_it(model_dir, damage):
+    file = model_dir / "model.safetensors"
+    if damage == "truncated":
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    else:
+        lying_header(file)
+    with pytest.raises(ModelError, match=rf"{file}: not a valid safetensors file \(.*\); it may be truncated"):
+        open_model(model_dir, "cpu")

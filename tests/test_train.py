@@ -809,3 +809,39 @@ def test_a_run_dir_that_is_a_file_or_a_link_is_a_clear_error(tmp_path, tiny_run_
         err = capsys.readouterr().err
         assert f"train.run_dir {tmp_path / run_dir}" in err and expected in err and "Traceback" not in err
     assert (tmp_path / "file").read_text() == "not a folder" and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_rollback_sets_aside_under_a_free_name_when_an_earlier_branch_used_it(tmp_path):
+    """A run resumed from before its rollback rolls back again with the same count: the folder the first branch set
+    aside stays, and the new one takes the next free name (it crashed with 'Directory not empty')."""
+    from argonne.train import set_aside_name
+
+    later = tmp_path / "step-00000012"
+    later.mkdir()
+    first = set_aside_name(later, "rolled-back-1")
+    later.rename(first)
+    (first / "COMPLETE").write_text("{}")
+    later.mkdir()
+    second = set_aside_name(later, "rolled-back-1")
+    later.rename(second)
+    assert (first.name, second.name) == ("step-00000012.rolled-back-1", "step-00000012.rolled-back-1-2")
+    assert (first / "COMPLETE").is_file()
+
+
+def test_an_evaluation_task_that_fails_stops_the_run_with_one_line_naming_it():
+    from types import SimpleNamespace
+
+    from argonne.train import TrainingStopped, evaluate_tasks_or_stop
+
+    class FailingTasks:
+        tasks = ["arc_easy", "broken"]
+
+        def __call__(self, model, amp):
+            raise RuntimeError("dataset 'broken' not found\nmore lines of lm-eval's")
+
+    run = SimpleNamespace(tasks=FailingTasks(), model=None, amp=None,
+                          config=SimpleNamespace(checkpoint=SimpleNamespace(every=5), train=SimpleNamespace(steps=10)))
+    with pytest.raises(TrainingStopped, match=r"the evaluation task\(s\) arc_easy, broken failed at step 5 "
+                                              r"\(RuntimeError: dataset 'broken' not found\); its checkpoint is saved: "
+                                              r".*--resume auto"):
+        evaluate_tasks_or_stop(run, 5)

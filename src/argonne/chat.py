@@ -9,10 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import replace
 
+from jinja2.exceptions import TemplateError
+
 from .generate import Generator, SamplingParams
 from .tokenizer import CHATML_TEMPLATE
 
 END_OF_TURN = "<|im_end|>"
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template fails to render a conversation; the message names the tokenizer."""
 
 
 def chat_template_of(tokenizer) -> str:
@@ -24,6 +30,20 @@ def render(tokenizer, messages: list[dict]) -> list[int]:
         messages, chat_template=chat_template_of(tokenizer), tokenize=False, add_generation_prompt=True
     )
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+def check_template(tokenizer, system: str | None) -> None:
+    """Render a one-question conversation before the first turn, so that a template that raises (a
+    raise_exception, a syntax error, a variable it lacks) ends the command with one line, not a traceback."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "Hello"}]
+    try:
+        render(tokenizer, messages)
+    except TemplateError as error:
+        raise ChatTemplateError(
+            f"the chat template of {tokenizer.name_or_path} fails on a one-question conversation "
+            f"({type(error).__name__}: {error}); fix chat_template in its tokenizer_config.json, or pass a tokenizer "
+            f"with a working one (--tokenizer)"
+        ) from None
 
 
 def fit_history(tokenizer, messages: list[dict], budget: int) -> tuple[list[dict], list[int]]:
@@ -73,6 +93,7 @@ def run_chat(generator: Generator, params: SamplingParams, system: str | None, r
     only says how to quit, and Ctrl-C during a reply stops that reply: the question and the partial answer are left
     out of the history (ask again), and the prompt comes back."""
     write = write or (lambda text: print(text, end="", flush=True))
+    check_template(generator.tokenizer, system)
     session = ChatSession(generator, params, system)
     while True:
         try:
@@ -92,4 +113,6 @@ def run_chat(generator: Generator, params: SamplingParams, system: str | None, r
             session.reply(user_text, write)
         except KeyboardInterrupt:
             pass  # the reply stops here; the session is as it was before the question
+        except TemplateError as error:  # it rendered the first question: it refuses this conversation only
+            write(f"the chat template refused this conversation ({error}); the question is left out\n")
         write("\n")

@@ -17,14 +17,12 @@ sizes and checksums in `COMPLETE`, so a truncated or overwritten shard is an err
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
 import re
 import shutil
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,6 +37,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+
+from .files import CHECKSUM, hash_files, read_json  # noqa: F401  (hash_files: tests, benchmarks)
 
 COMPLETE = "COMPLETE"
 METADATA = ".metadata"
@@ -81,17 +81,28 @@ def read_marker(path: Path) -> dict:
     marker = Path(path) / COMPLETE
     if not marker.is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE} marker)")
-    try:
-        record = json.loads(marker.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{marker}: not a valid marker ({error})") from None
-    if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+    record = read_json(marker, CheckpointError, "marker")
+    if not isinstance(record.get("step"), int):
         raise CheckpointError(f"{marker}: not a valid marker (no step)")
     files = record.get("files")
     if files is not None and not (isinstance(files, dict) and all(
             Path(name).name == name and isinstance(entry, dict) and isinstance(entry.get("bytes"), int)
             and isinstance(entry.get("sha256"), str) for name, entry in files.items())):
         raise CheckpointError(f"{marker}: not a valid marker (its file list is malformed)")
+    return record
+
+
+def read_state_record(path: Path, text, what: str) -> dict:
+    """A JSON record stored as a string in a checkpoint's train state (the data-loader state `train.data`, the
+    spike recovery's `train.recovery`): anything but a JSON object is a CheckpointError naming the checkpoint."""
+    if not isinstance(text, str):
+        raise CheckpointError(f"{path}: its {what} is {type(text).__name__}, not a JSON string")
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path}: its {what} is not valid JSON ({error})") from None
+    if not isinstance(record, dict):
+        raise CheckpointError(f"{path}: its {what} is a JSON {type(record).__name__}, not an object")
     return record
 
 
@@ -224,41 +235,6 @@ def _naming(error: CheckpointError, path: Path) -> CheckpointError:
 
 
 # ------------------------------------------------------------------------------------------------ checksums
-
-
-# A file's digest is the sha256 of the sha256 digests of its consecutive 64 MiB pieces, so that the pieces of one
-# large shard (a rank writes one file) are hashed by several threads at once.
-PIECE_BYTES = 64 << 20
-CHECKSUM = "sha256 of the sha256 of each 64 MiB piece"  # recorded in COMPLETE, so the scheme can change
-
-
-def _piece_digest(file: Path, start: int) -> bytes:
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        f.seek(start)
-        remaining = PIECE_BYTES
-        while remaining and (block := f.read(min(1 << 23, remaining))):
-            digest.update(block)  # hashlib releases the GIL on large blocks: threads hash in parallel
-            remaining -= len(block)
-    return digest.digest()
-
-
-def _hashing_threads() -> int:
-    """This process's share of the machine's cores (torchrun starts LOCAL_WORLD_SIZE processes per node)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(16, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
-def hash_files(folder: Path, names: list[str]) -> dict[str, dict]:
-    """{name: {"bytes", "sha256"}} for files of `folder` ("sha256": of the digests of their 64 MiB pieces)."""
-    sizes = {name: (folder / name).stat().st_size for name in names}
-    pieces = [(name, start) for name in names for start in range(0, max(sizes[name], 1), PIECE_BYTES)]
-    with ThreadPoolExecutor(max_workers=min(_hashing_threads(), max(1, len(pieces)))) as pool:
-        digests = list(pool.map(lambda piece: _piece_digest(folder / piece[0], piece[1]), pieces))
-    combined = {name: hashlib.sha256() for name in names}
-    for (name, _), digest in zip(pieces, digests):
-        combined[name].update(digest)
-    return {name: {"bytes": sizes[name], "sha256": combined[name].hexdigest()} for name in names}
 
 
 def _rank_and_world() -> tuple[int, int]:

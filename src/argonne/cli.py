@@ -133,10 +133,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     """Print a prepared dataset's manifest and filter stats, and decode one sample window."""
     from .data.batches import num_windows, read_window
-    from .data.prepare import PreparedTokens, load_manifest
+    from .data.prepare import PreparedTokens, open_prepared
     from .tokenizer import load_tokenizer
 
-    manifest = load_manifest(args.directory)
+    manifest = open_prepared(args.directory)  # sizes and checksums of every shard verified
     tokenizer_info = manifest["tokenizer"]
     print(f"dataset      {args.directory} ({manifest['format']}, {manifest['dtype']})")
     print(f"tokenizer    {tokenizer_info['name']} ({tokenizer_info['vocab_size']:,} tokens, "
@@ -147,7 +147,7 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     for skipped in manifest["skipped_files"]:
         print(f"skipped      {skipped['path']}: {skipped['reason']}")
     _print_stats(manifest)
-    tokens = PreparedTokens(args.directory)
+    tokens = PreparedTokens(args.directory, manifest=manifest)
     seq_len = args.seq_len or manifest["seq_len"]
     windows = num_windows(len(tokens), seq_len)
     print(f"windows      {windows:,} of {seq_len + 1} tokens (seq_len {seq_len})")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .data.settings import DocumentSettings, document_problems
+from .files import read_text
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -298,10 +299,10 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), command:
     `command` (train, sft, distill) also checked for that command."""
     values: dict = {}
     if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"{path}: no such config file")
         try:
-            values = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
+            values = tomllib.loads(read_text(Path(path), ConfigError, "run config"))
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"{path}: invalid TOML ({error})") from None
     for text in overrides:

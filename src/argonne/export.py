@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .configuration_argonne import ArgonneConfig
+from .files import read_json
 from .loading import ModelError, read_weights, weight_mismatch
 from .modeling_argonne import ArgonneForCausalLM
 
@@ -368,6 +369,30 @@ def legacy_state_dict(state: dict, model_type: str) -> dict:
     return renamed
 
 
+# The fields each kind of imported config must hold as integers (the others have defaults).
+_REQUIRED_FIELDS = {
+    "argonne 1.x": ("vocab_size", "n_embd", "n_layer", "n_head", "block_size"),
+    "argonne2": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"),
+    "transformers": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"),
+}
+
+
+def read_import_config(config_file: Path) -> dict:
+    """The config.json of a folder to import, read with the project's JSON reader and its required fields checked:
+    a missing or non-integer one is a ConversionError naming the file and the fields."""
+    hf = read_json(config_file, ConversionError, "model config")
+    kind = ("argonne 1.x" if hf.get("model_type") == "argonne" else "argonne2") if is_legacy_argonne(hf) \
+        else "transformers" if hf.get("model_type") in ("llama", "qwen2", "qwen3") else None
+    if kind is None:
+        return hf  # ours, or a model_type argonne_config_from_hf refuses by name
+    wrong = [name for name in _REQUIRED_FIELDS[kind]
+             if not isinstance(hf.get(name), int) or isinstance(hf.get(name), bool) or hf[name] <= 0]
+    if wrong:
+        raise ConversionError(f"{config_file}: a {hf['model_type']} config needs positive integers for "
+                              f"{', '.join(wrong)} (missing or {', '.join(repr(hf.get(n)) for n in wrong)})")
+    return hf
+
+
 def is_legacy_argonne(hf: dict) -> bool:
     """The original code's configs: "argonne2", or "argonne" with GPT-2 names (ours has hidden_size)."""
     return hf.get("model_type") == "argonne2" or (hf.get("model_type") == "argonne" and "n_embd" in hf)
@@ -419,7 +444,7 @@ def converted_model(source: str | Path) -> ArgonneForCausalLM:
     config_file = source / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"{source}: no config.json")
-    hf = json.loads(config_file.read_text())
+    hf = read_import_config(config_file)
     config = argonne_config_from_hf(hf)
     state = read_weights(source)
     if is_legacy_argonne(hf):

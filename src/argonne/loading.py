@@ -9,13 +9,13 @@ trust_remote_code=False; a checkpoint is verified against its checksums before i
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import torch
 
 from .configuration_argonne import ArgonneConfig
+from .files import read_json
 from .modeling_argonne import ArgonneForCausalLM
 
 # torch.save weight files, as older transformers folders hold them (pytorch_model.bin).
@@ -65,6 +65,7 @@ def open_config(path: str | Path) -> ArgonneConfig:
         raise FileNotFoundError(f"{path}: not a model folder or checkpoint (no config.json)")
     if is_checkpoint(path):
         check_before_use(path)
+    read_json(path / "config.json", ModelError, "model config")  # a damaged file named, whatever transformers says
     try:
         return ArgonneConfig.from_pretrained(path)
     except (OSError, ValueError, TypeError) as error:
@@ -119,10 +120,10 @@ def check_shard_index(path: Path) -> None:
     index = path / "model.safetensors.index.json"
     if not index.is_file():
         return
-    try:
-        files = set(json.loads(index.read_text())["weight_map"].values())
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ModelError(f"{index}: not a safetensors index ({type(error).__name__}: {error})") from None
+    weight_map = read_json(index, ModelError, "safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ModelError(f"{index}: not a valid safetensors index (no weight_map object)")
+    files = set(weight_map.values())
     outside = sorted(str(f) for f in files if not isinstance(f, str) or Path(f).name != f)
     if outside:
         raise ModelError(f"{index}: refused, its weight_map points outside the folder: {outside[:3]}")
@@ -141,32 +142,54 @@ def weight_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Te
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
     """All tensors of a folder's safetensors files, else its .bin/.pth files loaded with weights_only=True (a
     pickle that needs any other object is refused, so reading runs no code)."""
-    from safetensors.torch import load_file
-
     files = sorted(folder.glob("*.safetensors"))
     if files:
         state = {}
         for file in files:
-            state.update(load_file(file))
+            state.update(read_safetensors(file))
         return state
     files = sorted(f for pattern in TORCH_WEIGHT_FILES for f in folder.glob(pattern))
     if not files:
         raise ModelError(f"{folder}: no .safetensors, .bin or .pth weights")
     state = {}
     for file in files:
-        try:
-            loaded = torch.load(file, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, AttributeError) as error:
-            raise ModelError(
-                f"{file}: refused — it needs unpickling of arbitrary Python objects, which could run code. "
-                f"Convert it to safetensors where you trust it. ({error})"
-            ) from None
+        loaded = read_torch_weights(file)
         if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
             loaded = loaded["state_dict"]
         if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
             raise ModelError(f"{file}: not a state dict of tensors")
         state.update(loaded)
     return state
+
+
+def read_torch_weights(file: Path):
+    """What a torch.save file holds, loaded with weights_only=True: a pickle that needs any other object is
+    refused (reading runs no code), and a truncated or damaged file is a ModelError naming it."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" not in str(error):
+            raise ModelError(f"{file}: not a valid torch weights file ({_first_line(error)})") from None
+        raise ModelError(
+            f"{file}: refused — it needs unpickling of arbitrary Python objects, which could run code. "
+            f"Convert it to safetensors where you trust it. ({error})"
+        ) from None
+    except (RuntimeError, AttributeError, EOFError, OSError, ValueError) as error:  # a damaged zip or pickle
+        raise ModelError(f"{file}: not a valid torch weights file ({_first_line(error)}); it may be truncated or "
+                         f"damaged: copy or download it again") from None
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file; a truncated file, a header that lies about sizes or offsets, or any
+    other damage is a ModelError naming the file (safetensors' own error names none)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise ModelError(f"{file}: not a valid safetensors file ({_first_line(error)}); it may be truncated or "
+                         f"damaged: copy or download it again") from None
 
 
 def _first_line(error: Exception) -> str:

@@ -30,7 +30,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .files import write_atomic
+from .files import read_json, write_atomic
 
 LOCK_FILE = "run.lock"
 RUN_FILE = "run.json"
@@ -225,13 +225,21 @@ def new_run_id() -> str:
 
 
 def read_run_record(run_dir: str | Path) -> dict:
-    """run.json's record ({} when there is none or it is unreadable: a folder without a run's name)."""
-    return _read_owner(Path(run_dir) / RUN_FILE) or {}  # same shape: a small JSON object, or None when unreadable
+    """RUN_DIR/run.json's record, {} without one; a damaged run.json (it is written atomically, so never
+    half-written by a crash) is an error naming it."""
+    path = Path(run_dir) / RUN_FILE
+    if not path.exists():
+        return {}
+    record = read_json(path, RunFolderError, "run record")
+    if not isinstance(record.get("run_id"), str):
+        raise RunFolderError(f"{path}: not a valid run record (no run_id string); restore it, or delete it to "
+                             f"resume from the newest checkpoint of any run")
+    return record
 
 
 def read_run_id(run_dir: str | Path) -> str | None:
-    run_id = read_run_record(run_dir).get("run_id")
-    return run_id if isinstance(run_id, str) else None
+    """The run id in RUN_DIR/run.json, None without one."""
+    return read_run_record(run_dir).get("run_id")
 
 
 def undo_unsaved_branch(run_dir: str | Path, has_checkpoint) -> str | None:
@@ -285,6 +293,16 @@ def decode_record(record: dict) -> dict:
     return {key: _NON_FINITE.get(value, value) if isinstance(value, str) else value for key, value in record.items()}
 
 
+def _torn(line: str) -> bool:
+    """Whether a last line is a record cut off mid-write: the start of a JSON object, not JSON itself (garbage, or
+    bytes that are not UTF-8, is damage to report, not a torn line to drop)."""
+    try:
+        json.loads(line)
+    except ValueError:
+        return line.startswith("{") and "\ufffd" not in line
+    return False
+
+
 def read_metrics(path: str | Path) -> tuple[list[dict], bool]:
     """The records of a metrics.jsonl, and whether its last line was torn (cut off mid-write: it is left out).
     Any other line that is not a JSON record is an error naming it."""
@@ -294,12 +312,9 @@ def read_metrics(path: str | Path) -> tuple[list[dict], bool]:
     torn = False
     if lines and lines[-1] == "":
         lines.pop()
-    elif lines:  # no newline at the end: the last line may have been cut off
-        try:
-            json.loads(lines[-1])
-        except ValueError:
-            lines.pop()
-            torn = True
+    elif lines and _torn(lines[-1]):  # no newline at the end: the last line may have been cut off
+        lines.pop()
+        torn = True
     records = []
     for number, line in enumerate(lines, 1):
         if not line.strip():

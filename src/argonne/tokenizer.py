@@ -55,9 +55,9 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
             raise TokenizerError(f"tokenizer path {local} is a file; pass the folder that holds tokenizer files")
         try:
             return AutoTokenizer.from_pretrained(local, trust_remote_code=False)
-        except (OSError, ValueError) as error:
+        except Exception as error:  # the tokenizers library raises a plain Exception for a damaged tokenizer.json
             raise TokenizerError(f"{local} holds no tokenizer transformers can load "
-                                 f"(tokenizer.json, tokenizer_config.json): {_first_line(error)}") from None
+                                 f"({local / 'tokenizer.json'}, tokenizer_config.json): {_first_line(error)}") from None
     if looks_local(name):
         raise TokenizerError(f"tokenizer folder {name} does not exist")
     try:

@@ -28,6 +28,7 @@ from .checkpoint import (
     load_checkpoint,
     read_checkpoint_metadata,
     read_marker,
+    read_state_record,
     run_id_of,
     save_checkpoint,
     verify_checkpoint,
@@ -35,6 +36,7 @@ from .checkpoint import (
 from .config import ConfigError, RunConfig, check_command
 from .configuration_argonne import ArgonneConfig
 from .data.batches import pretraining_data, split_batch
+from .data.settings import DataError
 from .loading import load_weights, open_config
 from .device import resolve_device, resolve_dtype
 from .files import write_atomic
@@ -761,14 +763,28 @@ class Run:
         state = load_checkpoint(path, self.model, self.optimizers, template, verify=verify,
                                 group=self.topology.host_group)
         step = int(state["step"])
-        recovery = json.loads(state.get("recovery", "{}"))
-        self.draws.restart(json.loads(state["data"]), recovery.get("drawn", step * self.config.train.grad_accum),
-                           recovery.get("skipped", []))
+        recovery = read_state_record(path, state.get("recovery", "{}"), "spike-recovery record (train.recovery)")
+        self.restore_data_position(path, read_state_record(path, state["data"], "data-loader state (train.data)"),
+                                   recovery.get("drawn", step * self.config.train.grad_accum),
+                                   recovery.get("skipped", []))
         torch.set_rng_state(state["rng"])
         self.rollbacks = recovery.get("rollbacks", 0)
         if self.spikes is not None and recovery.get("spikes"):
             self.spikes.load_state_dict(recovery["spikes"])
         return step
+
+    def restore_data_position(self, path: Path, data_state: dict, drawn: int, skipped: list) -> None:
+        """The batches' position from a checkpoint's data-loader state; a state that lacks a field or holds one of
+        the wrong type (a damaged or foreign checkpoint) is a CheckpointError naming the checkpoint, and one that
+        does not fit this run's data a DataError naming it too."""
+        try:
+            self.draws.restart(data_state, drawn, skipped)
+        except DataError as error:
+            raise DataError(f"{path}: {error}") from None
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            detail = f"no {error}" if isinstance(error, KeyError) else f"{type(error).__name__}: {error}"
+            raise CheckpointError(f"{path}: its data-loader state (train.data) is not one this run's batches "
+                                  f"read ({detail}); resume from another checkpoint") from None
 
     @property
     def tokens_per_step(self) -> int:
@@ -882,13 +898,29 @@ def train_loop(run: Run, sink: "MetricsSink") -> dict:
             if run.tasks is not None and run.tasks.due(step + 1, done):
                 # After the checkpoint: an evaluation that fails (a download, memory) costs no training.
                 record = {"step": step + 1, "tokens": (step + 1) * run.tokens_per_step,
-                          **run.tasks(run.model, run.amp)}
+                          **evaluate_tasks_or_stop(run, step + 1)}
                 interval.started += record["eval_seconds"]  # not training time
                 sink.log(record)
                 summary.update(record)
             step += 1
     summary["elapsed_s"] = time.perf_counter() - started
     return summary
+
+
+def evaluate_tasks_or_stop(run: Run, step: int) -> dict:
+    """The [eval] tasks' results at `step`; a task that fails (a download, its data, memory) stops the run with
+    one line naming the tasks and the cause. The checkpoint of the step is already saved, so nothing is lost."""
+    try:
+        return run.tasks(run.model, run.amp)
+    except Exception as error:
+        every = run.config.checkpoint.every
+        kept = "its checkpoint is saved" if every and step % every == 0 or step == run.config.train.steps \
+            else "the last checkpoint is kept"
+        raise TrainingStopped(
+            f"the evaluation task(s) {', '.join(run.tasks.tasks)} failed at step {step} "
+            f"({type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}); "
+            f"{kept}: fix eval.tasks (or remove them) and resume with --resume auto"
+        ) from error
 
 
 def roll_back(run: Run, sink: "MetricsSink", spikes: list[tuple[int, int, int]], now: int) -> int:
@@ -917,12 +949,22 @@ def roll_back(run: Run, sink: "MetricsSink", spikes: list[tuple[int, int, int]],
     if run.topology.is_main:
         for later in complete_checkpoints(checkpoints):
             if checkpoint_step(later) > step and run_id_of(later) == run.run_id:
-                later.rename(later.with_name(f"{later.name}.rolled-back-{rollbacks}"))
+                later.rename(set_aside_name(later, f"rolled-back-{rollbacks}"))
     run.save(step)  # the barrier inside lets no process read the folder before the renames
     sink.rewind(step)
     sink.log({"step": step, "rolled_back_from": now, "spike_steps": spike_steps,
               "skipped_batches": skipped[-1], "rollbacks": rollbacks})
     return step
+
+
+def set_aside_name(path: Path, suffix: str) -> Path:
+    """`path.suffix` for a folder set aside, or `path.suffix-2`, `-3`... where an earlier branch of the run already
+    set one aside under that name (a run resumed before its rollback rolls back again): never replaced."""
+    candidate, number = path.with_name(f"{path.name}.{suffix}"), 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.name}.{suffix}-{number}")
+    return candidate
 
 
 class LogInterval:

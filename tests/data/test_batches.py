@@ -196,3 +196,54 @@ def test_streaming_counts_what_it_skips_across_worker_processes(shards, tokenize
     batches = StreamingBatches(StreamingTokens(inputs, tokenizer, DocumentSettings(on_error="skip")), SEQ, 4)
     next(iter(batches))
     assert batches.skipped() == {"null_text": 1, "invalid_utf8": 1, "unreadable": 0, "files": 1}
+
+
+# ------------------------------------------------------------------------------------------- what is read is checked
+
+
+def damaged_copy(prepared, tmp_path, checksums: bool):
+    """A copy of the prepared data whose first train shard has 4 KB of 0xFF every 64 KB (token id 2**32 - 1), its
+    manifest with or without the shard checksums (a dataset prepared before they were recorded)."""
+    import json
+    import shutil
+
+    copy = shutil.copytree(prepared, tmp_path / "damaged")
+    shard = copy / "shards" / "00000.train.bin"
+    with open(shard, "r+b") as f:
+        for offset in range(0, shard.stat().st_size, 64 << 10):
+            f.seek(offset)
+            f.write(b"\xff" * 4096)
+    if not checksums:
+        manifest = json.loads((copy / "manifest.json").read_text())
+        for entry in manifest["shards"]:
+            entry.pop("train_sha256", None), entry.pop("val_sha256", None)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def prepared_config(directory):
+    from argonne.config import load_run_config
+
+    return load_run_config(None, [f"--data.prepared={str(directory)!r}", f"--data.seq_len={SEQ}", "--data.workers=0",
+                                  "--data.shuffle=false", "--data.val_windows=0"]).data
+
+
+def test_a_changed_shard_is_refused_by_its_checksum_when_training_opens_the_data(prepared, tokenizer, tmp_path):
+    from argonne.data.batches import pretraining_data
+
+    damaged = damaged_copy(prepared, tmp_path, checksums=True)
+    with pytest.raises(DataError, match=r"shards/00000\.train\.bin does not match its checksum"):
+        pretraining_data(prepared_config(damaged), 4, 0, tokenizer)
+
+
+def test_a_token_id_outside_the_vocabulary_names_the_shard_and_its_position(prepared, tokenizer, tmp_path):
+    """Without checksums (data prepared before they were recorded) the data opens with a note, and the damaged
+    window is an error naming the shard and the token, not an IndexError inside the embedding."""
+    from argonne.data.batches import pretraining_data
+
+    damaged = damaged_copy(prepared, tmp_path, checksums=False)
+    with pytest.warns(UserWarning, match="prepared before shard checksums were recorded"):
+        batches, _ = pretraining_data(prepared_config(damaged), 4, 0, tokenizer)
+    with pytest.raises(DataError, match=r"shards/00000\.train\.bin, token 0: token id 4,294,967,295 is outside the "
+                                        r"vocabulary \(8,192 tokens\)"):
+        next(iter(batches))

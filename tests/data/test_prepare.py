@@ -300,6 +300,26 @@ def test_manifest_records_tokenizer_sources_and_counts(three_shards, tokenizer, 
     assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in manifest["sources"])
     assert manifest["documents"]["kept"] + manifest["documents"]["validation"] == 60
     assert manifest["train_tokens"] == sum(s["train_tokens"] for s in manifest["shards"])
+    assert all(len(s["train_sha256"]) == 64 and len(s["val_sha256"]) == 64 for s in manifest["shards"])
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('{"format": "argonne-tokens-v1", "dty', "not JSON, or cut off: Unterminated string"),
+    ("{}", "format is missing; dtype is missing"),
+    ('{"format": "argonne-tokens-v1", "dtype": "uint32", "seq_len": 64, "tokenizer": {}, "boundary_token_id": 0, '
+     '"sources": [], "skipped_files": [], "train_tokens": 1, "val_tokens": 0, "stats": {}}', "shards is missing"),
+    ('{"format": "argonne-tokens-v1", "dtype": "uint32", "seq_len": 64, "tokenizer": {"name": "x", "vocab_size": '
+     '"8", "vocab_sha256": "y"}, "boundary_token_id": 0, "sources": [], "skipped_files": [], "train_tokens": 1, '
+     '"val_tokens": 0, "stats": {}, "shards": [{"index": 0, "train_file": "../x.bin", "val_file": "shards/v.bin", '
+     '"train_tokens": 1, "val_tokens": 0}]}',
+     r"tokenizer.vocab_size is str, not int; shards\[0\].train_file '../x.bin' is not a file of the dataset's "
+     r"shards/ folder"),
+    ("[]", "a JSON array, not a JSON object"),
+], ids=["truncated", "empty-object", "no-shards", "mistyped-fields", "array"])
+def test_a_bad_manifest_is_an_error_naming_the_file_and_the_field(tmp_path, content, problem):
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(DataError, match=rf"{tmp_path}/manifest\.json: not a valid prepared-data manifest.*{problem}"):
+        load_manifest(tmp_path)
 
 
 def test_validation_split_is_by_document_id_hash(sample_texts):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .prepare import PreparedTokens, check_prepared_settings
+from .prepare import PreparedTokens, check_prepared_settings, open_prepared
 from .settings import DataError
 from .streaming import StreamingTokens, StreamPosition, held_out_tokens, iter_stream_windows
 
@@ -41,6 +41,9 @@ class InMemoryTokens:
     def read(self, start: int, length: int) -> np.ndarray:
         return np.array(self.tokens[start : start + length])
 
+    def where(self, position: int) -> str:
+        return f"held-out tokens, token {position:,}"
+
 
 def num_windows(num_tokens: int, seq_len: int) -> int:
     return max(0, (num_tokens - 1) // seq_len)
@@ -51,16 +54,31 @@ def read_window(tokens, index: int, seq_len: int) -> np.ndarray:
 
 
 class TokenWindows:
-    """Pretraining windows of a token stream (`PreparedTokens` or `InMemoryTokens`): (seq_len + 1,) each."""
+    """Pretraining windows of a token stream (`PreparedTokens` or `InMemoryTokens`): (seq_len + 1,) each.
 
-    def __init__(self, tokens, seq_len: int):
-        self.tokens, self.seq_len = tokens, seq_len
+    With `vocab_size`, a window holding a token id outside the vocabulary (a damaged shard) is a DataError naming
+    the shard file and the token's position, not an index error deep in the embedding; the check is one max() per
+    window, a few microseconds against a training step's milliseconds."""
+
+    def __init__(self, tokens, seq_len: int, vocab_size: int | None = None):
+        self.tokens, self.seq_len, self.vocab_size = tokens, seq_len, vocab_size
 
     def __len__(self) -> int:
         return num_windows(len(self.tokens), self.seq_len)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return read_window(self.tokens, index, self.seq_len).astype(np.int64)
+        window = read_window(self.tokens, index, self.seq_len)
+        if self.vocab_size is not None and len(window) and window.max() >= self.vocab_size:
+            self._refuse(window, index)
+        return window.astype(np.int64)
+
+    def _refuse(self, window: np.ndarray, index: int) -> None:
+        offset = int(np.argmax(window >= self.vocab_size))
+        raise DataError(
+            f"{self.tokens.where(index * self.seq_len + offset)}: token id {int(window[offset]):,} is outside the "
+            f"vocabulary ({self.vocab_size:,} tokens): the shard is damaged or was prepared with another tokenizer; "
+            f"prepare the data again"
+        )
 
 
 class LabelledWindows:
@@ -248,12 +266,14 @@ def pretraining_data(data, micro_batch_size: int, seed: int, tokenizer, rank: in
     """(this data-parallel rank's training batches, validation batches or None) from the run config's [data]
     section: prepared token shards, or parquet streamed with the same document settings as a prepare. `share`
     (a TokenizeShare) splits a stream's tokenization across processes."""
+    vocab_size = len(tokenizer)  # every id a prepared shard may hold (the model's vocabulary is at least this)
     if data.prepared:
-        train_tokens = PreparedTokens(data.prepared, "train", tokenizer)
-        check_prepared_settings(train_tokens.manifest, data, data.prepared)
-        batches = WindowBatches(TokenWindows(train_tokens, data.seq_len), micro_batch_size, rank, world, seed,
-                                data.shuffle, data.workers, pin_memory)
-        val_tokens = PreparedTokens(data.prepared, "val", tokenizer)
+        manifest = open_prepared(data.prepared, rank, world)  # shard sizes and checksums verified
+        train_tokens = PreparedTokens(data.prepared, "train", tokenizer, manifest)
+        check_prepared_settings(manifest, data, data.prepared)
+        batches = WindowBatches(TokenWindows(train_tokens, data.seq_len, vocab_size), micro_batch_size, rank, world,
+                                seed, data.shuffle, data.workers, pin_memory)
+        val_tokens = PreparedTokens(data.prepared, "val", tokenizer, manifest)
     else:
         stream = StreamingTokens(data.inputs, tokenizer, data, workers=data.workers, share=share)
         batches = StreamingBatches(stream, data.seq_len, micro_batch_size, rank, world, pin_memory=pin_memory)
@@ -262,4 +282,5 @@ def pretraining_data(data, micro_batch_size: int, seed: int, tokenizer, rank: in
             else None
     if val_tokens is None or not data.val_windows:
         return batches, None
-    return batches, validation_batches(TokenWindows(val_tokens, data.seq_len), data.val_windows, micro_batch_size)
+    return batches, validation_batches(TokenWindows(val_tokens, data.seq_len, vocab_size), data.val_windows,
+                                       micro_batch_size)

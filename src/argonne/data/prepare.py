@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import write_atomic
+from ..files import CHECKSUM, hash_files, read_json, write_atomic
 from .documents import (
     HELD_OUT,
     KEPT,
@@ -43,6 +44,7 @@ from .settings import DataError, DocumentSettings
 MANIFEST = "manifest.json"
 PLAN = "prepare.json"
 PLAN_FORMAT = "argonne-prepare-v1"
+FORMAT = "argonne-tokens-v1"
 
 
 @dataclass
@@ -154,13 +156,13 @@ def _prepare_into(output: Path, files: list[str], plan: dict, config_record: dic
     if not shards:
         raise DataError(f"no documents left in any of {len(files)} input file(s)")
     manifest = {
-        "format": "argonne-tokens-v1",
+        "format": FORMAT,
         "dtype": "uint32",
+        "checksum": CHECKSUM,
         "seq_len": settings.seq_len,
         **config_record,
         "sources": [s["source"] for s in shards],
-        "shards": [{k: s[k] for k in ("index", "train_file", "val_file", "train_tokens", "val_tokens", "stats")}
-                   for s in shards],
+        "shards": [_manifest_entry(output, s) for s in shards],
         "skipped_files": skipped_files,
         "train_tokens": sum(s["train_tokens"] for s in shards),
         "val_tokens": sum(s["val_tokens"] for s in shards),
@@ -171,10 +173,19 @@ def _prepare_into(output: Path, files: list[str], plan: dict, config_record: dic
     return manifest
 
 
+def _manifest_entry(output: Path, shard: dict) -> dict:
+    """A shard as the manifest lists it, with the checksums of its files (hashed here, when they were just written
+    or found finished, so that a resumed prepare records them too)."""
+    entry = {k: shard[k] for k in ("index", "train_file", "val_file", "train_tokens", "val_tokens", "stats")}
+    sums = hash_files(output, [shard["train_file"], shard["val_file"]])
+    entry["train_sha256"], entry["val_sha256"] = sums[shard["train_file"]]["sha256"], sums[shard["val_file"]]["sha256"]
+    return entry
+
+
 def _finished_shard(done: Path, source: dict, config_record: dict) -> dict | None:
     if not done.is_file():
         return None
-    record = json.loads(done.read_text())
+    record = read_json(done, DataError, "shard done record (delete it to prepare the shard again)")
     if record.get("source") != source or record.get("config") != config_record:
         log.info("redoing %s: its source or settings changed", done.name)
         return None
@@ -237,10 +248,114 @@ def _write_shard(path, paths, tmps, pool: RowGroupPool, tok: DocumentSettings, r
 
 
 def load_manifest(directory: str | Path) -> dict:
+    """A prepared dataset's manifest, every field its readers use checked (`read_manifest`)."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise DataError(f"{directory}: no {MANIFEST}; is it the output of `argonne data prepare` (and did it finish)?")
-    return json.loads(path.read_text())
+    return read_manifest(path)
+
+
+# The manifest's fields that its readers use, with their JSON types; the tokenizer record's and each shard's.
+MANIFEST_FIELDS = {"format": str, "dtype": str, "seq_len": int, "tokenizer": dict, "boundary_token_id": int,
+                   "sources": list, "shards": list, "skipped_files": list, "train_tokens": int, "val_tokens": int,
+                   "stats": dict}
+TOKENIZER_FIELDS = {"name": str, "vocab_size": int, "vocab_sha256": str}
+SHARD_FIELDS = {"index": int, "train_file": str, "val_file": str, "train_tokens": int, "val_tokens": int}
+SHARD_CHECKSUM_FIELDS = {"train_sha256": str, "val_sha256": str}  # manifests before 2027-01 have none
+
+
+def read_manifest(path: Path) -> dict:
+    """manifest.json of a prepared dataset, checked: its format, and every field a reader uses present with its
+    type; the shard files must lie in the dataset's shards/ folder. Anything else is a DataError naming the file
+    and the field."""
+    manifest = read_json(path, DataError, "prepared-data manifest")
+    problems = _field_problems(manifest, MANIFEST_FIELDS, "")
+    if not problems:
+        if manifest["format"] != FORMAT or manifest["dtype"] != "uint32":
+            problems.append(f"format {manifest['format']!r} / dtype {manifest['dtype']!r}, this Argonne reads "
+                            f"{FORMAT!r} / 'uint32'")
+        problems += _field_problems(manifest["tokenizer"], TOKENIZER_FIELDS, "tokenizer.")
+        for number, shard in enumerate(manifest["shards"]):
+            problems += _shard_problems(shard, f"shards[{number}].")
+        if not manifest["shards"]:
+            problems.append("shards is empty")
+    if problems:
+        raise DataError(f"{path}: not a valid prepared-data manifest: {'; '.join(problems[:5])}. Prepare the data "
+                        f"again (argonne data prepare)")
+    return manifest
+
+
+def _field_problems(record, fields: dict[str, type], prefix: str) -> list[str]:
+    if not isinstance(record, dict):
+        return [f"{prefix.rstrip('.')} is not a JSON object"]
+    problems = []
+    for name, kind in fields.items():
+        if name not in record:
+            problems.append(f"{prefix}{name} is missing")
+        elif not isinstance(record[name], kind) or isinstance(record[name], bool) and kind is int:
+            problems.append(f"{prefix}{name} is {type(record[name]).__name__}, not {kind.__name__}")
+    return problems
+
+
+def _shard_problems(shard, prefix: str) -> list[str]:
+    problems = _field_problems(shard, SHARD_FIELDS, prefix)
+    if problems:
+        return problems
+    problems += [p for p in _field_problems(shard, SHARD_CHECKSUM_FIELDS, prefix) if not p.endswith("missing")]
+    for key in ("train_file", "val_file"):
+        parts = Path(shard[key]).parts
+        if len(parts) != 2 or parts[0] != "shards" or parts[1] in (".", ".."):
+            problems.append(f"{prefix}{key} {shard[key]!r} is not a file of the dataset's shards/ folder")
+    for key in ("train_tokens", "val_tokens"):
+        if shard[key] < 0:
+            problems.append(f"{prefix}{key} is negative")
+    return problems
+
+
+def verify_shards(directory: str | Path, manifest: dict, rank: int = 0, world: int = 1) -> bool:
+    """Check the token shards of a prepared dataset against the manifest: every size, and the checksums of this
+    process's share (shards rank, rank + world, ...: the processes of a run split the hashing). A shard that
+    differs is a DataError naming it. Returns False for a dataset prepared before checksums were recorded (its
+    sizes checked only), True once verified.
+
+    Cost: hashing reads every byte once, at 1.6 GB/s with 2 cores from the page cache (benchmarks/RESULTS.md,
+    2026-12-07; more threads where there are more cores, the disk's rate when cold): a 1 TB dataset (250 G tokens)
+    costs each of 64 processes about 10 s at start-up, a 10 GB one well under a second."""
+    directory = Path(directory)
+    problems, recorded = [], {}
+    for shard in manifest["shards"]:
+        for split in ("train", "val"):
+            name, tokens = shard[f"{split}_file"], shard[f"{split}_tokens"]
+            file = directory / name
+            if not file.is_file():
+                problems.append(f"{file} is missing")
+            elif file.stat().st_size != tokens * TOKEN_DTYPE().itemsize:
+                problems.append(f"{file} has {file.stat().st_size:,} bytes, the manifest says {tokens:,} tokens "
+                                f"({tokens * TOKEN_DTYPE().itemsize:,} bytes)")
+            elif f"{split}_sha256" in shard:
+                recorded[name] = shard[f"{split}_sha256"]
+    if problems:
+        raise DataError(f"{directory}: the prepared data does not match its {MANIFEST}: {'; '.join(problems[:5])}")
+    if not recorded or manifest.get("checksum") != CHECKSUM:
+        return False
+    mine = sorted(recorded)[rank::world]
+    for name, found in hash_files(directory, mine).items():
+        if found["sha256"] != recorded[name]:
+            problems.append(f"{directory / name} does not match its checksum (changed or damaged since it was "
+                            f"prepared)")
+    if problems:
+        raise DataError(f"{'; '.join(problems)}; prepare the data again (argonne data prepare)")
+    return True
+
+
+def open_prepared(directory: str | Path, rank: int = 0, world: int = 1) -> dict:
+    """The manifest of a prepared dataset whose shards were verified (`verify_shards`); a dataset prepared before
+    checksums were recorded opens with a one-line warning that it was not verified."""
+    manifest = load_manifest(directory)
+    if not verify_shards(directory, manifest, rank, world):
+        warnings.warn(f"{directory}: prepared before shard checksums were recorded; its shards were checked for "
+                      f"size only (prepare it again to have them verified)", stacklevel=2)
+    return manifest
 
 
 def recorded_settings(manifest: dict) -> dict:
@@ -272,21 +387,27 @@ def check_prepared_settings(manifest: dict, settings: DocumentSettings, director
 class PreparedTokens:
     """One split of a prepared dataset as a single token stream, read through memory maps."""
 
-    def __init__(self, directory: str | Path, split: str = "train", tokenizer=None):
+    def __init__(self, directory: str | Path, split: str = "train", tokenizer=None, manifest: dict | None = None):
         self.directory = Path(directory)
-        self.manifest = load_manifest(directory)
+        self.manifest = manifest if manifest is not None else load_manifest(directory)
         if tokenizer is not None:
             check_tokenizer_matches(self.manifest["tokenizer"], tokenizer, str(directory))
         key = f"{split}_file"
-        self.arrays = []
+        self.arrays, self.paths = [], []
         for shard in self.manifest["shards"]:
             if shard[f"{split}_tokens"]:
                 path = self.directory / shard[key]
-                array = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+                array = _token_map(path)
                 if len(array) != shard[f"{split}_tokens"]:
                     raise DataError(f"{path}: {len(array)} tokens, but the manifest says {shard[f'{split}_tokens']}")
                 self.arrays.append(array)
+                self.paths.append(path)
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
+
+    def where(self, position: int) -> str:
+        """The shard file and token index within it of stream position `position` (for error messages)."""
+        shard = int(np.searchsorted(self.offsets, position, side="right")) - 1
+        return f"{self.paths[shard]}, token {position - self.offsets[shard]:,}"
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -302,3 +423,10 @@ class PreparedTokens:
             start += take
             shard += 1
         return np.concatenate(pieces) if len(pieces) > 1 else np.array(pieces[0])
+
+
+def _token_map(path: Path) -> np.ndarray:
+    try:
+        return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    except (OSError, ValueError) as error:  # missing, unreadable, or a size that is not a whole number of tokens
+        raise DataError(f"{path}: not a readable token shard ({error}); prepare the data again") from None
