@@ -254,7 +254,7 @@ def test_output_is_byte_identical_whatever_the_worker_count(three_shards, tokeni
         prepare_dataset(three_shards, tokenizer, out, settings(workers, val_fraction=0.2), progress=False)
         outputs.append(out)
     files = sorted(p.relative_to(outputs[0]) for p in outputs[0].rglob("*") if p.is_file())
-    assert len(files) == 1 + 3 * 3
+    assert len(files) == 2 + 3 * 3  # manifest.json, prepare.json, and per shard its two token files and record
     for rel in files:
         assert (outputs[0] / rel).read_bytes() == (outputs[1] / rel).read_bytes(), rel
 
