@@ -109,6 +109,22 @@ def nan_model_dir(tmp_path):
     return folder
 
 
+@pytest.fixture
+def overflowing_model_dir(tmp_path):
+    """A folder whose weights are finite and whose logits are not: the final norm's weights at float32's largest
+    value overflow every logit, as activations overflowing in half precision do. It opens; decoding must refuse."""
+    from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+
+    torch.manual_seed(0)
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=2, initializer_range=0.2))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(torch.finfo(torch.float32).max)
+    folder = tmp_path / "overflowing-model"
+    model.save_pretrained(folder)
+    load_tokenizer(SAMPLE_TOKENIZER).save_pretrained(folder)
+    return folder
+
+
 # ------------------------------------------------------------------------------------------- launching processes
 
 

@@ -35,7 +35,7 @@ from .checkpoint import (
 from .config import ConfigError, RunConfig, check_command
 from .configuration_argonne import ArgonneConfig
 from .data.batches import pretraining_data, split_batch
-from .loading import load_weights, open_config
+from .loading import ModelError, check_finite_weights, load_weights, open_config
 from .device import resolve_device, resolve_dtype
 from .metrics import count_parameters, training_flops_per_token
 from .modeling_argonne import ArgonneForCausalLM
@@ -963,12 +963,18 @@ class LogInterval:
 
 
 def export_final_model(model, model_config: ArgonneConfig, tokenizer, output: Path, topology: Topology) -> None:
-    """Gather the full weights and write a Hugging Face folder (safetensors + config + code + tokenizer)."""
+    """Gather the full weights and write a Hugging Face folder (safetensors + config + code + tokenizer). Final
+    weights holding NaN or Inf are not written: TrainingStopped names them (the main process checks)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sharded = topology.mesh is not None
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=sharded, cpu_offload=sharded))
     if topology.is_main:
+        try:
+            check_finite_weights(state, "the final weights")
+        except ModelError as error:
+            raise TrainingStopped(f"{error}; {output} was not written (resume from a checkpoint before the "
+                                  "weights broke, with --resume PATH)") from None
         plain = ArgonneForCausalLM(model_config)
         plain.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
         plain.save_pretrained(output)
