@@ -29,7 +29,8 @@ def weights_of_shape(layers: int, dtype: torch.dtype, embedding: bool) -> dict[s
     with torch.device("meta"):
         model = ArgonneForCausalLM(ArgonneConfig.from_preset("argonne-2.0"))
     wanted = tuple(f"model.layers.{i}." for i in range(layers)) + (("model.embed_tokens.",) if embedding else ())
-    return {name: torch.randn(t.shape, dtype=dtype) for name, t in model.state_dict().items() if name.startswith(wanted)}
+    return {name: torch.randn(t.shape, dtype=dtype) for name, t in model.state_dict().items()
+            if name.startswith(wanted)}
 
 
 def best_of(repeats: int, run) -> float:
@@ -55,7 +56,8 @@ def main() -> None:
         isfinite = best_of(args.repeats, lambda: [bool(torch.isfinite(t).all()) for t in state.values()])
         read = best_of(args.repeats, lambda: [t.sum() for t in state.values()])
         line = (f"{str(dtype).removeprefix('torch.'):>9}: {len(state)} tensors, {parameters:,} parameters, "
-                f"{gigabytes:.2f} GB: check {check:.3f} s ({gigabytes / check:.2f} GB/s), isfinite-all {isfinite:.3f} s, "
+                f"{gigabytes:.2f} GB: check {check:.3f} s ({gigabytes / check:.2f} GB/s), "
+                f"isfinite-all {isfinite:.3f} s, "
                 f"plain read {read:.3f} s")
         if dtype == torch.bfloat16:
             scale = ARGONNE_2_PARAMETERS / parameters

@@ -35,6 +35,7 @@ from .checkpoint import (
 from .config import ConfigError, RunConfig, check_command
 from .configuration_argonne import ArgonneConfig
 from .data.batches import pretraining_data, split_batch
+from .generate import NonFiniteLogits
 from .loading import ModelError, check_finite_weights, load_weights, open_config
 from .device import resolve_device, resolve_dtype
 from .metrics import count_parameters, training_flops_per_token
@@ -244,15 +245,19 @@ def evaluate(model, validation: list[torch.Tensor], device, amp) -> float:
 
 @torch.no_grad()
 def sample_text(model, tokenizer, prompt: str, tokens: int, device, amp) -> str:
-    """Greedy continuation, run in lockstep by every rank (sharded models need all of them)."""
+    """Greedy continuation, run in lockstep by every rank (sharded models need all of them); a note instead of text
+    when the logits were NaN or Inf (their argmax is no token the model chose; the loop's non-finite loss count is
+    what stops such a run)."""
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    finite = torch.ones((), dtype=torch.bool, device=device)  # on the device: read once, at the end
     for _ in range(tokens):
         with amp():
             logits = model(ids, use_cache=False).logits[:, -1]
+        finite &= torch.isfinite(logits).all()
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     model.train()
-    return tokenizer.decode(ids[0])
+    return tokenizer.decode(ids[0]) if bool(finite) else f"(no text: {NonFiniteLogits()})"
 
 
 class PreemptionFlag:
