@@ -106,9 +106,9 @@ def check_finite_weights(weights: torch.nn.Module | Mapping[str, torch.Tensor], 
     opened or written instead.
 
     One `aminmax` per tensor finds them: NaN propagates through min and max, and an Inf is the min or the max. It
-    reads the weights once, as fast as a sum, where `isfinite(t).all()` first writes a boolean per value:
-    benchmarks/finite_check.py measured 20x slower for isfinite on 2 CPU cores (Argonne 2.0 in bf16: 37 s against
-    about 2 s). Values are counted only in a broken tensor."""
+    reads the weights once, about as fast as a sum, where `isfinite(t).all()` first writes a boolean per value:
+    10-30x slower on 2 CPU cores (benchmarks/finite_check.py; Argonne 2.0 in bf16: about 2 s against a minute).
+    Values are counted only in a broken tensor."""
     if isinstance(weights, torch.nn.Module):
         # named_parameters and named_buffers skip tied duplicates (the tied lm_head is the embedding).
         weights = dict(weights.named_parameters()) | dict(weights.named_buffers())
