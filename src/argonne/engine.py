@@ -541,6 +541,7 @@ class Engine:
 
     def _hand_on(self, sequence: _Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
         if token == NON_FINITE:
+            log.warning("a request's logits were NaN or Inf after %d tokens; it ends with an error", sequence.made)
             self._finish(sequence, "error", error=NonFiniteLogits())
             return
         sequence.made += 1
