@@ -85,6 +85,46 @@ def model_dir(tmp_path):
     return tmp_path
 
 
+def break_weights(model):
+    """One NaN in layer 0's q_proj and one Inf in the final norm, as a diverged run leaves them. Returns the model."""
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+        model.model.norm.weight[0] = float("inf")
+    return model
+
+
+BROKEN_TENSORS = ("model.layers.0.self_attn.q_proj.weight (1 value)", "model.norm.weight (1 value)")
+
+
+@pytest.fixture
+def nan_model_dir(tmp_path):
+    """model_dir's kind of folder, its weights broken by `break_weights`."""
+    from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+
+    torch.manual_seed(0)
+    config = ArgonneConfig.from_preset("tiny", num_hidden_layers=2, initializer_range=0.2)
+    folder = tmp_path / "nan-model"
+    break_weights(ArgonneForCausalLM(config)).save_pretrained(folder)
+    load_tokenizer(SAMPLE_TOKENIZER).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def overflowing_model_dir(tmp_path):
+    """A folder whose weights are finite and whose logits are not: the final norm's weights at float32's largest
+    value overflow every logit, as activations overflowing in half precision do. It opens; decoding must refuse."""
+    from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+
+    torch.manual_seed(0)
+    model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=2, initializer_range=0.2))
+    with torch.no_grad():
+        model.model.norm.weight.fill_(torch.finfo(torch.float32).max)
+    folder = tmp_path / "overflowing-model"
+    model.save_pretrained(folder)
+    load_tokenizer(SAMPLE_TOKENIZER).save_pretrained(folder)
+    return folder
+
+
 # ------------------------------------------------------------------------------------------- launching processes
 
 

@@ -122,3 +122,12 @@ def test_a_teacher_asking_to_run_its_own_code_is_refused_without_a_prompt(tmp_pa
     with pytest.raises(ConfigError, match=f"distill.teacher {folder}: cannot be loaded"):
         load_teacher(folder, torch.device("cpu"))
     assert not ran.exists()
+
+
+def test_a_teacher_with_non_finite_weights_is_refused(nan_model_dir):
+    from argonne.distill import load_teacher
+    from argonne.loading import ModelError
+
+    with pytest.raises(ModelError, match="non-finite weights") as error:
+        load_teacher(nan_model_dir, torch.device("cpu"))
+    assert str(error.value).startswith(str(nan_model_dir))

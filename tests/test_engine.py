@@ -12,7 +12,7 @@ import torch
 from argonne import load_tokenizer
 from argonne.engine import (Engine, EngineRequest, EngineSettings, EngineStopped, QueueFull, _Sequence,
                             batch_buckets, plan_slots)
-from argonne.generate import Generator, SamplingParams
+from argonne.generate import Generator, NonFiniteLogits, SamplingParams
 from argonne.kv_cache import SlotKVCache
 
 from .conftest import SAMPLE_TOKENIZER, scramble_norms, small_model
@@ -356,6 +356,41 @@ def test_a_failed_step_ends_the_running_requests_and_frees_their_slots(model, to
     finally:
         engine.shutdown()
     assert "engine step failed" in caplog.text
+
+
+POISON = 666
+
+
+def poison(model, where: str):
+    """NaN logits in the rows whose input holds POISON ("prefill"), or in slot 0's row of every decode step
+    ("decode"); returns the hook's handle."""
+    def hook(module, args, output):
+        tokens = args[0]
+        rows = (tokens == POISON).any(dim=1) if where == "prefill" else torch.zeros(len(tokens), dtype=torch.bool)
+        if where == "decode" and tokens.shape[1] == 1:
+            rows[0] = True
+        output.logits[rows] = float("nan")
+
+    return model.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("where", ["prefill", "decode"])
+def test_non_finite_logits_fail_their_own_request_only(engine, where, temperature):
+    params = SamplingParams(max_new_tokens=6, temperature=temperature, seed=0)
+    hook = poison(engine.model, where)
+    try:
+        broken, healthy = engine.submit([EngineRequest([5, POISON, 6], params), EngineRequest([5, 7, 6], params)])
+        while not (broken.completion and healthy.completion):
+            engine.step()
+        assert broken.completion.finish_reason == "error" and isinstance(broken.completion.error, NonFiniteLogits)
+        assert healthy.completion.finish_reason == "length" and healthy.completion.error is None
+        assert engine.active == 0
+        with pytest.raises(NonFiniteLogits, match=r"non-finite logits \(NaN or Inf\)"):
+            engine.complete([[5, POISON, 6], [5, 7, 6]], params)
+    finally:
+        hook.remove()
+    assert engine.complete([[5, POISON, 6]], params)[0].finish_reason == "length"  # the engine goes on serving
 
 
 @pytest.mark.slow

@@ -10,9 +10,9 @@ from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.chat import ChatSession, fit_history, render, run_chat
 from argonne.cli import main
 from argonne.evaluate import document_nll, perplexity, scoring_windows
-from argonne.generate import Generator, SamplingParams
+from argonne.generate import Generator, NonFiniteLogits, SamplingParams
 
-from .conftest import SAMPLE_TOKENIZER
+from .conftest import SAMPLE_TOKENIZER, break_weights
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +149,12 @@ def test_bad_windows_empty_documents_and_non_utf8_files(tmp_path, tokenizer, cap
     (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     assert main(["eval", "perplexity", str(tmp_path / "model"), "--data", str(tmp_path / "latin1.txt")]) == 2
     assert "latin1.txt: not UTF-8 text" in capsys.readouterr().err
+
+
+def test_perplexity_of_non_finite_logits_is_an_error_not_nan(tokenizer, overflowing_model_dir, tmp_path, capsys):
+    with pytest.raises(NonFiniteLogits, match=r"non-finite logits \(NaN or Inf\)"):
+        perplexity(break_weights(small_model()), tokenizer, ["One document here.", "And another."], batch_size=1)
+    (tmp_path / "doc.txt").write_text("A text file is one document.")
+    assert main(["eval", "perplexity", str(overflowing_model_dir), "--data", str(tmp_path / "doc.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "\nargonne eval: error: the model produced non-finite logits" in err and "Traceback" not in err

@@ -14,9 +14,9 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.cli import main
 from argonne.export import ConversionError, export_model, import_model
-from argonne.loading import read_weights
+from argonne.loading import ModelError, read_weights
 
-from .conftest import SAMPLE_TOKENIZER, scramble_norms
+from .conftest import BROKEN_TENSORS, SAMPLE_TOKENIZER, break_weights, scramble_norms
 
 SHAPE = dict(vocab_size=8192, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              head_dim=24, intermediate_size=128, max_position_embeddings=128)
@@ -386,3 +386,23 @@ def test_an_import_config_that_is_not_valid_names_the_file_and_field(tmp_path, c
     (tmp_path / "in" / "config.json").write_text(content)
     with pytest.raises(ConversionError, match=rf"{tmp_path}/in/config\.json: .*{problem}"):
         import_model(tmp_path / "in", tmp_path / "ours")
+
+
+def test_import_of_a_llama_folder_with_non_finite_weights_is_refused_and_writes_nothing(tmp_path, capsys):
+    torch.manual_seed(0)
+    theirs = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                          num_key_value_heads=2, intermediate_size=128, max_position_embeddings=64))
+    break_weights(theirs).save_pretrained(tmp_path / "llama")
+    capsys.readouterr()  # (transformers' progress bar)
+    assert main(["import", str(tmp_path / "llama"), "--output", str(tmp_path / "ours")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"argonne import: error: {tmp_path / 'llama'}: non-finite weights (NaN or Inf) in ")
+    assert all(tensor in err for tensor in BROKEN_TENSORS) and err.count("\n") == 1
+    assert not (tmp_path / "ours").exists()
+
+
+def test_export_of_a_model_with_non_finite_weights_is_refused_before_writing_anything(nan_model_dir, tmp_path):
+    with pytest.raises(ModelError, match="non-finite weights") as error:
+        export_model(nan_model_dir, "llama", tmp_path / "out" / "model")
+    assert all(tensor in str(error.value) for tensor in BROKEN_TENSORS)
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from argonne.cli import main
 from argonne.loading import open_model
 from argonne.generate import (
     Generator,
+    NonFiniteLogits,
     SamplingParams,
     StopStrings,
     apply_repetition_penalty,
@@ -21,7 +22,7 @@ from argonne.generate import (
     sample_next,
 )
 
-from .conftest import SAMPLE_TOKENIZER, scramble_norms
+from .conftest import SAMPLE_TOKENIZER, scramble_norms, small_model
 from .test_model import GPT2_STYLE, LLAMA_STYLE, make_model
 
 GREEDY = dict(temperature=0.0)
@@ -355,3 +356,39 @@ def test_gpus_decode_on_the_gemv_kernels_by_default_and_cpus_on_torch(monkeypatc
     assert default_kernels(torch.device("cpu")) == "torch"
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     assert default_kernels(torch.device("cuda")) == "torch"
+
+
+def nan_logits_from_call(model, call: int, row: int | None = None):
+    """Makes the model's logits NaN (in `row`, else every row) from its `call`-th forward on (1: the prefill)."""
+    calls = []
+
+    def poison(module, args, output):
+        calls.append(1)
+        if len(calls) >= call:
+            output.logits[slice(None) if row is None else row] = float("nan")
+        return output
+
+    model.register_forward_hook(poison)
+    return model
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("call", [1, 3], ids=["in-prefill", "in-decode"])
+def test_non_finite_logits_raise_instead_of_becoming_a_token(temperature, call):
+    params = SamplingParams(max_new_tokens=6, temperature=temperature, seed=0)
+    # complete_ids reads the tokens at every step (on_tokens), generate_ids alone at the end
+    for way in (Generator.complete_ids, Generator.generate_ids):
+        generator = Generator(nan_logits_from_call(small_model(), call, row=1), IdTokenizer())
+        with pytest.raises(NonFiniteLogits, match=r"non-finite logits \(NaN or Inf\)"):
+            way(generator, prompts_of([4, 3]), params)
+
+
+@pytest.mark.parametrize("temperature", ["0", "0.8"])
+def test_generate_on_overflowing_logits_ends_with_one_line_and_no_traceback(overflowing_model_dir, capsys,
+                                                                           temperature):
+    argv = ["generate", str(overflowing_model_dir), "--prompt", "hi", "--max-new-tokens", "3", "--temperature",
+            temperature, "--seed", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("argonne generate: error: the model produced non-finite logits (NaN or Inf)")
+    assert err.count("\n") == 1 and "Traceback" not in err

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
+from argonne.generate import NonFiniteLogits, SamplingParams
 from argonne.harness import ArgonneLM, HarnessError, evaluate_tasks
 
-from .conftest import SAMPLE_TOKENIZER
+from .conftest import SAMPLE_TOKENIZER, break_weights, small_model
 from .harness_tasks import TASKS, write_tasks
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -200,6 +201,14 @@ def test_a_tokenizer_that_adds_bos_encodes_as_in_the_hf_backend(folders):
     assert ours.tok_encode("Question: hi") == theirs.tok_encode("Question: hi")
     assert ours._encode_pair("Question: hi\nAnswer:", " blue") == \
         TemplateLM._encode_pair(theirs, "Question: hi\nAnswer:", " blue")
+
+
+def test_non_finite_logits_are_an_error_not_a_nan_score_or_token():
+    lm = ArgonneLM(model=break_weights(small_model()), tokenizer=load_tokenizer(SAMPLE_TOKENIZER))
+    with pytest.raises(NonFiniteLogits, match=r"non-finite logits \(NaN or Inf\)"):
+        lm.score_windows([([5, 6, 7], [7]), ([5, 6], [6])])  # loglikelihood and loglikelihood_rolling
+    with pytest.raises(NonFiniteLogits):
+        lm._recomputed([[5, 6, 7]], SamplingParams(max_new_tokens=2, temperature=0))  # generate_until
 
 
 def test_empty_contexts_and_continuations(folders):

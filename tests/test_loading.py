@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from argonne import ArgonneConfig, ArgonneForCausalLM
+from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.cli import main
-from argonne.loading import ModelError, open_model, read_weights
+from argonne.loading import ModelError, check_finite_weights, open_model, read_weights
 
-from .conftest import SAMPLE_TOKENIZER
+from .conftest import BROKEN_TENSORS, SAMPLE_TOKENIZER, break_weights, small_model
 
 
 def bin_folder(model_dir, folder, state=None, name="pytorch_model.bin"):
@@ -150,3 +150,36 @@ def test_a_damaged_safetensors_file_is_an_error_naming_it(model_dir, damage):
         lying_header(file)
     with pytest.raises(ModelError, match=rf"{file}: not a valid safetensors file \(.*\); it may be truncated"):
         open_model(model_dir, "cpu")
+
+
+def test_non_finite_weights_are_refused_naming_the_folder_and_tensors(nan_model_dir, capsys):
+    with pytest.raises(ModelError) as error:
+        open_model(nan_model_dir, "cpu")
+    message = str(error.value)
+    assert message.startswith(f"{nan_model_dir}: non-finite weights (NaN or Inf) in ")
+    assert all(tensor in message for tensor in BROKEN_TENSORS) and "retrain" in message
+    assert main(["generate", str(nan_model_dir), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("argonne generate: error: ") and "non-finite weights" in err and "Traceback" not in err
+
+
+def test_a_training_checkpoint_with_non_finite_weights_is_refused(tmp_path):
+    from argonne.checkpoint import save_checkpoint
+
+    model = break_weights(small_model())
+    optimizer = torch.optim.SGD(model.parameters())
+    path = save_checkpoint(tmp_path / "ckpt", 7, model, optimizer, {"step": 7}, is_main=True,
+                           tokenizer=load_tokenizer(SAMPLE_TOKENIZER))
+    with pytest.raises(ModelError, match="non-finite weights") as error:
+        open_model(path, "cpu")
+    assert str(error.value).startswith(str(path)) and all(tensor in str(error.value) for tensor in BROKEN_TENSORS)
+
+
+def test_the_finite_check_counts_values_and_names_at_most_a_few_tensors():
+    state = {f"w{i}": torch.full((3,), float("nan")) for i in range(6)} | {"ok": torch.ones(2),
+                                                                            "ids": torch.arange(3)}
+    with pytest.raises(ModelError) as error:
+        check_finite_weights(state, "here")
+    assert str(error.value).startswith("here: non-finite weights (NaN or Inf) in w0 (3 values), w1 (3 values)")
+    assert "w3 (3 values) and 2 more tensors;" in str(error.value) and "w4" not in str(error.value)
+    check_finite_weights({"ok": torch.ones(2), "empty": torch.ones(0), "ids": torch.arange(3)}, "here")

@@ -263,6 +263,32 @@ def test_an_unexpected_server_error_answers_500_in_openai_shape(engine, monkeypa
     assert engine.active == 0  # the failed sequences gave their slots back
 
 
+@pytest.mark.parametrize("temperature", [0, 0.8])
+def test_non_finite_logits_answer_500_naming_them_and_the_server_goes_on(engine, temperature):
+    def nan_logits(module, args, output):
+        output.logits[:] = float("nan")
+
+    requests = [("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": [{"role": "user",
+                                                                                             "content": "hi"}]})]
+    with TestClient(build_app(engine, "tiny"), raise_server_exceptions=False) as test_client:
+        hook = engine.model.register_forward_hook(nan_logits)
+        try:
+            for path, body in requests:
+                body = {**body, "max_tokens": 3, "temperature": temperature}
+                reply = test_client.post(path, json=body)
+                error = reply.json()["error"]
+                assert reply.status_code == 500 and error["type"] == "server_error"
+                assert "the model produced non-finite logits (NaN or Inf)" in error["message"]
+                streamed = test_client.post(path, json={**body, "stream": True})
+                events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+                assert events[-1] == "[DONE]" and '"finish_reason": "stop"' not in streamed.text
+                assert "non-finite logits" in json.loads(events[-2])["error"]["message"]
+        finally:
+            hook.remove()
+        assert test_client.post(*requests[0][:1], json={"prompt": "hi", "max_tokens": 3}).status_code == 200
+    assert engine.active == 0
+
+
 def raw_connection(server) -> http.client.HTTPConnection:
     address = urlparse(server)
     return http.client.HTTPConnection(address.hostname, address.port, timeout=5)

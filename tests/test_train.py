@@ -15,7 +15,8 @@ from argonne.run_folder import read_metrics
 from argonne.optim import build_optimizer
 from argonne.train import train
 
-from .conftest import REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER, write_sample_head
+from .conftest import (BROKEN_TENSORS, REPO, SAMPLE_SHARD, SAMPLE_TOKENIZER, break_weights, small_model,
+                       write_sample_head)
 
 
 @pytest.fixture(scope="module")
@@ -845,3 +846,18 @@ def test_an_evaluation_task_that_fails_stops_the_run_with_one_line_naming_it():
                                               r"\(RuntimeError: dataset 'broken' not found\); its checkpoint is saved: "
                                               r".*--resume auto"):
         evaluate_tasks_or_stop(run, 5)
+
+
+def test_non_finite_final_weights_are_not_exported_and_samples_say_why(tmp_path):
+    from contextlib import nullcontext
+
+    from argonne.parallel import Topology
+    from argonne.train import TrainingStopped, export_final_model, sample_text
+
+    model, tokenizer = break_weights(small_model()), load_tokenizer(SAMPLE_TOKENIZER)
+    sample = sample_text(model, tokenizer, "The", 2, "cpu", nullcontext)
+    assert sample.startswith("(no text: the model produced non-finite logits (NaN or Inf)")
+    with pytest.raises(TrainingStopped, match="the final weights: non-finite weights") as error:
+        export_final_model(model, model.config, tokenizer, tmp_path / "model", Topology())
+    assert all(tensor in str(error.value) for tensor in BROKEN_TENSORS) and "was not written" in str(error.value)
+    assert not (tmp_path / "model").exists()

@@ -52,6 +52,9 @@ def load_teacher(path: str | Path, device: torch.device):
         except (OSError, ValueError, pickle.UnpicklingError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ConfigError(f"distill.teacher {path}: cannot be loaded ({first})") from None
+        from .loading import check_finite_weights
+
+        check_finite_weights(teacher, path)  # (a checkpoint's are checked by load_weights)
     teacher.eval().requires_grad_(False)
     return teacher
 

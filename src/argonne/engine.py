@@ -17,6 +17,10 @@ its batch. Greedy rows take the argmax made inside the step.
 The engine runs in a thread of its own for the server (`start`, `shutdown`), or in the caller's thread for a batch
 (`complete`). Callers hear of each request through its `sink`, called from the engine's thread with an `Update`
 per token and a last one carrying the Completion.
+
+A row whose logits hold NaN or Inf ends its request alone: finish reason "error", the Completion's `error` a
+NonFiniteLogits (`complete` raises it). The flag is made on the device with the chosen tokens, which the host reads
+anyway, so checking costs no synchronisation.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generate import (Completion, SamplingParams, StopStrings, TokenLogprob, argmax_in_pieces,
-                       prepare_for_inference)
+from .generate import (NON_FINITE, Completion, NonFiniteLogits, SamplingParams, StopStrings, TokenLogprob,
+                       argmax_in_pieces, flag_non_finite, prepare_for_inference)
 from .kv_cache import SlotKVCache, SlotRows
 from .modeling_argonne import ArgonneForCausalLM
 
@@ -301,13 +305,17 @@ class Engine:
     def complete(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  top_logprobs: int | None = None) -> list[Completion]:
         """Each prompt's completion, batched continuously (a batch for `argonne generate` or the harness): in the
-        engine's thread when it runs, else in this one."""
+        engine's thread when it runs, else in this one. Non-finite logits in any row raise NonFiniteLogits."""
         handles = self.submit([EngineRequest(p, params, top_logprobs) for p in prompts], queue_limit=False)
         try:
             if self._thread is None:
                 while not all(h.completion for h in handles):
                     self.step()
-            return [handle.wait() for handle in handles]
+            completions = [handle.wait() for handle in handles]
+            failed = next((c.error for c in completions if c.error is not None), None)
+            if failed is not None:
+                raise failed
+            return completions
         except BaseException:  # (a failed step, Ctrl-C): none of them stays in the engine
             for handle in handles:
                 handle.cancel()
@@ -495,7 +503,8 @@ class Engine:
         return logits, argmax_in_pieces(logits)
 
     def _accept(self, sequences: list[_Sequence], logits: torch.Tensor, greedy: torch.Tensor) -> None:
-        """Chooses each sequence's next token from its row of logits and hands it on."""
+        """Chooses each sequence's next token from its row of logits and hands it on (NON_FINITE for a row of NaN
+        or Inf logits)."""
         tokens = greedy
         sampled = [i for i, s in enumerate(sequences) if not s.greedy]
         if sampled:
@@ -503,7 +512,8 @@ class Engine:
             index = torch.tensor(sampled, device=self.device)
             tokens[index] = sample_rows(logits[index], [sequences[i] for i in sampled],
                                         self._seen[[sequences[i].slot for i in sampled]])
-        logprobs = self._logprobs(sequences, logits, tokens)
+        tokens = flag_non_finite(tokens, logits)
+        logprobs = self._logprobs(sequences, logits, tokens.clamp(min=0))  # (a broken row's are not handed on)
         now = time.perf_counter()
         self._token_times.append((now, len(sequences)))
         while now - self._token_times[0][0] > TOKEN_WINDOW:
@@ -530,6 +540,10 @@ class Engine:
         return entries
 
     def _hand_on(self, sequence: _Sequence, token: int, logprob: TokenLogprob | None, now: float) -> None:
+        if token == NON_FINITE:
+            log.warning("a request's logits were NaN or Inf after %d tokens; it ends with an error", sequence.made)
+            self._finish(sequence, "error", error=NonFiniteLogits())
+            return
         sequence.made += 1
         sequence.next_token = token
         if sequence.made == 1:
@@ -545,10 +559,13 @@ class Engine:
             self._tell(sequence, Update("".join(sequence.pieces), fresh))
             sequence.pieces.clear()
 
-    def _finish(self, sequence: _Sequence, unfinished_reason: str, fresh: list[TokenLogprob] = ()) -> None:
+    def _finish(self, sequence: _Sequence, unfinished_reason: str, fresh: list[TokenLogprob] = (),
+                error: Exception | None = None) -> None:
         """Ends the sequence (finish reason: the StopStrings' where it ended at EOS or a stop string, else
-        `unfinished_reason`), frees its slot and sends its last update."""
+        `unfinished_reason`; "error" with `error`), frees its slot and sends its last update."""
         completion = sequence.stop.completions(unfinished_reason)[0]
+        if error is not None:
+            completion.finish_reason, completion.error = "error", error
         if sequence.request.top_logprobs is not None:
             completion.logprobs = sequence.logprobs
         if sequence.slot >= 0:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .data.parquet import iter_texts, resolve_parquet_files
+from .generate import NonFiniteLogits
 from .tokenizer import document_boundary_id
 
 
@@ -65,7 +66,8 @@ def scoring_windows(length: int, window: int, stride: int) -> list[tuple[int, in
 def batch_nll(model, rows: list[tuple[list[int], int]]) -> float:
     """Summed NLL over rows of (tokens, first): the inputs tokens[:-1] predict tokens[1:], scored from index
     `first` on. One forward for the batch (right-padded; the causal mask keeps padding out of real positions), with
-    the model's chunked loss, so no (batch, window, vocabulary) logits are ever held."""
+    the model's chunked loss, so no (batch, window, vocabulary) logits are ever held. NonFiniteLogits if the loss
+    is NaN or Inf (the host reads it anyway: the check is free), rather than a perplexity of `nan`."""
     device = next(model.parameters()).device
     width = max(len(tokens) - 1 for tokens, _ in rows)
     inputs = torch.zeros((len(rows), width), dtype=torch.long)
@@ -75,8 +77,10 @@ def batch_nll(model, rows: list[tuple[list[int], int]]) -> float:
         inputs[row, :length] = torch.tensor(tokens[:-1])
         targets[row, first:length] = torch.tensor(tokens[1 + first:])
     scored = int((targets != -100).sum())
-    loss = model(inputs.to(device), targets=targets.to(device), use_cache=False).loss
-    return loss.double().item() * scored  # the mean over the scored targets, back to their sum
+    loss = model(inputs.to(device), targets=targets.to(device), use_cache=False).loss.double().item()
+    if not math.isfinite(loss):
+        raise NonFiniteLogits()
+    return loss * scored  # the mean over the scored targets, back to their sum
 
 
 def document_nll(model, ids: list[int], window: int, stride: int) -> tuple[float, int]:
@@ -106,24 +110,24 @@ def perplexity(
     count = tokens = 0
     nll = 0.0
     pending: list[tuple[list[int], int]] = []
-    bar = tqdm(total=max_documents, unit="doc", desc="perplexity", disable=not progress)
-    for text in documents:
-        if max_documents is not None and count >= max_documents:
-            break
-        if not text:
-            continue  # an empty document has nothing to score (prepare drops them too)
-        ids = [boundary] + tokenizer(text, add_special_tokens=False).input_ids + [boundary]
-        for begin, end, first in scoring_windows(len(ids), window, stride):
-            pending.append((ids[begin : end + 1], first))
-            if len(pending) == batch_size:
-                nll += batch_nll(model, pending)
-                pending.clear()
-        tokens, count = tokens + len(ids) - 1, count + 1
-        bar.update(1)
-        bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
-    if pending:
-        nll += batch_nll(model, pending)
-    bar.close()
+    # Closed on an error too, so that the error is printed on a line of its own.
+    with tqdm(total=max_documents, unit="doc", desc="perplexity", disable=not progress) as bar:
+        for text in documents:
+            if max_documents is not None and count >= max_documents:
+                break
+            if not text:
+                continue  # an empty document has nothing to score (prepare drops them too)
+            ids = [boundary] + tokenizer(text, add_special_tokens=False).input_ids + [boundary]
+            for begin, end, first in scoring_windows(len(ids), window, stride):
+                pending.append((ids[begin : end + 1], first))
+                if len(pending) == batch_size:
+                    nll += batch_nll(model, pending)
+                    pending.clear()
+            tokens, count = tokens + len(ids) - 1, count + 1
+            bar.update(1)
+            bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
+        if pending:
+            nll += batch_nll(model, pending)
     if tokens == 0:
         raise ValueError("no documents to evaluate")
     return Perplexity(count, tokens, nll)

@@ -23,7 +23,7 @@ import torch
 
 from .configuration_argonne import ArgonneConfig
 from .files import read_json
-from .loading import ModelError, read_weights, weight_mismatch
+from .loading import ModelError, check_finite_weights, read_weights, weight_mismatch
 from .modeling_argonne import ArgonneForCausalLM
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -439,7 +439,7 @@ def refuse_unrepresentable(hf: dict) -> None:
 
 def converted_model(source: str | Path) -> ArgonneForCausalLM:
     """A transformers Llama / Qwen2 / Qwen3 folder or an original Argonne 1.x / 2.0 folder as an Argonne model, in
-    memory (its weights as stored)."""
+    memory (its weights as stored, refused if any is NaN or Inf: before `import_model` writes anything)."""
     source = Path(source)
     config_file = source / "config.json"
     if not config_file.is_file():
@@ -456,6 +456,7 @@ def converted_model(source: str | Path) -> ArgonneForCausalLM:
     problems = weight_mismatch(model.state_dict(), state)
     if problems:
         raise ConversionError(f"{source}: weights do not match the config: {problems}")
+    check_finite_weights(state, source)
     model.load_state_dict(state, strict=True, assign=True)
     return model
 

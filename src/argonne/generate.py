@@ -20,7 +20,35 @@ from pathlib import Path
 import torch
 
 from .kv_cache import StaticKVCache
+from .loading import ModelError
 from .modeling_argonne import ArgonneForCausalLM
+
+
+class NonFiniteLogits(ModelError):
+    """The model's logits held NaN or Inf: there is no next token to choose, so decoding, serving and scoring end
+    with this error instead of text (the argmax of NaNs would be token 0 or an EOS: an empty answer)."""
+
+    def __init__(self):
+        super().__init__("the model produced non-finite logits (NaN or Inf) — its weights or activations "
+                         "overflowed, so there is no text to give. In float16, try bfloat16 or float32; otherwise "
+                         "the model is broken: retrain it or restore an earlier checkpoint")
+
+
+NON_FINITE = -1
+"""The token a decoding step chooses for a row whose logits hold NaN or Inf (`flag_non_finite`)."""
+
+
+def flag_non_finite(tokens: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """tokens (B,) with NON_FINITE where the row of logits (B, V) holds NaN or Inf. Made on the device beside the
+    tokens, the flag reaches the host in the copy of the tokens it reads anyway: no synchronisation of its own.
+    Give it the model's logits, not filtered ones (top-k and top-p set -inf on purpose)."""
+    return tokens.masked_fill(~torch.isfinite(logits).all(dim=-1), NON_FINITE)
+
+
+def refuse_non_finite(tokens: torch.Tensor | Sequence[int]) -> None:
+    """Raise NonFiniteLogits if a token the host has read is NON_FINITE."""
+    if NON_FINITE in (tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens):
+        raise NonFiniteLogits()
 
 
 @dataclass
@@ -69,6 +97,8 @@ class Completion:
     """"stop" (EOS, a stop token or a stop string), "length" (max_new_tokens made) or "cancelled" (`should_stop`)."""
     logprobs: list[TokenLogprob] | None = None
     """With the engine's `top_logprobs`: one entry per generated token but an ending EOS or stop token."""
+    error: Exception | None = None
+    """With finish_reason "error", its cause where the engine knows it (NonFiniteLogits)."""
 
 
 @dataclass
@@ -107,12 +137,14 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row (B,) from float logits (B, V)."""
+    """Next token per row (B,) from float logits (B, V); NON_FINITE for a row whose logits hold NaN or Inf."""
     if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        return flag_non_finite(logits.argmax(dim=-1), logits)
+    finite = torch.isfinite(logits).all(dim=-1, keepdim=True)
+    # A broken row draws from zeros instead (torch.multinomial refuses NaN); its draw is replaced by NON_FINITE.
+    filtered = filter_logits(torch.where(finite, logits, 0.0) / params.temperature, params.top_k, params.top_p)
+    drawn = torch.multinomial(filtered.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return drawn.masked_fill(~finite[:, 0], NON_FINITE)
 
 
 def argmax_in_pieces(logits: torch.Tensor, pieces: int = 128) -> torch.Tensor:
@@ -273,16 +305,18 @@ class Generator:
 
     def _last_logits(self, cache, tokens, positions, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """Float32 logits (B, V) of the last column only (every left-padded prompt ends there), and their argmax:
-        greedy decoding's next tokens, made in the same compiled step as the logits."""
+        greedy decoding's next tokens (NON_FINITE for a row of NaN or Inf), made in the same compiled step."""
         logits = self.model(tokens, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                             logits_to_keep=1).logits[:, -1].float()
-        return logits, argmax_in_pieces(logits)
+        return logits, flag_non_finite(argmax_in_pieces(logits), logits)
 
     def _decode_logits(self, cache, tokens, position_offset, column, valid):
         """The decode step (DecodeStep's buffers): the mask (the cache's `decode_mask`, in the model's dtype) and
         positions for cache column `column` are made here, in the compiled step, then the logits of the new tokens."""
         mask = cache.decode_mask(column, valid, self.dtype)
-        return self._last_logits(cache, tokens, position_offset + column, mask)
+        # A NON_FINITE token is fed as token 0, a valid index (on GPUs -1 would be a device-side assert); the host
+        # raises once it reads the flag.
+        return self._last_logits(cache, tokens.clamp(min=0), position_offset + column, mask)
 
     @torch.no_grad()
     def generate_ids(
@@ -294,6 +328,9 @@ class Generator:
         `on_tokens(tokens)` is called after every step with the (B,) new tokens (a row that has made its EOS goes on
         making tokens that are not part of its output: ignore a row's tokens after its first EOS); returning True from
         it finishes every row (stop strings and streaming use this).
+
+        Logits holding NaN or Inf raise NonFiniteLogits: at the step that made them when `on_tokens` is given, else
+        at the end.
         """
         params.validate()
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -349,13 +386,15 @@ class Generator:
                 decode.record()
             else:
                 if params.repetition_penalty != 1.0:
-                    seen.scatter_(1, new[:, None], True)
+                    seen.scatter_(1, new.clamp(min=0)[:, None], True)
                 logits = decode()
                 cache.length = column + 1
-            stop_all = on_tokens(_wait(*copied)) if on_tokens else False
+            stop_all = on_tokens(_checked(_wait(*copied))) if on_tokens else False
             if stop_all or last or self._all_rows_ended(step, decode.tokens_at[:, width: column + 1], eos_ids):
                 break
         generated = decode.tokens_at[:, width: column + 1].tolist()
+        for row in generated:
+            refuse_non_finite(row)
         return [_cut_at_eos(row, eos_ids) for row in generated]
 
     @staticmethod
@@ -425,6 +464,11 @@ def _wait(host: torch.Tensor, done: torch.cuda.Event | None) -> torch.Tensor:
     if done is not None:
         done.synchronize()
     return host
+
+
+def _checked(tokens: torch.Tensor) -> torch.Tensor:
+    refuse_non_finite(tokens)
+    return tokens
 
 
 def _cut_at_eos(tokens: list[int], eos_ids: list[int]) -> list[int]:

@@ -12,6 +12,7 @@ Token handling follows the `hf` backend (the same context/continuation split, le
 token for an empty context), so both score a request the same way. The class is registered with lm-eval as
 "argonne" when this module is imported: `python -m argonne.lm_eval_command` is lm_eval's own command with it
 (released lm-eval does not yet discover plugins; versions that do find it through the package's entry point).
+Logits holding NaN or Inf raise NonFiniteLogits (generate.py) instead of scoring NaN or answering token 0.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from .engine import Engine, EngineSettings
-from .generate import SamplingParams
+from .generate import NonFiniteLogits, SamplingParams, flag_non_finite, refuse_non_finite
 from .modeling_argonne import ArgonneForCausalLM
 
 DEFAULT_BATCH_SIZE = 16
@@ -264,7 +265,9 @@ class ArgonneLM(TemplateLM):
         texts = [""] * len(prompts)
         for _ in range(params.max_new_tokens):
             logits = self._forward(rows, keep=1)[:, -1]
-            for row, token in enumerate(logits.argmax(-1).tolist()):
+            chosen = flag_non_finite(logits.argmax(-1), logits).tolist()
+            refuse_non_finite(chosen)
+            for row, token in enumerate(chosen):
                 if done[row]:
                     continue
                 if token in eos:
@@ -354,6 +357,8 @@ class ArgonneLM(TemplateLM):
                     target = torch.tensor(continuation, device=scored.device)
                     picked = scored.gather(-1, target[:, None]).squeeze(-1)
                     results[index] = (float(picked.sum()), bool((scored.argmax(-1) == target).all()))
+                    if not math.isfinite(results[index][0]):  # (a Python float: free to check)
+                        raise NonFiniteLogits()
         self._dummy_forwards(extra)
         return self._gather(results)
 

@@ -481,6 +481,14 @@ class Handoff:
 ENGINE_FAILED = "internal server error (the engine's step failed; see the server's log)"
 
 
+def failure_body(completion: Completion) -> dict:
+    """The 500 answer for a request whose sequence ended in an error: its cause where the engine knows it (the
+    model's non-finite logits), else a failed step."""
+    if completion.error is not None:
+        return _error_body(500, f"internal server error: {completion.error}")
+    return _error_body(500, ENGINE_FAILED)
+
+
 def build_app(engine: Engine, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None):
     """The app in front of `engine`. Its lifespan starts the engine's thread if it is not running, and at shutdown
     stops what it started (cancelling what still runs)."""
@@ -576,8 +584,9 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None, limit
                         check_at = loop.time() + DISCONNECT_POLL_S
             finally:
                 cancel_all()  # (nothing, once all have ended)
-            if any(c.finish_reason == "error" for c in completions):
-                return JSONResponse(_error_body(500, ENGINE_FAILED), 500)
+            failed = [c for c in completions if c.finish_reason == "error"]
+            if failed:
+                return JSONResponse(failure_body(failed[0]), 500)
             return JSONResponse(answer.whole(completions, prompt_tokens))
         no_usage = {"usage": None} if request.include_usage else {}
 
@@ -587,7 +596,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None, limit
                 while None in completions:
                     index, update = await updates.get()
                     if update.completion and update.completion.finish_reason == "error":
-                        yield sse(_error_body(500, ENGINE_FAILED))
+                        yield sse(failure_body(update.completion))
                         break
                     if update.text or update.logprobs or update.completion or index not in started:
                         choice = answer.chunk_choice(index, update, index not in started, with_logprobs)

@@ -37,7 +37,8 @@ from .config import ConfigError, RunConfig, check_command
 from .configuration_argonne import ArgonneConfig
 from .data.batches import pretraining_data, split_batch
 from .data.settings import DataError
-from .loading import load_weights, open_config
+from .generate import NonFiniteLogits
+from .loading import ModelError, check_finite_weights, load_weights, open_config
 from .device import resolve_device, resolve_dtype
 from .files import write_atomic
 from .metrics import count_parameters, training_flops_per_token
@@ -248,15 +249,19 @@ def evaluate(model, validation: list[torch.Tensor], device, amp) -> float:
 
 @torch.no_grad()
 def sample_text(model, tokenizer, prompt: str, tokens: int, device, amp) -> str:
-    """Greedy continuation, run in lockstep by every rank (sharded models need all of them)."""
+    """Greedy continuation, run in lockstep by every rank (sharded models need all of them); a note instead of text
+    when the logits were NaN or Inf (their argmax is no token the model chose; the loop's non-finite loss count is
+    what stops such a run)."""
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+    finite = torch.ones((), dtype=torch.bool, device=device)  # on the device: read once, at the end
     for _ in range(tokens):
         with amp():
             logits = model(ids, use_cache=False).logits[:, -1]
+        finite &= torch.isfinite(logits).all()
         ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
     model.train()
-    return tokenizer.decode(ids[0])
+    return tokenizer.decode(ids[0]) if bool(finite) else f"(no text: {NonFiniteLogits()})"
 
 
 class PreemptionFlag:
@@ -1048,7 +1053,8 @@ class LogInterval:
 
 
 def export_final_model(model, model_config: ArgonneConfig, tokenizer, output: Path, topology: Topology) -> None:
-    """Gather the full weights and write a Hugging Face folder (safetensors + config + code + tokenizer)."""
+    """Gather the full weights and write a Hugging Face folder (safetensors + config + code + tokenizer). Final
+    weights holding NaN or Inf are not written: TrainingStopped names them (the main process checks)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     sharded = topology.mesh is not None
@@ -1056,6 +1062,11 @@ def export_final_model(model, model_config: ArgonneConfig, tokenizer, output: Pa
     if topology.is_main:
         from .outputs import FOLDER, Output
 
+        try:
+            check_finite_weights(state, "the final weights")
+        except ModelError as error:
+            raise TrainingStopped(f"{error}; {output} was not written (resume from a checkpoint before the "
+                                  "weights broke, with --resume PATH)") from None
         plain = ArgonneForCausalLM(model_config)
         plain.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
         # The run's own model/ (an earlier run's was refused or set aside before training): replaced whole, never
