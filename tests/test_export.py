@@ -406,3 +406,17 @@ def test_export_of_a_model_with_non_finite_weights_is_refused_before_writing_any
         export_model(nan_model_dir, "llama", tmp_path / "out" / "model")
     assert all(tensor in str(error.value) for tensor in BROKEN_TENSORS)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_fp16_export_of_weights_fp16_cannot_hold_is_refused_naming_them(model_dir, tmp_path):
+    """Finite in float32, 1e5 is Inf in float16 (largest: 65,504): the export is refused, not written with Inf."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(model_dir / "model.safetensors")
+    weights["model.norm.weight"][0] = 1e5
+    save_file(weights, model_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelError, match=r"cast to fp16: non-finite weights .*model\.norm\.weight \(1 value\); fp16 "
+                                         r"cannot hold them: export with --dtype bf16 or fp32"):
+        export_model(model_dir, "hf", tmp_path / "out", dtype="fp16")
+    assert not (tmp_path / "out").exists()
+    export_model(model_dir, "hf", tmp_path / "out", dtype="bf16")  # bf16 holds it

@@ -100,7 +100,9 @@ def load_weights(model: ArgonneForCausalLM, source: str | Path, verify: bool = T
 NON_FINITE_NAMED = 4
 
 
-def check_finite_weights(weights: torch.nn.Module | Mapping[str, torch.Tensor], source: str | Path) -> None:
+def check_finite_weights(weights: torch.nn.Module | Mapping[str, torch.Tensor], source: str | Path,
+                         advice: str = "the model is broken — retrain it or restore it from an earlier checkpoint"
+                         ) -> None:
     """Raise ModelError naming `source` and the first tensors of `weights` (a model or a state dict) that hold NaN
     or Inf, with how many such values each has. A model with one NaN weight turns every logit it touches into NaN,
     which decoding would read as a token (the argmax of NaNs) and perplexity as `nan`: it is refused where a model is
@@ -119,8 +121,7 @@ def check_finite_weights(weights: torch.nn.Module | Mapping[str, torch.Tensor], 
     named = ", ".join(f"{name} ({_values(int(tensor.numel() - torch.isfinite(tensor).sum()))})"
                       for name, tensor in broken[:NON_FINITE_NAMED])
     more = f" and {len(broken) - NON_FINITE_NAMED} more tensors" if len(broken) > NON_FINITE_NAMED else ""
-    raise ModelError(f"{source}: non-finite weights (NaN or Inf) in {named}{more}; the model is broken — retrain it "
-                     "or restore it from an earlier checkpoint")
+    raise ModelError(f"{source}: non-finite weights (NaN or Inf) in {named}{more}; {advice}")
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
