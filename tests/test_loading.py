@@ -125,7 +125,7 @@ def test_an_export_that_fails_midway_leaves_the_earlier_output_as_it_was(model_d
 
     monkeypatch.setattr(export, "write_gguf", broken)
     with pytest.raises(OSError, match="disk full"):
-        export.export_model(model_dir, "gguf", out)
+        export.export_model(model_dir, "gguf", out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

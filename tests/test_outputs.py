@@ -104,3 +104,49 @@ def test_an_export_killed_with_sigkill_leaves_the_earlier_output_and_the_next_on
     assert main(argv) == 0
     assert (target / "model.safetensors").is_file() and not (target / "keep.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]
+
+
+@pytest.mark.parametrize("kind", [FOLDER, FILE])
+def test_an_output_another_command_wrote_meanwhile_is_not_replaced_without_overwrite(tmp_path, kind):
+    """Two commands writing one target at once: the one that finishes second is refused, not the first's output
+    replaced."""
+    target = tmp_path / "out"
+    output = Output(target, kind)  # checked: nothing there yet
+    with pytest.raises(OutputError, match="written by someone else while this command ran; nothing was replaced"):
+        with output.staged() as staging:
+            (staging / "mine.txt").write_text("second") if kind == FOLDER else staging.write_text("second")
+            if kind == FOLDER:
+                target.mkdir()
+                (target / "theirs.txt").write_text("first")
+            else:
+                target.write_text("first")
+    assert (target / "theirs.txt" if kind == FOLDER else target).read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_leftovers_with_odd_pids_and_a_folder_made_empty_again(tmp_path):
+    host = socket.gethostname()
+    for pid in ("99999999999999999999", "0"):  # beyond any pid; 0 (os.kill would signal our own group)
+        (tmp_path / f".out.staging-{host}-{pid}").mkdir()
+    aside = tmp_path / f".out.replaced-{host}-{dead_pid()}"
+    aside.mkdir()
+    (aside / "model.safetensors").write_text("the earlier model")
+    (tmp_path / "out").mkdir()  # a script's `mkdir -p out` after the writer died between its renames
+    with pytest.raises(OutputError, match="already exists"):
+        Output(tmp_path / "out", FOLDER)
+    assert (tmp_path / "out" / "model.safetensors").read_text() == "the earlier model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_dot_and_dot_dot_name_folders_like_any_other(tmp_path, monkeypatch):
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    with Output(".", FOLDER).staged() as staging:  # the current folder, empty: written in place
+        (staging / "model.txt").write_text("new")
+    assert (tmp_path / "here" / "model.txt").read_text() == "new"
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    output = Output(tmp_path / "a" / "b" / "..", FOLDER, overwrite=True)
+    assert output.path == tmp_path / "a"
+    with output.staged() as staging:
+        (staging / "model.txt").write_text("replaced")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.txt"]

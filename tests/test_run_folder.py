@@ -160,3 +160,23 @@ def test_run_ids_are_recorded(tmp_path):
     assert run_folder.read_run_id(tmp_path) == "abc"
     assert run_folder.read_run_id(tmp_path / "nowhere") is None
     assert len({run_folder.new_run_id() for _ in range(5)}) == 5
+
+
+def test_a_second_branch_sets_aside_beside_the_first_never_over_it(tmp_path):
+    """Two branches of one run set aside the same run's later checkpoints, metrics and model: the second set gets
+    names of its own (-2), and the first set's metrics are not overwritten."""
+    from argonne.run_folder import set_aside_run
+
+    run = tmp_path / "run"
+    for step in (2, 3):
+        (run / "checkpoints" / f"step-0000000{step}").mkdir(parents=True)
+    (run / "model").mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 3}\n')
+    first = set_aside_run(run, "X", [run / "checkpoints" / "step-00000003"])
+    (run / "model").mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 2}\n')
+    second = set_aside_run(run, "X", [run / "checkpoints" / "step-00000002"])
+    assert [e["to"] for e in first] == ["checkpoints/step-00000003.run-X", "model.run-X", "metrics.run-X.jsonl"]
+    assert [e["to"] for e in second] == ["checkpoints/step-00000002.run-X", "model.run-X-2", "metrics.run-X-2.jsonl"]
+    assert (run / "metrics.run-X.jsonl").read_text() == '{"step": 3}\n'
+    assert (run / "metrics.run-X-2.jsonl").read_text() == '{"step": 2}\n'

@@ -603,6 +603,7 @@ def test_resume_auto_skips_a_damaged_checkpoint_and_a_torn_metrics_line(tmp_path
     with open(newest, "r+b") as f:  # 4 KB of 0xFF in the middle of the newest shard
         f.seek(newest.stat().st_size // 2)
         f.write(b"\xff" * 4096)
+    damaged = newest.read_bytes()
     with open(run / "run" / "metrics.jsonl", "a") as f:
         f.write('{"step": 5, "loss": 3.')  # a crash mid-write
     capsys.readouterr()
@@ -613,7 +614,9 @@ def test_resume_auto_skips_a_damaged_checkpoint_and_a_torn_metrics_line(tmp_path
     assert "--resume auto: skipping step-00000004" in out and "does not match its checksum" in out
     assert "resumed from" in out and "step-00000002 at step 2" in out and "torn last line" in out
     assert run_steps(run / "run") == run_steps(straight / "run")  # steps 3-6 replayed exactly
-    assert read_marker_step(checkpoints / "step-00000004") == 4  # replaced by a good one on the way
+    assert read_marker_step(checkpoints / "step-00000004") == 4  # a good one saved on the way
+    assert "step-00000004, which failed verification, is kept as step-00000004.unverified" in out
+    assert (checkpoints / "step-00000004.unverified" / newest.name).read_bytes() == damaged  # never deleted
     from argonne.checkpoint import verify_checkpoint
 
     assert verify_checkpoint(checkpoints / "step-00000004")
@@ -815,7 +818,7 @@ def test_a_run_dir_that_is_a_file_or_a_link_is_a_clear_error(tmp_path, tiny_run_
 def test_a_rollback_sets_aside_under_a_free_name_when_an_earlier_branch_used_it(tmp_path):
     """A run resumed from before its rollback rolls back again with the same count: the folder the first branch set
     aside stays, and the new one takes the next free name (it crashed with 'Directory not empty')."""
-    from argonne.train import set_aside_name
+    from argonne.run_folder import set_aside_name
 
     later = tmp_path / "step-00000012"
     later.mkdir()

@@ -210,11 +210,12 @@ def read_torch_weights(file: Path):
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
-            raise ModelError(f"{file}: not a valid torch weights file ({_first_line(error)})") from None
+        if "Unsupported global" not in str(error) and "GLOBAL" not in str(error):  # not a refused object: damage
+            raise ModelError(f"{file}: not a valid torch weights file ({_unpickling_cause(error)}); it may be "
+                             f"truncated or damaged: copy or download it again") from None
         raise ModelError(
             f"{file}: refused — it needs unpickling of arbitrary Python objects, which could run code. "
-            f"Convert it to safetensors where you trust it. ({error})"
+            f"Convert it to safetensors where you trust it. ({_unpickling_cause(error)})"
         ) from None
     except (RuntimeError, AttributeError, EOFError, OSError, ValueError) as error:  # a damaged zip or pickle
         raise ModelError(f"{file}: not a valid torch weights file ({_first_line(error)}); it may be truncated or "
@@ -232,6 +233,14 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise ModelError(f"{file}: not a valid safetensors file ({_first_line(error)}); it may be truncated or "
                          f"damaged: copy or download it again") from None
+
+
+def _unpickling_cause(error: Exception) -> str:
+    """torch's weights-only refusal in one line: the line naming what was refused (or the damage), without the
+    paragraphs of advice around it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported" in line or "load key" in line]
+    return (named or lines or [type(error).__name__])[0][:300]
 
 
 def _first_line(error: Exception) -> str:

@@ -19,6 +19,7 @@ The run folder of `argonne train` has its own rules on top of these (resume, bra
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -36,9 +37,11 @@ class OutputError(ValueError):
 
 
 def _pid_alive(pid: int) -> bool:
+    if pid <= 0:  # (os.kill(0, ...) would signal our own process group)
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: beyond any pid this system hands out
         return False
     except PermissionError:  # alive, another user's
         return True
@@ -50,6 +53,11 @@ def describe_contents(path: Path, limit: int = 4) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
     shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
     return f"{len(names)} entr{'y' if len(names) == 1 else 'ies'} ({shown})"
+
+
+def absolute(path: str | Path) -> Path:
+    """`path` made absolute with `.` and `..` resolved by name (os.path.abspath: links are not followed)."""
+    return Path(os.path.abspath(path))
 
 
 def check_place(path: Path, kind: str, option: str = "--output") -> None:
@@ -107,10 +115,18 @@ def recover(path: Path) -> None:
     for entry, kind, gone in leftovers(path):
         if not gone:
             continue
-        if kind == "replaced" and not path.exists() and not path.is_symlink():
+        if kind == "replaced" and _missing_or_empty_folder(path):
+            if path.is_dir():
+                path.rmdir()  # (made again by hand since, empty: the earlier output is what was there)
             os.replace(entry, path)
         else:
             _remove(entry)
+
+
+def _missing_or_empty_folder(path: Path) -> bool:
+    if path.is_symlink():
+        return False
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
 
 class Output:
@@ -118,7 +134,8 @@ class Output:
     `staged()` gives the path to write and moves the result into place."""
 
     def __init__(self, path: str | Path, kind: str = FOLDER, overwrite: bool = False, option: str = "--output"):
-        self.path, self.kind, self.overwrite, self.option = Path(path), kind, overwrite, option
+        # Absolute and without . or .. (a link is not followed): "." and "out/.." name a folder like any other.
+        self.path, self.kind, self.overwrite, self.option = absolute(path), kind, overwrite, option
         self.check()
 
     def existing(self) -> str | None:
@@ -166,7 +183,13 @@ class Output:
             raise
 
     def publish(self, staging: Path) -> None:
-        """Rename `staging` to the target; an earlier output is set aside first and deleted after."""
+        """Rename `staging` to the target; with `overwrite` an earlier output is set aside first and deleted after.
+        Without it, an output that appeared during the command (another command writing the same target) is refused
+        here too, atomically: a folder is renamed only onto nothing or an empty folder, a file is linked into place
+        (a link fails where a file exists)."""
+        if not self.overwrite:
+            self._publish_new(staging)
+            return
         replaced = None
         if self.path.exists():
             replaced = self._staging_path("replaced")
@@ -175,6 +198,28 @@ class Output:
         os.replace(staging, self.path)
         if replaced is not None:
             _remove(replaced)
+
+    def _publish_new(self, staging: Path) -> None:
+        appeared = OutputError(f"{self.option} {self.path} was written by someone else while this command ran; "
+                               f"nothing was replaced (this command's output is discarded). Pass --overwrite to "
+                               f"replace it, or choose another {self.option}")
+        if self.existing():
+            raise appeared
+        try:
+            if self.kind == FOLDER:
+                os.rename(staging, self.path)  # fails (ENOTEMPTY, EEXIST) on a folder that is not empty
+            else:
+                os.link(staging, self.path)  # fails (EEXIST) on any file
+                staging.unlink()
+        except FileExistsError:
+            raise appeared from None
+        except OSError as error:
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise appeared from None
+            if self.kind == FILE and error.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
+                os.replace(staging, self.path)  # a filesystem without hard links: checked just above
+            else:
+                raise
 
     def write(self, data: str | bytes) -> Path:
         """Write a small file whole (results JSON, and the like) through `staged()`; returns the target."""

@@ -202,21 +202,34 @@ def clear_earlier_run(run_dir: str | Path) -> list[str]:
     return deleted
 
 
-def set_aside_run(run_dir: str | Path, run_id: str, checkpoints: list[Path]) -> list[str]:
+def set_aside_name(path: Path, suffix: str) -> Path:
+    """`path.suffix` for a folder set aside (`metrics.suffix.jsonl` for a .jsonl file), or the same with `-2`, `-3`...
+    where an earlier branch or rollback of the run already set one aside under that name: never replaced."""
+    stem, extension = (path.stem, path.suffix) if path.suffix == ".jsonl" else (path.name, "")
+    candidate, number = path.with_name(f"{stem}.{suffix}{extension}"), 1
+    while candidate.exists() or candidate.is_symlink():
+        number += 1
+        candidate = path.with_name(f"{stem}.{suffix}-{number}{extension}")
+    return candidate
+
+
+def set_aside_run(run_dir: str | Path, run_id: str, checkpoints: list[Path]) -> list[dict]:
     """Keep a run's later checkpoints, metrics log and model out of a branch's way, renamed with `.run-ID`
-    (invisible to --resume auto and to pruning, never deleted); returns the new names."""
-    run_dir, suffix = Path(run_dir), f".run-{run_id}"
+    (invisible to --resume auto and to pruning, never deleted, never over an earlier set-aside); returns
+    [{"from": name, "to": new name, "copied": bool}], names relative to the run folder."""
+    run_dir, suffix = Path(run_dir), f"run-{run_id}"
     moved = []
-    for path in checkpoints:
-        path.rename(path.with_name(path.name + suffix))
-        moved.append(f"checkpoints/{path.name}{suffix}")
+    for path in [*checkpoints, run_dir / "model"]:
+        if path.is_dir():
+            aside = set_aside_name(path, suffix)
+            path.rename(aside)
+            moved.append({"from": str(path.relative_to(run_dir)), "to": str(aside.relative_to(run_dir)),
+                          "copied": False})
     metrics = run_dir / METRICS_FILE
     if metrics.is_file():  # copied: the branch keeps the records up to its step
-        shutil.copyfile(metrics, run_dir / f"metrics{suffix}.jsonl")
-        moved.append(f"metrics{suffix}.jsonl")
-    if (run_dir / "model").is_dir():
-        (run_dir / "model").rename(run_dir / f"model{suffix}")
-        moved.append(f"model{suffix}")
+        aside = set_aside_name(metrics, suffix)
+        shutil.copyfile(metrics, aside)
+        moved.append({"from": METRICS_FILE, "to": aside.name, "copied": True})
     return moved
 
 
@@ -244,26 +257,24 @@ def read_run_id(run_dir: str | Path) -> str | None:
 
 def undo_unsaved_branch(run_dir: str | Path, has_checkpoint) -> str | None:
     """A branch that stopped before its first checkpoint is undone: what it set aside goes back under its old
-    names (the branch's own metrics are kept as metrics.run-BRANCH.jsonl), and run.json names the run it branched
-    from again. `has_checkpoint(run_id)` says whether a run id has a complete checkpoint. Returns a line saying what
-    was restored, or None when there is no such branch."""
+    names (the branch's own metrics are kept aside as metrics.run-BRANCH.jsonl), and run.json names the run it
+    branched from again. `has_checkpoint(run_id)` says whether a run id has a complete checkpoint. Returns a line
+    saying what was restored, or None when there is no such branch."""
     run_dir = Path(run_dir)
     record = read_run_record(run_dir)
     branch, run_id = record.get("branched_from"), record.get("run_id")
     if not isinstance(branch, dict) or not isinstance(run_id, str) or has_checkpoint(run_id):
         return None
     restored = []
-    for moved in branch.get("set_aside", []):
-        aside, suffix = run_dir / moved, f".run-{branch.get('run_id')}"
-        if moved.startswith(f"metrics{suffix}"):
-            original = run_dir / METRICS_FILE
-            if original.is_file():
-                original.rename(run_dir / f"metrics.run-{run_id}.jsonl")
-        else:
-            original = aside.with_name(aside.name.removesuffix(suffix))
+    for entry in branch.get("set_aside", []):
+        if not (isinstance(entry, dict) and isinstance(entry.get("from"), str) and isinstance(entry.get("to"), str)):
+            continue
+        original, aside = run_dir / entry["from"], run_dir / entry["to"]
+        if entry.get("copied") and original.is_file():
+            original.rename(set_aside_name(original, f"run-{run_id}"))
         if aside.exists() and not original.exists():
             aside.rename(original)
-            restored.append(str(original.relative_to(run_dir)))
+            restored.append(entry["from"])
     write_run_record(run_dir, branch.get("run_id"), restored_after_unsaved_branch=run_id)
     return (f"the branch {run_id} stopped before its first checkpoint; restored the run it branched from: "
             f"{', '.join(restored) or 'nothing was set aside'}")

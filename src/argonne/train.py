@@ -17,6 +17,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -59,6 +60,7 @@ from .run_folder import (
     new_run_id,
     read_run_id,
     refuse_fresh_start,
+    set_aside_name,
     set_aside_run,
     undo_unsaved_branch,
     write_run_record,
@@ -551,8 +553,7 @@ def train(config: RunConfig, spec: TrainSpec = PRETRAINING, resume: str | None =
     topology = init_distributed(config.parallel.tensor_parallel, device)
     lock = claim_run_folder(Path(config.train.run_dir), resume, overwrite, topology)
     try:
-        resume_from, run_id, newer = choose_checkpoint(Path(config.train.run_dir), resume, topology)
-        summary = _train(config, spec, topology, resume_from, run_id, newer)
+        summary = _train(config, spec, topology, choose_checkpoint(Path(config.train.run_dir), resume, topology))
     finally:
         if lock is not None:
             lock.release()
@@ -596,9 +597,20 @@ def claim_run_folder(run_dir: Path, resume: str | None, overwrite: bool, topolog
     return lock
 
 
-def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> tuple[Path | None, str, list[Path]]:
-    """The checkpoint to resume from (None: a fresh start), the run's id, and the checkpoints a branch sets aside,
-    the same in every process (the main process lists the folder; verification is shared by all). Nothing is
+class RunStart(NamedTuple):
+    """How a run starts: from which checkpoint (None: afresh), under which run id, and which checkpoints it sets
+    aside once it is built: a branch's newer ones (`newer`) and those `--resume auto` skipped for failing
+    verification (`unverified`, kept as `step-N.unverified`: the run would otherwise replace them at their step)."""
+
+    resume_from: Path | None
+    run_id: str
+    newer: list[Path] = []
+    unverified: list[Path] = []
+
+
+def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> RunStart:
+    """The checkpoint to resume from (None: a fresh start), the run's id, and the checkpoints it sets aside, the
+    same in every process (the main process lists the folder; verification is shared by all). Nothing is
     written here but the undoing of a branch that never saved (below): the run folder changes only once the run is
     built (`start_run_folder`), so a refused resume leaves it as it was.
 
@@ -608,19 +620,18 @@ def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> 
     found before the branch. A path: it must verify. The run id continues the checkpoint's. It is new for a fresh
     start, and for a resume from a checkpoint of this folder older than its run's newest: a branch, for which the
     newer checkpoints, the metrics log and the model are set aside under the old run's id (`set_aside_run`), never
-    deleted. Newer checkpoints that `auto` skipped failed verification: the run replaces them as it reaches
-    their steps."""
-    checkpoints = run_dir / "checkpoints"
+    deleted. Newer checkpoints that `auto` skipped failed verification: they are set aside too, never replaced."""
+    checkpoints, unverified = run_dir / "checkpoints", []
     if resume is None:
-        return None, from_main_process(new_run_id(), topology), []
+        return RunStart(None, from_main_process(new_run_id(), topology))
     if resume == "auto":
         listed = _auto_listing(run_dir) if topology.is_main else None
         listed, problem = from_main_process(listed, topology)
         if problem is not None:
             raise RunFolderError(problem)
-        path = _first_verified(listed, checkpoints, topology)
+        path, unverified = _first_verified(listed, checkpoints, topology)
         if path is None:
-            return None, from_main_process(new_run_id(), topology), []
+            return RunStart(None, from_main_process(new_run_id(), topology))
     else:
         path = Path(resume)
         if not path.is_dir():
@@ -628,7 +639,7 @@ def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> 
         if not verify_checkpoint(path, topology.host_group):
             log_main(topology.rank, f"{path}: written before checkpoints recorded checksums, not verified")
     run_id, newer = from_main_process(_branch_of(run_dir, path, resume) if topology.is_main else None, topology)
-    return path, run_id, newer
+    return RunStart(path, run_id, newer, unverified)
 
 
 def _auto_listing(run_dir: Path) -> tuple[list[Path], str | None]:
@@ -656,20 +667,23 @@ def _auto_candidates(checkpoints: Path, run_id: str | None) -> list[Path]:
     return [c for c in reversed(complete_checkpoints(checkpoints)) if run_id is None or run_id_of(c) in (run_id, None)]
 
 
-def _first_verified(candidates: list[Path], checkpoints: Path, topology: Topology) -> Path | None:
+def _first_verified(candidates: list[Path], checkpoints: Path, topology: Topology) -> tuple[Path | None, list[Path]]:
+    """The newest candidate that verifies, and the newer ones that did not."""
+    skipped = []
     for path in candidates:
         try:
             if not verify_checkpoint(path, topology.host_group):
                 log_main(topology.rank, f"{path}: written before checkpoints recorded checksums, not verified")
-            return path
+            return path, skipped
         except CheckpointError as error:
             log_main(topology.rank, f"--resume auto: skipping {path.name}: {error}")
+            skipped.append(path)
     if candidates:
         raise CheckpointError(
             f"--resume auto: none of the {len(candidates)} checkpoint(s) in {checkpoints} verifies (see above). "
             f"Resume from a good copy of one with --resume PATH; --overwrite would delete this run and start over"
         )
-    return None
+    return None, skipped
 
 
 def _branch_of(run_dir: Path, path: Path, resume: str) -> tuple[str, list[Path]]:
@@ -682,27 +696,31 @@ def _branch_of(run_dir: Path, path: Path, resume: str) -> tuple[str, list[Path]]
     return (new_run_id() if run_id is None or newer else run_id), newer
 
 
-def start_run_folder(run: "Run", newer: list[Path]) -> None:
-    """(Main process, once the run is built and restored.) Set a branch's newer checkpoints aside, then record the
-    run: config.json and run.json (with what a branch set aside, so that it can be undone if it never saves)."""
-    run_dir, branch = Path(run.config.train.run_dir), None
+def start_run_folder(run: "Run", start: RunStart) -> None:
+    """(Main process, once the run is built and restored.) Set aside the checkpoints that `start` names, then
+    record the run: config.json and run.json (with what a branch set aside, so that it can be undone if it never
+    saves)."""
+    run_dir, branch, newer = Path(run.config.train.run_dir), None, start.newer
+    for path in start.unverified:
+        aside = set_aside_name(path, "unverified")
+        path.rename(aside)
+        log_main(0, f"--resume auto: {path.name}, which failed verification, is kept as {aside.name}")
     if newer:
         old_id = run_id_of(run.resume_from) or "unnamed"
         moved = set_aside_run(run_dir, old_id, newer)
         branch = {"run_id": old_id, "step": checkpoint_step(run.resume_from), "set_aside": moved}
         log_main(0, f"resuming from {run.resume_from.name}, older than {len(newer)} checkpoint(s) of the same run: a "
-                    f"branch. Kept under the old run's name: {', '.join(moved)}")
+                    f"branch. Kept under the old run's name: {', '.join(entry['to'] for entry in moved)}")
     write_atomic(run_dir / "config.json", json.dumps(run.config.to_dict(), indent=2))
     write_run_record(run_dir, run.run_id, resumed_from=str(run.resume_from) if run.resume_from else None,
                      **({"branched_from": branch} if branch else {}))
 
 
-def _train(config: RunConfig, spec: TrainSpec, topology: Topology, resume_from: Path | None, run_id: str,
-           newer: list[Path]) -> dict:
+def _train(config: RunConfig, spec: TrainSpec, topology: Topology, start: RunStart) -> dict:
     """The run, in a claimed run folder: build it, record it in the folder, loop, then export the trained model."""
-    run = build_run(config, spec, topology, resume_from, run_id)
+    run = build_run(config, spec, topology, start.resume_from, start.run_id)
     if topology.is_main:
-        start_run_folder(run, newer)
+        start_run_folder(run, start)
     sink = MetricsSink(Path(config.train.run_dir), topology.is_main, config.train.tensorboard, config.train.steps,
                        run.start_step, run.start_step)
     try:
@@ -960,16 +978,6 @@ def roll_back(run: Run, sink: "MetricsSink", spikes: list[tuple[int, int, int]],
     sink.log({"step": step, "rolled_back_from": now, "spike_steps": spike_steps,
               "skipped_batches": skipped[-1], "rollbacks": rollbacks})
     return step
-
-
-def set_aside_name(path: Path, suffix: str) -> Path:
-    """`path.suffix` for a folder set aside, or `path.suffix-2`, `-3`... where an earlier branch of the run already
-    set one aside under that name (a run resumed before its rollback rolls back again): never replaced."""
-    candidate, number = path.with_name(f"{path.name}.{suffix}"), 1
-    while candidate.exists():
-        number += 1
-        candidate = path.with_name(f"{path.name}.{suffix}-{number}")
-    return candidate
 
 
 class LogInterval:

@@ -289,6 +289,18 @@ def test_interrupted_prepare_resumes_without_redoing_finished_shards(three_shard
     for path in (tmp_path / "clean").rglob("*.bin"):
         assert (out / path.relative_to(tmp_path / "clean")).read_bytes() == path.read_bytes()
 
+    # A finished shard damaged since (cut short; overwritten at the same size) is prepared again, not trusted.
+    shard = out / "shards" / "00000.train.bin"
+    with open(shard, "r+b") as f:
+        f.truncate(1000)
+    with open(out / "shards" / "00001.val.bin", "r+b") as f:
+        f.write(b"\xff" * 8)
+    calls.clear()
+    assert prepare_dataset(three_shards, tokenizer, out, settings(), progress=False) == clean
+    assert set(calls) == {three_shards[0], three_shards[1]}
+    for path in (tmp_path / "clean").rglob("*.bin"):
+        assert (out / path.relative_to(tmp_path / "clean")).read_bytes() == path.read_bytes()
+
 
 @pytest.mark.slow
 def test_manifest_records_tokenizer_sources_and_counts(three_shards, tokenizer, tmp_path):

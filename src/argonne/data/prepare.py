@@ -81,7 +81,9 @@ def prepare_dataset(
                      "document_settings": tok.tokens_record()}
     plan = {"format": PLAN_FORMAT, "seq_len": settings.seq_len, **config_record,
             "sources": [describe_source(path) for path in files]}
-    with dataset_folder(Path(output), plan, overwrite) as folder:
+    from ..outputs import absolute
+
+    with dataset_folder(absolute(output), plan, overwrite) as folder:
         return _prepare_into(folder, files, plan, config_record, tokenizer, boundary, settings, progress)
 
 
@@ -120,7 +122,11 @@ def _read_plan(path: Path) -> dict | None:
 
 
 def _plan_differences(earlier: dict, plan: dict) -> list[str]:
-    names = {"sources": "inputs (paths, sizes or contents)", "tokenizer": "tokenizer",
+    same_files = [{k: v for k, v in s.items() if k != "path"} for s in earlier.get("sources") or []] == \
+        [{k: v for k, v in s.items() if k != "path"} for s in plan["sources"]]
+    names = {"sources": "input paths (the same files by size and sha256: give them as before, "
+                        f"{', '.join(s.get('path', '?') for s in earlier['sources'])})" if same_files
+             else "inputs (paths, sizes or contents)", "tokenizer": "tokenizer",
              "boundary_token_id": "document boundary token", "document_settings": "document settings",
              "seq_len": "--seq-len", "format": "Argonne version"}
     return [names.get(key, key) for key in plan if earlier.get(key) != plan[key]] or ["settings"]
@@ -174,12 +180,10 @@ def _prepare_into(output: Path, files: list[str], plan: dict, config_record: dic
 
 
 def _manifest_entry(output: Path, shard: dict) -> dict:
-    """A shard as the manifest lists it, with the checksums of its files (hashed here, when they were just written
-    or found finished, so that a resumed prepare records them too)."""
-    entry = {k: shard[k] for k in ("index", "train_file", "val_file", "train_tokens", "val_tokens", "stats")}
-    sums = hash_files(output, [shard["train_file"], shard["val_file"]])
-    entry["train_sha256"], entry["val_sha256"] = sums[shard["train_file"]]["sha256"], sums[shard["val_file"]]["sha256"]
-    return entry
+    """A shard as the manifest lists it, with the checksums of its files: its done record's (taken when it was
+    written, and checked when a resumed prepare found it finished)."""
+    keys = ("index", "train_file", "val_file", "train_tokens", "val_tokens", "stats", "train_sha256", "val_sha256")
+    return {k: shard[k] for k in keys}
 
 
 def _finished_shard(done: Path, source: dict, config_record: dict) -> dict | None:
@@ -189,7 +193,29 @@ def _finished_shard(done: Path, source: dict, config_record: dict) -> dict | Non
     if record.get("source") != source or record.get("config") != config_record:
         log.info("redoing %s: its source or settings changed", done.name)
         return None
+    if record.get("skipped"):
+        return record
+    problem = _shard_files_problem(done.parent.parent, record)
+    if problem:
+        log.warning("redoing %s: %s", done.name, problem)
+        return None
     return record
+
+
+def _shard_files_problem(output: Path, record: dict) -> str | None:
+    """Why a finished shard's token files are not what its done record says (missing, another size, another
+    checksum), or None. A record written before records held checksums is checked by sizes and hashed now."""
+    names = [record.get("train_file"), record.get("val_file")]
+    if not all(isinstance(name, str) and (output / name).is_file() for name in names):
+        return "its token files are missing"
+    for split, name in zip(("train", "val"), names):
+        if (output / name).stat().st_size != record.get(f"{split}_tokens", -1) * TOKEN_DTYPE().itemsize:
+            return f"{name} is not the size its record says"
+    sums = hash_files(output, names)
+    for split, name in zip(("train", "val"), names):
+        if record.setdefault(f"{split}_sha256", sums[name]["sha256"]) != sums[name]["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
 
 
 def _prepare_shard(path, source, paths, pool: RowGroupPool, tok: DocumentSettings, config_record, on_part) -> dict:
@@ -235,16 +261,18 @@ def _write_shard(path, paths, tmps, pool: RowGroupPool, tok: DocumentSettings, r
         return record
     os.replace(train_tmp, paths["train"])
     os.replace(val_tmp, paths["val"])
+    sums = hash_files(paths["train"].parent, [paths["train"].name, paths["val"].name])
     record.update(
         train_file=f"shards/{paths['train'].name}",
         val_file=f"shards/{paths['val'].name}",
         train_tokens=train_tokens,
         val_tokens=val_tokens,
+        train_sha256=sums[paths["train"].name]["sha256"],
+        val_sha256=sums[paths["val"].name]["sha256"],
         stats=stats,
     )
     write_atomic(paths["done"], json.dumps(record, indent=2))
     return record
-
 
 
 def load_manifest(directory: str | Path) -> dict:
