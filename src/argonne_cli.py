@@ -405,6 +405,9 @@ def _add_data(sub) -> None:
     inspect.add_argument("--show-tokens", type=int, default=200, help="tokens of the window to decode and print")
     inspect.add_argument("--tokenizer", default=None,
                          help="tokenizer to decode with (default: the one named in the manifest)")
+    inspect.add_argument("--verify", action="store_true",
+                         help="also check every shard against its checksum in the manifest (reads every byte; "
+                              "without it, their sizes are checked)")
 
 
 def _add_tokenizer(sub) -> None:

@@ -165,18 +165,50 @@ def test_run_ids_are_recorded(tmp_path):
 def test_a_second_branch_sets_aside_beside_the_first_never_over_it(tmp_path):
     """Two branches of one run set aside the same run's later checkpoints, metrics and model: the second set gets
     names of its own (-2), and the first set's metrics are not overwritten."""
-    from argonne.run_folder import set_aside_run
+    from argonne.run_folder import apply_set_aside, plan_set_aside
 
     run = tmp_path / "run"
     for step in (2, 3):
         (run / "checkpoints" / f"step-0000000{step}").mkdir(parents=True)
     (run / "model").mkdir()
     (run / "metrics.jsonl").write_text('{"step": 3}\n')
-    first = set_aside_run(run, "X", [run / "checkpoints" / "step-00000003"])
+    first = plan_set_aside(run, "X", [run / "checkpoints" / "step-00000003"])
+    apply_set_aside(run, first)
     (run / "model").mkdir()
     (run / "metrics.jsonl").write_text('{"step": 2}\n')
-    second = set_aside_run(run, "X", [run / "checkpoints" / "step-00000002"])
+    second = plan_set_aside(run, "X", [run / "checkpoints" / "step-00000002"])
+    apply_set_aside(run, second)
     assert [e["to"] for e in first] == ["checkpoints/step-00000003.run-X", "model.run-X", "metrics.run-X.jsonl"]
     assert [e["to"] for e in second] == ["checkpoints/step-00000002.run-X", "model.run-X-2", "metrics.run-X-2.jsonl"]
     assert (run / "metrics.run-X.jsonl").read_text() == '{"step": 3}\n'
     assert (run / "metrics.run-X-2.jsonl").read_text() == '{"step": 2}\n'
+
+
+@pytest.mark.parametrize("stopped_after", ["record", "one move", "all moves", "the undo's moves"])
+def test_a_branch_stopped_at_any_point_before_its_first_checkpoint_is_undone_whole(tmp_path, stopped_after):
+    """run.json records what a branch sets aside before anything moves; killed after the record, midway through
+    the moves, after them, or during an earlier undo itself, the next undo leaves the folder as before the
+    branch."""
+    from argonne.run_folder import (apply_set_aside, plan_set_aside, read_run_id, undo_unsaved_branch,
+                                    write_run_record)
+
+    run = tmp_path / "run"
+    for step in (2, 4):
+        (run / "checkpoints" / f"step-0000000{step}").mkdir(parents=True)
+    (run / "model").mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 4}\n')
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*")), (run / "metrics.jsonl").read_text()
+    planned = plan_set_aside(run, "OLD", [run / "checkpoints" / "step-00000004"])
+    write_run_record(run, "BRANCH", branched_from={"run_id": "OLD", "step": 2, "set_aside": planned})
+    if stopped_after != "record":
+        apply_set_aside(run, planned[:1] if stopped_after == "one move" else planned)
+    if stopped_after in ("all moves", "the undo's moves"):  # the branch logs once everything is set aside
+        (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 3}\n')
+    if stopped_after == "the undo's moves":  # an undo killed before it rewrote run.json: it runs again
+        undo_unsaved_branch(run, lambda run_id: False)
+        write_run_record(run, "BRANCH", branched_from={"run_id": "OLD", "step": 2, "set_aside": planned})
+    assert "restored the run it branched from" in undo_unsaved_branch(run, lambda run_id: False)
+    assert read_run_id(run) == "OLD"
+    assert (run / "metrics.jsonl").read_text() == before[1]
+    left = sorted(str(p.relative_to(run)) for p in run.rglob("*") if not p.name.startswith("metrics.run-"))
+    assert left == sorted(before[0] + ["run.json"])

@@ -132,11 +132,12 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     """Print a prepared dataset's manifest and filter stats, and decode one sample window."""
-    from .data.batches import num_windows, read_window
+    from .data.batches import TokenWindows
     from .data.prepare import PreparedTokens, open_prepared
     from .tokenizer import load_tokenizer
 
-    manifest = open_prepared(args.directory)  # sizes and checksums of every shard verified
+    # Every shard's size checked; its checksum with --verify (it reads every byte: minutes for terabytes).
+    manifest = open_prepared(args.directory, checksums=args.verify)
     tokenizer_info = manifest["tokenizer"]
     print(f"dataset      {args.directory} ({manifest['format']}, {manifest['dtype']})")
     print(f"tokenizer    {tokenizer_info['name']} ({tokenizer_info['vocab_size']:,} tokens, "
@@ -147,14 +148,15 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     for skipped in manifest["skipped_files"]:
         print(f"skipped      {skipped['path']}: {skipped['reason']}")
     _print_stats(manifest)
+    print(f"checksums    {'every shard verified' if args.verify else 'not verified (--verify reads every shard)'}")
     tokens = PreparedTokens(args.directory, manifest=manifest)
     seq_len = args.seq_len or manifest["seq_len"]
-    windows = num_windows(len(tokens), seq_len)
-    print(f"windows      {windows:,} of {seq_len + 1} tokens (seq_len {seq_len})")
-    if windows:
-        index = min(args.window, windows - 1)
-        window = read_window(tokens, index, seq_len)
-        tokenizer = load_tokenizer(args.tokenizer or tokenizer_info["name"])
+    tokenizer = load_tokenizer(args.tokenizer or tokenizer_info["name"])
+    windows = TokenWindows(tokens, seq_len, len(tokenizer))  # a token id outside the vocabulary is an error
+    print(f"windows      {len(windows):,} of {seq_len + 1} tokens (seq_len {seq_len})")
+    if len(windows):
+        index = min(args.window, len(windows) - 1)
+        window = windows[index]
         print(f"--- window {index}, first {args.show_tokens} tokens ---")
         print(tokenizer.decode(window[: args.show_tokens].tolist()))
     return 0

@@ -125,7 +125,7 @@ def export_model(source: str | Path, target: str, output: str | Path, dtype: str
         raise ConversionError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if target not in EXPORT_TARGETS:
         raise ConversionError(f"unknown export target {target!r}; use one of {', '.join(EXPORT_TARGETS)}")
-    output = Output(output, FILE if target == "gguf" and Path(output).suffix == ".gguf" else FOLDER, overwrite)
+    output = Output(gguf_path(output), FILE, overwrite) if target == "gguf" else Output(output, FOLDER, overwrite)
     model, tokenizer = open_model(source, "cpu", "float32", tokenizer)  # read whole: the output may be the source
     model.to(DTYPES[dtype])
     # Finite when opened (open_model checks), a weight can still overflow the export's dtype (fp16 tops at 65,504).
@@ -137,14 +137,19 @@ def export_model(source: str | Path, target: str, output: str | Path, dtype: str
     return output.path
 
 
+def gguf_path(output: str | Path) -> Path:
+    """A GGUF export's file: `output` itself when it ends in .gguf, else `output`/model.gguf (the folder's other
+    files are left as they are: the file holds the tokenizer too)."""
+    output = Path(output)
+    return output if output.suffix == ".gguf" else output / "model.gguf"
+
+
 def _write_export(model, tokenizer, target: str, output: Path, name: str) -> None:
-    """The export into `output`: a new folder, or for gguf a file path when the output ends in .gguf."""
-    if target == "gguf" and not output.is_dir():
+    """The export into `output`: a new folder, or for gguf the file."""
+    if target == "gguf":
         write_gguf(model, tokenizer, output, name)
         return
-    if target == "gguf":
-        write_gguf(model, tokenizer, output / "model.gguf", name)
-    elif target == "hf":
+    if target == "hf":
         model.save_pretrained(output)
     else:
         save_as_transformers(model, target, output)

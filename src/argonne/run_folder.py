@@ -213,24 +213,31 @@ def set_aside_name(path: Path, suffix: str) -> Path:
     return candidate
 
 
-def set_aside_run(run_dir: str | Path, run_id: str, checkpoints: list[Path]) -> list[dict]:
-    """Keep a run's later checkpoints, metrics log and model out of a branch's way, renamed with `.run-ID`
-    (invisible to --resume auto and to pruning, never deleted, never over an earlier set-aside); returns
-    [{"from": name, "to": new name, "copied": bool}], names relative to the run folder."""
+def plan_set_aside(run_dir: str | Path, run_id: str, checkpoints: list[Path]) -> list[dict]:
+    """Where a branch keeps the run's later checkpoints, model and metrics log out of its way: names with `.run-ID`
+    (invisible to --resume auto and to pruning, never over an earlier set-aside), as
+    [{"from": name, "to": new name, "copied": bool}] relative to the run folder. Recorded in run.json before
+    `apply_set_aside` moves anything, so that a branch killed at any point can be undone."""
     run_dir, suffix = Path(run_dir), f"run-{run_id}"
-    moved = []
+    planned = []
     for path in [*checkpoints, run_dir / "model"]:
         if path.is_dir():
-            aside = set_aside_name(path, suffix)
-            path.rename(aside)
-            moved.append({"from": str(path.relative_to(run_dir)), "to": str(aside.relative_to(run_dir)),
-                          "copied": False})
-    metrics = run_dir / METRICS_FILE
-    if metrics.is_file():  # copied: the branch keeps the records up to its step
-        aside = set_aside_name(metrics, suffix)
-        shutil.copyfile(metrics, aside)
-        moved.append({"from": METRICS_FILE, "to": aside.name, "copied": True})
-    return moved
+            planned.append({"from": str(path.relative_to(run_dir)),
+                            "to": str(set_aside_name(path, suffix).relative_to(run_dir)), "copied": False})
+    if (run_dir / METRICS_FILE).is_file():  # copied: the branch keeps the records up to its step
+        planned.append({"from": METRICS_FILE, "to": set_aside_name(run_dir / METRICS_FILE, suffix).name,
+                        "copied": True})
+    return planned
+
+
+def apply_set_aside(run_dir: str | Path, planned: list[dict]) -> None:
+    run_dir = Path(run_dir)
+    for entry in planned:
+        source, aside = run_dir / entry["from"], run_dir / entry["to"]
+        if entry["copied"]:
+            shutil.copyfile(source, aside)
+        else:
+            source.rename(aside)
 
 
 def new_run_id() -> str:
@@ -270,7 +277,7 @@ def undo_unsaved_branch(run_dir: str | Path, has_checkpoint) -> str | None:
         if not (isinstance(entry, dict) and isinstance(entry.get("from"), str) and isinstance(entry.get("to"), str)):
             continue
         original, aside = run_dir / entry["from"], run_dir / entry["to"]
-        if entry.get("copied") and original.is_file():
+        if entry.get("copied") and original.is_file() and aside.is_file():  # (not yet copied, or already restored)
             original.rename(set_aside_name(original, f"run-{run_id}"))
         if aside.exists() and not original.exists():
             aside.rename(original)

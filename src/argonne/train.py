@@ -60,8 +60,9 @@ from .run_folder import (
     new_run_id,
     read_run_id,
     refuse_fresh_start,
+    apply_set_aside,
+    plan_set_aside,
     set_aside_name,
-    set_aside_run,
     undo_unsaved_branch,
     write_run_record,
 )
@@ -162,7 +163,7 @@ def pretraining_batches(config: RunConfig, tokenizer, topology: Topology, pin_me
 
         share = TokenizeShare(topology.rank, topology.world, dist.new_group(backend="gloo"))
     return pretraining_data(config.data, config.train.micro_batch_size, config.train.seed, tokenizer,
-                            topology.dp_rank, topology.dp, pin_memory, share)
+                            topology.dp_rank, topology.dp, pin_memory, share, topology.host_group)
 
 
 def sft_batches(config: RunConfig, tokenizer, topology: Topology, pin_memory: bool = False):
@@ -619,14 +620,13 @@ def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> 
     folder with no trace of one; a branch stopped before its first checkpoint is undone first, so auto finds what it
     found before the branch. A path: it must verify. The run id continues the checkpoint's. It is new for a fresh
     start, and for a resume from a checkpoint of this folder older than its run's newest: a branch, for which the
-    newer checkpoints, the metrics log and the model are set aside under the old run's id (`set_aside_run`), never
+    newer checkpoints, the metrics log and the model are set aside under the old run's id (`plan_set_aside`), never
     deleted. Newer checkpoints that `auto` skipped failed verification: they are set aside too, never replaced."""
     checkpoints, unverified = run_dir / "checkpoints", []
     if resume is None:
         return RunStart(None, from_main_process(new_run_id(), topology))
     if resume == "auto":
-        listed = _auto_listing(run_dir) if topology.is_main else None
-        listed, problem = from_main_process(listed, topology)
+        listed, problem = _main_decides(lambda: _auto_listing(run_dir), topology)
         if problem is not None:
             raise RunFolderError(problem)
         path, unverified = _first_verified(listed, checkpoints, topology)
@@ -638,8 +638,26 @@ def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> 
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
         if not verify_checkpoint(path, topology.host_group):
             log_main(topology.rank, f"{path}: written before checkpoints recorded checksums, not verified")
-    run_id, newer = from_main_process(_branch_of(run_dir, path, resume) if topology.is_main else None, topology)
+    run_id, newer = _main_decides(lambda: _branch_of(run_dir, path, resume), topology)
     return RunStart(path, run_id, newer, unverified)
+
+
+def _main_decides(decide: Callable, topology: Topology):
+    """`decide()`'s result, computed by the main process (which lists and reads the run folder), in every process.
+    A user error there (a damaged run.json or marker) is raised in every process, not in the main one alone while
+    the others wait for its answer."""
+    result, problem = None, None
+    if topology.is_main:
+        try:
+            result = decide()
+        except (ValueError, OSError) as error:
+            if topology.world == 1:
+                raise
+            problem = f"{type(error).__name__}: {error}"
+    result, problem = from_main_process((result, problem), topology)
+    if problem is not None:
+        raise RunFolderError(problem)
+    return result
 
 
 def _auto_listing(run_dir: Path) -> tuple[list[Path], str | None]:
@@ -697,30 +715,31 @@ def _branch_of(run_dir: Path, path: Path, resume: str) -> tuple[str, list[Path]]
 
 
 def start_run_folder(run: "Run", start: RunStart) -> None:
-    """(Main process, once the run is built and restored.) Set aside the checkpoints that `start` names, then
-    record the run: config.json and run.json (with what a branch set aside, so that it can be undone if it never
-    saves)."""
-    run_dir, branch, newer = Path(run.config.train.run_dir), None, start.newer
+    """(Main process, once the run is built and restored.) Set aside the checkpoints that `start` names and record
+    the run: config.json and run.json. A branch's run.json, with what it sets aside, is written before anything
+    moves, so that a branch stopped at any point before its first checkpoint can be undone."""
+    run_dir, branch, planned = Path(run.config.train.run_dir), None, []
     for path in start.unverified:
         aside = set_aside_name(path, "unverified")
         path.rename(aside)
         log_main(0, f"--resume auto: {path.name}, which failed verification, is kept as {aside.name}")
-    if newer:
+    if start.newer:
         old_id = run_id_of(run.resume_from) or "unnamed"
-        moved = set_aside_run(run_dir, old_id, newer)
-        branch = {"run_id": old_id, "step": checkpoint_step(run.resume_from), "set_aside": moved}
-        log_main(0, f"resuming from {run.resume_from.name}, older than {len(newer)} checkpoint(s) of the same run: a "
-                    f"branch. Kept under the old run's name: {', '.join(entry['to'] for entry in moved)}")
+        planned = plan_set_aside(run_dir, old_id, start.newer)
+        branch = {"run_id": old_id, "step": checkpoint_step(run.resume_from), "set_aside": planned}
     write_atomic(run_dir / "config.json", json.dumps(run.config.to_dict(), indent=2))
     write_run_record(run_dir, run.run_id, resumed_from=str(run.resume_from) if run.resume_from else None,
                      **({"branched_from": branch} if branch else {}))
+    if planned:
+        apply_set_aside(run_dir, planned)
+        log_main(0, f"resuming from {run.resume_from.name}, older than {len(start.newer)} checkpoint(s) of the same "
+                    f"run: a branch. Kept under the old run's name: {', '.join(entry['to'] for entry in planned)}")
 
 
 def _train(config: RunConfig, spec: TrainSpec, topology: Topology, start: RunStart) -> dict:
     """The run, in a claimed run folder: build it, record it in the folder, loop, then export the trained model."""
     run = build_run(config, spec, topology, start.resume_from, start.run_id)
-    if topology.is_main:
-        start_run_folder(run, start)
+    _main_decides(lambda: start_run_folder(run, start), topology)
     sink = MetricsSink(Path(config.train.run_dir), topology.is_main, config.train.tensorboard, config.train.steps,
                        run.start_step, run.start_step)
     try:
@@ -1067,14 +1086,19 @@ def export_final_model(model, model_config: ArgonneConfig, tokenizer, output: Pa
 
     sharded = topology.mesh is not None
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=sharded, cpu_offload=sharded))
+    problem = None
     if topology.is_main:
-        from .outputs import FOLDER, Output
-
         try:
             check_finite_weights(state, "the final weights")
         except ModelError as error:
-            raise TrainingStopped(f"{error}; {output} was not written (resume from a checkpoint before the "
-                                  "weights broke, with --resume PATH)") from None
+            problem = (f"{error}; {output} was not written (resume from a checkpoint before the weights broke, with "
+                       f"--resume PATH)")
+    problem = from_main_process(problem, topology)  # every process stops, not the main one alone
+    if problem is not None:
+        raise TrainingStopped(problem)
+    if topology.is_main:
+        from .outputs import FOLDER, Output
+
         plain = ArgonneForCausalLM(model_config)
         plain.load_state_dict({k: v.detach().cpu() for k, v in state.items()})
         # The run's own model/ (an earlier run's was refused or set aside before training): replaced whole, never

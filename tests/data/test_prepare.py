@@ -349,6 +349,18 @@ def test_inspect_prints_manifest_and_decodes_a_window(three_shards, tokenizer, t
     assert main(["data", "inspect", str(tmp_path / "out"), "--show-tokens", "20"]) == 0
     out = capsys.readouterr().out
     assert "8,192 tokens" in out and "kept" in out and "--- window 0" in out and "part-0.parquet" in out
+    assert "not verified (--verify reads every shard)" in out
+    # A shard changed at its size: sizes pass, --verify names it; a token outside the vocabulary is named anyway.
+    shard = tmp_path / "out" / "shards" / "00001.train.bin"
+    with open(shard, "r+b") as f:
+        f.write(b"\x01\x00\x00\x00")
+    assert main(["data", "inspect", str(tmp_path / "out")]) == 0
+    assert main(["data", "inspect", str(tmp_path / "out"), "--verify"]) == 2
+    assert "00001.train.bin does not match its checksum" in capsys.readouterr().err
+    with open(tmp_path / "out" / "shards" / "00000.train.bin", "r+b") as f:
+        f.write(b"\xff" * 8)
+    assert main(["data", "inspect", str(tmp_path / "out")]) == 2
+    assert "00000.train.bin, token 0: token id 4,294,967,295 is outside the vocabulary" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -181,9 +181,21 @@ class WindowBatches:
             pin_memory=self.pin_memory,
             prefetch_factor=4 if self.workers else None,
         )
-        for batch in loader:
-            self.delivered += 1
-            yield batch
+        try:
+            for batch in loader:
+                self.delivered += 1
+                yield batch
+        except DataError as error:  # from a worker process, wrapped in its traceback: the message alone
+            raise DataError(worker_message(error)) from None
+
+
+def worker_message(error: Exception) -> str:
+    """A DataLoader worker's error as its own message: DataLoader re-raises it as "Caught DataError in DataLoader
+    worker process 0. Original Traceback ..." ending in "...DataError: <message>"."""
+    text = str(error).rstrip()
+    if "Original Traceback" not in text:
+        return text
+    return text.splitlines()[-1].split("Error: ", 1)[-1]
 
 
 class StreamingBatches:
@@ -262,13 +274,14 @@ def validation_batches(windows: TokenWindows | LabelledWindows, count: int, micr
 
 
 def pretraining_data(data, micro_batch_size: int, seed: int, tokenizer, rank: int = 0, world: int = 1,
-                     pin_memory: bool = False, share=None):
+                     pin_memory: bool = False, share=None, group=None):
     """(this data-parallel rank's training batches, validation batches or None) from the run config's [data]
     section: prepared token shards, or parquet streamed with the same document settings as a prepare. `share`
-    (a TokenizeShare) splits a stream's tokenization across processes."""
+    (a TokenizeShare) splits a stream's tokenization across processes; `group` (host-side) shares what the
+    processes found verifying the prepared shards."""
     vocab_size = len(tokenizer)  # every id a prepared shard may hold (the model's vocabulary is at least this)
     if data.prepared:
-        manifest = open_prepared(data.prepared, rank, world)  # shard sizes and checksums verified
+        manifest = open_prepared(data.prepared, rank, world, group)  # shard sizes and checksums verified
         train_tokens = PreparedTokens(data.prepared, "train", tokenizer, manifest)
         check_prepared_settings(manifest, data, data.prepared)
         batches = WindowBatches(TokenWindows(train_tokens, data.seq_len, vocab_size), micro_batch_size, rank, world,

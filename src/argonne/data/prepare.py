@@ -71,19 +71,21 @@ def prepare_dataset(
     rerun after an interruption skips finished shards. `output` holding anything but this very dataset (its
     prepare.json) is refused unless `overwrite`. Returns the manifest.
     """
+    from ..outputs import absolute
     from ..tokenizer import document_boundary_id
 
+    output = absolute(output)
     files = resolve_parquet_files(inputs)
     tok = settings.documents
     boundary = document_boundary_id(tokenizer)
     fingerprint = tokenizer_fingerprint(tokenizer)
     config_record = {"tokenizer": fingerprint, "boundary_token_id": boundary,
                      "document_settings": tok.tokens_record()}
-    plan = {"format": PLAN_FORMAT, "seq_len": settings.seq_len, **config_record,
-            "sources": [describe_source(path) for path in files]}
-    from ..outputs import absolute
-
-    with dataset_folder(absolute(output), plan, overwrite) as folder:
+    plan = {"format": PLAN_FORMAT, "seq_len": settings.seq_len, **config_record}
+    if not overwrite:
+        check_resumable_into(output, plan)  # before the inputs are hashed (minutes for terabytes)
+    plan["sources"] = [describe_source(path) for path in files]
+    with dataset_folder(output, plan, overwrite) as folder:
         return _prepare_into(folder, files, plan, config_record, tokenizer, boundary, settings, progress)
 
 
@@ -92,25 +94,40 @@ def dataset_folder(output: Path, plan: dict, overwrite: bool) -> Iterator[Path]:
     """The folder to prepare into: `output` itself when it is new, empty or an unfinished (or finished) prepare of
     the same plan (resumed); staging beside it, moved into place at the end, when `overwrite` replaces another
     dataset. Anything else is refused, naming what differs."""
-    from ..outputs import FOLDER, Output, check_place, describe_contents, recover
+    from ..outputs import FOLDER, Output
 
-    check_place(output, FOLDER)
-    recover(output)
-    earlier = _read_plan(output / PLAN)
-    if not output.exists() or not any(output.iterdir()) or earlier == plan:
+    if not overwrite or _resumable(output, plan):
+        check_resumable_into(output, plan)
         (output / "shards").mkdir(parents=True, exist_ok=True)
         write_atomic(output / PLAN, json.dumps(plan, indent=2))
         yield output
         return
-    if not overwrite:
-        what = (f"a dataset prepared with other {', '.join(_plan_differences(earlier, plan))}" if earlier
-                else describe_contents(output))
-        raise DataError(f"--output {output} already holds {what}; rerun with the same inputs and settings to "
-                        f"resume it, pass --overwrite to replace it, or choose another --output")
     with Output(output, FOLDER, overwrite=True).staged() as staging:
         (staging / "shards").mkdir()
         write_atomic(staging / PLAN, json.dumps(plan, indent=2))
         yield staging
+
+
+def _resumable(output: Path, plan: dict) -> bool:
+    return not output.exists() or not any(output.iterdir()) or _read_plan(output / PLAN) == plan
+
+
+def check_resumable_into(output: Path, plan: dict) -> None:
+    """Refuse an output folder that holds anything but a prepare of `plan` (new, empty, or the same plan: resumed).
+    Without its "sources" (not hashed yet), only what the plan has is compared."""
+    from ..outputs import FOLDER, check_place, describe_contents, recover
+
+    check_place(output, FOLDER)
+    recover(output)
+    if not output.exists() or not any(output.iterdir()):
+        return
+    earlier = _read_plan(output / PLAN)
+    if earlier is not None and all(earlier.get(key) == value for key, value in plan.items()):
+        return
+    what = (f"a dataset prepared with other {', '.join(_plan_differences(earlier, plan))}" if earlier
+            else describe_contents(output))
+    raise DataError(f"--output {output} already holds {what}; rerun with the same inputs and settings to "
+                    f"resume it, pass --overwrite to replace it, or choose another --output")
 
 
 def _read_plan(path: Path) -> dict | None:
@@ -122,14 +139,19 @@ def _read_plan(path: Path) -> dict | None:
 
 
 def _plan_differences(earlier: dict, plan: dict) -> list[str]:
-    same_files = [{k: v for k, v in s.items() if k != "path"} for s in earlier.get("sources") or []] == \
-        [{k: v for k, v in s.items() if k != "path"} for s in plan["sources"]]
-    names = {"sources": "input paths (the same files by size and sha256: give them as before, "
-                        f"{', '.join(s.get('path', '?') for s in earlier['sources'])})" if same_files
-             else "inputs (paths, sizes or contents)", "tokenizer": "tokenizer",
-             "boundary_token_id": "document boundary token", "document_settings": "document settings",
-             "seq_len": "--seq-len", "format": "Argonne version"}
+    names = {"tokenizer": "tokenizer", "boundary_token_id": "document boundary token",
+             "document_settings": "document settings", "seq_len": "--seq-len", "format": "Argonne version",
+             "sources": "inputs (paths, sizes or contents)"}
+    if "sources" in plan and _without_paths(earlier.get("sources")) == _without_paths(plan["sources"]):
+        given = ", ".join(str(source.get("path")) for source in earlier["sources"])
+        names["sources"] = f"input paths (the same files by size and sha256: give them as before, {given})"
     return [names.get(key, key) for key in plan if earlier.get(key) != plan[key]] or ["settings"]
+
+
+def _without_paths(sources) -> list | None:
+    if not isinstance(sources, list) or not all(isinstance(source, dict) for source in sources):
+        return None
+    return [{key: value for key, value in source.items() if key != "path"} for source in sources]
 
 
 def _prepare_into(output: Path, files: list[str], plan: dict, config_record: dict, tokenizer, boundary: int,
@@ -340,7 +362,8 @@ def _shard_problems(shard, prefix: str) -> list[str]:
     return problems
 
 
-def verify_shards(directory: str | Path, manifest: dict, rank: int = 0, world: int = 1) -> bool:
+def verify_shards(directory: str | Path, manifest: dict, rank: int = 0, world: int = 1, group=None,
+                  checksums: bool = True) -> bool:
     """Check the token shards of a prepared dataset against the manifest: every size, and the checksums of this
     process's share (shards rank, rank + world, ...: the processes of a run split the hashing). A shard that
     differs is a DataError naming it. Returns False for a dataset prepared before checksums were recorded (its
@@ -364,23 +387,36 @@ def verify_shards(directory: str | Path, manifest: dict, rank: int = 0, world: i
                 recorded[name] = shard[f"{split}_sha256"]
     if problems:
         raise DataError(f"{directory}: the prepared data does not match its {MANIFEST}: {'; '.join(problems[:5])}")
-    if not recorded or manifest.get("checksum") != CHECKSUM:
+    if not checksums or not recorded or manifest.get("checksum") != CHECKSUM:
         return False
     mine = sorted(recorded)[rank::world]
     for name, found in hash_files(directory, mine).items():
         if found["sha256"] != recorded[name]:
             problems.append(f"{directory / name} does not match its checksum (changed or damaged since it was "
                             f"prepared)")
+    problems = _from_every_process(problems, group)  # every process raises, not only the one that hashed it
     if problems:
         raise DataError(f"{'; '.join(problems)}; prepare the data again (argonne data prepare)")
     return True
 
 
-def open_prepared(directory: str | Path, rank: int = 0, world: int = 1) -> dict:
-    """The manifest of a prepared dataset whose shards were verified (`verify_shards`); a dataset prepared before
-    checksums were recorded opens with a one-line warning that it was not verified."""
+def _from_every_process(problems: list[str], group) -> list[str]:
+    """Every process's problems, in every process of `group` (a host-side gloo group; None: this process's)."""
+    import torch.distributed as dist
+
+    if group is None or not dist.is_initialized():
+        return problems
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, problems, group=group)
+    return [problem for part in gathered for problem in part]
+
+
+def open_prepared(directory: str | Path, rank: int = 0, world: int = 1, group=None, checksums: bool = True) -> dict:
+    """The manifest of a prepared dataset whose shards were verified (`verify_shards`, the hashing split across the
+    data-parallel processes and their findings shared over `group`; sizes only without `checksums`); a dataset
+    prepared before checksums were recorded opens with a one-line warning that it was not verified."""
     manifest = load_manifest(directory)
-    if not verify_shards(directory, manifest, rank, world):
+    if not verify_shards(directory, manifest, rank, world, group, checksums) and checksums:
         warnings.warn(f"{directory}: prepared before shard checksums were recorded; its shards were checked for "
                       f"size only (prepare it again to have them verified)", stacklevel=2)
     return manifest
