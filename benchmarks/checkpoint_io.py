@@ -26,7 +26,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict
 
 from argonne import ArgonneConfig, ArgonneForCausalLM
-from argonne.checkpoint import hash_files, load_checkpoint, save_checkpoint, verify_checkpoint
+from argonne.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from argonne.files import hash_files
 
 
 def drop_page_cache() -> None:

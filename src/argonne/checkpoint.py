@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from .files import CHECKSUM, hash_files, read_json  # noqa: F401  (hash_files: tests, benchmarks)
+from .files import CHECKSUM, hash_files, read_json
 
 COMPLETE = "COMPLETE"
 METADATA = ".metadata"

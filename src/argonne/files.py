@@ -19,7 +19,7 @@ from pathlib import Path
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(path.name + ".tmp")  # one name: a write killed midway leaves nothing the next one keeps
     with open(tmp, "wb") as f:
         f.write(data.encode("utf-8") if isinstance(data, str) else data)
         f.flush()

@@ -48,10 +48,9 @@ def open_model_for_evaluation(path: str | Path, device: str, dtype: str, tokeniz
     config_file = path / "config.json"
     model_type = None
     if config_file.is_file():
-        try:
-            model_type = json.loads(config_file.read_text()).get("model_type")
-        except (json.JSONDecodeError, AttributeError) as error:
-            raise HarnessError(f"{config_file}: not a JSON object ({error})") from None
+        from .files import read_json
+
+        model_type = read_json(config_file, HarnessError, "model config").get("model_type")
     if model_type in (None, "argonne"):
         return open_model(path, device, dtype, tokenizer)
     from .device import resolve_device
@@ -445,13 +444,10 @@ def evaluate_tasks(lm, tasks: list[str], include_path: str | Path | None = None,
 
 
 def write_results(results: dict, output) -> Path:
-    """lm-eval's results dictionary as JSON (what `lm_eval --output_path` writes) to `output` (an outputs.Output, or
-    a path: refused if it exists)."""
+    """lm-eval's results dictionary as JSON (what `lm_eval --output_path` writes) through `output`, an
+    outputs.Output checked before the evaluation ran."""
     from lm_eval.utils import handle_non_serializable
 
-    from .outputs import FILE, Output
-
-    output = output if isinstance(output, Output) else Output(output, FILE)
     return output.write(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
 
 

@@ -36,8 +36,9 @@ class OutputError(ValueError):
     """An output that cannot be written as asked; the message names the path and what to do."""
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:  # (os.kill(0, ...) would signal our own process group)
+def pid_alive(pid) -> bool:
+    """Whether a process of this host runs under `pid` (a pid read from a file: anything else is no process)."""
+    if not isinstance(pid, int) or pid <= 0:  # (os.kill(0, ...) would signal our own process group)
         return False
     try:
         os.kill(pid, 0)
@@ -97,7 +98,7 @@ def leftovers(path: Path) -> list[tuple[Path, str, bool]]:
     for entry in path.parent.iterdir():
         match = _LEFTOVER.match(entry.name)
         if match and match["name"] == path.name:
-            gone = match["host"] == socket.gethostname() and not _pid_alive(int(match["pid"]))
+            gone = match["host"] == socket.gethostname() and not pid_alive(int(match["pid"]))
             found.append((entry, match["kind"], gone))
     return found
 
@@ -214,7 +215,7 @@ class Output:
         except FileExistsError:
             raise appeared from None
         except OSError as error:
-            if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            if error.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):  # (ENOTDIR: a file appeared there)
                 raise appeared from None
             if self.kind == FILE and error.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV):
                 os.replace(staging, self.path)  # a filesystem without hard links: checked just above

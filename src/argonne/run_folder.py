@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 
 from .files import read_json, write_atomic
+from .outputs import pid_alive
 
 LOCK_FILE = "run.lock"
 RUN_FILE = "run.json"
@@ -63,18 +64,6 @@ def _read_owner(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return owner if isinstance(owner, dict) else None
-
-
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
 
 
 # flock() fails with these where a filesystem has no locks (NFS without a lock daemon, Lustre without -o flock).
@@ -119,7 +108,7 @@ class RunLock:
             except FileExistsError:
                 owner = _read_owner(self.fallback / "owner.json")
                 stale = owner is not None and owner.get("host") == socket.gethostname() \
-                    and not _pid_alive(owner.get("pid"))
+                    and not pid_alive(owner.get("pid"))
                 if not stale:
                     hint = "" if owner is None or owner.get("host") == socket.gethostname() else (
                         f"; if that process is gone, delete {self.fallback}")

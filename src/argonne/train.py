@@ -605,8 +605,8 @@ class RunStart(NamedTuple):
 
     resume_from: Path | None
     run_id: str
-    newer: list[Path] = []
-    unverified: list[Path] = []
+    newer: tuple[Path, ...] | list[Path] = ()
+    unverified: tuple[Path, ...] | list[Path] = ()
 
 
 def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> RunStart:

@@ -131,11 +131,12 @@ def check_resumable_into(output: Path, plan: dict) -> None:
 
 
 def _read_plan(path: Path) -> dict | None:
+    """The plan a folder was prepared with; None without one, or with a damaged one (then it is no plan of ours:
+    the folder is refused like any other that holds something)."""
     try:
-        plan = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return read_json(path, DataError, "prepare record")
+    except DataError:
         return None
-    return plan if isinstance(plan, dict) else None
 
 
 def _plan_differences(earlier: dict, plan: dict) -> list[str]:
@@ -190,7 +191,7 @@ def _prepare_into(output: Path, files: list[str], plan: dict, config_record: dic
         "seq_len": settings.seq_len,
         **config_record,
         "sources": [s["source"] for s in shards],
-        "shards": [_manifest_entry(output, s) for s in shards],
+        "shards": [_manifest_entry(s) for s in shards],
         "skipped_files": skipped_files,
         "train_tokens": sum(s["train_tokens"] for s in shards),
         "val_tokens": sum(s["val_tokens"] for s in shards),
@@ -201,7 +202,7 @@ def _prepare_into(output: Path, files: list[str], plan: dict, config_record: dic
     return manifest
 
 
-def _manifest_entry(output: Path, shard: dict) -> dict:
+def _manifest_entry(shard: dict) -> dict:
     """A shard as the manifest lists it, with the checksums of its files: its done record's (taken when it was
     written, and checked when a resumed prepare found it finished)."""
     keys = ("index", "train_file", "val_file", "train_tokens", "val_tokens", "stats", "train_sha256", "val_sha256")
