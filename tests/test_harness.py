@@ -207,8 +207,11 @@ def test_non_finite_logits_are_an_error_not_a_nan_score_or_token():
     lm = ArgonneLM(model=break_weights(small_model()), tokenizer=load_tokenizer(SAMPLE_TOKENIZER))
     with pytest.raises(NonFiniteLogits, match=r"non-finite logits \(NaN or Inf\)"):
         lm.score_windows([([5, 6, 7], [7]), ([5, 6], [6])])  # loglikelihood and loglikelihood_rolling
+    from types import SimpleNamespace
+
+    request = SimpleNamespace(args=("The database", {"until": ["\n"], "max_gen_toks": 2}))
     with pytest.raises(NonFiniteLogits):
-        lm._recomputed([[5, 6, 7]], SamplingParams(max_new_tokens=2, temperature=0))  # generate_until
+        lm.generate_until([request])  # on a model passed in: the recomputing loop, raised once all rows decoded
 
 
 def test_empty_contexts_and_continuations(folders):

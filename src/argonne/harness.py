@@ -27,7 +27,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from .engine import Engine, EngineSettings
-from .generate import NonFiniteLogits, SamplingParams, flag_non_finite, refuse_non_finite
+from .generate import NON_FINITE, NonFiniteLogits, SamplingParams, flag_non_finite
 from .modeling_argonne import ArgonneForCausalLM
 
 DEFAULT_BATCH_SIZE = 16
@@ -104,6 +104,7 @@ class ArgonneLM(TemplateLM):
             raise HarnessError(f"max_gen_toks must be >= 1 and max_length >= 2, got {self.max_gen_toks} and "
                                f"{self._max_length}")
         self._engine: Engine | None = None
+        self._met_non_finite = False  # (_recomputed: a row of NaN or Inf logits, raised once all have decoded)
 
     @staticmethod
     def _batch_size(batch_size: int | str, max_batch_size: int | None) -> int:
@@ -214,6 +215,8 @@ class ArgonneLM(TemplateLM):
                         text = text.split(stop)[0]
                 results[i] = text
         self._dummy_forwards(extra)
+        met, self._met_non_finite = self._met_non_finite, False
+        self._refuse_non_finite_anywhere(met)
         return self._gather(results)
 
     # ------------------------------------------------------------------------------------------------ ours
@@ -265,9 +268,11 @@ class ArgonneLM(TemplateLM):
         for _ in range(params.max_new_tokens):
             logits = self._forward(rows, keep=1)[:, -1]
             chosen = flag_non_finite(logits.argmax(-1), logits).tolist()
-            refuse_non_finite(chosen)
             for row, token in enumerate(chosen):
                 if done[row]:
+                    continue
+                if token == NON_FINITE:  # the row ends; generate_until raises once every process has decoded
+                    self._met_non_finite, done[row] = True, True
                     continue
                 if token in eos:
                     done[row] = True
@@ -356,10 +361,20 @@ class ArgonneLM(TemplateLM):
                     target = torch.tensor(continuation, device=scored.device)
                     picked = scored.gather(-1, target[:, None]).squeeze(-1)
                     results[index] = (float(picked.sum()), bool((scored.argmax(-1) == target).all()))
-                    if not math.isfinite(results[index][0]):  # (a Python float: free to check)
-                        raise NonFiniteLogits()
         self._dummy_forwards(extra)
+        # (Python floats: free to check) After every forward, so that a sharded model's processes all stop here.
+        self._refuse_non_finite_anywhere(any(r is not None and not math.isfinite(r[0]) for r in results))
         return self._gather(results)
+
+    def _refuse_non_finite_anywhere(self, found: bool) -> None:
+        """Raise NonFiniteLogits in every process when any process met non-finite logits (agreed over the host
+        group: a process raising alone would leave the others waiting in a sharded forward)."""
+        if self.topology is not None:
+            flag = torch.tensor([int(found)], dtype=torch.long)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.topology.host_group)
+            found = bool(flag.item())
+        if found:
+            raise NonFiniteLogits()
 
 
 # ------------------------------------------------------------------------------------------------- running tasks
