@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
-from argonne.generate import NonFiniteLogits, SamplingParams
+from argonne.generate import NonFiniteLogits
 from argonne.harness import ArgonneLM, HarnessError, evaluate_tasks
 
 from .conftest import SAMPLE_TOKENIZER, break_weights, small_model
