@@ -273,3 +273,23 @@ def test_decode_attention_in_bfloat16_is_as_close_as_sdpa(length, last_key):
     ours = decode_attention(q, keys, values, mask, 64**-0.5, written).view(1, 1, 14, 64).transpose(1, 2)
     ours_error, sdpa_error = ((t.double() - exact).norm() / exact.norm() for t in (ours, sdpa))
     assert ours_error <= sdpa_error * 1.5 + 1e-6, (ours_error, sdpa_error)  # both round the weights to bf16
+
+
+def test_non_finite_logits_raise_through_cuda_graphs_and_the_engines_graphed_buckets():
+    """The non-finite flag is made inside the captured decode step (and the engine's graphed buckets) and a flagged
+    token is fed back as a valid index: decoding raises NonFiniteLogits, never a device-side assert or a token."""
+    from argonne.engine import Engine, EngineSettings
+    from argonne.generate import NonFiniteLogits
+
+    model = make_model(**{**LLAMA_STYLE, "max_position_embeddings": 96}).cuda()
+    with torch.no_grad():
+        model.model.norm.weight.fill_(torch.finfo(torch.float32).max)  # every logit overflows
+    prompts = prompts_of([5, 9, 2])
+    for params in (SamplingParams(max_new_tokens=8, temperature=0.0), SamplingParams(max_new_tokens=8)):
+        with pytest.raises(NonFiniteLogits):
+            Generator(model, IdTokenizer(), compile=True).generate_ids(prompts, params)
+        engine = Engine(copy.deepcopy(model), IdTokenizer(), EngineSettings(max_batch=4, prefill_chunk=8),
+                        kernels="torch")
+        with pytest.raises(NonFiniteLogits):
+            engine.complete(prompts, params)
+    torch.cuda.synchronize()  # no device-side assert pending
