@@ -139,14 +139,14 @@ def test_leftovers_with_odd_pids_and_a_folder_made_empty_again(tmp_path):
 
 
 def test_dot_and_dot_dot_name_folders_like_any_other(tmp_path, monkeypatch):
-    (tmp_path / "here").mkdir()
-    monkeypatch.chdir(tmp_path / "here")
-    with Output(".", FOLDER).staged() as staging:  # the current folder, empty: written in place
-        (staging / "model.txt").write_text("new")
-    assert (tmp_path / "here" / "model.txt").read_text() == "new"
     (tmp_path / "a" / "b").mkdir(parents=True)
-    output = Output(tmp_path / "a" / "b" / "..", FOLDER, overwrite=True)
-    assert output.path == tmp_path / "a"
+    monkeypatch.chdir(tmp_path / "a" / "b")
+    output = Output("../../out", FOLDER)
+    assert output.path == tmp_path / "out"
     with output.staged() as staging:
-        (staging / "model.txt").write_text("replaced")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["model.txt"]
+        (staging / "model.txt").write_text("new")
+    assert (tmp_path / "out" / "model.txt").read_text() == "new"
+    # The current folder (or one holding it) would be renamed away under the shell: refused, saying why.
+    for target in (".", ".."):
+        with pytest.raises(OutputError, match="is the current folder or holds it"):
+            Output(target, FOLDER, overwrite=True)

@@ -372,13 +372,13 @@ def run_command(argv: list[str], capsys) -> tuple[int, str]:
 
 
 def state(path: Path) -> dict[str, bytes] | bytes | None:
-    """A file's bytes, or every file under a folder with its bytes (but a run's lock record, which every trainer
-    that takes the lock rewrites)."""
+    """A file's bytes, or every file under a folder with its bytes (but the lock records of a run or a prepare,
+    which every process that takes the lock rewrites)."""
     if path.is_file():
         return path.read_bytes()
     if path.is_dir():
         return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
-                if p.is_file() and p.name != "run.lock"}
+                if p.is_file() and p.name not in ("run.lock", ".prepare.lock")}
     return None
 
 

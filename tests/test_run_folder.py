@@ -172,11 +172,11 @@ def test_a_second_branch_sets_aside_beside_the_first_never_over_it(tmp_path):
         (run / "checkpoints" / f"step-0000000{step}").mkdir(parents=True)
     (run / "model").mkdir()
     (run / "metrics.jsonl").write_text('{"step": 3}\n')
-    first = plan_set_aside(run, "X", [run / "checkpoints" / "step-00000003"])
+    first = plan_set_aside(run, "X", [(run / "checkpoints" / "step-00000003", "X")])
     apply_set_aside(run, first)
     (run / "model").mkdir()
     (run / "metrics.jsonl").write_text('{"step": 2}\n')
-    second = plan_set_aside(run, "X", [run / "checkpoints" / "step-00000002"])
+    second = plan_set_aside(run, "X", [(run / "checkpoints" / "step-00000002", "X")])
     apply_set_aside(run, second)
     assert [e["to"] for e in first] == ["checkpoints/step-00000003.run-X", "model.run-X", "metrics.run-X.jsonl"]
     assert [e["to"] for e in second] == ["checkpoints/step-00000002.run-X", "model.run-X-2", "metrics.run-X-2.jsonl"]
@@ -198,7 +198,7 @@ def test_a_branch_stopped_at_any_point_before_its_first_checkpoint_is_undone_who
     (run / "model").mkdir()
     (run / "metrics.jsonl").write_text('{"step": 1}\n{"step": 4}\n')
     before = sorted(str(p.relative_to(run)) for p in run.rglob("*")), (run / "metrics.jsonl").read_text()
-    planned = plan_set_aside(run, "OLD", [run / "checkpoints" / "step-00000004"])
+    planned = plan_set_aside(run, "OLD", [(run / "checkpoints" / "step-00000004", "OLD")])
     write_run_record(run, "BRANCH", branched_from={"run_id": "OLD", "step": 2, "set_aside": planned})
     if stopped_after != "record":
         apply_set_aside(run, planned[:1] if stopped_after == "one move" else planned)

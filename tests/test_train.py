@@ -717,6 +717,19 @@ def test_resuming_an_older_checkpoint_of_the_run_sets_the_later_one_aside(tmp_pa
     assert sorted(run_steps(run)) == [1, 2, 3, 4, 5, 6]
     assert read_marker(run / "checkpoints" / "step-00000006")["run_id"] != first_id
 
+    # Again from step 2 (the first run's): the branch now in the folder steps aside whole — its newer checkpoints,
+    # its model and metrics — though none of its checkpoints shares the resumed one's run id.
+    second_id = read_marker(run / "checkpoints" / "step-00000006")["run_id"]
+    branch_model = (run / "model" / "model.safetensors").read_bytes()
+    branch_metrics = (run / "metrics.jsonl").read_text()
+    train(load_run_config(None, args(3)), resume=str(run / "checkpoints" / "step-00000002"))
+    assert (run / f"model.run-{second_id}" / "model.safetensors").read_bytes() == branch_model
+    assert (run / f"metrics.run-{second_id}.jsonl").read_text() == branch_metrics
+    assert read_marker(run / "checkpoints" / f"step-00000006.run-{second_id}")["run_id"] == second_id
+    # And from a checkpoint set aside earlier (its name no step folder's): one more branch, no traceback.
+    train(load_run_config(None, args(5)), resume=str(kept))
+    assert sorted(run_steps(run)) == [1, 2, 3, 4, 5] and (run / "checkpoints" / "step-00000005").is_dir()
+
 
 def test_a_sequence_longer_than_the_model_context_is_refused(tmp_path, tiny_run_args):
     config = load_run_config(None, tiny_run_args(tmp_path, "--data.seq_len=2048"))  # tiny: 1024 positions

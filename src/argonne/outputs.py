@@ -150,6 +150,10 @@ class Output:
 
     def check(self) -> None:
         check_place(self.path, self.kind, self.option)
+        if self.path.is_dir() and absolute(os.getcwd()).is_relative_to(self.path):
+            raise OutputError(f"{self.option} {self.path} is the current folder or holds it: an output is written "
+                              f"beside its target and renamed into place, which would leave this shell in a deleted "
+                              f"folder; give a new folder, e.g. {self.option} {self.path / 'model'}")
         recover(self.path)
         found = self.existing()
         if found and not self.overwrite:

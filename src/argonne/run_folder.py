@@ -52,7 +52,7 @@ def _owner() -> dict:
             "since": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())}
 
 
-def _describe(owner: dict | None) -> str:
+def describe_owner(owner: dict | None) -> str:
     if not owner:
         return "another process"
     return f"process {owner.get('pid')} on host {owner.get('host')} (since {owner.get('since')})"
@@ -73,10 +73,12 @@ _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 class RunLock:
     """An exclusive lock on a run folder, held until `release()` or the end of the process."""
 
+    LOCK_NAME = LOCK_FILE
+
     def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
-        self.fallback = self.run_dir / (LOCK_FILE + ".d")
+        self.path = self.run_dir / self.LOCK_NAME
+        self.fallback = self.run_dir / (self.LOCK_NAME + ".d")
         self._fd: int | None = None
         self._holds_fallback = False
 
@@ -121,7 +123,7 @@ class RunLock:
         raise RunFolderError(self._in_use(None))
 
     def _in_use(self, owner: dict | None) -> str:
-        return (f"run folder {self.run_dir} is in use by {_describe(owner)}: another trainer is writing it. "
+        return (f"run folder {self.run_dir} is in use by {describe_owner(owner)}: another trainer is writing it. "
                 f"Stop that one first (look for leftover torchrun workers), or choose another train.run_dir")
 
     def release(self) -> None:
@@ -202,17 +204,18 @@ def set_aside_name(path: Path, suffix: str) -> Path:
     return candidate
 
 
-def plan_set_aside(run_dir: str | Path, run_id: str, checkpoints: list[Path]) -> list[dict]:
-    """Where a branch keeps the run's later checkpoints, model and metrics log out of its way: names with `.run-ID`
-    (invisible to --resume auto and to pruning, never over an earlier set-aside), as
-    [{"from": name, "to": new name, "copied": bool}] relative to the run folder. Recorded in run.json before
-    `apply_set_aside` moves anything, so that a branch killed at any point can be undone."""
+def plan_set_aside(run_dir: str | Path, run_id: str, checkpoints: list[tuple[Path, str]]) -> list[dict]:
+    """Where a branch keeps the later checkpoints (each with its run's id) and the folder's model and metrics log
+    (run `run_id`'s, the run the folder held) out of its way: names with `.run-ID` (invisible to --resume auto and to
+    pruning, never over an earlier set-aside), as [{"from": name, "to": new name, "copied": bool}] relative to the
+    run folder. Recorded in run.json before `apply_set_aside` moves anything, so that a branch killed at any point
+    can be undone."""
     run_dir, suffix = Path(run_dir), f"run-{run_id}"
     planned = []
-    for path in [*checkpoints, run_dir / "model"]:
+    for path, owner in [*checkpoints, (run_dir / "model", run_id)]:
         if path.is_dir():
             planned.append({"from": str(path.relative_to(run_dir)),
-                            "to": str(set_aside_name(path, suffix).relative_to(run_dir)), "copied": False})
+                            "to": str(set_aside_name(path, f"run-{owner}").relative_to(run_dir)), "copied": False})
     if (run_dir / METRICS_FILE).is_file():  # copied: the branch keeps the records up to its step
         planned.append({"from": METRICS_FILE, "to": set_aside_name(run_dir / METRICS_FILE, suffix).name,
                         "copied": True})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -605,8 +606,9 @@ class RunStart(NamedTuple):
 
     resume_from: Path | None
     run_id: str
-    newer: tuple[Path, ...] | list[Path] = ()
+    newer: tuple | list = ()  # (checkpoint, its run id)
     unverified: tuple[Path, ...] | list[Path] = ()
+    branch: bool = False  # the folder's run steps aside (its newer checkpoints, model and metrics)
 
 
 def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> RunStart:
@@ -638,8 +640,8 @@ def choose_checkpoint(run_dir: Path, resume: str | None, topology: Topology) -> 
             raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
         if not verify_checkpoint(path, topology.host_group):
             log_main(topology.rank, f"{path}: written before checkpoints recorded checksums, not verified")
-    run_id, newer = _main_decides(lambda: _branch_of(run_dir, path, resume), topology)
-    return RunStart(path, run_id, newer, unverified)
+    run_id, newer, branch = _main_decides(lambda: _branch_of(run_dir, path, resume), topology)
+    return RunStart(path, run_id, newer, unverified, branch)
 
 
 def _main_decides(decide: Callable, topology: Topology):
@@ -704,14 +706,27 @@ def _first_verified(candidates: list[Path], checkpoints: Path, topology: Topolog
     return None, skipped
 
 
-def _branch_of(run_dir: Path, path: Path, resume: str) -> tuple[str, list[Path]]:
-    """(Main process.) The run id of a run resumed from `path`, and the same run's newer checkpoints that a branch
-    sets aside once it starts (`start_run_folder`)."""
-    run_id = read_marker(path).get("run_id")
+def _branch_of(run_dir: Path, path: Path, resume: str) -> tuple[str, list[tuple[Path, str]], bool]:
+    """(Main process.) The run id of a run resumed from `path`, and the checkpoints a branch sets aside once it
+    starts (`start_run_folder`), each with its run's id: those newer than `path` of its run and of the run the
+    folder holds (run.json's, another when resuming an earlier branch's or a set-aside checkpoint). Any such
+    checkpoint, or the folder holding another run, makes the resume a branch: a new run id, the folder's model and
+    metrics set aside too. A branch stopped before its first checkpoint is undone first."""
+    marker = read_marker(path)
+    run_id, step = marker.get("run_id"), marker["step"]
     checkpoints = run_dir / "checkpoints"
-    newer = [c for c in complete_checkpoints(checkpoints) if checkpoint_step(c) > checkpoint_step(path)
-             and run_id_of(c) == run_id] if resume != "auto" and path.resolve().parent == checkpoints.resolve() else []
-    return (new_run_id() if run_id is None or newer else run_id), newer
+    if resume == "auto" or path.resolve().parent != checkpoints.resolve():
+        return run_id or new_run_id(), [], False
+    undone = undo_unsaved_branch(run_dir, lambda other: any(run_id_of(c) == other
+                                                           for c in complete_checkpoints(checkpoints)))
+    if undone:
+        log_main(0, f"--resume: {undone}")
+    current = read_run_id(run_dir)
+    owners = {run_id, current} - {None}
+    newer = [(c, run_id_of(c)) for c in complete_checkpoints(checkpoints)
+             if checkpoint_step(c) > step and run_id_of(c) in owners]
+    branch = bool(newer) or (current is not None and current != run_id)
+    return (new_run_id() if run_id is None or branch else run_id), newer if branch else [], branch
 
 
 def start_run_folder(run: "Run", start: RunStart) -> None:
@@ -723,17 +738,21 @@ def start_run_folder(run: "Run", start: RunStart) -> None:
         aside = set_aside_name(path, "unverified")
         path.rename(aside)
         log_main(0, f"--resume auto: {path.name}, which failed verification, is kept as {aside.name}")
-    if start.newer:
-        old_id = run_id_of(run.resume_from) or "unnamed"
-        planned = plan_set_aside(run_dir, old_id, start.newer)
-        branch = {"run_id": old_id, "step": checkpoint_step(run.resume_from), "set_aside": planned}
+    if start.branch:  # the run the folder held (run.json's; the resumed checkpoint's when there is none) steps aside
+        old_id = read_run_id(run_dir) or run_id_of(run.resume_from) or "unnamed"
+        planned = plan_set_aside(run_dir, old_id, list(start.newer))
+        branch = {"run_id": old_id, "step": read_marker(run.resume_from)["step"], "set_aside": planned}
     write_atomic(run_dir / "config.json", json.dumps(run.config.to_dict(), indent=2))
     write_run_record(run_dir, run.run_id, resumed_from=str(run.resume_from) if run.resume_from else None,
                      **({"branched_from": branch} if branch else {}))
-    if planned:
+    if branch:
         apply_set_aside(run_dir, planned)
-        log_main(0, f"resuming from {run.resume_from.name}, older than {len(start.newer)} checkpoint(s) of the same "
-                    f"run: a branch. Kept under the old run's name: {', '.join(entry['to'] for entry in planned)}")
+        resumed_run = run_id_of(run.resume_from)
+        kept_log = run_dir / f"metrics.run-{resumed_run}.jsonl"
+        if resumed_run != old_id and kept_log.is_file():  # the resumed run's own log goes on (cut at its step)
+            shutil.copyfile(kept_log, run_dir / METRICS_FILE)
+        log_main(0, f"resuming from {run.resume_from.name}: a branch of the run in {run_dir}. Kept under the old "
+                    f"runs' names: {', '.join(entry['to'] for entry in planned) or 'nothing to keep'}")
 
 
 def _train(config: RunConfig, spec: TrainSpec, topology: Topology, start: RunStart) -> dict:

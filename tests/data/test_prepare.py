@@ -1,5 +1,6 @@
 """argonne/data/parquet, documents and prepare: filters, accounting, bad input, worker independence, resume, streaming, hub paths."""
 
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -254,7 +255,8 @@ def test_output_is_byte_identical_whatever_the_worker_count(three_shards, tokeni
         prepare_dataset(three_shards, tokenizer, out, settings(workers, val_fraction=0.2), progress=False)
         outputs.append(out)
     files = sorted(p.relative_to(outputs[0]) for p in outputs[0].rglob("*") if p.is_file())
-    assert len(files) == 2 + 3 * 3  # manifest.json, prepare.json, and per shard its two token files and record
+    assert len(files) == 3 + 3 * 3  # manifest.json, prepare.json, .prepare.lock; per shard two token files, a record
+    files = [rel for rel in files if rel.name != ".prepare.lock"]  # (its owner record: the process and time)
     for rel in files:
         assert (outputs[0] / rel).read_bytes() == (outputs[1] / rel).read_bytes(), rel
 
@@ -420,3 +422,21 @@ def test_tokenizer_train_command(tmp_path, three_shards):
     tok = load_tokenizer(tmp_path / "bpe")
     assert len(tok) == 600 and tok.convert_ids_to_tokens(0) == "<|endoftext|>"
     assert tok.decode(tok("naïve café 123").input_ids) == "naïve café 123"
+
+
+def test_a_second_prepare_into_a_folder_being_prepared_is_refused_and_inputs_are_never_an_output(
+        three_shards, tokenizer, tmp_path):
+    """Two prepares writing one folder in place would mix their shards (and records): the second is refused while
+    the first holds the folder's lock. A folder that holds the inputs is never an output, --overwrite or not."""
+    from argonne.data.prepare import PrepareLock
+
+    out = tmp_path / "out"
+    with PrepareLock(out):  # another prepare running there
+        with pytest.raises(ValueError, match=r"--output .*out is being prepared by process \d+"):
+            prepare_dataset(three_shards, tokenizer, out, settings(), progress=False)
+    assert not (out / "prepare.json").exists()
+    inputs = Path(three_shards[0]).parent
+    for overwrite in (False, True):
+        with pytest.raises(DataError, match="holds the input .*a prepare never writes where its inputs are"):
+            prepare_dataset(three_shards, tokenizer, inputs, settings(), progress=False, overwrite=overwrite)
+    assert all(Path(path).is_file() for path in three_shards)

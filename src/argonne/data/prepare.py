@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..files import CHECKSUM, hash_files, read_json, write_atomic
+from ..run_folder import RunLock, describe_owner
 from .documents import (
     HELD_OUT,
     KEPT,
@@ -76,6 +77,10 @@ def prepare_dataset(
 
     output = absolute(output)
     files = resolve_parquet_files(inputs)
+    inside = [path for path in files if absolute(path).is_relative_to(output)]
+    if inside:
+        raise DataError(f"--output {output} holds the input {inside[0]}: a prepare never writes where its inputs are; "
+                        f"choose another --output")
     tok = settings.documents
     boundary = document_boundary_id(tokenizer)
     fingerprint = tokenizer_fingerprint(tokenizer)
@@ -98,9 +103,12 @@ def dataset_folder(output: Path, plan: dict, overwrite: bool) -> Iterator[Path]:
 
     if not overwrite or _resumable(output, plan):
         check_resumable_into(output, plan)
-        (output / "shards").mkdir(parents=True, exist_ok=True)
-        write_atomic(output / PLAN, json.dumps(plan, indent=2))
-        yield output
+        output.mkdir(parents=True, exist_ok=True)
+        with PrepareLock(output):  # one prepare at a time writes in place; then the folder is checked again
+            check_resumable_into(output, plan)
+            (output / "shards").mkdir(exist_ok=True)
+            write_atomic(output / PLAN, json.dumps(plan, indent=2))
+            yield output
         return
     with Output(output, FOLDER, overwrite=True).staged() as staging:
         (staging / "shards").mkdir()
@@ -108,8 +116,23 @@ def dataset_folder(output: Path, plan: dict, overwrite: bool) -> Iterator[Path]:
         yield staging
 
 
+class PrepareLock(RunLock):
+    """The run folder's lock (an flock, or a directory where there are none), on a prepare's output folder."""
+
+    LOCK_NAME = ".prepare.lock"
+
+    def _in_use(self, owner: dict | None) -> str:
+        return (f"--output {self.run_dir} is being prepared by {describe_owner(owner)}; wait for it to finish (its "
+                f"result is this same dataset only if its inputs and settings are), or choose another --output")
+
+
+def _holds_anything(output: Path) -> bool:
+    """Whether the folder holds anything but a prepare's lock (left by every prepare, running or not)."""
+    return output.exists() and any(not p.name.startswith(PrepareLock.LOCK_NAME) for p in output.iterdir())
+
+
 def _resumable(output: Path, plan: dict) -> bool:
-    return not output.exists() or not any(output.iterdir()) or _read_plan(output / PLAN) == plan
+    return not _holds_anything(output) or _read_plan(output / PLAN) == plan
 
 
 def check_resumable_into(output: Path, plan: dict) -> None:
@@ -119,7 +142,7 @@ def check_resumable_into(output: Path, plan: dict) -> None:
 
     check_place(output, FOLDER)
     recover(output)
-    if not output.exists() or not any(output.iterdir()):
+    if not _holds_anything(output):
         return
     earlier = _read_plan(output / PLAN)
     if earlier is not None and all(earlier.get(key) == value for key, value in plan.items()):
