@@ -77,7 +77,7 @@ def prepare_dataset(
 
     output = absolute(output)
     files = resolve_parquet_files(inputs)
-    inside = [path for path in files if absolute(path).is_relative_to(output)]
+    inside = [path for path in files if "://" not in path and absolute(path).is_relative_to(output)]
     if inside:
         raise DataError(f"--output {output} holds the input {inside[0]}: a prepare never writes where its inputs are; "
                         f"choose another --output")
