@@ -14,12 +14,12 @@ Then extrapolates the check's rate to Argonne 2.0's 4,918,072,800 parameters in 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM
 from argonne.loading import check_finite_weights
+from checkpoint_io import best_of  # (benchmarks/ is on the path: this script's folder)
 
 ARGONNE_2_PARAMETERS = 4_918_072_800
 
@@ -31,15 +31,6 @@ def weights_of_shape(layers: int, dtype: torch.dtype, embedding: bool) -> dict[s
     wanted = tuple(f"model.layers.{i}." for i in range(layers)) + (("model.embed_tokens.",) if embedding else ())
     return {name: torch.randn(t.shape, dtype=dtype) for name, t in model.state_dict().items()
             if name.startswith(wanted)}
-
-
-def best_of(repeats: int, run) -> float:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main() -> None:

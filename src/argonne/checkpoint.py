@@ -241,7 +241,7 @@ def _rank_and_world() -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _gather(value, group=None) -> list:
+def gather_objects(value, group=None) -> list:
     """`value` from every process (in rank order); [value] in one process."""
     if not dist.is_initialized():
         return [value]
@@ -255,7 +255,7 @@ def _hash_shards(folder: Path, group=None) -> dict[str, dict]:
     rank, world = _rank_and_world()
     shards = sorted(p.name for p in folder.glob("*.distcp"))
     merged: dict[str, dict] = {}
-    for part in _gather(hash_files(folder, shards[rank::world]), group):
+    for part in gather_objects(hash_files(folder, shards[rank::world]), group):
         merged.update(part)
     return merged
 
@@ -294,7 +294,7 @@ def verify_checkpoint(path: Path, group=None) -> bool:
                               f"this Argonne computes {CHECKSUM!r}")
     rank, world = _rank_and_world()
     mine = _file_problems(path, {name: files[name] for name in sorted(files)[rank::world]})
-    problems = [problem for part in _gather(mine, group) for problem in part]
+    problems = [problem for part in gather_objects(mine, group) for problem in part]
     if problems:
         raise CheckpointError(f"{path}: failed verification: {'; '.join(problems)}")
     unlisted = sorted({info.relative_path for info in read_checkpoint_metadata(path).storage_data.values()}

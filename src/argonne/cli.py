@@ -229,7 +229,8 @@ def cmd_eval_perplexity(args: argparse.Namespace) -> int:
         record = {"model": str(args.model), "data": args.data, "window": args.window, "stride": args.stride,
                   "perplexity": result.value, "tokens": result.tokens, "documents": result.documents,
                   "nll": result.nll, "mean_nll": result.nll / result.tokens}
-        print(f"result written to {output.write(json.dumps(record, indent=2) + chr(10))}")
+        written = output.write(json.dumps(record, indent=2) + "\n")
+        print(f"result written to {written}")
     return 0
 
 

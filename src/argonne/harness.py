@@ -369,11 +369,9 @@ class ArgonneLM(TemplateLM):
     def _refuse_non_finite_anywhere(self, found: bool) -> None:
         """Raise NonFiniteLogits in every process when any process met non-finite logits (agreed over the host
         group: a process raising alone would leave the others waiting in a sharded forward)."""
-        if self.topology is not None:
-            flag = torch.tensor([int(found)], dtype=torch.long)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.topology.host_group)
-            found = bool(flag.item())
-        if found:
+        from .parallel import any_process
+
+        if any_process(found, self.topology) if self.topology is not None else found:
             raise NonFiniteLogits()
 
 

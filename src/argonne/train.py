@@ -666,13 +666,7 @@ def _auto_listing(run_dir: Path) -> tuple[list[Path], str | None]:
     """(Main process.) --resume auto's candidates, newest first, or the problem when there are none but the folder
     holds traces of a run (checkpoints without their COMPLETE marker, metrics, a model...)."""
     checkpoints = run_dir / "checkpoints"
-
-    def has_checkpoint(run_id: str) -> bool:
-        return any(run_id_of(c) == run_id for c in complete_checkpoints(checkpoints))
-
-    undone = undo_unsaved_branch(run_dir, has_checkpoint)
-    if undone:
-        log_main(0, f"--resume auto: {undone}")
+    _undo_unsaved_branch(run_dir, "--resume auto")
     candidates = _auto_candidates(checkpoints, read_run_id(run_dir))
     found = earlier_run(run_dir) if not candidates else []
     if found:
@@ -680,6 +674,15 @@ def _auto_listing(run_dir: Path) -> tuple[list[Path], str | None]:
                     f"{run_dir} holds an earlier run ({', '.join(found)}). Resume a checkpoint with --resume PATH, "
                     f"delete the run and start over with --overwrite, or choose another train.run_dir")
     return candidates, None
+
+
+def _undo_unsaved_branch(run_dir: Path, option: str) -> None:
+    """(Main process.) Undo a branch of this folder that stopped before its first checkpoint (run_folder.py)."""
+    checkpoints = run_dir / "checkpoints"
+    undone = undo_unsaved_branch(run_dir, lambda run_id: any(run_id_of(c) == run_id
+                                                             for c in complete_checkpoints(checkpoints)))
+    if undone:
+        log_main(0, f"{option}: {undone}")
 
 
 def _auto_candidates(checkpoints: Path, run_id: str | None) -> list[Path]:
@@ -717,10 +720,7 @@ def _branch_of(run_dir: Path, path: Path, resume: str) -> tuple[str, list[tuple[
     checkpoints = run_dir / "checkpoints"
     if resume == "auto" or path.resolve().parent != checkpoints.resolve():
         return run_id or new_run_id(), [], False
-    undone = undo_unsaved_branch(run_dir, lambda other: any(run_id_of(c) == other
-                                                           for c in complete_checkpoints(checkpoints)))
-    if undone:
-        log_main(0, f"--resume: {undone}")
+    _undo_unsaved_branch(run_dir, "--resume")
     current = read_run_id(run_dir)
     owners = {run_id, current} - {None}
     newer = [(c, run_id_of(c)) for c in complete_checkpoints(checkpoints)

@@ -99,10 +99,10 @@ def dataset_folder(output: Path, plan: dict, overwrite: bool) -> Iterator[Path]:
     """The folder to prepare into: `output` itself when it is new, empty or an unfinished (or finished) prepare of
     the same plan (resumed); staging beside it, moved into place at the end, when `overwrite` replaces another
     dataset. Anything else is refused, naming what differs."""
-    from ..outputs import FOLDER, Output
+    from ..outputs import FOLDER, Output, check_place
 
     if not overwrite or _resumable(output, plan):
-        check_resumable_into(output, plan)
+        check_place(output, FOLDER)
         output.mkdir(parents=True, exist_ok=True)
         with PrepareLock(output):  # one prepare at a time writes in place; then the folder is checked again
             check_resumable_into(output, plan)
@@ -426,13 +426,9 @@ def verify_shards(directory: str | Path, manifest: dict, rank: int = 0, world: i
 
 def _from_every_process(problems: list[str], group) -> list[str]:
     """Every process's problems, in every process of `group` (a host-side gloo group; None: this process's)."""
-    import torch.distributed as dist
+    from ..checkpoint import gather_objects
 
-    if group is None or not dist.is_initialized():
-        return problems
-    gathered = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, problems, group=group)
-    return [problem for part in gathered for problem in part]
+    return problems if group is None else [problem for part in gather_objects(problems, group) for problem in part]
 
 
 def open_prepared(directory: str | Path, rank: int = 0, world: int = 1, group=None, checksums: bool = True) -> dict:
