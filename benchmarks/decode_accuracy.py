@@ -6,10 +6,10 @@
 Greedy token agreement between two bf16 decoders says little on a random model (its logits are near-ties, so
 rounding parts them early: decode_throughput.py's agreement lines). This compares logits instead: a random
 `--prompt-tokens` prompt is prefilled, then `--new-tokens` random tokens are fed one at a time through the
-Generator's decode step (teacher forcing: every setting sees the same tokens, and the cache holds up to
-prompt + new tokens, so the attention kernel's key ranges are exercised), and each step's logits are compared with
-those of a float32 copy of the model run over the whole sequence at once. Per setting: the relative L2 error of the
-logits (mean and worst step) and how often its argmax equals the reference's.
+engine's decode step (its model runner, uncompiled; teacher forcing: every setting sees the same tokens, and the
+keys read grow to prompt + new tokens, so the attention kernel's key ranges are exercised), and each step's logits
+are compared with those of a float32 copy of the model run over the whole sequence at once. Per setting: the
+relative L2 error of the logits (mean and worst step) and how often its argmax equals the reference's.
 """
 
 from __future__ import annotations
@@ -21,26 +21,23 @@ import torch
 from decode_throughput import IdTokenizer, random_model  # beside this script
 
 from argonne import ArgonneForCausalLM
-from argonne.generate import DECODE_KERNELS, Generator
+from argonne.inference.engine import Engine, EngineSettings
+from argonne.inference.runner import DECODE_KERNELS
 
 
 @torch.no_grad()
 def decode_logits(model: ArgonneForCausalLM, kernels: str, tokens: torch.Tensor, prompt_tokens: int) -> torch.Tensor:
     """Float32 logits (new tokens, V) of the decode steps after the prompt: step i is fed tokens[prompt + i]."""
-    generator = Generator(model, IdTokenizer(), compile=False, kernels=kernels)
     total = tokens.shape[1]
-    cache = generator._cache_for(1, total)
-    positions = torch.arange(prompt_tokens, device=tokens.device)[None]
-    valid = torch.ones((1, cache.max_len), dtype=torch.bool, device=tokens.device)
-    cache.write_positions = positions[0]
-    generator._last_logits(cache, tokens[:, :prompt_tokens], positions, cache.prefill_mask(valid, prompt_tokens))
-    step = generator._decode
-    step.start(valid, positions[:, -1:], prompt_tokens, tokens[:, prompt_tokens])
+    engine = Engine(model, IdTokenizer(), EngineSettings(max_batch=1, max_len=total), compile=False, kernels=kernels)
+    runner, host = engine.runner, tokens[0].tolist()
+    blocks = list(range(-(-total // runner.block_size)))  # the one sequence's blocks, in order
+    runner.set_table(0, blocks)
+    runner.prefill([(blocks, 0, host[:prompt_tokens])])
     rows = []
-    for index in range(prompt_tokens, total):
-        if index > prompt_tokens:
-            step.feed(tokens[:, index])
-        rows.append(step()[0].float().clone())
+    for index in range(prompt_tokens, total):  # batch row 0 is fed the token at position `index`
+        logits, _ = runner.decode(1, torch.tensor([host[index]]), torch.tensor([index]))
+        rows.append(logits[0].float().clone())
     return torch.stack(rows)
 
 

@@ -1,10 +1,11 @@
-"""Decode tokens/s of Argonne's generator against transformers' `generate()` on the same model, in one run.
+"""Decode tokens/s of Argonne's engine against transformers' `generate()` on the same model, in one run.
 
     python benchmarks/decode_throughput.py --preset small                 # a GPU: bf16, compiled decode step
     python benchmarks/decode_throughput.py --preset tiny --new-tokens 64  # CPU-sized
 
 Greedy decoding of `--new-tokens` tokens after a random `--prompt-tokens` prompt, batch 1 and batch 16 (by default),
-with random weights (speed does not depend on them). Argonne's Generator runs as `argonne generate` does;
+with random weights (speed does not depend on them). Argonne's engine runs as `argonne generate` runs it (one engine
+per batch size, rows = the batch, its cache as long as the prompt and the new tokens need, rounded up to 256);
 transformers runs with its default dynamic cache and with `cache_implementation="static"`. Each figure is new tokens
 per second over all rows, after a warm-up run. The agreement line compares the greedy tokens of the first row with
 transformers' (bf16 rounding parts them early on a random model, whose logits are near-ties).
@@ -29,11 +30,15 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from argonne import ArgonneConfig, ArgonneForCausalLM
-from argonne.generate import Generator, SamplingParams
+from argonne.inference.engine import Engine, EngineSettings
+from argonne.inference.sampling import SamplingParams
 
 
 class IdTokenizer:
     eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""  # (the engine follows each row's text for stop strings: none here)
 
 
 def random_model(preset: str) -> ArgonneForCausalLM:
@@ -88,7 +93,7 @@ INDUCTOR_SETTINGS = {
     "native-matmul": {"triton.native_matmul": True},
     "max-autotune": {"max_autotune": True, "coordinate_descent_tuning": True},
 }
-# name: (Generator kernels or "unmerged", Inductor settings, attention kernels allowed while the step compiles or
+# name: (engine kernels or "unmerged", Inductor settings, attention kernels allowed while the step compiles or
 # None: any)
 VARIANTS = {
     "torch": ("torch", {}, None),
@@ -101,11 +106,25 @@ VARIANTS = {
     f"gemv+{name}": ("gemv", options, None) for name, options in INDUCTOR_SETTINGS.items()}
 
 
-def variant_generator(model: ArgonneForCausalLM, kernels: str) -> Generator:
-    """A Generator over `model`, a copy (the Generator prepares its model in place)."""
-    if kernels == "unmerged":
-        model.merge_projections = lambda: None  # what the Generator calls to merge
-    return Generator(model, IdTokenizer(), compile=True, kernels="torch" if kernels == "unmerged" else kernels)
+class Decoder:
+    """Argonne's engine over `model` as `argonne generate` makes it, one engine per batch size (made on first use)."""
+
+    def __init__(self, model: ArgonneForCausalLM, length: int, kernels: str | None = None, compile: bool | None = None):
+        if kernels == "unmerged":
+            model.merge_projections = lambda: None  # what the runner calls to merge
+            kernels = "torch"
+        self.model, self.kernels, self.compile, self.engines = model, kernels, compile, {}
+        self.max_len = min(model.config.max_position_embeddings, -(-length // 256) * 256)
+
+    def engine(self, batch: int) -> Engine:
+        if batch not in self.engines:
+            settings = EngineSettings(max_batch=batch, max_len=self.max_len)
+            self.engines[batch] = Engine(self.model, IdTokenizer(), settings, compile=self.compile,
+                                         kernels=self.kernels)
+        return self.engines[batch]
+
+    def generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        return [completion.token_ids for completion in self.engine(len(prompts)).complete(prompts, params)]
 
 
 def main() -> None:
@@ -122,12 +141,14 @@ def main() -> None:
 
     model = random_model(args.preset)
     config, device, dtype = model.config, model.device, model.dtype
-    # Copies of the model before the default Generator merges it; each variant's Generator is made when it runs.
-    variants = [(f"argonne Generator, {name}", functools.partial(variant_generator, copy.deepcopy(model),
-                                                                 VARIANTS[name][0]), VARIANTS[name][1:])
+    # Copies of the model before the default engine merges it; each variant's engine is made when it runs.
+    length = args.prompt_tokens + args.new_tokens
+    variants = [(f"argonne engine, {name}", functools.partial(Decoder, copy.deepcopy(model), length,
+                                                              VARIANTS[name][0], True), VARIANTS[name][1:])
                 for name in args.variants]
-    default = Generator(model, IdTokenizer())
-    generators = [[f"argonne Generator ({default.kernels}" + (", CUDA graphs)" if device.type == "cuda" else ")"),
+    default = Decoder(model, length)
+    kernels = default.engine(args.batches[0]).kernels
+    generators = [[f"argonne engine ({kernels}" + (", CUDA graphs)" if device.type == "cuda" else ")"),
                    default, ({}, None)]] + [list(variant) for variant in variants]
     print(f"{args.preset}: {sum(p.numel() for p in model.parameters()):,} parameters, {dtype}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}; "
@@ -159,14 +180,14 @@ def main() -> None:
                 report(batch, label, time_call(hf, device, args.repeats), args.new_tokens)
         for index, (label, generator, (options, attention_kernels)) in enumerate(generators[1:], start=1):
             try:
-                if not isinstance(generator, Generator):
+                if not isinstance(generator, Decoder):
                     generator = generators[index][1] = generator()
                 run_ours(label, generator, options, attention_kernels)
             except Exception as error:  # a what-if variant that does not compile here is a finding, not the end
                 print(f"{batch:>6}  {label}: failed: {type(error).__name__}: {str(error).splitlines()[0][:120]}",
                       flush=True)
         reference = outputs.get("transformers generate, dynamic cache", outputs[generators[0][0]])[0]
-        whose = "the default generator's" if args.skip_transformers else "transformers'"
+        whose = "the default engine's" if args.skip_transformers else "transformers'"
         for label in (label for label, _, _ in generators if label in outputs):
             ours = outputs[label][0]
             same = next((i for i, (a, b) in enumerate(zip(ours, reference)) if a != b), len(reference))

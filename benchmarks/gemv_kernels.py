@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from argonne import ArgonneConfig
-from argonne.decode_kernels import gemv
+from argonne.inference.decode_kernels import gemv
 
 CALLS = 200
 

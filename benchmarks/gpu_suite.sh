@@ -20,7 +20,8 @@ wanted=" $* "
 # Result file of each part (default: the part's name); eight files in all with summary.txt and profiles.txt.
 declare -A FILE_OF=([train-small]=train [train-documents]=train [train-2.0]=train [train-float8]=train
                     [float8-loss]=train [decode-b1]=decode [decode-accuracy]=decode
-                    [decode-long]=decode [decode-b16]=decode [gemv]=decode [serve-load]=eval)
+                    [decode-long]=decode [decode-b16]=decode [gemv]=decode [serve-load]=eval
+                    [prefix-cache]=eval)
 run() {  # run LIMIT_S NAME COMMAND...
     local limit=$1 name=$2
     shift 2
@@ -73,6 +74,10 @@ run 240 eval $PY benchmarks/eval_throughput.py --preset 0.5b --device cuda --dty
 # The server needs fastapi and uvicorn (and pydantic, starlette), which the H200 image may lack: carry their wheels.
 run 300 serve-load $PY benchmarks/serve_load.py --preset small --device cuda --concurrency 1,4,16,64 \
     --output "$OUT/serve-load.json"
+# The engine's prefix cache and paged blocks (issue 30), the 0.5B shape in bf16: time to first token with a shared
+# 2,048-token system prompt, lm-eval multiple-choice requests/s with and without the cache, and the requests that
+# decode at once in the memory two rows of the whole context took before.
+run 240 prefix-cache $PY benchmarks/prefix_cache.py --preset small --system-tokens 2048 --questions 200
 echo "=== summary"
 cat "$OUT/summary.txt"
 for file in gpu-tests train decode decode-variants eval; do

@@ -15,7 +15,7 @@ import time
 import torch
 
 from argonne.data.parquet import iter_texts, resolve_parquet_files
-from argonne.generate import StopStrings
+from argonne.inference.text import StopStrings
 from argonne.tokenizer import load_tokenizer
 
 

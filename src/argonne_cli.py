@@ -16,7 +16,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 
-# Mirrors of argonne.generate's DECODE_KERNELS and CUDA_DEFAULT_KERNELS (which import torch); tests/test_cli.py checks
+# Mirrors of argonne.inference.runner's DECODE_KERNELS and CUDA_DEFAULT_KERNELS (which import torch); tests/test_cli.py checks
 # that they agree.
 DECODE_KERNELS = ("torch", "gemv", "gemv+attention")
 CUDA_DEFAULT_KERNELS = "gemv"
@@ -211,14 +211,18 @@ def _add_serve(sub) -> None:
                         help="largest request body; larger ones get 413 before they are read "
                              "(default: %(default)s bytes = 1 MiB)")
     parser.add_argument("--max-batch", type=int, default=16,
-                        help="most requests decoded together: the KV cache's slots (default: %(default)s)")
+                        help="most requests decoded together (default: %(default)s)")
     parser.add_argument("--kv-cache-memory", type=float, default=None, metavar="GIB",
-                        help="GiB for the KV cache; fewer slots than --max-batch if they would not fit "
-                             "(default: what --max-batch slots take)")
+                        help="GiB for the KV cache, in blocks of 16 tokens that sequences take as they grow: "
+                             "requests wait for blocks when it is full (default: enough for --max-batch sequences "
+                             "of --max-model-len tokens)")
     parser.add_argument("--max-model-len", type=int, default=None,
-                        help="tokens one slot holds, prompt and completion together (default: the model's context)")
+                        help="longest sequence, prompt and completion together (default: the model's context)")
+    parser.add_argument("--no-prefix-caching", action="store_true",
+                        help="prefill every prompt whole, even where its first blocks of tokens are cached from "
+                             "an earlier request (a shared system prompt, few-shot examples)")
     parser.add_argument("--max-queue", type=int, default=256,
-                        help="most requests waiting for a slot; past it requests get 429 with Retry-After "
+                        help="most requests waiting to be admitted; past it requests get 429 with Retry-After "
                              "(default: %(default)s)")
     parser.add_argument("--prefill-chunk", type=int, default=512,
                         help="most prompt tokens prefilled between two decode steps, so a long prompt does not "

@@ -190,7 +190,9 @@ def test_help_defaults_are_the_code_defaults():
 
     from argonne import PRESETS
     from argonne.export import export_model
-    from argonne.generate import CUDA_DEFAULT_KERNELS, DECODE_KERNELS, SamplingParams
+    from argonne.inference.engine import EngineSettings
+    from argonne.inference.runner import CUDA_DEFAULT_KERNELS, DECODE_KERNELS
+    from argonne.inference.sampling import SamplingParams
     from argonne.serve import ServerLimits
 
     assert argonne_cli.DECODE_KERNELS == DECODE_KERNELS and argonne_cli.CUDA_DEFAULT_KERNELS == CUDA_DEFAULT_KERNELS
@@ -202,6 +204,9 @@ def test_help_defaults_are_the_code_defaults():
     limits = ServerLimits()
     assert (serve.max_prompt_tokens, serve.max_tokens_limit, serve.max_body_bytes) == (
         limits.max_prompt_tokens, limits.max_tokens, limits.max_body_bytes)
+    settings = EngineSettings()
+    assert (serve.max_batch, serve.max_queue, serve.prefill_chunk, not serve.no_prefix_caching) == (
+        settings.max_batch, settings.max_queue, settings.prefill_chunk, settings.prefix_caching)
     export = build_parser().parse_args(["export", "model", "--to", "gguf", "--output", "out"])
     assert export.dtype == inspect.signature(export_model).parameters["dtype"].default
 

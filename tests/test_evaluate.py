@@ -10,7 +10,8 @@ from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.chat import ChatSession, fit_history, render, run_chat
 from argonne.cli import main
 from argonne.evaluate import document_nll, perplexity, scoring_windows
-from argonne.generate import Generator, NonFiniteLogits, SamplingParams
+from argonne.inference.engine import Engine
+from argonne.inference.sampling import NonFiniteLogits, SamplingParams
 
 from .conftest import SAMPLE_TOKENIZER, break_weights
 
@@ -123,15 +124,15 @@ def test_history_drops_the_oldest_exchange_first(tokenizer):
 
 def test_chat_keeps_the_conversation_and_ends_turns(tokenizer):
     model = small_model(context=256)
-    generator = Generator(model, tokenizer)
-    session = ChatSession(generator, SamplingParams(max_new_tokens=8, temperature=0))
+    engine = Engine(model, tokenizer)
+    session = ChatSession(engine, SamplingParams(max_new_tokens=8, temperature=0))
     first = session.reply("Hello there")
     second = session.reply("And again")
     assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
     assert session.messages[1]["content"] == first and session.messages[3]["content"] == second
     assert 2 in session.params.stop_token_ids  # <|im_end|> ends a reply
     lines, written = iter(["hi", "/quit"]), []
-    run_chat(generator, SamplingParams(max_new_tokens=4, temperature=0), None, read=lambda _: next(lines),
+    run_chat(engine, SamplingParams(max_new_tokens=4, temperature=0), None, read=lambda _: next(lines),
              write=written.append)
     assert written[0] == "assistant> "
 

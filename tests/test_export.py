@@ -356,7 +356,8 @@ def test_llama_cpp_runs_the_gguf_export_like_argonne(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (a long source build)")
     import numpy as np
 
-    from argonne.generate import Generator, SamplingParams
+    from argonne.inference.engine import Engine
+    from argonne.inference.sampling import SamplingParams
 
     source = saved_argonne(tmp_path / "argonne", head_dim=16, max_position_embeddings=256)
     export_model(source, "gguf", tmp_path / "gguf", "fp32")
@@ -370,7 +371,7 @@ def test_llama_cpp_runs_the_gguf_export_like_argonne(tmp_path):
     assert np.abs(theirs - ours).max() <= 1e-3 * max(1.0, np.abs(ours).max())
     greedy = llm.create_completion("The database stores", max_tokens=10, temperature=0.0, top_k=1)
     params = SamplingParams(max_new_tokens=10, temperature=0)
-    assert greedy["choices"][0]["text"] == Generator(model, tokenizer).generate(["The database stores"], params)[0]
+    assert greedy["choices"][0]["text"] == Engine(model, tokenizer).generate(["The database stores"], params)[0]
 
 
 @pytest.mark.parametrize("content, problem", [

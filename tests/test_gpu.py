@@ -10,14 +10,15 @@ import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM
 from argonne.config import RunConfig
-from argonne.generate import Generator, SamplingParams
+from argonne.inference.engine import Engine, EngineRequest, EngineSettings
+from argonne.inference.sampling import NonFiniteLogits, SamplingParams
 from argonne.loss_argonne import accumulate_matmul, cross_entropy_chunk
 from argonne.modeling_argonne import attention
 from argonne.optim import build_optimizer
 from argonne.parallel import Topology, parallelize
 from argonne.train import cross_entropy_objective, training_step
 
-from .test_generate import IdTokenizer, prompts_of
+from .inference.test_runner import IdTokenizer, prompts_of
 from .test_model import LLAMA_STYLE, make_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -163,25 +164,31 @@ def test_float8_on_fp8_tensor_cores_stays_near_bf16_and_never_waits(recipe, comp
     assert torch.stack(later).isfinite().all() and later[-1].item() < first
 
 
+def greedy_ids(engine: Engine, prompts, params: SamplingParams) -> list[list[int]]:
+    return [completion.token_ids for completion in engine.complete(prompts, params)]
+
+
 def test_cuda_graph_decode_equals_eager_decode():
     model = make_model(**{**LLAMA_STYLE, "max_position_embeddings": 96}).cuda()
     prompts = prompts_of([5, 9, 2])
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
-    eager = Generator(model, IdTokenizer(), compile=False).generate_ids(prompts, params)
-    graphed = Generator(model, IdTokenizer(), compile=True)
-    assert graphed.generate_ids(prompts, params) == eager
-    assert graphed.generate_ids(prompts, params) == eager  # replayed graphs, cache reused
-    # Sampled tokens are fed to the graph from outside (top-k 1 samples the greedy token); streamed tokens are read
-    # through the copy queued before the next step.
-    assert graphed.generate_ids(prompts, SamplingParams(max_new_tokens=24, temperature=1.0, top_k=1)) == eager
-    streamed = []
-    graphed.generate_ids(prompts, params, on_tokens=lambda tokens: streamed.append(tokens.tolist()))
-    assert [row[: len(ours)] for row, ours in zip(zip(*streamed), eager)] == [tuple(ours) for ours in eager]
+    eager = greedy_ids(Engine(copy.deepcopy(model), IdTokenizer(), compile=False), prompts, params)
+    graphed = Engine(model, IdTokenizer(), compile=True)
+    assert graphed.runner.graphs
+    assert greedy_ids(graphed, prompts, params) == eager
+    assert greedy_ids(graphed, prompts, params) == eager  # replayed graphs, cache reused
+    # Sampled tokens are drawn on the host side of the step from the logits the graph leaves (top-k 1 samples the
+    # greedy token); streamed text is each row's tokens as they are made.
+    assert greedy_ids(graphed, prompts, SamplingParams(max_new_tokens=24, temperature=1.0, top_k=1)) == eager
+    streamed = [[] for _ in prompts]
+    handles = graphed.submit([EngineRequest(prompt, params, sink=lambda update, row=row: streamed[row].append(
+        update.text)) for row, prompt in enumerate(prompts)])
+    while not all(handle.completion for handle in handles):
+        graphed.step()
+    assert ["".join(pieces) for pieces in streamed] == [IdTokenizer().decode(ours) for ours in eager]
 
 
 def test_engine_cuda_graphs_per_bucket_equal_the_eager_engine():
-    from argonne.engine import Engine, EngineRequest, EngineSettings
-
     model = make_model(**{**LLAMA_STYLE, "max_position_embeddings": 96}).cuda()
     prompts = prompts_of([5, 9, 2, 30, 1])
     params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in (24, 7, 15, 3, 20)]
@@ -189,18 +196,18 @@ def test_engine_cuda_graphs_per_bucket_equal_the_eager_engine():
     eager = Engine(copy.deepcopy(model), IdTokenizer(), settings, compile=False, kernels="torch")
     expected = [eager.complete([p], q)[0] for p, q in zip(prompts, params)]
     graphed = Engine(copy.deepcopy(model), IdTokenizer(), settings, kernels="torch")
-    assert graphed._graphs
+    assert graphed.runner.graphs
     handles = graphed.submit([EngineRequest(p, q) for p, q in zip(prompts, params)])
     while not all(h.completion for h in handles):
         graphed.step()
     assert [h.completion for h in handles] == expected  # buckets 8, 4, 2, 1 as requests end
     assert [graphed.complete([p], q)[0] for p, q in zip(prompts, params)] == expected  # replayed graphs
-    assert {1, 2, 4, 8} >= set(graphed._steps) and len(graphed._steps) >= 2
+    assert {1, 2, 4, 8} >= set(graphed.runner._steps) and len(graphed.runner._steps) >= 2
 
 
 def test_gemv_kernels_in_bfloat16_are_as_close_as_cublas():
     """The 0.5B model's decode shapes: the Triton GEMVs against float64, next to cuBLAS's error."""
-    from argonne.decode_kernels import gemv
+    from argonne.inference.decode_kernels import gemv
 
     torch.manual_seed(0)
     for rows, columns, swiglu in ((1152, 896, False), (2 * 4864, 896, True), (896, 4864, False), (151_665, 896, False)):
@@ -221,24 +228,25 @@ def test_gemv_kernels_in_bfloat16_are_as_close_as_cublas():
 @pytest.mark.parametrize("kernels", ["gemv", "gemv+attention", "gemv+attention in key ranges",
                                      "gemv+attention with qk-norm"])
 def test_cuda_graph_decode_with_triton_kernels_equals_eager_decode(kernels, monkeypatch):
-    from argonne import decode_kernels
+    from argonne.inference import decode_kernels
 
     if kernels.endswith("in key ranges"):
         monkeypatch.setattr(decode_kernels, "MIN_KEYS_PER_SPLIT", 16)  # the 96-key cache in 6 ranges
     config = {**LLAMA_STYLE, "max_position_embeddings": 96, "qk_norm": kernels.endswith("qk-norm")}
     prompts = prompts_of([7])  # batch 1: every decode matmul goes through the kernels
     params = SamplingParams(max_new_tokens=24, temperature=0.0)
-    eager = Generator(make_model(**config).cuda(), IdTokenizer(), compile=False).generate_ids(prompts, params)
-    graphed = Generator(make_model(**config).cuda(), IdTokenizer(), compile=True, kernels=kernels.split()[0])
-    assert graphed.generate_ids(prompts, params) == eager
-    assert graphed.generate_ids(prompts, params) == eager
+    eager = greedy_ids(Engine(make_model(**config).cuda(), IdTokenizer(), compile=False), prompts, params)
+    graphed = Engine(make_model(**config).cuda(), IdTokenizer(), compile=True, kernels=kernels.split()[0])
+    assert graphed.runner.graphs and graphed.kernels == kernels.split()[0]
+    assert greedy_ids(graphed, prompts, params) == eager
+    assert greedy_ids(graphed, prompts, params) == eager
 
 
 def test_gemv_plan_logits_in_bfloat16_are_as_close_as_cublas():
     """One token through the fused blocks (norms and residual adds inside the GEMVs) against float64."""
     import copy
 
-    from argonne.decode_kernels import use_gemv_kernels
+    from argonne.inference.decode_kernels import use_gemv_kernels
 
     model = make_model(**LLAMA_STYLE).cuda()
     exact = copy.deepcopy(model).double()
@@ -258,7 +266,7 @@ def test_decode_attention_in_bfloat16_is_as_close_as_sdpa(length, last_key):
     a 4,096-key cache written up to key 3,000 in 8 key ranges."""
     import math
 
-    from argonne.decode_kernels import decode_attention
+    from argonne.inference.decode_kernels import decode_attention
 
     torch.manual_seed(0)
     q = torch.randn(1, 1, 14 * 64, device="cuda", dtype=torch.bfloat16)
@@ -276,20 +284,31 @@ def test_decode_attention_in_bfloat16_is_as_close_as_sdpa(length, last_key):
 
 
 def test_non_finite_logits_raise_through_cuda_graphs_and_the_engines_graphed_buckets():
-    """The non-finite flag is made inside the captured decode step (and the engine's graphed buckets) and a flagged
-    token is fed back as a valid index: decoding raises NonFiniteLogits, never a device-side assert or a token."""
-    from argonne.engine import Engine, EngineSettings
-    from argonne.generate import NonFiniteLogits
-
+    """Logits that overflow from the prefill on, or only in the captured decode steps (the engine's graphed buckets,
+    on the default kernels and on torch's): the rows end there and decoding raises NonFiniteLogits, never a
+    device-side assert or a token."""
     model = make_model(**{**LLAMA_STYLE, "max_position_embeddings": 96}).cuda()
-    with torch.no_grad():
-        model.model.norm.weight.fill_(torch.finfo(torch.float32).max)  # every logit overflows
     prompts = prompts_of([5, 9, 2])
+    largest = torch.finfo(torch.float32).max
     for params in (SamplingParams(max_new_tokens=8, temperature=0.0), SamplingParams(max_new_tokens=8)):
-        with pytest.raises(NonFiniteLogits):
-            Generator(model, IdTokenizer(), compile=True).generate_ids(prompts, params)
-        engine = Engine(copy.deepcopy(model), IdTokenizer(), EngineSettings(max_batch=4, prefill_chunk=8),
-                        kernels="torch")
-        with pytest.raises(NonFiniteLogits):
-            engine.complete(prompts, params)
+        for kernels in (None, "torch"):
+            engine = Engine(copy.deepcopy(model), IdTokenizer(), EngineSettings(max_batch=4, prefill_chunk=8),
+                            kernels=kernels)
+            assert engine.runner.graphs
+            engine.warm_up()  # every bucket captured while the weights are finite
+            norm = engine.model.model.norm.weight
+            finite = norm.detach().clone()
+            with torch.no_grad():
+                norm.fill_(largest)  # every logit overflows, the prefill's too
+            with pytest.raises(NonFiniteLogits):
+                engine.complete(prompts, params)
+            with torch.no_grad():
+                norm.copy_(finite)
+
+            def overflow_from_now_on(text):  # after the prefill's token: the replayed graphs read the weights in place
+                norm.fill_(largest)  # (in the engine's step, under no_grad)
+
+            with pytest.raises(NonFiniteLogits):
+                engine.stream(prompts[0], params, overflow_from_now_on)
+            assert engine.active == 0 and engine.blocks.free_count == engine.blocks.num_blocks
     torch.cuda.synchronize()  # no device-side assert pending

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
-from argonne.generate import NonFiniteLogits
 from argonne.harness import ArgonneLM, HarnessError, evaluate_tasks
+from argonne.inference.sampling import NonFiniteLogits
 
 from .conftest import SAMPLE_TOKENIZER, break_weights, small_model
 from .harness_tasks import TASKS, write_tasks
@@ -91,13 +91,18 @@ def test_a_checkpoint_scores_as_its_model_folder(folders):
 
 
 def test_one_forward_per_batch_longest_first(folders):
-    """Log-likelihood requests are sorted by length and batched: ceil(n / batch_size) forwards, each as wide as
-    its longest row, requests with the same inputs share a row, and the scores equal scoring each alone."""
-    lm = ArgonneLM(pretrained=str(folders["argonne"]), device="cpu", dtype="float32", batch_size=4)
+    """On a model passed in (the plain batched forwards; a model opened here scores on the engine), log-likelihood
+    requests are sorted by length and batched: ceil(n / batch_size) forwards, each as wide as its longest row,
+    requests with the same inputs share a row, and the scores equal scoring each alone, and the engine's."""
+    lm = ArgonneLM(model=ArgonneForCausalLM.from_pretrained(folders["argonne"]).eval(),
+                   tokenizer=load_tokenizer(folders["argonne"]), batch_size=4)
     torch.manual_seed(1)
-    windows = [(torch.randint(3, 8192, (n,)).tolist(), None) for n in (5, 17, 9, 30, 2, 12, 7, 21, 3, 4)]
-    windows = [(inputs, inputs[-min(3, len(inputs)):]) for inputs, _ in windows]
-    windows += [(windows[3][0], [5]), (windows[3][0], [6, 7])]  # other answers to the longest row's question
+    # Windows as lm-eval's requests make them: the inputs are the sequence but its last token, the continuation
+    # the sequence's last tokens.
+    sequences = [torch.randint(3, 8192, (n + 1,)).tolist() for n in (5, 17, 9, 30, 2, 12, 7, 21, 3, 4)]
+    windows = [(tokens[:-1], tokens[-min(3, len(tokens) - 1):]) for tokens in sequences]
+    longest = windows[3][0]
+    windows += [(longest, [5]), (longest, [longest[-1], 7])]  # other answers to the longest row's question
     widths = []
     hook = lm.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape
                                                                                           if "input_ids" in kwargs
@@ -110,8 +115,11 @@ def test_one_forward_per_batch_longest_first(folders):
     assert widths == [(4, 30), (4, 9), (2, 3)]
     lm.batch_size = 1
     alone = lm.score_windows(windows)
-    for (a, greedy_a), (b, greedy_b) in zip(batched, alone):
+    on_the_engine = ArgonneLM(pretrained=str(folders["argonne"]), device="cpu", dtype="float32",
+                              batch_size=4).score_windows(windows)
+    for (a, greedy_a), (b, greedy_b), (c, greedy_c) in zip(batched, alone, on_the_engine, strict=True):
         assert abs(a - b) <= 1e-4 and greedy_a == greedy_b
+        assert abs(a - c) <= 1e-4 and greedy_a == greedy_c
 
 
 def test_a_continuation_longer_than_the_context_window_is_cut_from_the_left(folders):
@@ -211,7 +219,7 @@ def test_non_finite_logits_are_an_error_not_a_nan_score_or_token():
 
     request = SimpleNamespace(args=("The database", {"until": ["\n"], "max_gen_toks": 2}))
     with pytest.raises(NonFiniteLogits):
-        lm.generate_until([request])  # on a model passed in: the recomputing loop, raised once all rows decoded
+        lm.generate_until([request])  # on a model passed in: the uncached greedy loop, raised once all rows decoded
 
 
 def test_empty_contexts_and_continuations(folders):

@@ -3,7 +3,12 @@
 import ast
 from pathlib import Path
 
+import argonne
+from argonne import loss_argonne, modeling_argonne
+
 from .conftest import REPO
+
+PACKAGE = Path(argonne.__file__).parent
 
 SOURCE = REPO / "src" / "argonne"
 
@@ -60,3 +65,34 @@ def test_no_module_imports_itself_back():
 
 def test_a_cycle_would_be_found():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def top_level_names(path: Path) -> set[str]:
+    """Names a file defines at module level (functions, classes, assignments), imports left out."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {target.id for target in targets if isinstance(target, ast.Name)}
+    return names
+
+
+def test_the_loss_lives_in_loss_argonne_and_the_model_file_keeps_no_loss_globals():
+    loss_names = top_level_names(PACKAGE / "loss_argonne.py")
+    assert {"LOSS_CHUNK_LOGITS", "LOSS_CHUNK_LOGITS_GPU", "LOSS_VOCAB_MULTIPLE_GPU", "linear_cross_entropy",
+            "cross_entropy_chunk", "accumulate_matmul", "_compiled_chunk_loss", "_compiled_cross_entropy_chunk",
+            "_fp32_accumulating_addmm"} <= loss_names
+    model_names = top_level_names(PACKAGE / "modeling_argonne.py")
+    assert not model_names & loss_names
+    assert not [name for name in model_names if "LOSS" in name or "loss" in name]
+    # The model reaches the loss only through the import (what OutputHead calls), so a patch of the loss module's
+    # settings is seen by the model.
+    assert modeling_argonne.linear_cross_entropy is loss_argonne.linear_cross_entropy
+    assert not [name for name in vars(modeling_argonne) if name.startswith("LOSS_") or "cross_entropy_chunk" in name]
+    for path in ("modeling_argonne.py", "loss_argonne.py"):
+        source = (PACKAGE / path).read_text()
+        assert "torch.distributed" not in source.split('"""', 2)[2], path  # no distributed code (docstring aside)
+        imports = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)]
+        assert all(node.level == 1 or not (node.module or "").startswith("argonne") for node in imports), path

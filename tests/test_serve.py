@@ -1,5 +1,6 @@
 """The OpenAI-compatible server, driven by the official `openai` client against a real uvicorn on 127.0.0.1, with
-the serving engine behind it; what it generates is checked against the Generator on a copy of the same model."""
+the serving engine behind it; what it generates is checked against a second engine, run in the test's own thread,
+on a copy of the same model."""
 
 import contextlib
 import copy
@@ -21,8 +22,8 @@ from fastapi.testclient import TestClient
 
 from argonne import cli, load_tokenizer
 from argonne.chat import render
-from argonne.engine import Engine, EngineSettings
-from argonne.generate import Generator, SamplingParams
+from argonne.inference.engine import Engine, EngineRequest, EngineSettings
+from argonne.inference.sampling import SamplingParams
 from argonne.serve import API_KEY_ENV, ServerLimits, build_app
 
 from .conftest import SAMPLE_TOKENIZER, free_port, small_model
@@ -37,8 +38,8 @@ def model():
 
 @pytest.fixture(scope="module")
 def generator(model):
-    """The reference: one request at a time, on a copy of the served model."""
-    return Generator(copy.deepcopy(model), load_tokenizer(SAMPLE_TOKENIZER))
+    """The reference: an engine of its own on a copy of the served model, stepped in the caller's thread."""
+    return Engine(copy.deepcopy(model), load_tokenizer(SAMPLE_TOKENIZER))
 
 
 @pytest.fixture(scope="module")
@@ -433,10 +434,10 @@ def test_a_prompt_that_leaves_no_room_is_refused(engine):
 
 def greedy_ids(generator, prompt_ids, max_tokens) -> list[int]:
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0, top_k=0, top_p=1.0)
-    return generator.generate_ids([prompt_ids], params)[0]
+    return generator.complete([prompt_ids], params)[0].token_ids
 
 
-def test_complete_ids_counts_each_rows_tokens_and_why_it_ended(generator, monkeypatch):
+def test_complete_counts_each_rows_tokens_and_why_it_ended(generator, monkeypatch):
     prompts = [generator.tokenizer(p, add_special_tokens=False).input_ids for p in ("The database", "A table of")]
     alone = [greedy_ids(generator, p, 10) for p in prompts]
     eos = alone[0][3]
@@ -446,11 +447,26 @@ def test_complete_ids_counts_each_rows_tokens_and_why_it_ended(generator, monkey
         return (ids.index(eos) + 1, "stop") if eos in ids else (10, "length")
 
     params = SamplingParams(max_new_tokens=10, temperature=0, top_k=0, top_p=1.0)
-    rows = generator.complete_ids(prompts, params)  # one batch: row 0's later tokens are not counted
+    rows = generator.complete(prompts, params)  # one batch: row 0's later tokens are not counted
     assert [(row.token_count, row.finish_reason) for row in rows] == [expected(ids) for ids in alone]
     assert [row.text for row in rows] == generator.generate(["The database", "A table of"], params)
-    cancelled = generator.complete_ids(prompts, params, should_stop=lambda: True)
-    assert [(row.token_count, row.finish_reason) for row in cancelled] == [(1, "cancelled")] * 2
+    # Cancelled after their first step (a client that went away): they end "cancelled", counting the tokens made.
+    updates = [0, 0]
+
+    def counter(row):
+        def sink(update):
+            updates[row] += update.completion is None  # one update per token but the last, which ends it
+        return sink
+
+    handles = generator.submit([EngineRequest(p, params, sink=counter(row)) for row, p in enumerate(prompts)])
+    generator.step()
+    assert all(1 <= made < 10 for made in updates)
+    for handle in handles:
+        handle.cancel()
+    generator.step()
+    cancelled = [handle.completion for handle in handles]
+    assert [(row.token_count, row.finish_reason) for row in cancelled] == [(made, "cancelled") for made in updates]
+    assert not generator.scheduler.running and len(generator.scheduler.free_rows) == generator.slots
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -784,7 +800,7 @@ def test_chat_logprobs_and_top_logprobs(client):
     assert all(entry.top_logprobs == [] for entry in without_top.choices[0].logprobs.content)
 
 
-def test_metrics_in_prometheus_format(server, client):
+def test_metrics_in_prometheus_format(server, client, engine):
     from prometheus_client.parser import text_string_to_metric_families
 
     client.completions.create(model="tiny", prompt="The database", max_tokens=4, temperature=0)
@@ -798,6 +814,10 @@ def test_metrics_in_prometheus_format(server, client):
     assert value["argonne_time_to_first_token_seconds_count"] >= 1
     assert value["argonne_time_per_output_token_seconds_count"] >= 1
     assert value["argonne_generation_tokens_total"] >= 4 and value["argonne_prompt_tokens_total"] >= 2
+    # The paged KV cache: 8 rows of 128 tokens in blocks of 16, every block free between requests.
+    assert value["argonne_kv_cache_blocks"] == engine.blocks.num_blocks == 8 * 128 // 16
+    assert value["argonne_kv_cache_blocks_free"] == engine.blocks.num_blocks
+    assert value["argonne_prefix_cache_hit_tokens_total"] >= 0
     assert "argonne_generation_tokens_per_second" in value
     assert {s.labels["finish_reason"] for s in families["argonne_requests"].samples
             if s.name == "argonne_requests_total"} >= {"length"}

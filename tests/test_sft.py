@@ -9,8 +9,9 @@ from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.chat import ChatSession
 from argonne.config import load_run_config
 from argonne.data import DataError
-from argonne.generate import Generator, SamplingParams
 from argonne.data.sft import IGNORE, SFTStats, build_windows, read_conversations, render_with_labels
+from argonne.inference.engine import Engine
+from argonne.inference.sampling import SamplingParams
 from argonne.train import SFT, train
 
 from .conftest import SAMPLE_TOKENIZER
@@ -148,7 +149,7 @@ def test_sft_learns_a_small_instruction_set_and_chat_answers_with_it(tmp_path, b
     summary = train(config, SFT)
     assert summary["loss"] < 0.05, summary
     model = ArgonneForCausalLM.from_pretrained(tmp_path / "sft" / "model")
-    session = ChatSession(Generator(model, load_tokenizer(tmp_path / "sft" / "model")),
+    session = ChatSession(Engine(model, load_tokenizer(tmp_path / "sft" / "model")),
                           SamplingParams(max_new_tokens=12, temperature=0))
     for question, answer in INSTRUCTIONS[:3]:
         assert session.reply(question) == answer

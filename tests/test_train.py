@@ -877,3 +877,23 @@ def test_non_finite_final_weights_are_not_exported_and_samples_say_why(tmp_path)
         export_final_model(model, model.config, tokenizer, tmp_path / "model", Topology())
     assert all(tensor in str(error.value) for tensor in BROKEN_TENSORS) and "was not written" in str(error.value)
     assert not (tmp_path / "model").exists()
+
+
+def test_a_sample_is_the_prompt_and_the_engines_greedy_continuation_and_leaves_the_model_as_it_was():
+    import copy
+    from contextlib import nullcontext
+
+    from argonne.inference.engine import Engine
+    from argonne.inference.sampling import SamplingParams
+    from argonne.train import sample_text
+
+    model, tokenizer = small_model().train(), load_tokenizer(SAMPLE_TOKENIZER)
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    ids = tokenizer("The database", add_special_tokens=False).input_ids
+    reference = Engine(copy.deepcopy(model), tokenizer)
+    expected = reference.complete([ids], SamplingParams(max_new_tokens=6, temperature=0))[0].text
+    assert sample_text(model, tokenizer, "The database", 6, "cpu", nullcontext) == "The database" + expected
+    assert model.training and model.model.layers[0].self_attn.qkv is None  # borrowed as training has it: not merged
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+    assert expected  # (some text to compare)

@@ -11,7 +11,8 @@ from dataclasses import replace
 
 from jinja2.exceptions import TemplateError
 
-from .generate import Generator, SamplingParams
+from .inference.engine import Engine
+from .inference.sampling import SamplingParams
 from .tokenizer import CHATML_TEMPLATE
 
 END_OF_TURN = "<|im_end|>"
@@ -67,20 +68,20 @@ def end_of_turn_ids(tokenizer) -> list[int]:
 class ChatSession:
     """A conversation: each reply ends at the end-of-turn token (or EOS)."""
 
-    def __init__(self, generator: Generator, params: SamplingParams, system: str | None = None):
-        stop_ids = tuple(params.stop_token_ids) + tuple(end_of_turn_ids(generator.tokenizer))
-        self.generator, self.params = generator, replace(params, stop_token_ids=stop_ids)
+    def __init__(self, engine: Engine, params: SamplingParams, system: str | None = None):
+        stop_ids = tuple(params.stop_token_ids) + tuple(end_of_turn_ids(engine.tokenizer))
+        self.engine, self.params = engine, replace(params, stop_token_ids=stop_ids)
         self.messages: list[dict] = [{"role": "system", "content": system}] if system else []
 
     def reply(self, user_text: str, write: Callable[[str], None] | None = None) -> str:
         """The assistant's answer to `user_text`, streamed to `write`. A reply that does not finish (Ctrl-C, an
         error) leaves the history as it was before the question, so turns keep alternating user / assistant."""
         before = self.messages
-        tokenizer = self.generator.tokenizer
-        budget = self.generator.config.max_position_embeddings - self.params.max_new_tokens
+        tokenizer = self.engine.tokenizer
+        budget = self.engine.max_len - self.params.max_new_tokens
         try:
             self.messages, ids = fit_history(tokenizer, before + [{"role": "user", "content": user_text}], budget)
-            answer = self.generator.stream_ids(ids, self.params, write or (lambda text: None)).strip()
+            answer = self.engine.stream(ids, self.params, write or (lambda text: None)).text.strip()
         except BaseException:
             self.messages = before
             raise
@@ -88,13 +89,13 @@ class ChatSession:
         return answer
 
 
-def run_chat(generator: Generator, params: SamplingParams, system: str | None, read=input, write=None) -> ChatSession:
+def run_chat(engine: Engine, params: SamplingParams, system: str | None, read=input, write=None) -> ChatSession:
     """The interactive loop, until /quit, /exit or Ctrl-D; returns the session. As in ollama, Ctrl-C at the prompt
     only says how to quit, and Ctrl-C during a reply stops that reply: the question and the partial answer are left
     out of the history (ask again), and the prompt comes back."""
     write = write or (lambda text: print(text, end="", flush=True))
-    check_template(generator.tokenizer, system)
-    session = ChatSession(generator, params, system)
+    check_template(engine.tokenizer, system)
+    session = ChatSession(engine, params, system)
     while True:
         try:
             user_text = read("you> ")

@@ -92,15 +92,26 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate text from a model folder or training checkpoint, streaming tokens as they are made."""
-    from .generate import Generator, read_prompts
+    from .inference.engine import Engine, EngineSettings
+    from .inference.text import read_prompts
     from .loading import open_model
 
     model, tokenizer = open_model(args.model, args.device, tokenizer=args.tokenizer)
-    generator = Generator(model, tokenizer, compile=args.compile, kernels=args.kernels)
     params = _sampling_params(args)
-    for prompt in read_prompts(args.prompt, args.prompt_file):
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    encoded = [tokenizer(prompt, add_special_tokens=False).input_ids for prompt in prompts]
+    context = model.config.max_position_embeddings
+    longest = max(len(ids) for ids in encoded) + params.max_new_tokens
+    if longest > context:
+        raise ValueError(f"prompt ({longest - params.max_new_tokens} tokens) + max_new_tokens "
+                         f"({params.max_new_tokens}) exceeds the context window ({context} tokens)")
+    # One sequence at a time, its KV cache as long as the longest prompt needs (rounded up, as CUDA graphs of
+    # longer caches read more keys per token).
+    settings = EngineSettings(max_batch=1, max_len=min(context, -(-longest // 256) * 256))
+    engine = Engine(model, tokenizer, settings, compile=args.compile, kernels=args.kernels)
+    for prompt, ids in zip(prompts, encoded):
         print(prompt, end="", flush=True)
-        generator.stream(prompt, params, lambda text: print(text, end="", flush=True))
+        engine.stream(ids, params, lambda text: print(text, end="", flush=True))
         print()
     return 0
 
@@ -190,7 +201,7 @@ def _configure_logging() -> None:
 
 
 def _sampling_params(args):
-    from .generate import SamplingParams
+    from .inference.sampling import SamplingParams
 
     return SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -201,12 +212,13 @@ def _sampling_params(args):
 def cmd_chat(args: argparse.Namespace) -> int:
     """Chat with an instruction-tuned model through its chat template; history is kept within the context."""
     from .chat import run_chat
-    from .generate import Generator
+    from .inference.engine import Engine, EngineSettings
     from .loading import open_model
 
     model, tokenizer = open_model(args.model, args.device, tokenizer=args.tokenizer)
-    run_chat(Generator(model, tokenizer, compile=args.compile, kernels=args.kernels), _sampling_params(args),
-             args.system)
+    # One conversation: one sequence; each turn's history is a prefix of the next, taken from the prefix cache.
+    engine = Engine(model, tokenizer, EngineSettings(max_batch=1), compile=args.compile, kernels=args.kernels)
+    run_chat(engine, _sampling_params(args), args.system)
     return 0
 
 
@@ -259,7 +271,7 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions with streaming)."""
-    from .engine import EngineSettings
+    from .inference.engine import EngineSettings
     from .serve import ServerLimits, serve
 
     _configure_logging()  # the engine's slots, the warm-up's time, a failed step's traceback
@@ -268,7 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           max_body_bytes=args.max_body_bytes)
     settings = EngineSettings(max_batch=args.max_batch, max_len=args.max_model_len,
                               kv_cache_memory=args.kv_cache_memory, max_queue=args.max_queue,
-                              prefill_chunk=args.prefill_chunk)
+                              prefill_chunk=args.prefill_chunk, prefix_caching=not args.no_prefix_caching)
     settings.check()  # before the model loads
     if not args.drain_timeout >= 0:
         raise ValueError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")

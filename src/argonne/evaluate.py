@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from .data.parquet import iter_texts, resolve_parquet_files
-from .generate import NonFiniteLogits
+from .inference.sampling import NonFiniteLogits
 from .tokenizer import document_boundary_id
 
 

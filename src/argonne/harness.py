@@ -1,13 +1,16 @@
 """Argonne in EleutherAI's lm-evaluation-harness (`lm_eval`): the `argonne` model class and `argonne eval tasks`.
 
 `ArgonneLM` answers lm-eval's three request types on Argonne's own model:
-- loglikelihood: requests sorted by length (longest first) and batched, one forward per batch, left-padded so that
-  every row's continuation ends at the last position, and logits made for the continuation positions only (lm-eval's
-  `hf` backend makes and soft-maxes (batch, length, vocabulary) logits); requests with the same model input (the
-  one-token answers of a multiple-choice question) share a row;
-- loglikelihood_rolling: the document cut into lm-eval's own rolling windows, all windows batched as above;
-- generate_until: Argonne's serving engine (engine.py: continuous batching, batch_size rows at a time, CUDA graphs
-  on GPUs), greedy, with the request's stop strings and max_gen_toks.
+- loglikelihood: scoring requests on Argonne's inference engine (inference/engine.py), logits made for the
+  continuation positions only (lm-eval's `hf` backend makes and soft-maxes (batch, length, vocabulary) logits);
+  requests that begin alike (few-shot examples, a question's context before each answer) share their prefix's KV
+  blocks. A model passed in from training (maybe sharded) runs plain batched forwards instead: requests sorted by
+  length (longest first), left-padded so that every row's continuation ends at the last position, requests with the
+  same model input (the one-token answers of a multiple-choice question) sharing a row;
+- loglikelihood_rolling: the document cut into lm-eval's own rolling windows, scored as above;
+- generate_until: Argonne's inference engine (inference/engine.py: continuous batching, batch_size rows at a time,
+  CUDA graphs on GPUs), greedy, with the request's stop strings and max_gen_toks; a model passed in from training
+  (maybe sharded) decodes on the uncached greedy loop (inference/uncached.py) instead.
 Token handling follows the `hf` backend (the same context/continuation split, left truncation to max_length, prefix
 token for an empty context), so both score a request the same way. The class is registered with lm-eval as
 "argonne" when this module is imported: `python -m argonne.lm_eval_command` is lm_eval's own command with it
@@ -26,8 +29,9 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from .engine import Engine, EngineSettings
-from .generate import NON_FINITE, NonFiniteLogits, SamplingParams, flag_non_finite
+from .inference.engine import Engine, EngineSettings
+from .inference.sampling import NonFiniteLogits, SamplingParams
+from .inference.uncached import greedy_uncached
 from .modeling_argonne import ArgonneForCausalLM
 
 DEFAULT_BATCH_SIZE = 16
@@ -70,7 +74,8 @@ class ArgonneLM(TemplateLM):
     folder), tokenizer (another tokenizer folder), device ("auto", "cpu", "cuda", "cuda:1"), dtype ("auto": bf16
     on GPUs, float32 on CPUs; "float32", "bfloat16", "float16"), batch_size (requests per forward; lm-eval's
     "auto" means Argonne's default, 16), max_length (tokens of context; default the model's
-    max_position_embeddings), max_gen_toks (default 256, as lm-eval's `hf`). A model already in memory is passed
+    max_position_embeddings), max_gen_toks (default 256, as lm-eval's `hf`), prefix_caching (default true: requests
+    that begin alike share their prefix's KV blocks). A model already in memory is passed
     as `model=` with its `tokenizer`, and with the `topology` of the processes it is sharded over (training):
     every process then gets every request and scores its data-parallel share, the processes agree on the number
     of forwards before running them (FSDP gathers each layer's weights at every forward), and results are gathered.
@@ -79,8 +84,11 @@ class ArgonneLM(TemplateLM):
     def __init__(self, pretrained: str | None = None, tokenizer=None, device: str = "auto", dtype: str = "auto",
                  batch_size: int | str = DEFAULT_BATCH_SIZE, max_length: int | None = None,
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, model: ArgonneForCausalLM | None = None,
-                 max_batch_size: int | None = None, topology=None):
+                 max_batch_size: int | None = None, topology=None, prefix_caching: bool | str = True):
         super().__init__()
+        if str(prefix_caching).lower() not in ("true", "false"):
+            raise HarnessError(f"prefix_caching must be true or false, got {prefix_caching!r}")
+        self.prefix_caching = str(prefix_caching).lower() == "true"
         # A model being trained, sharded over a ("dp", "tp") mesh. lm-eval sees one process: every process gets
         # every request (so each calls each request type, whatever the documents), computes its data-parallel
         # share and gathers the rest; tensor-parallel peers take the same share and run the same forwards.
@@ -104,7 +112,6 @@ class ArgonneLM(TemplateLM):
             raise HarnessError(f"max_gen_toks must be >= 1 and max_length >= 2, got {self.max_gen_toks} and "
                                f"{self._max_length}")
         self._engine: Engine | None = None
-        self._met_non_finite = False  # (_recomputed: a row of NaN or Inf logits, raised once all have decoded)
 
     @staticmethod
     def _batch_size(batch_size: int | str, max_batch_size: int | None) -> int:
@@ -195,6 +202,7 @@ class ArgonneLM(TemplateLM):
         steps = sum(-(-len(indices) // self.batch_size) * settings[indices[0]][2]
                     for indices in groups.values() if indices)
         extra = self._forwards_to_add(steps)
+        met_non_finite = False
         for indices in groups.values():
             if not indices:
                 continue
@@ -202,21 +210,22 @@ class ArgonneLM(TemplateLM):
             prompts = {i: self.tok_encode(settings[i][0])[-(self.max_length - max_new):] or [self.prefix_token_id]
                        for i in indices}
             order = sorted(indices, key=lambda i: -len(prompts[i]))
-            params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop=tuple(until))
-            if self._owns_model:  # the serving engine: batch_size rows at a time, a finished row's slot refilled
-                texts = [c.text for c in self.engine().complete([prompts[i] for i in order], params)]
+            params = SamplingParams(max_new_tokens=max_new, temperature=0.0, stop=tuple(s for s in until if s))
+            if self._owns_model:  # the engine: batch_size rows at a time, a finished row's row refilled
+                completions = self.engine().complete([prompts[i] for i in order], params)
             else:
-                texts = [text for start in range(0, len(order), self.batch_size)
-                         for text in self._recomputed([prompts[i] for i in order[start:start + self.batch_size]],
-                                                      params)]
-            for i, text in zip(order, texts):
-                for stop in until:  # as the `hf` backend cuts its output
-                    if stop:
-                        text = text.split(stop)[0]
-                results[i] = text
+                completions = []
+                for start in range(0, len(order), self.batch_size):
+                    batch, broken = greedy_uncached(lambda rows: self._forward(rows, keep=1)[:, -1],
+                                                    [prompts[i] for i in order[start:start + self.batch_size]],
+                                                    max_new, self.tokenizer, self._eos_ids(), params.stop,
+                                                    lockstep=self.topology is not None)
+                    completions += batch
+                    met_non_finite |= broken  # raised once every process has decoded
+            for i, completion in zip(order, completions):
+                results[i] = completion.text
         self._dummy_forwards(extra)
-        met, self._met_non_finite = self._met_non_finite, False
-        self._refuse_non_finite_anywhere(met)
+        self._refuse_non_finite_anywhere(met_non_finite)
         return self._gather(results)
 
     # ------------------------------------------------------------------------------------------------ ours
@@ -253,39 +262,12 @@ class ArgonneLM(TemplateLM):
         if self._engine is None:
             max_len = min(self.max_length, self.model.config.max_position_embeddings)
             self._engine = Engine(self.model, self.tokenizer, EngineSettings(max_batch=self.batch_size,
-                                                                             max_len=max_len))
+                                                                             max_len=max_len,
+                                                                             prefix_caching=self.prefix_caching))
         return self._engine
 
-    def _recomputed(self, prompts: list[list[int]], params: SamplingParams) -> list[str]:
-        """Greedy texts for a batch on a model passed in (being trained, maybe sharded): a plain loop that
-        recomputes the whole batch at each step, which runs on any sharding and leaves the model as it is (the
-        engine, for a model opened here, merges its projections and keeps a cache)."""
-        eos = {self.tokenizer.eos_token_id} - {None}
-        rows = [list(prompt) for prompt in prompts]
-        made: list[list[int]] = [[] for _ in prompts]
-        done = [False] * len(prompts)
-        texts = [""] * len(prompts)
-        for _ in range(params.max_new_tokens):
-            logits = self._forward(rows, keep=1)[:, -1]
-            chosen = flag_non_finite(logits.argmax(-1), logits).tolist()
-            for row, token in enumerate(chosen):
-                if done[row]:
-                    continue
-                if token == NON_FINITE:  # the row ends; generate_until raises once every process has decoded
-                    self._met_non_finite, done[row] = True, True
-                    continue
-                if token in eos:
-                    done[row] = True
-                    continue
-                made[row].append(token)
-                rows[row].append(token)
-                texts[row] = self.tokenizer.decode(made[row], skip_special_tokens=True)
-                cut = [texts[row].index(stop) for stop in params.stop if stop and stop in texts[row]]
-                if cut:
-                    texts[row], done[row] = texts[row][:min(cut)], True
-            if all(done) and self.topology is None:  # sharded: every process runs max_new_tokens steps
-                break
-        return texts
+    def _eos_ids(self) -> list[int]:
+        return sorted({self.tokenizer.eos_token_id, getattr(self.model.config, "eos_token_id", None)} - {None})
 
     @torch.no_grad()
     def _forward(self, rows: list[list[int]] | list[tuple[int, ...]], keep: int) -> torch.Tensor:
@@ -334,8 +316,17 @@ class ArgonneLM(TemplateLM):
         """For each (inputs, continuation) — continuation the tokens that inputs[-len(continuation):] predict —
         the continuation's summed log-probability (float32) and whether each of its tokens is the argmax.
 
-        Windows with the same inputs share one row (a multiple-choice question's one-token answers all read the
-        logits at its last token); rows go longest first, batch_size per forward."""
+        A model opened here scores on the engine: every window a scoring request, windows that begin alike (few-shot
+        examples, a question's context before each answer) sharing their prefix's KV blocks. A model passed in (maybe
+        sharded) runs plain batched forwards: windows with the same inputs share one row (a multiple-choice
+        question's one-token answers all read the logits at its last token); rows go longest first, batch_size per
+        forward."""
+        if self._owns_model:
+            unique = {(tuple(inputs) + tuple(continuation[-1:]), len(continuation)): None for inputs, continuation
+                      in windows}
+            scores = dict(zip(unique, self.engine().score([(list(tokens), n) for tokens, n in unique])))
+            return [scores[(tuple(inputs) + tuple(continuation[-1:]), len(continuation))]
+                    for inputs, continuation in windows]
         row_of: dict[tuple[int, ...], int] = {}
         for inputs, _ in windows:
             row_of.setdefault(tuple(inputs), len(row_of))

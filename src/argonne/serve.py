@@ -4,9 +4,9 @@ Routes: /v1/completions, /v1/chat/completions (`stream: true` sends server-sent 
 /metrics (Prometheus' text format). Every request is checked whole before anything is queued: its size
 (`max_body_bytes`, from Content-Length or while a chunked body arrives), its JSON, and each parameter's type and range.
 Tokenizing and rendering the chat template run in worker threads, so a long prompt never stalls the event loop.
-Generation is the engine's (engine.py: continuous batching, its own thread); this module only turns HTTP into engine
-requests and updates into OpenAI's objects. When the engine's queue is full a request gets 429 with `Retry-After`;
-a client that closes its stream or hangs up has its sequences cancelled, freeing their slots at the next step.
+Generation is the engine's (inference/engine.py: continuous batching, its own thread); this module only turns HTTP
+into engine requests and updates into OpenAI's objects. When the engine's queue is full a request gets 429 with `Retry-After`;
+a client that closes its stream or hangs up has its sequences cancelled, freeing their rows and blocks at the next step.
 Bad requests get a 4xx JSON error in OpenAI's shape ({"error": {"message", "type", "param", "code"}}, `param` naming
 the parameter); a bug in the server answers 500 in the same shape.
 With an API key (`--api-key` or ARGONNE_API_KEY) every route but /health needs `Authorization: Bearer <key>`.
@@ -35,9 +35,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from .chat import end_of_turn_ids, render
-from .engine import (MAX_TOP_LOGPROBS, Engine, EngineRequest, EngineSettings, EngineStopped, QueueFull, Timing,
+from .inference.engine import (MAX_TOP_LOGPROBS, Engine, EngineRequest, EngineSettings, EngineStopped, QueueFull, Timing,
                      Update)
-from .generate import Completion, SamplingParams, TokenLogprob
+from .inference.sampling import Completion, SamplingParams, TokenLogprob
 from .server_metrics import ServerMetrics
 
 API_KEY_ENV = "ARGONNE_API_KEY"
@@ -682,7 +682,8 @@ def serve(model_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: s
     model, tokenizer = open_model(model_path, device, tokenizer=tokenizer)
     name = os.path.basename(os.path.normpath(model_path))
     engine = Engine(model, tokenizer, settings, kernels=kernels)
-    log.info("serving with %d KV cache slots of %d tokens", engine.slots, engine.max_len)
+    log.info("serving up to %d sequences at once, of up to %d tokens, on a KV cache of %d blocks of %d tokens",
+             engine.slots, engine.max_len, engine.blocks.num_blocks, engine.settings.block_size)
     if engine.compiled:  # on GPUs: one compiled, captured decode step per batch size, before the first request
         started = time.perf_counter()
         engine.warm_up()

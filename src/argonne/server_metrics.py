@@ -11,7 +11,7 @@ from __future__ import annotations
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from .engine import Engine, Timing
+from .inference.engine import Engine, Timing
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 PER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
@@ -25,17 +25,21 @@ class EngineCollector:
 
     def collect(self):
         engine = self.engine
-        gauges = [("argonne_queue_length", "Requests waiting for a KV cache slot", engine.queue_length),
-                  ("argonne_running_requests", "Sequences holding a KV cache slot (prefilling or decoding)",
-                   engine.active),
-                  ("argonne_kv_cache_slots", "KV cache slots in all", engine.slots),
-                  ("argonne_kv_cache_slot_tokens", "Tokens (prompt and completion) one slot holds", engine.max_len),
+        gauges = [("argonne_queue_length", "Requests waiting to be admitted", engine.queue_length),
+                  ("argonne_running_requests", "Sequences admitted (prefilling or decoding)", engine.active),
+                  ("argonne_kv_cache_slots", "Sequences decoded together at most (batch rows)", engine.slots),
+                  ("argonne_kv_cache_slot_tokens", "Tokens (prompt and completion) one sequence may hold",
+                   engine.max_len),
+                  ("argonne_kv_cache_blocks", "KV cache blocks in all", engine.blocks.num_blocks),
+                  ("argonne_kv_cache_blocks_free", "KV cache blocks not held by a sequence", engine.blocks.free_count),
                   ("argonne_generation_tokens_per_second", "Tokens generated per second over the last 10 s",
                    engine.tokens_per_second())]
         for name, help_text, value in gauges:
             yield GaugeMetricFamily(name, help_text, value=value)
         yield CounterMetricFamily("argonne_generation_tokens", "Tokens generated", value=engine.generated_tokens)
         yield CounterMetricFamily("argonne_prompt_tokens", "Prompt tokens prefilled", value=engine.prompt_tokens)
+        yield CounterMetricFamily("argonne_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache",
+                                  value=engine.blocks.hits * engine.settings.block_size)
 
 
 class ServerMetrics:

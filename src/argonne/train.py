@@ -39,7 +39,7 @@ from .config import ConfigError, RunConfig, check_command
 from .configuration_argonne import ArgonneConfig
 from .data.batches import pretraining_data, split_batch
 from .data.settings import DataError
-from .generate import NonFiniteLogits
+from .inference.sampling import NonFiniteLogits, SamplingParams
 from .loading import ModelError, check_finite_weights, load_weights, open_config
 from .device import resolve_device, resolve_dtype
 from .files import write_atomic
@@ -253,19 +253,46 @@ def evaluate(model, validation: list[torch.Tensor], device, amp) -> float:
 
 @torch.no_grad()
 def sample_text(model, tokenizer, prompt: str, tokens: int, device, amp) -> str:
-    """Greedy continuation, run in lockstep by every rank (sharded models need all of them); a note instead of text
-    when the logits were NaN or Inf (their argmax is no token the model chose; the loop's non-finite loss count is
-    what stops such a run)."""
+    """The prompt and its greedy continuation: on the inference engine (the model borrowed as it is), or, for a model
+    sharded over processes or compiled for training, on the uncached greedy loop run in lockstep by every rank. A
+    note instead of text when the logits were NaN or Inf (the loop's non-finite loss count is what stops such a
+    run)."""
+    from .inference.engine import Engine, EngineSettings
+    from .inference.uncached import greedy_uncached
+
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    if not tokens or not ids:
+        return prompt
     model.eval()
-    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    finite = torch.ones((), dtype=torch.bool, device=device)  # on the device: read once, at the end
-    for _ in range(tokens):
-        with amp():
-            logits = model(ids, use_cache=False).logits[:, -1]
-        finite &= torch.isfinite(logits).all()
-        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-    model.train()
-    return tokenizer.decode(ids[0]) if bool(finite) else f"(no text: {NonFiniteLogits()})"
+    try:
+        if _plain_model(model):  # (in the model's own dtype: the engine's cache and masks are made in it)
+            context = model.config.max_position_embeddings
+            ids, tokens = ids[-(context - 1):], min(tokens, context - min(len(ids), context - 1))
+            settings = EngineSettings(max_batch=1, max_len=len(ids) + tokens)
+            engine = Engine(model, tokenizer, settings, compile=False, prepare=False)
+            return prompt + engine.complete([ids], SamplingParams(max_new_tokens=tokens, temperature=0))[0].text
+
+        def forward(rows):
+            with amp():
+                return model(torch.tensor(rows, device=device), use_cache=False).logits[:, -1].float()
+
+        eos = sorted({tokenizer.eos_token_id, model.config.eos_token_id} - {None})
+        completions, broken = greedy_uncached(forward, [ids], tokens, tokenizer, eos, lockstep=True)
+        if not broken:
+            return prompt + completions[0].text
+    except NonFiniteLogits:
+        pass
+    finally:
+        model.train()
+    return f"(no text: {NonFiniteLogits()})"
+
+
+def _plain_model(model) -> bool:
+    """A model in one process, as built (no DTensor parameters, no compiled blocks): the engine can borrow it."""
+    from torch.distributed.tensor import DTensor
+
+    return (not any(isinstance(p, DTensor) for p in model.parameters())
+            and not any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()))
 
 
 class PreemptionFlag:

@@ -1,5 +1,5 @@
-"""The serving engine (continuous batching): every request in a mixed batch gets what it gets alone, token for token
-(float32, CPU), and the Generator's greedy output too; seeded sampling ignores its batch; slots are sized, freed and
+"""The engine (continuous batching): every request in a mixed batch gets what it gets alone, token for token (float32,
+CPU), and what full recomputation gives; seeded sampling ignores its batch; rows and blocks are sized, freed and
 never leak; prefill is chunked between decode steps."""
 
 import copy
@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from argonne import load_tokenizer
-from argonne.engine import (Engine, EngineRequest, EngineSettings, EngineStopped, QueueFull, _Sequence,
-                            batch_buckets, plan_slots)
-from argonne.generate import Generator, NonFiniteLogits, SamplingParams
-from argonne.kv_cache import SlotKVCache
+from argonne.inference.engine import (Engine, EngineRequest, EngineSettings, EngineStopped, QueueFull,
+                                      plan_memory)
+from argonne.inference.kv_cache import PagedKVCache
+from argonne.inference.runner import batch_buckets
+from argonne.inference.sampling import NonFiniteLogits, SamplingParams
+from argonne.inference.scheduler import Sequence
 
-from .conftest import SAMPLE_TOKENIZER, scramble_norms, small_model
+from ..conftest import SAMPLE_TOKENIZER, scramble_norms, small_model
 
 GREEDY = dict(temperature=0.0, top_k=0, top_p=1.0)
 
@@ -70,9 +72,18 @@ def test_a_mixed_batch_equals_each_request_alone(engine, model, tokenizer):
     assert together == alone
     assert {c.finish_reason for c in together} == {"length"}
     assert [c.token_count for c in together] == [30, 17, 24, 5]
-    # ... and what the Generator (one static batch of one) makes.
-    reference = Generator(copy.deepcopy(model), tokenizer)
-    assert [c.text for c in together] == [reference.complete_ids([r.prompt], r.params)[0].text for _, r in arrivals]
+    # ... and what the plain forward over the whole sequence makes, step by step (no cache).
+    assert [c.token_ids for c in together] == [recomputed(model, r.prompt, r.params.max_new_tokens)
+                                               for _, r in arrivals]
+
+
+def recomputed(model, prompt, steps, eos_ids=()) -> list[int]:
+    """Greedy tokens of the plain forward over the whole sequence at each step (no cache), up to an EOS."""
+    made = []
+    with torch.no_grad():
+        while len(made) < steps and not set(made[-1:]) & set(eos_ids):
+            made.append(int(model(torch.tensor([list(prompt) + made]), use_cache=False).logits[0, -1].argmax()))
+    return made
 
 
 def test_the_batch_runs_together_and_prefill_is_chunked(model, tokenizer):
@@ -81,7 +92,7 @@ def test_the_batch_runs_together_and_prefill_is_chunked(model, tokenizer):
     engine = new_engine(model, tokenizer, prefill_chunk=16)
     batches = []
     decode = engine._decode
-    engine._decode = lambda: (batches.append(sorted(engine._running)), decode())[1]
+    engine._decode = lambda: (batches.append(sorted(engine.scheduler.running)), decode())[1]
     running = engine.submit([EngineRequest([7, 8, 9], SamplingParams(max_new_tokens=20, **GREEDY))])[0]
     engine.step()
     long = engine.submit([EngineRequest(list(range(100, 190)), SamplingParams(max_new_tokens=4, **GREEDY))])[0]
@@ -91,7 +102,7 @@ def test_the_batch_runs_together_and_prefill_is_chunked(model, tokenizer):
         made.append(running._sequence.made)
     assert made == [3, 4, 5, 6, 7, 8]  # one token a step, however long the other prompt
     assert long._sequence.prefilled == 90 and long._sequence.made >= 1  # 6 steps of 16 tokens
-    assert batches[:7] == [[0]] * 6 + [[0, 1]]  # prefilling slots are not decoded; then both in one step
+    assert batches[:7] == [[0]] * 6 + [[0, 1]]  # prefilling rows are not decoded; then both in one step
 
 
 def test_prompts_admitted_together_are_prefilled_in_one_forward(model, tokenizer):
@@ -113,8 +124,8 @@ def test_prompts_admitted_together_are_prefilled_in_one_forward(model, tokenizer
 
 
 def test_the_same_prompt_submitted_together_is_prefilled_once(model, tokenizer):
-    """n choices of one prompt: one prefill, its keys and values copied into the others' slots; each choice still
-    samples as it would alone."""
+    """n choices of one prompt: one prefill, its full blocks shared with the others and its last partial block
+    copied; each choice still samples as it would alone."""
     engine = new_engine(model, tokenizer, prefill_chunk=16)
     prompt = prompts_of(tokenizer)[4]  # 90 tokens: six chunks
     params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=seed) for seed in (1, 2, 3)]
@@ -122,6 +133,7 @@ def test_the_same_prompt_submitted_together_is_prefilled_once(model, tokenizer):
     while not all(h.completion for h in handles):
         engine.step()
     assert engine.prompt_tokens == 90  # not 270
+    assert engine.blocks.free_count == engine.blocks.num_blocks  # every shared block given back
     alone = [new_engine(model, tokenizer).complete([prompt], p)[0] for p in params]
     assert [h.completion for h in handles] == alone and len({c.text for c in alone}) > 1
 
@@ -141,23 +153,23 @@ def test_a_seeded_request_samples_the_same_whatever_shares_its_batch(engine, tok
     assert other_seed.text != alone.text  # the seed is what decides
 
 
-def test_a_reused_slot_forgets_its_last_requests_tokens(model, tokenizer):
-    """The repetition penalty's record of seen tokens is per slot: a request in a slot a penalized request used
+def test_a_reused_row_forgets_its_last_requests_tokens(model, tokenizer):
+    """The repetition penalty's record of seen tokens is per batch row: a request in a row a penalized request used
     before samples as in a fresh engine."""
     penalized = SamplingParams(max_new_tokens=16, temperature=0.0, repetition_penalty=1.5)
     prompt = prompts_of(tokenizer)[1]
     fresh = new_engine(model, tokenizer, max_batch=1).complete([prompt], penalized)[0]
     used = new_engine(model, tokenizer, max_batch=1)
     assert used.complete([prompt], penalized)[0] == fresh
-    assert used.complete([prompt], penalized)[0] == fresh  # the same slot: its first run's tokens are forgotten
+    assert used.complete([prompt], penalized)[0] == fresh  # the same row: its first run's tokens are forgotten
 
 
 def test_a_model_with_learned_positions_batches_too(tokenizer):
-    """Rows without a sequence sit at the scratch column, one past the last position: a model with learned
-    position embeddings must not look it up."""
+    """Rows without a sequence sit at position -1 (writing the scratch block): a model with learned position
+    embeddings must not look it up."""
     engine = new_engine(small_model(max_position_embeddings=64, position_embedding="learned"), tokenizer,
                         prefill_chunk=8)
-    # Slot 0 ends first, so slot 1 decodes beside an empty row.
+    # Row 0 ends first, so row 1 decodes beside an empty row.
     requests = [EngineRequest([5, 6, 7], SamplingParams(max_new_tokens=4, **GREEDY)),
                 EngineRequest(list(range(100, 130)), SamplingParams(max_new_tokens=20, **GREEDY))]
     together = [h.completion for h in run(engine, [(0, requests[0]), (2, requests[1])])]
@@ -166,7 +178,7 @@ def test_a_model_with_learned_positions_batches_too(tokenizer):
 
 
 def test_a_qk_norm_model_batched_gives_the_plain_forwards_tokens(tokenizer):
-    """QK-norm on the engine's slot cache and chunked prefill: each request of a mixed batch gets the greedy tokens
+    """QK-norm on the engine's paged cache and chunked prefill: each request of a mixed batch gets the greedy tokens
     of the plain forward over its whole sequence (no cache)."""
     plain = scramble_norms(small_model(qk_norm=True)).eval()
     engine = new_engine(plain, tokenizer, prefill_chunk=8)
@@ -234,44 +246,44 @@ def test_eos_and_stop_strings_end_a_sequence(engine, tokenizer, monkeypatch):
 
 @pytest.mark.slow
 def test_the_compiled_decode_step_equals_the_eager_one(tokenizer):
-    """torch.compile traces the step whole (fullgraph: the slot cache's scattered writes, the masks), one
+    """torch.compile traces the step whole (fullgraph: the paged cache's gathers and scattered writes, the masks), one
     compilation per batch bucket; on CUDA the same function is what each bucket's graph captures (test_gpu.py)."""
     model = small_model(num_hidden_layers=1)  # one layer: half the compiling
     engine = new_engine(model, tokenizer)
     compiled = Engine(copy.deepcopy(model), tokenizer, EngineSettings(max_batch=2, prefill_chunk=16), compile=True)
-    compiled.warm_up()  # every bucket compiled before the first request, writing only the scratch column
-    assert sorted(compiled._steps) == [1, 2]
-    prompts = prompts_of(tokenizer)[:3]  # three requests on two slots: one waits for a slot
+    compiled.warm_up()  # every bucket compiled before the first request, writing only the scratch block
+    assert sorted(compiled.runner._steps) == [1, 2]
+    prompts = prompts_of(tokenizer)[:3]  # three requests on two rows: one waits for a row
     params = SamplingParams(max_new_tokens=10, **GREEDY)
     assert compiled.complete(prompts, params) == engine.complete(prompts, params)
 
 
-def test_slots_come_from_the_memory_budget(model):
+def test_blocks_come_from_the_memory_budget(model):
     config = model.config
-    per_slot = SlotKVCache.bytes_per_slot(config, 128, torch.float32)
-    assert per_slot == 2 * config.num_key_value_heads * 129 * config.head_dim * config.num_hidden_layers * 4
-    assert plan_slots(config, EngineSettings(max_batch=64), torch.float32) == (64, 128)
-    budget = 5.5 * per_slot / 2**30
-    assert plan_slots(config, EngineSettings(max_batch=64, kv_cache_memory=budget), torch.float32) == (5, 128)
-    assert plan_slots(config, EngineSettings(max_batch=4, kv_cache_memory=budget), torch.float32) == (4, 128)
-    assert plan_slots(config, EngineSettings(max_len=64), torch.float32) == (16, 64)
+    per_block = PagedKVCache.bytes_per_block(config, 16, torch.float32)
+    assert per_block == 2 * config.num_key_value_heads * 16 * config.head_dim * config.num_hidden_layers * 4
+    # Without a budget: blocks for max_batch sequences of max_len (the model's context, 128 tokens: 8 blocks).
+    assert plan_memory(config, EngineSettings(max_batch=64), torch.float32) == (64, 128, 64 * 8)
+    budget = 20.5 * per_block / 2**30
+    assert plan_memory(config, EngineSettings(max_batch=64, kv_cache_memory=budget), torch.float32) == (64, 128, 20)
+    assert plan_memory(config, EngineSettings(max_len=64, block_size=32), torch.float32) == (16, 64, 32)
     with pytest.raises(ValueError, match="holds no sequence"):
-        plan_slots(config, EngineSettings(kv_cache_memory=per_slot / 2 / 2**30), torch.float32)
+        plan_memory(config, EngineSettings(kv_cache_memory=7 * per_block / 2**30), torch.float32)  # 8 needed
     with pytest.raises(ValueError, match="longer than the model's context"):
-        plan_slots(config, EngineSettings(max_len=129), torch.float32)
+        plan_memory(config, EngineSettings(max_len=129), torch.float32)
     with pytest.raises(ValueError, match="max_batch must be an integer >= 1"):
-        plan_slots(config, EngineSettings(max_batch=0), torch.float32)
+        plan_memory(config, EngineSettings(max_batch=0), torch.float32)
     assert batch_buckets(1) == [1] and batch_buckets(8) == [1, 2, 4, 8] and batch_buckets(12) == [1, 2, 4, 8, 12]
 
 
-def test_the_decode_batch_is_the_smallest_bucket_holding_the_highest_slot(model, tokenizer):
+def test_the_decode_batch_is_the_smallest_bucket_holding_the_highest_row(model, tokenizer):
     engine = new_engine(model, tokenizer, max_batch=8)
     handles = engine.submit([EngineRequest([5 + i], SamplingParams(max_new_tokens=7 - 2 * i, **GREEDY))
                              for i in range(3)])
     while not all(h.completion for h in handles):
         engine.step()
-    assert sorted(engine._steps) == [1, 2, 4]  # slots 0-2: a batch of 4, then slots 0-1: 2, then slot 0: 1
-    assert engine.active == 0 and sorted(engine._free) == list(range(8))
+    assert sorted(engine.runner._steps) == [1, 2, 4]  # rows 0-2: a batch of 4, then rows 0-1: 2, then row 0: 1
+    assert engine.active == 0 and sorted(engine.scheduler.free_rows) == list(range(8))
 
 
 def test_a_full_queue_refuses_all_or_nothing(model, tokenizer):
@@ -301,7 +313,7 @@ def test_bad_requests_are_refused_before_queueing(engine):
     assert engine.queue_length == 0
 
 
-def test_cancelling_frees_the_slot_at_the_next_step(model, tokenizer):
+def test_cancelling_frees_the_row_at_the_next_step(model, tokenizer):
     engine = new_engine(model, tokenizer, max_batch=2)
     params = SamplingParams(max_new_tokens=50, **GREEDY)
     first, second, waiting = engine.submit([EngineRequest([5, 6], params)] * 3)
@@ -345,7 +357,7 @@ def test_the_engine_thread_serves_and_shuts_down(model, tokenizer):
         engine.submit([EngineRequest([5], SamplingParams(max_new_tokens=2))])
 
 
-def test_a_failed_step_ends_the_running_requests_and_frees_their_slots(model, tokenizer, monkeypatch, caplog):
+def test_a_failed_step_ends_the_running_requests_and_frees_their_rows(model, tokenizer, monkeypatch, caplog):
     engine = new_engine(model, tokenizer, max_batch=2)
     monkeypatch.setattr(engine, "_decode", lambda: 1 / 0)
     engine.start()
@@ -362,8 +374,8 @@ POISON = 666
 
 
 def poison(model, where: str):
-    """NaN logits in the rows whose input holds POISON ("prefill"), or in slot 0's row of every decode step
-    ("decode"); returns the hook's handle."""
+    """NaN logits in the rows whose input holds POISON ("prefill"), or in row 0 of every decode step ("decode");
+    returns the hook's handle."""
     def hook(module, args, output):
         tokens = args[0]
         rows = (tokens == POISON).any(dim=1) if where == "prefill" else torch.zeros(len(tokens), dtype=torch.bool)
@@ -394,7 +406,7 @@ def test_non_finite_logits_fail_their_own_request_only(engine, where, temperatur
 
 
 @pytest.mark.slow
-def test_no_slot_or_sequence_leaks_after_many_requests(model, tokenizer):
+def test_no_row_block_or_sequence_leaks_after_many_requests(model, tokenizer):
     engine = new_engine(model, tokenizer, max_batch=4)
     prompts = prompts_of(tokenizer)
     handles = []
@@ -407,9 +419,10 @@ def test_no_slot_or_sequence_leaks_after_many_requests(model, tokenizer):
         engine.step()
     while not all(h.completion for h in handles):
         engine.step()
-    assert engine.active == 0 and engine.queue_length == 0 and sorted(engine._free) == [0, 1, 2, 3]
+    assert engine.active == 0 and engine.queue_length == 0 and sorted(engine.scheduler.free_rows) == [0, 1, 2, 3]
+    assert engine.blocks.free_count == engine.blocks.num_blocks and not engine.scheduler.admitted
     assert engine.tokens_per_second(window=60) * 60 == engine.generated_tokens  # all made within the minute
-    assert not engine._running and not engine._prefilling
+    assert not engine.scheduler.running and not engine.scheduler.prefilling
     del handles
     gc.collect()
-    assert not [o for o in gc.get_objects() if type(o) is _Sequence]
+    assert not [o for o in gc.get_objects() if type(o) is Sequence]

@@ -11,14 +11,15 @@ triton = pytest.importorskip(
     "triton", reason="Triton is not installed (scripts/install.sh adds it on Linux; without a wheel for this machine "
     "its kernels cannot be checked here)")
 
-from argonne import decode_kernels  # noqa: E402
-from argonne.decode_kernels import attention_splits, decode_attention, gemv, use_gemv_kernels  # noqa: E402
-from argonne.generate import Generator, SamplingParams  # noqa: E402
+from argonne.inference import decode_kernels  # noqa: E402
+from argonne.inference.decode_kernels import attention_splits, decode_attention, gemv, use_gemv_kernels  # noqa: E402
+from argonne.inference.engine import Engine, EngineSettings  # noqa: E402
+from argonne.inference.sampling import SamplingParams  # noqa: E402
 from argonne.modeling_argonne import RMSNorm, apply_rope, rope_cos_sin  # noqa: E402
 
-from .conftest import scramble_norms  # noqa: E402
-from .test_generate import IdTokenizer, full_recomputation, prompts_of  # noqa: E402
-from .test_model import LLAMA_STYLE, make_model  # noqa: E402
+from ..conftest import scramble_norms  # noqa: E402
+from .test_runner import IdTokenizer, full_recomputation, prompts_of  # noqa: E402
+from ..test_model import LLAMA_STYLE, make_model  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -70,18 +71,20 @@ def test_gemv_with_rope_rotates_the_q_and_k_heads_only():
 
 def test_the_q_k_v_kernel_writes_keys_and_values_into_the_cache():
     """q/k/v of 4 query heads and 2 key/value heads (head_dim 10), after the RMSNorm, with RoPE: the output equals
-    gemv's, and the rotated keys and the values land in column 5 of the cache; nothing else in the cache changes."""
+    gemv's, and the rotated keys and the values land in column 5 of the cache (the paged pool's layout: (2,
+    kv heads x length, head_dim)); nothing else in the cache changes."""
     torch.manual_seed(0)
     q_heads, kv_heads, head_dim, columns, length = 4, 2, 10, 40, 9
     rows = (q_heads + 2 * kv_heads) * head_dim
     x, norm = torch.randn(1, 1, columns, device=DEVICE), torch.randn(columns, device=DEVICE)
     weight, bias = torch.randn(rows, columns, device=DEVICE), torch.randn(rows, device=DEVICE)
     cos, sin = rope_cos_sin(torch.tensor([[5]], device=DEVICE), head_dim, 10_000.0, torch.float32)
-    cache = torch.randn(2, 1, kv_heads, length, head_dim, device=DEVICE)
+    pool = torch.randn(2, kv_heads * length, head_dim, device=DEVICE)
+    cache = pool.view(2, 1, kv_heads, length, head_dim)  # (a view to read it by head and column)
     before = cache.clone()
     common = dict(norm_weight=norm, eps=1e-6, rope_cos=cos, rope_sin=sin)
     expected = gemv(x, weight, bias, rotated_rows=(q_heads + kv_heads) * head_dim, **common)
-    ours = decode_kernels.gemv_qkv_into_cache(x, weight, bias, norm, 1e-6, cos, sin, q_heads * head_dim, cache,
+    ours = decode_kernels.gemv_qkv_into_cache(x, weight, bias, norm, 1e-6, cos, sin, q_heads * head_dim, pool,
                                               torch.tensor([5], device=DEVICE))
     torch.testing.assert_close(ours, expected)
     keys, values = expected[0, 0, q_heads * head_dim:].view(2, kv_heads, head_dim)
@@ -154,32 +157,39 @@ def test_other_architectures_get_the_plain_gemv():
     torch.testing.assert_close(model(one).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def greedy_ids(engine: Engine, prompts, params: SamplingParams) -> list[list[int]]:
+    return [completion.token_ids for completion in engine.complete(prompts, params)]
+
+
 @pytest.mark.parametrize("attention", [False, True, "in key ranges"])
-def test_generator_with_gemv_kernels_decodes_the_same_tokens(attention, monkeypatch):
+def test_the_engine_with_gemv_kernels_decodes_the_same_tokens(attention, monkeypatch):
     if attention == "in key ranges":
-        monkeypatch.setattr(decode_kernels, "MIN_KEYS_PER_SPLIT", 8)  # the 64-key cache in 8 ranges
+        monkeypatch.setattr(decode_kernels, "MIN_KEYS_PER_SPLIT", 2)  # the 16 keys read (one block) in 8 ranges
     params = SamplingParams(max_new_tokens=4, temperature=0.0)  # each step is ~1 s of Triton's interpreter here
     for lengths in ([6], [5, 3]):  # batch 1 decodes through the kernels; batch 2 through cuBLAS / MKL
         prompts = prompts_of(lengths)
         config = {**LLAMA_STYLE, "max_position_embeddings": 64, "num_hidden_layers": 1}
-        reference = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False)
-        expected = reference.generate_ids(prompts, params)
+        reference = Engine(make_model(**config).to(DEVICE), IdTokenizer(), EngineSettings(max_batch=2),
+                           compile=False, kernels="torch")
+        expected = greedy_ids(reference, prompts, params)
         kernels = "gemv+attention" if attention else "gemv"
-        with_kernels = Generator(make_model(**config).to(DEVICE), IdTokenizer(), compile=False, kernels=kernels)
-        assert with_kernels.generate_ids(prompts, params) == expected
+        with_kernels = Engine(make_model(**config).to(DEVICE), IdTokenizer(), EngineSettings(max_batch=2),
+                              compile=False, kernels=kernels)
+        assert greedy_ids(with_kernels, prompts, params) == expected
 
 
 @pytest.mark.parametrize("attention", [False, True])
 def test_a_qk_norm_model_decodes_with_the_kernels_what_full_recomputation_gives(attention):
     """QK-norm comes before RoPE, so the q/k/v kernel must not rotate and its keys must not go into the cache
-    unnormed: the one-row greedy tokens (static cache, batch 1) equal the plain forward's."""
+    unnormed: the one-row greedy tokens (paged cache, batch 1) equal the plain forward's."""
     config = {**LLAMA_STYLE, "max_position_embeddings": 64, "num_hidden_layers": 1, "qk_norm": True}
     prompt = prompts_of([6])[0]
     expected = full_recomputation(scramble_norms(make_model(**config)), prompt, 4)
     model = scramble_norms(make_model(**config)).to(DEVICE)
-    generator = Generator(model, IdTokenizer(), compile=False, kernels="gemv+attention" if attention else "gemv")
+    engine = Engine(model, IdTokenizer(), EngineSettings(max_batch=1), compile=False,
+                    kernels="gemv+attention" if attention else "gemv")
     assert type(model.model.layers[0]).__name__ == "GemvBlock"
-    assert generator.generate_ids([prompt], SamplingParams(max_new_tokens=4, temperature=0.0))[0] == expected
+    assert greedy_ids(engine, [prompt], SamplingParams(max_new_tokens=4, temperature=0.0))[0] == expected
 
 
 def test_transformers_generate_with_the_plan_and_its_dynamic_cache_gives_the_same_tokens(monkeypatch):
@@ -202,7 +212,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from argonne.decode_kernels import GEMV_TILINGS, _gemv_kernel
+from argonne.inference.decode_kernels import GEMV_TILINGS, _gemv_kernel
 
 kernel = _gemv_kernel.fn
 names = kernel.arg_names
@@ -229,7 +239,7 @@ for swiglu, norm, residual, head_dim, to_cache in uses:
             sys.exit(f"no sm_90 tool chain: {error}")
         print(flags, "ld.global.v4.b32" in ptx)
 
-from argonne.decode_kernels import ATTENTION_TILINGS, _combine_splits_kernel, _decode_attention_kernel
+from argonne.inference.decode_kernels import ATTENTION_TILINGS, _combine_splits_kernel, _decode_attention_kernel
 attention = _decode_attention_kernel.fn  # tensor-core products, whole or in key ranges
 names = attention.arg_names
 keys_per_step, warps = ATTENTION_TILINGS[0]
@@ -285,7 +295,7 @@ def test_the_kernel_compiles_for_hopper_with_16_byte_loads():
 def test_gemv_kernels_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="CUDA GPUs"):
-        Generator(make_model(**LLAMA_STYLE), IdTokenizer(), kernels="gemv")
+        Engine(make_model(**LLAMA_STYLE), IdTokenizer(), kernels="gemv")
 
 
 TRACE_DECODE_STEP = """
@@ -295,9 +305,9 @@ from functorch.compile import aot_module_simplified
 from torch._inductor.fx_passes.reinplace import reinplace_inplaceable_ops_core
 from triton.backends.compiler import GPUTarget
 from argonne import ArgonneConfig, ArgonneForCausalLM
-from argonne import decode_kernels
-from argonne.decode_kernels import use_gemv_kernels
-from argonne.generate import Generator
+from argonne.inference import decode_kernels
+from argonne.inference.decode_kernels import use_gemv_kernels
+from argonne.inference.engine import Engine, EngineSettings
 
 
 class CompileOnlyDriver:  # a CUDA target for Triton's compiler (torch's analysis of what a kernel writes); no device
@@ -327,16 +337,17 @@ def trace(attention):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = ArgonneForCausalLM(ArgonneConfig.from_preset("tiny", num_hidden_layers=2)).eval()
-    generator = Generator(model, IdTokenizer(), compile=False)
-    # the 256-key cache in 16 ranges, or (the default) whole
+    # One row of up to 256 tokens, compiled as on a GPU (the step reads every key position of the row's table), the
+    # model prepared on torch's kernels (the Triton ones need a GPU or the interpreter), then given the plan.
+    engine = Engine(model, IdTokenizer(), EngineSettings(max_batch=1, max_len=256), compile=True)
+    runner = engine.runner
+    # the 256 keys in 16 ranges, or (the default) whole
     decode_kernels.MIN_KEYS_PER_SPLIT = 16 if attention == "attention-in-key-ranges" else MIN_KEYS_PER_SPLIT
     use_gemv_kernels(model, attention=attention != "sdpa")
-    generator._decode_forward = torch.compile(generator._decode_logits, backend=capture, fullgraph=True)
-    cache = generator._cache_for(1, 16)  # a decode step after a 3-token prompt
-    generator._decode.start(torch.ones(1, cache.max_len, dtype=torch.bool), torch.tensor([[2]]), 3,
-                            torch.tensor([7]))
+    runner._step = torch.compile(runner._decode_logits, backend=capture, fullgraph=True, dynamic=False)
+    runner.set_table(0, [0])  # a decode step after a 3-token prompt: block 0 holds positions 0-2, token 7 at 3
     try:
-        generator._decode()
+        runner.decode(1, torch.tensor([7]), torch.tensor([3]))
     except Exception:
         pass  # running the kernels needs a GPU; the traced graph is what is checked
     graph = graphs[0].graph
@@ -344,7 +355,8 @@ def trace(attention):
     written = sorted({name for node in nodes for name in node.kwargs["tensors_to_clone"]})
     reinplace_inplaceable_ops_core(graph)  # Inductor's pass: a kernel writes in place what it need not copy
     cloned = sorted({name for node in nodes for name in node.kwargs["tensors_to_clone"]})
-    cache_writes = sum(node.target is torch.ops.aten.index_copy.default for node in graph.nodes)
+    writes = (torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default, torch.ops.aten.index_copy.default)
+    cache_writes = sum(node.target in writes for node in graph.nodes)
     print(attention, len(nodes), written, cloned, cache_writes)
 
 
@@ -354,7 +366,7 @@ for attention in sys.argv[1:]:  # several in one process: starting one costs mor
 """
 
 
-TRACED = {  # attention: (kernels, tensors they write, index_copy writes to the cache)
+TRACED = {  # attention: (kernels, tensors they write, indexed writes to the cache's pool)
     "sdpa": (9, ["out_ptr"], 2),
     "attention": (11, ["cache_ptr", "out_ptr"], 0),  # keys and values go into the cache from the q/k/v kernel
     "attention-in-key-ranges": (13, ["cache_ptr", "lse_ptr", "out_ptr"], 0),  # + the ranges' outputs (fresh)

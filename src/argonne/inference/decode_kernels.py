@@ -20,7 +20,8 @@ other architectures get the plain GEMV for their linears. Inputs of more rows (p
 `decode_attention`: one program per key/value head and row (and per range of keys in long caches, combined after),
 its query heads together in tensor-core products over the keys, online softmax, and no key read after the last one
 written (its cost follows the tokens so far, not the size of the cache); there the q/k/v kernel also writes the
-keys and values into the Generator's static cache (kv_cache.py; `gemv_qkv_into_cache`): 5 kernels per layer.
+keys and values into the paged cache's pool (kv_cache.py; `gemv_qkv_into_cache`), which decode_attention then reads
+in position order.
 The kernels are `torch.library.triton_op`s, so torch.compile sees through them (and writes the cache in place) and
 they are captured in the decode step's CUDA graph like any other kernel. On CPUs the kernels run under Triton's
 interpreter (TRITON_INTERPRET=1, float32), which is how the tests check them without a GPU.
@@ -35,8 +36,7 @@ import triton.language as tl
 from torch import nn
 from torch.library import triton_op, wrap_triton
 
-from .kv_cache import StaticKVCache
-from .modeling_argonne import ArgonneForCausalLM, Block, MergedLinear, OutputHead, RMSNorm, SwiGLUMLP
+from ..modeling_argonne import ArgonneForCausalLM, Block, MergedLinear, OutputHead, RMSNorm, SwiGLUMLP
 
 # Candidate tilings (rows per program, columns per load, warps), timed per (N, K) on first use by triton.autotune.
 # Whole rows of up to 1,024 columns per load keep several 16-byte loads per thread in flight; few rows per program
@@ -58,7 +58,7 @@ def _gemv_kernel(x_ptr, weight_ptr, bias_ptr, norm_ptr, residual_ptr, cos_ptr, s
     SWIGLU (weight = cat(W_gate, W_up), N outputs silu(gate[n]) * up[n]) and RoPE (HEAD_DIM > 0: output rows i and
     i + HEAD_DIM / 2 of each head, rotated by cos/sin where the row is below `rotated_rows`, i.e. in a q or k head;
     N counts the pairs). TO_CACHE (with RoPE) also writes the key and value rows, the `kv_rows` each after the
-    `q_rows` query rows, into column `column` of a (2, 1, kv heads, cache_len, HEAD_DIM) cache."""
+    `q_rows` query rows, into column `column` of a (2, kv heads x cache_len, HEAD_DIM) cache."""
     dtype = out_ptr.dtype.element_ty
     index = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = index < N
@@ -164,22 +164,27 @@ def gemv_qkv_into_cache(
     column: torch.Tensor,
 ) -> torch.Tensor:
     """The merged q/k/v projection of one row (gemv with the RMSNorm and RoPE) that also writes its key and value
-    heads into column `column[0]` of a layer's static cache (2, 1, n_kv, L, head_dim): keys at 0, values at 1. The
-    cache write is one kernel less per layer and step. Returns q/k/v as gemv does."""
-    n_kv, length, head_dim = cache.shape[2:]
-    if cache.shape[:2] != (2, 1) or not cache.is_contiguous() or rope_cos.shape[-1] != head_dim:
-        raise ValueError(f"gemv_qkv_into_cache: the cache must be a contiguous (2, 1, n_kv, L, {rope_cos.shape[-1]}) "
-                         f"tensor, got {tuple(cache.shape)}")
-    kv_rows = n_kv * head_dim
-    if q_rows + 2 * kv_rows != weight.shape[0]:
+    heads into column `column[0]` of a layer's cache, a contiguous (2, n_kv * L, head_dim) tensor whose head h holds
+    columns h * L .. h * L + L - 1: keys at 0, values at 1 (the paged pool of kv_cache.py as it is, the column the
+    token's slot; given whole, not as a view, so that Inductor writes it in place). The cache write is one kernel
+    less per layer and step. Returns q/k/v as gemv does."""
+    head_dim = rope_cos.shape[-1]
+    kv_rows = (weight.shape[0] - q_rows) // 2
+    n_kv = kv_rows // head_dim
+    if (cache.dim() != 3 or cache.shape[0] != 2 or cache.shape[2] != head_dim or not cache.is_contiguous()
+            or n_kv < 1 or cache.shape[1] % n_kv):
+        raise ValueError(f"gemv_qkv_into_cache: the cache must be a contiguous (2, {n_kv} x L, {head_dim}) tensor, "
+                         f"got {tuple(cache.shape)}")
+    if q_rows + 2 * kv_rows != weight.shape[0] or kv_rows % head_dim:
         raise ValueError(f"gemv_qkv_into_cache: {weight.shape[0]} rows are not {q_rows} q rows and 2 x {kv_rows} "
                          "key/value rows")
     return _launch_gemv(x, weight, bias, False, norm_weight, eps, None, rope_cos, rope_sin, q_rows + kv_rows,
-                        cache=cache, column=column, q_rows=q_rows, kv_rows=kv_rows)
+                        cache=cache, column=column, q_rows=q_rows, kv_rows=kv_rows,
+                        cache_len=cache.shape[1] // n_kv)
 
 
 def _launch_gemv(x, weight, bias, swiglu, norm_weight, eps, residual, rope_cos, rope_sin, rotated_rows, cache=None,
-                 column=None, q_rows=0, kv_rows=1):
+                 column=None, q_rows=0, kv_rows=1, cache_len=1):
     head_dim = 0 if rope_cos is None else rope_cos.shape[-1]
     x = x.contiguous()
     k = x.shape[-1]
@@ -191,7 +196,7 @@ def _launch_gemv(x, weight, bias, swiglu, norm_weight, eps, residual, rope_cos, 
         unused if residual is None else residual.contiguous(), unused if rope_cos is None else rope_cos.contiguous(),
         unused if rope_sin is None else rope_sin.contiguous(), unused if cache is None else cache,
         unused if column is None else column, out, n // 2 if head_dim else n, k, eps, rotated_rows, q_rows, kv_rows,
-        1 if cache is None else cache.shape[3], HAS_BIAS=bias is not None, SWIGLU=swiglu,
+        cache_len, HAS_BIAS=bias is not None, SWIGLU=swiglu,
         HAS_NORM=norm_weight is not None, HAS_RESIDUAL=residual is not None, HEAD_DIM=head_dim,
         TO_CACHE=cache is not None,
     )
@@ -302,7 +307,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
     (B, n_kv, S, hd) contiguous per row, `mask` None, boolean (True: seen) or additive, (B or 1, 1, 1, S) ->
     (B, 1, heads * hd).
 
-    `last_key` (a one-element integer tensor, e.g. a static cache's write position) ends the keys there: the ones
+    `last_key` (a one-element integer tensor: the new token's position) ends the keys there: the ones
     after it are not read (the cost follows the tokens so far, not the cache's size). `splits` key ranges are done
     by programs of their own and combined (0: `attention_splits` of the shape)."""
     batch, n_kv, length, head_dim = keys.shape
@@ -364,13 +369,15 @@ class GemvBlock(Block):
         triton_attention = (self.triton_attention and cache is not None
                             and (attn_mask is None or attn_mask.shape[-2] == 1))
         scale = 1.0 / math.sqrt(attention.head_dim)
-        if triton_attention and rotation and isinstance(cache, StaticKVCache) and cache.batch == 1:
-            # keys and values go from the q/k/v kernel straight into the cache
-            keys_and_values, column = cache.layers[attention.layer_idx], cache.write_positions[-1:]
+        if triton_attention and rotation and getattr(cache, "write_slot", None) is not None:
+            # keys and values go from the q/k/v kernel straight into the cache's pool
+            layer = attention.layer_idx
             qkv = gemv_qkv_into_cache(x, attention.qkv.weight, attention.qkv.bias, norm1.weight, norm1.eps, rope[0],
-                                      rope[1], attention.q_proj.out_features, keys_and_values, column)
+                                      rope[1], attention.q_proj.out_features, cache.cache.layers[layer],
+                                      cache.write_slot)
             q = qkv[..., : attention.q_proj.out_features]
-            y = decode_attention(q, keys_and_values[0], keys_and_values[1], attn_mask, scale, column)
+            keys, values = cache.read(layer)
+            y = decode_attention(q, keys, values, attn_mask, scale, cache.write_positions)
         else:
             qkv = gemv(x, attention.qkv.weight, attention.qkv.bias, norm_weight=norm1.weight, eps=norm1.eps,
                        **rotation)
@@ -378,7 +385,7 @@ class GemvBlock(Block):
             if triton_attention:
                 q, k, v = attention.heads(q, k, v, rope_left)  # (B, heads, 1, hd)
                 keys, values = cache.update(k, v, attention.layer_idx)
-                written = getattr(cache, "write_positions", None)  # a static cache: keys after it are not there yet
+                written = getattr(cache, "write_positions", None)  # keys after the new one are not there yet
                 last_key = None if written is None else written[-1:]
                 y = decode_attention(q.transpose(1, 2).flatten(2), keys, values, attn_mask, scale, last_key)
             else:
