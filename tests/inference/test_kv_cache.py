@@ -71,6 +71,19 @@ def test_scattered_blocks_give_the_plain_forwards_logits_and_the_model_never_ask
         assert pool[:, :, cache.scratch_block * 4:].any()
 
 
+def test_a_row_of_consecutive_blocks_reads_a_view_equal_to_the_gather():
+    cache = PagedKVCache(make_model(**LLAMA_STYLE).config, num_blocks=6, block_size=4, device="cpu",
+                         dtype=torch.float32)
+    for layer in cache.layers:
+        layer.copy_(torch.randn(layer.shape))
+    tables, positions = torch.tensor([[2, 3, 4, cache.scratch_block]]), torch.tensor([[9]])
+    gathered, viewed = cache.view(tables, positions, 12), cache.view(tables, positions, 12, start=2)
+    for layer in range(len(cache.layers)):
+        keys, values = viewed.read(layer)
+        assert keys._base is not None and keys.shape == (1, cache.kv_heads, 12, keys.shape[-1])  # no copy
+        assert torch.equal(keys, gathered.read(layer)[0]) and torch.equal(values, gathered.read(layer)[1])
+
+
 def test_the_mask_is_the_models_own_over_the_keys_read():
     cache = PagedKVCache(make_model(**LLAMA_STYLE).config, num_blocks=4, block_size=4, device="cpu",
                          dtype=torch.float32)

@@ -474,12 +474,20 @@ class Engine:
         for row in rows:
             sequence = scheduler.running[row]
             tokens[row], positions[row] = sequence.output[-1], sequence.position
-        logits, greedy = self.runner.decode(batch, tokens, positions)
+        logits, greedy = self.runner.decode(batch, tokens, positions, self._consecutive_start(rows))
         index = torch.tensor(rows, device=self.device)
         sequences = [scheduler.running[row] for row in rows]
         for sequence in sequences:
             scheduler.register_full_blocks(sequence, sequence.position + 1)
         self._accept(sequences, logits[index], greedy[index])
+
+    def _consecutive_start(self, rows: list[int]) -> int | None:
+        """For a batch of one row: its first block, when the blocks it reads are consecutive in the pool."""
+        if rows != [0]:
+            return None
+        sequence = self.scheduler.running[0]
+        blocks = sequence.blocks[:sequence.position // self.settings.block_size + 1]
+        return blocks[0] if blocks == list(range(blocks[0], blocks[0] + len(blocks))) else None
 
     def _accept(self, sequences: list[_Sequence], logits: torch.Tensor, greedy: torch.Tensor) -> None:
         """Chooses each sequence's next token from its row of logits and hands it on (NON_FINITE for a row of NaN

@@ -55,8 +55,8 @@ class PagedKVCache:
         elements = 2 * config.num_key_value_heads * block_size * config.head_dim * config.num_hidden_layers
         return elements * torch.empty((), dtype=dtype).element_size()
 
-    def view(self, tables: torch.Tensor, positions: torch.Tensor, keys: int) -> CacheView:
-        return CacheView(self, tables, positions, keys)
+    def view(self, tables: torch.Tensor, positions: torch.Tensor, keys: int, start: int | None = None) -> CacheView:
+        return CacheView(self, tables, positions, keys, start)
 
     def copy_block(self, source: int, target: int) -> None:
         """Copies one block's keys and values into another, in every layer."""
@@ -78,9 +78,11 @@ class CacheView:
     """Rows of sequences as the model's cache for one forward. tables (B, blocks) are the rows' block tables (the
     scratch block past their ends), positions (B, T) the new tokens' positions (-1: padding, which writes the
     scratch block and sees every key), keys the key positions read (a multiple of the block size, at most the
-    table's)."""
+    table's). `start`: one row whose blocks are consecutive from block `start`, whose keys are then read as a view
+    of the pool rather than gathered (a batch-1 decode step without CUDA graphs: one copy per layer less)."""
 
-    def __init__(self, cache: PagedKVCache, tables: torch.Tensor, positions: torch.Tensor, keys: int):
+    def __init__(self, cache: PagedKVCache, tables: torch.Tensor, positions: torch.Tensor, keys: int,
+                 start: int | None = None):
         size, heads = cache.block_size, cache.head_offsets[None, :, None]
         padding = positions < 0
         at = positions.clamp(min=0)
@@ -88,9 +90,10 @@ class CacheView:
         slots = torch.where(padding, cache.scratch_block * size, slots)
         self.write_index = heads + slots[:, None, :]  # (B, n_kv, T)
         key_positions = torch.arange(keys, device=positions.device)
-        key_slots = tables[:, key_positions // size] * size + key_positions % size
-        self.read_index = heads + key_slots[:, None, :]  # (B, n_kv, S)
-        self.cache, self.positions = cache, positions
+        self.cache, self.positions, self.keys, self.start = cache, positions, keys, start
+        if start is None:
+            key_slots = tables[:, key_positions // size] * size + key_positions % size
+            self.read_index = heads + key_slots[:, None, :]  # (B, n_kv, S)
         query = torch.where(padding, keys, positions)
         self.allowed = (key_positions <= query[..., None])[:, None]  # (B, 1, T, S)
         if positions.shape == (1, 1):
@@ -106,7 +109,13 @@ class CacheView:
 
     def read(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's keys and values (B, n_kv, S, head_dim), in position order."""
-        gathered = self.cache.layers[layer_idx][:, self.read_index]
+        cache = self.cache
+        if self.start is not None:
+            first = self.start * cache.block_size
+            pool = cache.layers[layer_idx].view(2, cache.kv_heads, cache.slots_per_head, -1)
+            view = pool[:, :, first:first + self.keys].unsqueeze(1)
+            return view[0], view[1]
+        gathered = cache.layers[layer_idx][:, self.read_index]
         return gathered[0], gathered[1]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -129,14 +129,15 @@ class ModelRunner:
                             logits_to_keep=keep).logits
         return logits[:, -keep:].float()
 
-    def decode(self, batch: int, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, batch: int, tokens: torch.Tensor, positions: torch.Tensor,
+               start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One token for rows 0..batch-1 (`batch` a bucket): tokens and positions (batch,) on the host (-1: a row
-        without a sequence). Returns float32 logits (batch, V) and their argmax; graphed, both are overwritten by
-        the next step of the same bucket."""
+        without a sequence); `start`: batch 1, its blocks consecutive from that one (see CacheView). Returns float32
+        logits (batch, V) and their argmax; graphed, both are overwritten by the next step of the same bucket."""
         self.tokens[:batch, 0].copy_(tokens)
         self.positions[:batch, 0].copy_(positions)
         step = self._steps.get(batch) or self._steps.setdefault(batch, _BucketStep(self, batch))
-        return step(self._keys(int(positions.max())))
+        return step(self._keys(int(positions.max())), None if self.compiled else start)
 
     def warm_up(self) -> None:
         """Compiles (and on GPUs captures) the decode step of every batch bucket now, rather than when traffic
@@ -149,10 +150,10 @@ class ModelRunner:
             step = self._steps.setdefault(batch, _BucketStep(self, batch))
             step(self._keys(0))
 
-    def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor,
-                       keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode_logits(self, tokens: torch.Tensor, positions: torch.Tensor, tables: torch.Tensor, keys: int,
+                       start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The decode step: float32 logits (B, V) of each row's next token, and their argmax."""
-        view = self.cache.view(tables, positions, keys)
+        view = self.cache.view(tables, positions, keys, start)
         # Rows without a sequence are at position -1: they take position 0 (their outputs are thrown away).
         logits = self.model(tokens, attention_mask=view.mask(self.dtype), position_ids=positions.clamp(min=0),
                             cache=view, use_cache=True, logits_to_keep=1).logits[:, -1].float()
@@ -169,10 +170,10 @@ class _BucketStep:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def __call__(self, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, keys: int, start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         runner = self.runner
         if not runner.graphs:
-            return runner._step(*self.inputs, keys)
+            return runner._step(*self.inputs, keys, start)
         if self._graph is None:
             # Warm-up (compilation, library handles) on a side stream, as capture requires; it computes this very
             # step, so the keys and values it writes are the right ones.
