@@ -14,8 +14,9 @@ Three measurements on a random model of --preset (speed does not depend on the w
    (a model passed in, as in-loop evaluation runs it: rows with the same inputs share one forward). Requests/s.
 3. Concurrent requests in a fixed --kv-cache-memory: requests of --prompt-tokens + --new-tokens on an engine whose
    sequences may reach the model's context (max_len). Before the paged cache a sequence held a row of max_len
-   tokens, so the budget held memory / (one row's bytes) sequences at once; now it holds blocks for the tokens in
-   use. The figure is the most sequences decoding in one step, and tokens/s.
+   tokens, so the budget held memory / (one row's bytes) sequences at once (run here as the engine with that many
+   rows); now it holds blocks for the tokens in use. The figures are the most sequences decoding in one step, the
+   preemptions, and tokens/s (greedy, no EOS: every request makes all its tokens).
 """
 
 from __future__ import annotations
@@ -121,20 +122,21 @@ def concurrency(model, tokenizer, args) -> None:
     blocks = int(memory * GIB // PagedKVCache.bytes_per_block(config, 16, dtype))
     print(f"\n3. concurrent requests in --kv-cache-memory {memory:g} GiB ({blocks} blocks of 16 tokens): "
           f"{args.concurrent} requests of {args.prompt_tokens} + {args.new_tokens} tokens, max_len {max_len}")
-    print(f"   before (a row of max_len per sequence): {before} at once")
-    engine = Engine(copy.deepcopy(model), tokenizer, EngineSettings(max_batch=args.concurrent, kv_cache_memory=memory))
     generator = torch.Generator().manual_seed(3)
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0)
-    requests = [EngineRequest(tokens(generator, args.prompt_tokens), params) for _ in range(args.concurrent)]
-    engine.eos_ids = []  # every request makes all its tokens
-    handles = engine.submit(requests)
-    most, started = 0, time.perf_counter()
-    while not all(h.completion for h in handles):
-        engine.step()
-        most = max(most, len(engine.scheduler.running))
-    seconds = time.perf_counter() - started
-    print(f"   paged blocks: {most} at once, {engine.scheduler.preemptions} preemptions, "
-          f"{engine.generated_tokens / seconds:,.1f} tokens/s")
+    prompts = [tokens(generator, args.prompt_tokens) for _ in range(args.concurrent)]
+    for label, rows in ((f"before (a row of max_len per sequence): {before} at once;", max(before, 1)),
+                        ("paged blocks:", args.concurrent)):
+        engine = Engine(copy.deepcopy(model), tokenizer, EngineSettings(max_batch=rows, kv_cache_memory=memory))
+        engine.eos_ids = []  # every request makes all its tokens
+        handles = engine.submit([EngineRequest(prompt, params) for prompt in prompts])
+        most, started = 0, time.perf_counter()
+        while not all(h.completion for h in handles):
+            engine.step()
+            most = max(most, len(engine.scheduler.running))
+        seconds = time.perf_counter() - started
+        print(f"   {label} {most} decoding at once at most, {engine.scheduler.preemptions} preemptions, "
+              f"{engine.generated_tokens / seconds:,.1f} tokens/s")
 
 
 def main() -> None:
