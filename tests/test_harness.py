@@ -186,6 +186,11 @@ def test_generation_settings_are_read_as_the_hf_backend_reads_them_and_sampling_
     assert lm._generation_settings({"until": "\n\n", "max_gen_toks": 5}) == (["\n\n"], 5)
     assert lm._generation_settings({"until": ["."], "max_new_tokens": 7}) == (["."], 7)  # an alias lm-eval takes
     assert lm._generation_settings({"do_sample": False, "temperature": 0.7, "max_gen_toks": 9}) == ([], 9)  # greedy
+    context = lm.model.config.max_position_embeddings
+    with pytest.raises(HarnessError, match=f"max_length {context + 1} is longer than the model's context"):
+        ArgonneLM(model=lm.model, tokenizer=lm.tokenizer, max_length=context + 1)
+    with pytest.raises(HarnessError, match="prefix_caching must be true or false"):
+        ArgonneLM(model=lm.model, tokenizer=lm.tokenizer, prefix_caching="maybe")
 
 
 def test_a_tokenizer_that_adds_bos_encodes_as_in_the_hf_backend(folders):

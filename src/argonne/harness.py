@@ -107,6 +107,9 @@ class ArgonneLM(TemplateLM):
         self.batch_size = self._batch_size(batch_size, max_batch_size)
         self._max_length = int(max_length) if max_length else int(
             getattr(model.config, "max_position_embeddings", 0) or DEFAULT_MAX_LENGTH)
+        context = getattr(model.config, "max_position_embeddings", 0)
+        if context and self._max_length > context:
+            raise HarnessError(f"max_length {self._max_length} is longer than the model's context ({context} tokens)")
         self.max_gen_toks = int(max_gen_toks)
         if self.max_gen_toks < 1 or self._max_length < 2:
             raise HarnessError(f"max_gen_toks must be >= 1 and max_length >= 2, got {self.max_gen_toks} and "

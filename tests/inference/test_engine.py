@@ -165,7 +165,7 @@ def test_a_reused_row_forgets_its_last_requests_tokens(model, tokenizer):
 
 
 def test_a_model_with_learned_positions_batches_too(tokenizer):
-    """Rows without a sequence sit at position -1 (writing the scratch block): a model with learned position
+    """Rows without a sequence sit at position -1 (writing the sink block): a model with learned position
     embeddings must not look it up."""
     engine = new_engine(small_model(max_position_embeddings=64, position_embedding="learned"), tokenizer,
                         prefill_chunk=8)
@@ -251,7 +251,7 @@ def test_the_compiled_decode_step_equals_the_eager_one(tokenizer):
     model = small_model(num_hidden_layers=1)  # one layer: half the compiling
     engine = new_engine(model, tokenizer)
     compiled = Engine(copy.deepcopy(model), tokenizer, EngineSettings(max_batch=2, prefill_chunk=16), compile=True)
-    compiled.warm_up()  # every bucket compiled before the first request, writing only the scratch block
+    compiled.warm_up()  # every bucket compiled before the first request, writing only the sink block
     assert sorted(compiled.runner._steps) == [1, 2]
     prompts = prompts_of(tokenizer)[:3]  # three requests on two rows: one waits for a row
     params = SamplingParams(max_new_tokens=10, **GREEDY)

@@ -1,5 +1,5 @@
 """The paged KV cache: what the model reads through a block table equals a plain forward, wherever the blocks lie;
-the masks are the model's own; padding writes only the scratch block; the prefix cache's keys, sharing and reuse
+the masks are the model's own; padding writes only the sink block and reads past an end read zeros; the prefix cache's keys, sharing and reuse
 order. And the layout: the cache imports neither the engine nor the kernels."""
 
 import torch
@@ -46,7 +46,7 @@ def test_scattered_blocks_give_the_plain_forwards_logits_and_the_model_never_ask
     asks the cache how many tokens it holds."""
     model = make_model(**LLAMA_STYLE).eval()
     cache = PagedKVCache(model.config, num_blocks=8, block_size=4, device="cpu", dtype=torch.float32)
-    tables = torch.tensor([[6, 1, 4, cache.scratch_block], [3, 0, 7, 2]])
+    tables = torch.tensor([[6, 1, 4, cache.empty_block], [3, 0, 7, 2]])
     lengths = [5, 9]
     tokens = torch.randint(3, 320, (2, 10), generator=torch.Generator().manual_seed(0))
     positions = torch.tensor([[-1, -1, -1, -1, 0, 1, 2, 3, 4], list(range(9))])  # row 0: 5 tokens, left-padded
@@ -64,11 +64,10 @@ def test_scattered_blocks_give_the_plain_forwards_logits_and_the_model_never_ask
             whole = tokens[row, :length + 1][None]
             full = model(whole, use_cache=False).logits[0, -1]
             torch.testing.assert_close(step[row], full, rtol=1e-5, atol=1e-5)
-        # Padding wrote the scratch block only: the blocks no row holds are untouched (still zero).
-        untouched = [5]
+        # Padding wrote the sink block only: the block no row holds and the empty block are untouched (zero).
         pool = cache.layers[0].view(2, cache.kv_heads, cache.slots_per_head, -1)
-        assert not pool[:, :, 5 * 4:6 * 4].any() and untouched
-        assert pool[:, :, cache.scratch_block * 4:].any()
+        assert not pool[:, :, 5 * 4:6 * 4].any() and not pool[:, :, cache.empty_block * 4:cache.sink_block * 4].any()
+        assert pool[:, :, cache.sink_block * 4:].any()
 
 
 def test_a_row_of_consecutive_blocks_reads_a_view_equal_to_the_gather():
@@ -76,7 +75,7 @@ def test_a_row_of_consecutive_blocks_reads_a_view_equal_to_the_gather():
                          dtype=torch.float32)
     for layer in cache.layers:
         layer.copy_(torch.randn(layer.shape))
-    tables, positions = torch.tensor([[2, 3, 4, cache.scratch_block]]), torch.tensor([[9]])
+    tables, positions = torch.tensor([[2, 3, 4, cache.empty_block]]), torch.tensor([[9]])
     gathered, viewed = cache.view(tables, positions, 12), cache.view(tables, positions, 12, start=2)
     for layer in range(len(cache.layers)):
         keys, values = viewed.read(layer)

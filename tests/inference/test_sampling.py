@@ -57,6 +57,15 @@ def test_a_rows_draw_depends_on_its_own_generator_only():
     assert row_1(0) == row_1(100)
 
 
+def test_settings_out_of_range_are_errors_naming_them():
+    for params, message in [(SamplingParams(top_p=0), "top_p must be in"), (SamplingParams(stop=("",)), "stop strings"),
+                            (SamplingParams(max_new_tokens=0), "max_new_tokens"), (SamplingParams(top_k=-1), "top_k")]:
+        with pytest.raises(ValueError, match=message):
+            params.validate()
+    huge_top_k = SamplingParams(temperature=1.0, top_k=2**63)  # (a server takes any integer): all tokens
+    assert sample(torch.randn(1, 10), [huge_top_k], [torch.Generator()]).item() in range(10)
+
+
 def test_non_finite_rows_are_flagged_greedy_or_sampled():
     logits = torch.randn(2, 10)
     logits[1, 3] = math.nan

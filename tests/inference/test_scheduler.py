@@ -87,9 +87,9 @@ def test_a_shared_prefix_is_prefilled_once_and_changes_no_output(model, tokenize
     assert again == cached[2] and engine.prompt_tokens == plain.prompt_tokens - 2 * 48 + len(questions[2]) - 64
 
 
-def test_a_request_that_met_nan_shares_no_block(model, tokenizer):
-    engine = Engine(copy.deepcopy(model), tokenizer, EngineSettings(max_batch=2, prefill_chunk=64))
-    prompt = list(range(100, 140))  # 2 full blocks
+def test_a_request_that_met_nan_shares_no_block_and_its_blocks_come_back_clean(model, tokenizer):
+    engine = engine_with_blocks(model, tokenizer, 3, max_len=48, max_batch=1)
+    prompt = list(range(100, 140))  # 2 full blocks and a partial one: the whole pool
     # NaN from the embeddings on: in every key and value the request writes, and in its logits.
     hook = engine.model.model.embed_tokens.register_forward_hook(lambda module, args, output: output * float("nan"))
     broken = engine.submit([EngineRequest(prompt, SamplingParams(max_new_tokens=4, **GREEDY))])[0]
@@ -97,9 +97,14 @@ def test_a_request_that_met_nan_shares_no_block(model, tokenizer):
         engine.step()
     hook.remove()
     assert broken.completion.finish_reason == "error"
-    assert torch.isfinite(engine.runner.cache.layers[0]).all()  # its blocks were cleared
+    assert not torch.isfinite(engine.runner.cache.layers[0]).all()  # its freed blocks hold NaN ...
+    # ... and are zeroed when handed out again: a request whose last block is one of them, only partly filled (the
+    # masked positions after its end would otherwise be NaN), gets what it gets alone.
+    request = [list(range(200, 220)), SamplingParams(max_new_tokens=2, **GREEDY)]
+    alone = Engine(copy.deepcopy(model), tokenizer, EngineSettings(max_batch=1)).complete([request[0]], request[1])[0]
+    assert engine.complete([request[0]], request[1])[0] == alone and alone.finish_reason == "length"
     assert engine.complete([prompt], SamplingParams(max_new_tokens=4, **GREEDY))[0].finish_reason == "length"
-    assert engine.blocks.hits == 0  # its blocks were not offered to the prefix cache
+    assert engine.blocks.hits == 0  # ... and were not offered to the prefix cache
 
 
 def plain_score(model, tokens, n) -> tuple[float, bool]:
@@ -137,3 +142,61 @@ def plain_model_greedy_continuation(model, prompt, steps) -> list[int]:
         for _ in range(steps):
             made.append(int(model(torch.tensor([prompt + made]), use_cache=False).logits[0, -1].argmax()))
     return made
+
+
+def test_a_request_cancelled_mid_prefill_leaves_no_claim_on_its_prefix(model, tokenizer):
+    """Its unfinished blocks were claimed (others wait for them); cancelled, the claims go with it, and the same
+    prompt later runs."""
+    engine = Engine(copy.deepcopy(model), tokenizer, EngineSettings(max_batch=2, prefill_chunk=16))
+    prompt = list(range(100, 164))  # 64 tokens: 3 blocks cacheable, prefilled 16 tokens a step
+    first = engine.submit([EngineRequest(prompt, SamplingParams(max_new_tokens=4, **GREEDY))])[0]
+    engine.step()
+    assert engine.scheduler.computing  # blocks 1 and 2 claimed
+    first.cancel()
+    engine.step()
+    assert first.completion.finish_reason == "cancelled" and not engine.scheduler.computing
+    again = engine.complete([prompt], SamplingParams(max_new_tokens=4, **GREEDY))[0]
+    assert again.finish_reason == "length" and engine.blocks.free_count == engine.blocks.num_blocks
+
+
+def test_nan_from_one_request_reaches_no_other(model, tokenizer):
+    """A prompt that makes NaN, prefilled beside others (its padding queries attend to its NaN keys): it alone
+    ends with an error; padding writes a block nobody reads, and keys past a row's end read zeros."""
+    poisoned = copy.deepcopy(model)
+    poisoned.model.embed_tokens.register_forward_hook(
+        lambda module, args, output: output.masked_fill((args[0] == 77)[..., None], float("nan")))
+    engine = Engine(poisoned, tokenizer, EngineSettings(max_batch=4))
+    running = engine.submit([EngineRequest([5, 6, 7], SamplingParams(max_new_tokens=20, **GREEDY))])[0]
+    engine.step()
+    engine.step()
+    long, broken = engine.submit([EngineRequest(list(range(200, 240)), SamplingParams(max_new_tokens=20, **GREEDY)),
+                                  EngineRequest([77, 8], SamplingParams(max_new_tokens=4, **GREEDY))])
+    while not (running.completion and long.completion and broken.completion):
+        engine.step()
+    assert broken.completion.finish_reason == "error"
+    assert running.completion.finish_reason == long.completion.finish_reason == "length"
+    assert long.completion == Engine(copy.deepcopy(model), tokenizer).complete([list(range(200, 240))],
+                                                                               SamplingParams(max_new_tokens=20,
+                                                                                              **GREEDY))[0]
+
+
+def test_n_choices_whose_leader_waits_still_get_what_they_get_alone(model, tokenizer):
+    """The leader of two choices waits for a prefix another request is prefilling; its follower goes alone, makes
+    tokens, is preempted: the leader's prefill must not be handed to it as if it had made nothing."""
+    generator = torch.Generator().manual_seed(0)
+    shared = torch.randint(1, 8000, (48,), generator=generator).tolist()
+    other = torch.randint(1, 8000, (60,), generator=generator).tolist()
+    first, choices = shared + [1], shared + [2]
+    engine = engine_with_blocks(model, tokenizer, 8, max_len=96, max_batch=4, prefill_chunk=8)
+    params = [SamplingParams(max_new_tokens=n, **GREEDY) for n in (24, 30, 30, 10)]
+    handles = engine.submit([EngineRequest(first, params[0])])
+    engine.step()
+    handles += engine.submit([EngineRequest(choices, params[1]), EngineRequest(choices, params[2])])
+    handles += engine.submit([EngineRequest(other, params[3])])
+    while not all(h.completion for h in handles):
+        engine.step()
+    assert engine.scheduler.preemptions > 0
+    alone = Engine(copy.deepcopy(model), tokenizer, EngineSettings(max_batch=1, prefix_caching=False))
+    prompts = [first, choices, choices, other]
+    assert [h.completion for h in handles] == [alone.complete([p], q)[0] for p, q in zip(prompts, params)]
+    assert engine.blocks.free_count == engine.blocks.num_blocks and not engine.scheduler.computing

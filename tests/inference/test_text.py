@@ -86,6 +86,17 @@ def test_text_is_detokenized_incrementally_and_equals_decoding_the_whole_row(kin
     assert len(ids) > 100 and max(recording.lengths) <= 8
 
 
+def test_the_text_ends_before_the_earliest_stop_string_whatever_their_order():
+    tokenizer = load_tokenizer(SAMPLE_TOKENIZER)
+    ids = tokenizer("hello world", add_special_tokens=False).input_ids
+    for stops in (["wor", "o w"], ["o w", "wor"]):
+        assert feed_one_token_at_a_time(tokenizer, ids, stop=stops) == "hell"
+        together = StopStrings(tokenizer, 1, stops, eos_ids=[])
+        together.tokens[0] += ids[:-1]
+        together.add([ids[-1]])  # one piece completing both
+        assert together.finish() == ["hell"]
+
+
 def test_a_stop_string_across_pieces_cuts_the_text_before_it():
     tokenizer = sentencepiece_style_tokenizer()
     ids = tokenizer(MIXED_TEXT, add_special_tokens=False).input_ids

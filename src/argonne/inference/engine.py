@@ -367,6 +367,7 @@ class Engine:
             for sequence in admitted:
                 self._admitted(sequence)
             if self.scheduler.prefilling:
+                self._clear_handed_out()
                 self._prefill()
             if self.scheduler.running:
                 self._decode()
@@ -467,6 +468,7 @@ class Engine:
                 self.runner.add_block(sequence.row, index, sequence.blocks[index])
         if not scheduler.running:
             return
+        self._clear_handed_out()
         rows = sorted(scheduler.running)
         batch = next(b for b in self.buckets if b > rows[-1])
         tokens = torch.zeros(batch, dtype=torch.long)
@@ -480,6 +482,13 @@ class Engine:
         for sequence in sequences:
             scheduler.register_full_blocks(sequence, sequence.position + 1)
         self._accept(sequences, logits[index], greedy[index])
+
+    def _clear_handed_out(self) -> None:
+        """Zeros the blocks handed out since the last forward (kv_cache.PagedKVCache.clear_blocks says why)."""
+        scheduler = self.scheduler
+        fresh = [block for block in scheduler.handed_out if self.blocks.holders[block]]
+        scheduler.handed_out.clear()
+        self.runner.cache.clear_blocks(fresh)
 
     def _consecutive_start(self, rows: list[int]) -> int | None:
         """For a batch of one row: its first block, when the blocks it reads are consecutive in the pool."""
@@ -554,10 +563,7 @@ class Engine:
         completion.score = score
         if error is not None:
             completion.finish_reason, completion.error = "error", error
-            # Its keys and values may hold NaN: never shared, and cleared (a masked-out NaN value still reaches
-            # the next owner's attention as 0 * NaN).
-            self.blocks.forget(sequence.blocks)
-            self.runner.cache.clear_blocks([b for b in sequence.blocks if self.blocks.holders[b] == 1])
+            self.blocks.forget(sequence.blocks)  # its keys and values may hold NaN: never shared
         if sequence.request.top_logprobs is not None:
             completion.logprobs = sequence.logprobs
         self.scheduler.release(sequence)

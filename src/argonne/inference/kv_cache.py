@@ -8,8 +8,9 @@ once).
 
 `PagedKVCache` holds every layer's pool: one (2, n_kv * slots, head_dim) tensor per layer, keys at 0 and values at 1,
 a slot being a token's place in a block (block * block_size + offset), each key/value head's slots one after
-another. The last block is scratch: padding tokens and idle batch rows write there, and table entries past a
-sequence's end point there (masked out).
+another. Two more blocks are special: table entries past a sequence's end point to the empty block, which holds
+zeros and is never written (masked out, and never NaN: a masked key's weight is 0, but 0 * NaN is NaN), and padding
+tokens and idle batch rows write to the sink block, which is never read.
 
 `CacheView` is the cache as the model sees it for one forward (it has a transformers Cache's `update` and
 `get_seq_length`): row b's new tokens at `positions[b]` (-1: padding) are written through its block table, and
@@ -35,13 +36,13 @@ share more of a prefix; the gather per step costs the same either way."""
 
 
 class PagedKVCache:
-    """Every layer's keys and values for `num_blocks` blocks of `block_size` tokens (and one scratch block)."""
+    """Every layer's keys and values for `num_blocks` blocks of `block_size` tokens (and the empty and sink blocks)."""
 
     def __init__(self, config: ArgonneConfig, num_blocks: int, block_size: int, device, dtype):
         self.num_blocks, self.block_size, self.device = num_blocks, block_size, torch.device(device)
-        self.scratch_block = num_blocks
+        self.empty_block, self.sink_block = num_blocks, num_blocks + 1
         self.kv_heads = config.num_key_value_heads
-        self.slots_per_head = (num_blocks + 1) * block_size
+        self.slots_per_head = (num_blocks + 2) * block_size
         shape = (2, self.kv_heads * self.slots_per_head, config.head_dim)
         self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.head_offsets = torch.arange(self.kv_heads, device=device) * self.slots_per_head
@@ -66,18 +67,19 @@ class PagedKVCache:
             pool[:, :, target * size:(target + 1) * size] = pool[:, :, source * size:(source + 1) * size]
 
     def clear_blocks(self, blocks: Sequence[int]) -> None:
-        """Zeros the blocks (a sequence that met NaN or Inf: a masked-out key must not hold NaN, which would reach
-        the next owner's attention as 0 * NaN)."""
-        size = self.block_size
-        for block in blocks:
-            for layer in self.layers:
-                layer.view(2, self.kv_heads, self.slots_per_head, -1)[:, :, block * size:(block + 1) * size] = 0
-
+        """Zeros the blocks, in every layer. Blocks are cleared as they are handed out: the positions of a sequence's
+        last block past its end are masked out, but a masked value still reaches attention as 0 * value, and a
+        stale NaN (left by a request that met one) would make that NaN."""
+        if not blocks:
+            return
+        index = torch.tensor(list(blocks), device=self.device)
+        for layer in self.layers:
+            layer.view(2, self.kv_heads, self.num_blocks + 2, self.block_size, -1)[:, :, index] = 0
 
 class CacheView:
     """Rows of sequences as the model's cache for one forward. tables (B, blocks) are the rows' block tables (the
-    scratch block past their ends), positions (B, T) the new tokens' positions (-1: padding, which writes the
-    scratch block and sees every key), keys the key positions read (a multiple of the block size, at most the
+    empty block past their ends), positions (B, T) the new tokens' positions (-1: padding, which writes the sink
+    block and sees every key), keys the key positions read (a multiple of the block size, at most the
     table's). `start`: one row whose blocks are consecutive from block `start`, whose keys are then read as a view
     of the pool rather than gathered (a batch-1 decode step without CUDA graphs: one copy per layer less)."""
 
@@ -87,7 +89,7 @@ class CacheView:
         padding = positions < 0
         at = positions.clamp(min=0)
         slots = tables.gather(1, at // size) * size + at % size
-        slots = torch.where(padding, cache.scratch_block * size, slots)
+        slots = torch.where(padding, cache.sink_block * size, slots)
         self.write_index = heads + slots[:, None, :]  # (B, n_kv, T)
         key_positions = torch.arange(keys, device=positions.device)
         self.cache, self.positions, self.keys, self.start = cache, positions, keys, start

@@ -1,12 +1,13 @@
 """The model runner: the model prepared for inference, its paged KV cache, and the two forwards the engine runs.
 
 - `prefill` runs chunks of several sequences' prompts in one forward, left-padded to the longest chunk (padding
-  writes the scratch block), and returns the logits of each chunk's last positions.
+  writes the sink block), and returns the logits of each chunk's last positions.
 - `decode` runs one token for each of the first B batch rows, B a batch bucket (powers of two up to the rows), from
   fixed buffers: the tokens, their positions (-1: a row without a sequence) and the rows' block tables. On GPUs each
   bucket's step is compiled and captured once as a CUDA graph and replayed for every token; the step also makes the
   argmax (greedy rows need nothing else). Without graphs, attention reads the key positions in use only (rounded up
-  to a block); a graph keeps its shapes, every position of the longest sequence.
+  to a block), and one sequence alone whose blocks are consecutive reads them as a view of the pool rather than a
+  gathered copy; a graph keeps its shapes, every position of the longest sequence, gathered.
 
 The model is prepared in place (`prepare_for_inference`): q/k/v and gate/up projections merged (same results, fewer
 matmuls), and with `kernels` other than "torch" one-row decoding runs on the Triton kernels of decode_kernels.py.
@@ -76,7 +77,7 @@ class ModelRunner:
         # The decode step's inputs, in fixed buffers (CUDA graphs read them where they were captured).
         self.tokens = torch.zeros((rows, 1), dtype=torch.long, device=self.device)
         self.positions = torch.full((rows, 1), -1, dtype=torch.long, device=self.device)
-        self.tables = torch.full((rows, self.max_blocks), self.cache.scratch_block, dtype=torch.long,
+        self.tables = torch.full((rows, self.max_blocks), self.cache.empty_block, dtype=torch.long,
                                  device=self.device)
         self.buckets = batch_buckets(rows)
         compile = self.device.type == "cuda" if compile is None else compile
@@ -92,8 +93,8 @@ class ModelRunner:
     # --- block tables -------------------------------------------------------------------------------------------
 
     def set_table(self, row: int, blocks: Sequence[int]) -> None:
-        """Row `row`'s block table for decode steps (the scratch block after its blocks)."""
-        table = torch.full((self.max_blocks,), self.cache.scratch_block, dtype=torch.long)
+        """Row `row`'s block table for decode steps (the empty block after its blocks)."""
+        table = torch.full((self.max_blocks,), self.cache.empty_block, dtype=torch.long)
         table[:len(blocks)] = torch.tensor(list(blocks), dtype=torch.long)
         self.tables[row].copy_(table)
 
@@ -116,7 +117,7 @@ class ModelRunner:
         blocks_wide = max(len(blocks) for blocks, _, _ in chunks)
         tokens = torch.zeros((len(chunks), width), dtype=torch.long)
         positions = torch.full((len(chunks), width), -1, dtype=torch.long)
-        tables = torch.full((len(chunks), max(blocks_wide, 1)), self.cache.scratch_block, dtype=torch.long)
+        tables = torch.full((len(chunks), max(blocks_wide, 1)), self.cache.empty_block, dtype=torch.long)
         for row, (blocks, start, chunk) in enumerate(chunks):
             tokens[row, width - len(chunk):] = torch.tensor(list(chunk))
             positions[row, width - len(chunk):] = torch.arange(start, start + len(chunk))
@@ -137,11 +138,13 @@ class ModelRunner:
         self.tokens[:batch, 0].copy_(tokens)
         self.positions[:batch, 0].copy_(positions)
         step = self._steps.get(batch) or self._steps.setdefault(batch, _BucketStep(self, batch))
+        # (A compiled step reads every key position of the longest sequence: a view would read free blocks, whose
+        # stale keys are masked out but may be NaN, and 0 * NaN is NaN. It gathers.)
         return step(self._keys(int(positions.max())), None if self.compiled else start)
 
     def warm_up(self) -> None:
         """Compiles (and on GPUs captures) the decode step of every batch bucket now, rather than when traffic
-        first reaches each size. Its rows are positions -1: they write the scratch block only."""
+        first reaches each size. Its rows are positions -1: they write the sink block only."""
         if not self.compiled:
             return
         self.tokens.zero_()

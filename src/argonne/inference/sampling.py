@@ -70,6 +70,8 @@ class SamplingParams:
             problems.append(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not isinstance(stop, str) or not stop for stop in self.stop):
+            problems.append(f"stop strings must be non-empty strings, got {list(self.stop)!r}")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -111,6 +111,7 @@ class Scheduler:
         self.running: dict[int, Sequence] = {}
         self.admitted: list[Sequence] = []  # in order of admission: the last is the first preempted
         self.computing: dict[bytes, Sequence] = {}  # prefix-cache keys of blocks being prefilled, and by whom
+        self.handed_out: list[int] = []  # blocks allocated since the engine last cleared them
         self.preemptions = 0
 
     def blocks_for(self, tokens: int) -> int:
@@ -139,9 +140,13 @@ class Scheduler:
 
     def _cacheable_keys(self, sequence: Sequence) -> list[bytes]:
         """Keys of the sequence's full blocks before its first position whose logits are needed."""
-        full = sequence.first_logits // self.block_size
-        sequence.keys = self.pool.keys(sequence.tokens, self.block_size, full, sequence.keys)
-        return sequence.keys[:full]
+        return self._keys(sequence, sequence.first_logits // self.block_size)
+
+    def _keys(self, sequence: Sequence, blocks: int) -> list[bytes]:
+        """The keys of the sequence's first `blocks` full blocks; those computed are kept (its tokens only grow)."""
+        if len(sequence.keys) < blocks:
+            sequence.keys = self.pool.keys(sequence.tokens, self.block_size, blocks, sequence.keys)
+        return sequence.keys[:blocks]
 
     def _prefix_in_progress(self, sequence: Sequence) -> bool:
         if not self.pool.prefix_caching or sequence.leader is not None:
@@ -161,7 +166,7 @@ class Scheduler:
         if self.pool.free_count - free_cached < needed:
             return False
         self.pool.take(cached)
-        sequence.blocks = cached + [self.pool.allocate() for _ in range(needed)]
+        sequence.blocks = cached + [self.allocate() for _ in range(needed)]
         sequence.prefilled, sequence.registered = len(cached) * self.block_size, len(cached)
         for key in keys[len(cached):]:  # the blocks its prefill computes, for the sequences behind it
             self.computing.setdefault(key, sequence)
@@ -174,8 +179,11 @@ class Scheduler:
         admission; a sequence whose leader is still prefilling waits for it."""
         budget, chunks = self.prefill_chunk, []
         for sequence in self.prefilling:
-            if sequence.leader is not None and sequence.leader in self.prefilling:
-                continue
+            if sequence.leader is not None:
+                if sequence.leader in self.prefilling and not sequence.made:
+                    continue
+                sequence.leader = None  # its leader is not prefilling (preempted, or not admitted yet): alone
+
             count = min(budget, sequence.to_prefill - sequence.prefilled)
             chunks.append((sequence, sequence.prefilled, count))
             budget -= count
@@ -186,7 +194,7 @@ class Scheduler:
     def followers(self, leader: Sequence) -> list[Sequence]:
         """The admitted sequences waiting for `leader`'s prefill: given its full blocks, and their own copy of its
         last partial block (to be copied by the caller: (source, target) in `copies`)."""
-        return [s for s in self.prefilling if s.leader is leader and s.prefilled < s.to_prefill and not s.cancelled]
+        return [s for s in self.prefilling if s.leader is leader and not s.made and not s.cancelled]
 
     def share_prefill(self, leader: Sequence, follower: Sequence) -> tuple[int, int] | None:
         """Gives the follower the leader's prefilled blocks; returns (source, target) of the partial last block to
@@ -220,8 +228,13 @@ class Scheduler:
             self.preempt(victim)
             if victim is sequence:
                 raise Preempted()
-        sequence.blocks.append(self.pool.allocate())
+        sequence.blocks.append(self.allocate())
         return index
+
+    def allocate(self) -> int:
+        block = self.pool.allocate()
+        self.handed_out.append(block)
+        return block
 
     def preempt(self, sequence: Sequence) -> None:
         """Back to the head of the queue, its blocks released; prefilled again (its tokens so far) when admitted."""
@@ -237,11 +250,11 @@ class Scheduler:
         full = min(written // self.block_size, len(sequence.blocks))
         if full <= sequence.registered or not self.pool.prefix_caching:
             return
-        sequence.keys = self.pool.keys(sequence.tokens, self.block_size, full, sequence.keys)
+        keys = self._keys(sequence, full)
         for index in range(sequence.registered, full):
-            self.pool.register(sequence.blocks[index], sequence.keys[index])
-            if self.computing.get(sequence.keys[index]) is sequence:
-                del self.computing[sequence.keys[index]]
+            self.pool.register(sequence.blocks[index], keys[index])
+            if self.computing.get(keys[index]) is sequence:
+                del self.computing[keys[index]]
         sequence.registered = full
 
     # --- the end ------------------------------------------------------------------------------------------------
@@ -256,9 +269,8 @@ class Scheduler:
             sequence.row = -1
         if sequence in self.admitted:
             self.admitted.remove(sequence)
-        for key in sequence.keys:
-            if self.computing.get(key) is sequence:
-                del self.computing[key]
+        for key in [key for key, owner in self.computing.items() if owner is sequence]:
+            del self.computing[key]
         self.pool.release(sequence.blocks)
         sequence.blocks = []
 

@@ -67,10 +67,11 @@ class StopStrings:
         if not piece:
             return
         text = self.texts[row] + piece
-        for stop in self.stop:  # only where the new piece can complete a stop string
-            at = text.find(stop, max(0, len(self.texts[row]) - len(stop) + 1))
-            if at >= 0:
-                text, self.done[row], self.finish_reasons[row] = text[:at], True, "stop"
+        # Only where the new piece can complete a stop string; the text ends before the earliest one found.
+        found = [text.find(stop, max(0, len(self.texts[row]) - len(stop) + 1)) for stop in self.stop]
+        found = [at for at in found if at >= 0]
+        if found:
+            text, self.done[row], self.finish_reasons[row] = text[:min(found)], True, "stop"
         self.texts[row] = text
 
     def _end(self, row: int) -> None:
