@@ -183,7 +183,6 @@ class Scheduler:
                 if sequence.leader in self.prefilling and not sequence.made:
                     continue
                 sequence.leader = None  # its leader is not prefilling (preempted, or not admitted yet): alone
-
             count = min(budget, sequence.to_prefill - sequence.prefilled)
             chunks.append((sequence, sequence.prefilled, count))
             budget -= count
@@ -192,8 +191,7 @@ class Scheduler:
         return chunks
 
     def followers(self, leader: Sequence) -> list[Sequence]:
-        """The admitted sequences waiting for `leader`'s prefill: given its full blocks, and their own copy of its
-        last partial block (to be copied by the caller: (source, target) in `copies`)."""
+        """The admitted sequences waiting for `leader`'s prefill, which has just ended (see `share_prefill`)."""
         return [s for s in self.prefilling if s.leader is leader and not s.made and not s.cancelled]
 
     def share_prefill(self, leader: Sequence, follower: Sequence) -> tuple[int, int] | None:
