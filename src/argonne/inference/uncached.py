@@ -31,9 +31,8 @@ def greedy_uncached(forward: Callable[[list[list[int]]], torch.Tensor], prompts:
         chosen = flag_non_finite(logits.argmax(dim=-1), logits).tolist()
         for row, token in enumerate(chosen):
             if token == NON_FINITE and not texts.done[row]:
-                broken[row] = texts.done[row] = True
-                chosen[row] = eos_ids[0] if eos_ids else 0  # (ignored: the row has ended)
-            rows[row].append(max(chosen[row], 0))
+                broken[row] = texts.done[row] = True  # the row ends here (`add` skips ended rows)
+            rows[row].append(max(token, 0))
         finished = texts.add(chosen)
         if finished and not lockstep:
             break
