@@ -173,7 +173,7 @@ def train_variant(parts: list[str], seed: int, args, prepared: Path) -> dict:
 
 
 def run_trainer(argv: list[str], run_dir: Path) -> dict:
-    from argonne.cli import main as argonne
+    from argonne_cli import main as argonne
 
     with open(run_dir / "train.log", "w") as log, contextlib.redirect_stdout(log):  # a line per step
         status = argonne(argv)

@@ -10,18 +10,12 @@ Each option's help and default are written here; the commands themselves are `ar
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 import textwrap
 from collections.abc import Callable
 
-# Mirrors of argonne.inference.runner's DECODE_KERNELS and CUDA_DEFAULT_KERNELS (which import torch); tests/test_cli.py checks
-# that they agree.
-DECODE_KERNELS = ("torch", "gemv", "gemv+attention")
-CUDA_DEFAULT_KERNELS = "gemv"
-# Mirror of argonne.configuration_argonne.PRESETS' names, checked the same way.
-PRESET_NAMES = ("argonne-2.0", "argonne-1.5", "argonne-1.0", "small", "tiny", "small-plus", "tiny-plus")
+from argonne_options import CUDA_DEFAULT_KERNELS, DECODE_KERNELS
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -73,7 +67,8 @@ def _add_info(sub) -> None:
     parser = _command(sub, "info", "architecture, exact parameter count and training FLOPs per token",
                       "Print a preset's (or a saved model folder's) architecture, exact parameter count, matmul "
                       "parameter count and training FLOPs per token.", "cmd_info")
-    parser.add_argument("preset", help=f"preset name ({', '.join(PRESET_NAMES)}) or a model folder with config.json")
+    parser.add_argument("preset", help="a preset such as tiny, small or argonne-2.0 (an unknown name lists them all), or a model "
+                                        "folder with config.json")
     parser.add_argument("--seq-len", type=int, default=None,
                         help="sequence length for the attention FLOPs (default: the model's context, "
                              "max_position_embeddings)")
@@ -480,13 +475,19 @@ def main(argv: list[str] | None = None) -> int:
     elif unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
-        commands = importlib.import_module("argonne.cli")  # torch, transformers and the registered model
+        from argonne import cli as commands  # here, not at the top: torch, transformers and the registered model
+
         quiet_library_progress_bars()
         return getattr(commands, args.func)(args)
     except (ValueError, FileNotFoundError) as error:
         # User mistakes (bad config, bad data, missing files) end with their message, not a traceback.
         print(f"argonne {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output went away (`argonne info tiny | head -3`): stop quietly, as `cat` would, and keep
+        # the interpreter's final flush from raising again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         # Ctrl-C: one line and the shell's status for SIGINT (128 + 2). Training catches SIGINT itself (it saves a
         # checkpoint and exits 0), so this is every other command.

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 def run(entry: dict) -> int:
     import argonne.train
-    from argonne.cli import main
+    from argonne_cli import main
 
     if "grads" in entry:
         import torch

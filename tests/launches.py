@@ -36,11 +36,11 @@ def command(prepared, run_dir, steps=10, nproc=1, micro=8, extra=(), launcher=No
         *extra,
     ]
     if launcher is not None:
-        return [sys.executable, "-m", "torch.distributed.run", "--tee", "3", *launcher, "-m", "argonne.cli", *args]
+        return [sys.executable, "-m", "torch.distributed.run", "--tee", "3", *launcher, "-m", "argonne", *args]
     if nproc == 1:
-        return [sys.executable, "-m", "argonne.cli", *args]
+        return [sys.executable, "-m", "argonne", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--tee", "3", "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port()), "-m", "argonne.cli", *args]
+            "--master-port", str(free_port()), "-m", "argonne", *args]
 
 
 def train(prepared, run_dir, **kwargs):
@@ -73,7 +73,7 @@ def assert_same_losses(a: dict, b: dict, rel=1e-4):
 
 
 def cli_args(prepared, run_dir, steps=10, micro=8, extra=()) -> list[str]:
-    return command(prepared, run_dir, steps=steps, micro=micro, extra=extra)[3:]  # after `python -m argonne.cli`
+    return command(prepared, run_dir, steps=steps, micro=micro, extra=extra)[3:]  # after `python -m argonne`
 
 
 def train_here(prepared, run_dir, **kwargs) -> dict[int, float]:
@@ -81,7 +81,7 @@ def train_here(prepared, run_dir, **kwargs) -> dict[int, float]:
     runs (env() sets OMP_NUM_THREADS=1), so that its arithmetic is the same to the bit."""
     import torch
 
-    from argonne.cli import main
+    from argonne_cli import main
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -22,7 +22,7 @@ from argonne.checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from argonne.cli import main
+from argonne_cli import main
 
 from .conftest import SAMPLE_TOKENIZER
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import argonne_cli
-from argonne.cli import COMMANDS, build_parser, main
+from argonne_cli import COMMANDS, build_parser, main
 
 
 def test_help_lists_every_command(capsys):
@@ -111,6 +111,26 @@ def test_ctrl_c_exits_130_with_one_line(monkeypatch, capsys):
     assert err.strip() == "argonne info: interrupted"  # on a new line, after the terminal's ^C
 
 
+def test_a_closed_pipe_ends_the_command_quietly():
+    """`argonne info tiny | head -1`: the reader leaves early, and the command stops with no traceback. The commands
+    module is a stand-in that prints a lot (so no torch is imported here)."""
+    from .conftest import REPO
+
+    code = (
+        "import sys, types\n"
+        "commands = types.SimpleNamespace(cmd_info=lambda args: [print('x' * 80) for _ in range(100_000)] and 0)\n"
+        "sys.modules['argonne'] = types.SimpleNamespace(cli=commands)\n"
+        "import argonne_cli\n"
+        "sys.exit(argonne_cli.main(['info', 'tiny']))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert process.stdout.readline() == b"x" * 80 + b"\n"
+    process.stdout.close()
+    assert process.wait(timeout=60) == 141
+    assert process.stderr.read() == b""
+
+
 # ------------------------------------------------------------------------------ help: instant, complete, with defaults
 
 
@@ -188,15 +208,11 @@ def test_help_defaults_are_the_code_defaults():
     """Defaults and choices the parser writes out (it cannot import the code that has them) match the code."""
     import inspect
 
-    from argonne import PRESETS
     from argonne.export import export_model
     from argonne.inference.engine import EngineSettings
-    from argonne.inference.runner import CUDA_DEFAULT_KERNELS, DECODE_KERNELS
     from argonne.inference.sampling import SamplingParams
     from argonne.serve import ServerLimits
 
-    assert argonne_cli.DECODE_KERNELS == DECODE_KERNELS and argonne_cli.CUDA_DEFAULT_KERNELS == CUDA_DEFAULT_KERNELS
-    assert set(argonne_cli.PRESET_NAMES) == set(PRESETS)
     generate = build_parser().parse_args(["generate", "model"])
     for field in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"):
         assert getattr(generate, field) == getattr(SamplingParams(), field), field

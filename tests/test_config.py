@@ -122,7 +122,7 @@ def test_an_override_below_a_value_is_an_error_not_a_traceback():
 
 
 def test_unknown_model_overrides_in_a_run_config_stop_training(tmp_path, capsys):
-    from argonne.cli import main
+    from argonne_cli import main
 
     from .conftest import REPO
 
@@ -133,7 +133,7 @@ def test_unknown_model_overrides_in_a_run_config_stop_training(tmp_path, capsys)
 
 
 def test_a_model_override_of_the_wrong_type_stops_training(tmp_path, capsys):
-    from argonne.cli import main
+    from argonne_cli import main
 
     from .conftest import REPO
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from argonne import ArgonneConfig
-from argonne.cli import main
+from argonne_cli import main
 from argonne.device import DeviceError, resolve_device
 from argonne.loading import open_model
 

@@ -1,7 +1,7 @@
 """The documentation stays true to the repository: relative links and their #anchors resolve, every test that
 docs/claims.md names exists, every `argonne` command shown is one the CLI knows (with options it knows), and the
 README stays a short user's guide. Reads files only; the CLI's parser is built in a child process from
-src/argonne/cli.py with the rest of the package stubbed, so neither torch nor transformers is imported for it."""
+src/argonne_cli.py, which must import neither torch nor transformers for it."""
 
 import ast
 import json
@@ -192,43 +192,13 @@ def test_claims_name_their_tests():
 
 # ------------------------------------------------------------------------------------------------ (3) commands
 
-# Runs in a child process: the modules of the package other than cli.py become stubs, so building the parser
-# imports neither torch nor transformers. A stub's attributes are placeholders that argparse can iterate (choices)
-# and format; only command names and option strings are read back.
+# Runs in a child process: the parser is built from argonne_cli alone, and building it must import neither torch nor
+# transformers (that is what keeps `argonne --help` instant). Only command names and option strings are read back.
 DESCRIBE_CLI = textwrap.dedent("""
-    import argparse, importlib.abc, importlib.util, json, sys, types
+    import argparse, json, sys
 
-    SRC = sys.argv[1]
-
-    class Placeholder(str):
-        def __iter__(self):
-            return iter(())
-
-    class Stub(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return Placeholder(name)
-
-    class Stubs(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path=None, target=None):
-            if name.startswith("argonne.") and name != "argonne.cli":
-                return importlib.util.spec_from_loader(name, self)
-        def create_module(self, spec):
-            return Stub(spec.name)
-        def exec_module(self, module):
-            pass
-
-    def stubbed_cli():
-        package = types.ModuleType("argonne")
-        package.__path__ = []
-        sys.modules["argonne"] = package
-        sys.meta_path.insert(0, Stubs())
-        spec = importlib.util.spec_from_file_location("argonne.cli", f"{SRC}/argonne/cli.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["argonne.cli"] = module
-        spec.loader.exec_module(module)
-        return module
+    sys.path.insert(0, sys.argv[1])
+    import argonne_cli
 
     def describe(parser):
         commands = {}
@@ -238,17 +208,9 @@ DESCRIBE_CLI = textwrap.dedent("""
         return {"options": sorted(o for a in parser._actions for o in a.option_strings),
                 "overrides": bool(parser.get_default("accepts_overrides")), "commands": commands}
 
-    try:
-        parser = stubbed_cli().build_parser()
-    except Exception as error:  # cli.py needs more than stubs give: build the real parser
-        print(f"stubs were not enough ({error!r}); importing argonne.cli", file=sys.stderr)
-        for name in [m for m in sys.modules if m == "argonne" or m.startswith("argonne.")]:
-            del sys.modules[name]
-        sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "Stubs"]
-        sys.path.insert(0, SRC)
-        import argonne.cli
-        parser = argonne.cli.build_parser()
-    print(json.dumps(describe(parser)))
+    parser = argonne_cli.build_parser()
+    heavy = sorted(name for name in ("torch", "transformers", "argonne") if name in sys.modules)
+    print(json.dumps({**describe(parser), "heavy_imports": heavy}))
 """)
 
 
@@ -262,6 +224,7 @@ def cli() -> dict:
 
 def test_the_cli_is_read_without_torch():
     tree = cli()
+    assert tree["heavy_imports"] == []
     assert {"train", "generate", "serve", "data"} <= tree["commands"].keys()
     assert {"prepare", "inspect"} <= tree["commands"]["data"]["commands"].keys()
     assert "--kernels" in tree["commands"]["generate"]["options"]
@@ -273,7 +236,7 @@ OPTION = re.compile(r"(?<![\w-])(--[A-Za-z][\w.-]*)")
 
 
 def shown_commands(page: Path) -> list[str]:
-    """Every `argonne ...` (or `-m argonne.cli ...`) command line in shell code blocks and inline code, from the
+    """Every `argonne ...` (or `-m argonne ...`) command line in shell code blocks and inline code, from the
     subcommand on."""
     prose, blocks = split_markdown(page)
     texts = [code for language, code in blocks if language in SHELL]
@@ -289,9 +252,9 @@ def shown_commands(page: Path) -> list[str]:
                 words = segment.split()
                 if words[:1] == ["argonne"]:
                     commands.append(" ".join(words[1:]))
-                elif "argonne.cli" in words and words.index("argonne.cli") > 0 \
-                        and words[words.index("argonne.cli") - 1] == "-m":
-                    commands.append(" ".join(words[words.index("argonne.cli") + 1:]))
+                elif "argonne" in words and words.index("argonne") > 0 \
+                        and words[words.index("argonne") - 1] == "-m":
+                    commands.append(" ".join(words[words.index("argonne") + 1:]))
     return [command for command in commands if command]
 
 

@@ -8,7 +8,7 @@ import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.chat import ChatSession, fit_history, render, run_chat
-from argonne.cli import main
+from argonne_cli import main
 from argonne.evaluate import document_nll, perplexity, scoring_windows
 from argonne.inference.engine import Engine
 from argonne.inference.sampling import NonFiniteLogits, SamplingParams

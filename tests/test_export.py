@@ -12,7 +12,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCa
                           Qwen3ForCausalLM)
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
-from argonne.cli import main
+from argonne_cli import main
 from argonne.export import ConversionError, export_model, import_model
 from argonne.loading import ModelError, read_weights
 

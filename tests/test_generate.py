@@ -3,7 +3,7 @@ logits overflow ends with one line, never a token."""
 
 import pytest
 
-from argonne.cli import main
+from argonne_cli import main
 from argonne.inference.engine import Engine, EngineSettings
 from argonne.inference.sampling import NonFiniteLogits, SamplingParams
 from argonne.loading import open_model

@@ -130,7 +130,7 @@ def test_a_continuation_longer_than_the_context_window_is_cut_from_the_left(fold
 
 
 def test_eval_tasks_prints_lm_evals_table_and_writes_its_results_json(folders, tmp_path, capsys):
-    from argonne.cli import main
+    from argonne_cli import main
 
     output = tmp_path / "results" / "tasks.json"
     assert main(["eval", "tasks", str(folders["checkpoint"]), "--tasks", "argonne_choice,argonne_rolling",
@@ -152,7 +152,7 @@ def test_eval_tasks_prints_lm_evals_table_and_writes_its_results_json(folders, t
 def test_bad_input_is_a_clear_error(folders, tmp_path, capsys, problem):
     import shutil
 
-    from argonne.cli import main
+    from argonne_cli import main
 
     model, tasks, include = str(folders["argonne"]), "argonne_choice", str(folders["tasks"])
     extra = []
@@ -293,7 +293,7 @@ def test_in_loop_tasks_leave_training_untouched_and_resume_exactly(prepared_samp
 def test_in_loop_tasks_are_checked_when_training_starts(prepared_sample, tmp_path):
     from .launches import cli_args
 
-    from argonne.cli import main
+    from argonne_cli import main
 
     code = main(cli_args(prepared_sample, tmp_path / "run", extra=["--eval.tasks=['argonne_choise']",
                                                                    f"--eval.include_path={str(tmp_path)!r}"]))

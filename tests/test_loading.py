@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
-from argonne.cli import main
+from argonne_cli import main
 from argonne.loading import ModelError, check_finite_weights, open_model, read_weights
 
 from .conftest import BROKEN_TENSORS, SAMPLE_TOKENIZER, break_weights, small_model

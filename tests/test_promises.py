@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from argonne.cli import main
+from argonne_cli import main
 
 from .conftest import REPO, SAMPLE_TOKENIZER, write_sample_head
 

@@ -844,7 +844,7 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_cleanly(model_dir):
     from .conftest import env
 
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "argonne.cli", "serve", str(model_dir), "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "argonne", "serve", str(model_dir), "--port", str(port),
                                 "--max-batch", "2", "--drain-timeout", "60"], env=env(), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:

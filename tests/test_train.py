@@ -258,7 +258,7 @@ def test_a_muon_run_resumed_mid_run_equals_the_uninterrupted_run(prepared_sample
                                                                   capsys):
     """Muon's momentum buffers are in the checkpoint (the uninterrupted run is the distributed tests' one-process
     reference, checkpointed at step 5); an AdamW run may not resume its state."""
-    from argonne.cli import main
+    from argonne_cli import main
 
     from .launches import MUON, cli_args, train_here
 
@@ -355,7 +355,7 @@ def test_quickstart_run_writes_plot_checkpoint_and_tensorboard(tmp_path, tiny_ru
 
 
 def test_plot_command(tmp_path, capsys):
-    from argonne.cli import main
+    from argonne_cli import main
 
     run = tmp_path / "run"
     run.mkdir()
@@ -561,7 +561,7 @@ def run_steps(run_dir) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_a_fresh_start_in_a_used_run_folder_is_refused_until_overwrite(tmp_path, tiny_run_args, capsys):
-    from argonne.cli import main
+    from argonne_cli import main
     from argonne.run_folder import RunFolderError
 
     args = tiny_run_args(tmp_path, "--train.steps=4", "--train.log_every=1", "--checkpoint.every=1",
@@ -639,11 +639,11 @@ def test_a_second_trainer_on_the_same_run_folder_is_refused(tmp_path, tiny_run_a
     import sys
     import time
 
-    from argonne.cli import main
+    from argonne_cli import main
 
     args = tiny_run_args(tmp_path, "--train.steps=100000", "--train.log_every=1", "--train.tensorboard=false",
                          "--data.val_windows=0")
-    first = subprocess.Popen([sys.executable, "-m", "argonne.cli", "train", str(REPO / "configs" / "tiny.toml"),
+    first = subprocess.Popen([sys.executable, "-m", "argonne", "train", str(REPO / "configs" / "tiny.toml"),
                               *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -815,7 +815,7 @@ def test_a_refused_resume_or_an_unsaved_branch_leaves_the_run_and_auto_never_sta
 
 
 def test_a_run_dir_that_is_a_file_or_a_link_is_a_clear_error(tmp_path, tiny_run_args, capsys):
-    from argonne.cli import main
+    from argonne_cli import main
 
     (tmp_path / "file").write_text("not a folder")
     (tmp_path / "link").symlink_to(tmp_path / "elsewhere")

@@ -15,4 +15,4 @@ source .venv/bin/activate
 mpiexec -n "$NNODES" --ppn 1 torchrun \
     --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" \
     --rdzv-backend c10d --rdzv-endpoint "$HEAD_NODE:29500" --rdzv-id "$PBS_JOBID" \
-    -m argonne.cli train "${CONFIG:?pass -v CONFIG=...}" --resume auto
+    -m argonne train "${CONFIG:?pass -v CONFIG=...}" --resume auto

@@ -1,8 +1,8 @@
 """The `argonne` commands: one small function per subcommand, run by `argonne_cli.main`.
 
 The parser (options, help texts, defaults) is `argonne_cli`, outside this package, so that `--help` needs no torch;
-`main`, `build_parser` and `COMMANDS` are re-exported here, and `python -m argonne.cli` still runs the command line.
-The library progress bars are switched off once, in `argonne_cli.main`, before a command runs.
+it imports this module only to run a command, and this module never imports it back. `python -m argonne` runs the
+command line (argonne/__main__.py). The library progress bars are switched off once, in `argonne_cli.main`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-
-from argonne_cli import COMMANDS, build_parser, main  # noqa: F401  (argonne.cli:main, tests)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -305,7 +303,3 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     print(import_model(args.source, args.output, overwrite=args.overwrite))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from argonne import load_tokenizer
-from argonne.cli import main
+from argonne_cli import main
 from argonne.data import DataError, DocumentSettings
 from argonne.data.documents import _encode, _init_worker, char_filter_reasons, is_held_out
 from argonne.data.parquet import iter_texts, resolve_parquet_files

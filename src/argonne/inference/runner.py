@@ -22,17 +22,11 @@ from collections.abc import Sequence
 
 import torch
 
+from argonne_options import CUDA_DEFAULT_KERNELS, DECODE_KERNELS
+
 from ..modeling_argonne import ArgonneForCausalLM
 from .kv_cache import PagedKVCache
 from .sampling import argmax_in_pieces
-
-# What decodes one token at a time: "torch" (cuBLAS matmuls and SDPA), "gemv" (our Triton matrix-vector kernels,
-# decode_kernels.py) or "gemv+attention" (and our Triton decode attention). Batches of several rows and prefill always
-# use "torch"'s. On GPUs the default is CUDA_DEFAULT_KERNELS when Triton is installed; elsewhere "torch".
-# "gemv" on an H200, 0.5B shape, batch 1: 1,022 tokens/s against torch's 851 (966 against 767 after a 3,072-token
-# prompt). "gemv+attention" measured 1,190 but is not the default until its GPU tests have run (README).
-DECODE_KERNELS = ("torch", "gemv", "gemv+attention")
-CUDA_DEFAULT_KERNELS = "gemv"
 
 
 def default_kernels(device: torch.device) -> str:
