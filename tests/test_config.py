@@ -26,6 +26,9 @@ def run_config_error(*overrides) -> str:
     ("--train.run_dir=[1]", "train.run_dir must be a string, got [1] (list)"),
     ("--data.inputs=[1, 2]", "data.inputs must be a list of strings, got [1, 2] (list)"),
     ("--model.overrides=3", "model.overrides must be a table"),
+    # The document settings come from a plain dataclass (data/settings.py); [data] checks them as strictly.
+    ("--data.val_fraction='0.1'", "data.val_fraction must be a finite number, got '0.1' (str)"),
+    ("--data.min_tokens=true", "data.min_tokens must be an integer, got True (bool)"),
 ])
 def test_fields_are_checked_against_their_types(override, expected):
     assert expected in run_config_error(override)
@@ -186,3 +189,49 @@ def test_async_tp_names_every_field_it_needs():
     config = load_run_config(None, [INPUTS, "--parallel.async_tp=true", "--parallel.compile=true",
                                     "--parallel.tensor_parallel=2", "--data.seq_len=32"])
     assert config.parallel.async_tp  # CUDA is checked when the model is parallelized
+
+
+def declared_bounds() -> list[tuple[str, str, str, float]]:
+    """(section, field, bound kind, bound) for every bound a run config field declares."""
+    from argonne.config import SECTIONS
+
+    return [(section, name, kind, getattr(rule, kind)) for section, cls in SECTIONS.items()
+            for name, info in cls.__pydantic_fields__.items() for rule in info.metadata
+            for kind in ("gt", "ge", "lt", "le") if hasattr(rule, kind)]
+
+
+def test_the_declared_ranges_are_the_39_the_config_always_checked():
+    assert len({(section, name) for section, name, *_ in declared_bounds()}) == 39
+
+
+@pytest.mark.parametrize("section,name,kind,bound", declared_bounds())
+def test_every_declared_bound_is_enforced_and_named(section, name, kind, bound):
+    outside = {"gt": bound, "ge": bound - 1, "lt": bound, "le": bound + 1}[kind]
+    message = run_config_error(f"--{section}.{name}={outside}")
+    assert f"{section}.{name} must be " in message and f"got {outside}" in message
+
+
+def test_sections_check_their_fields_when_built_directly():
+    from pydantic import ValidationError
+
+    from argonne.config import DataConfig, OptimConfig, ParallelConfig, RunConfig
+
+    assert type(OptimConfig(lr=1).lr) is float
+    with pytest.raises(ValidationError, match="greater than 0"):
+        OptimConfig(lr=0)
+    with pytest.raises(ValidationError, match="must not exceed optim.lr"):
+        OptimConfig(lr=1e-3, min_lr=1e-2)
+    RunConfig()  # the defaults, without data, build a model and an optimizer (tests and benchmarks do)
+    with pytest.raises(ValidationError, match=r"data.seq_len \(33\) must divide by parallel.tensor_parallel"):
+        RunConfig(data=DataConfig(seq_len=33), parallel=ParallelConfig(tensor_parallel=2))
+
+
+def test_a_run_config_reads_back_the_json_a_run_writes():
+    import json
+
+    from argonne.config import build_run_config
+
+    config = load_run_config(None, [INPUTS, "--optim.lr=1", "--eval.tasks=['hellaswag']",
+                                    "--model.overrides={num_hidden_layers = 2}",
+                                    "--parallel.activation_checkpointing=true", "--eval.limit=0.5"])
+    assert build_run_config(json.loads(json.dumps(config.to_dict()))) == config
