@@ -30,7 +30,7 @@ from typing import get_args
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM
-from argonne.config import ActivationCheckpointing, RunConfig
+from argonne.run_config import ActivationCheckpointing, RunConfig
 from argonne.metrics import training_flops_per_token
 from argonne.optim import build_optimizer
 from argonne.parallel import Float8Plan, Topology, parallelize

@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from .config import ActivationCheckpointing, Float8Recipe
+from .run_config import ActivationCheckpointing, Float8Recipe
 from .loss_argonne import LOSS_CHUNK_LOGITS, cross_entropy_chunk, linear_cross_entropy
 from .modeling_argonne import ArgonneForCausalLM, GeluMLP, RMSNorm, SwiGLUMLP, rms_norm
 

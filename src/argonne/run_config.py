@@ -57,7 +57,7 @@ Float8Recipe = Literal["off", "tensorwise", "rowwise"]
 
 
 @dataclass(config=SECTION)
-class ModelConfig:
+class ModelSection:
     preset: str = "tiny"
     """Name of an Argonne preset (argonne-2.0, argonne-1.5, argonne-1.0, small, tiny)."""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -68,7 +68,7 @@ class ModelConfig:
 
 
 @dataclass(config=SECTION)
-class DataConfig(DocumentSettings):
+class DataSection(DocumentSettings):
     """Where the tokens come from. The document settings (text_column, id_column, val_fraction, on_error and the
     filters: see DocumentSettings) are the ones `argonne data prepare` takes; streaming applies them, and prepared
     data keeps those it was made with."""
@@ -108,7 +108,7 @@ class DataConfig(DocumentSettings):
 
 
 @dataclass(config=SECTION)
-class OptimConfig:
+class OptimSection:
     optimizer: Optimizer = "adamw"
     """"adamw": fused AdamW for every parameter. "muon": Muon for the weight matrices of the transformer blocks
     (q/k/v/o, gate/up/down) and AdamW for the embeddings, the output head, norms and biases; both take lr, the
@@ -147,7 +147,7 @@ class OptimConfig:
 
 
 @dataclass(config=SECTION)
-class ParallelConfig:
+class ParallelSection:
     tensor_parallel: PositiveInt = 1
     """Tensor-parallel degree (within a node); the rest of the world is data parallel (FSDP2)."""
     activation_checkpointing: ActivationCheckpointing = "none"
@@ -199,7 +199,7 @@ class ParallelConfig:
 
 
 @dataclass(config=SECTION)
-class CheckpointConfig:
+class CheckpointSection:
     every: NonNegativeInt = 0
     """Steps between checkpoints (0: only at the end)."""
     keep: NonNegativeInt = 3
@@ -207,7 +207,7 @@ class CheckpointConfig:
 
 
 @dataclass(config=SECTION)
-class DistillConfig:
+class DistillSection:
     teacher: str = ""
     """Teacher model: a Hugging Face folder (any causal LM) or an Argonne checkpoint. Empty: no distillation."""
     alpha: Share = 0.5
@@ -219,7 +219,7 @@ class DistillConfig:
 
 
 @dataclass(config=SECTION)
-class EvalConfig:
+class EvalSection:
     """lm-evaluation-harness tasks run on the model as it trains (sharded as it is), see docs/evaluation.md."""
 
     tasks: list[str] = field(default_factory=list)
@@ -244,7 +244,7 @@ class EvalConfig:
 
 
 @dataclass(config=SECTION)
-class TrainConfig:
+class TrainSection:
     run_dir: str = "runs/tiny"
     """Output folder: checkpoints/, metrics.jsonl, TensorBoard events, loss.png and the final model/."""
     steps: PositiveInt = 200
@@ -299,14 +299,14 @@ class TrainConfig:
 
 @dataclass(config=SECTION)
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    train: TrainSection = field(default_factory=TrainSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -332,8 +332,8 @@ class RunConfig:
         return self
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig,
-            "checkpoint": CheckpointConfig, "distill": DistillConfig, "eval": EvalConfig, "train": TrainConfig}
+SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "parallel": ParallelSection,
+            "checkpoint": CheckpointSection, "distill": DistillSection, "eval": EvalSection, "train": TrainSection}
 
 # What a pydantic type error says the value must be, in TOML's words.
 EXPECTED = {"int_type": "an integer", "float_type": "a finite number", "finite_number": "a finite number",
@@ -413,7 +413,7 @@ def build_run_config(values: dict) -> RunConfig:
         problems.append(f"unknown section(s) {_unknown_names(unknown, SECTIONS)}; known: {sorted(SECTIONS)}")
     sections = {name: _build_section(name, values.get(name, {}), problems) for name in SECTIONS}
     data = values.get("data", {})
-    # Not a rule of DataConfig: RunConfig() without data is fine for building a model or an optimizer.
+    # Not a rule of DataSection: RunConfig() without data is fine for building a model or an optimizer.
     if isinstance(data, dict) and sum(bool(data.get(name)) for name in ("inputs", "prepared", "sft")) != 1:
         problems.append("set exactly one of data.inputs (stream from parquet), data.prepared (prepared folder) "
                         "and data.sft (instruction data)")

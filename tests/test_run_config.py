@@ -1,14 +1,14 @@
-"""config.py: run configs from TOML with overrides, type, range and command checks."""
+"""run_config.py: run configs from TOML with overrides, type, range and command checks."""
 
 import pytest
 
-from argonne.config import ConfigError, load_run_config
+from argonne.run_config import ConfigError, load_run_config
 
 INPUTS = "--data.inputs=['a.parquet']"
 
 
 def run_config_error(*overrides) -> str:
-    from argonne.config import ConfigError, load_run_config
+    from argonne.run_config import ConfigError, load_run_config
 
     with pytest.raises(ConfigError) as error:
         load_run_config(None, [INPUTS, *overrides])
@@ -35,7 +35,7 @@ def test_fields_are_checked_against_their_types(override, expected):
 
 
 def test_a_toml_file_with_wrong_types_reports_every_problem_at_once(tmp_path):
-    from argonne.config import ConfigError, load_run_config
+    from argonne.run_config import ConfigError, load_run_config
 
     path = tmp_path / "run.toml"
     path.write_text('[data]\ninputs = ["a.parquet"]\nseq_len = "long"\n[train]\nsteps = 1.5\n[optim]\nbeta1 = 2\n')
@@ -47,7 +47,7 @@ def test_a_toml_file_with_wrong_types_reports_every_problem_at_once(tmp_path):
 
 
 def test_ints_are_accepted_as_floats_and_a_single_input_as_a_list():
-    from argonne.config import load_run_config
+    from argonne.run_config import load_run_config
 
     config = load_run_config(None, ["--data.inputs='a.parquet'", "--optim.lr=1", "--train.peak_tflops=100"])
     assert config.data.inputs == ["a.parquet"]
@@ -147,7 +147,7 @@ def test_a_model_override_of_the_wrong_type_stops_training(tmp_path, capsys):
 
 
 def test_each_training_command_checks_what_it_needs_and_refuses_what_it_would_ignore():
-    from argonne.config import check_command
+    from argonne.run_config import check_command
 
     sft = load_run_config(None, ["--data.sft=['chat.jsonl']", "--model.init_from='base'"])
     distill = load_run_config(None, ["--data.inputs=['a.parquet']", "--distill.teacher='teacher'"])
@@ -193,7 +193,7 @@ def test_async_tp_names_every_field_it_needs():
 
 def declared_bounds() -> list[tuple[str, str, str, float]]:
     """(section, field, bound kind, bound) for every bound a run config field declares."""
-    from argonne.config import SECTIONS
+    from argonne.run_config import SECTIONS
 
     return [(section, name, kind, getattr(rule, kind)) for section, cls in SECTIONS.items()
             for name, info in cls.__pydantic_fields__.items() for rule in info.metadata
@@ -214,22 +214,22 @@ def test_every_declared_bound_is_enforced_and_named(section, name, kind, bound):
 def test_sections_check_their_fields_when_built_directly():
     from pydantic import ValidationError
 
-    from argonne.config import DataConfig, OptimConfig, ParallelConfig, RunConfig
+    from argonne.run_config import DataSection, OptimSection, ParallelSection, RunConfig
 
-    assert type(OptimConfig(lr=1).lr) is float
+    assert type(OptimSection(lr=1).lr) is float
     with pytest.raises(ValidationError, match="greater than 0"):
-        OptimConfig(lr=0)
+        OptimSection(lr=0)
     with pytest.raises(ValidationError, match="must not exceed optim.lr"):
-        OptimConfig(lr=1e-3, min_lr=1e-2)
+        OptimSection(lr=1e-3, min_lr=1e-2)
     RunConfig()  # the defaults, without data, build a model and an optimizer (tests and benchmarks do)
     with pytest.raises(ValidationError, match=r"data.seq_len \(33\) must divide by parallel.tensor_parallel"):
-        RunConfig(data=DataConfig(seq_len=33), parallel=ParallelConfig(tensor_parallel=2))
+        RunConfig(data=DataSection(seq_len=33), parallel=ParallelSection(tensor_parallel=2))
 
 
 def test_a_run_config_reads_back_the_json_a_run_writes():
     import json
 
-    from argonne.config import build_run_config
+    from argonne.run_config import build_run_config
 
     config = load_run_config(None, [INPUTS, "--optim.lr=1", "--eval.tasks=['hellaswag']",
                                     "--model.overrides={num_hidden_layers = 2}",
