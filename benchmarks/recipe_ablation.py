@@ -124,7 +124,7 @@ def trainer_options(args, prepared: Path, seed: int, run_dir: Path) -> list[str]
 def check_variants(variants: dict[str, list[str]], args, prepared: Path) -> None:
     """Every variant's config loads on this checkout before anything trains (qk_norm and muon need their branches)."""
     from argonne import ArgonneConfig
-    from argonne.config import load_run_config
+    from argonne.run_config import load_run_config
 
     for name, parts in variants.items():
         try:
@@ -224,7 +224,7 @@ def train_reference(seed: int, args, prepared: Path) -> dict:
 def reference_run(options: list[str], seed: int) -> dict:
     """The original recipe's run, done by hand on transformers' Llama (see the module docstring)."""
     from argonne import ArgonneForCausalLM
-    from argonne.config import load_run_config
+    from argonne.run_config import load_run_config
     from argonne.data.batches import pretraining_data, split_batch
     from argonne.train import build_model_config, build_tokenizer, lr_at
 

@@ -25,14 +25,15 @@ import argparse
 import gc
 import time
 from contextlib import nullcontext
+from typing import get_args
 
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM
-from argonne.config import RunConfig
+from argonne.run_config import ActivationCheckpointing, RunConfig
 from argonne.metrics import training_flops_per_token
 from argonne.optim import build_optimizer
-from argonne.parallel import ACTIVATION_CHECKPOINTING, Float8Plan, Topology, parallelize
+from argonne.parallel import Float8Plan, Topology, parallelize
 from argonne.train import cross_entropy_objective, measure_peak_tflops, training_step
 
 
@@ -148,7 +149,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile each of Argonne's blocks")
-    parser.add_argument("--checkpointing", choices=ACTIVATION_CHECKPOINTING, nargs="+", default=["none"],
+    parser.add_argument("--checkpointing", choices=get_args(ActivationCheckpointing), nargs="+", default=["none"],
                         help="Argonne's activation checkpointing; several values measure one Argonne row each")
     parser.add_argument("--transformers-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                         help="transformers' (full) checkpointing; default: on when the first --checkpointing is not "

@@ -79,7 +79,7 @@ overrides:
   --section.field=value  any field of the run config, read as TOML, e.g.
                          --train.steps=100 --optim.lr=3e-4
                          --model.overrides="{num_hidden_layers = 2}"; the sections
-                         and fields are documented in src/argonne/config.py"""
+                         and fields are documented in src/argonne/run_config.py"""
 
 
 def _add_training_command(sub, name: str, summary: str, description: str, func: str, config_help: str) -> None:

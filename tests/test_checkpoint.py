@@ -95,7 +95,7 @@ def test_planted_metadata_is_refused_by_every_loader(planted_metadata, tmp_path,
 
 
 def test_planted_metadata_is_refused_by_resume_and_init_from(planted_metadata, tmp_path):
-    from argonne.config import load_run_config
+    from argonne.run_config import load_run_config
     from argonne.loading import load_weights
     from argonne.train import train
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
-from argonne.config import ConfigError, load_run_config
+from argonne.run_config import ConfigError, load_run_config
 from argonne.distill import distillation_loss
 from argonne.distill import DISTILLATION
 from argonne.train import PRETRAINING, train

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM
-from argonne.config import RunConfig
+from argonne.run_config import RunConfig
 from argonne.inference.engine import Engine, EngineRequest, EngineSettings
 from argonne.inference.sampling import NonFiniteLogits, SamplingParams
 from argonne.loss_argonne import accumulate_matmul, cross_entropy_chunk

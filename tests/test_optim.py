@@ -6,7 +6,7 @@ import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM
 from argonne.checkpoint import CheckpointError, save_checkpoint
-from argonne.config import ConfigError, OptimConfig, load_run_config
+from argonne.run_config import ConfigError, OptimSection, load_run_config
 from argonne.optim import Muon, build_optimizer, check_resumable, checkpoint_optimizer, lr_at, newton_schulz, set_lr
 
 ARGONNE_1 = dict(hidden_size=32, head_dim=8, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1,
@@ -16,7 +16,7 @@ TINY = dict(num_hidden_layers=2, vocab_size=512, hidden_size=64, intermediate_si
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    optim = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10)
+    optim = OptimSection(lr=1.0, min_lr=0.1, warmup_steps=10)
     assert lr_at(0, optim, 100) == pytest.approx(0.1)
     assert lr_at(9, optim, 100) == pytest.approx(1.0)
     assert lr_at(55, optim, 100) == pytest.approx(0.1 + 0.9 * 0.5)
@@ -26,15 +26,15 @@ def test_lr_schedule_warms_up_then_decays_to_min():
 
 
 def test_wsd_schedule_warms_up_holds_then_decays_linearly():
-    optim = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    optim = OptimSection(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
     assert lr_at(0, optim, 100) == pytest.approx(0.1)  # the same warmup as cosine
     assert [lr_at(s, optim, 100) for s in (9, 10, 50, 80)] == [1.0, 1.0, 1.0, 1.0]  # stable until the last 20%
     assert lr_at(90, optim, 100) == pytest.approx(0.55)
     assert lr_at(100, optim, 100) == pytest.approx(0.1)
     values = [lr_at(s, optim, 100) for s in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:]))
-    assert lr_at(99, OptimConfig(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.0), 100) == 1.0
-    whole = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="wsd", decay_fraction=1.0)
+    assert lr_at(99, OptimSection(lr=1.0, warmup_steps=10, schedule="wsd", decay_fraction=0.0), 100) == 1.0
+    whole = OptimSection(lr=1.0, min_lr=0.1, warmup_steps=10, schedule="wsd", decay_fraction=1.0)
     assert lr_at(55, whole, 100) == pytest.approx(0.55)  # decaying from the end of the warmup
     with pytest.raises(ConfigError, match="optim.schedule must be cosine or wsd, got 'linear'"):
         load_run_config(None, ["--optim.schedule=linear"])
@@ -54,7 +54,7 @@ def names_of(model, params) -> set[str]:
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():
     model = model_of("argonne-1.0", **ARGONNE_1)
-    [optimizer] = build_optimizer(model, OptimConfig(weight_decay=0.1))  # the default: AdamW alone
+    [optimizer] = build_optimizer(model, OptimSection(weight_decay=0.1))  # the default: AdamW alone
     decayed = names_of(model, optimizer.param_groups[0]["params"])
     assert decayed == {n for n, p in model.named_parameters()
                        if p.ndim == 2 and "embed_" not in n}
@@ -65,7 +65,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
 @pytest.mark.parametrize("preset,fields", [("argonne-1.0", ARGONNE_1), ("tiny", TINY)], ids=["untied", "tied"])
 def test_muon_takes_the_block_matrices_and_adamw_the_rest(preset, fields):
     model = model_of(preset, **fields)
-    optim = OptimConfig(optimizer="muon", lr=0.02, weight_decay=0.1, muon_momentum=0.9, muon_ns_steps=4)
+    optim = OptimSection(optimizer="muon", lr=0.02, weight_decay=0.1, muon_momentum=0.9, muon_ns_steps=4)
     adamw, muon = build_optimizer(model, optim)
     matrices = names_of(model, muon.param_groups[0]["params"])
     projections = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -131,7 +131,7 @@ def test_a_skipped_muon_step_changes_neither_weights_nor_momentum():
     assert not torch.equal(param, weight) and not torch.equal(muon.state[param]["momentum_buffer"], buffer)
 
 
-def saved_after_a_step(folder, optim: OptimConfig):
+def saved_after_a_step(folder, optim: OptimSection):
     model = model_of("tiny", **TINY)
     optimizers = build_optimizer(model, optim)
     tokens = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
@@ -144,13 +144,13 @@ def saved_after_a_step(folder, optim: OptimConfig):
 def test_muon_state_resumes_and_another_optimizers_state_is_refused(tmp_path):
     from argonne.checkpoint import load_checkpoint
 
-    muon_path, saved, (_, saved_muon) = saved_after_a_step(tmp_path / "muon", OptimConfig(optimizer="muon"))
-    adamw_path, *_ = saved_after_a_step(tmp_path / "adamw", OptimConfig())
+    muon_path, saved, (_, saved_muon) = saved_after_a_step(tmp_path / "muon", OptimSection(optimizer="muon"))
+    adamw_path, *_ = saved_after_a_step(tmp_path / "adamw", OptimSection())
     assert (checkpoint_optimizer(muon_path), checkpoint_optimizer(adamw_path)) == ("muon", "adamw")
 
     model = model_of("tiny", **TINY)
-    optimizers = build_optimizer(model, OptimConfig(optimizer="muon"))
-    check_resumable(muon_path, OptimConfig(optimizer="muon"))
+    optimizers = build_optimizer(model, OptimSection(optimizer="muon"))
+    check_resumable(muon_path, OptimSection(optimizer="muon"))
     load_checkpoint(muon_path, model, optimizers, {"step": 0})
     by_name = dict(saved.named_parameters())
     for name, param in model.named_parameters():
@@ -163,4 +163,4 @@ def test_muon_state_resumes_and_another_optimizers_state_is_refused(tmp_path):
         expected = (rf"optimizer state is {saved_with}'s .*this run has optim.optimizer = '{resumed_with}'"
                     rf".*--optim.optimizer={saved_with}")
         with pytest.raises(CheckpointError, match=expected):
-            check_resumable(path, OptimConfig(optimizer=resumed_with))
+            check_resumable(path, OptimSection(optimizer=resumed_with))

@@ -7,7 +7,7 @@ import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.chat import ChatSession
-from argonne.config import load_run_config
+from argonne.run_config import load_run_config
 from argonne.data import DataError
 from argonne.data.sft import IGNORE, SFTStats, build_windows, read_conversations, render_with_labels
 from argonne.inference.engine import Engine

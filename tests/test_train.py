@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
-from argonne.config import ConfigError, OptimConfig, check_command, load_run_config
+from argonne.run_config import ConfigError, OptimSection, check_command, load_run_config
 from argonne.run_folder import read_metrics
 from argonne.optim import build_optimizer
 from argonne.train import train
@@ -278,7 +278,7 @@ def test_a_non_finite_step_leaves_every_weight_and_optimizer_state_unchanged():
     """For both optimizers of a Muon run (AdamW's moments and step count, Muon's momentum), on the device."""
     from contextlib import nullcontext
 
-    from argonne.config import RunConfig
+    from argonne.run_config import RunConfig
     from argonne.parallel import Topology
     from argonne.train import cross_entropy_objective, training_step
 
@@ -529,7 +529,7 @@ def test_a_checkpoint_resumes_into_a_differently_grouped_optimizer(tmp_path):
     path = save_checkpoint(tmp_path, 1, saved_model, saved_optimizer, {"step": 1}, is_main=True)
 
     model = ArgonneForCausalLM(config)
-    [optimizer] = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    [optimizer] = build_optimizer(model, OptimSection(weight_decay=0.1))
     assert load_checkpoint(path, model, optimizer, {"step": 0})["step"] == 1
     for (name, param), saved in zip(model.named_parameters(), params):
         assert torch.equal(param, saved), name

@@ -45,7 +45,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def _run_training(args: argparse.Namespace, spec_name: str) -> int:
     """Load the run config (with --section.field=value overrides), check it for the command, and train with the
     command's TrainSpec."""
-    from .config import load_run_config
+    from .run_config import load_run_config
     from .train import TrainingStopped, train
 
     config = load_run_config(args.config, args.overrides, command=args.command)

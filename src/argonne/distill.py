@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .config import ConfigError
+from .run_config import ConfigError
 from .modeling_argonne import ArgonneForCausalLM
 from .train import TrainSpec, pretraining_batches, sft_batches
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.distributed.tensor import DTensor, Replicate
 
-from .config import OptimConfig
+from .run_config import OptimSection
 
 # Keller Jordan's quintic Newton-Schulz coefficients (also torch.optim.Muon's): the slope at zero is maximised, so
 # five steps bring every singular value into roughly [0.7, 1.2], which trains as well as an exact U V^T.
@@ -29,7 +29,7 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_EPS = 1e-7
 
 
-def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+def lr_at(step: int, optim: OptimSection, total_steps: int) -> float:
     """Linear warmup from 0 to lr over warmup_steps, then the schedule's decay to min_lr at total_steps: cosine over
     all the remaining steps, or ("wsd") lr held until the last decay_fraction of the steps, then linear. A function
     of the step alone, so a resumed run, in any phase, continues the same schedule."""
@@ -60,7 +60,7 @@ def muon_matrices(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [module.weight for module in model.model.layers.modules() if isinstance(module, torch.nn.Linear)]
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig) -> list[torch.optim.Optimizer]:
+def build_optimizer(model: torch.nn.Module, optim: OptimSection) -> list[torch.optim.Optimizer]:
     """[fused AdamW] or, with optim.optimizer = "muon", [fused AdamW, Muon]: the training step steps each.
 
     AdamW decays matrices only: norms, biases and embeddings are not decayed. Its three groups — linear weights
@@ -200,7 +200,7 @@ def checkpoint_optimizer(path: Path) -> str:
         else "adamw"
 
 
-def check_resumable(path: Path, optim: OptimConfig) -> None:
+def check_resumable(path: Path, optim: OptimSection) -> None:
     """Refuse to resume a checkpoint whose optimizer state is another optimizer's: AdamW's moments are no Muon
     momentum (nor the reverse), and training on with a zeroed state for half the weights would be a silent change
     of recipe."""

@@ -29,7 +29,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-from .config import ACTIVATION_CHECKPOINTING, FLOAT8_RECIPES
+from .run_config import ActivationCheckpointing, Float8Recipe
 from .loss_argonne import LOSS_CHUNK_LOGITS, cross_entropy_chunk, linear_cross_entropy
 from .modeling_argonne import ArgonneForCausalLM, GeluMLP, RMSNorm, SwiGLUMLP, rms_norm
 
@@ -286,14 +286,13 @@ class Float8Plan:
     """Which FP8 recipe the blocks' linears train with (parallel.float8), which stay in high precision
     (parallel.float8_skip) and whether the matmuls are emulated (any device without FP8 tensor cores: the CPU)."""
 
-    recipe: str = "off"
+    recipe: Float8Recipe = "off"
     skip: tuple[str, ...] = field(default_factory=tuple)
     emulate: bool = False
 
     @classmethod
-    def for_device(cls, recipe: str, skip, device: torch.device, dtype: torch.dtype | None) -> "Float8Plan":
-        if recipe not in FLOAT8_RECIPES:
-            raise ValueError(f"parallel.float8 must be one of {FLOAT8_RECIPES}, got {recipe!r}")
+    def for_device(cls, recipe: Float8Recipe, skip, device: torch.device, dtype: torch.dtype | None) -> "Float8Plan":
+        """`recipe` and `skip` as the run config checked them; what the device needs is checked here."""
         if recipe != "off" and device.type == "cuda":
             capability = torch.cuda.get_device_capability(device)
             if capability < (8, 9):
@@ -463,7 +462,7 @@ def _all_reduce(tensor: torch.Tensor, op, group) -> torch.Tensor:
     return tensor
 
 
-def apply_activation_checkpointing(model: ArgonneForCausalLM, mode: str = "full") -> None:
+def apply_activation_checkpointing(model: ArgonneForCausalLM, mode: ActivationCheckpointing = "full") -> None:
     """Recompute block activations in the backward pass instead of keeping them.
 
     "full" keeps only each block's input and recomputes the whole block (about 1/3 more compute); "selective" keeps
@@ -471,8 +470,6 @@ def apply_activation_checkpointing(model: ArgonneForCausalLM, mode: str = "full"
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    if mode not in ACTIVATION_CHECKPOINTING:
-        raise ValueError(f"activation checkpointing must be one of {ACTIVATION_CHECKPOINTING}, got {mode!r}")
     if mode == "none":
         return
     extra = {"context_fn": _selective_checkpoint_context} if mode == "selective" else {}
@@ -501,7 +498,7 @@ def apply_fsdp(model: ArgonneForCausalLM, dp_mesh: DeviceMesh, param_dtype: torc
 def parallelize(
     model: ArgonneForCausalLM,
     topology: Topology,
-    activation_checkpointing: str,
+    activation_checkpointing: ActivationCheckpointing,
     compile: bool,
     param_dtype: torch.dtype | None,
     float8: Float8Plan = Float8Plan(),
@@ -509,7 +506,7 @@ def parallelize(
     async_tp: bool = False,
 ) -> ArgonneForCausalLM:
     """`sequence_parallel` and `async_tp` act only with tensor parallelism (async TP: compiled, sequence-parallel
-    blocks on CUDA; config.validate checks the rest)."""
+    blocks on CUDA; the run config checks the rest)."""
     if float8.recipe != "off":
         apply_float8(model, float8, topology.tp, topology.dp)
     if topology.tp > 1:

@@ -35,7 +35,7 @@ from .checkpoint import (
     save_checkpoint,
     verify_checkpoint,
 )
-from .config import ConfigError, RunConfig, check_command
+from .run_config import ConfigError, RunConfig, check_command
 from .configuration_argonne import ArgonneConfig
 from .data.batches import pretraining_data, split_batch
 from .data.settings import DataError

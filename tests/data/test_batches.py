@@ -222,7 +222,7 @@ def damaged_copy(prepared, tmp_path, checksums: bool):
 
 
 def prepared_config(directory, workers: int = 0):
-    from argonne.config import load_run_config
+    from argonne.run_config import load_run_config
 
     return load_run_config(None, [f"--data.prepared={str(directory)!r}", f"--data.seq_len={SEQ}", f"--data.workers={workers}",
                                   "--data.shuffle=false", "--data.val_windows=0"]).data

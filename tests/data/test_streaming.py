@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from argonne import load_tokenizer
-from argonne.config import load_run_config
+from argonne.run_config import load_run_config
 from argonne.data import DataError, DocumentSettings
 from argonne.data.batches import pretraining_data, read_window
 from argonne.data.prepare import PreparedTokens, prepare_dataset

@@ -8,7 +8,7 @@
     batches.py     windows, the global sample order, resumable batches (pretraining and SFT), validation windows
     sft.py         instruction data: conversations, assistant-only labels, packed windows
 
-Each module imports only those above it. This file stays light (config.py and the command line's help import the
+Each module imports only those above it. This file stays light (run_config.py and the command line's help import the
 settings): import what you use from its module.
 """
 

@@ -1,6 +1,6 @@
 """The one set of document settings that `argonne data prepare` and streaming both read, so that a stream gives the
-tokens a prepare would, whatever the settings. The run config's [data] section holds these fields (DataConfig
-extends DocumentSettings) and `argonne data prepare`'s flags are made from them. Light on imports: config.py and
+tokens a prepare would, whatever the settings. The run config's [data] section holds these fields (DataSection
+extends DocumentSettings) and `argonne data prepare`'s flags are made from them. Light on imports: run_config.py and
 the command line's help read it."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class DocumentSettings:
     min_tokens: int = _setting(10, "drop documents of fewer tokens (the boundary token not counted)")
 
     def document_settings(self) -> DocumentSettings:
-        """These settings alone (for a DataConfig, without its other fields)."""
+        """These settings alone (for a DataSection, without its other fields)."""
         return DocumentSettings(**{f.name: getattr(self, f.name) for f in fields(DocumentSettings)})
 
     def tokens_record(self) -> dict:

@@ -10,6 +10,10 @@
 
 Every field can be overridden on the command line as `--section.field=value` (the value is read as TOML, so
 `--optim.lr=3e-4`, `--data.inputs=["a.parquet"]` and `--train.run_dir=runs/x` all work).
+
+Each field declares its type, range and choices (pydantic); rules between fields are validators of their section,
+or of RunConfig when they span sections. `build_run_config` turns pydantic's errors into one ConfigError that names
+every bad key.
 """
 
 from __future__ import annotations
@@ -17,12 +21,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
-import math
 import sys
-import typing
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import (ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveInt, ValidationError,
+                      field_validator, model_validator)
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
 
 from .data.settings import DocumentSettings, document_problems
 from .files import read_text
@@ -37,8 +44,20 @@ class ConfigError(ValueError):
     """A bad run configuration; the message names the section and field."""
 
 
-@dataclass
-class ModelConfig:
+# Strict: TOML's 2.5, "abc" or true is no integer, and a string is no number (an int is accepted for a float).
+SECTION = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
+Fraction = Annotated[float, Field(ge=0, lt=1)]
+Share = Annotated[float, Field(ge=0, le=1)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+LRSchedule = Literal["cosine", "wsd"]
+Optimizer = Literal["adamw", "muon"]
+ActivationCheckpointing = Literal["none", "full", "selective"]
+Float8Recipe = Literal["off", "tensorwise", "rowwise"]
+
+
+@dataclass(config=SECTION)
+class ModelSection:
     preset: str = "tiny"
     """Name of an Argonne preset (argonne-2.0, argonne-1.5, argonne-1.0, small, tiny)."""
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -48,8 +67,8 @@ class ModelConfig:
     weight must be present and of the right shape. The folder's config replaces preset and overrides."""
 
 
-@dataclass
-class DataConfig(DocumentSettings):
+@dataclass(config=SECTION)
+class DataSection(DocumentSettings):
     """Where the tokens come from. The document settings (text_column, id_column, val_fraction, on_error and the
     filters: see DocumentSettings) are the ones `argonne data prepare` takes; streaming applies them, and prepared
     data keeps those it was made with."""
@@ -65,67 +84,78 @@ class DataConfig(DocumentSettings):
     tokenizer: str = ""
     """Tokenizer folder or hub name; it must be the one the data was prepared with. Default: model.init_from's own
     tokenizer, else the tiny preset's sample BPE (data/tokenizers/sample-bpe-8k)."""
-    seq_len: int = 256
+    seq_len: PositiveInt = 256
     """Tokens per training sequence (windows hold seq_len + 1 tokens)."""
     shuffle: bool = True
     """Visit prepared windows in a seeded random order (a stream is read in order)."""
-    val_windows: int = 32
+    val_windows: NonNegativeInt = 32
     """Held-out windows evaluated for the validation loss (0: none)."""
-    workers: int = 1
+    workers: NonNegativeInt = 1
     """Background processes: DataLoader workers (prepared) or tokenizer workers (streaming)."""
 
+    @field_validator("inputs", "sft", mode="before")
+    @classmethod
+    def _one_path_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
 
-LR_SCHEDULES = ("cosine", "wsd")
-OPTIMIZERS = ("adamw", "muon")
+    @model_validator(mode="after")
+    def _check_document_settings(self):
+        # The document settings' rules live with them: `argonne data prepare` checks its flags by the same ones.
+        problems = document_problems(self, "data.")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
-@dataclass
-class OptimConfig:
-    optimizer: str = "adamw"
+@dataclass(config=SECTION)
+class OptimSection:
+    optimizer: Optimizer = "adamw"
     """"adamw": fused AdamW for every parameter. "muon": Muon for the weight matrices of the transformer blocks
     (q/k/v/o, gate/up/down) and AdamW for the embeddings, the output head, norms and biases; both take lr, the
     schedule and weight_decay (Muon's update is scaled to AdamW's RMS, so no second lr is needed)."""
-    lr: float = 3e-3
+    lr: PositiveFloat = 3e-3
     """Peak learning rate, reached after warmup_steps."""
-    min_lr: float = 3e-4
+    min_lr: NonNegativeFloat = 3e-4
     """Learning rate at the end of the decay."""
-    warmup_steps: int = 20
+    warmup_steps: NonNegativeInt = 20
     """Steps of linear warmup from 0 to lr."""
-    schedule: str = "cosine"
+    schedule: LRSchedule = "cosine"
     """After the warmup: "cosine" decays to min_lr over the remaining steps (the original recipe); "wsd"
     (warmup-stable-decay, as MiniCPM and OLMo 2) holds lr, then decays linearly to min_lr over the last
     decay_fraction of the steps."""
-    decay_fraction: float = 0.2
+    decay_fraction: Share = 0.2
     """"wsd" only: the share of train.steps spent decaying (0.2: the last 20%)."""
-    weight_decay: float = 0.1
+    weight_decay: NonNegativeFloat = 0.1
     """Decoupled weight decay for matrices; norms, biases and embeddings get none."""
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.95
+    eps: PositiveFloat = 1e-8
+    grad_clip: NonNegativeFloat = 1.0
     """Global gradient-norm clipping threshold (0 disables)."""
-    muon_momentum: float = 0.95
+    muon_momentum: Fraction = 0.95
     """"muon" only: momentum of Muon's gradient average."""
     muon_nesterov: bool = True
     """"muon" only: orthogonalise the Nesterov look-ahead of the momentum rather than the momentum itself."""
-    muon_ns_steps: int = 5
+    muon_ns_steps: Annotated[int, Field(ge=1, le=20)] = 5
     """"muon" only: Newton-Schulz iterations per matrix and step (5 brings the singular values near 1)."""
 
+    @model_validator(mode="after")
+    def _check_decay_ends_below_the_peak(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"optim.min_lr ({self.min_lr}) must not exceed optim.lr ({self.lr})")
+        return self
 
-ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
-FLOAT8_RECIPES = ("off", "tensorwise", "rowwise")
 
-
-@dataclass
-class ParallelConfig:
-    tensor_parallel: int = 1
+@dataclass(config=SECTION)
+class ParallelSection:
+    tensor_parallel: PositiveInt = 1
     """Tensor-parallel degree (within a node); the rest of the world is data parallel (FSDP2)."""
-    activation_checkpointing: str = "none"
+    activation_checkpointing: ActivationCheckpointing = "none"
     """Recompute block activations in the backward pass: "none", "full" (keep only block inputs; ~1/3 more compute)
     or "selective" (keep matmul and attention outputs, recompute element-wise ops). true/false mean full/none."""
     compile: bool = False
     """torch.compile each transformer block."""
-    float8: str = "off"
+    float8: Float8Recipe = "off"
     """FP8 matmuls in the blocks' linears (torchao's float8 training): "off", "tensorwise" (one scale per tensor;
     FSDP2 all-gathers the weights in FP8) or "rowwise" (one scale per row: more accurate, a little slower). Needs a
     GPU of compute capability 8.9+ (H100, H200, L40S) and bf16; emulated (slowly) on CPUs. Weights stay in full
@@ -142,109 +172,174 @@ class ParallelConfig:
     (micro-pipelined, over symmetric memory). Needs CUDA, compile = true, tensor_parallel > 1 and
     sequence_parallel = true. Off by default: unmeasured on GPUs."""
 
+    @field_validator("activation_checkpointing", mode="before")
+    @classmethod
+    def _true_means_full(cls, value):
+        return ("full" if value else "none") if isinstance(value, bool) else value
 
-@dataclass
-class CheckpointConfig:
-    every: int = 0
+    @model_validator(mode="after")
+    def _check_float8_and_async_tp(self):
+        problems = []
+        if self.float8 == "off" and self.float8_skip:
+            problems.append("parallel.float8_skip is set but parallel.float8 is \"off\": set parallel.float8 to "
+                            "\"tensorwise\" or \"rowwise\", or remove float8_skip")
+        # Checked before the run folder is touched, not when the model is built.
+        if self.float8 != "off" and importlib.util.find_spec("torchao") is None:
+            problems.append("parallel.float8 needs torchao: pip install 'argonne[float8]' (or torchao)")
+        # async TP's CUDA is checked by parallelize.
+        missing = [need for need, ok in (("parallel.compile = true", self.compile),
+                                         ("parallel.tensor_parallel > 1", self.tensor_parallel > 1),
+                                         ("parallel.sequence_parallel = true", self.sequence_parallel)) if not ok]
+        if self.async_tp and missing:
+            problems.append(f"parallel.async_tp needs {', '.join(missing)} (and CUDA), or set "
+                            f"parallel.async_tp = false")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+@dataclass(config=SECTION)
+class CheckpointSection:
+    every: NonNegativeInt = 0
     """Steps between checkpoints (0: only at the end)."""
-    keep: int = 3
+    keep: NonNegativeInt = 3
     """Complete checkpoints kept; older ones are deleted after each good save (0 keeps all)."""
 
 
-@dataclass
-class DistillConfig:
+@dataclass(config=SECTION)
+class DistillSection:
     teacher: str = ""
     """Teacher model: a Hugging Face folder (any causal LM) or an Argonne checkpoint. Empty: no distillation."""
-    alpha: float = 0.5
+    alpha: Share = 0.5
     """Weight of the soft (KL) term; 1 - alpha weighs the cross-entropy on the data."""
-    temperature: float = 1.0
+    temperature: PositiveFloat = 1.0
     """Softmax temperature of both distributions; the KL term is scaled by T^2."""
-    chunk: int = 512
+    chunk: PositiveInt = 512
     """Positions per float32 KL chunk (bounds the memory of the soft term)."""
 
 
-@dataclass
-class EvalConfig:
+@dataclass(config=SECTION)
+class EvalSection:
     """lm-evaluation-harness tasks run on the model as it trains (sharded as it is), see docs/evaluation.md."""
 
     tasks: list[str] = field(default_factory=list)
     """lm-eval task names, e.g. ["hellaswag", "arc_easy"] (empty: no task evaluation during training)."""
-    every: int = 0
+    every: NonNegativeInt = 0
     """Steps between task evaluations (0: only at the end); there is always one at the end."""
-    limit: float = 0.0
+    limit: NonNegativeFloat = 0.0
     """Documents per task: a count, or a fraction below 1 (0: all)."""
-    num_fewshot: int = -1
+    num_fewshot: Annotated[int, Field(ge=-1)] = -1
     """Few-shot examples per prompt (-1: each task's own)."""
     include_path: str = ""
     """Folder of extra task YAML files."""
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
     """Requests per forward pass."""
 
+    @field_validator("limit")
+    @classmethod
+    def _count_or_fraction(cls, limit: float) -> float:
+        if limit >= 1 and limit != int(limit):
+            raise ValueError(f"eval.limit must be a count (1, 2, ...) or a fraction below 1, got {limit}")
+        return limit
 
-@dataclass
-class TrainConfig:
+
+@dataclass(config=SECTION)
+class TrainSection:
     run_dir: str = "runs/tiny"
     """Output folder: checkpoints/, metrics.jsonl, TensorBoard events, loss.png and the final model/."""
-    steps: int = 200
+    steps: PositiveInt = 200
     """Optimizer steps."""
-    micro_batch_size: int = 16
+    micro_batch_size: PositiveInt = 16
     """Sequences per forward/backward."""
-    grad_accum: int = 1
+    grad_accum: PositiveInt = 1
     """Micro-batches per optimizer step."""
-    seed: int = 0
+    seed: Annotated[int, Field(ge=0, lt=2**63)] = 0  # numpy takes no negative seed; torch takes 64 bits
     device: str = "auto"
     """"auto" (CUDA when available, else CPU), "cpu", "cuda" or "cuda:N"."""
-    dtype: str = "auto"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
     """Compute dtype: "auto" (bfloat16 autocast on CUDA, float32 on CPU), "bfloat16" or "float32"."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Steps between metric lines."""
-    eval_every: int = 50
+    eval_every: NonNegativeInt = 50
     """Steps between validation losses (0: only at the end)."""
-    max_nonfinite_in_a_row: int = 5
+    max_nonfinite_in_a_row: Annotated[int, Field(ge=1)] = 5
     """Stop after this many consecutive steps with a non-finite loss or gradient norm (each one is skipped)."""
-    spike_threshold: float = 0.0
+    spike_threshold: NonNegativeFloat = 0.0
     """Loss-spike detection (0: off; e.g. 6): a finite step loss above the mean of the last spike_window accepted
     losses by this many standard deviations (the spread floored at 1% of the mean) is a spike, and its update is
     skipped like a non-finite one's."""
-    spike_window: int = 50
+    spike_window: Annotated[int, Field(ge=2)] = 50
     """Accepted step losses the mean and spread are taken over (detection starts once that many are seen); also
     the span of steps within which spike_rollback_after spikes roll the run back."""
-    spike_rollback_after: int = 3
+    spike_rollback_after: NonNegativeInt = 3
     """Spikes within spike_window steps that roll the run back to its last checkpoint saved before the first of
     them, skipping the batches of the steps from the first spike to the last (recorded in the checkpoints, so a
     resume skips them too). 0: never roll back, only skip the spikes' updates."""
-    spike_max_rollbacks: int = 3
+    spike_max_rollbacks: NonNegativeInt = 3
     """Stop the run rather than roll back more often than this."""
-    z_loss: float = 0.0
+    z_loss: NonNegativeFloat = 0.0
     """Coefficient of the z-loss (PaLM, OLMo: 1e-4) added to the cross-entropy: the mean squared log-partition of
     the logits, logged apart as `z_loss` (and the cross-entropy alone as `ce`). 0: off (the original recipe)."""
-    peak_tflops: float = 0.0
+    peak_tflops: NonNegativeFloat = 0.0
     """Peak matmul TFLOP/s of one device for MFU; 0 measures it at start."""
     tensorboard: bool = True
     """Write TensorBoard events to run_dir/tensorboard."""
-    sample_every: int = 0
+    sample_every: NonNegativeInt = 0
     """Steps between greedy sample generations from sample_prompt (0: never)."""
     sample_prompt: str = "The"
-    sample_tokens: int = 32
+    sample_tokens: NonNegativeInt = 32
+
+    @field_validator("run_dir")
+    @classmethod
+    def _names_a_folder(cls, run_dir: str) -> str:
+        if not run_dir.strip():
+            raise ValueError("train.run_dir is empty (an unset variable?): name the run's folder")
+        return run_dir
 
 
-@dataclass
+@dataclass(config=SECTION)
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    parallel: ParallelSection = field(default_factory=ParallelSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    train: TrainSection = field(default_factory=TrainSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @model_validator(mode="after")
+    def _check_across_sections(self):
+        problems = []
+        parallel, seq_len, micro_batch = self.parallel, self.data.seq_len, self.train.micro_batch_size
+        # FP8 matmuls (torch._scaled_mm) need every dimension to divide by 16, the tokens of a micro-batch too (the
+        # inner dimension of the weight gradient).
+        if parallel.float8 != "off" and micro_batch * seq_len % 16:
+            problems.append(f"parallel.float8 needs train.micro_batch_size x data.seq_len ({micro_batch} x {seq_len} "
+                            f"= {micro_batch * seq_len}) to divide by 16 (FP8 matmuls multiply by the tokens)")
+        if parallel.sequence_parallel and parallel.tensor_parallel > 1 and seq_len % parallel.tensor_parallel:
+            problems.append(f"data.seq_len ({seq_len}) must divide by parallel.tensor_parallel "
+                            f"({parallel.tensor_parallel}) with parallel.sequence_parallel = true (each rank keeps "
+                            f"1/tensor_parallel of the tokens), or set parallel.sequence_parallel = false")
+        if self.train.spike_threshold and self.train.spike_rollback_after and not self.checkpoint.every:
+            problems.append("train.spike_rollback_after needs checkpoint.every > 0: a rollback returns to the last "
+                            "checkpoint saved before the spikes (or set train.spike_rollback_after = 0)")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "parallel": ParallelConfig,
-            "checkpoint": CheckpointConfig, "distill": DistillConfig, "eval": EvalConfig, "train": TrainConfig}
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "parallel": ParallelSection,
+            "checkpoint": CheckpointSection, "distill": DistillSection, "eval": EvalSection, "train": TrainSection}
+
+# What a pydantic type error says the value must be, in TOML's words.
+EXPECTED = {"int_type": "an integer", "float_type": "a finite number", "finite_number": "a finite number",
+            "bool_type": "true or false", "string_type": "a string", "list_type": "a list of strings",
+            "dict_type": "a table such as {name = value}"}
+RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
 def _unknown_names(unknown: list[str], known) -> str:
@@ -255,28 +350,79 @@ def _unknown_names(unknown: list[str], known) -> str:
     return f"{unknown}" + (f" (did you mean {', '.join(hints)}?)" if hints else "")
 
 
-def _build_section(cls, values, section: str, problems: list[str]):
-    """The section's dataclass from its known fields; unknown fields and a section that is no table are problems."""
+def _bound(number) -> str:
+    """A bound as the user reads it: 2**63 rather than 9223372036854775808."""
+    if isinstance(number, int) and number > 2**32 and number & (number - 1) == 0:
+        return f"2**{number.bit_length() - 1}"
+    return str(number)
+
+
+def _range(info: FieldInfo) -> str:
+    """What a field's declared bounds allow: "> 0", ">= -1", "in [0, 1)"."""
+    bounds = {name: getattr(rule, name) for rule in info.metadata for name in ("gt", "ge", "lt", "le")
+              if hasattr(rule, name)}
+    low, opening = ("gt", "(") if "gt" in bounds else ("ge", "[")
+    high, closing = ("lt", ")") if "lt" in bounds else ("le", "]")
+    if high not in bounds:
+        return f"{'>' if low == 'gt' else '>='} {bounds[low]}"
+    return f"in {opening}{_bound(bounds[low])}, {_bound(bounds[high])}{closing}"
+
+
+def _problem(error: dict, section: str, values: dict) -> str:
+    """One of pydantic's errors of `section` (built from `values`) as the user's message, naming the key."""
+    if error["type"] == "value_error":  # the validators' messages name their keys
+        return str(error["ctx"]["error"])
+    name = error["loc"][0]
+    key, value = f"{section}.{name}", values.get(name)
+    if error["type"] == "literal_error":
+        choices = error["ctx"]["expected"].replace("'", "")  # "'cosine' or 'wsd'" -> "cosine or wsd"
+        return f"{key} must be {choices}, got {value!r}"
+    if error["type"] in RANGE_ERRORS:
+        return f"{key} must be {_range(SECTIONS[section].__pydantic_fields__[name])}, got {value}"
+    if error["type"] in EXPECTED or len(error["loc"]) > 1:  # (name, index): an item of a list of strings
+        expected = "a list of strings" if len(error["loc"]) > 1 else EXPECTED[error["type"]]
+        return f"{key} must be {expected}, got {value!r} ({type(value).__name__})"
+    return f"{key}: {error['msg']}, got {value!r}"
+
+
+def _build_section(section: str, values, problems: list[str]):
+    """The section from its table, or None with its problems added (unknown fields first, then one per field)."""
     if not isinstance(values, dict):
         problems.append(f"[{section}] must be a table of fields, got {values!r}")
-        return cls()
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+        return None
+    try:
+        return SECTIONS[section](**values)
+    except ValidationError as error:
+        errors = error.errors()
+    unknown = sorted(e["loc"][0] for e in errors if e["type"] == "unexpected_keyword_argument")
     if unknown:
+        known = [f.name for f in dataclasses.fields(SECTIONS[section])]
         problems.append(f"[{section}] has unknown field(s) {_unknown_names(unknown, known)}; known: {sorted(known)}")
-    return cls(**{name: value for name, value in values.items() if name in known})
+    # dict.fromkeys: one message for a list field with several bad items
+    problems.extend(dict.fromkeys(_problem(e, section, values) for e in errors
+                                  if e["type"] != "unexpected_keyword_argument"))
+    return None
 
 
 def build_run_config(values: dict) -> RunConfig:
-    """A checked RunConfig from nested dicts (a TOML document); every problem is reported in one ConfigError."""
+    """A checked RunConfig from nested dicts (a TOML document); every problem is reported in one ConfigError. Rules
+    across sections are checked once every section is valid."""
     problems = []
     unknown = sorted(set(values) - set(SECTIONS))
     if unknown:
         problems.append(f"unknown section(s) {_unknown_names(unknown, SECTIONS)}; known: {sorted(SECTIONS)}")
-    config = RunConfig(**{name: _build_section(cls, values.get(name, {}), name, problems)
-                          for name, cls in SECTIONS.items()})
-    validate(config, problems)
-    return config
+    sections = {name: _build_section(name, values.get(name, {}), problems) for name in SECTIONS}
+    data = values.get("data", {})
+    # Not a rule of DataSection: RunConfig() without data is fine for building a model or an optimizer.
+    if isinstance(data, dict) and sum(bool(data.get(name)) for name in ("inputs", "prepared", "sft")) != 1:
+        problems.append("set exactly one of data.inputs (stream from parquet), data.prepared (prepared folder) "
+                        "and data.sft (instruction data)")
+    if problems:
+        raise ConfigError("invalid run config: " + "; ".join(problems))
+    try:
+        return RunConfig(**sections)
+    except ValidationError as error:
+        raise ConfigError("invalid run config: " + "; ".join(_problem(e, "", {}) for e in error.errors())) from None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -317,194 +463,6 @@ def load_run_config(path: str | Path | None, overrides: list[str] = (), command:
     if command is not None:
         check_command(config, command)
     return config
-
-
-def _above(low):
-    return (lambda value: value > low), f"> {low}"
-
-
-def _at_least(low):
-    return (lambda value: value >= low), f">= {low}"
-
-
-def _fraction(include_one: bool = False):
-    if include_one:
-        return (lambda value: 0 <= value <= 1), "in [0, 1]"
-    return (lambda value: 0 <= value < 1), "in [0, 1)"
-
-
-# Numeric fields whose range means something: "section.field" -> (check, what the value must be).
-RANGES = {
-    "data.seq_len": _above(0),
-    "data.val_windows": _at_least(0),
-    "data.workers": _at_least(0),
-    "optim.lr": _above(0),
-    "optim.min_lr": _at_least(0),
-    "optim.warmup_steps": _at_least(0),
-    "optim.decay_fraction": _fraction(include_one=True),
-    "optim.weight_decay": _at_least(0),
-    "optim.beta1": _fraction(),
-    "optim.beta2": _fraction(),
-    "optim.eps": _above(0),
-    "optim.grad_clip": _at_least(0),
-    "optim.muon_momentum": _fraction(),
-    "optim.muon_ns_steps": ((lambda value: 1 <= value <= 20), "in [1, 20]"),
-    "parallel.tensor_parallel": _above(0),
-    "checkpoint.every": _at_least(0),
-    "checkpoint.keep": _at_least(0),
-    "distill.alpha": _fraction(include_one=True),
-    "distill.temperature": _above(0),
-    "distill.chunk": _above(0),
-    "eval.every": _at_least(0),
-    "eval.limit": _at_least(0),
-    "eval.num_fewshot": _at_least(-1),
-    "eval.batch_size": _above(0),
-    "train.steps": _above(0),
-    "train.micro_batch_size": _above(0),
-    "train.grad_accum": _above(0),
-    "train.seed": ((lambda value: 0 <= value < 2**63), "in [0, 2**63)"),  # numpy: no negative seed; torch: 64 bits
-    "train.log_every": _above(0),
-    "train.eval_every": _at_least(0),
-    "train.max_nonfinite_in_a_row": _at_least(1),
-    "train.z_loss": _at_least(0),
-    "train.spike_threshold": _at_least(0),
-    "train.spike_window": _at_least(2),
-    "train.spike_rollback_after": _at_least(0),
-    "train.spike_max_rollbacks": _at_least(0),
-    "train.peak_tflops": _at_least(0),
-    "train.sample_every": _at_least(0),
-    "train.sample_tokens": _at_least(0),
-}
-
-# String fields with a fixed set of values.
-CHOICES = {
-    "train.dtype": ("auto", "bfloat16", "float32"),
-    "parallel.activation_checkpointing": ACTIVATION_CHECKPOINTING,
-    "parallel.float8": FLOAT8_RECIPES,
-    "optim.schedule": LR_SCHEDULES,
-    "optim.optimizer": OPTIMIZERS,
-}
-
-
-def _expected_type(value, annotation) -> str | None:
-    """What `value` should be when it does not match the field annotation `annotation`, else None."""
-    is_int = isinstance(value, int) and not isinstance(value, bool)  # TOML's true is no number
-    if annotation is bool:
-        return None if isinstance(value, bool) else "true or false"
-    if annotation is int:
-        return None if is_int else "an integer"
-    if annotation is float:
-        return None if is_int or (isinstance(value, float) and math.isfinite(value)) else "a finite number"
-    if annotation is str:
-        return None if isinstance(value, str) else "a string"
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is list and args == (str,):
-        return None if isinstance(value, list) and all(isinstance(v, str) for v in value) else "a list of strings"
-    if origin is dict:
-        return None if isinstance(value, dict) else "a table such as {name = value}"
-    raise TypeError(f"no type check for annotation {annotation}")  # a new kind of config field needs one here
-
-
-def _check_types(config: RunConfig, problems: list[str]) -> set[str]:
-    """Check every field against its annotation; ints given for floats become floats. Returns the fields whose
-    type is wrong (so no range check runs on them)."""
-    wrong = set()
-    for section in dataclasses.fields(config):
-        part = getattr(config, section.name)
-        for name, annotation in typing.get_type_hints(type(part)).items():
-            value = getattr(part, name)
-            expected = _expected_type(value, annotation)
-            if expected is not None:
-                wrong.add(f"{section.name}.{name}")
-                problems.append(f"{section.name}.{name} must be {expected}, got {value!r} ({type(value).__name__})")
-            elif annotation is float:
-                setattr(part, name, float(value))
-    return wrong
-
-
-def _field(config: RunConfig, name: str):
-    section, field_name = name.split(".")
-    return getattr(getattr(config, section), field_name)
-
-
-def validate(config: RunConfig, problems: list[str] | None = None) -> None:
-    """Check every field's type, then ranges, choices and combinations; raise one ConfigError naming every problem
-    (with any `problems` found before)."""
-    problems = [] if problems is None else problems
-    # Shorthands the config accepts: one input for a list of them, true/false for full/none checkpointing.
-    if isinstance(config.data.inputs, str):
-        config.data.inputs = [config.data.inputs]
-    if isinstance(config.data.sft, str):
-        config.data.sft = [config.data.sft]
-    if isinstance(config.parallel.activation_checkpointing, bool):
-        config.parallel.activation_checkpointing = "full" if config.parallel.activation_checkpointing else "none"
-    wrong_type = _check_types(config, problems)
-    for name, (in_range, rule) in RANGES.items():
-        value = _field(config, name)
-        if name not in wrong_type and not in_range(value):
-            problems.append(f"{name} must be {rule}, got {value}")
-    for name, choices in CHOICES.items():
-        value = _field(config, name)
-        if name not in wrong_type and value not in choices:
-            problems.append(f"{name} must be {', '.join(choices[:-1])} or {choices[-1]}, got {value!r}")
-    problems.extend(document_problems(config.data, "data.", skip=wrong_type))
-    if not {"optim.lr", "optim.min_lr"} & wrong_type and config.optim.min_lr > config.optim.lr:
-        problems.append(f"optim.min_lr ({config.optim.min_lr}) must not exceed optim.lr ({config.optim.lr})")
-    problems.extend(float8_problems(config, wrong_type))
-    if "eval.limit" not in wrong_type and config.eval.limit >= 1 and config.eval.limit != int(config.eval.limit):
-        problems.append(f"eval.limit must be a count (1, 2, ...) or a fraction below 1, got {config.eval.limit}")
-    if (config.train.spike_threshold and config.train.spike_rollback_after and not config.checkpoint.every
-            and not {"train.spike_threshold", "train.spike_rollback_after", "checkpoint.every"} & wrong_type):
-        problems.append("train.spike_rollback_after needs checkpoint.every > 0: a rollback returns to the last "
-                        "checkpoint saved before the spikes (or set train.spike_rollback_after = 0)")
-    problems.extend(parallel_problems(config, wrong_type))
-    if "train.run_dir" not in wrong_type and not config.train.run_dir.strip():
-        problems.append("train.run_dir is empty (an unset variable?): name the run's folder")
-    if sum(map(bool, (config.data.inputs, config.data.prepared, config.data.sft))) != 1:
-        problems.append("set exactly one of data.inputs (stream from parquet), data.prepared (prepared folder) "
-                        "and data.sft (instruction data)")
-    if problems:
-        raise ConfigError("invalid run config: " + "; ".join(problems))
-
-
-def float8_problems(config: RunConfig, wrong_type: set[str]) -> list[str]:
-    """FP8 matmuls (torch._scaled_mm) need every dimension to divide by 16, the tokens of a micro-batch too (the
-    inner dimension of the weight gradient); and torchao, checked before the run folder is touched. float8_skip
-    means nothing with FP8 off."""
-    if config.parallel.float8 == "off":
-        return ["parallel.float8_skip is set but parallel.float8 is \"off\": set parallel.float8 to \"tensorwise\" "
-                "or \"rowwise\", or remove float8_skip"] if config.parallel.float8_skip else []
-    if {"parallel.float8", "train.micro_batch_size", "data.seq_len"} & wrong_type:
-        return []
-    problems = []
-    tokens = config.train.micro_batch_size * config.data.seq_len
-    if tokens % 16:
-        problems.append(f"parallel.float8 needs train.micro_batch_size x data.seq_len ({config.train.micro_batch_size}"
-                        f" x {config.data.seq_len} = {tokens}) to divide by 16 (FP8 matmuls multiply by the tokens)")
-    if importlib.util.find_spec("torchao") is None:
-        problems.append("parallel.float8 needs torchao: pip install 'argonne[float8]' (or torchao)")
-    return problems
-
-
-def parallel_problems(config: RunConfig, wrong_type: set[str]) -> list[str]:
-    """What sequence parallel and async TP need of the other fields (async TP's CUDA is checked by parallelize)."""
-    names = ("parallel.tensor_parallel", "parallel.sequence_parallel", "parallel.async_tp", "parallel.compile",
-             "data.seq_len")
-    if set(names) & wrong_type:
-        return []
-    parallel, problems = config.parallel, []
-    if parallel.sequence_parallel and parallel.tensor_parallel > 1 and config.data.seq_len % parallel.tensor_parallel:
-        problems.append(f"data.seq_len ({config.data.seq_len}) must divide by parallel.tensor_parallel "
-                        f"({parallel.tensor_parallel}) with parallel.sequence_parallel = true (each rank keeps "
-                        f"1/tensor_parallel of the tokens), or set parallel.sequence_parallel = false")
-    if parallel.async_tp:
-        missing = [need for need, ok in (("parallel.compile = true", parallel.compile),
-                                         ("parallel.tensor_parallel > 1", parallel.tensor_parallel > 1),
-                                         ("parallel.sequence_parallel = true", parallel.sequence_parallel)) if not ok]
-        if missing:
-            problems.append(f"parallel.async_tp needs {', '.join(missing)} (and CUDA), or set "
-                            f"parallel.async_tp = false")
-    return problems
 
 
 # What each training command needs of a run config, and what would make it silently train something else.

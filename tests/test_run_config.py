@@ -1,14 +1,14 @@
-"""config.py: run configs from TOML with overrides, type, range and command checks."""
+"""run_config.py: run configs from TOML with overrides, type, range and command checks."""
 
 import pytest
 
-from argonne.config import ConfigError, load_run_config
+from argonne.run_config import ConfigError, load_run_config
 
 INPUTS = "--data.inputs=['a.parquet']"
 
 
 def run_config_error(*overrides) -> str:
-    from argonne.config import ConfigError, load_run_config
+    from argonne.run_config import ConfigError, load_run_config
 
     with pytest.raises(ConfigError) as error:
         load_run_config(None, [INPUTS, *overrides])
@@ -26,13 +26,16 @@ def run_config_error(*overrides) -> str:
     ("--train.run_dir=[1]", "train.run_dir must be a string, got [1] (list)"),
     ("--data.inputs=[1, 2]", "data.inputs must be a list of strings, got [1, 2] (list)"),
     ("--model.overrides=3", "model.overrides must be a table"),
+    # The document settings come from a plain dataclass (data/settings.py); [data] checks them as strictly.
+    ("--data.val_fraction='0.1'", "data.val_fraction must be a finite number, got '0.1' (str)"),
+    ("--data.min_tokens=true", "data.min_tokens must be an integer, got True (bool)"),
 ])
 def test_fields_are_checked_against_their_types(override, expected):
     assert expected in run_config_error(override)
 
 
 def test_a_toml_file_with_wrong_types_reports_every_problem_at_once(tmp_path):
-    from argonne.config import ConfigError, load_run_config
+    from argonne.run_config import ConfigError, load_run_config
 
     path = tmp_path / "run.toml"
     path.write_text('[data]\ninputs = ["a.parquet"]\nseq_len = "long"\n[train]\nsteps = 1.5\n[optim]\nbeta1 = 2\n')
@@ -44,7 +47,7 @@ def test_a_toml_file_with_wrong_types_reports_every_problem_at_once(tmp_path):
 
 
 def test_ints_are_accepted_as_floats_and_a_single_input_as_a_list():
-    from argonne.config import load_run_config
+    from argonne.run_config import load_run_config
 
     config = load_run_config(None, ["--data.inputs='a.parquet'", "--optim.lr=1", "--train.peak_tflops=100"])
     assert config.data.inputs == ["a.parquet"]
@@ -144,7 +147,7 @@ def test_a_model_override_of_the_wrong_type_stops_training(tmp_path, capsys):
 
 
 def test_each_training_command_checks_what_it_needs_and_refuses_what_it_would_ignore():
-    from argonne.config import check_command
+    from argonne.run_config import check_command
 
     sft = load_run_config(None, ["--data.sft=['chat.jsonl']", "--model.init_from='base'"])
     distill = load_run_config(None, ["--data.inputs=['a.parquet']", "--distill.teacher='teacher'"])
@@ -186,3 +189,49 @@ def test_async_tp_names_every_field_it_needs():
     config = load_run_config(None, [INPUTS, "--parallel.async_tp=true", "--parallel.compile=true",
                                     "--parallel.tensor_parallel=2", "--data.seq_len=32"])
     assert config.parallel.async_tp  # CUDA is checked when the model is parallelized
+
+
+def declared_bounds() -> list[tuple[str, str, str, float]]:
+    """(section, field, bound kind, bound) for every bound a run config field declares."""
+    from argonne.run_config import SECTIONS
+
+    return [(section, name, kind, getattr(rule, kind)) for section, cls in SECTIONS.items()
+            for name, info in cls.__pydantic_fields__.items() for rule in info.metadata
+            for kind in ("gt", "ge", "lt", "le") if hasattr(rule, kind)]
+
+
+def test_the_declared_ranges_are_the_39_the_config_always_checked():
+    assert len({(section, name) for section, name, *_ in declared_bounds()}) == 39
+
+
+@pytest.mark.parametrize("section,name,kind,bound", declared_bounds())
+def test_every_declared_bound_is_enforced_and_named(section, name, kind, bound):
+    outside = {"gt": bound, "ge": bound - 1, "lt": bound, "le": bound + 1}[kind]
+    message = run_config_error(f"--{section}.{name}={outside}")
+    assert f"{section}.{name} must be " in message and f"got {outside}" in message
+
+
+def test_sections_check_their_fields_when_built_directly():
+    from pydantic import ValidationError
+
+    from argonne.run_config import DataSection, OptimSection, ParallelSection, RunConfig
+
+    assert type(OptimSection(lr=1).lr) is float
+    with pytest.raises(ValidationError, match="greater than 0"):
+        OptimSection(lr=0)
+    with pytest.raises(ValidationError, match="must not exceed optim.lr"):
+        OptimSection(lr=1e-3, min_lr=1e-2)
+    RunConfig()  # the defaults, without data, build a model and an optimizer (tests and benchmarks do)
+    with pytest.raises(ValidationError, match=r"data.seq_len \(33\) must divide by parallel.tensor_parallel"):
+        RunConfig(data=DataSection(seq_len=33), parallel=ParallelSection(tensor_parallel=2))
+
+
+def test_a_run_config_reads_back_the_json_a_run_writes():
+    import json
+
+    from argonne.run_config import build_run_config
+
+    config = load_run_config(None, [INPUTS, "--optim.lr=1", "--eval.tasks=['hellaswag']",
+                                    "--model.overrides={num_hidden_layers = 2}",
+                                    "--parallel.activation_checkpointing=true", "--eval.limit=0.5"])
+    assert build_run_config(json.loads(json.dumps(config.to_dict()))) == config
