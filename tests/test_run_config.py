@@ -111,6 +111,18 @@ def test_float8_without_torchao_is_refused_before_training(monkeypatch):
     assert "parallel.float8 needs torchao: pip install 'argonne[float8]'" in run_config_error("--parallel.float8=rowwise")
 
 
+def test_tasks_without_lm_eval_are_refused_before_training_and_before_an_evaluation(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    from argonne_cli import main
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    assert "eval.tasks needs lm-eval: pip install 'argonne[eval]'" in run_config_error("--eval.tasks=['piqa']")
+    assert main(["eval", "tasks", str(tmp_path), "--tasks", "piqa"]) == 2
+    assert "benchmark tasks need lm-eval: pip install 'argonne[eval]'" in capsys.readouterr().err
+
+
 def test_unknown_sections_and_fields_suggest_the_close_match():
     assert "[optim] has unknown field(s) ['lrr'] (did you mean 'lr'?)" in run_config_error("--optim.lrr=1")
     assert "unknown section(s) ['trian'] (did you mean 'train'?)" in run_config_error("--trian.steps=1")

@@ -8,6 +8,7 @@ command line (argonne/__main__.py). The library progress bars are switched off o
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -252,6 +253,8 @@ def cmd_eval_tasks(args: argparse.Namespace) -> int:
     if not tasks:
         raise ValueError("--tasks: no task names given")
     output = Output(args.output, FILE, args.overwrite) if args.output else None  # refused before the work
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ValueError("benchmark tasks need lm-eval: pip install 'argonne[eval]' (or lm_eval)")
     from .harness import (ArgonneLM, check_tasks, evaluate_tasks, results_table, task_limit, task_manager,
                           write_results)
 

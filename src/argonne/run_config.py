@@ -242,6 +242,12 @@ class EvalSection:
             raise ValueError(f"eval.limit must be a count (1, 2, ...) or a fraction below 1, got {limit}")
         return limit
 
+    @model_validator(mode="after")
+    def _lm_eval_installed(self):
+        if self.tasks and importlib.util.find_spec("lm_eval") is None:
+            raise ValueError("eval.tasks needs lm-eval: pip install 'argonne[eval]' (or lm_eval)")
+        return self
+
 
 @dataclass(config=SECTION)
 class TrainSection:
