@@ -74,8 +74,8 @@ PRESETS: dict[str, dict] = {
         num_key_value_heads=12,
         head_dim=1296 // 12,
     ),
-    # 493,762,304 parameters: the Qwen2.5-0.5B shape in Argonne 2.0 style, trains on one GPU. It is the "0.5B shape"
-    # of the reference figures in ../shared/reference.
+    # 493,762,304 parameters: the Qwen2.5-0.5B shape in Argonne 2.0 style, trains on one GPU (the "0.5B shape" of
+    # the benchmarks).
     "small": dict(
         _ARGONNE_2_STYLE,
         vocab_size=QWEN_VOCAB_SIZE,

@@ -26,8 +26,8 @@ import torch
 LOSS_CHUNK_LOGITS = 2**26
 LOSS_CHUNK_LOGITS_GPU = 2**28
 # cuBLAS needs leading dimensions that are multiples of 8 half-precision elements for its fast kernels. A vocabulary
-# of 151,665 is not: on an H200 the head's three matmuls fell back to Turing-era "align1" kernels at ~100 TFLOP/s,
-# half of the 0.5B model's step time. On GPUs the head matrix is therefore zero-padded to a multiple of this many
+# of 151,665 is not: the head's three matmuls fall back to slow Turing-era "align1" kernels (half of the 0.5B model's
+# step time on a GPU; benchmarks/RESULTS.md). On GPUs the head matrix is therefore zero-padded to a multiple of this many
 # rows inside the loss (the padded logits are masked out); chunks are a multiple of 128 tokens (whole matmul tiles).
 LOSS_VOCAB_MULTIPLE_GPU = 64
 

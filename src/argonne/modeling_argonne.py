@@ -226,8 +226,8 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, -1)
 
 
-# cuDNN's fused attention needs head_dim % 8 == 0. Argonne 2.0's head_dim 170 otherwise gets only the flash kernel:
-# forward + backward on an H200, 174 TFLOP/s at 170 against 310 with q/k/v zero-padded to 176 (../shared/reference).
+# cuDNN's fused attention needs head_dim % 8 == 0. Argonne 2.0's head_dim 170 otherwise gets only the slower flash
+# kernel; q/k/v are zero-padded to 176 instead (the measurement is in benchmarks/RESULTS.md).
 ATTENTION_HEAD_DIM_MULTIPLE = 8
 
 

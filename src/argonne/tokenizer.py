@@ -66,7 +66,7 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
         # One message rather than transformers' chain of hub tracebacks.
         raise TokenizerError(
             f"could not load tokenizer {name!r}: no such local folder, and the Hugging Face hub did not serve it "
-            f"(offline, or no such repository?); pass a local folder such as ../shared/data/qwen2.5-tokenizer "
+            f"(offline, or no such repository?); pass a local folder saved with save_pretrained "
             f"({_first_line(error)})"
         ) from None
 

@@ -19,8 +19,7 @@ class StopStrings:
 
     Text is detokenized incrementally, as text-generation-inference and vLLM do: each new token is decoded together
     with the tokens of the previous step's piece as context, and the text it adds is appended. Re-decoding the
-    whole row cost O(length) per token (1.3 ms at 4,000 Qwen tokens on one CPU core: slower than the GPU makes
-    tokens); the context keeps tokenizers that drop a word's leading space at the start of a decode (SentencePiece)
+    whole row costs O(length) per token (at a few thousand tokens, longer than the GPU takes to make one); the context keeps tokenizers that drop a word's leading space at the start of a decode (SentencePiece)
     exact. A piece that ends in half a UTF-8 character waits for the token that completes it."""
 
     def __init__(self, tokenizer, rows: int, stop: Sequence[str], eos_ids: list[int], stream=None):
