@@ -254,6 +254,8 @@ def test_a_validation_error_names_each_problem_and_where_it_lies(server):
     assert code == 400 and reply["error"]["param"] == "temperature"  # the first; the message lists them all
     assert [problem.split(":")[0] for problem in reply["error"]["message"].split("; ")] == [
         "temperature", "top_p", "stop.1"]
+    code, reply = raw_post(server, "/v1/chat/completions", json.dumps({"messages": [5] * 100_000}).encode())
+    assert code == 400 and reply["error"]["message"].count("messages.") == 1  # the first bad message ends the check
 
 
 def test_request_schemas_read_nulls_as_absent_and_refuse_lookalikes():

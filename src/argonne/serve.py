@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import os
+import reprlib
 import signal
 import threading
 import time
@@ -136,8 +137,9 @@ class RequireApiKey:
 
 
 def _show(value) -> str:
-    """A value for an error message: its repr, shortened (a request may send megabytes)."""
-    text = repr(value)
+    """A value for an error message: its repr, shortened (a request may send megabytes; a list of them is not
+    written whole)."""
+    text = reprlib.repr(value) if isinstance(value, (list, dict)) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -243,9 +245,9 @@ async def read_request(http: Request, schema: type[GenerationRequest]) -> Genera
     """The body, checked whole: its size, its JSON, its fields against `schema`, and the model it names."""
     state = http.app.state
     body = parse_json(await read_body(http, state.limits.max_body_bytes))
-    try:
-        request = schema.model_validate(body, context={"limits": state.limits,
-                                                       "vocab_size": state.engine.config.vocab_size})
+    context = {"limits": state.limits, "vocab_size": state.engine.config.vocab_size}
+    try:  # in a worker thread, as tokenizing: validating 10^4 messages takes a while
+        request = await asyncio.to_thread(schema.model_validate, body, context=context)
     except ValidationError as error:  # the request's fault here, unlike a ValidationError anywhere else
         raise RequestValidationError(error.errors(include_url=False)) from None
     if request.model not in (None, state.model_name):

@@ -165,7 +165,7 @@ class CompletionRequest(GenerationRequest):
 
 
 class ChatRequest(GenerationRequest):
-    messages: Annotated[list[Message], Field(min_length=1)]
+    messages: Annotated[list[Message], Field(min_length=1, fail_fast=True)]  # a 1 MiB list: one problem, not 10^5
     max_completion_tokens: Annotated[Integer, Field(ge=1)] | None = None  # OpenAI's current name for max_tokens
     logprobs: bool = False
     top_logprobs: Annotated[Integer, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
