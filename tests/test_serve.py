@@ -19,12 +19,14 @@ import openai
 import pytest
 import uvicorn
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from argonne import cli, load_tokenizer
 from argonne.chat import render
 from argonne.inference.engine import Engine, EngineRequest, EngineSettings
 from argonne.inference.sampling import SamplingParams
 from argonne.serve import API_KEY_ENV, ServerLimits, build_app
+from argonne.server_schemas import ChatRequest, CompletionRequest
 
 from .conftest import SAMPLE_TOKENIZER, free_port, small_model
 
@@ -137,14 +139,15 @@ def test_concurrent_requests_do_not_corrupt_each_other(client, generator):
         assert list(pool.map(ask, range(6))) == expected
 
 
-def raw_post(server, path, body: bytes, key=KEY):
+def raw_post(server, path, body: bytes, key=KEY, parse=True):
     request = urllib.request.Request(f"{server}{path}", data=body, method="POST",
                                      headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+    read = json.loads if parse else bytes.decode
     try:
         with urllib.request.urlopen(request) as response:
-            return response.status, json.loads(response.read())
+            return response.status, read(response.read())
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        return error.code, read(error.read())
 
 
 @pytest.mark.parametrize(
@@ -239,6 +242,66 @@ def test_bad_chat_requests_get_4xx_json_errors(server, body, param):
     code, reply = raw_post(server, "/v1/chat/completions", json.dumps(body).encode())
     assert code == 400, reply
     assert reply["error"]["param"] == param
+
+
+def test_a_validation_error_names_each_problem_and_where_it_lies(server):
+    messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": 5}]
+    code, reply = raw_post(server, "/v1/chat/completions", json.dumps({"messages": messages}).encode())
+    assert code == 400 and reply["error"]["param"] == "messages"  # the parameter sent, as OpenAI names it
+    assert reply["error"]["message"].startswith("messages.1.content: ") and "got 5" in reply["error"]["message"]
+    body = {"prompt": "hi", "temperature": -1, "top_p": 2, "stop": ["a", ""]}
+    code, reply = raw_post(server, "/v1/completions", json.dumps(body).encode())
+    assert code == 400 and reply["error"]["param"] == "temperature"  # the first; the message lists them all
+    assert [problem.split(":")[0] for problem in reply["error"]["message"].split("; ")] == [
+        "temperature", "top_p", "stop.1"]
+    code, reply = raw_post(server, "/v1/chat/completions", json.dumps({"messages": [5] * 100_000}).encode())
+    assert code == 400 and reply["error"]["message"].count("messages.") == 1  # the first bad message ends the check
+
+
+def test_request_schemas_read_nulls_as_absent_and_refuse_lookalikes():
+    context = {"limits": ServerLimits(max_tokens=32), "vocab_size": 100}
+    request = CompletionRequest.model_validate(
+        {"prompt": [1, 2], "temperature": None, "max_tokens": 16.0, "logprobs": False, "echo": False, "user": "me"},
+        context=context)
+    assert (request.prompt, request.temperature, request.max_tokens, request.top_logprobs_wanted()) == (
+        [[1, 2]], 1.0, 16, None)
+    for field, lookalike in [("max_tokens", "16"), ("max_tokens", True), ("max_tokens", 16.5), ("max_tokens", 33),
+                             ("stream", 1), ("temperature", "0.5"), ("prompt", [1, 100])]:
+        with pytest.raises(ValidationError) as refused:
+            CompletionRequest.model_validate({"prompt": "hi", field: lookalike}, context=context)
+        assert [problem["loc"][0] for problem in refused.value.errors()] == [field]
+    chat = ChatRequest.model_validate({"messages": [{"role": "user", "content": "hi", "name": "x"}],
+                                       "max_tokens": 5, "max_completion_tokens": 7}, context=context)
+    assert chat.asked_max_tokens() == ("max_completion_tokens", 7)  # OpenAI's current name wins
+
+
+def raw_events(server, path, body: dict) -> list[dict]:
+    status, text = raw_post(server, path, json.dumps(body).encode(), parse=False)
+    assert status == 200, text
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+def test_answers_have_openai_fields_null_or_absent_as_its_clients_expect(server):
+    chat = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3, "temperature": 0}
+    code, whole = raw_post(server, "/v1/chat/completions", json.dumps(chat).encode())
+    assert list(whole) == ["id", "object", "created", "model", "choices", "usage"]
+    assert whole["object"] == "chat.completion"
+    assert list(whole["choices"][0]) == ["index", "message", "logprobs", "finish_reason"]
+    assert whole["choices"][0]["logprobs"] is None and whole["choices"][0]["message"]["role"] == "assistant"
+    chunks = raw_events(server, "/v1/chat/completions", {**chat, "stream": True,
+                                                         "stream_options": {"include_usage": True}})
+    assert {chunk["object"] for chunk in chunks} == {"chat.completion.chunk"}
+    assert all(chunk["usage"] is None for chunk in chunks[:-1]) and chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == whole["usage"]
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks[:-1]]
+    assert list(deltas[0]) == ["role", "content"] and all("role" not in delta for delta in deltas[1:])
+    assert [chunk["choices"][0]["finish_reason"] for chunk in chunks[:-1]][-1] == "length"
+    text = {"prompt": "The database", "max_tokens": 3, "temperature": 0, "stream": True}
+    chunks = raw_events(server, "/v1/completions", text)
+    assert all("usage" not in chunk and chunk["object"] == "text_completion" for chunk in chunks)  # absent, not null
+    assert [list(chunk["choices"][0]) for chunk in chunks] == [["index", "text", "logprobs", "finish_reason"]] * 3
 
 
 def test_a_tiny_temperature_decodes_greedily(client, generator):

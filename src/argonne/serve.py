@@ -2,14 +2,17 @@
 
 Routes: /v1/completions, /v1/chat/completions (`stream: true` sends server-sent events), /v1/models, /health and
 /metrics (Prometheus' text format). Every request is checked whole before anything is queued: its size
-(`max_body_bytes`, from Content-Length or while a chunked body arrives), its JSON, and each parameter's type and range.
-Tokenizing and rendering the chat template run in worker threads, so a long prompt never stalls the event loop.
+(`max_body_bytes`, from Content-Length or while a chunked body arrives), its JSON, and its fields against the route's
+schema (server_schemas.py: each field's type and range declared on it). Tokenizing and rendering the chat template run
+in worker threads, so a long prompt never stalls the event loop.
 Generation is the engine's (inference/engine.py: continuous batching, its own thread); this module only turns HTTP
 into engine requests and updates into OpenAI's objects. When the engine's queue is full a request gets 429 with `Retry-After`;
 a client that closes its stream or hangs up has its sequences cancelled, freeing their rows and blocks at the next step.
 Bad requests get a 4xx JSON error in OpenAI's shape ({"error": {"message", "type", "param", "code"}}, `param` naming
 the parameter); a bug in the server answers 500 in the same shape.
 With an API key (`--api-key` or ARGONNE_API_KEY) every route but /health needs `Authorization: Bearer <key>`.
+The app's routes and handlers are module-level functions; what they share lives in app.state (engine, model_name,
+limits, stats, metrics, handoff, created).
 """
 
 from __future__ import annotations
@@ -18,46 +21,33 @@ import asyncio
 import hmac
 import json
 import logging
-import math
 import os
+import reprlib
 import signal
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2.exceptions import TemplateError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect
 
 from .chat import end_of_turn_ids, render
-from .inference.engine import (MAX_TOP_LOGPROBS, Engine, EngineRequest, EngineSettings, EngineStopped, QueueFull, Timing,
-                     Update)
-from .inference.sampling import Completion, SamplingParams, TokenLogprob
+from .inference.engine import Engine, EngineRequest, EngineSettings, EngineStopped, QueueFull, Timing
+from .inference.sampling import Completion, SamplingParams
 from .server_metrics import ServerMetrics
+from .server_schemas import ChatAnswer, ChatRequest, CompletionAnswer, CompletionRequest, GenerationRequest, usage
 
 API_KEY_ENV = "ARGONNE_API_KEY"
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions (chat's is "as many as fit")
-GREEDY_BELOW = 1e-5
-"""Temperatures below this decode greedily (vLLM's rule): logits divided by less than ~1e-37 overflow float32 to inf,
-which sampling cannot take."""
-REPETITION_PENALTY_RANGE = (0.01, 100.0)
-"""1 is no penalty. Positive logits are divided by the penalty: one near 0 would overflow them to inf."""
-SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
-MAX_STOP_STRINGS = 4  # OpenAI's limit
-MAX_STOP_LENGTH = 1000
-"""Characters in one stop string: the engine's thread checks, at every token of the request, whether the text ends in
-the start of one (a cost that grows with its length squared, paid by every request sharing the batch)."""
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
-ROLES = ("system", "user", "assistant")
-PROMPT_FORMS = "a string, a list of strings, a list of token ids or a list of lists of token ids"
-UNSUPPORTED = {"echo": False, "best_of": 1, "suffix": "", "tools": []}
-"""Fields this server cannot honour, each with the value that asks for nothing (null does too): anything else is
-refused rather than silently ignored. Other fields OpenAI defines (user, presence_penalty, ...) are ignored."""
+PROBLEMS_SHOWN = 3  # in one error message: a thousand bad messages need not be described a thousand times
 
 log = logging.getLogger(__name__)
 
@@ -146,200 +136,40 @@ class RequireApiKey:
         return await self.app(scope, receive, send)
 
 
-# Reading one parameter: null or absent gives the default; a wrong type or a value out of range is a 400 naming it.
-
 def _show(value) -> str:
-    """A value for an error message: its repr, shortened (a request may send megabytes)."""
-    text = repr(value)
+    """A value for an error message: its repr, shortened (a request may send megabytes; a list of them is not
+    written whole)."""
+    text = reprlib.repr(value) if isinstance(value, (list, dict)) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _is_integer(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    # An int is finite however large; math.isfinite would overflow converting a huge one to float.
-    finite = _is_integer(value) or (isinstance(value, float) and math.isfinite(value))
-    if not finite or not (low < value if low_open else low <= value) or value > high:
-        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise RequestError(400, f"{name} must be a number in {bounds}, got {_show(value)}", name)
-    return float(value)
-
-
-def integer(body: dict, name: str, default: int | None, low: int, high: int | None = None) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # 16.0: what some JSON writers make of 16
-    if not _is_integer(value) or value < low or (high is not None and value > high):
-        bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
-        raise RequestError(400, f"{name} must be an integer {bounds}, got {_show(value)}", name)
-    return value
-
-
-def boolean(body: dict, name: str, default: bool = False) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise RequestError(400, f"{name} must be true or false, got {_show(value)}", name)
-    return value
-
-
-def check_text(text: str, param: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate ("\ud800"): valid JSON, but no tokenizer takes it
-        raise RequestError(400, f"{param} holds a character that is not valid Unicode (a lone surrogate)", param)
-
-
-def stop_strings(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    stop = [] if stop in (None, "") else [stop] if isinstance(stop, str) else stop
-    if (not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_LENGTH for s in stop)):
-        raise RequestError(400, f"stop must be a string or a list of up to {MAX_STOP_STRINGS} strings of 1 to "
-                           f"{MAX_STOP_LENGTH} characters, got {_show(body.get('stop'))}", "stop")
-    return tuple(stop)
-
-
-def refuse_unsupported(body: dict) -> None:
-    for name, off in UNSUPPORTED.items():
-        if body.get(name) not in (None, off):
-            raise RequestError(400, f"{name} is not supported by this server (got {_show(body[name])}; leave it out)",
-                               name)
-
-
-@dataclass
-class GenerationRequest:
-    """A request's generation settings, checked; max_new_tokens is set per prompt once its length is known."""
-
-    params: SamplingParams
-    max_tokens: int | None
-    """As asked; None: `default_max_tokens`, clipped to what fits the context."""
-    default_max_tokens: int
-    max_tokens_param: str
-    stream: bool
-    include_usage: bool
-    n: int = 1
-    """Choices per prompt; choice j > 0 samples with seed + j when a seed is given."""
-    top_logprobs: int | None = None
-    """None: no logprobs; k: each token's logprob and the k most likely tokens'."""
-
-    def choice_params(self, params: SamplingParams, choice: int) -> SamplingParams:
-        if choice == 0 or params.seed is None:
-            return params
-        return replace(params, seed=(params.seed + choice) % 2**64)
-
-
-def read_logprobs(body: dict, chat: bool) -> int | None:
-    """Chat: `logprobs: true` and `top_logprobs` k; completions: `logprobs` k (OpenAI's two forms)."""
-    if not chat:
-        return None if body.get("logprobs") is False else integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
-    wanted = boolean(body, "logprobs")
-    top = integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
-    if top is not None and not wanted:
-        raise RequestError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    return (top or 0) if wanted else None
-
-
-def read_generation(body: dict, limits: ServerLimits, chat: bool, vocab_size: int) -> GenerationRequest:
-    refuse_unsupported(body)
-    # Chat takes max_completion_tokens (OpenAI's current name) or max_tokens; the first wins when both are given.
-    asked = {name: integer(body, name, None, 1, limits.max_tokens)
-             for name in (("max_completion_tokens", "max_tokens") if chat else ("max_tokens",))}
-    max_tokens_param, max_tokens = next(((k, v) for k, v in asked.items() if v is not None), ("max_tokens", None))
-    n = integer(body, "n", 1, 1, limits.max_prompts)
-    temperature = number(body, "temperature", 1.0, 0, 2)
-    params = SamplingParams(
-        max_new_tokens=1,  # set per prompt (fit_prompt)
-        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
-        # Any top_p <= 1/vocab keeps only the most likely token (whose probability is at least 1/vocab); below
-        # float32's range (1e-300) the sampler would read it as 0 and keep nothing.
-        top_p=max(number(body, "top_p", 1.0, 0, 1, low_open=True), 1 / vocab_size),
-        top_k=max(0, integer(body, "top_k", 0, -1)),  # -1 is vLLM's "all tokens", as 0 is ours
-        repetition_penalty=number(body, "repetition_penalty", 1.0, *REPETITION_PENALTY_RANGE),
-        stop=stop_strings(body),
-        seed=integer(body, "seed", None, *SEED_RANGE),
-    )
-    stream = boolean(body, "stream")
-    options = body.get("stream_options")
-    if options is not None and not stream:
-        raise RequestError(400, "stream_options is only allowed with stream: true", "stream_options")
-    if options is not None and not (isinstance(options, dict)
-                                    and isinstance(options.get("include_usage"), (bool, type(None)))):
-        raise RequestError(400, f"stream_options must be {{include_usage: true|false}}, got {_show(options)}",
-                           "stream_options")
-    include_usage = bool(options and options.get("include_usage"))
-    default = limits.max_tokens if chat else min(COMPLETIONS_DEFAULT_MAX_TOKENS, limits.max_tokens)
-    return GenerationRequest(params, max_tokens, default, max_tokens_param, stream, include_usage, n,
-                             read_logprobs(body, chat))
-
-
-def read_prompts(body: dict, vocab_size: int, max_prompts: int) -> list[str | list[int]]:
-    """`prompt` in any of OpenAI's forms, as a list of prompts (texts or token ids)."""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(map(_is_integer, prompt))):
-        prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, (str, list)) for p in prompt):
-        prompts = prompt
-    else:
-        raise RequestError(400, f"prompt must be {PROMPT_FORMS}, got {_show(prompt)}", "prompt")
-    if len(prompts) > max_prompts:
-        raise RequestError(400, f"prompt lists {len(prompts)} prompts; this server takes at most {max_prompts} in "
-                           "one request", "prompt")
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            check_text(prompt, "prompt")
-        elif not prompt or not all(_is_integer(t) and 0 <= t < vocab_size for t in prompt):
-            raise RequestError(400, f"a prompt of token ids must be a non-empty list of integers in "
-                               f"[0, {vocab_size}), got {_show(prompt)}", "prompt")
-    return prompts
-
-
-def read_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if (not isinstance(messages, list) or not messages
-            or not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
-                       for m in messages)):
-        raise RequestError(400, f"messages must be a non-empty list of {{role: {'|'.join(ROLES)}, content: string}}",
-                           "messages")
-    for message in messages:
-        check_text(message["content"], "messages")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def read_model(body: dict, model_name: str) -> None:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise RequestError(400, f"model must be a string, got {_show(model)}", "model")
-    if model not in (None, model_name):
-        raise RequestError(404, f"model {_show(model)} does not exist; this server serves {model_name!r}", "model",
-                           "model_not_found")
-
-
-def fit_prompt(ids: list[int], request: GenerationRequest, limits: ServerLimits, context: int,
-               param: str) -> SamplingParams:
-    """The prompt's sampling settings, max_new_tokens set to what was asked, or by default to what fits."""
-    if not ids:
-        raise RequestError(400, "the prompt is empty", param)
-    if len(ids) > limits.max_prompt_tokens:
-        raise RequestError(400, f"the prompt has {len(ids)} tokens; this server accepts at most "
-                           f"{limits.max_prompt_tokens}", param, "context_length_exceeded")
-    room = context - len(ids)
-    if request.max_tokens is None and room < 1:
-        raise RequestError(400, f"the prompt ({len(ids)} tokens) fills the context window of {context} tokens, "
-                           "leaving no room for a completion", param, "context_length_exceeded")
-    if request.max_tokens is not None and request.max_tokens > room:
-        raise RequestError(400, f"the prompt ({len(ids)} tokens) plus {request.max_tokens_param} "
-                           f"({request.max_tokens}) exceeds the context window of {context} tokens", param,
-                           "context_length_exceeded")
-    return replace(request.params, max_new_tokens=request.max_tokens or min(request.default_max_tokens, room))
+def plan_choices(prompts: list[list[int]], request: GenerationRequest, params: SamplingParams, limits: ServerLimits,
+                 context: int, param: str) -> list[tuple[list[int], SamplingParams]]:
+    """One engine job per choice, in OpenAI's order (each prompt's n choices together; choice j > 0 samples with
+    seed + j when a seed is given). max_new_tokens is what was asked, or by default what fits."""
+    if len(prompts) * request.n > limits.max_prompts:
+        raise RequestError(400, f"{len(prompts)} prompts x n = {request.n} asks for {len(prompts) * request.n} "
+                           f"choices; this server makes at most {limits.max_prompts} per request", "n")
+    max_tokens_param, max_tokens = request.asked_max_tokens()
+    jobs = []
+    for ids in prompts:
+        if not ids:
+            raise RequestError(400, "the prompt is empty", param)
+        if len(ids) > limits.max_prompt_tokens:
+            raise RequestError(400, f"the prompt has {len(ids)} tokens; this server accepts at most "
+                               f"{limits.max_prompt_tokens}", param, "context_length_exceeded")
+        room = context - len(ids)
+        if max_tokens is None and room < 1:
+            raise RequestError(400, f"the prompt ({len(ids)} tokens) fills the context window of {context} tokens, "
+                               "leaving no room for a completion", param, "context_length_exceeded")
+        if max_tokens is not None and max_tokens > room:
+            raise RequestError(400, f"the prompt ({len(ids)} tokens) plus {max_tokens_param} ({max_tokens}) exceeds "
+                               f"the context window of {context} tokens", param, "context_length_exceeded")
+        default = min(request.default_max_tokens or limits.max_tokens, limits.max_tokens, room)
+        fitted = replace(params, max_new_tokens=max_tokens or default)
+        jobs += [(ids, fitted if j == 0 or fitted.seed is None else replace(fitted, seed=(fitted.seed + j) % 2**64))
+                 for j in range(request.n)]
+    return jobs
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -370,86 +200,6 @@ def parse_json(raw: bytes) -> dict:
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object", code="invalid_json")
     return body
-
-
-class CompletionAnswer:
-    """OpenAI's text_completion objects, whole and as stream chunks."""
-
-    prefix, object, chunk_object = "cmpl", "text_completion", "text_completion"
-
-    def __init__(self, model_name: str, tokenizer):
-        self.id, self.model, self.created = f"{self.prefix}-{uuid.uuid4().hex}", model_name, int(time.time())
-        self.tokenizer = tokenizer
-        self.offsets: dict[int, int] = {}  # per choice: where the next token's text starts (text_offset)
-
-    def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
-
-    def logprobs(self, index: int, entries: list[TokenLogprob] | None) -> dict | None:
-        """The legacy completions form: tokens, token_logprobs, top_logprobs ({token: logprob}), text_offset."""
-        if entries is None:
-            return None
-        block = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for entry in entries:
-            text = self.token_text(entry.token)
-            block["tokens"].append(text)
-            block["token_logprobs"].append(entry.logprob)
-            block["top_logprobs"].append({self.token_text(t): lp for t, lp in entry.top})
-            block["text_offset"].append(self.offsets.get(index, 0))
-            self.offsets[index] = self.offsets.get(index, 0) + len(text)
-        return block
-
-    def choice(self, index: int, completion: Completion) -> dict:
-        return {"index": index, "text": completion.text, "logprobs": self.logprobs(index, completion.logprobs),
-                "finish_reason": completion.finish_reason}
-
-    def chunk_choice(self, index: int, update: Update, first: bool, with_logprobs: bool) -> dict:
-        finish = update.completion.finish_reason if update.completion else None
-        return {"index": index, "text": update.text,
-                "logprobs": self.logprobs(index, update.logprobs) if with_logprobs else None, "finish_reason": finish}
-
-    def head(self, kind: str) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-    def whole(self, completions: list[Completion], prompt_tokens: int) -> dict:
-        choices = [self.choice(i, c) for i, c in enumerate(completions)]
-        return {**self.head(self.object), "choices": choices, "usage": usage(prompt_tokens, completions)}
-
-    def chunk(self, choices: list[dict], **extra) -> dict:
-        return {**self.head(self.chunk_object), "choices": choices, **extra}
-
-
-class ChatAnswer(CompletionAnswer):
-    """OpenAI's chat.completion objects; a stream's first chunk carries the role."""
-
-    prefix, object, chunk_object = "chatcmpl", "chat.completion", "chat.completion.chunk"
-
-    def entry(self, token: int, logprob: float) -> dict:
-        text = self.token_text(token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
-
-    def logprobs(self, index: int, entries: list[TokenLogprob] | None) -> dict | None:
-        if entries is None:
-            return None
-        return {"content": [{**self.entry(e.token, e.logprob), "top_logprobs": [self.entry(t, lp) for t, lp in e.top]}
-                            for e in entries]}
-
-    def choice(self, index: int, completion: Completion) -> dict:
-        return {"index": index, "message": {"role": "assistant", "content": completion.text},
-                "logprobs": self.logprobs(index, completion.logprobs), "finish_reason": completion.finish_reason}
-
-    def chunk_choice(self, index: int, update: Update, first: bool, with_logprobs: bool) -> dict:
-        piece = update.text
-        delta = {"role": "assistant", "content": piece} if first else {"content": piece} if piece else {}
-        return {"index": index, "delta": delta,
-                "logprobs": self.logprobs(index, update.logprobs) if with_logprobs else None,
-                "finish_reason": update.completion.finish_reason if update.completion else None}
-
-
-def usage(prompt_tokens: int, completions: list[Completion]) -> dict:
-    completion_tokens = sum(c.token_count for c in completions)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def sse(data: dict | str) -> str:
@@ -489,182 +239,221 @@ def failure_body(completion: Completion) -> dict:
     return _error_body(500, ENGINE_FAILED)
 
 
-def build_app(engine: Engine, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None):
-    """The app in front of `engine`. Its lifespan starts the engine's thread if it is not running, and at shutdown
-    stops what it started (cancelling what still runs)."""
+# --- The app: routes and handlers at module level, the state in app.state -------------------------------------------
+
+async def read_request(http: Request, schema: type[GenerationRequest]) -> GenerationRequest:
+    """The body, checked whole: its size, its JSON, its fields against `schema`, and the model it names."""
+    state = http.app.state
+    body = parse_json(await read_body(http, state.limits.max_body_bytes))
+    context = {"limits": state.limits, "vocab_size": state.engine.config.vocab_size}
+    try:  # in a worker thread, as tokenizing: validating 10^4 messages takes a while
+        request = await asyncio.to_thread(schema.model_validate, body, context=context)
+    except ValidationError as error:  # the request's fault here, unlike a ValidationError anywhere else
+        raise RequestValidationError(error.errors(include_url=False)) from None
+    if request.model not in (None, state.model_name):
+        raise RequestError(404, f"model {_show(request.model)} does not exist; this server serves "
+                           f"{state.model_name!r}", "model", "model_not_found")
+    return request
+
+
+async def respond(http: Request, prompts: list[list[int]], params: SamplingParams, request: GenerationRequest,
+                  answer: CompletionAnswer, param: str):
+    """The prompts' choices queued in the engine (all or none), answered whole or streamed."""
+    state, updates = http.app.state, asyncio.Queue()  # (choice index, Update), from the engine's thread
+    state.handoff.loop = asyncio.get_running_loop()
+
+    def sink(index: int):
+        return lambda update: state.handoff.put(updates, (index, update))
+
+    jobs = plan_choices(prompts, request, params, state.limits, state.engine.max_len, param)
+    try:
+        handles = state.engine.submit([EngineRequest(ids, choice_params, request.top_logprobs_wanted(), sink(i))
+                                       for i, (ids, choice_params) in enumerate(jobs)])
+    except QueueFull as full:
+        state.metrics.rejected.inc()
+        raise RequestError(429, f"{full}; the queue holds {state.engine.settings.max_queue} requests "
+                           "(argonne serve --max-queue)", code="queue_full",
+                           headers={"Retry-After": str(full.retry_after)})
+    except EngineStopped:
+        raise RequestError(503, "the server is shutting down", code="shutting_down")
+    except ValueError as error:  # what the engine cannot take and the schema let through
+        raise RequestError(400, str(error))
+    prompt_tokens = sum(map(len, prompts))
+    if request.stream:
+        return StreamingResponse(events(handles, updates, answer, request, prompt_tokens),
+                                 media_type="text/event-stream")
+    completions = await wait_for_all(handles, updates, http)
+    failed = [c for c in completions if c.finish_reason == "error"]
+    if failed:
+        return JSONResponse(failure_body(failed[0]), 500)
+    return JSONResponse(answer.whole(completions, prompt_tokens))
+
+
+def cancel_all(handles) -> None:
+    for handle in handles:
+        handle.cancel()
+
+
+async def wait_for_all(handles, updates: asyncio.Queue, http: Request) -> list[Completion]:
+    """Each choice's Completion. A client that hangs up meanwhile frees its slots at the next step."""
+    completions: list[Completion | None] = [None] * len(handles)
+    loop = asyncio.get_running_loop()
+    check_at = loop.time() + DISCONNECT_POLL_S
+    try:
+        while None in completions:
+            try:
+                index, update = await asyncio.wait_for(updates.get(), max(0.0, check_at - loop.time()))
+                completions[index] = update.completion
+            except asyncio.TimeoutError:
+                pass
+            if loop.time() >= check_at:
+                if await http.is_disconnected():
+                    cancel_all(handles)
+                check_at = loop.time() + DISCONNECT_POLL_S
+    finally:
+        cancel_all(handles)  # (nothing, once all have ended)
+    return completions
+
+
+async def events(handles, updates: asyncio.Queue, answer: CompletionAnswer, request: GenerationRequest,
+                 prompt_tokens: int) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per update that adds something, then with include_usage OpenAI's last chunk (no
+    choices, the whole request's usage), then [DONE]."""
+    completions: list[Completion | None] = [None] * len(handles)
+    with_logprobs = request.top_logprobs_wanted() is not None
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
+    started = set()
+    try:
+        while None in completions:
+            index, update = await updates.get()
+            if update.completion and update.completion.finish_reason == "error":
+                yield sse(failure_body(update.completion))
+                break
+            if update.text or update.logprobs or update.completion or index not in started:
+                choice = answer.choice(index, update.text, update.logprobs if with_logprobs else None,
+                                       update.completion.finish_reason if update.completion else None,
+                                       first_chunk=index not in started)
+                yield sse(answer.chunk([choice], **({"usage": None} if include_usage else {})))
+                started.add(index)
+            completions[index] = update.completion
+        else:
+            if include_usage:
+                yield sse(answer.chunk([], usage=usage(prompt_tokens, completions)))
+    finally:
+        # Also when the client went away (Starlette cancels this stream): its sequences end at the next step.
+        cancel_all(handles)
+    yield sse("[DONE]")
+
+
+routes = APIRouter()
+
+
+@routes.get("/health")
+async def health(http: Request):
+    if not http.app.state.engine.running:  # (its thread ended: shut down, or a bug it could not survive)
+        return JSONResponse({"status": "engine stopped"}, 503)
+    return {"status": "ok"}
+
+
+@routes.get("/metrics")
+async def prometheus_metrics(http: Request):
+    return Response(http.app.state.metrics.exposition(), media_type=http.app.state.metrics.content_type)
+
+
+@routes.get("/v1/models")
+async def models(http: Request):
+    state = http.app.state
+    return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                         "owned_by": "argonne"}]}
+
+
+def encode(tokenizer, prompts: list[str | list[int]]) -> list[list[int]]:
+    return [tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts]
+
+
+@routes.post("/v1/completions")
+async def completions(http: Request):
+    engine, request = http.app.state.engine, await read_request(http, CompletionRequest)
+    ids = await asyncio.to_thread(encode, engine.tokenizer, request.prompt)  # off the event loop: it takes a while
+    return await respond(http, ids, request.sampling_params(engine.config.vocab_size), request,
+                         CompletionAnswer(http.app.state.model_name, engine.tokenizer), "prompt")
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(http: Request):
+    engine, request = http.app.state.engine, await read_request(http, ChatRequest)
+    try:
+        ids = await asyncio.to_thread(render, engine.tokenizer, [m.model_dump() for m in request.messages])
+    except TemplateError as error:  # a template may refuse a conversation (roles that do not alternate, ...)
+        raise RequestError(400, f"the chat template refused these messages: {error}", "messages")
+    params = replace(request.sampling_params(engine.config.vocab_size),
+                     stop_token_ids=tuple(end_of_turn_ids(engine.tokenizer)))
+    return await respond(http, [ids], params, request, ChatAnswer(http.app.state.model_name, engine.tokenizer),
+                         "messages")
+
+
+def describe(problem: dict) -> str:
+    """One of pydantic's validation problems: where (dotted: messages.0.content), what is wrong, the value sent."""
+    where = ".".join(map(str, problem["loc"]))
+    what = str(problem["ctx"]["error"]) if problem["type"] == "value_error" else problem["msg"]
+    return f"{where}: {what}" if problem["type"] == "missing" else f"{where}: {what} (got {_show(problem['input'])})"
+
+
+async def answer_invalid_request(_, error: RequestValidationError) -> JSONResponse:
+    """400 naming, as `param`, the parameter of the first problem (messages for messages.0.content), and describing
+    each problem in the message."""
+    problems = error.errors()
+    message = "; ".join(map(describe, problems[:PROBLEMS_SHOWN]))
+    if len(problems) > PROBLEMS_SHOWN:
+        message += f"; and {len(problems) - PROBLEMS_SHOWN} more"
+    return JSONResponse(_error_body(400, message, problems[0]["loc"][0] if problems[0]["loc"] else None), 400)
+
+
+async def answer_request_error(_, error: RequestError) -> JSONResponse:
+    return JSONResponse(_error_body(error.status, error.message, error.param, error.code), error.status,
+                        headers=error.headers)
+
+
+async def answer_http_error(http: Request, error: HTTPException) -> JSONResponse:
+    message = {404: f"no route {http.method} {http.url.path}; this server has POST /v1/completions, "
+                    "POST /v1/chat/completions, GET /v1/models, GET /metrics and GET /health",
+               405: f"{http.url.path} does not take {http.method}"}.get(error.status_code, error.detail)
+    return JSONResponse(_error_body(error.status_code, message), error.status_code, headers=error.headers)
+
+
+async def answer_server_error(_, error: Exception) -> JSONResponse:
+    # A bug, not a bad request (those are RequestErrors and validation errors): the traceback goes to the log
+    # (Starlette re-raises it after this answer), the client gets OpenAI's shape.
+    return JSONResponse(_error_body(500, f"internal server error ({type(error).__name__})"), 500)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    """Starts the engine's thread if it is not running, and at shutdown stops what it started (cancelling what
+    still runs)."""
+    engine = app.state.engine
+    started = not engine.running
+    if started:
+        engine.start()
+    yield
+    if started:  # uvicorn has let the requests in flight finish, or cancelled them after --drain-timeout
+        await asyncio.to_thread(engine.shutdown, True)
+
+
+def build_app(engine: Engine, model_name: str, api_key: str | None = None,
+              limits: ServerLimits | None = None) -> FastAPI:
+    """The app in front of `engine`: routes, error handlers, the API key's middleware and the shared state."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty; pass None to serve without authentication")
-    limits = limits or ServerLimits()
-    stats, metrics, handoff = ServerStats(), ServerMetrics(engine), Handoff()
-    engine.listeners += [stats.add, metrics.observe]
-
-    @asynccontextmanager
-    async def lifespan(_):
-        started = not engine.running
-        if started:
-            engine.start()
-        yield
-        if started:  # uvicorn has let the requests in flight finish, or cancelled them after --drain-timeout
-            await asyncio.to_thread(engine.shutdown, True)
-
-    app = FastAPI(title="Argonne", description="OpenAI-compatible API for an Argonne model", lifespan=lifespan)
-    app.state.stats, app.state.engine, app.state.metrics = stats, engine, metrics
-    context, vocab_size = engine.max_len, engine.config.vocab_size
-    created = int(time.time())
-    if api_key is not None:
-        app.add_middleware(RequireApiKey, api_key=api_key)
-
-    @app.exception_handler(RequestError)
-    async def request_error(_, error: RequestError):
-        return JSONResponse(_error_body(error.status, error.message, error.param, error.code), error.status,
-                            headers=error.headers)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, error: HTTPException):
-        message = {404: f"no route {request.method} {request.url.path}; this server has POST /v1/completions, "
-                        "POST /v1/chat/completions, GET /v1/models, GET /metrics and GET /health",
-                   405: f"{request.url.path} does not take {request.method}"}.get(error.status_code, error.detail)
-        return JSONResponse(_error_body(error.status_code, message), error.status_code, headers=error.headers)
-
-    @app.exception_handler(Exception)
-    async def server_error(_, error: Exception):
-        # A bug, not a bad request (those are all RequestErrors): the traceback goes to the log (Starlette re-raises
-        # it after this answer), the client gets OpenAI's shape.
-        return JSONResponse(_error_body(500, f"internal server error ({type(error).__name__})"), 500)
-
-    async def read_json(request: Request) -> dict:
-        body = parse_json(await read_body(request, limits.max_body_bytes))
-        read_model(body, model_name)
-        return body
-
-    def submit(jobs: list[tuple[list[int], SamplingParams]], top_logprobs: int | None):
-        """The jobs (one per choice) queued in the engine, all or none; their updates arrive on the returned
-        asyncio queue as (choice index, Update)."""
-        handoff.loop, updates = asyncio.get_running_loop(), asyncio.Queue()
-
-        def sink(index: int):
-            return lambda update: handoff.put(updates, (index, update))
-
-        requests = [EngineRequest(ids, params, top_logprobs, sink(i)) for i, (ids, params) in enumerate(jobs)]
-        try:
-            return engine.submit(requests), updates
-        except QueueFull as full:
-            metrics.rejected.inc()
-            raise RequestError(429, f"{full}; the queue holds {engine.settings.max_queue} requests "
-                               "(argonne serve --max-queue)", code="queue_full",
-                               headers={"Retry-After": str(full.retry_after)})
-        except EngineStopped:
-            raise RequestError(503, "the server is shutting down", code="shutting_down")
-        except ValueError as error:  # what the engine cannot take and the checks above let through
-            raise RequestError(400, str(error))
-
-    async def respond(jobs, answer: CompletionAnswer, request: GenerationRequest, http_request: Request,
-                      prompt_tokens: int):
-        handles, updates = submit(jobs, request.top_logprobs)
-        completions: list[Completion | None] = [None] * len(jobs)
-        with_logprobs = request.top_logprobs is not None
-
-        def cancel_all():
-            for handle in handles:
-                handle.cancel()
-
-        if not request.stream:
-            loop = asyncio.get_running_loop()
-            check_at = loop.time() + DISCONNECT_POLL_S
-            try:
-                while None in completions:
-                    try:
-                        index, update = await asyncio.wait_for(updates.get(), max(0.0, check_at - loop.time()))
-                        completions[index] = update.completion
-                    except asyncio.TimeoutError:
-                        pass
-                    if loop.time() >= check_at:  # a client that hangs up frees its slots at the next step
-                        if await http_request.is_disconnected():
-                            cancel_all()
-                        check_at = loop.time() + DISCONNECT_POLL_S
-            finally:
-                cancel_all()  # (nothing, once all have ended)
-            failed = [c for c in completions if c.finish_reason == "error"]
-            if failed:
-                return JSONResponse(failure_body(failed[0]), 500)
-            return JSONResponse(answer.whole(completions, prompt_tokens))
-        no_usage = {"usage": None} if request.include_usage else {}
-
-        async def events() -> AsyncIterator[str]:
-            started = set()
-            try:
-                while None in completions:
-                    index, update = await updates.get()
-                    if update.completion and update.completion.finish_reason == "error":
-                        yield sse(failure_body(update.completion))
-                        break
-                    if update.text or update.logprobs or update.completion or index not in started:
-                        choice = answer.chunk_choice(index, update, index not in started, with_logprobs)
-                        yield sse(answer.chunk([choice], **no_usage))
-                        started.add(index)
-                    completions[index] = update.completion
-                else:
-                    if request.include_usage:  # OpenAI's last chunk: no choices, the whole request's usage
-                        yield sse(answer.chunk([], usage=usage(prompt_tokens, completions)))
-            finally:
-                # Also when the client went away (Starlette cancels this stream): its sequences end at the next step.
-                cancel_all()
-            yield sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    @app.get("/health")
-    async def health():
-        if not engine.running:  # (its thread ended: shut down, or a bug it could not survive)
-            return JSONResponse({"status": "engine stopped"}, 503)
-        return {"status": "ok"}
-
-    @app.get("/metrics")
-    async def prometheus_metrics():
-        return Response(metrics.exposition(), media_type=metrics.content_type)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                             "owned_by": "argonne"}]}
-
-    def encode(prompts: list[str | list[int]]) -> list[list[int]]:
-        return [engine.tokenizer(p, add_special_tokens=False).input_ids if isinstance(p, str) else p for p in prompts]
-
-    def choices(prompts: list[list[int]], generation: GenerationRequest, param: str) -> list:
-        if len(prompts) * generation.n > limits.max_prompts:
-            raise RequestError(400, f"{len(prompts)} prompts x n = {generation.n} asks for "
-                               f"{len(prompts) * generation.n} choices; this server makes at most "
-                               f"{limits.max_prompts} per request", "n")
-        jobs = []
-        for ids in prompts:  # OpenAI's order: each prompt's n choices together
-            params = fit_prompt(ids, generation, limits, context, param)
-            jobs += [(ids, generation.choice_params(params, j)) for j in range(generation.n)]
-        return jobs
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        body = await read_json(request)
-        prompts = read_prompts(body, vocab_size, limits.max_prompts)
-        generation = read_generation(body, limits, chat=False, vocab_size=vocab_size)
-        ids = await asyncio.to_thread(encode, prompts)  # off the event loop: a long prompt takes a while
-        jobs = choices(ids, generation, "prompt")
-        return await respond(jobs, CompletionAnswer(model_name, engine.tokenizer), generation, request,
-                             sum(map(len, ids)))
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await read_json(request)
-        messages = read_messages(body)
-        generation = read_generation(body, limits, chat=True, vocab_size=vocab_size)
-        generation.params = replace(generation.params, stop_token_ids=tuple(end_of_turn_ids(engine.tokenizer)))
-        try:
-            ids = await asyncio.to_thread(render, engine.tokenizer, messages)
-        except TemplateError as error:  # a template may refuse a conversation (roles that do not alternate, ...)
-            raise RequestError(400, f"the chat template refused these messages: {error}", "messages")
-        jobs = choices([ids], generation, "messages")
-        return await respond(jobs, ChatAnswer(model_name, engine.tokenizer), generation, request, len(ids))
-
+    app = FastAPI(title="Argonne", description="OpenAI-compatible API for an Argonne model", lifespan=lifespan,
+                  middleware=[Middleware(RequireApiKey, api_key=api_key)] if api_key is not None else [],
+                  exception_handlers={RequestValidationError: answer_invalid_request, HTTPException: answer_http_error,
+                                      RequestError: answer_request_error, Exception: answer_server_error})
+    app.include_router(routes)
+    app.state.engine, app.state.model_name, app.state.limits = engine, model_name, limits or ServerLimits()
+    app.state.stats, app.state.metrics, app.state.handoff = ServerStats(), ServerMetrics(engine), Handoff()
+    app.state.created = int(time.time())
+    engine.listeners += [app.state.stats.add, app.state.metrics.observe]
     return app
 
 
