@@ -21,7 +21,8 @@ import uvicorn
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from argonne import cli, load_tokenizer
+import argonne_cli as cli
+from argonne import load_tokenizer
 from argonne.chat import render
 from argonne.inference.engine import Engine, EngineRequest, EngineSettings
 from argonne.inference.sampling import SamplingParams
