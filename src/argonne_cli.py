@@ -15,7 +15,7 @@ import sys
 import textwrap
 from collections.abc import Callable
 
-from argonne_options import CUDA_DEFAULT_KERNELS, DECODE_KERNELS
+from argonne_options import CUDA_DEFAULT_KERNELS, DECODE_KERNELS, DocumentSettings
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -336,27 +336,12 @@ def _add_import(sub) -> None:
     _overwrite_option(parser, "an existing output folder")
 
 
-def _document_settings_class():
-    """argonne.data.settings.DocumentSettings, loaded from its file alone: importing it through the package would
-    import torch (argonne/__init__.py registers the model). The module needs only the standard library."""
-    import importlib.util
-    from pathlib import Path
-
-    name = "argonne_cli._document_settings"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "argonne" / "data" / "settings.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the class is made
-        spec.loader.exec_module(module)
-    return sys.modules[name].DocumentSettings
-
-
 def _document_options(parser) -> None:
     """One flag per DocumentSettings field (--text-column, --min-tokens, ...), with its default and help: the run
     config's [data] section holds the same fields, so a prepare and a stream read one set of settings."""
     from dataclasses import fields
 
-    for setting in fields(_document_settings_class()):
+    for setting in fields(DocumentSettings):
         kind = {"int": int, "float": float}.get(str(setting.type), str)
         choices = ("fail", "skip") if setting.name == "on_error" else None
         parser.add_argument(f"--{setting.name.replace('_', '-')}", type=kind, default=setting.default, choices=choices,

@@ -1,6 +1,6 @@
 """Training data, one module per step of the flow:
 
-    settings.py    DocumentSettings: the one set of settings that prepare and streaming read; DataError
+    settings.py    DataError; DocumentSettings (defined in argonne_options): what prepare and streaming read
     parquet.py     finding parquet files (local, globs, hf://) and reading their text column
     documents.py   quality filters, the validation split, tokenizing row groups in worker processes
     prepare.py     `argonne data prepare`: token shards and a manifest; PreparedTokens reads them back
