@@ -10,9 +10,12 @@ case "${1:-}" in
     --test) extras="[test]" ;;
     *) echo "usage: bash scripts/install.sh [--test]" >&2; exit 2 ;;
 esac
+# Each step that takes more than a few seconds says what it is doing (pip itself is kept quiet).
+echo "install: creating .venv"
 python3 -m venv .venv
 . .venv/bin/activate
 if ! python -c "import torch" 2>/dev/null; then
+    echo "install: PyTorch (about a minute)"
     if command -v nvidia-smi >/dev/null 2>&1; then
         python -m pip install --quiet "torch>=2.6"
     else
@@ -22,7 +25,9 @@ fi
 # Triton's interpreter runs the GPU decode kernels' tests on the CPU (CUDA builds of PyTorch bring their own Triton).
 # Its wheels are for Linux on x86_64 and ARM; without one those tests are skipped.
 if [[ -n "$extras" ]] && ! python -c "import triton" 2>/dev/null && [[ "$(uname -s)" == Linux ]]; then
+    echo "install: Triton, for the decode kernels' tests"
     python -m pip install --quiet triton==3.9.0 || echo "no Triton for this machine: its tests will be skipped"
 fi
+echo "install: Argonne${extras:+ with its test tools} and its dependencies (a minute or two)"
 python -m pip install --quiet -e ".$extras"
 python -c "import argonne, torch; print(f'argonne {argonne.__version__} installed with torch {torch.__version__}')"
