@@ -96,7 +96,8 @@ class Draws:
 
 def roll_back(run, sink, spikes: list[tuple[int, int, int]], now: int) -> None:
     """Return to the newest checkpoint of this run saved before the first spike, with the batches drawn from the
-    first spike's step to the last one's left out from then on: `run.step` is that checkpoint's.
+    first spike's step to the last one's left out from then on: `run` (the loop's Run) goes on from that
+    checkpoint's step, and `sink` (its MetricsSink) from its records.
 
     The checkpoint is saved again with the skipped range in its record, so a resume from it (or from any later
     one) skips the same batches. This run's checkpoints after it are set aside as `step-N.rolled-back-K`, never
