@@ -58,7 +58,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_module_imports_itself_back():
     graph = import_graph()
-    assert {"argonne.training.loop", "argonne.data.streaming", "argonne.loading"} <= set(graph)  # the walk found the package
+    assert {"argonne.training.loop", "argonne.data.streaming", "argonne.loading"} <= set(graph)  # the walk found them
     assert "argonne.data.streaming" in graph["argonne.training.build"]  # and the imports, lazy ones too
     assert cycles(graph) == []
 

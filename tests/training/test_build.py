@@ -1,4 +1,5 @@
-"""What a run is built from (training/build.py): the run config's checks, the tokenizer and the model config, the data, the objective."""
+"""What a run is built from (training/build.py): the run config's checks, the tokenizer and the model config,
+the data, the objective."""
 
 import pyarrow as pa
 import pyarrow.parquet as pq

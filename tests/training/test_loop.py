@@ -1,5 +1,5 @@
-"""The training loop (training/loop.py) on tiny data: the loss falls, the run writes its outputs, the step never reads the
-device back, a non-finite step changes nothing, the final export."""
+"""The training loop (training/loop.py) on tiny data: the loss falls, the run writes its outputs, the step never
+reads the device back, a non-finite step changes nothing, the final export."""
 
 import json
 import math

@@ -1,4 +1,5 @@
-"""Resuming (training/resume.py): runs resumed equal uninterrupted ones; the run folder's checkpoints, branches and lock."""
+"""Resuming (training/resume.py): runs resumed equal uninterrupted ones; the run folder's checkpoints, branches
+and lock."""
 
 from pathlib import Path
 
