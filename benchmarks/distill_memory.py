@@ -1,5 +1,5 @@
 """Peak memory and time of one distillation step on CPU: the loss from the student's logits, forward and backward,
-with the chunked `argonne.distill.distillation_loss` ("after") and the implementation it replaced ("before",
+with the chunked `argonne.training.distill.distillation_loss` ("after") and the implementation it replaced ("before",
 reproduced below: a whole-batch float32 cross-entropy plus a KL in chunks of positions, both through autograd).
 
     python benchmarks/distill_memory.py                          # 2 x 1024 positions, vocab 151,665, float32 and bf16
@@ -46,7 +46,7 @@ def before_loss(logits, teacher, targets, vocab: int, alpha: float, temperature:
 
 
 def after_loss(logits, teacher, targets, vocab: int, alpha: float, temperature: float, chunk: int):
-    from argonne.distill import distillation_loss
+    from argonne.training.distill import distillation_loss
 
     return distillation_loss(logits, teacher, targets, vocab, alpha, temperature, chunk)
 
@@ -84,7 +84,7 @@ def step(variant: str, args, student, teacher, targets):
 
 
 def measure(args) -> None:
-    import argonne.distill  # noqa: F401  imported before the inputs by both variants: not part of the step
+    import argonne.training.distill  # noqa: F401  imported before the inputs by both variants: not part of the step
 
     torch.set_num_threads(args.threads)
     student, teacher, targets = make_inputs(args)

@@ -226,7 +226,8 @@ def reference_run(options: list[str], seed: int) -> dict:
     from argonne import ArgonneForCausalLM
     from argonne.run_config import load_run_config
     from argonne.data.batches import pretraining_data, split_batch
-    from argonne.train import build_model_config, build_tokenizer, lr_at
+    from argonne.optim import lr_at
+    from argonne.training.build import build_model_config, build_tokenizer
 
     config = load_run_config(CONFIG, options, "train")
     optim, steps, eval_every = config.optim, config.train.steps, config.train.eval_every

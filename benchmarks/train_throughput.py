@@ -34,7 +34,9 @@ from argonne.run_config import ActivationCheckpointing, RunConfig
 from argonne.metrics import training_flops_per_token
 from argonne.optim import build_optimizer
 from argonne.parallel import Float8Plan, Topology, parallelize
-from argonne.train import cross_entropy_objective, measure_peak_tflops, training_step
+from argonne.training.build import cross_entropy_objective
+from argonne.training.loop import training_step
+from argonne.training.metrics import measure_peak_tflops
 
 
 def llama_like(config: ArgonneConfig, checkpointing: bool):

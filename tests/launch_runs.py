@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 
 def run(entry: dict) -> int:
-    import argonne.train
+    import argonne.training.build
     from argonne_cli import main
 
     if "grads" in entry:
@@ -32,13 +32,13 @@ def run(entry: dict) -> int:
         for head in entry["grads"]:
             check(topology, head)
         return 0
-    forced = argonne.train.META_INIT_PARAMETERS
+    forced = argonne.training.build.META_INIT_PARAMETERS
     if entry.get("meta_init"):
-        argonne.train.META_INIT_PARAMETERS = 0
+        argonne.training.build.META_INIT_PARAMETERS = 0
     try:
         return main(entry["argv"])
     finally:
-        argonne.train.META_INIT_PARAMETERS = forced
+        argonne.training.build.META_INIT_PARAMETERS = forced
 
 
 def launch(plan_path: Path) -> None:

@@ -97,7 +97,7 @@ def test_planted_metadata_is_refused_by_every_loader(planted_metadata, tmp_path,
 def test_planted_metadata_is_refused_by_resume_and_init_from(planted_metadata, tmp_path):
     from argonne.run_config import load_run_config
     from argonne.loading import load_weights
-    from argonne.train import train
+    from argonne.training.loop import train
 
     from .conftest import SAMPLE_SHARD
 
@@ -307,7 +307,8 @@ def test_a_bad_data_loader_state_is_an_error_naming_the_checkpoint(tmp_path, tex
 
     from argonne.checkpoint import read_state_record
     from argonne.data.batches import InMemoryTokens, TokenWindows, WindowBatches
-    from argonne.train import Draws, Run
+    from argonne.training.loop import Run
+    from argonne.training.recovery import Draws
 
     path = tmp_path / "step-00000002"
     run = SimpleNamespace(draws=Draws(WindowBatches(TokenWindows(InMemoryTokens(np.arange(100)), 8), 2)))

@@ -7,9 +7,9 @@ import torch
 
 from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 from argonne.run_config import ConfigError, load_run_config
-from argonne.distill import distillation_loss
-from argonne.distill import DISTILLATION
-from argonne.train import PRETRAINING, train
+from argonne.training.build import PRETRAINING
+from argonne.training.distill import DISTILLATION, distillation_loss
+from argonne.training.loop import train
 
 from .conftest import SAMPLE_TOKENIZER
 
@@ -109,7 +109,7 @@ def test_vocabularies_padded_mismatched_or_foreign(tmp_path, prepared_sample, qw
 
 
 def test_a_teacher_asking_to_run_its_own_code_is_refused_without_a_prompt(tmp_path, monkeypatch):
-    from argonne.distill import load_teacher
+    from argonne.training.distill import load_teacher
 
     folder = save_model(tmp_path / "teacher")
     ran = tmp_path / "code-ran"
@@ -125,7 +125,7 @@ def test_a_teacher_asking_to_run_its_own_code_is_refused_without_a_prompt(tmp_pa
 
 
 def test_a_teacher_with_non_finite_weights_is_refused(nan_model_dir):
-    from argonne.distill import load_teacher
+    from argonne.training.distill import load_teacher
     from argonne.loading import ModelError
 
     with pytest.raises(ModelError, match="non-finite weights") as error:

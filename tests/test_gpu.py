@@ -16,7 +16,8 @@ from argonne.loss_argonne import accumulate_matmul, cross_entropy_chunk
 from argonne.modeling_argonne import attention
 from argonne.optim import build_optimizer
 from argonne.parallel import Topology, parallelize
-from argonne.train import cross_entropy_objective, training_step
+from argonne.training.build import cross_entropy_objective
+from argonne.training.loop import training_step
 
 from .inference.test_runner import IdTokenizer, prompts_of
 from .test_model import LLAMA_STYLE, make_model

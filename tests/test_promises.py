@@ -72,10 +72,10 @@ def run_args(prepared: Path, run_dir: Path, *extra: str) -> list[str]:
 def trained(sources):
     """A run of STEPS tiny steps (a checkpoint at each, its data-loader state damaged as DATA_STATES says) and
     its trained model folder; the last checkpoint is sound."""
-    import argonne.train
+    import argonne.training.loop
 
     run_dir = sources["root"] / "run"
-    sound = argonne.train.Run.train_state
+    sound = argonne.training.loop.Run.train_state
     damaged = list(DATA_STATES.values())
 
     def train_state(self, step):
@@ -83,7 +83,7 @@ def trained(sources):
         return {**state, "data": damaged[step - 1]} if step <= len(damaged) and step < STEPS else state
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(argonne.train.Run, "train_state", train_state)
+        patch.setattr(argonne.training.loop.Run, "train_state", train_state)
         assert main(run_args(sources["prepared"], run_dir, f"--train.steps={STEPS}")) == 0
     return run_dir
 

@@ -12,7 +12,8 @@ from argonne.data import DataError
 from argonne.data.sft import IGNORE, SFTStats, build_windows, read_conversations, render_with_labels
 from argonne.inference.engine import Engine
 from argonne.inference.sampling import SamplingParams
-from argonne.train import SFT, train
+from argonne.training.build import SFT
+from argonne.training.loop import train
 
 from .conftest import SAMPLE_TOKENIZER
 

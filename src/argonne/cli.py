@@ -47,13 +47,14 @@ def _run_training(args: argparse.Namespace, spec_name: str) -> int:
     """Load the run config (with --section.field=value overrides), check it for the command, and train with the
     command's TrainSpec."""
     from .run_config import load_run_config
-    from .train import TrainingStopped, train
+    from .training.loop import train
+    from .training.recovery import TrainingStopped
 
     config = load_run_config(args.config, args.overrides, command=args.command)
     if spec_name == "distill":
-        from .distill import DISTILLATION as spec
+        from .training.distill import DISTILLATION as spec
     else:
-        from .train import PRETRAINING, SFT
+        from .training.build import PRETRAINING, SFT
 
         spec = SFT if spec_name == "sft" else PRETRAINING
     try:

@@ -30,6 +30,8 @@ import time
 import uuid
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from .files import read_json, write_atomic
 from .outputs import pid_alive
 
@@ -58,6 +60,11 @@ def describe_owner(owner: dict | None) -> str:
     return f"process {owner.get('pid')} on host {owner.get('host')} (since {owner.get('since')})"
 
 
+def _write_owner(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.write(fd, json.dumps(_owner()).encode())
+
+
 def _read_owner(path: Path) -> dict | None:
     try:
         owner = json.loads(path.read_text())
@@ -70,8 +77,14 @@ def _read_owner(path: Path) -> dict | None:
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 
+# The locks taken and not released: a FileLock lets go when it is garbage-collected, and a RunLock is held until
+# `release()` or the end of the process, even by a caller that keeps no reference to it.
+_HELD: set[RunLock] = set()
+
+
 class RunLock:
-    """An exclusive lock on a run folder, held until `release()` or the end of the process."""
+    """An exclusive lock on a run folder, held until `release()` or the end of the process: filelock's flock, taken
+    without waiting, with its owner (pid, host, since when) written into the lock file for the refusal to name."""
 
     LOCK_NAME = LOCK_FILE
 
@@ -79,28 +92,21 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / self.LOCK_NAME
         self.fallback = self.run_dir / (self.LOCK_NAME + ".d")
-        self._fd: int | None = None
+        # Its own soft lock off: where flock fails, our fallback below keeps an owner record that names the host.
+        self._lock = FileLock(self.path, mode=0o644, fallback_to_soft=False, on_acquired=_write_owner)
         self._holds_fallback = False
 
     def acquire(self) -> None:
-        import fcntl
-
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            self._lock.acquire(timeout=0)
+        except Timeout:
             raise RunFolderError(self._in_use(_read_owner(self.path))) from None
         except OSError as error:
-            os.close(fd)
             if error.errno not in _NO_LOCKS:
                 raise
             self._acquire_fallback()
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps(_owner()).encode())
-        self._fd = fd
+        _HELD.add(self)
 
     def _acquire_fallback(self) -> None:
         """mkdir is atomic on every filesystem, NFS included: whoever makes the directory holds the lock."""
@@ -127,9 +133,9 @@ class RunLock:
                 f"Stop that one first (look for leftover torchrun workers), or choose another train.run_dir")
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the file stays (deleting it would race a new locker)
-            self._fd = None
+        _HELD.discard(self)
+        if self._lock.is_locked:
+            self._lock.release(force=True)  # the file stays (deleting it would race a new locker)
         if self._holds_fallback:
             shutil.rmtree(self.fallback, ignore_errors=True)
             self._holds_fallback = False

@@ -19,21 +19,21 @@ from pathlib import Path
 
 import torch
 
-from .run_config import ConfigError
-from .modeling_argonne import ArgonneForCausalLM
-from .train import TrainSpec, pretraining_batches, sft_batches
+from ..run_config import ConfigError
+from ..modeling_argonne import ArgonneForCausalLM
+from .build import TrainSpec, pretraining_batches, sft_batches
 
 
 def load_teacher(path: str | Path, device: torch.device):
     """Any causal LM from a Hugging Face folder, or an Argonne training checkpoint."""
-    from .checkpoint import is_checkpoint
+    from ..checkpoint import is_checkpoint
 
-    from .device import resolve_dtype
+    from ..device import resolve_dtype
 
     path = Path(path)
     dtype = resolve_dtype("auto", device)
     if is_checkpoint(path):
-        from .loading import open_config, load_weights
+        from ..loading import open_config, load_weights
 
         teacher = ArgonneForCausalLM(open_config(path))
         load_weights(teacher, path, verify=False)  # verified by open_config
@@ -52,7 +52,7 @@ def load_teacher(path: str | Path, device: torch.device):
         except (OSError, ValueError, pickle.UnpicklingError) as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ConfigError(f"distill.teacher {path}: cannot be loaded ({first})") from None
-        from .loading import check_finite_weights
+        from ..loading import check_finite_weights
 
         check_finite_weights(teacher, path)  # (a checkpoint's are checked by load_weights)
     teacher.eval().requires_grad_(False)
@@ -61,7 +61,7 @@ def load_teacher(path: str | Path, device: torch.device):
 
 def check_vocabularies(teacher_path: Path, teacher_rows: int, student_rows: int, tokenizer) -> int:
     """The number of real tokens the distributions are taken over; raises on a true mismatch."""
-    from .data.documents import tokenizer_fingerprint
+    from ..data.documents import tokenizer_fingerprint
 
     real = len(tokenizer)
     problems = []
@@ -70,7 +70,7 @@ def check_vocabularies(teacher_path: Path, teacher_rows: int, student_rows: int,
     if student_rows < real:
         problems.append(f"the student's output has {student_rows} rows for a {real}-token tokenizer")
     if (teacher_path / "tokenizer_config.json").is_file() or (teacher_path / "tokenizer.json").is_file():
-        from .tokenizer import load_tokenizer
+        from ..tokenizer import load_tokenizer
 
         theirs = tokenizer_fingerprint(load_tokenizer(teacher_path))
         ours = tokenizer_fingerprint(tokenizer)
