@@ -1,5 +1,8 @@
 """The loop's periodic actions (training/hooks.py)."""
 
+import json
+import math
+
 import pytest
 import torch
 
@@ -81,8 +84,13 @@ def test_a_run_takes_its_actions_in_order_each_when_due(tmp_path, tiny_run_args,
                                               "--train.eval_every=4", "--train.sample_every=2",
                                               "--train.sample_tokens=2", "--checkpoint.every=4",
                                               "--train.tensorboard=false")))
-    lines = [line for line in capsys.readouterr().out.splitlines()
-             if line.startswith(("step ", "sample: ", "checkpoint saved: "))]
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith(("step ", "sample: ", "checkpoint saved: "))]
     kinds = [("val" if "val loss" in line else "log") if line.startswith("step ") else line.split(":")[0]
              for line in lines]
     assert kinds == ["log", "sample", "val", "sample", "checkpoint saved"], lines
+    # The last line says what the run reached (the last record's losses) and where its outputs are.
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert out[-1] == (f"done after step 4: loss {record['loss']:.2f}, validation loss {record['val_loss']:.2f} "
+                       f"(perplexity {math.exp(record['val_loss']):,.0f}); the model is in {tmp_path / 'run' / 'model'}, "
+                       f"the loss curve in {tmp_path / 'run' / 'loss.png'}"), out[-3:]

@@ -10,6 +10,7 @@ from the latest complete one, with any number of processes or parallel layout (r
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,7 +23,6 @@ import torch.distributed as dist
 from ..checkpoint import (
     CheckpointError, load_checkpoint, read_checkpoint_metadata, read_state_record, save_checkpoint,
 )
-from ..run_config import RunConfig, check_command
 from ..configuration_argonne import ArgonneConfig
 from ..data.batches import split_batch
 from ..data.settings import DataError
@@ -32,10 +32,11 @@ from ..metrics import count_parameters, training_flops_per_token
 from ..modeling_argonne import ArgonneForCausalLM
 from ..optim import build_optimizer, check_resumable, lr_at, set_lr
 from ..parallel import Topology, clip_grad_norm, describe_float8, from_main_process, init_distributed
+from ..run_config import RunConfig, check_command
 from ..run_folder import RunFolderError
 from .build import PRETRAINING, TrainSpec, build_model, build_model_config, build_tokenizer, compute_dtype
 from .hooks import Checkpoints, Log, Samples, SpikeRollback, Tasks, Validation, call_hooks
-from .metrics import MetricsSink, mean_over_ranks, mfu_peak
+from .metrics import MetricsSink, log_main, mean_over_ranks, mfu_peak
 from .recovery import Draws, PreemptionFlag, SpikeDetector, TrainingStopped
 from .resume import RunStart, choose_checkpoint, claim_run_folder, main_decides, start_run_folder
 
@@ -82,7 +83,18 @@ def _train(config: RunConfig, spec: TrainSpec, topology: Topology, start: RunSta
             from ..plot import plot_run
 
             plot_run(run_dir)
+            log_main(0, finished_line(summary, run_dir))
     return summary
+
+
+def finished_line(summary: dict, run_dir: Path) -> str:
+    """The last line of a finished run: where it ended and where its outputs are."""
+    reached = f"loss {summary['loss']:.2f}" if "loss" in summary else ""
+    if "val_loss" in summary:
+        val = summary["val_loss"]
+        reached += f", validation loss {val:.2f} (perplexity {math.exp(min(val, 50)):,.0f})"
+    return (f"done after step {summary['step']}: {reached}; the model is in {run_dir / 'model'}, the loss curve in "
+            f"{run_dir / 'loss.png'}")
 
 
 @dataclass
