@@ -136,7 +136,7 @@ def _add_generate(sub) -> None:
                       "Generate text from a model folder or training checkpoint, streaming tokens as they are "
                       "made. Each prompt is printed, then its continuation. Without --prompt or --prompt-file, "
                       "prompts are read from stdin, one per non-empty line.", "cmd_generate")
-    parser.add_argument("model", help="model folder (e.g. runs/tiny/model) or training checkpoint folder")
+    parser.add_argument("model", help="model folder (e.g. runs/quickstart/model) or training checkpoint folder")
     _tokenizer_option(parser)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", help="one prompt (default: --prompt-file, else stdin)")

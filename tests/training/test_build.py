@@ -40,7 +40,7 @@ def test_overrides_are_typed_and_checked(tmp_path):
 def test_shipped_configs_load_and_fit_their_presets():
     from argonne import ArgonneConfig
 
-    for name in ("tiny", "small", "argonne-2.0", "tiny-plus", "small-plus"):
+    for name in ("quickstart", "tiny", "small", "argonne-2.0", "tiny-plus", "small-plus"):
         config = load_run_config(REPO / "configs" / f"{name}.toml")
         model = ArgonneConfig.from_preset(config.model.preset, **config.model.overrides)
         tp = config.parallel.tensor_parallel
@@ -56,6 +56,11 @@ def test_shipped_configs_load_and_fit_their_presets():
         for section, field in (("model", "preset"), ("optim", "optimizer"), ("train", "run_dir")):
             plus[section][field] = plain[section][field]
         assert plus == plain
+    # The quickstart trains with the winner, and the fine-tuning and distillation examples start from its model.
+    quickstart = load_run_config(REPO / "configs" / "quickstart.toml")
+    assert (quickstart.model.preset, quickstart.optim.optimizer) == ("tiny-plus", "muon")
+    for name in ("sft-tiny", "distill-tiny"):
+        assert f'"{quickstart.train.run_dir}/model"' in (REPO / "configs" / f"{name}.toml").read_text(), name
 
 
 @pytest.mark.slow
