@@ -334,7 +334,7 @@ def test_in_loop_tasks_leave_training_untouched_and_resume_exactly(prepared_samp
     assert plain == {step: r["loss"] for step, r in with_tasks.items()}  # bit for bit
     checkpoint = tmp_path / "straight" / "checkpoints" / "step-00000005"
     train_here(prepared_sample, tmp_path / "straight", extra=[*eval_tasks, "--checkpoint.every=5",
-                                                              "--checkpoint.keep=0"])
+                                                              "--checkpoint.keep=0"], plot=False)
     train_here(prepared_sample, tmp_path / "resumed", extra=[*eval_tasks, "--resume", str(checkpoint)])
     resumed = by_step(records(tmp_path / "resumed"))
     assert sorted(resumed) == list(range(6, 11))
