@@ -76,26 +76,32 @@ def cli_args(prepared, run_dir, steps=10, micro=8, extra=()) -> list[str]:
     return command(prepared, run_dir, steps=steps, micro=micro, extra=extra)[3:]  # after `python -m argonne`
 
 
-def train_here(prepared, run_dir, **kwargs) -> dict[int, float]:
+def train_here(prepared, run_dir, plot=True, **kwargs) -> dict[int, float]:
     """`argonne train` in this process (one process: no launch to pay for), on one thread as a launched process
-    runs (env() sets OMP_NUM_THREADS=1), so that its arithmetic is the same to the bit."""
+    runs (env() sets OMP_NUM_THREADS=1), so that its arithmetic is the same to the bit. With plot=False the run
+    draws no loss.png (half a second a run; for runs whose plot no test reads)."""
     import torch
 
+    import argonne.plot
     from argonne_cli import main
 
-    threads = torch.get_num_threads()
+    threads, drawn = torch.get_num_threads(), argonne.plot.plot_run
     torch.set_num_threads(1)
+    if not plot:
+        argonne.plot.plot_run = lambda run_dir, output=None, overwrite=False: Path(run_dir) / "loss.png"
     try:
         assert main(cli_args(prepared, run_dir, **kwargs)) == 0
     finally:
         torch.set_num_threads(threads)
+        argonne.plot.plot_run = drawn
     return losses(run_dir)
 
 
 @pytest.fixture(scope="session")
 def one_process(prepared_sample, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one")
-    return train_here(prepared_sample, run_dir, extra=["--checkpoint.every=5", "--checkpoint.keep=0"]), run_dir
+    return train_here(prepared_sample, run_dir, plot=False, extra=["--checkpoint.every=5", "--checkpoint.keep=0"]), \
+        run_dir
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +115,7 @@ def streaming(tmp_path_factory) -> list[str]:
 @pytest.fixture(scope="session")
 def streamed_one_process(streaming, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("streamed-one")
-    train_here(None, run_dir, extra=streaming)
+    train_here(None, run_dir, plot=False, extra=streaming)
     return records(run_dir)
 
 
@@ -152,7 +158,7 @@ def layout_run(prepared, root: Path, label: str, options: list[str], layout: str
 
 def one_process_run(prepared, tmp_path_factory, label: str, options: list[str]):
     run_dir = tmp_path_factory.mktemp(f"{label}-one")
-    return train_here(prepared, run_dir, extra=[*options, *EVERY_5]), run_dir
+    return train_here(prepared, run_dir, plot=False, extra=[*options, *EVERY_5]), run_dir
 
 
 @pytest.fixture(scope="session")
@@ -194,7 +200,7 @@ def eval_one_process(prepared_sample, eval_tasks, tmp_path_factory) -> dict[str,
     runs = {}
     for name, extra in (("all", []), ("limit 1", ["--eval.limit=1"])):
         run_dir = tmp_path_factory.mktemp("eval-one")
-        train_here(prepared_sample, run_dir, extra=[*eval_tasks, *extra])
+        train_here(prepared_sample, run_dir, plot=False, extra=[*eval_tasks, *extra])
         runs[name] = records(run_dir)
     return runs
 

@@ -17,7 +17,7 @@ from argonne.checkpoint import latest_checkpoint
 from .conftest import env, failure, free_port
 from .launches import (
     FLOAT8_LAYOUTS, GRADS, LAYOUTS, MUON, MUON_LAYOUTS, assert_same_losses, by_step, command, launched_run, losses,
-    records, train, train_here,
+    records, train_here,
 )
 
 pytestmark = pytest.mark.slow  # every test here launches processes or runs Triton's interpreter
@@ -92,7 +92,8 @@ def test_a_muon_checkpoint_resumes_in_another_layout(prepared_sample, muon_one_p
         resumed = losses(launched_run(request.getfixturevalue("two_processes"), "muon 1-to-fsdp2"))
     else:
         checkpoint = launched_run(request.getfixturevalue("four_processes"), "muon fsdp2xtp2") / "checkpoints"
-        resumed = train_here(prepared_sample, tmp_path, extra=[*MUON, "--resume", str(checkpoint / "step-00000005")])
+        resumed = train_here(prepared_sample, tmp_path, extra=[*MUON, "--resume", str(checkpoint / "step-00000005")],
+                             plot=False)
     assert sorted(resumed) == list(range(6, 11))
     assert_same_losses({s: straight[s] for s in resumed}, resumed)
 
@@ -123,7 +124,7 @@ def test_a_float8_checkpoint_resumes_in_one_process_without_float8(prepared_samp
     """The checkpoint of FP8 training on the 2-D mesh holds plain full-precision weights: one process resumes it
     with FP8 off, and its losses stay within FP8's distance of the FP8 run's."""
     checkpoint = launched_run(four_processes, "float8 fsdp2xtp2") / "checkpoints" / "step-00000005"
-    resumed = train_here(prepared_sample, tmp_path, extra=["--resume", str(checkpoint)])
+    resumed = train_here(prepared_sample, tmp_path, extra=["--resume", str(checkpoint)], plot=False)
     assert sorted(resumed) == list(range(6, 11))
     assert_same_losses({s: float8_one_process[0][s] for s in resumed}, resumed, rel=5e-3)
 
@@ -221,7 +222,7 @@ def wait_for_step(run_dir: Path, step: int, process, timeout=120):
 
 
 def test_kill_9_then_resume_auto_equals_the_uninterrupted_run(prepared_sample, tmp_path):
-    straight = train_here(prepared_sample, tmp_path / "straight", steps=16)
+    straight = train_here(prepared_sample, tmp_path / "straight", steps=16, plot=False)
     run_dir = tmp_path / "killed"
     extra = ["--checkpoint.every=4"]
     process = subprocess.Popen(command(prepared_sample, run_dir, steps=16, extra=extra + ["--train.sample_every=0"]),
@@ -231,7 +232,9 @@ def test_kill_9_then_resume_auto_equals_the_uninterrupted_run(prepared_sample, t
     process.wait()
     checkpoint = latest_checkpoint(run_dir / "checkpoints")
     assert checkpoint is not None and checkpoint.name in ("step-00000008", "step-00000012")
-    resumed = train(prepared_sample, run_dir, steps=16, extra=extra + ["--resume", "auto"])
+    # Resumed in this process (one thread, as the killed process ran): a second process start costs more than the
+    # resumed steps, and the killed process is what must be a process of its own.
+    resumed = train_here(prepared_sample, run_dir, steps=16, extra=extra + ["--resume", "auto"], plot=False)
     assert resumed == straight  # exactly: same process count, same arithmetic
 
 
@@ -243,7 +246,7 @@ def test_resume_with_another_process_count(prepared_sample, one_process, two_pro
         resumed = losses(launched_run(two_processes, "1-to-2"))
     else:
         checkpoint = launched_run(two_processes, before) / "checkpoints" / "step-00000005"
-        resumed = train_here(prepared_sample, tmp_path, extra=["--resume", str(checkpoint)])
+        resumed = train_here(prepared_sample, tmp_path, extra=["--resume", str(checkpoint)], plot=False)
     assert sorted(resumed) == list(range(6, 11))
     assert_same_losses({s: straight[s] for s in resumed}, resumed)
 

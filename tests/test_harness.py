@@ -3,6 +3,7 @@ exported folders, `argonne eval tasks`, and bad input. Tasks are local JSONL fix
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,52 @@ from .conftest import SAMPLE_TOKENIZER, break_weights, small_model
 from .harness_tasks import TASKS, write_tasks
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+# lm-eval's TaskManager reads every one of lm-eval's own task files (thousands of YAMLs, 10 s or more) each time it
+# is built with them; a task name not under --include-path (an unknown one, a file that does not parse) needs them.
+# lm-eval builds its index folder by folder and merges the folders' indexes in order (later ones win): here its own
+# folder's index is built once per test process and reused, the --include-path folders are read afresh each time.
+CACHE_LM_EVALS_OWN_INDEX = """
+def cache_lm_evals_own_index(load=None):
+    from pathlib import Path
+
+    from lm_eval.tasks import _index, manager
+
+    build, own, built = _index.TaskIndex.build, Path(manager.__file__).parent, {}
+    if load is not None:  # the index a test process built (a pickle), for a process of its own
+        import pickle
+
+        built[True] = pickle.loads(Path(load).read_bytes())
+
+    def cached(paths, *, resolve_includes=True):
+        index = {}
+        for root in paths:
+            if Path(root) == own:
+                if resolve_includes not in built:
+                    built[resolve_includes] = build([root], resolve_includes=resolve_includes)
+                index.update(built[resolve_includes])
+            else:
+                index.update(build([root], resolve_includes=resolve_includes))
+        return index
+
+    _index.TaskIndex.build = staticmethod(cached)
+    return build, built
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def lm_evals_own_index():
+    """lm-eval's own task index, built at most once for this module (CACHE_LM_EVALS_OWN_INDEX); yields what it
+    has built ({resolve_includes: index})."""
+    from lm_eval.tasks import _index
+
+    namespace = {}
+    exec(CACHE_LM_EVALS_OWN_INDEX, namespace)
+    build, built = namespace["cache_lm_evals_own_index"]()
+    try:
+        yield built
+    finally:
+        _index.TaskIndex.build = staticmethod(build)
 
 
 @pytest.fixture(scope="module")
@@ -235,15 +282,26 @@ def test_empty_contexts_and_continuations(folders):
 
 
 @pytest.mark.slow
-def test_lm_evals_own_command_line_runs_the_argonne_model(folders, tmp_path):
+def test_lm_evals_own_command_line_runs_the_argonne_model(folders, lm_evals_own_index, tmp_path):
     """`python -m argonne.lm_eval_command` is `lm_eval` with Argonne's class registered: lm_eval's options work."""
     import subprocess
     import sys
 
     from .conftest import env
 
+    import pickle
+
+    from lm_eval.tasks import _index, manager
+
+    # `python -m argonne.lm_eval_command ...` as runpy runs it, with lm-eval's own index (built once in this
+    # process, as the other tests use it) read from a file instead of lm-eval's thousands of task files.
+    _index.TaskIndex.build([Path(manager.__file__).parent])
+    (tmp_path / "index.pickle").write_bytes(pickle.dumps(lm_evals_own_index[True]))
+    as_dash_m = CACHE_LM_EVALS_OWN_INDEX + (f"cache_lm_evals_own_index({str(tmp_path / 'index.pickle')!r})\n"
+                                            "import runpy\nrunpy.run_module('argonne.lm_eval_command', "
+                                            "run_name='__main__', alter_sys=True)\n")
     result = subprocess.run(
-        [sys.executable, "-m", "argonne.lm_eval_command", "--model", "argonne", "--model_args",
+        [sys.executable, "-c", as_dash_m, "--model", "argonne", "--model_args",
          f"pretrained={folders['argonne']},dtype=float32", "--device", "cpu", "--tasks", "argonne_choice",
          "--include_path", str(folders["tasks"]), "--batch_size", "4", "--output_path", str(tmp_path / "out")],
         env={**env(), "HF_DATASETS_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
@@ -276,7 +334,7 @@ def test_in_loop_tasks_leave_training_untouched_and_resume_exactly(prepared_samp
     assert plain == {step: r["loss"] for step, r in with_tasks.items()}  # bit for bit
     checkpoint = tmp_path / "straight" / "checkpoints" / "step-00000005"
     train_here(prepared_sample, tmp_path / "straight", extra=[*eval_tasks, "--checkpoint.every=5",
-                                                              "--checkpoint.keep=0"])
+                                                              "--checkpoint.keep=0"], plot=False)
     train_here(prepared_sample, tmp_path / "resumed", extra=[*eval_tasks, "--resume", str(checkpoint)])
     resumed = by_step(records(tmp_path / "resumed"))
     assert sorted(resumed) == list(range(6, 11))
