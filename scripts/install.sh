@@ -14,13 +14,10 @@ esac
 echo "install: creating .venv"
 python3 -m venv .venv
 . .venv/bin/activate
-if ! python -c "import torch" 2>/dev/null; then
-    echo "install: PyTorch (about a minute)"
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        python -m pip install --quiet "torch>=2.6"
-    else
-        python -m pip install --quiet torch==2.13.0
-    fi
+# Without a GPU, torch is pinned in the same pip call as Argonne (one resolution), so its CPU build is what comes.
+torch=""
+if ! python -c "import torch" 2>/dev/null && ! command -v nvidia-smi >/dev/null 2>&1; then
+    torch="torch==2.13.0"
 fi
 # Triton's interpreter runs the GPU decode kernels' tests on the CPU (CUDA builds of PyTorch bring their own Triton).
 # Its wheels are for Linux on x86_64 and ARM; without one those tests are skipped.
@@ -28,6 +25,6 @@ if [[ -n "$extras" ]] && ! python -c "import triton" 2>/dev/null && [[ "$(uname 
     echo "install: Triton, for the decode kernels' tests"
     python -m pip install --quiet triton==3.9.0 || echo "no Triton for this machine: its tests will be skipped"
 fi
-echo "install: Argonne${extras:+ with its test tools} and its dependencies (a minute or two)"
-python -m pip install --quiet -e ".$extras"
+echo "install: ${torch:+PyTorch, }Argonne${extras:+ with its test tools} and their dependencies (about two minutes)"
+python -m pip install --quiet $torch -e ".$extras"
 python -c "import argonne, torch; print(f'argonne {argonne.__version__} installed with torch {torch.__version__}')"

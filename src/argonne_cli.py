@@ -375,9 +375,11 @@ def _add_data(sub) -> None:
     prepare.add_argument("--seq-len", type=int, default=4096,
                          help="window length recorded in the manifest (data inspect's; training uses the run "
                               "config's data.seq_len)")
-    prepare.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+    # With 2 cores one worker process only moves the work (and pays its start-up): in-process is faster there.
+    cores = os.cpu_count() or 1
+    prepare.add_argument("--workers", type=int, default=cores - 1 if cores > 2 else 0,
                          help="tokenizer worker processes; 0: tokenize in this process "
-                              "(default: the CPU cores less one, at least 1; %(default)s here)")
+                              "(default: the CPU cores less one, or 0 with 2 cores or fewer; %(default)s here)")
     _document_options(prepare)
     inspect = _command(data_sub, "inspect", "print a prepared dataset's manifest and decode a window",
                        "Print a prepared dataset's manifest (tokenizer, token counts, sources, skipped files) and "
