@@ -26,7 +26,7 @@ def run_config_error(*overrides) -> str:
     ("--train.run_dir=[1]", "train.run_dir must be a string, got [1] (list)"),
     ("--data.inputs=[1, 2]", "data.inputs must be a list of strings, got [1, 2] (list)"),
     ("--model.overrides=3", "model.overrides must be a table"),
-    # The document settings come from a plain dataclass (data/settings.py); [data] checks them as strictly.
+    # The document settings come from a plain dataclass (argonne_options); [data] checks them as strictly.
     ("--data.val_fraction='0.1'", "data.val_fraction must be a finite number, got '0.1' (str)"),
     ("--data.min_tokens=true", "data.min_tokens must be an integer, got True (bool)"),
 ])
