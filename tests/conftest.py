@@ -16,6 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if not torch.cuda.is_available():
     # Triton kernels (decode_kernels.py) run on the CPU under Triton's interpreter; it must be chosen before they load.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # pyproject's addopts run two workers: one thread each, or they fight over the cores
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -212,3 +214,10 @@ from .launches import (  # noqa: E402,F401 - registered here as fixtures
     two_processes,
 )
 
+
+
+def pytest_collection_modifyitems(items):
+    """pytest-xdist (pyproject's addopts: -n 2 --dist loadfile) runs each module on one worker, so that its module
+    fixtures are built once, and hands the modules out in this order: test_distributed.py first, whose shared
+    launches take longest, so that the other worker has the rest to fill that time with."""
+    items.sort(key=lambda item: item.module.__name__ != "tests.test_distributed")

@@ -263,6 +263,33 @@ def test_sigterm_saves_a_checkpoint_and_exits_zero(prepared_sample, tmp_path):
     assert "resume with --resume auto" in out + err
 
 
+def test_a_tensor_parallel_checkpoint_exports_to_every_format(tmp_path, two_processes):
+    import gguf
+    import numpy as np
+    from transformers import LlamaForCausalLM
+
+    from argonne import ArgonneForCausalLM
+    from argonne.export import export_model, gguf_tensors
+
+    def logits(model, tokens):
+        with torch.no_grad():
+            return model(tokens).logits
+
+    run_dir = launched_run(two_processes, "tp2")  # trained with tensor parallel 2 (a launch other tests share)
+    checkpoint = run_dir / "checkpoints" / "step-00000010"
+    trained = ArgonneForCausalLM.from_pretrained(run_dir / "model")  # gathered by the trainer from the shards
+    tokens = torch.randint(3, 8192, (2, 16))
+    expected = logits(trained, tokens)
+    export_model(checkpoint, "hf", tmp_path / "hf", "fp32")
+    assert (logits(ArgonneForCausalLM.from_pretrained(tmp_path / "hf"), tokens) - expected).abs().max() <= 1e-5
+    export_model(checkpoint, "llama", tmp_path / "llama", "fp32")
+    assert (logits(LlamaForCausalLM.from_pretrained(tmp_path / "llama"), tokens) - expected).abs().max() <= 1e-5
+    export_model(checkpoint, "gguf", tmp_path / "gguf", "fp32")
+    reader = gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf"))
+    read = {t.name: np.asarray(t.data).reshape(list(reversed(t.shape.tolist()))) for t in reader.tensors}
+    assert all(np.array_equal(read[n], t.numpy()) for n, t in gguf_tensors(trained).items())
+
+
 def test_models_built_on_meta_are_initialised_after_sharding(four_processes):
     """On the 2-D mesh (FSDP 2 x TP 2), so one run covers both kinds of sharding; with QK-norm, whose weights are
     sharded by FSDP and see each tensor-parallel rank's own heads."""

@@ -326,30 +326,6 @@ def test_gguf_holds_the_dtype_asked_for(tmp_path, dtype):
             assert np.array_equal(bits, tensor.view(torch.int16).numpy().view(np.uint16)), name
 
 
-@pytest.mark.slow
-def test_a_tensor_parallel_checkpoint_exports_to_every_format(tmp_path, two_processes):
-    from argonne.export import gguf_tensors
-
-    from .launches import launched_run
-
-    run_dir = launched_run(two_processes, "tp2")  # trained with tensor parallel 2 (a launch other tests share)
-    checkpoint = run_dir / "checkpoints" / "step-00000010"
-    trained = ArgonneForCausalLM.from_pretrained(run_dir / "model")  # gathered by the trainer from the shards
-    tokens = torch.randint(3, 8192, (2, 16))
-    expected = logits(trained, tokens)
-    export_model(checkpoint, "hf", tmp_path / "hf", "fp32")
-    assert (logits(ArgonneForCausalLM.from_pretrained(tmp_path / "hf"), tokens) - expected).abs().max() <= 1e-5
-    export_model(checkpoint, "llama", tmp_path / "llama", "fp32")
-    assert (logits(LlamaForCausalLM.from_pretrained(tmp_path / "llama"), tokens) - expected).abs().max() <= 1e-5
-    import gguf
-    import numpy as np
-
-    export_model(checkpoint, "gguf", tmp_path / "gguf", "fp32")
-    reader = gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf"))
-    read = {t.name: np.asarray(t.data).reshape(list(reversed(t.shape.tolist()))) for t in reader.tensors}
-    assert all(np.array_equal(read[n], t.numpy()) for n, t in gguf_tensors(trained).items())
-
-
 def test_llama_cpp_runs_the_gguf_export_like_argonne(tmp_path):
     # llama-cpp-python has no wheel on PyPI for this platform; it builds llama.cpp from source (~7 min on 2 cores),
     # so it is not part of the test install. Where it is installed, this runs the exported file for real.
