@@ -132,6 +132,11 @@ LAYOUTS = {
 }
 
 
+# Layouts whose runs also evaluate tests/harness_tasks.py's tasks in the loop (eval_tasks), which leave training
+# untouched: one run proves both the layout's losses and its task metrics.
+EVAL_LAYOUTS = ("fsdp2", "tp2", "fsdp2xtp2")
+
+
 # tests/distributed_grads.py's checks in the two-process launch: sequence parallel is on unless "sp_off".
 GRADS = ("tied", "tied+sp_off", "untied", "qk-norm", "tied+z_loss", "untied+document", "learned",
          "qk-norm+selective", "tied+full", "untied+logits", "tied+logits+sp_off", "saved-activations",
@@ -213,8 +218,8 @@ def two_processes(prepared_sample, one_process, muon_one_process, streaming, eva
 
     root = tmp_path_factory.mktemp("two")
     plan = [
-        {"name": layout, "argv": cli_args(prepared_sample, root / layout, micro=micro,
-                                          extra=[*extra, "--checkpoint.every=5", "--checkpoint.keep=0"])}
+        {"name": layout, "argv": cli_args(prepared_sample, root / layout, micro=micro, extra=[
+            *extra, "--checkpoint.every=5", "--checkpoint.keep=0", *(eval_tasks if layout in EVAL_LAYOUTS else [])])}
         for layout, (nproc, micro, extra) in LAYOUTS.items() if nproc == 2
     ]
     checkpoint = one_process[1] / "checkpoints" / "step-00000005"
@@ -229,9 +234,6 @@ def two_processes(prepared_sample, one_process, muon_one_process, streaming, eva
             prepared_sample, root / "tp2-to-tp2-sequence-parallel-off", micro=8, extra=[
                 *LAYOUTS["tp2-sequence-parallel-off"][2], "--resume",
                 str(root / "tp2" / "checkpoints" / "step-00000005")])},
-        {"name": "eval fsdp2", "argv": cli_args(prepared_sample, root / "eval fsdp2", micro=4, extra=eval_tasks)},
-        {"name": "eval tp2", "argv": cli_args(prepared_sample, root / "eval tp2", micro=8,
-                                              extra=["--parallel.tensor_parallel=2", *eval_tasks])},
         # One document per task: one process has no request of its own.
         {"name": "eval fsdp2 limit 1", "argv": cli_args(prepared_sample, root / "eval fsdp2 limit 1", micro=4,
                                                         extra=[*eval_tasks, "--eval.limit=1"])},
@@ -254,16 +256,15 @@ def two_processes(prepared_sample, one_process, muon_one_process, streaming, eva
 
 @pytest.fixture(scope="session")
 def four_processes(prepared_sample, eval_tasks, tmp_path_factory):
-    """One launch of four processes: the 2-D mesh, the large-model path (built on meta), Muon and FP8 on it, with
-    QK-norm (whose replicated weights see each tensor-parallel rank's own heads)."""
+    """One launch of four processes: the 2-D mesh (with the in-loop tasks), the large-model path (built on meta, with
+    QK-norm, whose replicated weights see each tensor-parallel rank's own heads), Muon and FP8 on the 2-D mesh."""
     root = tmp_path_factory.mktemp("four")
     nproc, micro, extra = LAYOUTS["fsdp2xtp2"]
     meta_init = [*extra, "--model.overrides.qk_norm=true"]
-    plan = [{"name": "fsdp2xtp2", "argv": cli_args(prepared_sample, root / "fsdp2xtp2", micro=micro, extra=extra)},
+    plan = [{"name": "fsdp2xtp2", "argv": cli_args(prepared_sample, root / "fsdp2xtp2", micro=micro,
+                                                   extra=[*extra, *eval_tasks])},
             {"name": "meta init", "argv": cli_args(prepared_sample, root / "meta init", micro=micro, extra=meta_init),
              "meta_init": True},
-            {"name": "eval fsdp2xtp2", "argv": cli_args(prepared_sample, root / "eval fsdp2xtp2", micro=micro,
-                                                        extra=[*extra, *eval_tasks])},
             layout_run(prepared_sample, root, "muon", MUON, "fsdp2xtp2"),
             layout_run(prepared_sample, root, "float8", FLOAT8, "fsdp2xtp2")]
     return {**launch_runs(root, nproc, plan), "root": root}

@@ -316,7 +316,7 @@ def test_in_loop_task_metrics_on_the_sharded_model_equal_one_process(eval_one_pr
     the metrics of one process (accuracies exactly, perplexities to 1e-4), and the same losses. With one document
     per task ("limit 1") one of the two processes has no request of its own and still takes part."""
     launch = request.getfixturevalue("four_processes" if layout == "fsdp2xtp2" else "two_processes")
-    parallel = records(launched_run(launch, f"eval {layout}"))
+    parallel = records(launched_run(launch, f"eval {layout}" if layout.endswith("limit 1") else layout))
     reference = eval_one_process["limit 1" if layout.endswith("limit 1") else "all"]
     assert_same_losses({r["step"]: r["loss"] for r in reference if "loss" in r},
                        {r["step"]: r["loss"] for r in parallel if "loss" in r})

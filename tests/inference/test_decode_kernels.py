@@ -208,88 +208,84 @@ def test_transformers_generate_with_the_plan_and_its_dynamic_cache_gives_the_sam
 
 
 HOPPER_COMPILE = """
-import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from argonne.inference.decode_kernels import GEMV_TILINGS, _gemv_kernel
 
-kernel = _gemv_kernel.fn
-names = kernel.arg_names
-pointers = names[: names.index("N")]
-rows, columns, warps = GEMV_TILINGS[0]
-# (SWIGLU, HAS_NORM, HAS_RESIDUAL, HEAD_DIM, TO_CACHE) as GemvBlock and the plain linears use them
-uses = [(False, False, False, 0, False), (False, True, False, 64, False), (False, True, False, 64, True),
-        (False, True, False, 0, False), (False, False, True, 0, False), (True, True, False, 0, False)]
-for swiglu, norm, residual, head_dim, to_cache in uses:
-    for bias in (False, True):
-        flags = {"HAS_BIAS": bias, "SWIGLU": swiglu, "HAS_NORM": norm, "HAS_RESIDUAL": residual,
-                 "HEAD_DIM": head_dim, "TO_CACHE": to_cache, "BLOCK_N": rows, "BLOCK_K": columns}
-        scalars = {name: "i32" for name in ("N", "K", "rotated_rows", "q_rows", "kv_rows", "cache_len")}
-        # eps float64: torch 2.11's Inductor types a Python float argument so (Triton's own launcher: float32)
-        signature = {name: "*bf16" for name in pointers} | {"column_ptr": "*i64", "eps": "fp64"} | scalars
-        source = ASTSource(
-            fn=kernel, signature=signature | {name: "constexpr" for name in flags},
-            constexprs={(names.index(name),): value for name, value in flags.items()},
-            attrs={(names.index(name),): [["tt.divisibility", 16]] for name in [*pointers, "K"]},
-        )
-        try:
-            ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-        except RuntimeError as error:
-            sys.exit(f"no sm_90 tool chain: {error}")
-        print(flags, "ld.global.v4.b32" in ptx)
 
-from argonne.inference.decode_kernels import ATTENTION_TILINGS, _combine_splits_kernel, _decode_attention_kernel
-attention = _decode_attention_kernel.fn  # tensor-core products, whole or in key ranges
-names = attention.arg_names
-keys_per_step, warps = ATTENTION_TILINGS[0]
-# the 0.5B model's and Argonne 2.0's heads, whole and in key ranges; a boolean mask (transformers' generate())
-for head_dim, group, split, boolean in ((64, 7, False, False), (64, 7, True, False), (170, 3, False, False),
-                                        (170, 3, True, False), (64, 7, False, True)):
-    block_d = triton.next_power_of_2(head_dim)
-    flags = {"GROUP": group, "HEAD_DIM": head_dim, "HAS_MASK": True, "BOOL_MASK": boolean, "HAS_LAST_KEY": True,
-             "SPLIT": split, "BLOCK_G": 16, "BLOCK_D": block_d, "BLOCK_S": keys_per_step, "PRECISION": "tf32"}
-    integers = ["S", "keys_per_split", "n_kv", "q_row_stride", "kv_head_stride", "mask_row_stride"]
-    pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1" if boolean else "*bf16",
-                "last_key_ptr": "*i64", "out_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32"}
-    signature = pointers | {name: "i32" for name in integers} | {"scale": "fp64"}  # float64: as Inductor passes it
+def compile_for_hopper():  # its lines start with "hopper"
+    kernel = _gemv_kernel.fn
+    names = kernel.arg_names
+    pointers = names[: names.index("N")]
+    rows, columns, warps = GEMV_TILINGS[0]
+    # (SWIGLU, HAS_NORM, HAS_RESIDUAL, HEAD_DIM, TO_CACHE) as GemvBlock and the plain linears use them
+    uses = [(False, False, False, 0, False), (False, True, False, 64, False), (False, True, False, 64, True),
+            (False, True, False, 0, False), (False, False, True, 0, False), (True, True, False, 0, False)]
+    for swiglu, norm, residual, head_dim, to_cache in uses:
+        for bias in (False, True):
+            flags = {"HAS_BIAS": bias, "SWIGLU": swiglu, "HAS_NORM": norm, "HAS_RESIDUAL": residual,
+                     "HEAD_DIM": head_dim, "TO_CACHE": to_cache, "BLOCK_N": rows, "BLOCK_K": columns}
+            scalars = {name: "i32" for name in ("N", "K", "rotated_rows", "q_rows", "kv_rows", "cache_len")}
+            # eps float64: torch 2.11's Inductor types a Python float argument so (Triton's own launcher: float32)
+            signature = {name: "*bf16" for name in pointers} | {"column_ptr": "*i64", "eps": "fp64"} | scalars
+            source = ASTSource(
+                fn=kernel, signature=signature | {name: "constexpr" for name in flags},
+                constexprs={(names.index(name),): value for name, value in flags.items()},
+                attrs={(names.index(name),): [["tt.divisibility", 16]] for name in [*pointers, "K"]},
+            )
+            try:
+                ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+            except RuntimeError as error:
+                print(f"hopper no sm_90 tool chain: {error}")
+                return
+            print("hopper", flags, "ld.global.v4.b32" in ptx)
+
+    from argonne.inference.decode_kernels import ATTENTION_TILINGS, _combine_splits_kernel, _decode_attention_kernel
+    attention = _decode_attention_kernel.fn  # tensor-core products, whole or in key ranges
+    names = attention.arg_names
+    keys_per_step, warps = ATTENTION_TILINGS[0]
+    # the 0.5B model's and Argonne 2.0's heads, whole and in key ranges; a boolean mask (transformers' generate())
+    for head_dim, group, split, boolean in ((64, 7, False, False), (64, 7, True, False), (170, 3, False, False),
+                                            (170, 3, True, False), (64, 7, False, True)):
+        block_d = triton.next_power_of_2(head_dim)
+        flags = {"GROUP": group, "HEAD_DIM": head_dim, "HAS_MASK": True, "BOOL_MASK": boolean, "HAS_LAST_KEY": True,
+                 "SPLIT": split, "BLOCK_G": 16, "BLOCK_D": block_d, "BLOCK_S": keys_per_step, "PRECISION": "tf32"}
+        integers = ["S", "keys_per_split", "n_kv", "q_row_stride", "kv_head_stride", "mask_row_stride"]
+        pointers = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1" if boolean else "*bf16",
+                    "last_key_ptr": "*i64", "out_ptr": "*fp32" if split else "*bf16", "lse_ptr": "*fp32"}
+        signature = pointers | {name: "i32" for name in integers} | {"scale": "fp64"}  # float64: as Inductor passes it
+        source = ASTSource(
+            fn=attention, signature=signature | {name: "constexpr" for name in flags},
+            constexprs={(names.index(name),): value for name, value in flags.items()},
+            attrs={(names.index(name),): [["tt.divisibility", 16]] for name in [*pointers, *integers[3:]]},
+        )
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+        print("hopper attention", head_dim, split, boolean, "mma" in ptx)
+    combine = _combine_splits_kernel
+    flags = {"HEAD_DIM": 64, "BLOCK_SPLITS": 8, "BLOCK_D": 64}
     source = ASTSource(
-        fn=attention, signature=signature | {name: "constexpr" for name in flags},
-        constexprs={(names.index(name),): value for name, value in flags.items()},
-        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in [*pointers, *integers[3:]]},
+        fn=combine, signature={"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "splits": "i32"}
+        | {name: "constexpr" for name in flags},
+        constexprs={(combine.arg_names.index(name),): value for name, value in flags.items()},
     )
-    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
-    print("attention", head_dim, split, boolean, "mma" in ptx)
-combine = _combine_splits_kernel
-flags = {"HEAD_DIM": 64, "BLOCK_SPLITS": 8, "BLOCK_D": 64}
-source = ASTSource(
-    fn=combine, signature={"partial_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "splits": "i32"}
-    | {name: "constexpr" for name in flags},
-    constexprs={(combine.arg_names.index(name),): value for name, value in flags.items()},
-)
-ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
-print("combine", "st.global" in ptx)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    print("hopper combine", "st.global" in ptx)
+
+
+compile_for_hopper()
 """
 
 
-def test_the_kernel_compiles_for_hopper_with_16_byte_loads():
+def test_the_kernel_compiles_for_hopper_with_16_byte_loads(without_interpreter):
     """Compiled, not run, for sm_90 as Triton's launcher specializes it for the 0.5B model (K a multiple of 16,
     aligned pointers): every flag combination compiles, and the weights are read with 16-byte vector loads, which is
-    what lets a GEMV run at memory bandwidth; the decode attention compiles to tensor-core products. In a process of
-    its own: the interpreter cannot be on there."""
-    import os
-    import subprocess
-    import sys
-
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True)
-    if result.returncode and "no sm_90 tool chain" in result.stderr:
-        reason = result.stderr.strip().splitlines()[-1][:300]
-        pytest.skip(f"this Triton build has no NVIDIA tool chain, so nothing can be compiled for sm_90 here ({reason})")
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
-    assert len(lines) == 18 and all(line.endswith("True") for line in lines), result.stdout
+    what lets a GEMV run at memory bandwidth; the decode attention compiles to tensor-core products."""
+    lines = [line.removeprefix("hopper ") for line in without_interpreter if line.startswith("hopper ")]
+    if lines and lines[-1].startswith("no sm_90 tool chain"):
+        pytest.skip(f"this Triton build has no NVIDIA tool chain, so nothing can be compiled for sm_90 here "
+                    f"({lines[-1][:300]})")
+    assert len(lines) == 18 and all(line.endswith("True") for line in lines), lines
 
 
 def test_gemv_kernels_on_a_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
@@ -374,20 +370,26 @@ TRACED = {  # attention: (kernels, tensors they write, indexed writes to the cac
 
 
 @pytest.fixture(scope="module")
-def traced() -> dict[str, str]:
-    """TRACE_DECODE_STEP for every attention of TRACED, in one process without Triton's interpreter: its line
-    for each."""
+def without_interpreter() -> list[str]:
+    """HOPPER_COMPILE, then TRACE_DECODE_STEP for every attention of TRACED, in one process without Triton's
+    interpreter (it cannot be turned off in this one): the lines they print."""
     import os
     import subprocess
     import sys
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    result = subprocess.run([sys.executable, "-c", TRACE_DECODE_STEP, *TRACED], env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run([sys.executable, "-c", HOPPER_COMPILE + TRACE_DECODE_STEP, *TRACED], env=env,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.strip().splitlines()
-    return {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in lines if line.split(" ", 1)[0] in TRACED}
+    return result.stdout.strip().splitlines()
+
+
+@pytest.fixture(scope="module")
+def traced(without_interpreter) -> dict[str, str]:
+    """TRACE_DECODE_STEP's line for each attention of TRACED."""
+    return {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in without_interpreter
+            if line.split(" ", 1)[0] in TRACED}
 
 
 @pytest.mark.parametrize("attention", TRACED)

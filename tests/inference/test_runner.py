@@ -1,5 +1,6 @@
 """The model runner through the engine: greedy decoding equals transformers' generate() and full recomputation, for
-prompts alone and batched, merged projections, QK-norm and the compiled step; the kernels each device gets."""
+prompts alone and batched, merged projections, QK-norm; the kernels each device gets. (The compiled step:
+test_engine.py.)"""
 
 import pytest
 import torch
@@ -105,14 +106,6 @@ def test_bad_parameters_and_too_long_prompts_are_errors(model):
         engine.complete([[1, 2]], SamplingParams(top_p=0))
     with pytest.raises(ValueError, match=r"exceeds the engine's max length of 96 tokens"):
         engine.complete([list(range(3, 90))], SamplingParams(max_new_tokens=10))
-
-
-@pytest.mark.slow
-def test_compiled_decode_step_matches_eager():
-    model = make_model(**{**LLAMA_STYLE, "max_position_embeddings": 64})
-    prompts = prompts_of([5, 3])
-    eager = greedy_ids(engine_of(model, compile=False), prompts, 8)
-    assert greedy_ids(engine_of(model, compile=True), prompts, 8) == eager
 
 
 @pytest.mark.slow

@@ -41,11 +41,13 @@ from ..modeling_argonne import ArgonneForCausalLM, Block, MergedLinear, OutputHe
 # Candidate tilings (rows per program, columns per load, warps), timed per (N, K) on first use by triton.autotune.
 # Whole rows of up to 1,024 columns per load keep several 16-byte loads per thread in flight; few rows per program
 # keep ~200 programs even for N = 896; 2,048 columns per load halve the steps along long rows (down_proj's 4,864).
-# Triton's interpreter (CPUs) cannot time kernels: it gets the first only.
 GEMV_TILINGS = [(4, 1024, 4), (8, 1024, 8), (2, 1024, 4), (4, 512, 4), (16, 512, 8), (8, 256, 4), (2, 2048, 8),
                 (1, 2048, 4)]
+# Triton's interpreter (CPUs: the tests) cannot time kernels and runs the programs one after the other in Python: it
+# gets one tiling, of many rows per program, so that a call is a few programs.
+INTERPRETER_GEMV_TILING = (32, 1024, 4)
 _CONFIGS = [triton.Config({"BLOCK_N": rows, "BLOCK_K": columns}, num_warps=warps)
-            for rows, columns, warps in GEMV_TILINGS[: None if torch.cuda.is_available() else 1]]
+            for rows, columns, warps in (GEMV_TILINGS if torch.cuda.is_available() else [INTERPRETER_GEMV_TILING])]
 
 
 @triton.autotune(configs=_CONFIGS, key=["N", "K", "SWIGLU", "HAS_NORM", "HEAD_DIM"])
