@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Create .venv and install Argonne: `bash scripts/install.sh` for training, generation and the other commands;
-# `bash scripts/install.sh --test` adds the test tools (pytest, lm-eval with its `hf` backend, torchao, the OpenAI
-# client, and Triton on a CPU machine). On a machine without an NVIDIA GPU, PyTorch is pinned to the 2.13.0 CPU build
-# first, so that no multi-GB CUDA build is pulled in; with a GPU, pip's default CUDA build is used.
+# `bash scripts/install.sh --test` adds the test tools (pytest, pytest-xdist, lm-eval with its `hf` backend, torchao,
+# the OpenAI client, and Triton on a CPU machine). On a machine without an NVIDIA GPU, PyTorch is pinned to the 2.13.0
+# CPU build first, so that no multi-GB CUDA build is pulled in; with a GPU, pip's default CUDA build is used.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
