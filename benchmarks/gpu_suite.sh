@@ -40,7 +40,7 @@ run() {  # run LIMIT_S NAME COMMAND...
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/summary.txt"
-run 180 gpu-tests $PY -m pytest -p no:cacheprovider -rfEs tests/test_gpu.py
+run 180 gpu-tests $PY -m pytest -p no:cacheprovider -o addopts="" -rfEs tests/test_gpu.py  # one process, xdist or not
 run 150 train-small $PY benchmarks/train_throughput.py --preset small --batch 8 --seq-len 4096 --compile \
     --checkpointing none selective --check-syncs --steps 5 --warmup 2 --profile "$OUT/profiles.txt"
 # Document attention (flex attention, issue 21) against causal on the same windows: goal at most 10% slower.
