@@ -215,7 +215,6 @@ from .launches import (  # noqa: E402,F401 - registered here as fixtures
 )
 
 
-
 def pytest_collection_modifyitems(items):
     """pytest-xdist (pyproject's addopts: -n 2 --dist loadfile) runs each module on one worker, so that its module
     fixtures are built once, and hands the modules out in this order: test_distributed.py first, whose shared
