@@ -200,7 +200,7 @@ def run_process(args: list[str], timeout: float = 300, **kwargs) -> subprocess.C
     return subprocess.CompletedProcess(args, process.returncode, out, err)
 
 
-# The shared training launches (session-wide, so every module that uses them pays for them once).
+# The shared training runs and launches (session-wide: built once per test process, i.e. per pytest-xdist worker).
 from .launches import (  # noqa: E402,F401 - registered here as fixtures
     eval_one_process,
     eval_tasks,
@@ -219,4 +219,4 @@ def pytest_collection_modifyitems(items):
     """pytest-xdist (pyproject's addopts: -n 2 --dist loadfile) runs each module on one worker, so that its module
     fixtures are built once, and hands the modules out in this order: test_distributed.py first, whose shared
     launches take longest, so that the other worker has the rest to fill that time with."""
-    items.sort(key=lambda item: item.module.__name__ != "tests.test_distributed")
+    items.sort(key=lambda item: item.path.name != "test_distributed.py")

@@ -1,6 +1,7 @@
-"""Training runs the distributed tests (and export's) share: each process count is launched once per session
-(tests/launch_runs.py runs every run of that count in one process group), and one-process references run in the
-test process itself. The fixtures are registered in conftest.py so that every module gets the same launches."""
+"""Training runs the distributed tests share: each process count is launched once per test process (tests/launch_runs.py
+runs every run of that count in one process group), and one-process references run in the test process itself.
+Only tests/test_distributed.py reads the launches: under pytest-xdist each module runs on one worker, and a second
+module reading them would launch them again on the other. The fixtures are registered in conftest.py."""
 
 import json
 import subprocess

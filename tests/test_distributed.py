@@ -1,5 +1,5 @@
 """The trainer across layouts and faults, on CPU with gloo: every run is a real `argonne train` (under torchrun
-where it has several; the launches shared with other modules are in launches.py), compared step by step through
+where it has several; the launches its tests share are in launches.py), compared step by step through
 metrics.jsonl."""
 
 import re

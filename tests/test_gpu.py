@@ -1,6 +1,7 @@
 """GPU-only paths (skipped without CUDA): the compiled loss chunk, head_dim padding under cuDNN/flash, the
 sync-free training step, document attention through flex attention, FP8 training on FP8 tensor cores, and the
-CUDA-graph decode step. Run on a GPU machine: `python -m pytest tests/test_gpu.py`."""
+CUDA-graph decode step. Run on a GPU machine: `python -m pytest tests/test_gpu.py` (`-o addopts=""` where
+pytest-xdist is not installed, as benchmarks/gpu_suite.sh does)."""
 
 import copy
 from contextlib import contextmanager

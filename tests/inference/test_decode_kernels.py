@@ -273,7 +273,10 @@ def compile_for_hopper():  # its lines start with "hopper"
     print("hopper combine", "st.global" in ptx)
 
 
-compile_for_hopper()
+try:
+    compile_for_hopper()
+except Exception as error:  # the hopper test fails on its own line; the traces below still run
+    print(f"hopper error: {type(error).__name__}: {error}".replace("\\n", " "))
 """
 
 
