@@ -186,7 +186,7 @@ def test_eval_tasks_prints_lm_evals_table_and_writes_its_results_json(folders, t
     printed = capsys.readouterr().out
     assert "|argonne_choice " in printed and "acc_norm" in printed and "word_perplexity" in printed
     written = json.loads(output.read_text())
-    assert {"results", "configs", "versions", "n-shot", "n-samples"} <= written.keys()  # lm-eval's layout
+    assert {"results", "configs", "versions", "n-shot", "n-samples", "pretty_env_info"} <= written.keys()  # lm-eval's
     assert written["n-samples"]["argonne_choice"] == {"original": 6, "effective": 3}
     assert 0 <= written["results"]["argonne_choice"]["acc,none"] <= 1
     assert math.isfinite(written["results"]["argonne_rolling"]["word_perplexity,none"])
@@ -322,12 +322,17 @@ def test_the_package_declares_the_model_for_lm_evals_plugin_discovery():
 
 @pytest.mark.slow
 def test_in_loop_tasks_leave_training_untouched_and_resume_exactly(prepared_sample, eval_tasks, eval_one_process,
-                                                                   tmp_path):
+                                                                   tmp_path, monkeypatch):
     """A run with [eval] tasks trains exactly as one without (data position and random state untouched), resumes
-    to the same losses and task metrics, and its plot draws the task scores beside the loss."""
+    to the same losses and task metrics, and its plot draws the task scores beside the loss. The tasks do not
+    describe the machine each time (lm-eval's collect_env: `pip list` and GPU queries in subprocesses)."""
     import matplotlib.image
+    import torch.utils.collect_env
 
     from .launches import by_step, losses, records, train_here
+
+    described = []
+    monkeypatch.setattr(torch.utils.collect_env, "get_pretty_env_info", lambda: described.append(1) or "")
 
     with_tasks = by_step(eval_one_process["all"])
     plain = train_here(prepared_sample, tmp_path / "plain", extra=["--data.val_windows=0"])
@@ -343,6 +348,7 @@ def test_in_loop_tasks_leave_training_untouched_and_resume_exactly(prepared_samp
     assert {k: v for k, v in resumed[10].items() if k.startswith("eval/")} == \
         {k: v for k, v in with_tasks[10].items() if k.startswith("eval/")}
     assert losses(tmp_path / "straight") == plain
+    assert not described
     assert matplotlib.image.imread(tmp_path / "resumed" / "loss.png").shape[1] == 14 * 120  # loss and tasks
     assert matplotlib.image.imread(tmp_path / "plain" / "loss.png").shape[1] == 8 * 120  # loss alone
 

@@ -145,7 +145,7 @@ def test_sft_learns_a_small_instruction_set_and_chat_answers_with_it(tmp_path, b
     data = write_jsonl(tmp_path / "instructions.jsonl",
                        [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
                         for q, a in INSTRUCTIONS])
-    config = load_run_config(None, sft_args(tmp_path, base_model, data, "--train.steps=150", "--optim.lr=3e-3",
+    config = load_run_config(None, sft_args(tmp_path, base_model, data, "--train.steps=90", "--optim.lr=3e-3",
                                             "--optim.min_lr=3e-4", "--data.packing=false", "--train.log_every=10"))
     summary = train(config, SFT)
     assert summary["loss"] < 0.05, summary

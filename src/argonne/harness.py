@@ -20,6 +20,7 @@ Logits holding NaN or Inf raise NonFiniteLogits (generate.py) instead of scoring
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -431,23 +432,45 @@ def task_limit(value: float | None, name: str) -> int | float | None:
 
 
 def evaluate_tasks(lm, tasks: list[str], include_path: str | Path | None = None, num_fewshot: int | None = None,
-                   limit: int | float | None = None, manager=None, log_samples: bool = False) -> dict:
+                   limit: int | float | None = None, manager=None, log_samples: bool = False,
+                   describe_machine: bool = True) -> dict:
     """lm-eval's `simple_evaluate` on the model (any lm-eval LM): its results dictionary (lm-eval's layout), with
     every request's responses under "samples" when `log_samples`. Seeds fixed, no bootstrap: the same model gives
-    the same numbers."""
+    the same numbers. describe_machine=False leaves out lm-eval's description of the machine (see
+    `_without_machine_description`)."""
     from lm_eval import simple_evaluate
 
     manager = manager or task_manager(include_path, tasks)
     check_tasks(tasks, manager)
     try:
-        return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-                               log_samples=log_samples, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
-                               torch_random_seed=0, fewshot_random_seed=0)
+        with contextlib.nullcontext() if describe_machine else _without_machine_description():
+            return simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+                                   log_samples=log_samples, bootstrap_iters=0, random_seed=0, numpy_random_seed=0,
+                                   torch_random_seed=0, fewshot_random_seed=0)
     except (HarnessError, RuntimeError, MemoryError):  # ours already clear; torch's (OOM, collectives) are not
         raise  # the user's to fix by a message
     except Exception as error:  # lm-eval raises many kinds for a task it cannot build (files, fields, datasets)
         raise HarnessError(f"tasks {', '.join(tasks)}: lm-eval could not run them: "
                            f"{type(error).__name__}: {error}") from error
+
+
+@contextlib.contextmanager
+def _without_machine_description():
+    """simple_evaluate ends by describing the machine into its results (torch's collect_env: `pip list`, compiler
+    and GPU queries in subprocesses, a second or more). The tasks run during training keep only the metrics, at
+    every eval.every steps: they skip it. (`argonne eval tasks` writes lm-eval's whole results, description
+    included.)"""
+    import lm_eval.evaluator
+
+    described = getattr(lm_eval.evaluator, "add_env_info", None)
+    if described is None:  # an lm-eval that no longer has it: nothing to leave out
+        yield
+        return
+    lm_eval.evaluator.add_env_info = lambda results: None
+    try:
+        yield
+    finally:
+        lm_eval.evaluator.add_env_info = described
 
 
 def write_results(results: dict, output) -> Path:
@@ -511,7 +534,7 @@ class TaskEvaluator:
                 results = evaluate_tasks(lm, self.tasks, manager=self.manager,
                                          num_fewshot=None if self.settings.num_fewshot < 0 else
                                          self.settings.num_fewshot,
-                                         limit=limit)
+                                         limit=limit, describe_machine=False)
         finally:
             _restore_random_state(state)
             model.train(training)

@@ -29,7 +29,9 @@ def main():
 
 
 def read_stream(settings: DocumentSettings, files: list[str], share: TokenizeShare) -> dict:
-    stream = StreamingTokens(files, load_tokenizer(SAMPLE_TOKENIZER), settings, workers=1, share=share)
+    # Tokenized in this process (workers=0): what is shared is the same either way, and worker processes (one
+    # forkserver importing argonne per rank) are tested in test_batches.py.
+    stream = StreamingTokens(files, load_tokenizer(SAMPLE_TOKENIZER), settings, workers=0, share=share)
     record = {}
     try:
         windows = list(iter_stream_windows(stream, StreamPosition(), 16))

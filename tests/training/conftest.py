@@ -32,7 +32,7 @@ def streaming_run_args(tmp_path, *extra):
     ]
 
 
-@pytest.fixture
+@pytest.fixture(scope="package")
 def tiny_run_args(prepared):
     """Arguments for a quick run on prepared data (streaming costs a tokenization pass per run)."""
 

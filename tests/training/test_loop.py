@@ -54,6 +54,19 @@ def test_plot_command(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nothing")]) == 2
 
 
+def three_steps(tmp_path, tiny_run_args, *options) -> list[float]:
+    """The losses of a three-step tiny run with `options`."""
+    args = tiny_run_args(tmp_path, "--train.steps=3", "--train.log_every=1", "--train.tensorboard=false",
+                         "--data.val_windows=0", *options)
+    train(load_run_config(None, args))
+    return [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+
+
+@pytest.fixture(scope="module")
+def eager_losses(tmp_path_factory, tiny_run_args) -> list[float]:
+    return three_steps(tmp_path_factory.mktemp("eager"), tiny_run_args)
+
+
 @pytest.mark.parametrize("options", [
     ["--parallel.activation_checkpointing=true"],  # the boolean spelling means "full"
     ["--parallel.activation_checkpointing=selective"],
@@ -61,19 +74,12 @@ def test_plot_command(tmp_path, capsys):
     ["--parallel.compile=true", "--parallel.activation_checkpointing=selective"],
 ])
 @pytest.mark.slow
-def test_checkpointing_and_compile_keep_the_losses(tmp_path, tiny_run_args, options):
-    def run(name, *extra):
-        args = tiny_run_args(tmp_path / name, "--train.steps=3", "--train.log_every=1", "--train.tensorboard=false",
-                             "--data.val_windows=0", *extra)
-        train(load_run_config(None, args))
-        return [json.loads(line)["loss"] for line in (tmp_path / name / "run" / "metrics.jsonl").open()]
-
+def test_checkpointing_and_compile_keep_the_losses(tmp_path, tiny_run_args, eager_losses, options):
     from torch._dynamo.utils import counters
 
-    eager = run("eager")
     counters.clear()
-    changed = run("changed", *options)
-    assert changed == pytest.approx(eager, rel=1e-4)
+    changed = three_steps(tmp_path, tiny_run_args, *options)
+    assert changed == pytest.approx(eager_losses, rel=1e-4)
     # Equal losses would also come from a compile that silently stayed eager: dynamo must have made graphs.
     compiled = counters["stats"]["unique_graphs"]
     assert compiled > 0 if "--parallel.compile=true" in options else compiled == 0, dict(counters["stats"])
