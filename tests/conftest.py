@@ -7,17 +7,26 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 # The tests never touch the network: hub look-ups fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if not torch.cuda.is_available():
-    # Triton kernels (decode_kernels.py) run on the CPU under Triton's interpreter; it must be chosen before they load.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    torch.set_num_threads(1)  # pyproject's addopts run two workers: one thread each, or they fight over the cores
+
+
+def pytest_configure(config):
+    """Torch's settings in a process that runs tests. pytest-xdist's controller (pyproject's addopts: -n 2) only
+    hands tests out: it imports neither torch nor argonne (this file and tests/launches.py import them where they
+    are used), because its workers start only once it has read this file."""
+    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        # Triton kernels (decode_kernels.py) run on the CPU under Triton's interpreter, chosen before they load.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)  # two workers: one thread each, or they fight over the two cores
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -47,6 +56,8 @@ def qwen_tokenizer_dir() -> Path:
 @pytest.fixture(autouse=True)
 def restore_torch_state():
     """Tests may change the default dtype or seed; put them back."""
+    import torch
+
     dtype = torch.get_default_dtype()
     rng = torch.get_rng_state()
     yield
@@ -57,6 +68,8 @@ def restore_torch_state():
 def small_model(**overrides):
     """A random tiny-preset model, seeded: 2 layers and a context of 128 unless `overrides` say otherwise (the
     engine's and the server's tests serve it)."""
+    import torch
+
     from argonne import ArgonneConfig, ArgonneForCausalLM
 
     torch.manual_seed(0)
@@ -67,6 +80,8 @@ def small_model(**overrides):
 def scramble_norms(model, seed: int = 1):
     """Every norm weight (QK-norm's too) drawn from [0.5, 1.5] instead of ones, so that a norm skipped, misplaced or
     mapped to the wrong tensor changes the logits. Returns the model."""
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -78,6 +93,8 @@ def scramble_norms(model, seed: int = 1):
 @pytest.fixture
 def model_dir(tmp_path):
     """A small random Argonne model saved as a Hugging Face folder, with the sample tokenizer."""
+    import torch
+
     from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 
     torch.manual_seed(0)
@@ -89,6 +106,8 @@ def model_dir(tmp_path):
 
 def break_weights(model):
     """One NaN in layer 0's q_proj and one Inf in the final norm, as a diverged run leaves them. Returns the model."""
+    import torch
+
     with torch.no_grad():
         model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
         model.model.norm.weight[0] = float("inf")
@@ -101,6 +120,8 @@ BROKEN_TENSORS = ("model.layers.0.self_attn.q_proj.weight (1 value)", "model.nor
 @pytest.fixture
 def nan_model_dir(tmp_path):
     """model_dir's kind of folder, its weights broken by `break_weights`."""
+    import torch
+
     from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 
     torch.manual_seed(0)
@@ -115,6 +136,8 @@ def nan_model_dir(tmp_path):
 def overflowing_model_dir(tmp_path):
     """A folder whose weights are finite and whose logits are not: the final norm's weights at float32's largest
     value overflow every logit, as activations overflowing in half precision do. It opens; decoding must refuse."""
+    import torch
+
     from argonne import ArgonneConfig, ArgonneForCausalLM, load_tokenizer
 
     torch.manual_seed(0)

@@ -10,9 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from argonne import load_tokenizer
-from argonne.data.prepare import PrepareSettings, prepare_dataset
-
 from .conftest import REPO, SAMPLE_TOKENIZER, env, failure, free_port, run_process, torchrun, write_sample_head
 
 MODEL = ("{hidden_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num_key_value_heads = 2, "
@@ -21,6 +18,9 @@ MODEL = ("{hidden_size = 64, num_hidden_layers = 2, num_attention_heads = 4, num
 
 @pytest.fixture(scope="session")
 def prepared_sample(tmp_path_factory):
+    from argonne import load_tokenizer
+    from argonne.data.prepare import PrepareSettings, prepare_dataset
+
     out = tmp_path_factory.mktemp("prepared")
     prepare_dataset([write_sample_head(tmp_path_factory.mktemp("sample") / "head.parquet")], load_tokenizer(SAMPLE_TOKENIZER), out,
                     PrepareSettings(seq_len=32, workers=0), progress=False)
