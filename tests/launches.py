@@ -213,9 +213,12 @@ def eval_one_process(prepared_sample, eval_tasks, tmp_path_factory) -> dict[str,
 
 @pytest.fixture(scope="session")
 def two_processes(prepared_sample, one_process, muon_one_process, streaming, eval_tasks, tmp_path_factory):
-    """One launch of two processes for every two-process run of this module; a folder lock held by another
-    process is in place for the "in use" run."""
-    from .test_run_folder import hold_lock_in_another_process
+    """One launch of two processes for every two-process run of this module; for the "in use" run, this test
+    process holds the folder's lock (to the launched processes, another process: as a worker left running by a
+    killed launcher would)."""
+    import os
+
+    from argonne.run_folder import RunLock
 
     root = tmp_path_factory.mktemp("two")
     plan = [
@@ -246,13 +249,9 @@ def two_processes(prepared_sample, one_process, muon_one_process, streaming, eva
           if LAYOUTS[layout][0] == 2),
     ]
     (root / "in use").mkdir()
-    holder = hold_lock_in_another_process(root / "in use")  # e.g. a worker left running by a killed launcher
-    try:
+    with RunLock(root / "in use"):
         launched = launch_runs(root, 2, plan)
-    finally:
-        holder.kill()
-        holder.wait()
-    return {**launched, "root": root, "holder": holder.pid}
+    return {**launched, "root": root, "holder": os.getpid()}
 
 
 @pytest.fixture(scope="session")
