@@ -28,6 +28,7 @@ def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)  # two workers: one thread each, or they fight over the two cores
 
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 SAMPLE_SHARD = REPO / "data" / "sample" / "shard-00000.parquet"
