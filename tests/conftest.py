@@ -18,7 +18,8 @@ def pytest_configure(config):
     """Torch's settings in a process that runs tests. pytest-xdist's controller (pyproject's addopts: -n 2) only
     hands tests out: it imports neither torch nor argonne (this file and tests/launches.py import them where they
     are used), because its workers start only once it has read this file."""
-    if config.getoption("numprocesses", None) and not hasattr(config, "workerinput"):
+    if (config.getoption("numprocesses", None) and not hasattr(config, "workerinput")
+            and not config.getoption("collectonly")):  # --collect-only: this process collects itself
         return
     import torch
 

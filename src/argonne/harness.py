@@ -457,9 +457,10 @@ def evaluate_tasks(lm, tasks: list[str], include_path: str | Path | None = None,
 @contextlib.contextmanager
 def _without_machine_description():
     """simple_evaluate ends by describing the machine into its results (torch's collect_env: `pip list`, compiler
-    and GPU queries in subprocesses, a second or more). The tasks run during training keep only the metrics, at
-    every eval.every steps: they skip it. (`argonne eval tasks` writes lm-eval's whole results, description
-    included.)"""
+    and GPU queries in subprocesses; half a second on a 2-core CPU machine, more on a GPU node). The tasks run
+    during training, every eval.every steps, keep only the metrics: they skip it. (`argonne eval tasks` writes
+    lm-eval's whole results, description included.) It replaces lm-eval's function for the whole process: the
+    trainer evaluates from one thread."""
     import lm_eval.evaluator
 
     described = getattr(lm_eval.evaluator, "add_env_info", None)

@@ -45,5 +45,5 @@ def read_stream(settings: DocumentSettings, files: list[str], share: TokenizeSha
     return record
 
 
-if __name__ == "__main__":  # the tokenizer workers' processes import this file too
+if __name__ == "__main__":
     main()

@@ -198,6 +198,17 @@ def test_streaming_counts_what_it_skips_across_worker_processes(shards, tokenize
     assert batches.skipped() == {"null_text": 1, "invalid_utf8": 1, "unreadable": 0, "files": 1}
 
 
+@pytest.mark.slow
+def test_a_bad_row_met_in_a_worker_process_is_the_streams_error(shards, tokenizer, tmp_path):
+    """A row that stops the stream (on_error="fail") is found by a worker process: its error, naming the file and
+    the row, is what reading the stream raises (tests/data/stream_share.py tokenizes in the sharing processes
+    themselves; the error then reaches every one of them)."""
+    bad_rows = streams_with_bad_input(tmp_path / "in", shards)[1]
+    stream = StreamingTokens([bad_rows], tokenizer, DocumentSettings(), workers=1)
+    with pytest.raises(DataError, match=r"bad-rows.parquet: row 1: 'text' is null"):
+        list(stream.read_from(StreamPosition()))
+
+
 # ------------------------------------------------------------------------------------------- what is read is checked
 
 
