@@ -54,16 +54,18 @@ def test_plot_command(tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nothing")]) == 2
 
 
-def three_steps(tmp_path, tiny_run_args, *options) -> list[float]:
-    """The losses of a three-step tiny run with `options`."""
+def three_steps(tmp_path, tiny_run_args, *options) -> dict[int, float]:
+    """The losses of a three-step tiny run with `options`, by step."""
+    from ..launches import losses
+
     args = tiny_run_args(tmp_path, "--train.steps=3", "--train.log_every=1", "--train.tensorboard=false",
                          "--data.val_windows=0", *options)
     train(load_run_config(None, args))
-    return [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    return losses(tmp_path / "run")
 
 
 @pytest.fixture(scope="module")
-def eager_losses(tmp_path_factory, tiny_run_args) -> list[float]:
+def eager_losses(tmp_path_factory, tiny_run_args) -> dict[int, float]:
     return three_steps(tmp_path_factory.mktemp("eager"), tiny_run_args)
 
 
